@@ -1,0 +1,45 @@
+"""Generate the align2.v1 Python stubs from protos/ (the one command; `make protos`).
+
+Usage: python scripts/gen_protos.py [OUT_DIR]   (default: client/, next to align2.client)
+Writes align2/v1/*_pb2.py, *_pb2_grpc.py and their .pyi stubs (mypy-protobuf).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import sys
+
+from grpc_tools import protoc
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PROTO_ROOT = ROOT / "protos"
+
+
+def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
+    protos = sorted(PROTO_ROOT.glob("align2/v1/*.proto"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plugin_dir = pathlib.Path(sys.executable).parent
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"--plugin=protoc-gen-mypy={shutil.which('protoc-gen-mypy', path=str(plugin_dir))}",
+        f"--plugin=protoc-gen-mypy_grpc={shutil.which('protoc-gen-mypy_grpc', path=str(plugin_dir))}",
+        f"--python_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        f"--mypy_out={out_dir}",
+        f"--mypy_grpc_out={out_dir}",
+        *(str(p.relative_to(PROTO_ROOT)) for p in protos),
+    ]
+    if protoc.main(args) != 0:
+        raise SystemExit("protoc failed")
+    pkg = out_dir / "align2" / "v1"
+    (pkg / "__init__.py").write_text('"""Generated align2.v1 stubs (see protos/). Do not edit."""\n')
+    (pkg / "py.typed").write_text("")
+    return sorted(p for p in pkg.iterdir() if p.is_file())
+
+
+if __name__ == "__main__":
+    out = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "client"
+    for path in generate(out):
+        print(path.relative_to(out))

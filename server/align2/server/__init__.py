@@ -1,0 +1,1 @@
+"""The align2 server: gRPC transport, core (batching, scoring), backends, config, metrics."""

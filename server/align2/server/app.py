@@ -1,0 +1,197 @@
+"""One align2 server: explicit lifecycle.
+
+construct -> start(): bind the gRPC port (health NOT_SERVING), load the models, warm up
+through the full Score path, then SERVING -> stop(): health NOT_SERVING, refuse new calls,
+let in-flight calls finish within the grace period, close batchers and backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib.metadata
+import io
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from PIL import Image
+
+from align2.client.types import Sample, Turn
+from align2.server import backends, metrics
+from align2.server.backends.base import ModelDescription, ScoringBackend
+from align2.server.config import Config, ModelConfig
+from align2.server.core.lifecycle import Lifecycle, Phase
+from align2.server.core.runtime import ScoringRuntime
+from align2.server.core.scoring import ScoreCall, Scorer
+from align2.server.models import embedded
+from align2.server.transport import convert
+from align2.server.transport.interceptors import StatusInterceptor
+from align2.server.transport.servicer import CurationServicer
+from align2.v1 import curation_pb2 as pb
+from align2.v1 import curation_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CurationService"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("align2")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class App:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.lifecycle = Lifecycle()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._pool = ThreadPoolExecutor(
+            config.batching.preprocess_workers, thread_name_prefix="align2-prepare"
+        )
+        self._runtimes: dict[str, ScoringRuntime] = {}  # by config name; shared folders share
+        self._scorer = (
+            Scorer(self._runtimes, config.score, config.limits, self._pool)
+            if config.score.enabled
+            else None
+        )
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+
+    # -- start ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        for name in self._scoring_model_names():
+            backends.check_backend(name, self.config.models[name])
+        await self._bind()
+        try:
+            await self._load_models()
+            await self._warm_up()
+        except BaseException:
+            self.lifecycle.phase = Phase.FAILED
+            raise
+        self.lifecycle.phase = Phase.SERVING
+        await self._set_health(_SERVING)
+        log.info(
+            "align2 serving: grpc port %s, metrics port %s", self.port, self.metrics_port
+        )
+
+    async def _bind(self) -> None:
+        size = self.config.limits.max_message_bytes
+        server = grpc.aio.server(
+            interceptors=[StatusInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+            ],
+        )
+        servicer = CurationServicer(self.lifecycle, self._scorer, self.server_info)
+        pb_grpc.add_CurationServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        section = self.config.server
+        self.port = server.add_insecure_port(f"{section.host}:{section.port}")
+        await self._set_health(_NOT_SERVING)
+        await server.start()
+        self._server = server
+        if section.metrics_port >= 0:
+            self.metrics_port = metrics.start_http_server(section.metrics_port)
+
+    def _scoring_model_names(self) -> list[str]:
+        score = self.config.score
+        return sorted({score.question_model, score.answer_model}) if score.enabled else []
+
+    async def _load_models(self) -> None:
+        loaded: dict[tuple[object, ...], ScoringRuntime] = {}
+        for name in self._scoring_model_names():
+            model = self.config.models[name]
+            path = await asyncio.to_thread(embedded.resolve, model.path, self.config.cache_path)
+            key = (path.resolve(), *dataclasses.astuple(dataclasses.replace(model, path="")))
+            if key not in loaded:  # two names for the same folder and settings: load once
+                log.info("loading model %s from %s (%s)", name, path, model.backend)
+                backend = await asyncio.to_thread(backends.load_scoring, name, model, path)
+                runtime = ScoringRuntime(backend, self.config.batching, self._on_fatal)
+                runtime.start()
+                loaded[key] = runtime
+            self._runtimes[name] = loaded[key]
+            self._record_model(name, loaded[key].description, model)
+
+    def _record_model(self, name: str, description: ModelDescription, model: ModelConfig) -> None:
+        metrics.MODEL_INFO.labels(
+            model=name,
+            model_id=description.model_id,
+            revision=description.revision,
+            backend=model.backend,
+            role=self._role(name),
+        ).set(1)
+
+    def _role(self, name: str) -> str:
+        score = self.config.score
+        roles = [r for r, n in (("question_reward", score.question_model),
+                                ("answer_reward", score.answer_model)) if n == name]
+        return "+".join(roles)
+
+    async def _warm_up(self) -> None:
+        """Score a synthetic sample with both heads through the full path; raise on error."""
+        if self._scorer is None:
+            return
+        image = io.BytesIO()
+        Image.new("RGB", (64, 48), (120, 130, 140)).save(image, format="PNG")
+        sample = Sample(
+            id="warm-up",
+            image=image.getvalue(),
+            turns=[Turn("What is shown in the image?", "A plain grey rectangle.")],
+        )
+        outcome = await self._scorer.score(ScoreCall(samples=[sample]))
+        error = outcome.results[0].error
+        if error is not None:
+            raise RuntimeError(f"warm-up failed: {error.message}")
+
+    # -- run -----------------------------------------------------------------------------
+    def server_info(self) -> pb.ServerInfo:
+        models = [
+            (dataclasses.replace(rt.description, name=name), self._role(name))
+            for name, rt in sorted(self._runtimes.items())
+        ]
+        services = ["Score"] if self._scorer is not None else []
+        return convert.server_info_to_proto(self.config, models, services, version())
+
+    def scoring_backend(self, name: str) -> ScoringBackend:
+        """The loaded backend for a model name (for in-process tools and benchmarks)."""
+        return self._runtimes[name].backend
+
+    def _on_fatal(self, exc: BaseException) -> None:
+        log.critical("unrecoverable backend error, marking NOT_SERVING: %s", exc)
+        self.lifecycle.phase = Phase.FAILED
+        asyncio.get_running_loop().create_task(self._set_health(_NOT_SERVING))
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    # -- stop ----------------------------------------------------------------------------
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls, finish in-flight ones within ``grace``."""
+        grace = self.config.server.grace_seconds if grace is None else grace
+        if self.lifecycle.phase is not Phase.FAILED:
+            self.lifecycle.phase = Phase.DRAINING
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        for runtime in {id(rt): rt for rt in self._runtimes.values()}.values():
+            await runtime.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.lifecycle.phase is not Phase.FAILED:
+            self.lifecycle.phase = Phase.STOPPED

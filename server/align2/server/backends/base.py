@@ -1,0 +1,87 @@
+"""The backend seam: what the core needs from a model runtime.
+
+One Protocol per capability. The core calls ``prepare`` (CPU work for one input, from a
+worker thread) before an item joins a batch, so that a bad input fails alone and the
+batcher knows each item's token cost; then ``score`` once per batch on the device.
+Fakes for unit tests implement the same Protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What GetServerInfo and each response report about a loaded model."""
+
+    name: str  # the name in the server config
+    model_id: str
+    revision: str
+    backend: str  # transformers | vllm
+    family: str  # llava | idefics3 | llama | ...
+    dtype: str
+    device: str
+    max_length: int  # tokens per input, text and image together
+    image_tokens: int  # tokens one image takes; 0 when it varies with the image
+    image_mode: str = ""  # pad | square (vision models)
+
+
+@dataclass
+class Prepared:
+    """One model-ready input.
+
+    ``tokens`` (text + image) is what the batcher budgets; ``truncated`` says the text was
+    cut to fit (the score is then pooled at the last kept token); ``payload`` is the
+    backend's own representation (tensors, or a prompt for an engine).
+    """
+
+    tokens: int
+    truncated: bool
+    payload: Any
+
+
+class InputTooLong(Exception):
+    """An input's text exceeds the limit and the truncation policy is ``reject``.
+
+    ``limit`` says which limit and its value, e.g. ``limits.max_text_tokens 2048``.
+    """
+
+    def __init__(self, tokens: int, limit: str) -> None:
+        super().__init__(f"{tokens} text tokens exceeds {limit}")
+        self.tokens = tokens
+        self.limit = limit
+
+
+@runtime_checkable
+class ScoringBackend(Protocol):
+    """A reward model: a scalar score per (image, text) input.
+
+    Contract: ``score`` returns exactly one float per input, in input order, and a score
+    never depends on the other inputs of the batch.
+    """
+
+    description: ModelDescription
+
+    def prepare(
+        self, text: str, image: Image.Image, *, max_text_tokens: int, truncate: bool
+    ) -> Prepared:
+        """Tokenise and preprocess one input (thread-safe, CPU only).
+
+        ``text`` is the rendered reward template, starting with the ``<image>`` marker;
+        ``image`` is decoded RGB. Raises InputTooLong when the text has more than
+        ``max_text_tokens`` tokens (or does not fit ``max_length``) and not ``truncate``.
+        """
+        ...
+
+    async def score(self, batch: Sequence[Prepared]) -> list[float]:
+        """Score a batch on the device. Raises DeviceOutOfMemory or BackendError."""
+        ...
+
+    def close(self) -> None:
+        """Free the device memory; the backend is unusable afterwards."""
+        ...

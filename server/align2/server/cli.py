@@ -1,0 +1,105 @@
+"""Server-side subcommands of the ``align2`` command: serve, build-models.
+
+Argument parsing and the environment are read here only, then typed config is passed down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from typing import Any
+
+from align2.server import config as config_module
+from align2.server.errors import ConfigError
+
+log = logging.getLogger("align2.server")
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the gRPC server (flags override the config file)")
+    p.add_argument("--config", help="TOML config file (see docs/configuration.md)")
+    p.add_argument("--host", help="address to bind (default [::])")
+    p.add_argument("--port", type=int, help="gRPC port; 0 picks a free one (default 50051)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port; 0 free, -1 off (9090)")
+    p.add_argument("--cache-dir", help="where embedded models are built (~/.cache/align2)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+
+
+def _build_parser(sub: Any) -> None:
+    p = sub.add_parser("build-models", help="build the embedded default models (cached)")
+    p.add_argument("--cache-dir", help="where to build them (~/.cache/align2)")
+    p.add_argument("names", nargs="*", help="which ones (default: all)")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="align2", description="align2 server commands")
+    sub = root.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _build_parser(sub)
+    return root
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    flags = {
+        "server.host": getattr(args, "host", None),
+        "server.port": getattr(args, "port", None),
+        "server.metrics_port": getattr(args, "metrics_port", None),
+        "server.cache_dir": args.cache_dir or os.environ.get("ALIGN2_CACHE_DIR"),
+        "server.log_level": getattr(args, "log_level", None),
+    }
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+async def serve(config: config_module.Config) -> int:
+    """Run until SIGTERM/SIGINT, then drain within the grace period. Returns the exit code."""
+    from align2.server.app import App
+
+    if config.server.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.server.torch_threads)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app = App(config)
+    starting = asyncio.create_task(app.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if starting.done() and starting.exception() is not None:
+        await app.stop(grace=0)
+        raise starting.exception()  # type: ignore[misc]
+    await stopping
+    log.info("signal received: draining (grace %.0fs)", config.server.grace_seconds)
+    starting.cancel()
+    await app.stop()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        config = config_module.load(getattr(args, "config", None), _overrides(args))
+    except ConfigError as exc:
+        raise SystemExit(f"align2: {exc}") from None
+    _setup_logging(config.server.log_level)
+    if args.command == "build-models":
+        from align2.server.models import embedded
+
+        for name in args.names or embedded.EMBEDDED_NAMES:
+            print(embedded.ensure(name, config.cache_path))
+        return 0
+    try:
+        return asyncio.run(serve(config))
+    except ConfigError as exc:
+        raise SystemExit(f"align2: {exc}") from None

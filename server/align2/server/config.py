@@ -1,0 +1,200 @@
+"""Typed server configuration, read once in main() and passed down.
+
+A TOML file (``align2 serve --config FILE``) fills these dataclasses; command-line flags
+override the file. Unknown keys and wrong types are errors that name the key.
+Every field has a default, so an empty file (or none) serves the embedded default models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import dacite
+
+from align2.server.errors import ConfigError
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+ImageMode = Literal["pad", "square"]
+Truncation = Literal["reject", "truncate"]
+
+
+@dataclass
+class VllmConfig:
+    """vLLM engine settings. Memory is always explicit: vLLM's defaults take most of a device."""
+
+    kv_cache_memory_bytes: int = 1 * GiB
+    """KV-cache size per engine. Replaces vLLM's gpu_memory_utilization heuristic."""
+    max_num_seqs: int = 64
+    """Most sequences the engine runs at once."""
+    max_num_batched_tokens: int = 16384
+    """Most tokens the engine puts in one step."""
+    tensor_parallel_size: int = 1
+    """GPUs one model is split over (a model larger than one card)."""
+    enforce_eager: bool = False
+    """Skip CUDA graphs / torch.compile: faster start, slower steps."""
+
+
+@dataclass
+class ModelConfig:
+    """One model the server loads."""
+
+    path: str
+    """A model folder, or ``embedded:NAME`` for a model built offline at set-up."""
+    backend: str = "transformers"
+    """transformers | vllm."""
+    dtype: Dtype = "float32"
+    """Weights and compute dtype."""
+    device: str = "auto"
+    """auto (cuda when present, else cpu) | cpu | cuda | cuda:N."""
+    image_mode: ImageMode = "pad"
+    """pad: pad to a square with the processor's mean colour, then resize (how the method's
+    reward models were trained). square: the processor's own resize/crop."""
+    max_length: int = 2048
+    """Most tokens (text and image) per input; the method trains with 2048."""
+    revision: str = ""
+    """Reported revision; empty: a content hash of the folder's files."""
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+
+
+@dataclass
+class LimitsConfig:
+    """Input limits; each is reported by GetServerInfo and named in the error it causes."""
+
+    max_samples_per_call: int = 64
+    max_message_bytes: int = 64 * MiB
+    """Largest gRPC message, either way."""
+    max_image_bytes: int = 16 * MiB
+    max_image_pixels: int = 40_000_000
+    """Width x height, read from the image header before decoding (no decompression bombs)."""
+    max_turns: int = 64
+    max_text_tokens: int = 2048
+    """Text tokens of one reward input (the model's max_length also applies)."""
+    truncation: Truncation = "reject"
+    """reject: a too-long item fails with INVALID_ARGUMENT. truncate: the text is cut to fit
+    and the result says so (question_truncated / answer_truncated)."""
+
+
+@dataclass
+class BatchingConfig:
+    """The dynamic batcher in front of each transformers model."""
+
+    max_batch_size: int = 32
+    max_batch_tokens: int = 32768
+    """Budget per batch in padded tokens: batch size x longest item (text + image)."""
+    max_delay_ms: float = 2.0
+    """Longest an item waits for batch-mates once the device is free. Small: an idle server
+    runs a lone item at once, and under load batches fill while the device is busy."""
+    max_queue_items: int = 1024
+    """Items (one forward pass each) admitted and not yet finished; beyond: RESOURCE_EXHAUSTED."""
+    preprocess_workers: int = 2
+    """Threads decoding images and tokenising, off the event loop."""
+
+
+@dataclass
+class ScoreConfig:
+    enabled: bool = True
+    question_model: str = "question"
+    """Name (in [models]) of the default question reward model."""
+    answer_model: str = "answer"
+    """Name (in [models]) of the default answer reward model."""
+
+
+@dataclass
+class ServerSection:
+    host: str = "[::]"
+    port: int = 50051
+    """gRPC port; 0 picks a free one (logged at start)."""
+    metrics_port: int = 9090
+    """Prometheus /metrics port; 0 picks a free one, -1 disables it."""
+    grace_seconds: float = 30.0
+    """On SIGTERM: how long in-flight calls may run before the server stops."""
+    cache_dir: str = "~/.cache/align2"
+    """Where embedded models are built and cached."""
+    log_level: str = "INFO"
+    torch_threads: int = 0
+    """Intra-op threads for torch on CPU; 0 leaves torch's default."""
+
+
+def _default_models() -> dict[str, ModelConfig]:
+    return {
+        "question": ModelConfig(path="embedded:reward-question"),
+        "answer": ModelConfig(path="embedded:reward-answer"),
+    }
+
+
+@dataclass
+class Config:
+    server: ServerSection = field(default_factory=ServerSection)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    models: dict[str, ModelConfig] = field(default_factory=_default_models)
+
+    @property
+    def cache_path(self) -> pathlib.Path:
+        return pathlib.Path(self.server.cache_dir).expanduser()
+
+    def validate(self) -> Config:
+        """Cross-field checks; raises ConfigError naming the key."""
+        if self.score.enabled:
+            for key in ("question_model", "answer_model"):
+                name = getattr(self.score, key)
+                if name not in self.models:
+                    raise ConfigError(
+                        f"score.{key}: unknown model {name!r}; [models] has "
+                        f"{', '.join(sorted(self.models)) or 'none'}"
+                    )
+        positive = {
+            "limits.max_samples_per_call": self.limits.max_samples_per_call,
+            "batching.max_batch_size": self.batching.max_batch_size,
+            "batching.max_queue_items": self.batching.max_queue_items,
+            "batching.preprocess_workers": self.batching.preprocess_workers,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key}: must be at least 1, got {value}")
+        return self
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build a Config from parsed TOML; unknown keys and wrong types raise ConfigError."""
+    data = dict(data)
+    models = data.pop("models", None)
+    try:
+        config = dacite.from_dict(Config, data, config=dacite.Config(strict=True))
+        if models is not None:
+            config.models = {
+                name: dacite.from_dict(ModelConfig, value, config=dacite.Config(strict=True))
+                for name, value in models.items()
+            }
+    except dacite.DaciteError as exc:
+        raise ConfigError(f"invalid config: {exc}") from exc
+    return config.validate()
+
+
+def load(path: str | pathlib.Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a TOML file (or nothing), apply dotted overrides like {"server.port": 0}."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(pathlib.Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return from_dict(data)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)

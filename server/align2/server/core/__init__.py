@@ -1,0 +1,1 @@
+"""The core: scoring, batching, images, templates. Never imports grpc."""

@@ -1,0 +1,312 @@
+"""The dynamic batcher: one background task groups submitted items into batches.
+
+Each caller gets a future. The loop forms a batch by count and by a padded-token budget,
+waits for batch-mates at most ``max_delay`` and only while more items are known to be on
+their way (admitted and still being prepared), so an idle server runs a lone item at once.
+Cancelled and expired items are dropped before compute; a caller whose deadline passes is
+answered at once, even while its batch-mates run. A device out-of-memory error splits the
+batch and retries the halves.
+
+Admission is separate from submission: ``reserve(n)`` claims queue capacity for a call
+before any of its items is decoded or tokenised, and fails at once with Overloaded when the
+queue is full. The items then ``submit`` against that reservation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from align2.server import metrics
+from align2.server.core.priority import Priority, PriorityQueue
+from align2.server.errors import (
+    Align2Error,
+    BackendError,
+    Cancelled,
+    DeadlineExpired,
+    DeviceOutOfMemory,
+    InvalidArgument,
+    Overloaded,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[R]):
+    """One item's result and where its time went."""
+
+    value: R
+    started: float  # time.monotonic() when its batch started
+    queue_seconds: float  # submitted until its batch started
+    compute_seconds: float  # wall time of the batch that carried it
+    batch_id: int
+
+
+@dataclass(eq=False)
+class _Entry(Generic[T, R]):
+    item: T
+    cost: int
+    future: asyncio.Future[Outcome[R]]
+    priority: Priority
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class Reservation:
+    """Queue capacity claimed by one call; each submit uses one slot, release() the rest."""
+
+    def __init__(self, batcher: Batcher[Any, Any], count: int) -> None:
+        self._batcher = batcher
+        self.remaining = count
+
+    def release(self, count: int | None = None) -> None:
+        """Give back ``count`` unused slots (default: all that remain); never more."""
+        count = self.remaining if count is None else min(count, self.remaining)
+        if count > 0:
+            self.remaining -= count
+            self._batcher._unreserve(count)
+
+
+RunBatch = Callable[[Sequence[T]], Awaitable[Sequence[R]]]
+
+
+class Batcher(Generic[T, R]):
+    """Batches items for one runner.
+
+    Contract: ``run_batch`` receives a non-empty sequence and returns exactly one result
+    per input, in input order. ``submit`` resolves to that item's result wrapped in an
+    Outcome, or raises the item's error.
+    """
+
+    def __init__(
+        self,
+        run_batch: RunBatch[T, R],
+        *,
+        name: str,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        max_delay: float,
+        max_queue: int,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._run_batch = run_batch
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_delay = max_delay
+        self.max_queue = max_queue
+        self._on_fatal = on_fatal
+        self._queue: PriorityQueue[_Entry[T, R]] = PriorityQueue()
+        self._reserved = 0  # claimed by reservations, not yet submitted
+        self._in_flight = 0  # submitted, not yet finished (queued or running)
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._batch_ids = itertools.count()
+        self._gauge = metrics.QUEUE_DEPTH.labels(model=name)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._loop(), name=f"batcher-{self.name}"
+            )
+
+    async def close(self) -> None:
+        """Refuse new work, fail what is still queued with UNAVAILABLE, stop the loop."""
+        self._closing = True
+        for entry in self._queue.drain():
+            _resolve_error(entry.future, Unavailable("server is shutting down"))
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    # -- admission -----------------------------------------------------------------------
+    @property
+    def load(self) -> int:
+        """Items admitted and not finished: reserved, queued or running."""
+        return self._reserved + self._in_flight
+
+    def reserve(self, count: int) -> Reservation:
+        """Claim ``count`` queue slots at once, or raise Overloaded without claiming any."""
+        if self._closing:
+            raise Unavailable("server is shutting down")
+        if count > self.max_queue:
+            raise InvalidArgument(
+                f"samples: the call needs {count} forward passes of model {self.name!r}, "
+                f"more than batching.max_queue_items {self.max_queue}; split it"
+            )
+        if self.load + count > self.max_queue:
+            metrics.REJECTED.labels(reason="overloaded").inc(count)
+            raise Overloaded(
+                f"queue of model {self.name!r} is full: {self.load} of {self.max_queue} items "
+                f"in flight, the call needs {count}; retry with backoff"
+            )
+        self._reserved += count
+        self._update_gauge()
+        return Reservation(self, count)
+
+    def _unreserve(self, count: int) -> None:
+        self._reserved -= count
+        self._update_gauge()
+        self._wakeup.set()  # fewer items are on their way: a waiting batch may go now
+
+    def _update_gauge(self) -> None:
+        self._gauge.set(self.load)
+
+    # -- submission ----------------------------------------------------------------------
+    async def submit(
+        self,
+        item: T,
+        *,
+        cost: int,
+        reservation: Reservation,
+        deadline: float | None = None,
+        priority: Priority = Priority.BULK,
+    ) -> Outcome[R]:
+        """Queue one item and wait for its result.
+
+        ``deadline`` is a ``time.monotonic()`` instant: past it the call raises
+        DeadlineExpired at once and the item is skipped if it has not started.
+        Cancelling the caller drops the item the same way.
+        """
+        if reservation.remaining < 1:
+            raise RuntimeError("submit without a reserved slot")
+        reservation.remaining -= 1
+        self._reserved -= 1
+        if self._closing:
+            self._update_gauge()
+            raise Unavailable("server is shutting down")
+        future: asyncio.Future[Outcome[R]] = asyncio.get_running_loop().create_future()
+        entry = _Entry(item, cost, future, priority)
+        if deadline is not None and deadline <= time.monotonic():
+            self._update_gauge()
+            metrics.REJECTED.labels(reason="expired").inc()
+            raise DeadlineExpired("deadline exceeded before the item was queued")
+        self._in_flight += 1
+        self._queue.push(entry, priority)
+        self._update_gauge()
+        self._wakeup.set()
+        try:
+            if deadline is None:
+                return await future
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await future
+        except TimeoutError:
+            metrics.REJECTED.labels(reason="expired").inc()
+            raise DeadlineExpired("deadline exceeded while queued or running") from None
+        except asyncio.CancelledError:
+            if not future.done() or future.cancelled():
+                metrics.REJECTED.labels(reason="cancelled").inc()
+            raise
+        finally:
+            # A timed-out or cancelled await cancels the future: the loop skips it.
+            if not future.done():
+                future.cancel()
+            self._in_flight -= 1
+            self._update_gauge()
+
+    # -- the loop ------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if batch:
+                await self._execute(batch)
+
+    async def _next_batch(self) -> list[_Entry[T, R]]:
+        """Wait for work, give batch-mates that are on their way a moment, take a batch."""
+        while True:
+            self._queue.drop(lambda e: e.future.done())
+            if len(self._queue):
+                break
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        while len(self._queue) < self.max_batch_size and self._reserved > 0:
+            waited = time.monotonic() - self._queue.oldest_submitted()
+            remaining = self.max_delay - waited
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            self._queue.drop(lambda e: e.future.done())
+            if not len(self._queue):
+                return []
+        return self._queue.take(self._fits)
+
+    def _fits(self, batch: Sequence[_Entry[T, R]], entry: _Entry[T, R]) -> bool:
+        """May ``entry`` join ``batch``? Padded cost: size x longest item."""
+        if not batch:
+            return True
+        if len(batch) >= self.max_batch_size:
+            return False
+        longest = max(entry.cost, *(e.cost for e in batch))
+        return longest * (len(batch) + 1) <= self.max_batch_tokens
+
+    async def _execute(self, batch: list[_Entry[T, R]]) -> None:
+        batch = [e for e in batch if not e.future.done()]
+        if not batch:
+            return
+        batch_id = next(self._batch_ids)
+        started = time.monotonic()
+        metrics.observe_batch(self.name, len(batch), max(e.cost for e in batch) * len(batch))
+        try:
+            results = await self._run_batch([e.item for e in batch])
+        except DeviceOutOfMemory as exc:
+            metrics.BATCH_SPLITS.labels(model=self.name).inc()
+            if len(batch) == 1:
+                _resolve_error(batch[0].future, exc)
+                return
+            log.warning("out of memory on a batch of %d; retrying halves", len(batch))
+            half = len(batch) // 2
+            await self._execute(batch[:half])
+            await self._execute(batch[half:])
+            return
+        except asyncio.CancelledError:
+            for entry in batch:
+                _resolve_error(entry.future, Cancelled("batch cancelled: server stopping"))
+            raise
+        except Exception as exc:  # one bad batch must never stop the loop
+            self._fail_batch(batch, exc)
+            return
+        finished = time.monotonic()
+        metrics.COMPUTE_SECONDS.labels(model=self.name).observe(finished - started)
+        if len(results) != len(batch):
+            self._fail_batch(
+                batch, BackendError(f"backend returned {len(results)} results for {len(batch)}")
+            )
+            return
+        for entry, value in zip(batch, results, strict=True):
+            if not entry.future.done():
+                queued = started - entry.submitted
+                metrics.QUEUE_SECONDS.labels(model=self.name).observe(queued)
+                entry.future.set_result(
+                    Outcome(value, started, queued, finished - started, batch_id)
+                )
+
+    def _fail_batch(self, batch: Sequence[_Entry[T, R]], exc: Exception) -> None:
+        if not isinstance(exc, Align2Error):
+            log.exception("backend %s failed on a batch of %d", self.name, len(batch))
+            exc = BackendError(f"model {self.name!r} failed on this batch: {exc}")
+        if isinstance(exc, BackendError) and exc.fatal and self._on_fatal is not None:
+            self._on_fatal(exc)
+        for entry in batch:
+            _resolve_error(entry.future, exc)
+
+
+def _resolve_error(future: asyncio.Future[Outcome[R]], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

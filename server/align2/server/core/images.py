@@ -1,0 +1,51 @@
+"""Decode and check one image, off the event loop.
+
+Checks run cheapest first and before decoding: byte size, then format and pixel count from
+the header (a decompression bomb is refused, never decoded), then the full decode.
+Errors are InvalidArgument naming the field ``image`` and the limit.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+from align2.server.errors import InvalidArgument
+
+FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Return the image as RGB, or raise InvalidArgument."""
+    if not data:
+        raise InvalidArgument("image: empty; send JPEG, PNG or WebP bytes")
+    if len(data) > max_bytes:
+        raise InvalidArgument(
+            f"image: {len(data)} bytes exceeds limits.max_image_bytes {max_bytes}"
+        )
+    with warnings.catch_warnings():
+        # PIL warns (and at 2x raises) on large images; our own limit below decides.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+        except Image.DecompressionBombError as exc:
+            raise InvalidArgument(f"image: refused as a decompression bomb ({exc})") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            raise InvalidArgument("image: not a readable JPEG, PNG or WebP image") from None
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise InvalidArgument(f"image: invalid size {width}x{height}")
+        if width * height > max_pixels:
+            raise InvalidArgument(
+                f"image: {width}x{height} = {width * height} pixels exceeds "
+                f"limits.max_image_pixels {max_pixels}"
+            )
+        try:
+            image.load()
+        except Image.DecompressionBombError as exc:
+            raise InvalidArgument(f"image: refused as a decompression bomb ({exc})") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise InvalidArgument(f"image: corrupt {image.format} data ({exc})") from None
+    return image.convert("RGB")

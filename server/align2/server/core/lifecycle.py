@@ -1,0 +1,40 @@
+"""The server's phases: construct -> load -> warm up -> SERVING -> drain -> stopped.
+
+RPCs are served only in SERVING; in any other phase they fail with UNAVAILABLE, so that a
+client retries elsewhere (the health service reports the same phase to probes).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from align2.server.errors import Unavailable
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"  # loading models and warming up
+    SERVING = "serving"
+    DRAINING = "draining"  # SIGTERM: finishing in-flight calls, refusing new ones
+    STOPPED = "stopped"
+    FAILED = "failed"  # an unrecoverable device error: the orchestrator should restart us
+
+
+_WHY = {
+    Phase.STARTING: "server is warming up; retry shortly",
+    Phase.DRAINING: "server is shutting down; retry on another replica",
+    Phase.STOPPED: "server is stopped",
+    Phase.FAILED: "server hit an unrecoverable device error and awaits restart",
+}
+
+
+class Lifecycle:
+    def __init__(self) -> None:
+        self.phase = Phase.STARTING
+
+    @property
+    def serving(self) -> bool:
+        return self.phase is Phase.SERVING
+
+    def check_serving(self) -> None:
+        if self.phase is not Phase.SERVING:
+            raise Unavailable(_WHY[self.phase])

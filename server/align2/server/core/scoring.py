@@ -1,0 +1,338 @@
+"""Score: validate, admit, prepare and batch reward-model inputs; collect per-sample results.
+
+Order of work for one call, cheapest refusal first:
+1. call-level checks (sample count, heads, model names) -> the whole call fails;
+2. per-sample structure checks (empty conversation, empty question, ...) -> that sample fails;
+3. admission: queue slots for every forward pass of the call, at once -> RESOURCE_EXHAUSTED
+   before any image is decoded;
+4. per sample, in worker threads: decode + check the image, render the templates,
+   tokenise -> a bad image or text fails only its sample;
+5. the items join their model's batcher; the sample's result is assembled in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import functools
+import logging
+import statistics
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+from PIL import Image
+
+from align2.client.types import Sample
+from align2.server import metrics
+from align2.server.backends.base import InputTooLong, ModelDescription, Prepared
+from align2.server.config import LimitsConfig, ScoreConfig
+from align2.server.core import templates
+from align2.server.core.batcher import Outcome, Reservation
+from align2.server.core.images import decode_image
+from align2.server.core.priority import Priority
+from align2.server.core.runtime import ScoringRuntime
+from align2.server.errors import Align2Error, BackendError, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class Head(enum.StrEnum):
+    QUESTION = "question"
+    ANSWER = "answer"
+
+
+@dataclass(frozen=True)
+class ScoreCall:
+    """One Score request in domain terms."""
+
+    samples: Sequence[Sample]
+    heads: frozenset[Head] = frozenset(Head)
+    question_model: str = ""  # empty: the configured default
+    answer_model: str = ""
+    priority: Priority = Priority.BULK
+    deadline: float | None = None  # time.monotonic() instant
+
+
+@dataclass
+class SampleScore:
+    """The scores of one sample, or its error (then no scores)."""
+
+    id: str
+    question_score: float | None = None
+    question_truncated: bool = False
+    answer_scores: list[float] = field(default_factory=list)
+    answer_truncated: list[bool] = field(default_factory=list)
+    error: Align2Error | None = None
+
+    @property
+    def answer_score(self) -> float | None:
+        return statistics.fmean(self.answer_scores) if self.answer_scores else None
+
+
+@dataclass
+class ScoreOutcome:
+    """One result per request sample, same order, plus what produced them."""
+
+    results: list[SampleScore]
+    question_model: ModelDescription | None
+    answer_model: ModelDescription | None
+    template_version: str
+    queue_seconds: float
+    compute_seconds: float
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One forward pass a sample needs."""
+
+    head: Head
+    where: str  # the field it comes from, for error messages
+    text: str  # the rendered template
+
+
+@dataclass
+class _ItemDone:
+    item: _Item
+    score: float
+    truncated: bool
+    outcome: Outcome[float]
+
+
+Plan = Mapping[ScoringRuntime, list[_Item]]
+
+
+class Scorer:
+    """Runs Score calls against the loaded reward models (``runtimes``, by config name)."""
+
+    def __init__(
+        self,
+        runtimes: Mapping[str, ScoringRuntime],
+        config: ScoreConfig,
+        limits: LimitsConfig,
+        pool: Executor,
+    ) -> None:
+        self._runtimes = runtimes
+        self._config = config
+        self._limits = limits
+        self._pool = pool
+
+    async def score(self, call: ScoreCall) -> ScoreOutcome:
+        started = time.monotonic()
+        self._check_call(call)
+        question, question_desc = self._runtime("question_model", call, Head.QUESTION)
+        answer, answer_desc = self._runtime("answer_model", call, Head.ANSWER)
+        problems = [self._check_sample(s, call.heads) for s in call.samples]
+        plans: list[Plan] = [
+            {} if problem else _plan(s, question, answer)
+            for s, problem in zip(call.samples, problems, strict=True)
+        ]
+        reservations = _reserve_all(plans)
+        try:
+            results = await asyncio.gather(
+                *(
+                    self._score_sample(i, s, problem, plan, reservations, call)
+                    for i, (s, problem, plan) in enumerate(
+                        zip(call.samples, problems, plans, strict=True)
+                    )
+                )
+            )
+        finally:
+            for reservation in reservations.values():
+                reservation.release()
+        outcomes = [o for r in results for o in r[1]]
+        return ScoreOutcome(
+            results=[r[0] for r in results],
+            question_model=question_desc,
+            answer_model=answer_desc,
+            template_version=templates.TEMPLATE_VERSION,
+            queue_seconds=max((o.started - started for o in outcomes), default=0.0),
+            compute_seconds=sum({o.batch_id: o.compute_seconds for o in outcomes}.values()),
+        )
+
+    # -- checks --------------------------------------------------------------------------
+    def _check_call(self, call: ScoreCall) -> None:
+        limit = self._limits.max_samples_per_call
+        if len(call.samples) > limit:
+            raise InvalidArgument(
+                f"samples: {len(call.samples)} samples exceeds limits.max_samples_per_call "
+                f"{limit}; split the call"
+            )
+        if not call.heads:
+            raise InvalidArgument("heads: no head to run; valid: question, answer")
+
+    def _runtime(
+        self, key: str, call: ScoreCall, head: Head
+    ) -> tuple[ScoringRuntime | None, ModelDescription | None]:
+        """The runtime for a head (None when not asked for) and its description by name."""
+        if head not in call.heads:
+            return None, None
+        name = getattr(call, key) or getattr(self._config, key)
+        runtime = self._runtimes.get(name)
+        if runtime is None:
+            raise NotFound(
+                f"{key}: unknown model {name!r}; loaded: {', '.join(sorted(self._runtimes))}"
+            )
+        return runtime, dataclasses.replace(runtime.description, name=name)
+
+    def _check_sample(self, sample: Sample, heads: frozenset[Head]) -> InvalidArgument | None:
+        if not sample.turns:
+            return InvalidArgument("turns: empty conversation; a sample needs at least one turn")
+        if len(sample.turns) > self._limits.max_turns:
+            return InvalidArgument(
+                f"turns: {len(sample.turns)} turns exceeds limits.max_turns "
+                f"{self._limits.max_turns}"
+            )
+        for i, turn in enumerate(sample.turns):
+            if not templates.clean(turn.question):
+                return InvalidArgument(f"turns[{i}].question: empty")
+            if Head.ANSWER in heads and not templates.clean(turn.answer):
+                return InvalidArgument(
+                    f"turns[{i}].answer: empty, and the answer head needs answers "
+                    "(ask for heads=[question] to score questions alone)"
+                )
+        return None
+
+    # -- one sample ----------------------------------------------------------------------
+    async def _score_sample(
+        self,
+        index: int,
+        sample: Sample,
+        problem: InvalidArgument | None,
+        plan: Plan,
+        reservations: Mapping[ScoringRuntime, Reservation],
+        call: ScoreCall,
+    ) -> tuple[SampleScore, list[Outcome[float]]]:
+        result = SampleScore(id=sample.id)
+        if problem is not None:
+            metrics.REJECTED.labels(reason="invalid").inc()
+            result.error = _prefixed(index, problem)
+            return result, []
+        submitted = dict.fromkeys(plan, 0)
+        try:
+            image = await self._in_pool(
+                decode_image,
+                sample.image_bytes(),
+                max_bytes=self._limits.max_image_bytes,
+                max_pixels=self._limits.max_image_pixels,
+            )
+            done = await _all_or_first_error(
+                self._score_item(rt, item, image, reservations[rt], submitted, call)
+                for rt, items in plan.items()
+                for item in items
+            )
+        except Align2Error as exc:
+            if isinstance(exc, InvalidArgument):
+                metrics.REJECTED.labels(reason="invalid").inc()
+            result.error = _prefixed(index, exc)
+            return result, []
+        except Exception as exc:  # a bug on one sample must not fail its batch-mates
+            log.exception("unexpected error on samples[%d]", index)
+            result.error = BackendError(f"samples[{index}]: internal error: {exc}")
+            return result, []
+        finally:
+            for rt, count in submitted.items():
+                reservations[rt].release(len(plan[rt]) - count)
+        _fill(result, done)
+        return result, [d.outcome for d in done]
+
+    async def _score_item(
+        self,
+        runtime: ScoringRuntime,
+        item: _Item,
+        image: Image.Image,
+        reservation: Reservation,
+        submitted: dict[ScoringRuntime, int],
+        call: ScoreCall,
+    ) -> _ItemDone:
+        try:
+            prepared: Prepared = await self._in_pool(
+                runtime.backend.prepare,
+                item.text,
+                image,
+                max_text_tokens=self._limits.max_text_tokens,
+                truncate=self._limits.truncation == "truncate",
+            )
+        except InputTooLong as exc:
+            raise InvalidArgument(f"{item.where}: {exc} (limits.truncation is reject)") from None
+        submitted[runtime] += 1
+        outcome = await runtime.batcher.submit(
+            prepared,
+            cost=prepared.tokens,
+            reservation=reservation,
+            deadline=call.deadline,
+            priority=call.priority,
+        )
+        return _ItemDone(item, outcome.value, prepared.truncated, outcome)
+
+    async def _in_pool(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+
+def _plan(
+    sample: Sample, question: ScoringRuntime | None, answer: ScoringRuntime | None
+) -> dict[ScoringRuntime, list[_Item]]:
+    """The forward passes one sample needs, per model (both heads may share one)."""
+    plan: dict[ScoringRuntime, list[_Item]] = {}
+    if question is not None:
+        text = templates.question_text(sample.turns)
+        plan.setdefault(question, []).append(_Item(Head.QUESTION, "turns (question)", text))
+    if answer is not None:
+        plan.setdefault(answer, []).extend(
+            _Item(Head.ANSWER, f"turns[{i}] (answer)", templates.answer_text(t))
+            for i, t in enumerate(sample.turns)
+        )
+    return plan
+
+
+def _reserve_all(plans: Sequence[Plan]) -> dict[ScoringRuntime, Reservation]:
+    """Admission for the whole call: every model's slots, or none."""
+    needed: dict[ScoringRuntime, int] = {}
+    for plan in plans:
+        for runtime, items in plan.items():
+            needed[runtime] = needed.get(runtime, 0) + len(items)
+    reservations: dict[ScoringRuntime, Reservation] = {}
+    try:
+        for runtime, count in needed.items():
+            reservations[runtime] = runtime.batcher.reserve(count)
+    except Align2Error:
+        for reservation in reservations.values():
+            reservation.release()
+        raise
+    return reservations
+
+
+def _fill(result: SampleScore, done: list[_ItemDone]) -> None:
+    """Put item results (answers in turn order) into the sample's result."""
+    for d in done:
+        if d.item.head is Head.QUESTION:
+            result.question_score = d.score
+            result.question_truncated = d.truncated
+        else:
+            result.answer_scores.append(d.score)
+            result.answer_truncated.append(d.truncated)
+
+
+def _prefixed(index: int, exc: Align2Error) -> Align2Error:
+    """The same error with its field made absolute: ``samples[3].image: ...``."""
+    if isinstance(exc, InvalidArgument):
+        return InvalidArgument(f"samples[{index}].{exc.message}")
+    return exc
+
+
+async def _all_or_first_error(coros: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run the items of one sample together, results in order; a failure cancels the rest."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coros]
+    except BaseExceptionGroup as eg:
+        first = eg.exceptions[0]
+        raise first from None
+    return [t.result() for t in tasks]

@@ -1,0 +1,31 @@
+"""The reward models' input templates, exactly as the method defines them.
+
+No chat template and no system prompt; the tokenizer adds BOS, nothing adds EOS.
+question head f(I, Q): all human turns of one conversation, joined by newlines:
+    "<image>\\n{q1}\\n{q2}\\n...\\n{qn}"
+answer head g(I, Q, A): one turn alone, without earlier turns:
+    "<image>\\nQuestion: {q}\\nAnswer: {a}"
+Each question and answer has ``<image>`` removed and is stripped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from align2.client.types import Turn
+
+TEMPLATE_VERSION = "align2llava-reward-v1"
+IMAGE_TOKEN = "<image>"
+
+
+def clean(text: str) -> str:
+    """Remove every image marker and surrounding whitespace, as the reference does."""
+    return text.replace(IMAGE_TOKEN, "").strip()
+
+
+def question_text(turns: Sequence[Turn]) -> str:
+    return IMAGE_TOKEN + "\n" + "\n".join(clean(t.question) for t in turns)
+
+
+def answer_text(turn: Turn) -> str:
+    return f"{IMAGE_TOKEN}\nQuestion: {clean(turn.question)}\nAnswer: {clean(turn.answer)}"

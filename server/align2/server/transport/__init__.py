@@ -1,0 +1,1 @@
+"""The gRPC edge: servicers, interceptors, proto <-> domain conversion."""

@@ -1,0 +1,144 @@
+"""Proto <-> domain conversion for the server side of align2.v1.
+
+Request fields that the domain cannot hold (an unknown enum number from a newer client)
+become InvalidArgument naming the field and the valid values.
+"""
+
+from __future__ import annotations
+
+import time
+
+from align2.client.convert import sample_from_proto
+from align2.server.backends.base import ModelDescription
+from align2.server.config import Config
+from align2.server.core.priority import Priority
+from align2.server.core.scoring import Head, SampleScore, ScoreCall, ScoreOutcome
+from align2.server.core.templates import TEMPLATE_VERSION
+from align2.server.errors import Align2Error, InvalidArgument
+from align2.v1 import curation_pb2 as pb
+
+_HEADS = {pb.HEAD_QUESTION: Head.QUESTION, pb.HEAD_ANSWER: Head.ANSWER}
+_PRIORITIES = {
+    pb.PRIORITY_UNSPECIFIED: Priority.BULK,
+    pb.PRIORITY_BULK: Priority.BULK,
+    pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
+}
+
+
+def deadline_from(time_remaining: float | None) -> float | None:
+    """A gRPC call's remaining time as a time.monotonic() instant."""
+    return None if time_remaining is None else time.monotonic() + time_remaining
+
+
+def priority_from_proto(value: int) -> Priority:
+    try:
+        return _PRIORITIES[value]
+    except KeyError:
+        raise InvalidArgument(
+            f"priority: unknown value {value}; valid: PRIORITY_INTERACTIVE, PRIORITY_BULK"
+        ) from None
+
+
+def heads_from_proto(values: list[int]) -> frozenset[Head]:
+    if not values:
+        return frozenset(Head)
+    heads = set()
+    for i, value in enumerate(values):
+        if value not in _HEADS:
+            raise InvalidArgument(
+                f"heads[{i}]: unknown head {value}; valid: HEAD_QUESTION (1), HEAD_ANSWER (2)"
+            )
+        heads.add(_HEADS[value])
+    return frozenset(heads)
+
+
+def score_call_from_proto(request: pb.ScoreRequest, deadline: float | None) -> ScoreCall:
+    return ScoreCall(
+        samples=[sample_from_proto(s) for s in request.samples],
+        heads=heads_from_proto(list(request.heads)),
+        question_model=request.question_model,
+        answer_model=request.answer_model,
+        priority=priority_from_proto(request.priority),
+        deadline=deadline,
+    )
+
+
+def item_error_to_proto(error: Align2Error) -> pb.ItemError:
+    return pb.ItemError(code=int(error.code), message=error.message)
+
+
+def sample_score_to_proto(result: SampleScore) -> pb.ScoreResult:
+    if result.error is not None:
+        return pb.ScoreResult(id=result.id, error=item_error_to_proto(result.error))
+    return pb.ScoreResult(
+        id=result.id,
+        question_score=result.question_score,
+        question_truncated=result.question_truncated,
+        answer_scores=result.answer_scores,
+        answer_score=result.answer_score,
+        answer_truncated=result.answer_truncated,
+    )
+
+
+def model_ref_to_proto(model: ModelDescription | None) -> pb.ModelRef | None:
+    if model is None:
+        return None
+    return pb.ModelRef(
+        name=model.name, model_id=model.model_id, revision=model.revision, backend=model.backend
+    )
+
+
+def score_response_to_proto(outcome: ScoreOutcome) -> pb.ScoreResponse:
+    return pb.ScoreResponse(
+        results=[sample_score_to_proto(r) for r in outcome.results],
+        question_model=model_ref_to_proto(outcome.question_model),
+        answer_model=model_ref_to_proto(outcome.answer_model),
+        template_version=outcome.template_version,
+        timing=pb.Timing(
+            queue_seconds=outcome.queue_seconds, compute_seconds=outcome.compute_seconds
+        ),
+    )
+
+
+def model_info_to_proto(model: ModelDescription, role: str) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        ref=model_ref_to_proto(model),
+        role=role,
+        family=model.family,
+        dtype=model.dtype,
+        device=model.device,
+        max_length=model.max_length,
+        image_tokens=model.image_tokens,
+        image_mode=model.image_mode,
+    )
+
+
+def server_info_to_proto(
+    config: Config,
+    models: list[tuple[ModelDescription, str]],
+    services: list[str],
+    version: str,
+) -> pb.ServerInfo:
+    """What GetServerInfo reports: every limit and batching setting comes from config."""
+    limits, batching = config.limits, config.batching
+    return pb.ServerInfo(
+        version=version,
+        models=[model_info_to_proto(m, role) for m, role in models],
+        limits=pb.Limits(
+            max_samples_per_call=limits.max_samples_per_call,
+            max_message_bytes=limits.max_message_bytes,
+            max_image_bytes=limits.max_image_bytes,
+            max_image_pixels=limits.max_image_pixels,
+            max_turns=limits.max_turns,
+            max_text_tokens=limits.max_text_tokens,
+            truncation=limits.truncation,
+            max_queue_items=batching.max_queue_items,
+        ),
+        batching=pb.Batching(
+            max_batch_size=batching.max_batch_size,
+            max_batch_tokens=batching.max_batch_tokens,
+            max_delay_seconds=batching.max_delay_ms / 1000.0,
+        ),
+        template_version=TEMPLATE_VERSION,
+        services=services,
+    )

@@ -1,0 +1,131 @@
+"""Server interceptors: the one mapping from core errors to gRPC statuses, plus metrics.
+
+Every align2.v1 RPC passes through ``StatusInterceptor``: an Align2Error becomes its status
+code with its message (which names the field and the limit); any other exception becomes
+INTERNAL (logged with its traceback); request counts and durations are recorded by code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from align2.server import metrics
+from align2.server.errors import Align2Error
+
+log = logging.getLogger(__name__)
+
+SERVICE_PREFIX = "/align2.v1."
+
+
+def status_of(exc: Align2Error) -> grpc.StatusCode:
+    return grpc.StatusCode[exc.code.name]
+
+
+class _Call:
+    """Status bookkeeping for one RPC."""
+
+    def __init__(self, rpc: str, context: grpc.aio.ServicerContext) -> None:
+        self.rpc = rpc
+        self.context = context
+        self.started = time.monotonic()
+        self.code = grpc.StatusCode.OK
+
+    async def fail(self, exc: BaseException) -> None:
+        """Abort the RPC with the status that ``exc`` maps to (raises AbortError)."""
+        if isinstance(exc, Align2Error):
+            self.code = status_of(exc)
+            await self.context.abort(self.code, exc.message)
+        log.error("internal error in %s", self.rpc, exc_info=exc)
+        self.code = grpc.StatusCode.INTERNAL
+        await self.context.abort(self.code, f"internal error: {type(exc).__name__}: {exc}")
+
+    def cancelled(self) -> None:
+        remaining = self.context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        self.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
+    def aborted(self) -> None:
+        code = self.context.code()
+        if isinstance(code, grpc.StatusCode) and self.code is grpc.StatusCode.OK:
+            self.code = code
+
+    def finish(self) -> None:
+        metrics.REQUESTS.labels(rpc=self.rpc, code=self.code.name).inc()
+        metrics.REQUEST_SECONDS.labels(rpc=self.rpc).observe(time.monotonic() - self.started)
+
+
+def _wrap_unary_response(rpc: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = _Call(rpc, context)
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            call.aborted()
+            raise
+        except asyncio.CancelledError:
+            call.cancelled()
+            raise
+        except Exception as exc:
+            await call.fail(exc)
+        finally:
+            call.finish()
+
+    return wrapped
+
+
+def _wrap_stream_response(rpc: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        call = _Call(rpc, context)
+        try:
+            if inspect.isasyncgenfunction(behavior):
+                async for response in behavior(request, context):
+                    yield response
+            else:
+                await behavior(request, context)
+        except grpc.aio.AbortError:
+            call.aborted()
+            raise
+        except asyncio.CancelledError:
+            call.cancelled()
+            raise
+        except Exception as exc:
+            await call.fail(exc)
+        finally:
+            call.finish()
+
+    return wrapped
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        rpc = method.rsplit("/", 1)[-1]
+        kinds = {
+            "unary_unary": (_wrap_unary_response, grpc.unary_unary_rpc_method_handler),
+            "stream_unary": (_wrap_unary_response, grpc.stream_unary_rpc_method_handler),
+            "unary_stream": (_wrap_stream_response, grpc.unary_stream_rpc_method_handler),
+            "stream_stream": (_wrap_stream_response, grpc.stream_stream_rpc_method_handler),
+        }
+        for attr, (wrap, make) in kinds.items():
+            behavior = getattr(handler, attr)
+            if behavior is not None:
+                return make(  # type: ignore[operator]
+                    wrap(rpc, behavior),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+        return handler

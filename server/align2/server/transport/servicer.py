@@ -1,0 +1,57 @@
+"""The align2.v1 CurationService servicer: thin, one core call per RPC.
+
+Errors raised by the core travel up to StatusInterceptor, which maps them to statuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from align2.server.core.lifecycle import Lifecycle
+from align2.server.core.scoring import Scorer
+from align2.server.errors import Unimplemented
+from align2.server.transport import convert
+from align2.v1 import curation_pb2 as pb
+from align2.v1 import curation_pb2_grpc as pb_grpc
+
+
+class CurationServicer(pb_grpc.CurationServiceServicer):
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        scorer: Scorer | None,
+        server_info: Callable[[], pb.ServerInfo],
+    ) -> None:
+        self._lifecycle = lifecycle
+        self._scorer = scorer
+        self._server_info = server_info
+
+    async def Score(
+        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreResponse:
+        self._lifecycle.check_serving()
+        if self._scorer is None:
+            raise Unimplemented("Score is disabled on this server (score.enabled = false)")
+        call = convert.score_call_from_proto(
+            request, convert.deadline_from(context.time_remaining())
+        )
+        return convert.score_response_to_proto(await self._scorer.score(call))
+
+    async def Align(
+        self, request: pb.AlignRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AlignResponse:
+        self._lifecycle.check_serving()
+        raise Unimplemented("Align is not enabled on this server")
+
+    async def Curate(
+        self, request_iterator: AsyncIterator[pb.CurateRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        self._lifecycle.check_serving()
+        raise Unimplemented("Curate is not available in this version")
+
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerInfo:
+        return self._server_info()

@@ -1,0 +1,285 @@
+"""The dynamic batcher, with a fake runner gated by asyncio.Event (no sleeps as sync)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from align2.server.core.batcher import Batcher
+from align2.server.core.priority import Priority
+from align2.server.errors import (
+    BackendError,
+    DeadlineExpired,
+    DeviceOutOfMemory,
+    InvalidArgument,
+    Overloaded,
+    Unavailable,
+)
+
+
+class FakeRunner:
+    """Records every batch; returns item * 10. Optionally blocks until ``gate`` is set."""
+
+    def __init__(self, gated: bool = False) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = asyncio.Event()
+        if not gated:
+            self.gate.set()
+        self.entered = asyncio.Event()
+        self.fail_above: int | None = None  # OOM for batches larger than this
+        self.raise_once: Exception | None = None
+        self.wrong_count = False
+
+    async def __call__(self, items: Sequence[int]) -> list[float]:
+        self.entered.set()
+        await self.gate.wait()
+        if self.raise_once is not None:
+            exc, self.raise_once = self.raise_once, None
+            raise exc
+        if self.fail_above is not None and len(items) > self.fail_above:
+            raise DeviceOutOfMemory("fake OOM")
+        self.batches.append(list(items))
+        if self.wrong_count:
+            return [1.0]
+        return [float(i) * 10 for i in items]
+
+    @property
+    def computed(self) -> list[int]:
+        return [i for b in self.batches for i in b]
+
+
+def make(runner: FakeRunner, **kw: float) -> Batcher[int, float]:
+    options: dict = dict(
+        name="fake", max_batch_size=4, max_batch_tokens=10_000, max_delay=30.0, max_queue=16
+    )
+    options.update(kw)
+    batcher: Batcher[int, float] = Batcher(runner, **options)
+    batcher.start()
+    return batcher
+
+
+async def submit_all(batcher: Batcher[int, float], items: list[int], **kw) -> list[float]:
+    reservation = batcher.reserve(len(items))
+    outcomes = await asyncio.gather(
+        *(batcher.submit(i, cost=kw.pop("cost", 1), reservation=reservation, **kw) for i in items)
+    )
+    return [o.value for o in outcomes]
+
+
+async def test_one_result_per_item_in_order_and_batches_bounded() -> None:
+    runner = FakeRunner()
+    batcher = make(runner)
+    assert await submit_all(batcher, list(range(10))) == [i * 10.0 for i in range(10)]
+    assert all(len(b) <= 4 for b in runner.batches)
+    assert sorted(runner.computed) == list(range(10))
+    await batcher.close()
+
+
+async def test_lone_item_runs_at_once_despite_long_max_delay() -> None:
+    runner = FakeRunner()
+    batcher = make(runner, max_delay=60.0)
+    started = time.monotonic()
+    assert await submit_all(batcher, [7]) == [70.0]
+    assert time.monotonic() - started < 5.0  # far below max_delay: it did not wait
+    await batcher.close()
+
+
+async def test_waits_for_reserved_batch_mates_then_runs_them_together() -> None:
+    runner = FakeRunner()
+    batcher = make(runner, max_delay=60.0)
+    reservation = batcher.reserve(3)
+    first = asyncio.create_task(batcher.submit(1, cost=1, reservation=reservation))
+    await asyncio.sleep(0)  # let the loop see the first item; two more are reserved
+    assert runner.batches == []
+    rest = [asyncio.create_task(batcher.submit(i, cost=1, reservation=reservation)) for i in (2, 3)]
+    await asyncio.gather(first, *rest)
+    assert runner.batches == [[1, 2, 3]]
+    await batcher.close()
+
+
+async def test_released_reservation_stops_the_wait() -> None:
+    runner = FakeRunner()
+    batcher = make(runner, max_delay=60.0)
+    reservation = batcher.reserve(2)
+    task = asyncio.create_task(batcher.submit(1, cost=1, reservation=reservation))
+    await asyncio.sleep(0)
+    reservation.release()  # the second item failed before it was submitted
+    assert (await task).value == 10.0
+    await batcher.close()
+
+
+async def test_token_budget_limits_padded_batch_cost() -> None:
+    runner = FakeRunner(gated=True)
+    batcher = make(runner, max_batch_tokens=100, max_delay=0.0)
+    reservation = batcher.reserve(5)
+    tasks = [
+        asyncio.create_task(batcher.submit(i, cost=c, reservation=reservation))
+        for i, c in [(0, 10), (1, 40), (2, 40), (3, 10), (4, 10)]
+    ]
+    await runner.entered.wait()
+    runner.gate.set()
+    await asyncio.gather(*tasks)
+    # padded cost = size x longest: [0] alone first (idle), then 40*2=80 fits, 40*3=120 not.
+    for batch in runner.batches:
+        costs = [{0: 10, 1: 40, 2: 40, 3: 10, 4: 10}[i] for i in batch]
+        assert len(batch) == 1 or max(costs) * len(batch) <= 100
+    assert sorted(runner.computed) == [0, 1, 2, 3, 4]
+    await batcher.close()
+
+
+async def test_full_queue_fails_at_once_without_claiming() -> None:
+    batcher = make(FakeRunner(gated=True), max_queue=4)
+    held = batcher.reserve(3)
+    with pytest.raises(Overloaded, match="full: 3 of 4"):
+        batcher.reserve(2)
+    assert batcher.load == 3
+    held.release()
+    assert batcher.load == 0
+    with pytest.raises(InvalidArgument, match="max_queue_items 4"):
+        batcher.reserve(5)
+    await batcher.close()
+
+
+async def test_deadline_fires_while_a_batch_runs_and_item_is_never_computed() -> None:
+    runner = FakeRunner(gated=True)
+    batcher = make(runner, max_delay=0.0)
+    r = batcher.reserve(2)
+    running = asyncio.create_task(batcher.submit(1, cost=1, reservation=r))
+    await runner.entered.wait()  # batch [1] is on the device and blocked
+    with pytest.raises(DeadlineExpired):
+        await batcher.submit(2, cost=1, reservation=r, deadline=time.monotonic() + 0.05)
+    assert not runner.gate.is_set()  # answered while the batch was still running
+    runner.gate.set()
+    assert (await running).value == 10.0
+    await batcher.close()
+    assert runner.computed == [1]
+
+
+async def test_already_expired_item_is_refused_before_queueing() -> None:
+    runner = FakeRunner()
+    batcher = make(runner)
+    r = batcher.reserve(1)
+    with pytest.raises(DeadlineExpired):
+        await batcher.submit(1, cost=1, reservation=r, deadline=time.monotonic() - 1)
+    assert batcher.load == 0
+    await batcher.close()
+    assert runner.computed == []
+
+
+async def test_cancelled_caller_is_dropped_before_compute() -> None:
+    runner = FakeRunner(gated=True)
+    batcher = make(runner, max_delay=0.0)
+    r = batcher.reserve(2)
+    running = asyncio.create_task(batcher.submit(1, cost=1, reservation=r))
+    await runner.entered.wait()
+    queued = asyncio.create_task(batcher.submit(2, cost=1, reservation=r))
+    await asyncio.sleep(0)
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    runner.gate.set()
+    await running
+    await batcher.close()
+    assert runner.computed == [1]
+    assert batcher.load == 0
+
+
+async def test_out_of_memory_splits_the_batch_and_retries_halves() -> None:
+    runner = FakeRunner(gated=True)
+    runner.fail_above = 1
+    batcher = make(runner, max_delay=0.0)
+    r = batcher.reserve(5)
+    first = asyncio.create_task(batcher.submit(0, cost=1, reservation=r))
+    await runner.entered.wait()
+    rest = [asyncio.create_task(batcher.submit(i, cost=1, reservation=r)) for i in range(1, 5)]
+    await asyncio.sleep(0)
+    runner.gate.set()
+    values = [o.value for o in await asyncio.gather(first, *rest)]
+    assert values == [0.0, 10.0, 20.0, 30.0, 40.0]
+    assert all(len(b) == 1 for b in runner.batches)
+    await batcher.close()
+
+
+async def test_a_failing_batch_fails_only_its_items_and_the_loop_goes_on() -> None:
+    runner = FakeRunner()
+    runner.raise_once = RuntimeError("kernel exploded")
+    batcher = make(runner)
+    r = batcher.reserve(1)
+    with pytest.raises(BackendError, match="kernel exploded"):
+        await batcher.submit(1, cost=1, reservation=r)
+    assert await submit_all(batcher, [2, 3]) == [20.0, 30.0]
+    await batcher.close()
+
+
+async def test_fatal_backend_error_is_reported() -> None:
+    runner = FakeRunner()
+    runner.raise_once = BackendError("device lost", fatal=True)
+    seen: list[BaseException] = []
+    batcher = Batcher(
+        runner, name="f", max_batch_size=2, max_batch_tokens=99, max_delay=0, max_queue=4,
+        on_fatal=seen.append,
+    )
+    batcher.start()
+    with pytest.raises(BackendError, match="device lost"):
+        await submit_all(batcher, [1])
+    assert len(seen) == 1
+    await batcher.close()
+
+
+async def test_wrong_result_count_is_a_backend_error() -> None:
+    runner = FakeRunner(gated=True)
+    runner.wrong_count = True
+    batcher = make(runner, max_delay=0.0)
+    r = batcher.reserve(3)
+    first = asyncio.create_task(batcher.submit(1, cost=1, reservation=r))
+    await runner.entered.wait()
+    rest = [asyncio.create_task(batcher.submit(i, cost=1, reservation=r)) for i in (2, 3)]
+    await asyncio.sleep(0)
+    runner.gate.set()
+    await first  # a batch of one: one result is right
+    for task in rest:
+        with pytest.raises(BackendError, match="1 results for 2"):
+            await task
+    await batcher.close()
+
+
+async def test_interactive_goes_ahead_of_queued_bulk() -> None:
+    runner = FakeRunner(gated=True)
+    batcher = make(runner, max_batch_size=2, max_delay=0.0)
+    r = batcher.reserve(5)
+    blocker = asyncio.create_task(batcher.submit(0, cost=1, reservation=r))
+    await runner.entered.wait()
+    bulk = [
+        asyncio.create_task(batcher.submit(i, cost=1, reservation=r, priority=Priority.BULK))
+        for i in (1, 2)
+    ]
+    urgent = [
+        asyncio.create_task(
+            batcher.submit(i, cost=1, reservation=r, priority=Priority.INTERACTIVE)
+        )
+        for i in (3, 4)
+    ]
+    await asyncio.sleep(0)
+    runner.gate.set()
+    await asyncio.gather(blocker, *bulk, *urgent)
+    assert runner.batches == [[0], [3, 4], [1, 2]]
+    await batcher.close()
+
+
+async def test_close_fails_queued_items_and_refuses_new_ones() -> None:
+    runner = FakeRunner(gated=True)
+    batcher = make(runner, max_delay=0.0)
+    r = batcher.reserve(2)
+    running = asyncio.create_task(batcher.submit(1, cost=1, reservation=r))
+    await runner.entered.wait()
+    queued = asyncio.create_task(batcher.submit(2, cost=1, reservation=r))
+    await asyncio.sleep(0)
+    await batcher.close()
+    with pytest.raises(Unavailable):
+        await queued
+    with pytest.raises(Unavailable):
+        batcher.reserve(1)
+    running.cancel()
