@@ -1,0 +1,188 @@
+"""The asyncio client: the twin of :mod:`align2.client.sync` on ``grpc.aio``.
+
+Request building, chunking and response parsing are the shared functions of
+:mod:`align2.client.calls`; here chunks are sent concurrently, at most ``max_concurrency``
+at a time, and their images are read in a worker thread so the event loop never blocks on
+disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from types import TracebackType
+from typing import TypeVar
+
+from align2.client.base import ClientBase
+from align2.client.calls import DEFAULT_CHUNK_SIZE, DEFAULT_HEADS, ScoreCall, ScoreChunkReply
+from align2.client.channel import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ChannelOptions,
+    Pem,
+    RetryPolicy,
+    open_aio_channel,
+    service_stub,
+)
+from align2.client.results import ScoreReply, ScoreResult
+from align2.client.types import Sample
+from align2.v1 import curation_pb2 as pb
+
+T = TypeVar("T")
+
+DEFAULT_MAX_CONCURRENCY = 4
+
+
+class AsyncCurationClient(ClientBase):
+    """Asyncio client of an align2 server; arguments as in :class:`ClientBase`, plus
+    ``max_concurrency``: the most chunks (RPCs) of one call in flight at once.
+
+    Construct it inside the running event loop (``async with AsyncCurationClient(...)``).
+    Same contracts as :class:`align2.client.CurationClient`: one result per input, same
+    order; a failed RPC raises ``grpc.RpcError`` (``grpc.aio.AioRpcError``) after the other
+    chunks of the call are cancelled.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        timeout: float | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        token: str | None = None,
+        root_certificates: Pem | None = None,
+        private_key: Pem | None = None,
+        certificate_chain: Pem | None = None,
+        tls: bool | None = None,
+        options: ChannelOptions | None = None,
+        retry: bool | RetryPolicy = True,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency: {max_concurrency} is not positive")
+        self._max_concurrency = max_concurrency
+        super().__init__(
+            target,
+            timeout=timeout,
+            chunk_size=chunk_size,
+            token=token,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            tls=tls,
+            options=options,
+            retry=retry,
+            max_message_bytes=max_message_bytes,
+        )
+
+    def _connect(self) -> None:
+        self._channel = open_aio_channel(self._settings)
+        self._stub = service_stub(self._channel)
+
+    async def score(
+        self,
+        samples: Sequence[Sample],
+        heads: str | Iterable[str] = DEFAULT_HEADS,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, seen by the server too
+        priority: str | None = None,
+        question_model: str | None = None,
+        answer_model: str | None = None,
+    ) -> list[ScoreResult]:
+        """Reward-model scores: one result per input sample, same order. Arguments as in
+        :meth:`align2.client.CurationClient.score`."""
+        reply = await self.score_with_info(
+            samples,
+            heads,
+            timeout=timeout,
+            priority=priority,
+            question_model=question_model,
+            answer_model=answer_model,
+        )
+        return reply.results
+
+    async def score_with_info(
+        self,
+        samples: Sequence[Sample],
+        heads: str | Iterable[str] = DEFAULT_HEADS,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, seen by the server too
+        priority: str | None = None,
+        question_model: str | None = None,
+        answer_model: str | None = None,
+    ) -> ScoreReply:
+        """Like :meth:`score`, with the models, template version and timing of the RPCs."""
+        call = ScoreCall.plan(
+            samples,
+            heads,
+            chunk_size=self._chunk_size,
+            priority=priority,
+            question_model=question_model,
+            answer_model=answer_model,
+        )
+        deadline = self._deadline(timeout)
+        parts = await gather_bounded(
+            len(call.chunks), lambda i: self._score_chunk(call, i, deadline), self._max_concurrency
+        )
+        return call.reply(parts)
+
+    async def server_info(
+        self,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline
+    ) -> pb.ServerInfo:
+        """What the server runs: models, versions, limits and batching settings."""
+        return await self._stub.GetServerInfo(
+            pb.GetServerInfoRequest(),
+            timeout=self._deadline(timeout),
+            metadata=self._settings.metadata,
+        )
+
+    async def close(self) -> None:
+        """Close the channel; RPCs in flight are cancelled. Idempotent."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncCurationClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _score_chunk(
+        self, call: ScoreCall, index: int, deadline: float | None
+    ) -> ScoreChunkReply:
+        chunk = await asyncio.to_thread(call.encode, index)
+        response = None
+        if chunk.request is not None:
+            response = await self._stub.Score(
+                chunk.request, timeout=deadline, metadata=self._settings.metadata
+            )
+        return call.decode(chunk, response)
+
+
+async def gather_bounded(count: int, run: Callable[[int], Awaitable[T]], limit: int) -> list[T]:
+    """``[await run(0), ..., await run(count - 1)]`` with at most ``limit`` running at once.
+
+    Results are in index order whatever order they finish in. On the first failure the
+    other runs are cancelled and awaited, then the failure is raised as is (not wrapped in an
+    ExceptionGroup, so callers catch ``grpc.RpcError`` directly).
+    """
+    semaphore = asyncio.Semaphore(limit)
+
+    async def bounded(index: int) -> T:
+        async with semaphore:
+            return await run(index)
+
+    tasks = [asyncio.ensure_future(bounded(i)) for i in range(count)]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -1,0 +1,216 @@
+"""The ``align2`` command.
+
+Client subcommands (``info``, ``score``) need only the light client. Server subcommands
+(``serve``, ``build-models``, ``train-heads``) are forwarded to ``align2.server.cli.main``,
+which is imported only when one of them runs: the client command never imports server code.
+
+Exit status: 0 done (per-item errors are data, written to the output), 1 an RPC failed,
+2 bad usage or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, Any
+
+import grpc
+from google.protobuf import json_format
+
+from align2.client.calls import DEFAULT_CHUNK_SIZE, HEADS, PRIORITIES, parse_heads, split_chunks
+from align2.client.llava import read_llava
+from align2.client.sync import CurationClient
+
+SERVER_COMMANDS: dict[str, str] = {
+    "serve": "run the align2 server (server extras)",
+    "build-models": "build the embedded default models (server extras)",
+    "train-heads": "train the reward-model heads (server extras)",
+}
+DEFAULT_TARGET = "localhost:50051"
+TOKEN_ENV = "ALIGN2_TOKEN"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in SERVER_COMMANDS:
+        return run_server_command(args)
+    parser = build_parser()
+    namespace = parser.parse_args(args)
+    if namespace.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if namespace.token is None:
+        namespace.token = os.environ.get(TOKEN_ENV)
+    try:
+        status: int = namespace.run(namespace)
+    except grpc.RpcError as error:
+        print(f"align2 {namespace.command}: {_describe_rpc_error(error)}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as error:
+        print(f"align2 {namespace.command}: {error}", file=sys.stderr)
+        return 2
+    return status
+
+
+def run_server_command(argv: list[str]) -> int:
+    """Forward ``argv`` (subcommand first) to ``align2.server.cli.main``, imported only now."""
+    try:
+        server_cli = importlib.import_module("align2.server.cli")
+    except ModuleNotFoundError as error:
+        print(
+            f"align2 {argv[0]}: needs the align2 server and its extras "
+            f"(pip install 'align2[server]'); missing module {error.name!r}",
+            file=sys.stderr,
+        )
+        return 2
+    return int(server_cli.main(argv) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="align2",
+        description="Score and restyle LLaVA-format instruction data (Align2LLaVA).",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    connection = _connection_arguments()
+    info = commands.add_parser("info", parents=[connection], help="show what a server runs")
+    info.set_defaults(run=run_info)
+    score = commands.add_parser(
+        "score", parents=[connection], help="score a LLaVA file; results as JSONL"
+    )
+    _score_arguments(score)
+    score.set_defaults(run=run_score)
+    for name, summary in SERVER_COMMANDS.items():
+        # Listed for --help only: main() forwards these before parsing.
+        commands.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def _connection_arguments() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("connection")
+    group.add_argument("--target", default=DEFAULT_TARGET, help="server host:port (%(default)s)")
+    group.add_argument("--timeout", type=float, default=None, help="deadline per RPC, seconds")
+    group.add_argument("--token", default=None, help=f"bearer token (default: ${TOKEN_ENV} if set)")
+    group.add_argument("--tls", action="store_true", help="TLS with the system roots")
+    group.add_argument("--root-cert", default=None, help="PEM file of the roots to trust")
+    group.add_argument("--client-cert", default=None, help="PEM certificate chain (mTLS)")
+    group.add_argument("--client-key", default=None, help="PEM private key (mTLS)")
+    group.add_argument("--no-retry", action="store_true", help="don't retry UNAVAILABLE etc.")
+    return parser
+
+
+def _score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="LLaVA JSON list or JSONL")
+    parser.add_argument("--image-folder", default=None, help="folder of the records' images")
+    parser.add_argument("--task", default=None, help="task type (default: record, file name)")
+    parser.add_argument(
+        "--heads",
+        type=heads_argument,
+        default=["question", "answer"],
+        help=f"comma-separated, of {','.join(HEADS)} (default: both)",
+    )
+    parser.add_argument("--out", default="-", help="JSONL results file (default: stdout)")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--priority", choices=sorted(PRIORITIES), default=None)
+    parser.add_argument("--question-model", default=None)
+    parser.add_argument("--answer-model", default=None)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def heads_argument(text: str) -> list[str]:
+    """``"question,answer"`` -> ``["question", "answer"]``, validated."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    try:
+        parse_heads(names)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return names
+
+
+def client_from_arguments(namespace: argparse.Namespace) -> CurationClient:
+    return CurationClient(
+        namespace.target,
+        timeout=namespace.timeout,
+        chunk_size=getattr(namespace, "chunk_size", DEFAULT_CHUNK_SIZE),
+        token=namespace.token,
+        root_certificates=namespace.root_cert,
+        private_key=namespace.client_key,
+        certificate_chain=namespace.client_cert,
+        tls=True if namespace.tls else None,
+        retry=not namespace.no_retry,
+    )
+
+
+def run_info(namespace: argparse.Namespace) -> int:
+    with client_from_arguments(namespace) as client:
+        info = client.server_info()
+    print(json_format.MessageToJson(info, preserving_proto_field_name=True, indent=2))
+    return 0
+
+
+def run_score(namespace: argparse.Namespace) -> int:
+    """Stream results as JSONL, one RPC (chunk) at a time, flushed after each."""
+    samples = read_llava(namespace.file, image_folder=namespace.image_folder, task=namespace.task)
+    failed = 0
+    with (
+        client_from_arguments(namespace) as client,
+        _output(namespace.out) as out,
+        _progress(len(samples), enabled=not namespace.no_progress) as advance,
+    ):
+        for chunk in split_chunks(samples, namespace.chunk_size):
+            results = client.score(
+                chunk,
+                namespace.heads,
+                priority=namespace.priority,
+                question_model=namespace.question_model,
+                answer_model=namespace.answer_model,
+            )
+            for result in results:
+                out.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+                failed += not result.ok
+            out.flush()
+            advance(len(chunk))
+    print(f"align2 score: {len(samples)} samples, {failed} item errors", file=sys.stderr)
+    return 0
+
+
+@contextlib.contextmanager
+def _output(path: str) -> Iterator[IO[str]]:
+    if path == "-":
+        yield sys.stdout
+        return
+    with open(path, "w", encoding="utf-8") as out:
+        yield out
+
+
+@contextlib.contextmanager
+def _progress(total: int, *, enabled: bool) -> Iterator[Callable[[int], Any]]:
+    """A progress bar's ``update`` when tqdm is installed (optional), else a no-op."""
+    bar_class = _tqdm() if enabled else None
+    if bar_class is None:
+        yield lambda _: None
+        return
+    with bar_class(total=total, unit="sample", file=sys.stderr) as bar:
+        yield bar.update
+
+
+def _tqdm() -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
+def _describe_rpc_error(error: grpc.RpcError) -> str:
+    # Both the sync and the aio errors carry code() and details() (grpc.Call's interface).
+    if not (hasattr(error, "code") and hasattr(error, "details")):
+        return str(error)
+    return f"{error.code().name}: {error.details()}"

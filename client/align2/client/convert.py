@@ -1,0 +1,110 @@
+"""Conversion between the domain types and the align2.v1 proto messages.
+
+Both sides use it: the client to build requests and read replies, the server transport to
+turn request samples into :class:`Sample` (``sample_from_proto``). Importing it has no side
+effects beyond building constant lookup tables.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from align2.client.results import CallInfo, ItemError, ModelRef, ScoreResult, Timing
+from align2.client.types import ImageMarker, Sample, Turn
+from align2.v1 import curation_pb2 as pb
+
+_MARKER_TO_PROTO: dict[ImageMarker, pb.ImageMarker.ValueType] = {
+    ImageMarker.START: pb.IMAGE_MARKER_START,
+    ImageMarker.END: pb.IMAGE_MARKER_END,
+    ImageMarker.NONE: pb.IMAGE_MARKER_NONE,
+}
+_MARKER_FROM_PROTO: dict[pb.ImageMarker.ValueType, ImageMarker] = {
+    v: k for k, v in _MARKER_TO_PROTO.items()
+}
+# The proto documents UNSPECIFIED as START (the LLaVA default).
+_MARKER_FROM_PROTO[pb.IMAGE_MARKER_UNSPECIFIED] = ImageMarker.START
+
+_STATUS_BY_NUMBER: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def image_marker_to_proto(marker: ImageMarker) -> pb.ImageMarker.ValueType:
+    return _MARKER_TO_PROTO[marker]
+
+
+def image_marker_from_proto(value: pb.ImageMarker.ValueType) -> ImageMarker:
+    """Unknown values (a newer server) read as START, like UNSPECIFIED."""
+    return _MARKER_FROM_PROTO.get(value, ImageMarker.START)
+
+
+def sample_to_proto(sample: Sample) -> pb.Sample:
+    """Reads the image now when ``sample.image`` is a path (raises ``OSError`` if it can't)."""
+    return pb.Sample(
+        id=sample.id,
+        image=sample.image_bytes(),
+        turns=[pb.Turn(question=t.question, answer=t.answer) for t in sample.turns],
+        task=sample.task,
+        image_marker=image_marker_to_proto(sample.image_marker),
+    )
+
+
+def sample_from_proto(message: pb.Sample) -> Sample:
+    """A :class:`Sample` with the image as bytes; ``image_file`` and ``extra`` stay empty."""
+    return Sample(
+        id=message.id,
+        image=bytes(message.image),
+        turns=[Turn(question=t.question, answer=t.answer) for t in message.turns],
+        task=message.task,
+        image_marker=image_marker_from_proto(message.image_marker),
+    )
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The gRPC status code with this number; UNKNOWN for numbers gRPC doesn't define."""
+    return _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
+def item_error_from_proto(message: pb.ItemError) -> ItemError:
+    return ItemError(code=status_code(message.code), message=message.message)
+
+
+def score_result_from_proto(message: pb.ScoreResult) -> ScoreResult:
+    if message.HasField("error"):
+        # The contract: no scores with an error; don't surface partial ones.
+        return ScoreResult(id=message.id, error=item_error_from_proto(message.error))
+    return ScoreResult(
+        id=message.id,
+        question_score=message.question_score if message.HasField("question_score") else None,
+        answer_scores=tuple(message.answer_scores),
+        answer_score=message.answer_score if message.HasField("answer_score") else None,
+        question_truncated=message.question_truncated,
+        answer_truncated=tuple(message.answer_truncated),
+    )
+
+
+def model_ref_from_proto(message: pb.ModelRef) -> ModelRef:
+    return ModelRef(
+        name=message.name,
+        model_id=message.model_id,
+        revision=message.revision,
+        backend=message.backend,
+    )
+
+
+def timing_from_proto(message: pb.Timing) -> Timing:
+    return Timing(queue_seconds=message.queue_seconds, compute_seconds=message.compute_seconds)
+
+
+def call_info_from_proto(response: pb.ScoreResponse) -> CallInfo:
+    question_model = None
+    if response.HasField("question_model"):
+        question_model = model_ref_from_proto(response.question_model)
+    answer_model = None
+    if response.HasField("answer_model"):
+        answer_model = model_ref_from_proto(response.answer_model)
+    return CallInfo(
+        size=len(response.results),
+        question_model=question_model,
+        answer_model=answer_model,
+        template_version=response.template_version,
+        timing=timing_from_proto(response.timing),
+    )

@@ -1,0 +1,109 @@
+"""The blocking client. Its asyncio twin is :mod:`align2.client.aio`; both share
+:mod:`align2.client.calls` and differ only in how an RPC is sent."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+
+from align2.client.base import ClientBase
+from align2.client.calls import DEFAULT_HEADS, ScoreCall, ScoreChunkReply
+from align2.client.channel import open_channel, service_stub
+from align2.client.results import ScoreReply, ScoreResult
+from align2.client.types import Sample
+from align2.v1 import curation_pb2 as pb
+
+
+class CurationClient(ClientBase):
+    """Blocking client of an align2 server; arguments as in :class:`ClientBase`.
+
+    Chunks of a large input are sent one after another. A failure of a whole RPC raises
+    ``grpc.RpcError`` (``.code()``, ``.details()``) and is never swallowed; a failure of one
+    sample is an ``ItemError`` value on its result. Use as a context manager, or call
+    :meth:`close`.
+    """
+
+    def _connect(self) -> None:
+        self._channel = open_channel(self._settings)
+        self._stub = service_stub(self._channel)
+
+    def score(
+        self,
+        samples: Sequence[Sample],
+        heads: str | Iterable[str] = DEFAULT_HEADS,
+        *,
+        timeout: float | None = None,
+        priority: str | None = None,
+        question_model: str | None = None,
+        answer_model: str | None = None,
+    ) -> list[ScoreResult]:
+        """Reward-model scores: one result per input sample, same order.
+
+        ``heads``: "question" and/or "answer" (ValueError for others); the question head
+        alone needs no answers. ``timeout``: deadline of each RPC (None: the client's).
+        ``priority``: "interactive" or "bulk" (None: the server's default).
+        ``question_model``/``answer_model``: a model name of the server's config (None: its
+        default). Raises ``grpc.RpcError`` when an RPC fails as a whole.
+        """
+        return self.score_with_info(
+            samples,
+            heads,
+            timeout=timeout,
+            priority=priority,
+            question_model=question_model,
+            answer_model=answer_model,
+        ).results
+
+    def score_with_info(
+        self,
+        samples: Sequence[Sample],
+        heads: str | Iterable[str] = DEFAULT_HEADS,
+        *,
+        timeout: float | None = None,
+        priority: str | None = None,
+        question_model: str | None = None,
+        answer_model: str | None = None,
+    ) -> ScoreReply:
+        """Like :meth:`score`, with the models, template version and timing of the RPCs."""
+        call = ScoreCall.plan(
+            samples,
+            heads,
+            chunk_size=self._chunk_size,
+            priority=priority,
+            question_model=question_model,
+            answer_model=answer_model,
+        )
+        deadline = self._deadline(timeout)
+        return call.reply([self._score_chunk(call, i, deadline) for i in range(len(call.chunks))])
+
+    def server_info(self, *, timeout: float | None = None) -> pb.ServerInfo:
+        """What the server runs: models, versions, limits and batching settings."""
+        return self._stub.GetServerInfo(
+            pb.GetServerInfoRequest(),
+            timeout=self._deadline(timeout),
+            metadata=self._settings.metadata,
+        )
+
+    def close(self) -> None:
+        """Close the channel; RPCs in flight are cancelled. Idempotent."""
+        self._channel.close()
+
+    def __enter__(self) -> CurationClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _score_chunk(self, call: ScoreCall, index: int, timeout: float | None) -> ScoreChunkReply:
+        chunk = call.encode(index)
+        response = None
+        if chunk.request is not None:
+            response = self._stub.Score(
+                chunk.request, timeout=timeout, metadata=self._settings.metadata
+            )
+        return call.decode(chunk, response)

@@ -1,0 +1,116 @@
+"""Fakes for unit tests of the client: a servicer that answers canned results and can be told
+to fail, block or misbehave (served by the ``fake`` fixture of conftest.py), and samples."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+
+from align2.client import RetryPolicy, Sample, Turn
+from align2.v1 import curation_pb2 as pb
+from align2.v1 import curation_pb2_grpc as pb_grpc
+
+# Retries in tests back off for 50 ms rather than the default 0.2 s and up (not less: see
+# MIN_BACKOFF_SECONDS).
+FAST_RETRY = RetryPolicy(initial_backoff_seconds=0.05, max_backoff_seconds=0.1)
+
+
+class FakeCuration(pb_grpc.CurationServiceServicer):
+    """Scores are derived from the request so tests can check order and routing:
+    question score = int(id) (ids are digits), answer score of a turn = len(answer).
+    Samples whose id starts with "bad" get a per-item INVALID_ARGUMENT error."""
+
+    def __init__(self) -> None:
+        self.target = ""
+        self.requests: list[pb.ScoreRequest] = []
+        self.metadata: list[dict[str, str]] = []
+        self.attempts = 0
+        self.fail_next: list[grpc.StatusCode] = []  # abort the next attempts with these
+        self.gate: threading.Event | None = None  # when set, Score waits for it
+        self.barrier: threading.Barrier | None = None  # when set, Score waits at it
+        self.drop_last_result = False  # break the one-result-per-sample contract
+        self.inflight = 0
+        self.max_inflight = 0
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        if self.gate is not None:
+            self.gate.set()
+        if self.barrier is not None:
+            self.barrier.abort()
+
+    def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
+        failure = self._admit(request, context)
+        if failure is not None:
+            context.abort(failure, "injected failure")
+        try:
+            self._wait()
+            results = [_result(s, request.heads) for s in request.samples]
+            if self.drop_last_result:
+                results = results[:-1]
+            return pb.ScoreResponse(
+                results=results,
+                question_model=pb.ModelRef(name="q", model_id="fake-q", revision="r1"),
+                answer_model=pb.ModelRef(name="a", model_id="fake-a", revision="r2"),
+                template_version="t1",
+                timing=pb.Timing(queue_seconds=0.5, compute_seconds=1.0),
+            )
+        finally:
+            with self._lock:
+                self.inflight -= 1
+
+    def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
+    ) -> pb.ServerInfo:
+        self._admit(None, context)
+        with self._lock:
+            self.inflight -= 1
+        return pb.ServerInfo(
+            version="9.9.9",
+            limits=pb.Limits(max_samples_per_call=64),
+            services=["Score"],
+        )
+
+    def _admit(
+        self, request: pb.ScoreRequest | None, context: grpc.ServicerContext
+    ) -> grpc.StatusCode | None:
+        with self._lock:
+            self.attempts += 1
+            self.inflight += 1
+            self.max_inflight = max(self.max_inflight, self.inflight)
+            self.metadata.append({m.key: m.value for m in context.invocation_metadata()})
+            failure = self.fail_next.pop(0) if self.fail_next else None
+            if failure is not None:
+                self.inflight -= 1
+            elif request is not None:
+                self.requests.append(request)
+        return failure
+
+    def _wait(self) -> None:
+        if self.gate is not None:
+            self.gate.wait(timeout=10)
+        if self.barrier is not None:
+            self.barrier.wait()
+
+
+def _result(sample: pb.Sample, heads: list[int]) -> pb.ScoreResult:
+    if sample.id.startswith("bad"):
+        error = pb.ItemError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="image: bad")
+        return pb.ScoreResult(id=sample.id, error=error)
+    result = pb.ScoreResult(id=sample.id)
+    if not heads or pb.HEAD_QUESTION in heads:
+        result.question_score = float(sample.id) if sample.id.isdigit() else 0.0
+    if not heads or pb.HEAD_ANSWER in heads:
+        scores = [float(len(t.answer)) for t in sample.turns]
+        result.answer_scores.extend(scores)
+        result.answer_truncated.extend([False] * len(scores))
+        result.answer_score = sum(scores) / len(scores) if scores else 0.0
+    return result
+
+
+def make_samples(count: int, *, image: bytes = b"png") -> list[Sample]:
+    """Samples with ids "0".."count-1" and answers of length id + 1."""
+    return [
+        Sample(id=str(i), image=image, turns=[Turn("What?", "x" * (i + 1))]) for i in range(count)
+    ]

@@ -1,0 +1,183 @@
+"""The align2 command: parsing, server-command forwarding, and info/score end to end."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import types
+from typing import Any
+
+import grpc
+import pytest
+from client_fakes import FakeCuration
+
+from align2.client import cli
+
+
+def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["--help"])
+    assert raised.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("info", "score", "serve", "build-models", "train-heads"):
+        assert command in out
+
+
+def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 2
+    assert "COMMAND" in capsys.readouterr().err
+
+
+def test_score_arguments() -> None:
+    namespace = cli.build_parser().parse_args(
+        [
+            "score",
+            "data.json",
+            "--image-folder",
+            "images/",
+            "--target",
+            "host:1",
+            "--heads",
+            "question",
+            "--out",
+            "r.jsonl",
+            "--priority",
+            "bulk",
+            "--timeout",
+            "2.5",
+        ]
+    )
+    assert (namespace.file, namespace.image_folder, namespace.target) == (
+        "data.json",
+        "images/",
+        "host:1",
+    )
+    assert namespace.heads == ["question"]
+    assert (namespace.out, namespace.priority, namespace.timeout) == ("r.jsonl", "bulk", 2.5)
+    assert namespace.chunk_size == 64
+
+
+def test_score_defaults() -> None:
+    namespace = cli.build_parser().parse_args(["score", "data.json"])
+    assert namespace.heads == ["question", "answer"]
+    assert (namespace.target, namespace.out, namespace.image_folder) == (
+        "localhost:50051",
+        "-",
+        None,
+    )
+
+
+def test_unknown_head_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["score", "data.json", "--heads", "question,reward"])
+    assert raised.value.code == 2
+    assert "valid heads are ['answer', 'question']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["serve", "build-models", "train-heads"])
+def test_server_commands_are_forwarded(monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    received: list[list[str]] = []
+    fake_module = types.ModuleType("align2.server.cli")
+    fake_module.main = lambda argv: received.append(argv) or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "align2.server.cli", fake_module)
+    assert cli.main([command, "--port", "1", "--help"]) == 0
+    assert received == [[command, "--port", "1", "--help"]]
+
+
+def test_server_command_without_the_server(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "align2.server.cli", None)  # import fails
+    assert cli.main(["serve"]) == 2
+    assert "align2[server]" in capsys.readouterr().err
+
+
+def test_info(fake: FakeCuration, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["info", "--target", fake.target]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["version"] == "9.9.9"
+    assert info["limits"]["max_samples_per_call"] == 64
+
+
+def write_dataset(folder: pathlib.Path) -> pathlib.Path:
+    (folder / "images").mkdir()
+    records = []
+    for i in range(3):
+        records.append(
+            {
+                "id": str(i),
+                "image": f"{i}.jpg",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat?"},
+                    {"from": "gpt", "value": "x" * (i + 1)},
+                ],
+            }
+        )
+        if i != 1:  # the image of record 1 is missing
+            (folder / "images" / f"{i}.jpg").write_bytes(b"jpeg")
+    path = folder / "conversation_58k.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def run_score(fake: FakeCuration, folder: pathlib.Path, *extra: str) -> tuple[int, list[Any]]:
+    data = write_dataset(folder)
+    out = folder / "results.jsonl"
+    status = cli.main(
+        [
+            "score",
+            str(data),
+            "--image-folder",
+            str(folder / "images"),
+            "--target",
+            fake.target,
+            "--out",
+            str(out),
+            "--chunk-size",
+            "2",
+            "--no-progress",
+            *extra,
+        ]
+    )
+    lines = out.read_text(encoding="utf-8").splitlines() if out.exists() else []
+    return status, [json.loads(line) for line in lines]
+
+
+def test_score_streams_jsonl_results(
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, results = run_score(fake, tmp_path, "--heads", "question,answer")
+    assert status == 0
+    assert [r["id"] for r in results] == ["0", "1", "2"]
+    assert results[0]["question_score"] == 0.0 and results[2]["answer_scores"] == [3.0]
+    assert results[1]["error"]["code"] == "NOT_FOUND"
+    assert results[1]["question_score"] is None
+    assert [[s.id for s in r.samples] for r in fake.requests] == [["0"], ["2"]]
+    assert fake.requests[0].samples[0].task == "conversation"
+    assert "3 samples, 1 item errors" in capsys.readouterr().err
+
+
+def test_score_sends_the_token_from_the_environment(
+    fake: FakeCuration, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(cli.TOKEN_ENV, "from-env")
+    run_score(fake, tmp_path, "--heads", "question")
+    assert {m["authorization"] for m in fake.metadata} == {"Bearer from-env"}
+    assert list(fake.requests[0].heads) == [1]
+
+
+def test_rpc_failure_exits_1(
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.fail_next = [grpc.StatusCode.PERMISSION_DENIED]
+    status, _ = run_score(fake, tmp_path)
+    assert status == 1
+    assert "PERMISSION_DENIED: injected failure" in capsys.readouterr().err
+
+
+def test_bad_input_file_exits_2(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('[{"id": "1"}]', encoding="utf-8")
+    assert cli.main(["score", str(path), "--target", "127.0.0.1:1"]) == 2
+    assert "record 0 (id '1'): conversations" in capsys.readouterr().err

@@ -1,0 +1,118 @@
+"""Sample <-> proto and proto results -> values."""
+
+from __future__ import annotations
+
+import pathlib
+
+import grpc
+import pytest
+
+from align2.client import ImageMarker, ItemError, Sample, ScoreResult, Turn
+from align2.client.convert import (
+    call_info_from_proto,
+    sample_from_proto,
+    sample_to_proto,
+    score_result_from_proto,
+    status_code,
+)
+from align2.v1 import curation_pb2 as pb
+
+
+@pytest.mark.parametrize(
+    ("marker", "value"),
+    [
+        (ImageMarker.START, pb.IMAGE_MARKER_START),
+        (ImageMarker.END, pb.IMAGE_MARKER_END),
+        (ImageMarker.NONE, pb.IMAGE_MARKER_NONE),
+    ],
+)
+def test_sample_round_trip(marker: ImageMarker, value: int) -> None:
+    sample = Sample(
+        id="1",
+        image=b"img",
+        turns=[Turn("q1", "a1"), Turn("q2")],
+        task="detail",
+        image_marker=marker,
+    )
+    message = sample_to_proto(sample)
+    assert message.image_marker == value
+    assert [(t.question, t.answer) for t in message.turns] == [("q1", "a1"), ("q2", "")]
+    assert sample_from_proto(message) == sample
+
+
+def test_unspecified_or_unknown_marker_reads_as_start() -> None:
+    assert sample_from_proto(pb.Sample(id="1")).image_marker is ImageMarker.START
+    assert sample_from_proto(pb.Sample(id="1", image_marker=99)).image_marker is ImageMarker.START
+
+
+def test_sample_to_proto_reads_a_path(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"png")
+    sample = Sample(id="1", image=tmp_path / "a.png", turns=[], image_file="a.png")
+    assert sample_to_proto(sample).image == b"png"
+
+
+def test_question_only_result() -> None:
+    message = pb.ScoreResult(id="1", question_score=0.5, question_truncated=True)
+    assert score_result_from_proto(message) == ScoreResult(
+        id="1", question_score=0.5, question_truncated=True
+    )
+
+
+def test_both_heads_result() -> None:
+    message = pb.ScoreResult(
+        id="1",
+        question_score=-1.5,
+        answer_scores=[1.0, 2.0],
+        answer_score=1.5,
+        answer_truncated=[False, True],
+    )
+    result = score_result_from_proto(message)
+    assert result.answer_scores == (1.0, 2.0)
+    assert result.answer_score == 1.5
+    assert result.answer_truncated == (False, True)
+    assert result.question_score == -1.5
+    assert result.ok
+
+
+def test_zero_scores_are_not_missing() -> None:
+    result = score_result_from_proto(pb.ScoreResult(id="1", question_score=0.0, answer_score=0.0))
+    assert (result.question_score, result.answer_score) == (0.0, 0.0)
+
+
+def test_error_result_has_code_and_no_scores() -> None:
+    message = pb.ScoreResult(
+        id="1", question_score=3.0, error=pb.ItemError(code=8, message="samples[0].image: big")
+    )
+    result = score_result_from_proto(message)
+    assert result == ScoreResult(
+        id="1", error=ItemError(grpc.StatusCode.RESOURCE_EXHAUSTED, "samples[0].image: big")
+    )
+    assert not result.ok
+
+
+def test_status_code_numbers() -> None:
+    assert status_code(3) is grpc.StatusCode.INVALID_ARGUMENT
+    assert status_code(0) is grpc.StatusCode.OK
+    assert status_code(999) is grpc.StatusCode.UNKNOWN
+
+
+def test_call_info() -> None:
+    response = pb.ScoreResponse(
+        results=[pb.ScoreResult(id="1")],
+        question_model=pb.ModelRef(name="q", model_id="m", revision="r", backend="transformers"),
+        template_version="v2",
+        timing=pb.Timing(queue_seconds=0.25, compute_seconds=0.5),
+    )
+    info = call_info_from_proto(response)
+    assert info.size == 1
+    assert info.question_model is not None and info.question_model.backend == "transformers"
+    assert info.answer_model is None
+    assert info.template_version == "v2"
+    assert (info.timing.queue_seconds, info.timing.compute_seconds) == (0.25, 0.5)
+
+
+def test_to_dict_is_json_ready() -> None:
+    failed = ScoreResult(id="2", error=ItemError(grpc.StatusCode.NOT_FOUND, "image: gone"))
+    assert failed.to_dict()["error"] == {"code": "NOT_FOUND", "message": "image: gone"}
+    scored = ScoreResult(id="1", answer_scores=(1.0,), answer_truncated=(False,)).to_dict()
+    assert scored["answer_scores"] == [1.0] and scored["error"] is None
