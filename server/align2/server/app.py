@@ -78,9 +78,7 @@ class App:
             raise
         self.lifecycle.phase = Phase.SERVING
         await self._set_health(_SERVING)
-        log.info(
-            "align2 serving: grpc port %s, metrics port %s", self.port, self.metrics_port
-        )
+        log.info("align2 serving: grpc port %s, metrics port %s", self.port, self.metrics_port)
 
     async def _bind(self) -> None:
         size = self.config.limits.max_message_bytes
@@ -92,7 +90,7 @@ class App:
             ],
         )
         servicer = CurationServicer(self.lifecycle, self._scorer, self.server_info)
-        pb_grpc.add_CurationServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        pb_grpc.add_CurationServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
@@ -135,8 +133,14 @@ class App:
 
     def _role(self, name: str) -> str:
         score = self.config.score
-        roles = [r for r, n in (("question_reward", score.question_model),
-                                ("answer_reward", score.answer_model)) if n == name]
+        roles = [
+            r
+            for r, n in (
+                ("question_reward", score.question_model),
+                ("answer_reward", score.answer_model),
+            )
+            if n == name
+        ]
         return "+".join(roles)
 
     async def _warm_up(self) -> None:

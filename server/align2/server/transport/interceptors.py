@@ -110,7 +110,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
         rpc = method.rsplit("/", 1)[-1]
@@ -123,7 +123,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         for attr, (wrap, make) in kinds.items():
             behavior = getattr(handler, attr)
             if behavior is not None:
-                return make(  # type: ignore[operator]
+                return make(
                     wrap(rpc, behavior),
                     request_deserializer=handler.request_deserializer,
                     response_serializer=handler.response_serializer,

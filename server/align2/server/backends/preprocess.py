@@ -1,0 +1,56 @@
+"""Input preparation shared by the scoring backends: image mode and the text-length policy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from PIL import Image
+
+from align2.server.backends.base import InputTooLong
+
+
+def pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
+    """Centre ``image`` on a square of the processor's mean colour (the method's ``pad``).
+
+    This is LLaVA's ``expand2square``: the whole image stays visible, the padding
+    normalises to zero.
+    """
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    background = tuple(round(c * 255) for c in mean[:3])
+    square = Image.new(image.mode, (side, side), background)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def text_budget(
+    *,
+    text_tokens: int,
+    image_tokens: int,
+    max_text_tokens: int,
+    max_length: int,
+    model_name: str,
+    truncate: bool,
+) -> int:
+    """How many text tokens to keep (cut from the end); raise InputTooLong when rejecting.
+
+    The text may use at most ``max_text_tokens`` and what ``max_length`` leaves after the
+    image tokens. Image tokens come first in every reward template, so cutting from the
+    end never touches them.
+    """
+    room = max_length - image_tokens
+    if max_text_tokens <= room:
+        limit, desc = max_text_tokens, f"limits.max_text_tokens {max_text_tokens}"
+    else:
+        limit = room
+        desc = (
+            f"the {room} tokens that models.{model_name}.max_length {max_length} leaves "
+            f"after {image_tokens} image tokens"
+        )
+    if text_tokens <= limit:
+        return text_tokens
+    if not truncate:
+        raise InputTooLong(text_tokens, desc)
+    return limit

@@ -1,0 +1,196 @@
+"""The reference reward backend: a transformers vision-language model plus a scalar head.
+
+Contract (the method's definition of a score): the processor expands the template's
+``<image>`` marker, the tokenizer adds BOS and no EOS, and the score is
+``score.weight @ h`` where ``h`` is the base model's final hidden state at the last
+non-padding position. Inputs are prepared one at a time and right-padded only when
+batched, so a score does not depend on its batch-mates (position ids are unchanged by
+right padding, padded keys are masked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from align2.server.backends.base import ModelDescription, Prepared
+from align2.server.backends.checkpoint import read_reward_checkpoint
+from align2.server.backends.preprocess import pad_to_square, text_budget
+from align2.server.backends.torch_device import (
+    classify_device_error,
+    resolve_device,
+    torch_dtype,
+)
+from align2.server.config import ModelConfig
+from align2.server.core.templates import IMAGE_TOKEN
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Inputs:
+    """One prepared input: token ids and the processor's image tensors (no batch dim)."""
+
+    input_ids: torch.Tensor  # [L]
+    images: dict[str, torch.Tensor]  # e.g. pixel_values [3, H, W] or [N, 3, H, W]
+
+
+class TransformersScoring:
+    """ScoringBackend on transformers: CPU or CUDA, fp32/bf16/fp16."""
+
+    def __init__(
+        self,
+        description: ModelDescription,
+        processor: Any,
+        base: torch.nn.Module,
+        head: torch.Tensor,
+        image_mode: str,
+    ) -> None:
+        self.description = description
+        self._processor = processor
+        self._tokenizer = processor.tokenizer
+        self._base = base
+        self._head = head  # [1, hidden], float32 on the device
+        self._image_mode = image_mode
+        self._device = torch.device(description.device)
+        self._dtype = next(base.parameters()).dtype
+        self._pad_id = self._tokenizer.pad_token_id
+        if self._pad_id is None:
+            self._pad_id = self._tokenizer.eos_token_id or 0
+        self._mean = getattr(processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+        # One thread owns the device: batches run one at a time, in order.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"device-{description.name}")
+
+    @classmethod
+    def load(cls, name: str, config: ModelConfig, path: pathlib.Path) -> TransformersScoring:
+        checkpoint = read_reward_checkpoint(path, revision=config.revision or None)
+        device = resolve_device(config.device)
+        dtype = torch_dtype(config.dtype)
+        processor = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        base = model.model  # the LM head is not needed: the scalar head replaces it
+        del model
+        base.to(device).eval()
+        head = checkpoint.score_weight.to(device=device, dtype=torch.float32)
+        description = ModelDescription(
+            name=name,
+            model_id=checkpoint.model_id,
+            revision=checkpoint.revision,
+            backend="transformers",
+            family=checkpoint.family,
+            dtype=config.dtype,
+            device=str(device),
+            max_length=config.max_length,
+            image_tokens=0,
+            image_mode=config.image_mode,
+        )
+        backend = cls(description, processor, base, head, config.image_mode)
+        backend.description = replace(description, image_tokens=backend.image_tokens())
+        return backend
+
+    # -- prepare (worker threads) --------------------------------------------------------
+    def image_tokens(self) -> int:
+        """Tokens one image takes, measured on a probe image; 0 when it varies by image."""
+        if getattr(self._processor.image_processor, "do_image_splitting", False):
+            return 0
+        probe = self._encode(IMAGE_TOKEN, Image.new("RGB", (32, 32)))
+        return int(probe["input_ids"].shape[-1]) - self._count_text_tokens(IMAGE_TOKEN)
+
+    def prepare(
+        self, text: str, image: Image.Image, *, max_text_tokens: int, truncate: bool
+    ) -> Prepared:
+        if self._image_mode == "pad":
+            image = pad_to_square(image, self._mean)
+        encoded = self._encode(text, image)
+        ids = encoded.pop("input_ids")[0]
+        encoded.pop("attention_mask", None)
+        text_tokens = self._count_text_tokens(text)
+        image_tokens = len(ids) - text_tokens
+        keep = text_budget(
+            text_tokens=text_tokens,
+            image_tokens=image_tokens,
+            max_text_tokens=max_text_tokens,
+            max_length=self.description.max_length,
+            model_name=self.description.name,
+            truncate=truncate,
+        )
+        if keep < text_tokens:
+            ids = ids[: image_tokens + keep]
+        images = {k: v[0] for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+        return Prepared(len(ids), keep < text_tokens, _Inputs(ids, images))
+
+    def _encode(self, text: str, image: Image.Image) -> dict[str, torch.Tensor]:
+        # Idefics3 takes one list of images per text; LLaVA a flat list.
+        images: list[Any] = [[image]] if self.description.family == "idefics3" else [image]
+        out = self._processor(text=[text], images=images, return_tensors="pt")
+        return dict(out)
+
+    def _count_text_tokens(self, text: str) -> int:
+        """BOS plus the template's text: ``<image>`` is one special token, so the rest of the
+        text tokenises the same with or without it."""
+        return len(self._tokenizer(text.replace(IMAGE_TOKEN, ""))["input_ids"])
+
+    # -- score (the device thread) -------------------------------------------------------
+    async def score(self, batch: Sequence[Prepared]) -> list[float]:
+        loop = asyncio.get_running_loop()
+        inputs = [p.payload for p in batch]
+        return await loop.run_in_executor(self._executor, self._forward, inputs)
+
+    def _forward(self, inputs: list[_Inputs]) -> list[float]:
+        try:
+            with torch.inference_mode():
+                ids, mask = _pad_right([x.input_ids for x in inputs], self._pad_id)
+                images = {
+                    key: _stack_padded([x.images[key] for x in inputs]).to(self._device)
+                    for key in inputs[0].images
+                }
+                if "pixel_values" in images:
+                    images["pixel_values"] = images["pixel_values"].to(self._dtype)
+                out = self._base(
+                    input_ids=ids.to(self._device), attention_mask=mask.to(self._device), **images
+                )
+                hidden = out.last_hidden_state
+                last = mask.sum(dim=1).to(self._device) - 1
+                pooled = hidden[torch.arange(len(inputs), device=self._device), last]
+                scores = pooled.float() @ self._head.T
+                return [float(s) for s in scores[:, 0].cpu()]
+        except Exception as exc:
+            raise classify_device_error(exc, self.description.name) from exc
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        del self._base
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _pad_right(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D id tensors into [B, L] ids and attention mask."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def _stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack per-item image tensors; pad the first dim with zeros where counts differ
+    (Idefics3 skips all-zero padding images)."""
+    if all(t.shape == tensors[0].shape for t in tensors):
+        return torch.stack(tensors)
+    longest = max(t.shape[0] for t in tensors)
+    out = torch.zeros((len(tensors), longest, *tensors[0].shape[1:]), dtype=tensors[0].dtype)
+    for row, t in enumerate(tensors):
+        out[row, : t.shape[0]] = t
+    return out

@@ -1,0 +1,270 @@
+"""Score end to end: a real server on 127.0.0.1:0 with tiny real models, called through
+align2.client."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import pathlib
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support import ServerThread, jpeg, png
+
+from align2.client import AsyncCurationClient, CurationClient, Sample, Turn
+from align2.server.config import Config, ModelConfig
+from align2.v1 import curation_pb2 as pb
+from align2.v1 import curation_pb2_grpc as pb_grpc
+
+
+def config_for(question: pathlib.Path, answer: pathlib.Path, **limits: object) -> Config:
+    config = Config()
+    config.models = {
+        "question": ModelConfig(path=str(question)),
+        "answer": ModelConfig(path=str(answer)),
+    }
+    for key, value in limits.items():
+        section, field = key.split("__")
+        setattr(getattr(config, section), field, value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llava: pathlib.Path) -> Iterator[ServerThread]:
+    config = config_for(
+        tiny_llava,
+        tiny_llava,
+        limits__max_samples_per_call=8,
+        limits__max_image_bytes=200_000,
+        limits__max_image_pixels=1_000_000,
+    )
+    server = ServerThread(config).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[CurationClient]:
+    with CurationClient(server.target, timeout=60, chunk_size=8) as c:
+        yield c
+
+
+def sample(i: int = 0, turns: int = 2, image: bytes | None = None) -> Sample:
+    return Sample(
+        id=f"s{i}",
+        image=image if image is not None else png(30 + i, 20 + 2 * i),
+        task="conversation",
+        turns=[
+            Turn(f"What is object {j} in picture {i}?", f"It is a red box number {j}." * (1 + j))
+            for j in range(turns)
+        ],
+    )
+
+
+def test_scores_both_heads_in_input_order(client: CurationClient) -> None:
+    samples = [sample(i, turns=1 + i % 3) for i in range(5)]
+    reply = client.score_with_info(samples)
+    assert [r.id for r in reply.results] == [s.id for s in samples]
+    for s, r in zip(samples, reply.results, strict=True):
+        assert r.error is None
+        assert r.question_score is not None and math.isfinite(r.question_score)
+        assert len(r.answer_scores) == len(s.turns)
+        assert r.answer_score == pytest.approx(sum(r.answer_scores) / len(r.answer_scores))
+        assert r.answer_truncated == (False,) * len(s.turns)
+    assert reply.template_version == "align2llava-reward-v1"
+    assert reply.question_model is not None and reply.question_model.name == "question"
+    assert reply.answer_model is not None and reply.answer_model.backend == "transformers"
+    assert len(reply.question_model.revision) >= 8
+
+
+def test_question_head_alone_needs_no_answers(client: CurationClient) -> None:
+    s = Sample(id="q", image=jpeg(), turns=[Turn("Why is the sky blue?"), Turn("And red?")])
+    [result] = client.score([s], heads=["question"])
+    assert result.error is None
+    assert result.question_score is not None
+    assert result.answer_scores == () and result.answer_score is None
+
+
+def test_scores_do_not_depend_on_batch_mates_or_concurrency(
+    server: ServerThread, client: CurationClient
+) -> None:
+    samples = [sample(i, turns=1 + i % 4) for i in range(8)]
+    alone = [client.score([s])[0] for s in samples]
+
+    async def concurrently() -> list:
+        async with AsyncCurationClient(server.target, timeout=60) as aclient:
+            groups = await asyncio.gather(*(aclient.score(samples) for _ in range(4)))
+        return [r for g in groups for r in g]
+
+    together = asyncio.run(concurrently())
+    for i, r in enumerate(together):
+        ref = alone[i % len(samples)]
+        assert r.question_score == pytest.approx(ref.question_score, abs=1e-5)
+        assert r.answer_scores == pytest.approx(ref.answer_scores, abs=1e-5)
+
+
+def test_bad_items_fail_alone_with_field_named(client: CurationClient) -> None:
+    big = png(1200, 1000)  # 1.2 MP > max_image_pixels 1e6
+    samples = [
+        sample(0),
+        Sample(id="corrupt", image=b"\x89PNG\r\n\x1a\nnot really", turns=[Turn("Q?", "A.")]),
+        Sample(id="empty-conv", image=png(), turns=[]),
+        Sample(id="empty-q", image=png(), turns=[Turn("What?", "A."), Turn("  <image> ", "B.")]),
+        Sample(id="pixels", image=big, turns=[Turn("Q?", "A.")]),
+        Sample(id="no-answer", image=png(), turns=[Turn("Q?", "")]),
+        Sample(id="gif", image=_gif(), turns=[Turn("Q?", "A.")]),
+        sample(7),
+    ]
+    results = client.score(samples)
+    by_id = {r.id: r for r in results}
+    assert by_id["s0"].error is None and by_id["s7"].error is None
+    expect = {
+        "corrupt": "samples[1].image: not a readable JPEG, PNG or WebP",
+        "empty-conv": "samples[2].turns: empty conversation",
+        "empty-q": "samples[3].turns[1].question: empty",
+        "pixels": "samples[4].image: 1200x1000 = 1200000 pixels exceeds limits.max_image_pixels",
+        "no-answer": "samples[5].turns[0].answer: empty",
+        "gif": "samples[6].image: not a readable JPEG, PNG or WebP",
+    }
+    for key, message in expect.items():
+        error = by_id[key].error
+        assert error is not None, key
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in error.message, (key, error.message)
+        assert by_id[key].question_score is None
+
+
+def test_oversized_image_bytes_fail_alone(client: CurationClient) -> None:
+    heavy = jpeg(700, 700, seed=1)
+    assert len(heavy) > 200_000
+    results = client.score([sample(1), Sample(id="heavy", image=heavy, turns=[Turn("Q?", "A.")])])
+    assert results[0].error is None
+    assert results[1].error is not None
+    assert "exceeds limits.max_image_bytes 200000" in results[1].error.message
+
+
+def test_too_many_samples_fails_the_call(server: ServerThread) -> None:
+    with (
+        CurationClient(server.target, chunk_size=100) as big_chunks,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        big_chunks.score([sample(i, turns=1) for i in range(9)])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "samples: 9 samples exceeds limits.max_samples_per_call 8" in info.value.details()
+
+
+def test_unknown_head_and_unknown_model(server: ServerThread) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.CurationServiceStub(channel)
+        request = pb.ScoreRequest(samples=[pb.Sample(id="x", image=png())], heads=[1, 7])
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Score(request)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "heads[1]: unknown head 7" in info.value.details()
+    with CurationClient(server.target) as c, pytest.raises(grpc.RpcError) as info:
+        c.score([sample()], question_model="nope")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "question_model: unknown model 'nope'; loaded: answer, question" in info.value.details()
+    with pytest.raises(ValueError, match="head"):
+        CurationClient(server.target).score([sample()], heads=["questions"])
+
+
+def test_full_queue_refuses_at_once_before_decoding(server: ServerThread) -> None:
+    batcher = server.app._runtimes["question"].batcher
+    held = server.call(_reserve(batcher, batcher.max_queue))
+    try:
+        corrupt = Sample(id="c", image=b"junk", turns=[Turn("Q?", "A.")])
+        with CurationClient(server.target, retry=False) as c, pytest.raises(grpc.RpcError) as info:
+            c.score([corrupt])
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "is full" in info.value.details()
+    finally:
+        server.call(_release(held))
+    with CurationClient(server.target) as c:
+        assert c.score([sample()])[0].error is None
+
+
+def test_deadline_exceeded(server: ServerThread) -> None:
+    with CurationClient(server.target, retry=False) as c, pytest.raises(grpc.RpcError) as info:
+        c.score([sample(i, turns=4) for i in range(8)], timeout=0.001)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_same_folder_for_both_heads_is_loaded_once(server: ServerThread) -> None:
+    runtimes = server.app._runtimes
+    assert runtimes["question"] is runtimes["answer"]
+
+
+def test_server_info_reports_models_limits_batching(client: CurationClient) -> None:
+    info = client.server_info()
+    assert {m.ref.name for m in info.models} == {"question", "answer"}
+    model = info.models[0]
+    assert model.family == "llava" and model.image_tokens == 16 and model.image_mode == "pad"
+    assert info.limits.max_samples_per_call == 8
+    assert info.limits.max_image_pixels == 1_000_000
+    assert info.batching.max_batch_size == 32
+    assert info.template_version == "align2llava-reward-v1"
+    assert "Score" in info.services
+
+
+def test_health_serving_per_service_and_reflection(server: ServerThread) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "align2.v1.CurationService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        [reply] = list(
+            refl.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+        )
+        names = {s.name for s in reply.list_services_response.service}
+        assert {"align2.v1.CurationService", "grpc.health.v1.Health"} <= names
+
+
+def test_health_not_serving_until_warm(tiny_llava: pathlib.Path) -> None:
+    """Between bind and warm-up the health service says NOT_SERVING and Score UNAVAILABLE."""
+    from align2.server.app import App
+
+    config = config_for(tiny_llava, tiny_llava)
+    config.server.host, config.server.port, config.server.metrics_port = "127.0.0.1", 0, -1
+
+    async def scenario() -> None:
+        app = App(config)
+        await app._bind()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+                stub = pb_grpc.CurationServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Score(pb.ScoreRequest(samples=[pb.Sample(id="x")]))
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "warming up" in (info.value.details() or "")
+        finally:
+            await app.stop(grace=0)
+
+    asyncio.run(scenario())
+
+
+def _gif() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="GIF")
+    return buffer.getvalue()
+
+
+async def _reserve(batcher, count):  # type: ignore[no-untyped-def]
+    return batcher.reserve(count)
+
+
+async def _release(reservation):  # type: ignore[no-untyped-def]
+    reservation.release()
