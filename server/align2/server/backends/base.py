@@ -85,3 +85,71 @@ class ScoringBackend(Protocol):
     def close(self) -> None:
         """Free the device memory; the backend is unusable afterwards."""
         ...
+
+
+# -- generation (the inner LLM) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding settings of one generation; temperature 0 is greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+Message = dict[str, str]
+"""A chat message: {"role": "system" | "user" | "assistant", "content": "..."}."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Chat messages to render with the LLM's own chat template, then continue."""
+
+    messages: Sequence[Message]
+    decoding: Decoding
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    finished: bool  # False: stopped at max_new_tokens, the text may be cut
+
+
+@dataclass(frozen=True)
+class ChoiceRequest:
+    """A constrained choice: which of ``choices`` (single-token labels such as "A", "B")
+    the model puts next after the rendered messages."""
+
+    messages: Sequence[Message]
+    choices: Sequence[str]
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """The inner LLM.
+
+    ``continuous`` engines (vLLM) batch by themselves: the core calls them once per item,
+    concurrently, with no batcher in front. Others get batches from the core's batcher.
+    Contract: one result per request, same order; cancelling the awaiting task aborts the
+    work in the engine.
+    """
+
+    description: ModelDescription
+    continuous: bool
+
+    def prompt_tokens(self, messages: Sequence[Message]) -> int:
+        """Tokens of the rendered prompt (for admission and the batcher's budget)."""
+        ...
+
+    async def generate(self, batch: Sequence[GenerationRequest]) -> list[Generation]: ...
+
+    async def choose(self, batch: Sequence[ChoiceRequest]) -> list[list[float]]:
+        """Per request, the probability of each choice (renormalised over the choices)."""
+        ...
+
+    def close(self) -> None: ...
