@@ -1,0 +1,46 @@
+"""The README's client examples work as written (against a real server on port 0)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+from collections.abc import Iterator
+
+import pytest
+from support import ServerThread
+
+from align2.server.config import Config, ModelConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def example(name: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(rf"<!-- readme-example: {name} -->\s*```python\n(.*?)```", text, re.S)
+    assert match, f"README has no example {name!r}"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llava: pathlib.Path) -> Iterator[ServerThread]:
+    config = Config()
+    config.models = {name: ModelConfig(path=str(tiny_llava)) for name in ("question", "answer")}
+    server = ServerThread(config).start()
+    yield server
+    server.stop()
+
+
+def test_score_example_runs_as_written(
+    server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = example("score").replace("localhost:50051", server.target)
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the example reads examples/ relative to the repo root
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3  # one line for the sample, one per record of examples/
+    assert lines[1].startswith("000000000001 ") and lines[1].endswith(" None")
