@@ -200,3 +200,18 @@ def test_description(backend: TransformersScoring, checkpoint: pathlib.Path) -> 
     # + <global-img>
     assert d.image_tokens == (16 if d.family == "llava" else 7)
     assert d.model_id == checkpoint.name and len(d.revision) == 12
+
+
+def test_an_image_that_fills_max_length_is_refused_even_when_truncating(
+    checkpoint: pathlib.Path,
+) -> None:
+    from align2.server.errors import InvalidArgument
+
+    probe = TransformersScoring.load("p", ModelConfig(path=str(checkpoint)), checkpoint)
+    n = probe.description.image_tokens
+    tight = TransformersScoring.load(
+        "t", ModelConfig(path=str(checkpoint), max_length=n), checkpoint
+    )
+    for truncate in (False, True):
+        with pytest.raises(InvalidArgument, match=f"image: takes {n} tokens, leaving no room"):
+            tight.prepare("<image>\nHi", wide_image(), max_text_tokens=99, truncate=truncate)

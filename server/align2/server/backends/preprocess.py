@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 from align2.server.backends.base import InputTooLong
+from align2.server.errors import InvalidArgument
 
 
 def pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
@@ -37,10 +38,15 @@ def text_budget(
     """How many text tokens to keep (cut from the end); raise InputTooLong when rejecting.
 
     The text may use at most ``max_text_tokens`` and what ``max_length`` leaves after the
-    image tokens. Image tokens come first in every reward template, so cutting from the
-    end never touches them.
+    image tokens; an image that leaves no room at all is InvalidArgument. Image tokens
+    come first in every reward template, so cutting from the end never touches them.
     """
     room = max_length - image_tokens
+    if room < 1:  # no text at all would fit: truncation cannot help
+        raise InvalidArgument(
+            f"image: takes {image_tokens} tokens, leaving no room for text in "
+            f"models.{model_name}.max_length {max_length}"
+        )
     if max_text_tokens <= room:
         limit, desc = max_text_tokens, f"limits.max_text_tokens {max_text_tokens}"
     else:
