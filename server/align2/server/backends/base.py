@@ -110,6 +110,9 @@ class GenerationRequest:
 
     messages: Sequence[Message]
     decoding: Decoding
+    priority: int = 1
+    """Scheduling class for engines that schedule by priority (vLLM: lower runs first):
+    0 interactive, 1 bulk."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class ChoiceRequest:
 
     messages: Sequence[Message]
     choices: Sequence[str]
+    priority: int = 1
 
 
 @runtime_checkable
