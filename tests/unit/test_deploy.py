@@ -1,0 +1,67 @@
+"""Deployment files agree with the service: dashboard metrics, ports, probes, config."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import tomllib
+
+import prometheus_client
+import yaml
+
+import align2.server.metrics  # noqa: F401  (registers our metrics)
+from align2.server import config as config_module
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+
+
+def exported_series() -> set[str]:
+    """Every series name the service can export (histogram and counter suffixes added)."""
+    names = set()
+    for family in prometheus_client.REGISTRY.collect():
+        suffixes = {
+            "histogram": ["_bucket", "_sum", "_count", "_created"],
+            "counter": ["_total", "_created"],
+        }.get(family.type, [""])
+        names.update(family.name + s for s in suffixes)
+    return names
+
+
+def test_every_dashboard_metric_is_exported() -> None:
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "align2-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b((?:align2|process)_[a-z_]+)\b", e)}
+    assert len(used) >= 10
+    missing = used - exported_series()
+    assert not missing, f"the dashboard queries series the service does not export: {missing}"
+
+
+def manifests() -> dict[str, dict]:
+    return {
+        doc["kind"]: doc
+        for path in sorted(K8S.glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+    }
+
+
+def test_k8s_ports_probes_grace_and_hpa_metric_agree_with_the_server() -> None:
+    docs = manifests()
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    config = config_module.from_dict(
+        tomllib.loads(docs["ConfigMap"]["data"]["align2.toml"])
+    )  # the shipped config is valid align2 config
+    assert ports == {"grpc": config.server.port, "metrics": config.server.metrics_port}
+    assert pod["terminationGracePeriodSeconds"] > config.server.grace_seconds
+    assert container["readinessProbe"]["grpc"]["service"] == "align2.v1.CurationService"
+    assert container["livenessProbe"]["grpc"]["port"] == config.server.port
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    service = docs["Service"]["spec"]
+    assert service["clusterIP"] == "None"  # headless: client-side balancing
+    assert {p["targetPort"] for p in service["ports"]} == set(ports)
+    assert docs["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    hpa_metric = docs["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    assert hpa_metric in exported_series()
