@@ -219,7 +219,12 @@ async def test_fatal_backend_error_is_reported() -> None:
     runner.raise_once = BackendError("device lost", fatal=True)
     seen: list[BaseException] = []
     batcher = Batcher(
-        runner, name="f", max_batch_size=2, max_batch_tokens=99, max_delay=0, max_queue=4,
+        runner,
+        name="f",
+        max_batch_size=2,
+        max_batch_tokens=99,
+        max_delay=0,
+        max_queue=4,
         on_fatal=seen.append,
     )
     batcher.start()
@@ -257,9 +262,7 @@ async def test_interactive_goes_ahead_of_queued_bulk() -> None:
         for i in (1, 2)
     ]
     urgent = [
-        asyncio.create_task(
-            batcher.submit(i, cost=1, reservation=r, priority=Priority.INTERACTIVE)
-        )
+        asyncio.create_task(batcher.submit(i, cost=1, reservation=r, priority=Priority.INTERACTIVE))
         for i in (3, 4)
     ]
     await asyncio.sleep(0)

@@ -29,6 +29,11 @@ from align2.server.core.scoring import ScoreCall, Scorer
 from align2.server.models import embedded
 from align2.server.transport import convert
 from align2.server.transport.interceptors import StatusInterceptor
+from align2.server.transport.security import (
+    BearerTokenInterceptor,
+    read_tokens,
+    server_credentials,
+)
 from align2.server.transport.servicer import CurationServicer
 from align2.v1 import curation_pb2 as pb
 from align2.v1 import curation_pb2_grpc as pb_grpc
@@ -82,8 +87,14 @@ class App:
 
     async def _bind(self) -> None:
         size = self.config.limits.max_message_bytes
+        security = self.config.security
+        interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor()]
+        tokens = read_tokens(security)
+        if tokens:  # inside StatusInterceptor, so refusals are counted and logged
+            interceptors.append(BearerTokenInterceptor(tokens, open_health=security.open_health))
+        credentials = server_credentials(security)
         server = grpc.aio.server(
-            interceptors=[StatusInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
@@ -96,7 +107,11 @@ class App:
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
         section = self.config.server
-        self.port = server.add_insecure_port(f"{section.host}:{section.port}")
+        address = f"{section.host}:{section.port}"
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         await self._set_health(_NOT_SERVING)
         await server.start()
         self._server = server

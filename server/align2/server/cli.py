@@ -1,4 +1,4 @@
-"""Server-side subcommands of the ``align2`` command: serve, build-models.
+"""Server-side subcommands of the ``align2`` command: serve, build-models, train-heads.
 
 Argument parsing and the environment are read here only, then typed config is passed down.
 """
@@ -13,7 +13,9 @@ import signal
 from typing import Any
 
 from align2.server import config as config_module
+from align2.server import logs
 from align2.server.errors import ConfigError
+from align2.server.training import command as train_heads
 
 log = logging.getLogger("align2.server")
 
@@ -26,6 +28,11 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--metrics-port", type=int, help="Prometheus port; 0 free, -1 off (9090)")
     p.add_argument("--cache-dir", help="where embedded models are built (~/.cache/align2)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    p.add_argument("--log-format", choices=["json", "text"], help="log lines (default json)")
+    p.add_argument("--auth-tokens-file", help="accepted bearer tokens, one per line")
+    p.add_argument("--tls-cert-file", help="PEM certificate chain (serves TLS)")
+    p.add_argument("--tls-key-file", help="PEM private key")
+    p.add_argument("--tls-client-ca-file", help="PEM roots for client certificates (mTLS)")
 
 
 def _build_parser(sub: Any) -> None:
@@ -39,6 +46,7 @@ def parser() -> argparse.ArgumentParser:
     sub = root.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _build_parser(sub)
+    train_heads.add_parser(sub)
     return root
 
 
@@ -49,14 +57,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "server.metrics_port": getattr(args, "metrics_port", None),
         "server.cache_dir": args.cache_dir or os.environ.get("ALIGN2_CACHE_DIR"),
         "server.log_level": getattr(args, "log_level", None),
+        "server.log_format": getattr(args, "log_format", None),
+        "security.auth_tokens_file": getattr(args, "auth_tokens_file", None),
+        "security.tls_cert_file": getattr(args, "tls_cert_file", None),
+        "security.tls_key_file": getattr(args, "tls_key_file", None),
+        "security.tls_client_ca_file": getattr(args, "tls_client_ca_file", None),
     }
     return {k: v for k, v in flags.items() if v is not None}
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
 
 
 async def serve(config: config_module.Config) -> int:
@@ -92,13 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         config = config_module.load(getattr(args, "config", None), _overrides(args))
     except ConfigError as exc:
         raise SystemExit(f"align2: {exc}") from None
-    _setup_logging(config.server.log_level)
+    logs.setup(config.server.log_level, config.server.log_format)
     if args.command == "build-models":
         from align2.server.models import embedded
 
         for name in args.names or embedded.EMBEDDED_NAMES:
             print(embedded.ensure(name, config.cache_path))
         return 0
+    if args.command == "train-heads":
+        data_env = os.environ.get(train_heads.DATA_ENV)
+        return train_heads.run(train_heads.to_config(args, config.cache_path, data_env))
     try:
         return asyncio.run(serve(config))
     except ConfigError as exc:

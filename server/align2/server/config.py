@@ -118,8 +118,32 @@ class ServerSection:
     cache_dir: str = "~/.cache/align2"
     """Where embedded models are built and cached."""
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    """json: one JSON object per line with a request_id (for log shippers); text: plain."""
+    log_payloads: bool = False
+    """Log sample text at DEBUG level. Off: sample text and images are never logged."""
     torch_threads: int = 0
     """Intra-op threads for torch on CPU; 0 leaves torch's default."""
+
+
+@dataclass
+class SecurityConfig:
+    """TLS, mutual TLS and bearer tokens for the gRPC port. Off by default (plaintext)."""
+
+    tls_cert_file: str = ""
+    """PEM certificate chain of the server; with tls_key_file, serves TLS."""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    """PEM roots that client certificates must chain to; set: mutual TLS is required."""
+    auth_tokens_file: str = ""
+    """File with the accepted bearer tokens, one per line; set: every call needs
+    ``authorization: Bearer <token>`` (compared in constant time)."""
+    open_health: bool = True
+    """Health checks need no token, so that orchestrator probes work."""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file or self.tls_key_file)
 
 
 def _default_models() -> dict[str, ModelConfig]:
@@ -135,6 +159,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     models: dict[str, ModelConfig] = field(default_factory=_default_models)
 
     @property
@@ -160,6 +185,11 @@ class Config:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key}: must be at least 1, got {value}")
+        security = self.security
+        if bool(security.tls_cert_file) != bool(security.tls_key_file):
+            raise ConfigError("security.tls_cert_file and security.tls_key_file go together")
+        if security.tls_client_ca_file and not security.tls:
+            raise ConfigError("security.tls_client_ca_file needs tls_cert_file and tls_key_file")
         return self
 
 

@@ -30,13 +30,35 @@ def deadline_from(time_remaining: float | None) -> float | None:
     return None if time_remaining is None else time.monotonic() + time_remaining
 
 
-def priority_from_proto(value: int) -> Priority:
+PRIORITY_METADATA = "x-align2-priority"
+_PRIORITY_NAMES = {"interactive": Priority.INTERACTIVE, "bulk": Priority.BULK}
+
+
+def priority_from_proto(value: int, metadata: str | None = None) -> Priority:
+    """The request field decides; when unspecified, the ``x-align2-priority`` call
+    metadata (interactive | bulk); else bulk."""
+    if value == pb.PRIORITY_UNSPECIFIED and metadata:
+        try:
+            return _PRIORITY_NAMES[metadata.strip().lower()]
+        except KeyError:
+            raise InvalidArgument(
+                f"{PRIORITY_METADATA} metadata: unknown value {metadata!r}; "
+                "valid: interactive, bulk"
+            ) from None
     try:
         return _PRIORITIES[value]
     except KeyError:
         raise InvalidArgument(
             f"priority: unknown value {value}; valid: PRIORITY_INTERACTIVE, PRIORITY_BULK"
         ) from None
+
+
+def metadata_value(metadata: object, key: str) -> str | None:
+    """One value of a call's invocation metadata (None when absent)."""
+    for k, v in metadata or ():  # type: ignore[attr-defined]
+        if k == key:
+            return v if isinstance(v, str) else bytes(v).decode(errors="replace")
+    return None
 
 
 def heads_from_proto(values: list[int]) -> frozenset[Head]:
@@ -52,13 +74,15 @@ def heads_from_proto(values: list[int]) -> frozenset[Head]:
     return frozenset(heads)
 
 
-def score_call_from_proto(request: pb.ScoreRequest, deadline: float | None) -> ScoreCall:
+def score_call_from_proto(
+    request: pb.ScoreRequest, deadline: float | None, priority_metadata: str | None = None
+) -> ScoreCall:
     return ScoreCall(
         samples=[sample_from_proto(s) for s in request.samples],
         heads=heads_from_proto(list(request.heads)),
         question_model=request.question_model,
         answer_model=request.answer_model,
-        priority=priority_from_proto(request.priority),
+        priority=priority_from_proto(request.priority, priority_metadata),
         deadline=deadline,
     )
 

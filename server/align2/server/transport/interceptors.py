@@ -2,7 +2,8 @@
 
 Every align2.v1 RPC passes through ``StatusInterceptor``: an Align2Error becomes its status
 code with its message (which names the field and the limit); any other exception becomes
-INTERNAL (logged with its traceback); request counts and durations are recorded by code.
+INTERNAL (logged with its traceback); request counts and durations are recorded by code,
+and each call gets a request id for its log lines.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from align2.server import metrics
+from align2.server import logs, metrics
 from align2.server.errors import Align2Error
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ class _Call:
         self.context = context
         self.started = time.monotonic()
         self.code = grpc.StatusCode.OK
+        given = dict(context.invocation_metadata() or ()).get("x-request-id")
+        self.request_id = logs.new_request_id(given if isinstance(given, str) else None)
+        context.set_trailing_metadata((("x-request-id", self.request_id),))
 
     async def fail(self, exc: BaseException) -> None:
         """Abort the RPC with the status that ``exc`` maps to (raises AbortError)."""
@@ -57,8 +61,13 @@ class _Call:
             self.code = code
 
     def finish(self) -> None:
+        seconds = time.monotonic() - self.started
         metrics.REQUESTS.labels(rpc=self.rpc, code=self.code.name).inc()
-        metrics.REQUEST_SECONDS.labels(rpc=self.rpc).observe(time.monotonic() - self.started)
+        metrics.REQUEST_SECONDS.labels(rpc=self.rpc).observe(seconds)
+        log.info(
+            "rpc finished",
+            extra={"rpc": self.rpc, "code": self.code.name, "seconds": round(seconds, 6)},
+        )
 
 
 def _wrap_unary_response(rpc: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
@@ -103,6 +112,31 @@ def _wrap_stream_response(rpc: str, behavior: Callable[..., Any]) -> Callable[..
     return wrapped
 
 
+Wrap = Callable[[str, Callable[..., Any]], Callable[..., Any]]
+
+
+def rewrap(
+    handler: grpc.RpcMethodHandler, rpc: str, unary: Wrap, stream: Wrap
+) -> grpc.RpcMethodHandler:
+    """The same handler with its behavior wrapped by ``unary`` (unary response) or
+    ``stream`` (streaming response)."""
+    kinds = {
+        "unary_unary": (unary, grpc.unary_unary_rpc_method_handler),
+        "stream_unary": (unary, grpc.stream_unary_rpc_method_handler),
+        "unary_stream": (stream, grpc.unary_stream_rpc_method_handler),
+        "stream_stream": (stream, grpc.stream_stream_rpc_method_handler),
+    }
+    for attr, (wrap, make) in kinds.items():
+        behavior = getattr(handler, attr)
+        if behavior is not None:
+            return make(
+                wrap(rpc, behavior),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    return handler
+
+
 class StatusInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(
         self,
@@ -114,18 +148,4 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
         rpc = method.rsplit("/", 1)[-1]
-        kinds = {
-            "unary_unary": (_wrap_unary_response, grpc.unary_unary_rpc_method_handler),
-            "stream_unary": (_wrap_unary_response, grpc.stream_unary_rpc_method_handler),
-            "unary_stream": (_wrap_stream_response, grpc.unary_stream_rpc_method_handler),
-            "stream_stream": (_wrap_stream_response, grpc.stream_stream_rpc_method_handler),
-        }
-        for attr, (wrap, make) in kinds.items():
-            behavior = getattr(handler, attr)
-            if behavior is not None:
-                return make(
-                    wrap(rpc, behavior),
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
-        return handler
+        return rewrap(handler, rpc, _wrap_unary_response, _wrap_stream_response)

@@ -35,7 +35,9 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
         if self._scorer is None:
             raise Unimplemented("Score is disabled on this server (score.enabled = false)")
         call = convert.score_call_from_proto(
-            request, convert.deadline_from(context.time_remaining())
+            request,
+            convert.deadline_from(context.time_remaining()),
+            convert.metadata_value(context.invocation_metadata(), convert.PRIORITY_METADATA),
         )
         return convert.score_response_to_proto(await self._scorer.score(call))
 

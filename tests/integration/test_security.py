@@ -1,0 +1,175 @@
+"""TLS, mutual TLS and bearer tokens on the gRPC port, with certificates made at test time."""
+
+from __future__ import annotations
+
+import datetime
+import pathlib
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import ServerThread, png
+
+from align2.client import CurationClient, Sample, Turn
+from align2.server.config import Config, ModelConfig
+
+SAMPLE = Sample(id="s", image=png(), turns=[Turn("What is it?", "A box.")])
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _cert(subject: str, key, issuer: tuple | None, *, ca: bool) -> x509.Certificate:  # type: ignore[no-untyped-def,type-arg]
+    now = datetime.datetime.now(datetime.UTC)
+    issuer_name, issuer_key = (issuer[0].subject, issuer[1]) if issuer else (_name(subject), key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
+    """A CA, a server certificate for localhost and a client certificate, as PEM files."""
+    folder = tmp_path_factory.mktemp("pki")
+    files: dict[str, pathlib.Path] = {}
+
+    def write(name: str, data: bytes) -> None:
+        files[name] = folder / f"{name}.pem"
+        files[name].write_bytes(data)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("align2 test CA", ca_key, None, ca=True)
+    write("ca", ca.public_bytes(serialization.Encoding.PEM))
+    for role in ("server", "client"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        write(
+            f"{role}-cert",
+            _cert(role, key, (ca, ca_key), ca=False).public_bytes(serialization.Encoding.PEM),
+        )
+        write(
+            f"{role}-key",
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+    return files
+
+
+def server_with(tiny_llava: pathlib.Path, **security: str) -> ServerThread:
+    config = Config()
+    config.models = {n: ModelConfig(path=str(tiny_llava)) for n in ("question", "answer")}
+    for key, value in security.items():
+        setattr(config.security, key, value)
+    return ServerThread(config).start()
+
+
+@pytest.fixture(scope="module")
+def mtls_server(tiny_llava: pathlib.Path, pki: dict[str, pathlib.Path]) -> Iterator[ServerThread]:
+    server = server_with(
+        tiny_llava,
+        tls_cert_file=str(pki["server-cert"]),
+        tls_key_file=str(pki["server-key"]),
+        tls_client_ca_file=str(pki["ca"]),
+    )
+    yield server
+    server.stop()
+
+
+def _localhost(server: ServerThread) -> str:
+    return f"localhost:{server.app.port}"
+
+
+def test_mutual_tls_accepts_a_client_certificate(
+    mtls_server: ServerThread, pki: dict[str, pathlib.Path]
+) -> None:
+    with CurationClient(
+        _localhost(mtls_server),
+        root_certificates=pki["ca"].read_bytes(),
+        private_key=pki["client-key"].read_bytes(),
+        certificate_chain=pki["client-cert"].read_bytes(),
+        timeout=30,
+    ) as client:
+        assert client.score([SAMPLE])[0].error is None
+
+
+def test_mutual_tls_refuses_a_client_without_certificate_and_plaintext(
+    mtls_server: ServerThread, pki: dict[str, pathlib.Path]
+) -> None:
+    with (
+        CurationClient(
+            _localhost(mtls_server),
+            root_certificates=pki["ca"].read_bytes(),
+            timeout=5,
+            retry=False,
+        ) as client,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        client.score([SAMPLE])
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    with (
+        CurationClient(_localhost(mtls_server), timeout=5, retry=False) as plain,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        plain.score([SAMPLE])
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_server_only_tls(tiny_llava: pathlib.Path, pki: dict[str, pathlib.Path]) -> None:
+    server = server_with(
+        tiny_llava, tls_cert_file=str(pki["server-cert"]), tls_key_file=str(pki["server-key"])
+    )
+    try:
+        with CurationClient(
+            _localhost(server), root_certificates=pki["ca"].read_bytes(), timeout=30
+        ) as client:
+            assert client.score([SAMPLE])[0].error is None
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def token_server(tiny_llava: pathlib.Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    tokens = tmp_path_factory.mktemp("auth") / "tokens"
+    tokens.write_text("# rotated monthly\nold-token-123\n\nnew-token-456\n")
+    server = server_with(tiny_llava, auth_tokens_file=str(tokens))
+    yield server
+    server.stop()
+
+
+def test_bearer_token_required_and_checked(token_server: ServerThread) -> None:
+    for token in ("old-token-123", "new-token-456"):
+        with CurationClient(token_server.target, token=token, timeout=30) as client:
+            assert client.score([SAMPLE])[0].error is None
+            assert client.server_info().limits.max_samples_per_call == 64
+    for token in (None, "wrong", "new-token-45", "new-token-4567"):
+        with CurationClient(token_server.target, token=token, retry=False) as client:
+            with pytest.raises(grpc.RpcError) as info:
+                client.score([SAMPLE])
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "bearer token" in info.value.details()
+
+
+def test_health_stays_open_for_probes(token_server: ServerThread) -> None:
+    with grpc.insecure_channel(token_server.target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -1,0 +1,64 @@
+"""Transport pieces alone: request conversion, priority rules, token checks, error mapping."""
+
+from __future__ import annotations
+
+import pytest
+
+from align2.server.core.priority import Priority
+from align2.server.core.scoring import Head
+from align2.server.errors import Align2Error, Code, InvalidArgument
+from align2.server.transport import convert
+from align2.server.transport.interceptors import status_of
+from align2.server.transport.security import BearerTokenInterceptor
+from align2.v1 import curation_pb2 as pb
+
+
+def test_priority_field_wins_then_metadata_then_bulk() -> None:
+    assert convert.priority_from_proto(pb.PRIORITY_INTERACTIVE, "bulk") is Priority.INTERACTIVE
+    assert convert.priority_from_proto(pb.PRIORITY_UNSPECIFIED, "Interactive") is (
+        Priority.INTERACTIVE
+    )
+    assert convert.priority_from_proto(pb.PRIORITY_UNSPECIFIED, None) is Priority.BULK
+    with pytest.raises(InvalidArgument, match="x-align2-priority metadata: unknown value 'urgent'"):
+        convert.priority_from_proto(pb.PRIORITY_UNSPECIFIED, "urgent")
+    with pytest.raises(InvalidArgument, match="priority: unknown value 9"):
+        convert.priority_from_proto(9)
+
+
+def test_heads_default_to_both_and_unknown_ones_are_named() -> None:
+    assert convert.heads_from_proto([]) == frozenset(Head)
+    assert convert.heads_from_proto([pb.HEAD_ANSWER]) == {Head.ANSWER}
+    with pytest.raises(InvalidArgument, match=r"heads\[0\]: unknown head 0"):
+        convert.heads_from_proto([pb.HEAD_UNSPECIFIED])
+
+
+def test_every_core_code_maps_to_the_grpc_status_of_the_same_name_and_number() -> None:
+    for code in Code:
+        error = Align2Error("x")
+        error.code = code
+        status = status_of(error)
+        assert status.name == code.name and status.value[0] == int(code)
+
+
+@pytest.mark.parametrize(
+    ("header", "allowed"),
+    [
+        ("Bearer s3cret", True),
+        ("bearer s3cret", True),
+        ("Bearer other", True),
+        ("Bearer s3cre", False),
+        ("Bearer s3cret2", False),
+        ("Basic s3cret", False),
+        ("s3cret", False),
+        ("", False),
+    ],
+)
+def test_bearer_token_check(header: str, allowed: bool) -> None:
+    interceptor = BearerTokenInterceptor([b"s3cret", b"other"], open_health=True)
+    assert interceptor._allowed([("authorization", header)] if header else []) is allowed
+
+
+def test_metadata_value() -> None:
+    metadata = (("a", "1"), ("x-align2-priority", "bulk"))
+    assert convert.metadata_value(metadata, "x-align2-priority") == "bulk"
+    assert convert.metadata_value(metadata, "b") is None
