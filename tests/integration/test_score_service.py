@@ -268,3 +268,21 @@ async def _reserve(batcher, count):  # type: ignore[no-untyped-def]
 
 async def _release(reservation):  # type: ignore[no-untyped-def]
     reservation.release()
+
+
+def test_health_command_and_client_method(
+    server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from align2.client.cli import main
+
+    assert (
+        main(["health", "--target", server.target, "--service", "align2.v1.CurationService"]) == 0
+    )
+    assert capsys.readouterr().out.strip() == "SERVING"
+    assert main(["health", "--target", server.target, "--service", "no.such.Service"]) == 1
+
+    async def check() -> str:
+        async with AsyncCurationClient(server.target) as aclient:
+            return await aclient.health()
+
+    assert asyncio.run(check()) == "SERVING"

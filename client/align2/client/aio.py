@@ -23,6 +23,7 @@ from align2.client.channel import (
     open_aio_channel,
     service_stub,
 )
+from align2.client.health import health_request, health_status, health_stub
 from align2.client.results import ScoreReply, ScoreResult
 from align2.client.types import Sample
 from align2.v1 import curation_pb2 as pb
@@ -137,6 +138,20 @@ class AsyncCurationClient(ClientBase):
             timeout=self._deadline(timeout),
             metadata=self._settings.metadata,
         )
+
+    async def health(
+        self,
+        service: str = "",
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline
+    ) -> str:
+        """The gRPC health status of ``service`` ("" = the server), e.g. "SERVING"."""
+        reply = await health_stub(self._channel).Check(
+            health_request(service),
+            timeout=self._deadline(timeout),
+            metadata=self._settings.metadata,
+        )
+        return health_status(reply)
 
     async def close(self) -> None:
         """Close the channel; RPCs in flight are cancelled. Idempotent."""

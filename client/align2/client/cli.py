@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     connection = _connection_arguments()
     info = commands.add_parser("info", parents=[connection], help="show what a server runs")
     info.set_defaults(run=run_info)
+    health = commands.add_parser(
+        "health", parents=[connection], help="gRPC health check; exit 0 when SERVING"
+    )
+    health.add_argument("--service", default="", help="service name ('' = the server)")
+    health.set_defaults(run=run_health)
     score = commands.add_parser(
         "score", parents=[connection], help="score a LLaVA file; results as JSONL"
     )
@@ -153,6 +158,14 @@ def run_info(namespace: argparse.Namespace) -> int:
         info = client.server_info()
     print(json_format.MessageToJson(info, preserving_proto_field_name=True, indent=2))
     return 0
+
+
+def run_health(namespace: argparse.Namespace) -> int:
+    """Print the status; exit 0 when SERVING, 1 otherwise (a Docker HEALTHCHECK)."""
+    with client_from_arguments(namespace) as client:
+        status = client.health(namespace.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
 
 
 def run_score(namespace: argparse.Namespace) -> int:

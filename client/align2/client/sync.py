@@ -9,6 +9,7 @@ from types import TracebackType
 from align2.client.base import ClientBase
 from align2.client.calls import DEFAULT_HEADS, ScoreCall, ScoreChunkReply
 from align2.client.channel import open_channel, service_stub
+from align2.client.health import health_request, health_status, health_stub
 from align2.client.results import ScoreReply, ScoreResult
 from align2.client.types import Sample
 from align2.v1 import curation_pb2 as pb
@@ -83,6 +84,16 @@ class CurationClient(ClientBase):
             timeout=self._deadline(timeout),
             metadata=self._settings.metadata,
         )
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The gRPC health status of ``service`` ("" = the server): "SERVING",
+        "NOT_SERVING", ... Raises ``grpc.RpcError`` when the server cannot be reached."""
+        reply = health_stub(self._channel).Check(
+            health_request(service),
+            timeout=self._deadline(timeout),
+            metadata=self._settings.metadata,
+        )
+        return health_status(reply)
 
     def close(self) -> None:
         """Close the channel; RPCs in flight are cancelled. Idempotent."""

@@ -1,0 +1,23 @@
+"""gRPC health checks (grpc.health.v1) through the client's own channel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVICE = "align2.v1.CurationService"
+
+
+def health_stub(channel: grpc.Channel | grpc.aio.Channel) -> Any:
+    return health_pb2_grpc.HealthStub(channel)
+
+
+def health_request(service: str) -> health_pb2.HealthCheckRequest:
+    return health_pb2.HealthCheckRequest(service=service)
+
+
+def health_status(reply: health_pb2.HealthCheckResponse) -> str:
+    """The status name: SERVING, NOT_SERVING, UNKNOWN, SERVICE_UNKNOWN."""
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
