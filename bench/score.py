@@ -21,17 +21,14 @@ import io
 import json
 import os
 import pathlib
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from align2.server.testing import ServerProcess
 
 
 @dataclass
@@ -133,29 +130,15 @@ def direct(path: pathlib.Path, batch_sizes: list[int], items: int) -> dict[int, 
 
 
 # -- service --------------------------------------------------------------------------
-def start_server(path: pathlib.Path, max_batch_size: int, folder: pathlib.Path):  # type: ignore[no-untyped-def]
+def start_server(path: pathlib.Path, max_batch_size: int, folder: pathlib.Path) -> ServerProcess:
     config = folder / f"bench-{max_batch_size}.toml"
     config.write_text(
         f'[server]\nport = 0\nmetrics_port = -1\nlog_level = "WARNING"\n'
         f"[batching]\nmax_batch_size = {max_batch_size}\nmax_batch_tokens = 1000000\n"
         f'[models.question]\npath = "{path}"\n[models.answer]\npath = "{path}"\n'
     )
-    log = folder / f"server-{max_batch_size}.log"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(ROOT / p) for p in ("client", "server")))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "align2.server", "--config", str(config), "--log-level", "INFO"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        match = re.search(r"align2 serving: grpc port (\d+)", log.read_text())
-        if match:
-            return proc, f"127.0.0.1:{match.group(1)}"
-        if proc.poll() is not None:
-            raise SystemExit(f"server failed:\n{log.read_text()}")
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not start")
+    args = ["--config", str(config), "--log-level", "INFO"]
+    return ServerProcess(args, folder / f"server-{max_batch_size}.log").start()
 
 
 async def load(target: str, clients: int, per_client: int, name: str) -> Row:
@@ -180,16 +163,15 @@ async def load(target: str, clients: int, per_client: int, name: str) -> Row:
 
 
 def service(path: pathlib.Path, max_batch_size: int, runs: list[tuple[int, int]], folder):  # type: ignore[no-untyped-def]
-    proc, target = start_server(path, max_batch_size, folder)
+    server = start_server(path, max_batch_size, folder)
     rows = []
     try:
         for clients, per_client in runs:
             name = f"service, max_batch_size {max_batch_size}, {clients} clients"
-            rows.append(asyncio.run(load(target, clients, per_client, name)))
+            rows.append(asyncio.run(load(server.target, clients, per_client, name)))
             print("  " + rows[-1].line(), flush=True)
     finally:
-        proc.terminate()
-        proc.wait(timeout=120)
+        server.stop()
     return rows
 
 

@@ -4,12 +4,9 @@ an unrecoverable device error marks the server NOT_SERVING."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -19,12 +16,11 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import ServerThread, png
+from support import ServerProcess, ServerThread, png
 
 from align2.client import CurationClient, Sample, Turn
 from align2.server.config import Config, ModelConfig
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 SECRET = "zebra-violin-quartz"  # sample text that must never reach the logs
 
 
@@ -54,44 +50,14 @@ def slower_llava(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     )
 
 
-def start_process(
-    model: pathlib.Path, folder: pathlib.Path
-) -> tuple[subprocess.Popen[str], int, int, pathlib.Path]:
+def start_process(model: pathlib.Path, folder: pathlib.Path) -> ServerProcess:
     config = folder / "align2.toml"
     config.write_text(
         f"[server]\ngrace_seconds = 60\n[batching]\nmax_batch_size = 8\n"
         f'[models.question]\npath = "{model}"\n[models.answer]\npath = "{model}"\n'
     )
-    log = folder / "server.log"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(ROOT / p) for p in ("client", "server")))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "align2.server",
-            "--config",
-            str(config),
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--host",
-            "127.0.0.1",
-        ],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        match = re.search(r"align2 serving: grpc port (\d+), metrics port (\d+)", log.read_text())
-        if match:
-            return proc, int(match.group(1)), int(match.group(2)), log
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(log.read_text())
+    args = ["--config", str(config), "--port", "0", "--metrics-port", "0", "--host", "127.0.0.1"]
+    return ServerProcess(args, folder / "server.log").start()
 
 
 def queue_depth(metrics_port: int) -> float:
@@ -103,8 +69,9 @@ def queue_depth(metrics_port: int) -> float:
 def test_sigterm_drains_in_flight_work_refuses_new_calls_and_exits_zero(
     slower_llava: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
-    proc, port, metrics_port, log = start_process(slower_llava, tmp_path)
-    target = f"127.0.0.1:{port}"
+    server = start_process(slower_llava, tmp_path)
+    target, metrics_port, log = server.target, server.metrics_port, server.log
+    assert server.proc is not None and metrics_port is not None
     outcome: dict[str, Any] = {}
 
     def long_call() -> None:
@@ -121,17 +88,15 @@ def test_sigterm_drains_in_flight_work_refuses_new_calls_and_exits_zero(
         while queue_depth(metrics_port) == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert queue_depth(metrics_port) > 0, "the long call never got in flight"
-        proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         with CurationClient(target, timeout=10, retry=False) as late:
             with pytest.raises(grpc.RpcError) as info:
                 late.score(samples(1, 1))
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         worker.join(timeout=120)
-        assert proc.wait(timeout=120) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        assert server.stop() == 0
     assert "error" not in outcome, outcome.get("error")
     results = outcome["results"]
     assert len(results) == 64 and all(r.error is None for r in results)
