@@ -1,0 +1,204 @@
+"""GPU check for Score: a LLaVA-1.5-7B-shaped reward model, random bf16 weights, served
+in-process (transformers backend, dynamic batching, real gRPC over loopback), 64 concurrent
+clients. Prints samples/s and the ratio to the FLOP bound:
+    bound = measured bf16 matmul rate / (2 x parameters x tokens per sample).
+
+    python bench/gpu_score.py            # on a CUDA machine
+    python bench/gpu_score.py --tiny     # the same code path on CPU with tiny shapes
+
+The weights are random and built in device memory (nothing 14 GB is written to disk); the
+processor is the offline tiny one with LLaVA-1.5's image size (336 px -> 576 image tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import pathlib
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
+
+from align2.client import AsyncCurationClient, Sample, Turn
+from align2.server import backends
+from align2.server.backends.base import ModelDescription
+from align2.server.backends.transformers_scoring import TransformersScoring
+from align2.server.config import Config, ModelConfig
+from align2.server.models.builders import build_llava_reward
+from align2.server.testing import ServerThread
+
+VICUNA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+)
+CLIP_L_336 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
+)
+TINY_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    vocab_size=512,
+)
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=336,
+    patch_size=14,
+    projection_dim=32,
+)
+
+
+def bf16_rate(device: torch.device, size: int, repeats: int) -> float:
+    """Measured dense bf16 matmul FLOP/s on this device."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def build_backend(tiny: bool, folder: pathlib.Path, device: torch.device) -> TransformersScoring:
+    """A LLaVA-1.5-7B-shaped reward model with random weights, made directly on the device."""
+    processor_dir = build_llava_reward(folder / "processor", image_size=336, patch_size=14)
+    processor = AutoProcessor.from_pretrained(processor_dir)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = LlavaConfig(
+        text_config=LlamaConfig(**(TINY_TEXT if tiny else VICUNA_7B)),
+        vision_config=CLIPVisionConfig(**(TINY_VISION if tiny else CLIP_L_336)),
+        image_token_id=processor.tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    hidden = config.text_config.hidden_size
+    head = torch.randn(1, hidden, device=device) / hidden**0.5
+    description = ModelDescription(
+        name="rm-7b",
+        model_id="llava-1.5-7b-shaped-random",
+        revision="random",
+        backend="transformers",
+        family="llava",
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        max_length=2048,
+        image_tokens=576,
+        image_mode="pad",
+    )
+    return TransformersScoring(description, processor, model.model, head, "pad")
+
+
+def jpeg(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise((640, 480), 20 + seed).convert("RGB").save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+async def drive(target: str, clients: int, per_client: int) -> tuple[float, list[float]]:
+    images = [jpeg(i) for i in range(8)]
+    question = "What is unusual about this image? Describe the scene and explain what stands out."
+    latencies: list[float] = []
+    async with AsyncCurationClient(target, timeout=600) as client:
+        warm = Sample(id="w", image=images[0], turns=[Turn(question)])
+        await client.score([warm], heads=["question"])
+
+        async def worker(k: int) -> None:
+            for j in range(per_client):
+                sample = Sample(id=f"{k}-{j}", image=images[(k + j) % 8], turns=[Turn(question)])
+                t0 = time.perf_counter()
+                [result] = await client.score([sample], heads=["question"])
+                assert result.error is None, result.error
+                latencies.append(time.perf_counter() - t0)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(clients)))
+        return time.perf_counter() - started, latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (a dry run)")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--per-client", type=int, default=8)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    rate = bf16_rate(
+        device, 8192 if device.type == "cuda" else 1024, 50 if device.type == "cuda" else 3
+    )
+    print(f"measured matmul rate: {rate / 1e12:.1f} TFLOP/s")
+    with tempfile.TemporaryDirectory() as tmp:
+        backend = build_backend(args.tiny, pathlib.Path(tmp), device)
+        params = sum(p.numel() for p in backend._base.parameters())
+        backends.SCORING_BACKENDS["bench-7b"] = lambda name, config, path: backend
+        config = Config()
+        config.batching.max_batch_size = args.max_batch_size
+        config.batching.max_batch_tokens = 1 << 20
+        config.batching.preprocess_workers = min(16, os.cpu_count() or 2)
+        config.models = {
+            n: ModelConfig(path=tmp, backend="bench-7b") for n in ("question", "answer")
+        }
+        server = ServerThread(config).start()
+        try:
+            probe = backend.prepare(
+                "<image>\nWhat is unusual about this image? Describe the "
+                "scene and explain what stands out.",
+                Image.new("RGB", (640, 480)),
+                max_text_tokens=2048,
+                truncate=False,
+            )
+            seconds, latencies = asyncio.run(drive(server.target, args.clients, args.per_client))
+        finally:
+            server.stop()
+    samples = args.clients * args.per_client
+    throughput = samples / seconds
+    flop_per_sample = 2 * params * probe.tokens
+    bound = rate / flop_per_sample
+    print(f"model: {params / 1e9:.2f} B parameters, {probe.tokens} tokens per sample")
+    print(
+        f"served: {throughput:.2f} samples/s with {args.clients} clients "
+        f"(p50 {statistics.median(latencies) * 1000:.0f} ms)"
+    )
+    print(f"FLOP bound: {bound:.2f} samples/s -> {throughput / bound:.1%} of the bound")
+
+
+if __name__ == "__main__":
+    main()
