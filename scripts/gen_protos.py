@@ -19,12 +19,15 @@ PROTO_ROOT = ROOT / "protos"
 def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
     protos = sorted(PROTO_ROOT.glob("align2/v1/*.proto"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    plugin_dir = pathlib.Path(sys.executable).parent
+    plugin_dir = str(pathlib.Path(sys.executable).parent)
+    mypy, mypy_grpc = (
+        shutil.which(f"protoc-gen-{n}", path=plugin_dir) for n in ("mypy", "mypy_grpc")
+    )
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
-        f"--plugin=protoc-gen-mypy={shutil.which('protoc-gen-mypy', path=str(plugin_dir))}",
-        f"--plugin=protoc-gen-mypy_grpc={shutil.which('protoc-gen-mypy_grpc', path=str(plugin_dir))}",
+        f"--plugin=protoc-gen-mypy={mypy}",
+        f"--plugin=protoc-gen-mypy_grpc={mypy_grpc}",
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         f"--mypy_out={out_dir}",
@@ -34,7 +37,8 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     pkg = out_dir / "align2" / "v1"
-    (pkg / "__init__.py").write_text('"""Generated align2.v1 stubs (see protos/). Do not edit."""\n')
+    docstring = '"""Generated align2.v1 stubs (see protos/). Do not edit."""\n'
+    (pkg / "__init__.py").write_text(docstring)
     (pkg / "py.typed").write_text("")
     return sorted(p for p in pkg.iterdir() if p.is_file())
 
