@@ -41,3 +41,28 @@ def tiny_idefics3(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
         patch_size=16,
         scale_factor=2,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A tiny random Llama causal LM with a ChatML template: the inner LLM of plumbing tests
+    (its text is noise; it rarely emits EOS, so its rewrites mostly end "truncated")."""
+    from align2.server.models.builders import build_llama_causal_lm
+
+    return build_llama_causal_lm(tmp_path_factory.mktemp("models") / "tiny-llm")
+
+
+@pytest.fixture(scope="session")
+def embedded_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Where this session builds embedded models: ``ALIGN2_TEST_CACHE`` when set (reused
+    across sessions), else one session temp dir shared by every test. Builds nothing."""
+    configured = os.environ.get("ALIGN2_TEST_CACHE")
+    return pathlib.Path(configured) if configured else tmp_path_factory.mktemp("align2-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2(embedded_cache_dir: pathlib.Path) -> pathlib.Path:
+    """The embedded real SmolLM2-135M-Instruct folder (built once per cache, ~20 s)."""
+    from align2.server.models import embedded
+
+    return embedded.ensure(embedded.SMOLLM2, embedded_cache_dir)

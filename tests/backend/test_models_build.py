@@ -8,7 +8,6 @@ temporary cache, or reused from ``ALIGN2_TEST_CACHE`` when that is set.
 
 from __future__ import annotations
 
-import os
 import pathlib
 from collections.abc import Callable
 
@@ -221,10 +220,9 @@ def test_ensure_publishes_atomically(
 
 
 @pytest.fixture(scope="session")
-def embedded_cache(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    """All embedded models, built once per session (or reused from ALIGN2_TEST_CACHE)."""
-    configured = os.environ.get("ALIGN2_TEST_CACHE")
-    cache = pathlib.Path(configured) if configured else tmp_path_factory.mktemp("align2-cache")
+def embedded_cache(embedded_cache_dir: pathlib.Path) -> pathlib.Path:
+    """All embedded models, built once per session in the shared cache (conftest.py)."""
+    cache = embedded_cache_dir
     for name in embedded.EMBEDDED_NAMES:
         embedded.ensure(name, cache)
     return cache

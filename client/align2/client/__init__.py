@@ -1,9 +1,12 @@
 """align2 client: score and restyle LLaVA-format instruction data on an align2 server.
 
-    from align2.client import CurationClient, Sample, Turn, read_llava
+    from align2.client import CurationClient, Sample, Turn, read_llava, write_llava
 
     with CurationClient("localhost:50051") as client:
-        results = client.score(read_llava("data.json", image_folder="images/"))
+        samples = read_llava("data.json", image_folder="images/")
+        results = client.score(samples)
+        aligned = client.align(samples)  # the inner LLM restyles, then reviews
+        write_llava([a.sample for a in aligned if a.ok], "aligned.json")
 
 Needs only grpcio and protobuf. The gRPC-facing names are imported on first use, so that
 ``align2.client.types`` and ``align2.client.llava`` (pure Python, also used by the server
@@ -22,13 +25,19 @@ if TYPE_CHECKING:
     from align2.client.aio import AsyncCurationClient
     from align2.client.channel import RetryPolicy
     from align2.client.results import (
+        AlignCallInfo,
+        AlignedTurn,
+        AlignReply,
+        AlignResult,
         CallInfo,
         ItemError,
         ModelRef,
         ProtocolError,
         ScoreReply,
         ScoreResult,
+        TemplateRef,
         Timing,
+        TokenCounts,
     )
     from align2.client.sync import CurationClient
 
@@ -36,16 +45,26 @@ _LAZY = {
     "CurationClient": "align2.client.sync",
     "AsyncCurationClient": "align2.client.aio",
     "RetryPolicy": "align2.client.channel",
+    "AlignCallInfo": "align2.client.results",
+    "AlignedTurn": "align2.client.results",
+    "AlignReply": "align2.client.results",
+    "AlignResult": "align2.client.results",
     "CallInfo": "align2.client.results",
     "ItemError": "align2.client.results",
     "ModelRef": "align2.client.results",
     "ProtocolError": "align2.client.results",
     "ScoreReply": "align2.client.results",
     "ScoreResult": "align2.client.results",
+    "TemplateRef": "align2.client.results",
     "Timing": "align2.client.results",
+    "TokenCounts": "align2.client.results",
 }
 
 __all__ = [
+    "AlignCallInfo",
+    "AlignReply",
+    "AlignResult",
+    "AlignedTurn",
     "AsyncCurationClient",
     "CallInfo",
     "CurationClient",
@@ -57,7 +76,9 @@ __all__ = [
     "Sample",
     "ScoreReply",
     "ScoreResult",
+    "TemplateRef",
     "Timing",
+    "TokenCounts",
     "Turn",
     "iter_llava",
     "read_llava",

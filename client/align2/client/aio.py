@@ -11,10 +11,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from align2.client.base import ClientBase
-from align2.client.calls import DEFAULT_CHUNK_SIZE, DEFAULT_HEADS, ScoreCall, ScoreChunkReply
+from align2.client.calls import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_HEADS,
+    AlignCall,
+    AlignChunkReply,
+    ScoreCall,
+    ScoreChunkReply,
+)
 from align2.client.channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ChannelOptions,
@@ -24,7 +31,7 @@ from align2.client.channel import (
     service_stub,
 )
 from align2.client.health import health_request, health_status, health_stub
-from align2.client.results import ScoreReply, ScoreResult
+from align2.client.results import AlignReply, AlignResult, ScoreReply, ScoreResult
 from align2.client.types import Sample
 from align2.v1 import curation_pb2 as pb
 
@@ -127,6 +134,53 @@ class AsyncCurationClient(ClientBase):
         )
         return call.reply(parts)
 
+    async def align(
+        self,
+        samples: Sequence[Sample],
+        *,
+        parts: str = "both",
+        review: bool = True,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        template: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, seen by the server too
+        priority: str | None = None,
+    ) -> list[AlignResult]:
+        """Restyle samples with the server's inner LLM: one result per input, same order.
+        Arguments as in :meth:`align2.client.CurationClient.align`."""
+        reply = await self.align_with_info(
+            samples,
+            parts=parts,
+            review=review,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            template=template,
+            timeout=timeout,
+            priority=priority,
+        )
+        return reply.results
+
+    async def align_with_info(
+        self,
+        samples: Sequence[Sample],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, seen by the server too
+        priority: str | None = None,
+        **options: Any,
+    ) -> AlignReply:
+        """Like :meth:`align` (same keyword arguments), with the model, template set, token
+        counts and timing of the RPCs."""
+        call = AlignCall.plan(samples, chunk_size=self._chunk_size, priority=priority, **options)
+        deadline = self._deadline(timeout)
+        parts = await gather_bounded(
+            len(call.chunks), lambda i: self._align_chunk(call, i, deadline), self._max_concurrency
+        )
+        return call.reply(parts)
+
     async def server_info(
         self,
         *,
@@ -175,6 +229,17 @@ class AsyncCurationClient(ClientBase):
         response = None
         if chunk.request is not None:
             response = await self._stub.Score(
+                chunk.request, timeout=deadline, metadata=self._settings.metadata
+            )
+        return call.decode(chunk, response)
+
+    async def _align_chunk(
+        self, call: AlignCall, index: int, deadline: float | None
+    ) -> AlignChunkReply:
+        chunk = await asyncio.to_thread(call.encode, index)
+        response = None
+        if chunk.request is not None:
+            response = await self._stub.Align(
                 chunk.request, timeout=deadline, metadata=self._settings.metadata
             )
         return call.decode(chunk, response)

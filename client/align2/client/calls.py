@@ -3,8 +3,8 @@
 A client call is planned once (arguments validated before any I/O), split into chunks of at
 most ``chunk_size`` samples (one RPC each), and each chunk is encoded, sent and decoded on
 its own; only the sending differs between :mod:`align2.client.sync` and
-:mod:`align2.client.aio`. Adding another unary RPC (Align) means another plan class here and
-one small method per client.
+:mod:`align2.client.aio`. Each unary RPC (Score, Align) is one plan class here and one small
+method per client.
 
 An image that can't be read becomes a per-item error of that sample, which is then not sent:
 one missing file must not fail its chunk-mates (the same rule the server follows).
@@ -14,12 +14,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
-from align2.client.convert import call_info_from_proto, sample_to_proto, score_result_from_proto
-from align2.client.results import CallInfo, ItemError, ProtocolError, ScoreReply, ScoreResult
+from align2.client.convert import (
+    align_call_info_from_proto,
+    align_result_from_proto,
+    call_info_from_proto,
+    sample_to_proto,
+    score_result_from_proto,
+)
+from align2.client.results import (
+    AlignCallInfo,
+    AlignReply,
+    AlignResult,
+    CallInfo,
+    ItemError,
+    ProtocolError,
+    ScoreReply,
+    ScoreResult,
+)
 from align2.client.types import Sample
 from align2.v1 import curation_pb2 as pb
 
@@ -200,3 +215,118 @@ class ScoreCall:
 
 def _score_failed(sample_id: str, error: ItemError) -> ScoreResult:
     return ScoreResult(id=sample_id, error=error)
+
+
+# ---------------------------------------------------------------------------------------
+# Align
+
+PARTS: Mapping[str, pb.RewriteParts.ValueType] = {
+    "questions": pb.REWRITE_PARTS_QUESTIONS,
+    "answers": pb.REWRITE_PARTS_ANSWERS,
+    "both": pb.REWRITE_PARTS_BOTH,
+}
+
+
+def align_options(
+    *,
+    parts: str = "both",
+    review: bool = True,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    template: str | None = None,
+) -> pb.AlignOptions:
+    """Validated Align options; None leaves a setting to the server. ValueError names the
+    argument and its valid values."""
+    if parts not in PARTS:
+        raise ValueError(f"parts: unknown {parts!r}; valid are {sorted(PARTS)}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: {max_new_tokens} is not positive")
+    if temperature is not None and not temperature >= 0:
+        raise ValueError(f"temperature: {temperature} is not >= 0 (0 is greedy)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p: {top_p} is not in (0, 1]")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ValueError(f"seed: {seed} is not in 0..2**64-1")
+    return pb.AlignOptions(
+        parts=PARTS[parts],
+        review=review,
+        decoding=pb.DecodingOptions(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        ),
+        template=template or "",
+    )
+
+
+@dataclass(frozen=True)
+class AlignChunk:
+    samples: Sequence[Sample]  # the chunk as given (to rebuild each kept sample)
+    encoded: EncodedChunk
+    request: pb.AlignRequest | None  # None: nothing to send (every sample failed locally)
+
+
+@dataclass(frozen=True)
+class AlignChunkReply:
+    results: list[AlignResult]
+    info: AlignCallInfo | None  # None when no RPC was made
+
+
+@dataclass(frozen=True)
+class AlignCall:
+    """One ``align`` call, planned: validated options and the chunks to send."""
+
+    chunks: list[Sequence[Sample]]
+    options: pb.AlignOptions
+    priority: pb.Priority.ValueType
+
+    @classmethod
+    def plan(
+        cls,
+        samples: Sequence[Sample],
+        *,
+        chunk_size: int,
+        priority: str | None = None,
+        **options: Any,
+    ) -> AlignCall:
+        """Validate everything (``options`` as :func:`align_options`) before any I/O."""
+        return cls(
+            chunks=split_chunks(samples, chunk_size),
+            options=align_options(**options),
+            priority=parse_priority(priority),
+        )
+
+    def encode(self, index: int) -> AlignChunk:
+        """Chunk ``index`` as a request. Reads its images (blocking file I/O)."""
+        samples = self.chunks[index]
+        encoded = encode_chunk(samples)
+        request = None
+        if encoded.sent:
+            request = pb.AlignRequest(
+                samples=encoded.sent, options=self.options, priority=self.priority
+            )
+        return AlignChunk(samples, encoded, request)
+
+    @staticmethod
+    def decode(chunk: AlignChunk, response: pb.AlignResponse | None) -> AlignChunkReply:
+        """One result per input sample of the chunk, same order (ProtocolError otherwise)."""
+        messages = [] if response is None else list(response.results)
+        merged = merge_results(
+            chunk.encoded, messages, [m.id for m in messages], lambda _, error: error
+        )
+        results = [
+            AlignResult(id=sample.id, error=item)
+            if isinstance(item, ItemError)
+            else align_result_from_proto(item, sample)
+            for sample, item in zip(chunk.samples, merged, strict=True)
+        ]
+        info = None if response is None else align_call_info_from_proto(response)
+        return AlignChunkReply(results, info)
+
+    @staticmethod
+    def reply(parts: Sequence[AlignChunkReply]) -> AlignReply:
+        """Chunk replies (in chunk order) -> one reply, results concatenated in input order."""
+        return AlignReply(
+            results=[result for part in parts for result in part.results],
+            calls=tuple(part.info for part in parts if part.info is not None),
+        )

@@ -1,8 +1,9 @@
 """The ``align2`` command.
 
-Client subcommands (``info``, ``score``) need only the light client. Server subcommands
-(``serve``, ``build-models``, ``train-heads``) are forwarded to ``align2.server.cli.main``,
-which is imported only when one of them runs: the client command never imports server code.
+Client subcommands (``info``, ``health``, ``score``, ``align``) need only the light client.
+Server subcommands (``serve``, ``build-models``, ``train-heads``) are forwarded to
+``align2.server.cli.main``, which is imported only when one of them runs: the client
+command never imports server code.
 
 Exit status: 0 done (per-item errors are data, written to the output), 1 an RPC failed,
 2 bad usage or input.
@@ -22,9 +23,17 @@ from typing import IO, Any
 import grpc
 from google.protobuf import json_format
 
-from align2.client.calls import DEFAULT_CHUNK_SIZE, HEADS, PRIORITIES, parse_heads, split_chunks
-from align2.client.llava import read_llava
+from align2.client.calls import (
+    DEFAULT_CHUNK_SIZE,
+    HEADS,
+    PARTS,
+    PRIORITIES,
+    parse_heads,
+    split_chunks,
+)
+from align2.client.llava import read_llava, write_llava
 from align2.client.sync import CurationClient
+from align2.client.types import Sample
 
 SERVER_COMMANDS: dict[str, str] = {
     "serve": "run the align2 server (server extras)",
@@ -91,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _score_arguments(score)
     score.set_defaults(run=run_score)
+    align = commands.add_parser(
+        "align",
+        parents=[connection],
+        help="restyle a LLaVA file with the server's inner LLM; write the kept samples",
+    )
+    _align_arguments(align)
+    align.set_defaults(run=run_align)
     for name, summary in SERVER_COMMANDS.items():
         # Listed for --help only: main() forwards these before parsing.
         commands.add_parser(name, help=summary, add_help=False)
@@ -126,6 +142,28 @@ def _score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--priority", choices=sorted(PRIORITIES), default=None)
     parser.add_argument("--question-model", default=None)
     parser.add_argument("--answer-model", default=None)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _align_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="LLaVA JSON list or JSONL")
+    parser.add_argument("--image-folder", default=None, help="folder of the records' images")
+    parser.add_argument("--task", default=None, help="task type (default: record, file name)")
+    parser.add_argument(
+        "--out", required=True, help="LLaVA file (.json or .jsonl) of the samples as kept"
+    )
+    parser.add_argument(
+        "--report", default=None, help="JSONL of every turn: original, rewrite, verdict"
+    )
+    parser.add_argument("--parts", choices=sorted(PARTS), default="both")
+    parser.add_argument("--no-review", action="store_true", help="keep rewrites unreviewed")
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--template", default=None, help="template set (server default)")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--priority", choices=sorted(PRIORITIES), default=None)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -191,6 +229,40 @@ def run_score(namespace: argparse.Namespace) -> int:
             out.flush()
             advance(len(chunk))
     print(f"align2 score: {len(samples)} samples, {failed} item errors", file=sys.stderr)
+    return 0
+
+
+def run_align(namespace: argparse.Namespace) -> int:
+    """Write the samples as kept to ``--out`` (LLaVA); samples that failed are left out
+    (counted on stderr, and with their errors in ``--report`` when given)."""
+    samples = read_llava(namespace.file, image_folder=namespace.image_folder, task=namespace.task)
+    options = {
+        "parts": namespace.parts,
+        "review": not namespace.no_review,
+        "max_new_tokens": namespace.max_new_tokens,
+        "temperature": namespace.temperature,
+        "top_p": namespace.top_p,
+        "seed": namespace.seed,
+        "template": namespace.template,
+        "priority": namespace.priority,
+    }
+    kept: list[Sample] = []
+    report_to = _output(namespace.report) if namespace.report else contextlib.nullcontext(None)
+    with (
+        client_from_arguments(namespace) as client,
+        report_to as report,
+        _progress(len(samples), enabled=not namespace.no_progress) as advance,
+    ):
+        for chunk in split_chunks(samples, namespace.chunk_size):
+            for result in client.align(chunk, **options):
+                if result.sample is not None:
+                    kept.append(result.sample)
+                if report is not None:
+                    report.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+            advance(len(chunk))
+    write_llava(kept, namespace.out)
+    failed = len(samples) - len(kept)
+    print(f"align2 align: {len(samples)} samples, {failed} item errors", file=sys.stderr)
     return 0
 
 

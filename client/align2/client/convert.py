@@ -7,9 +7,23 @@ effects beyond building constant lookup tables.
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 
-from align2.client.results import CallInfo, ItemError, ModelRef, ScoreResult, Timing
+from align2.client.results import (
+    AlignCallInfo,
+    AlignedTurn,
+    AlignResult,
+    CallInfo,
+    ItemError,
+    ModelRef,
+    ProtocolError,
+    ScoreResult,
+    TemplateRef,
+    Timing,
+    TokenCounts,
+)
 from align2.client.types import ImageMarker, Sample, Turn
 from align2.v1 import curation_pb2 as pb
 
@@ -41,10 +55,14 @@ def sample_to_proto(sample: Sample) -> pb.Sample:
     return pb.Sample(
         id=sample.id,
         image=sample.image_bytes(),
-        turns=[pb.Turn(question=t.question, answer=t.answer) for t in sample.turns],
+        turns=[turn_to_proto(t) for t in sample.turns],
         task=sample.task,
         image_marker=image_marker_to_proto(sample.image_marker),
     )
+
+
+def turn_to_proto(turn: Turn) -> pb.Turn:
+    return pb.Turn(question=turn.question, answer=turn.answer)
 
 
 def sample_from_proto(message: pb.Sample) -> Sample:
@@ -52,7 +70,7 @@ def sample_from_proto(message: pb.Sample) -> Sample:
     return Sample(
         id=message.id,
         image=bytes(message.image),
-        turns=[Turn(question=t.question, answer=t.answer) for t in message.turns],
+        turns=[turn_from_proto(t) for t in message.turns],
         task=message.task,
         image_marker=image_marker_from_proto(message.image_marker),
     )
@@ -106,5 +124,55 @@ def call_info_from_proto(response: pb.ScoreResponse) -> CallInfo:
         question_model=question_model,
         answer_model=answer_model,
         template_version=response.template_version,
+        timing=timing_from_proto(response.timing),
+    )
+
+
+_KEPT_NAMES: dict[int, str] = {pb.KEPT_ORIGINAL: "original", pb.KEPT_REWRITE: "rewrite"}
+
+
+def turn_from_proto(message: pb.Turn) -> Turn:
+    return Turn(question=message.question, answer=message.answer)
+
+
+def aligned_turn_from_proto(message: pb.AlignedTurn) -> AlignedTurn:
+    """An unknown ``kept`` (a newer server) reads as "original": never use a rewrite the
+    server did not say it kept."""
+    return AlignedTurn(
+        original=turn_from_proto(message.original),
+        rewrite=turn_from_proto(message.rewrite),
+        kept=_KEPT_NAMES.get(message.kept, "original"),
+        reason=message.reason,
+        margin=message.margin if message.HasField("margin") else None,
+    )
+
+
+def align_result_from_proto(message: pb.AlignResult, original: Sample) -> AlignResult:
+    """The result for ``original`` (the sample as the caller sent it), with ``sample``
+    rebuilt from it and the kept turns. ProtocolError when the turn count differs."""
+    if message.HasField("error"):
+        return AlignResult(id=message.id, error=item_error_from_proto(message.error))
+    turns = tuple(aligned_turn_from_proto(t) for t in message.turns)
+    if len(turns) != len(original.turns):
+        raise ProtocolError(
+            f"sample {message.id!r}: {len(turns)} aligned turns for {len(original.turns)}"
+        )
+    kept = dataclasses.replace(original, turns=[t.turn for t in turns])
+    return AlignResult(id=message.id, turns=turns, sample=kept)
+
+
+def align_call_info_from_proto(response: pb.AlignResponse) -> AlignCallInfo:
+    model = model_ref_from_proto(response.model) if response.HasField("model") else None
+    template = None
+    if response.HasField("template"):
+        template = TemplateRef(name=response.template.name, sha256=response.template.sha256)
+    return AlignCallInfo(
+        size=len(response.results),
+        model=model,
+        template=template,
+        tokens=TokenCounts(
+            prompt_tokens=response.tokens.prompt_tokens,
+            generated_tokens=response.tokens.generated_tokens,
+        ),
         timing=timing_from_proto(response.timing),
     )

@@ -13,6 +13,8 @@ from typing import Any
 
 import grpc
 
+from align2.client.types import Sample, Turn
+
 
 class ProtocolError(RuntimeError):
     """The server broke the contract (e.g. not one result per sample, in request order)."""
@@ -25,6 +27,13 @@ class ItemError:
 
     code: grpc.StatusCode
     message: str
+
+
+def _error_dict(error: ItemError | None) -> dict[str, str] | None:
+    """JSON-ready: the code by name (``"INVALID_ARGUMENT"``), None when absent."""
+    if error is None:
+        return None
+    return {"code": error.code.name, "message": error.message}
 
 
 @dataclass(frozen=True)
@@ -51,9 +60,6 @@ class ScoreResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the error code by name (``"INVALID_ARGUMENT"``), None when absent."""
-        error = None
-        if self.error is not None:
-            error = {"code": self.error.code.name, "message": self.error.message}
         return {
             "id": self.id,
             "question_score": self.question_score,
@@ -61,7 +67,7 @@ class ScoreResult:
             "answer_score": self.answer_score,
             "question_truncated": self.question_truncated,
             "answer_truncated": list(self.answer_truncated),
-            "error": error,
+            "error": _error_dict(self.error),
         }
 
 
@@ -127,4 +133,127 @@ class ScoreReply:
     @property
     def timing(self) -> Timing:
         """Summed over calls: the server time spent on this reply, not its wall time."""
+        return sum((c.timing for c in self.calls), Timing())
+
+
+# ---------------------------------------------------------------------------------------
+# Align
+
+
+@dataclass(frozen=True)
+class AlignedTurn:
+    """One turn after Align: the original as sent, the LLM's rewrite, which one was kept
+    and why.
+
+    ``kept`` is "original" or "rewrite". ``reason`` is "review" (the review decided; see
+    ``margin``), "unreviewed" (review off, rewrite kept), "unchanged" (the rewrite equals
+    the original), or the guard that rejected the rewrite: "image_marker", "truncated",
+    "empty", "numbers_changed", "entities_changed". ``margin``, set when the review ran, is
+    the mean over both presentation orders of P(rewrite) - P(original), in [-1, 1]; the
+    rewrite is kept iff it is positive.
+    """
+
+    original: Turn
+    rewrite: Turn
+    kept: str
+    reason: str
+    margin: float | None = None
+
+    @property
+    def turn(self) -> Turn:
+        """The turn that was kept."""
+        return self.rewrite if self.kept == "rewrite" else self.original
+
+
+@dataclass(frozen=True)
+class AlignResult:
+    """One sample after Align.
+
+    ``turns``: one per turn of the sample, in order. ``sample``: the input sample with each
+    turn replaced by the one kept (image, marker placement, task and extra keys as they
+    were), ready for ``write_llava``. When ``error`` is set the sample was not aligned:
+    ``turns`` is empty and ``sample`` is None.
+    """
+
+    id: str
+    turns: tuple[AlignedTurn, ...] = ()
+    sample: Sample | None = None
+    error: ItemError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, like :meth:`ScoreResult.to_dict`."""
+        turns = [
+            {
+                "original": {"question": t.original.question, "answer": t.original.answer},
+                "rewrite": {"question": t.rewrite.question, "answer": t.rewrite.answer},
+                "kept": t.kept,
+                "reason": t.reason,
+                "margin": t.margin,
+            }
+            for t in self.turns
+        ]
+        return {"id": self.id, "turns": turns, "error": _error_dict(self.error)}
+
+
+@dataclass(frozen=True)
+class TemplateRef:
+    """A prompt template set: its name and the sha256 of its files."""
+
+    name: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+    def __add__(self, other: TokenCounts) -> TokenCounts:
+        return TokenCounts(
+            self.prompt_tokens + other.prompt_tokens,
+            self.generated_tokens + other.generated_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class AlignCallInfo:
+    """Metadata of one Align RPC (one chunk of samples); ``size`` is the samples it carried."""
+
+    size: int
+    model: ModelRef | None
+    template: TemplateRef | None
+    tokens: TokenCounts
+    timing: Timing
+
+
+@dataclass(frozen=True)
+class AlignReply:
+    """The results of one ``align`` call and the metadata of the RPCs that carried them.
+
+    ``results``: one per input sample, same order. ``calls``: one entry per RPC (chunk), in
+    input order; ``model`` and ``template`` are the first call's, ``tokens`` and ``timing``
+    are summed over calls.
+    """
+
+    results: list[AlignResult]
+    calls: Sequence[AlignCallInfo] = ()
+
+    @property
+    def model(self) -> ModelRef | None:
+        return next((c.model for c in self.calls if c.model), None)
+
+    @property
+    def template(self) -> TemplateRef | None:
+        return next((c.template for c in self.calls if c.template), None)
+
+    @property
+    def tokens(self) -> TokenCounts:
+        return sum((c.tokens for c in self.calls), TokenCounts())
+
+    @property
+    def timing(self) -> Timing:
         return sum((c.timing for c in self.calls), Timing())

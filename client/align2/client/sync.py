@@ -5,12 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from types import TracebackType
+from typing import Any
 
 from align2.client.base import ClientBase
-from align2.client.calls import DEFAULT_HEADS, ScoreCall, ScoreChunkReply
+from align2.client.calls import (
+    DEFAULT_HEADS,
+    AlignCall,
+    AlignChunkReply,
+    ScoreCall,
+    ScoreChunkReply,
+)
 from align2.client.channel import open_channel, service_stub
 from align2.client.health import health_request, health_status, health_stub
-from align2.client.results import ScoreReply, ScoreResult
+from align2.client.results import AlignReply, AlignResult, ScoreReply, ScoreResult
 from align2.client.types import Sample
 from align2.v1 import curation_pb2 as pb
 
@@ -77,6 +84,57 @@ class CurationClient(ClientBase):
         deadline = self._deadline(timeout)
         return call.reply([self._score_chunk(call, i, deadline) for i in range(len(call.chunks))])
 
+    def align(
+        self,
+        samples: Sequence[Sample],
+        *,
+        parts: str = "both",
+        review: bool = True,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        template: str | None = None,
+        timeout: float | None = None,
+        priority: str | None = None,
+    ) -> list[AlignResult]:
+        """Restyle samples with the server's inner LLM: one result per input, same order.
+
+        Each turn's ``parts`` ("questions", "answers" or "both") are rewritten, checked by
+        the guards, then (``review``) the LLM reviews original against rewrite and one is
+        kept; ``result.sample`` is the sample as kept. Decoding settings left None take the
+        server's defaults (temperature 0 is greedy; ``seed`` makes sampling repeatable).
+        ``template``: a template set of the server (None: its default). ``timeout`` and
+        ``priority`` as in :meth:`score`. ValueError for a bad argument, before any I/O;
+        ``grpc.RpcError`` when an RPC fails as a whole.
+        """
+        return self.align_with_info(
+            samples,
+            parts=parts,
+            review=review,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            template=template,
+            timeout=timeout,
+            priority=priority,
+        ).results
+
+    def align_with_info(
+        self,
+        samples: Sequence[Sample],
+        *,
+        timeout: float | None = None,
+        priority: str | None = None,
+        **options: Any,
+    ) -> AlignReply:
+        """Like :meth:`align` (same keyword arguments), with the model, template set, token
+        counts and timing of the RPCs."""
+        call = AlignCall.plan(samples, chunk_size=self._chunk_size, priority=priority, **options)
+        deadline = self._deadline(timeout)
+        return call.reply([self._align_chunk(call, i, deadline) for i in range(len(call.chunks))])
+
     def server_info(self, *, timeout: float | None = None) -> pb.ServerInfo:
         """What the server runs: models, versions, limits and batching settings."""
         return self._stub.GetServerInfo(
@@ -115,6 +173,15 @@ class CurationClient(ClientBase):
         response = None
         if chunk.request is not None:
             response = self._stub.Score(
+                chunk.request, timeout=timeout, metadata=self._settings.metadata
+            )
+        return call.decode(chunk, response)
+
+    def _align_chunk(self, call: AlignCall, index: int, timeout: float | None) -> AlignChunkReply:
+        chunk = call.encode(index)
+        response = None
+        if chunk.request is not None:
+            response = self._stub.Align(
                 chunk.request, timeout=timeout, metadata=self._settings.metadata
             )
         return call.decode(chunk, response)

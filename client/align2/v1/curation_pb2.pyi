@@ -571,8 +571,10 @@ class AlignedTurn(_message.Message):
     MARGIN_FIELD_NUMBER: _builtins.int
     kept: Global___Kept.ValueType
     reason: _builtins.str
-    """Why: "review" (the verdict decided; see margin) or the name of the guard that fired
-    (e.g. "truncated", "empty", "numbers_changed", "entities_changed", "image_marker").
+    """Why: "review" (the verdict decided; see margin), "unreviewed" (review off: the rewrite
+    is kept), "unchanged" (the rewrite equals the original, which is kept), or the name of
+    the guard that fired, the original then kept ("image_marker", "truncated", "empty",
+    "numbers_changed", "entities_changed").
     """
     margin: _builtins.float
     """Review margin: mean over presentation orders of P(rewrite) - P(original), in [-1, 1]."""
@@ -689,7 +691,11 @@ class AlignResponse(_message.Message):
     @_builtins.property
     def tokens(self) -> Global___TokenCounts: ...
     @_builtins.property
-    def timing(self) -> Global___Timing: ...
+    def timing(self) -> Global___Timing:
+        """Compute: wall time during which the LLM worked on this call's requests (overlapping
+        requests counted once). Queue: the rest of the call's time (rewrites, then reviews).
+        """
+
     def __init__(
         self,
         *,
@@ -902,6 +908,8 @@ class Limits(_message.Message):
     MAX_QUEUE_ITEMS_FIELD_NUMBER: _builtins.int
     MAX_STREAMS_FIELD_NUMBER: _builtins.int
     MAX_STREAM_INFLIGHT_FIELD_NUMBER: _builtins.int
+    MAX_LLM_INFLIGHT_FIELD_NUMBER: _builtins.int
+    MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
     max_samples_per_call: _builtins.int
     max_message_bytes: _builtins.int
     max_image_bytes: _builtins.int
@@ -913,6 +921,10 @@ class Limits(_message.Message):
     max_queue_items: _builtins.int
     max_streams: _builtins.int
     max_stream_inflight: _builtins.int
+    max_llm_inflight: _builtins.int
+    """Align: LLM requests admitted at once (align.max_inflight_items)"""
+    max_new_tokens: _builtins.int
+    """Align: largest DecodingOptions.max_new_tokens accepted"""
     def __init__(
         self,
         *,
@@ -926,10 +938,12 @@ class Limits(_message.Message):
         max_queue_items: _builtins.int = ...,
         max_streams: _builtins.int = ...,
         max_stream_inflight: _builtins.int = ...,
+        max_llm_inflight: _builtins.int = ...,
+        max_new_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_message_bytes", b"max_message_bytes", "max_queue_items", b"max_queue_items", "max_samples_per_call", b"max_samples_per_call", "max_stream_inflight", b"max_stream_inflight", "max_streams", b"max_streams", "max_text_tokens", b"max_text_tokens", "max_turns", b"max_turns", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_llm_inflight", b"max_llm_inflight", "max_message_bytes", b"max_message_bytes", "max_new_tokens", b"max_new_tokens", "max_queue_items", b"max_queue_items", "max_samples_per_call", b"max_samples_per_call", "max_stream_inflight", b"max_stream_inflight", "max_streams", b"max_streams", "max_text_tokens", b"max_text_tokens", "max_turns", b"max_turns", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

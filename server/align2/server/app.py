@@ -1,8 +1,8 @@
 """One align2 server: explicit lifecycle.
 
 construct -> start(): bind the gRPC port (health NOT_SERVING), load the models, warm up
-through the full Score path, then SERVING -> stop(): health NOT_SERVING, refuse new calls,
-let in-flight calls finish within the grace period, close batchers and backends.
+through the full Score and Align paths, then SERVING -> stop(): health NOT_SERVING, refuse
+new calls, let in-flight calls finish within the grace period, close batchers and backends.
 """
 
 from __future__ import annotations
@@ -21,11 +21,16 @@ from PIL import Image
 
 from align2.client.types import Sample, Turn
 from align2.server import backends, metrics
-from align2.server.backends.base import ModelDescription, ScoringBackend
+from align2.server.backends.base import GenerationBackend, ModelDescription, ScoringBackend
 from align2.server.config import Config, ModelConfig
+from align2.server.core.align_types import AlignCall, DecodingOptions
+from align2.server.core.alignment import Aligner
 from align2.server.core.lifecycle import Lifecycle, Phase
+from align2.server.core.llm import GenerationRuntime
+from align2.server.core.prompts import TemplateLibrary
 from align2.server.core.runtime import ScoringRuntime
 from align2.server.core.scoring import ScoreCall, Scorer
+from align2.server.errors import ConfigError
 from align2.server.models import embedded
 from align2.server.transport import convert
 from align2.server.transport.interceptors import StatusInterceptor
@@ -67,6 +72,13 @@ class App:
             if config.score.enabled
             else None
         )
+        self._llms: dict[str, GenerationRuntime] = {}  # the inner LLM, by config name
+        self._templates = TemplateLibrary() if config.align_enabled else None
+        self._aligner = (
+            Aligner(self._llms, self._templates, config.align, config.limits, self._pool)
+            if self._templates is not None
+            else None
+        )
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
 
@@ -74,6 +86,7 @@ class App:
     async def start(self) -> None:
         for name in self._scoring_model_names():
             backends.check_backend(name, self.config.models[name])
+        self._check_align()
         await self._bind()
         try:
             await self._load_models()
@@ -100,7 +113,7 @@ class App:
                 ("grpc.max_send_message_length", size),
             ],
         )
-        servicer = CurationServicer(self.lifecycle, self._scorer, self.server_info)
+        servicer = CurationServicer(self.lifecycle, self._scorer, self.server_info, self._aligner)
         pb_grpc.add_CurationServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -136,6 +149,34 @@ class App:
                 loaded[key] = runtime
             self._runtimes[name] = loaded[key]
             self._record_model(name, loaded[key].description, model)
+        if self._aligner is not None:
+            await self._load_llm(self.config.align.model)
+
+    def _check_align(self) -> None:
+        """Before binding: the inner LLM's backend and the default template set exist."""
+        if self._templates is None:
+            return
+        align = self.config.align
+        backends.check_backend(
+            align.model, self.config.models[align.model], backends.GENERATION_BACKENDS
+        )
+        if align.template not in self._templates.names:
+            raise ConfigError(
+                f"align.template: unknown template set {align.template!r}; available: "
+                f"{', '.join(self._templates.names)}"
+            )
+
+    async def _load_llm(self, name: str) -> None:
+        model = self.config.models[name]
+        path = await asyncio.to_thread(embedded.resolve, model.path, self.config.cache_path)
+        log.info("loading inner LLM %s from %s (%s)", name, path, model.backend)
+        backend = await asyncio.to_thread(backends.load_generation, name, model, path)
+        runtime = GenerationRuntime(
+            backend, self.config.batching, self.config.align.max_inflight_items, self._on_fatal
+        )
+        runtime.start()
+        self._llms[name] = runtime
+        self._record_model(name, backend.description, model)
 
     def _record_model(self, name: str, description: ModelDescription, model: ModelConfig) -> None:
         metrics.MODEL_INFO.labels(
@@ -148,20 +189,14 @@ class App:
 
     def _role(self, name: str) -> str:
         score = self.config.score
-        roles = [
-            r
-            for r, n in (
-                ("question_reward", score.question_model),
-                ("answer_reward", score.answer_model),
-            )
-            if n == name
-        ]
-        return "+".join(roles)
+        pairs = [("question_reward", score.question_model), ("answer_reward", score.answer_model)]
+        if self._aligner is not None:
+            pairs.append(("inner_llm", self.config.align.model))
+        return "+".join(role for role, n in pairs if n == name)
 
     async def _warm_up(self) -> None:
-        """Score a synthetic sample with both heads through the full path; raise on error."""
-        if self._scorer is None:
-            return
+        """Score a synthetic sample with both heads, and align it (rewrite both parts, then
+        review when the rewrites pass the guards), through the full paths; raise on error."""
         image = io.BytesIO()
         Image.new("RGB", (64, 48), (120, 130, 140)).save(image, format="PNG")
         sample = Sample(
@@ -169,10 +204,18 @@ class App:
             image=image.getvalue(),
             turns=[Turn("What is shown in the image?", "A plain grey rectangle.")],
         )
-        outcome = await self._scorer.score(ScoreCall(samples=[sample]))
-        error = outcome.results[0].error
-        if error is not None:
-            raise RuntimeError(f"warm-up failed: {error.message}")
+        errors = []
+        if self._scorer is not None:
+            scored = await self._scorer.score(ScoreCall(samples=[sample]))
+            errors.append(scored.results[0].error)
+        if self._aligner is not None:
+            # Enough for a short rewrite, so that the review runs too.
+            short = DecodingOptions(max_new_tokens=min(16, self.config.align.max_new_tokens_limit))
+            aligned = await self._aligner.align(AlignCall(samples=[sample], decoding=short))
+            errors.append(aligned.results[0].error)
+        for error in errors:
+            if error is not None:
+                raise RuntimeError(f"warm-up failed: {error.message}")
 
     # -- run -----------------------------------------------------------------------------
     def server_info(self) -> pb.ServerInfo:
@@ -180,12 +223,22 @@ class App:
             (dataclasses.replace(rt.description, name=name), self._role(name))
             for name, rt in sorted(self._runtimes.items())
         ]
-        services = ["Score"] if self._scorer is not None else []
-        return convert.server_info_to_proto(self.config, models, services, version())
+        models += [
+            (dataclasses.replace(rt.description, name=name), self._role(name))
+            for name, rt in sorted(self._llms.items())
+        ]
+        enabled = (("Score", self._scorer), ("Align", self._aligner))
+        services = [service for service, core in enabled if core is not None]
+        templates = [(t.name, t.sha256) for t in self._templates or ()]
+        return convert.server_info_to_proto(self.config, models, services, version(), templates)
 
     def scoring_backend(self, name: str) -> ScoringBackend:
         """The loaded backend for a model name (for in-process tools and benchmarks)."""
         return self._runtimes[name].backend
+
+    def generation_backend(self, name: str) -> GenerationBackend:
+        """The loaded inner LLM for a model name (for in-process tools and benchmarks)."""
+        return self._llms[name].backend
 
     def _on_fatal(self, exc: BaseException) -> None:
         log.critical("unrecoverable backend error, marking NOT_SERVING: %s", exc)
@@ -211,6 +264,8 @@ class App:
             await self._server.stop(grace)
         for runtime in {id(rt): rt for rt in self._runtimes.values()}.values():
             await runtime.close()
+        for llm in self._llms.values():
+            await llm.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.lifecycle.phase is not Phase.FAILED:
             self.lifecycle.phase = Phase.STOPPED

@@ -107,6 +107,44 @@ class ScoreConfig:
 
 
 @dataclass
+class DecodingConfig:
+    """Default decoding of the inner LLM's rewrites; an Align call may override each field."""
+
+    max_new_tokens: int = 256
+    """Most tokens one rewrite may generate; a rewrite cut there is rejected (guard
+    ``truncated``)."""
+    temperature: float = 0.0
+    """0: greedy (deterministic). Above 0: sampling, seeded by ``seed``."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the most likely tokens up to this probability mass."""
+    seed: int = 0
+    """Seed of sampling: the same seed and inputs give the same rewrite."""
+
+
+@dataclass
+class AlignConfig:
+    """The Align RPC: the inner LLM rewrites each turn, then reviews original vs rewrite."""
+
+    enabled: bool | None = None
+    """true | false; unset: on when [models] has ``model`` (the defaults do), so a config
+    whose [models] lists only reward models serves Score alone."""
+    model: str = "llm"
+    """Name (in [models]) of the inner LLM."""
+    template: str = "default-v1"
+    """Default prompt template set: a folder of align2/server/templates/align/."""
+    review: bool = True
+    """Review each rewrite against its original by default (calls may switch it off)."""
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    max_new_tokens_limit: int = 1024
+    """Largest max_new_tokens a call may ask for."""
+    max_inflight_items: int = 4096
+    """LLM requests (one rewrite or one review choice each) admitted and not finished;
+    beyond: RESOURCE_EXHAUSTED. A call claims up to 4 per turn at once (2 rewrites, 2
+    review choices), so one full call of 64 ten-turn samples fits. Also bounds the batcher
+    queue of a transformers LLM."""
+
+
+@dataclass
 class ServerSection:
     host: str = "[::]"
     port: int = 50051
@@ -150,6 +188,7 @@ def _default_models() -> dict[str, ModelConfig]:
     return {
         "question": ModelConfig(path="embedded:reward-question"),
         "answer": ModelConfig(path="embedded:reward-answer"),
+        "llm": ModelConfig(path="embedded:smollm2-135m-instruct"),
     }
 
 
@@ -159,12 +198,20 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     models: dict[str, ModelConfig] = field(default_factory=_default_models)
 
     @property
     def cache_path(self) -> pathlib.Path:
         return pathlib.Path(self.server.cache_dir).expanduser()
+
+    @property
+    def align_enabled(self) -> bool:
+        """``align.enabled``, or when unset: whether [models] has ``align.model``."""
+        if self.align.enabled is None:
+            return self.align.model in self.models
+        return self.align.enabled
 
     def validate(self) -> Config:
         """Cross-field checks; raises ConfigError naming the key."""
@@ -176,6 +223,7 @@ class Config:
                         f"score.{key}: unknown model {name!r}; [models] has "
                         f"{', '.join(sorted(self.models)) or 'none'}"
                     )
+        self._validate_align()
         positive = {
             "limits.max_samples_per_call": self.limits.max_samples_per_call,
             "batching.max_batch_size": self.batching.max_batch_size,
@@ -191,6 +239,38 @@ class Config:
         if security.tls_client_ca_file and not security.tls:
             raise ConfigError("security.tls_client_ca_file needs tls_cert_file and tls_key_file")
         return self
+
+    def _validate_align(self) -> None:
+        align, decoding = self.align, self.align.decoding
+        if align.enabled and align.model not in self.models:
+            raise ConfigError(
+                f"align.model: unknown model {align.model!r}; [models] has "
+                f"{', '.join(sorted(self.models)) or 'none'}"
+            )
+        for key, value in {
+            "align.max_inflight_items": align.max_inflight_items,
+            "align.max_new_tokens_limit": align.max_new_tokens_limit,
+        }.items():
+            if value < 1:
+                raise ConfigError(f"{key}: must be at least 1, got {value}")
+        problem = decoding_problem(decoding, align.max_new_tokens_limit)
+        if problem:
+            raise ConfigError(f"align.decoding.{problem}")
+
+
+def decoding_problem(decoding: DecodingConfig, max_new_tokens_limit: int) -> str | None:
+    """What is wrong with ``decoding`` (``field: why``), or None. Shared by the config check
+    and the per-call check of Align options, which prefix the field with their own path."""
+    if not 1 <= decoding.max_new_tokens <= max_new_tokens_limit:
+        return (
+            f"max_new_tokens: {decoding.max_new_tokens} is not in 1..{max_new_tokens_limit} "
+            "(align.max_new_tokens_limit)"
+        )
+    if not decoding.temperature >= 0:  # also refuses NaN
+        return f"temperature: {decoding.temperature} is not >= 0"
+    if not 0 < decoding.top_p <= 1:
+        return f"top_p: {decoding.top_p} is not in (0, 1]"
+    return None
 
 
 def from_dict(data: dict[str, Any]) -> Config:

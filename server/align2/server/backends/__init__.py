@@ -7,13 +7,14 @@ that runs transformers never imports vLLM.
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from align2.server.backends.base import ScoringBackend
+from align2.server.backends.base import GenerationBackend, ScoringBackend
 from align2.server.config import ModelConfig
 from align2.server.errors import ConfigError
 
 ScoringFactory = Callable[[str, ModelConfig, pathlib.Path], ScoringBackend]
+GenerationFactory = Callable[[str, ModelConfig, pathlib.Path], GenerationBackend]
 
 
 def _transformers_scoring(name: str, config: ModelConfig, path: pathlib.Path) -> ScoringBackend:
@@ -34,12 +35,34 @@ SCORING_BACKENDS: dict[str, ScoringFactory] = {
 }
 
 
-def check_backend(name: str, config: ModelConfig) -> None:
+def _transformers_generation(
+    name: str, config: ModelConfig, path: pathlib.Path
+) -> GenerationBackend:
+    from align2.server.backends.transformers_generation import TransformersGeneration
+
+    return TransformersGeneration.load(name, config, path)
+
+
+def _vllm_generation(name: str, config: ModelConfig, path: pathlib.Path) -> GenerationBackend:
+    from align2.server.backends.vllm_generation import VllmGeneration
+
+    return VllmGeneration.load(name, config, path)
+
+
+GENERATION_BACKENDS: dict[str, GenerationFactory] = {
+    "transformers": _transformers_generation,
+    "vllm": _vllm_generation,
+}
+
+
+def check_backend(
+    name: str, config: ModelConfig, registry: Mapping[str, object] = SCORING_BACKENDS
+) -> None:
     """Raise ConfigError naming the key and the valid backends for an unknown backend."""
-    if config.backend not in SCORING_BACKENDS:
+    if config.backend not in registry:
         raise ConfigError(
             f"models.{name}.backend: unknown backend {config.backend!r}; "
-            f"valid: {', '.join(sorted(SCORING_BACKENDS))}"
+            f"valid: {', '.join(sorted(registry))}"
         )
 
 
@@ -47,3 +70,9 @@ def load_scoring(name: str, config: ModelConfig, path: pathlib.Path) -> ScoringB
     """Load the reward model in folder ``path`` with the backend its config names."""
     check_backend(name, config)
     return SCORING_BACKENDS[config.backend](name, config, path)
+
+
+def load_generation(name: str, config: ModelConfig, path: pathlib.Path) -> GenerationBackend:
+    """Load the causal LM (the inner LLM) in folder ``path`` with the backend its config names."""
+    check_backend(name, config, GENERATION_BACKENDS)
+    return GENERATION_BACKENDS[config.backend](name, config, path)

@@ -1,4 +1,4 @@
-"""Engine set-up shared by the vLLM backends (scoring now, generation later).
+"""Engine set-up shared by the vLLM backends (scoring and generation).
 
 Nothing here imports vLLM at module import: the process environment must be set (see
 :func:`set_engine_environment`) before vLLM is first imported, and a server that runs
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from align2.server.backends.torch_device import classify_device_error
 from align2.server.config import ModelConfig
-from align2.server.errors import Align2Error, BackendError, ConfigError
+from align2.server.errors import Align2Error, BackendError, ConfigError, InvalidArgument
 
 if TYPE_CHECKING:
     from vllm import LLM
@@ -107,13 +107,19 @@ def engine_kwargs(config: ModelConfig, device_ids: list[int] | None) -> dict[str
 def engine_error(exc: Exception, model: str) -> Align2Error:
     """Map an exception from an engine call to the core's error family.
 
-    A dead engine core cannot serve again: that is fatal (health goes NOT_SERVING).
-    Everything else is classified like a torch forward error.
+    A dead engine core cannot serve again: that is fatal (health goes NOT_SERVING). A
+    request vLLM refuses (its 4xx family: too long for the model, a bad parameter) is the
+    caller's error. Everything else is classified like a torch forward error.
     """
-    from vllm.v1.engine.exceptions import EngineDeadError
+    from vllm.exceptions import VLLMClientError
+    from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
+    if isinstance(exc, EngineGenerateError) and isinstance(exc.__cause__, Exception):
+        exc = exc.__cause__  # AsyncLLM.generate wraps the real error, with an empty message
     if isinstance(exc, EngineDeadError):
         return BackendError(f"model {model!r}: the vLLM engine died: {exc}", fatal=True)
+    if isinstance(exc, VLLMClientError):
+        return InvalidArgument(f"model {model!r} refused the request: {exc}")
     return classify_device_error(exc, model)
 
 

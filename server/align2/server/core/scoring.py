@@ -19,10 +19,10 @@ import functools
 import logging
 import statistics
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 from PIL import Image
 
@@ -32,10 +32,17 @@ from align2.server.backends.base import InputTooLong, ModelDescription, Prepared
 from align2.server.config import LimitsConfig, ScoreConfig
 from align2.server.core import templates
 from align2.server.core.batcher import Outcome, Reservation
+from align2.server.core.gather import all_or_first_error
 from align2.server.core.images import decode_image
 from align2.server.core.priority import Priority
 from align2.server.core.runtime import ScoringRuntime
-from align2.server.errors import Align2Error, BackendError, InvalidArgument, NotFound
+from align2.server.core.validation import (
+    check_sample_count,
+    check_turns,
+    prefixed,
+    sample_error,
+)
+from align2.server.errors import Align2Error, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +165,7 @@ class Scorer:
 
     # -- checks --------------------------------------------------------------------------
     def _check_call(self, call: ScoreCall) -> None:
-        limit = self._limits.max_samples_per_call
-        if len(call.samples) > limit:
-            raise InvalidArgument(
-                f"samples: {len(call.samples)} samples exceeds limits.max_samples_per_call "
-                f"{limit}; split the call"
-            )
+        check_sample_count(len(call.samples), self._limits.max_samples_per_call)
         if not call.heads:
             raise InvalidArgument("heads: no head to run; valid: question, answer")
 
@@ -182,22 +184,12 @@ class Scorer:
         return runtime, dataclasses.replace(runtime.description, name=name)
 
     def _check_sample(self, sample: Sample, heads: frozenset[Head]) -> InvalidArgument | None:
-        if not sample.turns:
-            return InvalidArgument("turns: empty conversation; a sample needs at least one turn")
-        if len(sample.turns) > self._limits.max_turns:
-            return InvalidArgument(
-                f"turns: {len(sample.turns)} turns exceeds limits.max_turns "
-                f"{self._limits.max_turns}"
-            )
-        for i, turn in enumerate(sample.turns):
-            if not templates.clean(turn.question):
-                return InvalidArgument(f"turns[{i}].question: empty")
-            if Head.ANSWER in heads and not templates.clean(turn.answer):
-                return InvalidArgument(
-                    f"turns[{i}].answer: empty, and the answer head needs answers "
-                    "(ask for heads=[question] to score questions alone)"
-                )
-        return None
+        needed = (
+            "the answer head needs answers (ask for heads=[question] to score questions alone)"
+            if Head.ANSWER in heads
+            else None
+        )
+        return check_turns(sample, self._limits.max_turns, answers_needed=needed)
 
     # -- one sample ----------------------------------------------------------------------
     async def _score_sample(
@@ -212,7 +204,7 @@ class Scorer:
         result = SampleScore(id=sample.id)
         if problem is not None:
             metrics.REJECTED.labels(reason="invalid").inc()
-            result.error = _prefixed(index, problem)
+            result.error = prefixed(index, problem)
             return result, []
         submitted = dict.fromkeys(plan, 0)
         try:
@@ -222,19 +214,13 @@ class Scorer:
                 max_bytes=self._limits.max_image_bytes,
                 max_pixels=self._limits.max_image_pixels,
             )
-            done = await _all_or_first_error(
+            done = await all_or_first_error(
                 self._score_item(rt, item, image, reservations[rt], submitted, call)
                 for rt, items in plan.items()
                 for item in items
             )
-        except Align2Error as exc:
-            if isinstance(exc, InvalidArgument):
-                metrics.REJECTED.labels(reason="invalid").inc()
-            result.error = _prefixed(index, exc)
-            return result, []
-        except Exception as exc:  # a bug on one sample must not fail its batch-mates
-            log.exception("unexpected error on samples[%d]", index)
-            result.error = BackendError(f"samples[{index}]: internal error: {exc}")
+        except Exception as exc:
+            result.error = sample_error(index, exc)
             return result, []
         finally:
             for rt, count in submitted.items():
@@ -318,21 +304,3 @@ def _fill(result: SampleScore, done: list[_ItemDone]) -> None:
         else:
             result.answer_scores.append(d.score)
             result.answer_truncated.append(d.truncated)
-
-
-def _prefixed(index: int, exc: Align2Error) -> Align2Error:
-    """The same error with its field made absolute: ``samples[3].image: ...``."""
-    if isinstance(exc, InvalidArgument):
-        return InvalidArgument(f"samples[{index}].{exc.message}")
-    return exc
-
-
-async def _all_or_first_error(coros: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
-    """Run the items of one sample together, results in order; a failure cancels the rest."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(c) for c in coros]
-    except BaseExceptionGroup as eg:
-        first = eg.exceptions[0]
-        raise first from None
-    return [t.result() for t in tasks]

@@ -39,6 +39,7 @@ from transformers import (
     Idefics3Processor,
     Idefics3VisionConfig,
     LlamaConfig,
+    LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -242,6 +243,36 @@ def build_idefics3_reward(
     if source is not None:
         _graft_text_model(model, source)
     _save(model, processor, folder, seed if with_score_head else None)
+    return folder
+
+
+def build_llama_causal_lm(
+    path: str | pathlib.Path,
+    *,
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+    intermediate: int | None = None,
+    vocab_size: int = 512,
+    max_length: int = 2048,
+    chat_template: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> pathlib.Path:
+    """Write a random Llama causal LM (a tiny inner LLM for generation tests) to ``path``.
+
+    The tiny BPE tokenizer with its ChatML template (EOS ``<|im_end|>`` ends a reply);
+    ``chat_template=False`` saves none, as Vicuna checkpoints do. ``path`` must be missing
+    or empty. Returns ``path``.
+    """
+    folder = _empty_dir(path)
+    tokenizer = build_tokenizer((), vocab_size=vocab_size, model_max_length=max_length)
+    if not chat_template:
+        tokenizer.chat_template = None
+    config = _llama_config(tokenizer, hidden, layers, heads, intermediate, max_length)
+    model = _seeded_model(LlamaForCausalLM, config, seed, dtype)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 

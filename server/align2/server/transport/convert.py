@@ -7,10 +7,20 @@ become InvalidArgument naming the field and the valid values.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
-from align2.client.convert import sample_from_proto
+from align2.client.convert import sample_from_proto, turn_to_proto
 from align2.server.backends.base import ModelDescription
 from align2.server.config import Config
+from align2.server.core.align_types import (
+    AlignCall,
+    AlignedTurn,
+    AlignOutcome,
+    DecodingOptions,
+    Kept,
+    Parts,
+    SampleAlignment,
+)
 from align2.server.core.priority import Priority
 from align2.server.core.scoring import Head, SampleScore, ScoreCall, ScoreOutcome
 from align2.server.core.templates import TEMPLATE_VERSION
@@ -87,6 +97,80 @@ def score_call_from_proto(
     )
 
 
+_PARTS = {
+    pb.REWRITE_PARTS_UNSPECIFIED: Parts.BOTH,
+    pb.REWRITE_PARTS_QUESTIONS: Parts.QUESTIONS,
+    pb.REWRITE_PARTS_ANSWERS: Parts.ANSWERS,
+    pb.REWRITE_PARTS_BOTH: Parts.BOTH,
+}
+_KEPT = {Kept.ORIGINAL: pb.KEPT_ORIGINAL, Kept.REWRITE: pb.KEPT_REWRITE}
+
+
+def parts_from_proto(value: int) -> Parts:
+    try:
+        return _PARTS[value]
+    except KeyError:
+        raise InvalidArgument(
+            f"options.parts: unknown value {value}; valid: REWRITE_PARTS_QUESTIONS, "
+            "REWRITE_PARTS_ANSWERS, REWRITE_PARTS_BOTH"
+        ) from None
+
+
+def decoding_from_proto(message: pb.DecodingOptions) -> DecodingOptions:
+    """Unset fields stay None (the server's defaults apply)."""
+    return DecodingOptions(
+        max_new_tokens=message.max_new_tokens if message.HasField("max_new_tokens") else None,
+        temperature=message.temperature if message.HasField("temperature") else None,
+        top_p=message.top_p if message.HasField("top_p") else None,
+        seed=message.seed if message.HasField("seed") else None,
+    )
+
+
+def align_call_from_proto(
+    request: pb.AlignRequest, deadline: float | None, priority_metadata: str | None = None
+) -> AlignCall:
+    options = request.options
+    return AlignCall(
+        samples=[sample_from_proto(s) for s in request.samples],
+        parts=parts_from_proto(options.parts),
+        review=options.review if options.HasField("review") else None,
+        decoding=decoding_from_proto(options.decoding),
+        template=options.template,
+        priority=priority_from_proto(request.priority, priority_metadata),
+        deadline=deadline,
+    )
+
+
+def aligned_turn_to_proto(turn: AlignedTurn) -> pb.AlignedTurn:
+    return pb.AlignedTurn(
+        original=turn_to_proto(turn.original),
+        rewrite=turn_to_proto(turn.rewrite),
+        kept=_KEPT[turn.kept],
+        reason=turn.reason,
+        margin=turn.margin,
+    )
+
+
+def sample_alignment_to_proto(result: SampleAlignment) -> pb.AlignResult:
+    if result.error is not None:
+        return pb.AlignResult(id=result.id, error=item_error_to_proto(result.error))
+    return pb.AlignResult(id=result.id, turns=[aligned_turn_to_proto(t) for t in result.turns])
+
+
+def align_response_to_proto(outcome: AlignOutcome) -> pb.AlignResponse:
+    return pb.AlignResponse(
+        results=[sample_alignment_to_proto(r) for r in outcome.results],
+        model=model_ref_to_proto(outcome.model),
+        template=pb.TemplateRef(name=outcome.template_name, sha256=outcome.template_sha256),
+        tokens=pb.TokenCounts(
+            prompt_tokens=outcome.prompt_tokens, generated_tokens=outcome.generated_tokens
+        ),
+        timing=pb.Timing(
+            queue_seconds=outcome.queue_seconds, compute_seconds=outcome.compute_seconds
+        ),
+    )
+
+
 def item_error_to_proto(error: Align2Error) -> pb.ItemError:
     return pb.ItemError(code=int(error.code), message=error.message)
 
@@ -142,6 +226,7 @@ def server_info_to_proto(
     models: list[tuple[ModelDescription, str]],
     services: list[str],
     version: str,
+    align_templates: Sequence[tuple[str, str]] = (),
 ) -> pb.ServerInfo:
     """What GetServerInfo reports: every limit and batching setting comes from config."""
     limits, batching = config.limits, config.batching
@@ -157,6 +242,8 @@ def server_info_to_proto(
             max_text_tokens=limits.max_text_tokens,
             truncation=limits.truncation,
             max_queue_items=batching.max_queue_items,
+            max_llm_inflight=config.align.max_inflight_items,
+            max_new_tokens=config.align.max_new_tokens_limit,
         ),
         batching=pb.Batching(
             max_batch_size=batching.max_batch_size,
@@ -165,4 +252,5 @@ def server_info_to_proto(
         ),
         template_version=TEMPLATE_VERSION,
         services=services,
+        align_templates=[pb.TemplateRef(name=n, sha256=h) for n, h in align_templates],
     )

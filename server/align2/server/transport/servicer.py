@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from align2.server.core.alignment import Aligner
 from align2.server.core.lifecycle import Lifecycle
 from align2.server.core.scoring import Scorer
 from align2.server.errors import Unimplemented
@@ -23,10 +24,12 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
         lifecycle: Lifecycle,
         scorer: Scorer | None,
         server_info: Callable[[], pb.ServerInfo],
+        aligner: Aligner | None = None,
     ) -> None:
         self._lifecycle = lifecycle
         self._scorer = scorer
         self._server_info = server_info
+        self._aligner = aligner
 
     async def Score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
@@ -34,18 +37,17 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
         self._lifecycle.check_serving()
         if self._scorer is None:
             raise Unimplemented("Score is disabled on this server (score.enabled = false)")
-        call = convert.score_call_from_proto(
-            request,
-            convert.deadline_from(context.time_remaining()),
-            convert.metadata_value(context.invocation_metadata(), convert.PRIORITY_METADATA),
-        )
+        call = convert.score_call_from_proto(request, *_call_context(context))
         return convert.score_response_to_proto(await self._scorer.score(call))
 
     async def Align(
         self, request: pb.AlignRequest, context: grpc.aio.ServicerContext
     ) -> pb.AlignResponse:
         self._lifecycle.check_serving()
-        raise Unimplemented("Align is not enabled on this server")
+        if self._aligner is None:
+            raise Unimplemented("Align is disabled on this server (align.enabled = false)")
+        call = convert.align_call_from_proto(request, *_call_context(context))
+        return convert.align_response_to_proto(await self._aligner.align(call))
 
     async def Curate(
         self, request_iterator: AsyncIterator[pb.CurateRequest], context: grpc.aio.ServicerContext
@@ -57,3 +59,12 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerInfo:
         return self._server_info()
+
+
+def _call_context(context: grpc.aio.ServicerContext) -> tuple[float | None, str | None]:
+    """What a unary call carries besides its request: its deadline (a time.monotonic()
+    instant) and its priority metadata."""
+    return (
+        convert.deadline_from(context.time_remaining()),
+        convert.metadata_value(context.invocation_metadata(), convert.PRIORITY_METADATA),
+    )

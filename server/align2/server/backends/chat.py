@@ -1,0 +1,104 @@
+"""Chat messages -> prompt tokens, and choice labels -> token ids, for every generation
+backend: transformers and vLLM must see the same tokens for the same request.
+
+Contract:
+
+- :func:`render` writes the messages through the tokenizer's own chat template with the
+  generation prompt appended (the assistant turn is opened), or, for a tokenizer without a
+  template (Vicuna / LLaVA-1.5 checkpoints), in FastChat's ``vicuna_v1.1`` format.
+- :func:`prompt_ids` tokenises that text without adding special tokens: the template
+  writes any BOS it wants (transformers' ``apply_chat_template`` tokenises the same way).
+- :func:`choice_ids` maps each choice label to the single token the model would emit for
+  it right after the generation prompt.
+- Their ValueErrors name the bad field; :func:`as_invalid_argument` makes them the
+  caller's error (InvalidArgument).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from align2.server.backends.base import Message
+from align2.server.errors import InvalidArgument
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+"""FastChat's ``vicuna_v1.1`` system prompt (what LLaVA-1.5's conversations start with)."""
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> str:
+    """The prompt text for ``messages``, ending where the assistant's reply starts.
+
+    Raises ValueError for a role the format does not know (Vicuna: system, user, assistant).
+    """
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True
+        )
+        assert isinstance(text, str)  # tokenize=False, one conversation
+        return text
+    return render_vicuna(messages, bos=tokenizer.bos_token or "", eos=tokenizer.eos_token or "")
+
+
+def render_vicuna(messages: Sequence[Message], *, bos: str, eos: str) -> str:
+    """FastChat ``vicuna_v1.1``: ``{bos}{system} USER: {u} ASSISTANT: {a}{eos}USER: ...
+    ASSISTANT:``. A system message replaces the default system prompt."""
+    system = VICUNA_SYSTEM
+    turns: list[str] = []
+    for index, message in enumerate(messages):
+        role, content = message["role"], message["content"]
+        if role == "system":
+            system = content
+        elif role == "user":
+            turns.append(f"USER: {content} ")
+        elif role == "assistant":
+            turns.append(f"ASSISTANT: {content}{eos}")
+        else:
+            raise ValueError(
+                f"messages[{index}].role: {role!r} is not one of system, user, assistant"
+            )
+    return f"{bos}{system} {''.join(turns)}ASSISTANT:"
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> list[int]:
+    """Token ids of :func:`render`, no special tokens added."""
+    text = render(tokenizer, messages)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def choice_ids(tokenizer: PreTrainedTokenizerBase, choices: Sequence[str]) -> list[int]:
+    """One token id per choice label, in order.
+
+    A label is encoded alone, without special tokens: that is the token a model emits for
+    it after the generation prompt (SentencePiece tokenizers give the word-initial piece,
+    e.g. ``▁A`` after Vicuna's ``ASSISTANT:``). Raises ValueError naming the label when
+    one is not exactly one token, or two labels share a token.
+    """
+    ids: list[int] = []
+    for index, label in enumerate(choices):
+        encoded = tokenizer(label, add_special_tokens=False)["input_ids"]
+        if len(encoded) != 1:
+            raise ValueError(
+                f"choices[{index}]: {label!r} is {len(encoded)} tokens; a choice label "
+                "must be exactly one token"
+            )
+        if encoded[0] in ids:
+            raise ValueError(f"choices[{index}]: {label!r} is the same token as another label")
+        ids.append(encoded[0])
+    if len(ids) < 2:
+        raise ValueError(f"choices: a choice needs at least two labels, got {len(ids)}")
+    return ids
+
+
+@contextlib.contextmanager
+def as_invalid_argument() -> Iterator[None]:
+    """Raise a ValueError from encoding a request (role, label) as InvalidArgument."""
+    try:
+        yield
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from exc

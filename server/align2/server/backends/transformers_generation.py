@@ -1,0 +1,168 @@
+"""The inner LLM on transformers: a causal LM (AutoModelForCausalLM), CPU or CUDA,
+fp32/bf16/fp16, batched by the core's Batcher (``continuous`` is False).
+
+Contract (shared with the vLLM backend): the prompt is the messages rendered by
+:mod:`align2.server.backends.chat` (the tokenizer's chat template, or Vicuna v1.1 for a
+tokenizer without one) and tokenised without special tokens; temperature 0 is greedy;
+sampling is seeded per request; ``finished`` is False only when generation stopped at
+``max_new_tokens`` or at the model's ``max_length``; ``choose`` gives each label's
+next-token probability renormalised over the labels (the softmax of the label logits).
+Decoding details and their batch-composition caveats: :mod:`.decoding`.
+
+One thread owns the device: batches run one at a time, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pathlib
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from align2.server.backends.base import (
+    ChoiceRequest,
+    Generation,
+    GenerationRequest,
+    Message,
+    ModelDescription,
+)
+from align2.server.backends.chat import as_invalid_argument, choice_ids, prompt_ids
+from align2.server.backends.checkpoint import folder_revision
+from align2.server.backends.decoding import generate_batch, last_logits
+from align2.server.backends.torch_device import classify_device_error, resolve_device, torch_dtype
+from align2.server.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class TransformersGeneration:
+    """GenerationBackend on transformers (see the module docstring)."""
+
+    continuous = False
+
+    def __init__(
+        self, description: ModelDescription, tokenizer: PreTrainedTokenizerBase, model: Any
+    ) -> None:
+        self.description = description
+        self._tokenizer = tokenizer
+        self._model = model
+        self._device = torch.device(description.device)
+        self._eos = _eos_ids(tokenizer, model)
+        pad = tokenizer.pad_token_id
+        self._pad = pad if pad is not None else min(self._eos)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"device-{description.name}")
+
+    @classmethod
+    def load(cls, name: str, config: ModelConfig, path: pathlib.Path) -> TransformersGeneration:
+        """Load the causal LM in folder ``path`` (config.json, weights, tokenizer)."""
+        device = resolve_device(config.device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(config.dtype))
+        # transformers wraps ``to`` with functools.wraps, which hides the bound self from mypy.
+        torch.nn.Module.to(model, device)
+        model.eval()
+        description = ModelDescription(
+            name=name,
+            model_id=path.absolute().name,
+            revision=config.revision or folder_revision(path),
+            backend="transformers",
+            family=str(model.config.model_type),
+            dtype=config.dtype,
+            device=str(device),
+            max_length=config.max_length,
+            image_tokens=0,
+        )
+        return cls(description, tokenizer, model)
+
+    def prompt_tokens(self, messages: Sequence[Message]) -> int:
+        """Tokens of the rendered prompt. Raises InvalidArgument for an unknown role."""
+        with as_invalid_argument():
+            return len(prompt_ids(self._tokenizer, messages))
+
+    async def generate(self, batch: Sequence[GenerationRequest]) -> list[Generation]:
+        """One Generation per request, in order. A prompt that leaves no room under
+        ``max_length`` gives an empty, unfinished generation (it fails alone)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._generate, list(batch))
+
+    async def choose(self, batch: Sequence[ChoiceRequest]) -> list[list[float]]:
+        """Per request, one probability per choice label, in order, summing to 1. Raises
+        InvalidArgument when a label is not exactly one token (see chat.choice_ids)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._choose, list(batch))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        del self._model
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- the device thread ---------------------------------------------------------------
+    def _generate(self, batch: list[GenerationRequest]) -> list[Generation]:
+        with as_invalid_argument():
+            prompts = [prompt_ids(self._tokenizer, r.messages) for r in batch]
+        limit = self.description.max_length
+        budgets = [
+            max(0, min(r.decoding.max_new_tokens, limit - len(p)))
+            for r, p in zip(batch, prompts, strict=True)
+        ]
+        with self._on_device():
+            decoded = generate_batch(
+                self._model,
+                prompts,
+                [r.decoding for r in batch],
+                budgets,
+                eos_ids=self._eos,
+                pad_id=self._pad,
+                device=self._device,
+            )
+        return [
+            Generation(
+                text=str(self._tokenizer.decode(d.tokens, skip_special_tokens=True)).strip(),
+                prompt_tokens=len(p),
+                generated_tokens=len(d.tokens) + d.finished,  # the EOS was generated too
+                finished=d.finished,
+            )
+            for p, d in zip(prompts, decoded, strict=True)
+        ]
+
+    def _choose(self, batch: list[ChoiceRequest]) -> list[list[float]]:
+        with as_invalid_argument():
+            prompts = [prompt_ids(self._tokenizer, r.messages) for r in batch]
+            labels = [choice_ids(self._tokenizer, r.choices) for r in batch]
+        with self._on_device():
+            logits = last_logits(self._model, prompts, self._pad, self._device)
+        return [
+            torch.softmax(row[ids], dim=-1).tolist()
+            for row, ids in zip(logits.cpu(), labels, strict=True)
+        ]
+
+    @contextlib.contextmanager
+    def _on_device(self) -> Iterator[None]:
+        """Inference mode; a device failure becomes the core's error for this batch."""
+        try:
+            with torch.inference_mode():
+                yield
+        except Exception as exc:
+            raise classify_device_error(exc, self.description.name) from exc
+
+
+def _eos_ids(tokenizer: PreTrainedTokenizerBase, model: Any) -> frozenset[int]:
+    """Every id that ends a reply: the tokenizer's EOS and the generation config's."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list):
+        ids.update(int(i) for i in configured)
+    if not ids:
+        raise ValueError("the model has no EOS token: generation could not stop")
+    return frozenset(ids)

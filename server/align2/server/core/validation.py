@@ -1,0 +1,66 @@
+"""Structural checks of one sample, shared by every RPC that takes samples (Score, Align).
+
+Cheap and local: they run before admission, and a sample that fails them fails alone with
+INVALID_ARGUMENT naming the field (relative to the sample; callers prefix ``samples[i].``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from align2.client.types import Sample
+from align2.server import metrics
+from align2.server.core.templates import clean
+from align2.server.errors import Align2Error, BackendError, InvalidArgument
+
+log = logging.getLogger(__name__)
+
+
+def check_sample_count(count: int, limit: int) -> None:
+    """Raise InvalidArgument when a call carries more than ``limit`` samples."""
+    if count > limit:
+        raise InvalidArgument(
+            f"samples: {count} samples exceeds limits.max_samples_per_call {limit}; split the call"
+        )
+
+
+def check_turns(
+    sample: Sample, max_turns: int, *, answers_needed: str | None
+) -> InvalidArgument | None:
+    """The first structural problem of ``sample``, or None.
+
+    A sample needs 1..``max_turns`` turns and a non-empty question in each (the ``<image>``
+    marker alone is empty). ``answers_needed``: None when answers may be empty, else why
+    they may not (it ends the error message, e.g. "the answer head needs answers").
+    """
+    if not sample.turns:
+        return InvalidArgument("turns: empty conversation; a sample needs at least one turn")
+    if len(sample.turns) > max_turns:
+        return InvalidArgument(
+            f"turns: {len(sample.turns)} turns exceeds limits.max_turns {max_turns}"
+        )
+    for i, turn in enumerate(sample.turns):
+        if not clean(turn.question):
+            return InvalidArgument(f"turns[{i}].question: empty")
+        if answers_needed is not None and not clean(turn.answer):
+            return InvalidArgument(f"turns[{i}].answer: empty, and {answers_needed}")
+    return None
+
+
+def prefixed(index: int, exc: Align2Error) -> Align2Error:
+    """The same error with its field made absolute: ``samples[3].image: ...``."""
+    if isinstance(exc, InvalidArgument):
+        return InvalidArgument(f"samples[{index}].{exc.message}")
+    return exc
+
+
+def sample_error(index: int, exc: Exception) -> Align2Error:
+    """What a sample that failed with ``exc`` reports: core errors with their field made
+    absolute (invalid ones counted), anything else as an internal error (logged: a bug
+    on one sample must not fail its batch-mates)."""
+    if isinstance(exc, Align2Error):
+        if isinstance(exc, InvalidArgument):
+            metrics.REJECTED.labels(reason="invalid").inc()
+        return prefixed(index, exc)
+    log.error("unexpected error on samples[%d]", index, exc_info=exc)
+    return BackendError(f"samples[{index}]: internal error: {exc}")

@@ -1,0 +1,190 @@
+"""The transformers generation backend: batched left-padded decoding, seeded sampling,
+constrained choice, limits and chat rendering, on tiny random Llamas and (slow) SmolLM2."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from align2.server.backends.base import ChoiceRequest, Decoding, GenerationRequest, Message
+from align2.server.backends.chat import VICUNA_SYSTEM
+from align2.server.backends.decoding import generate_batch
+from align2.server.backends.transformers_generation import TransformersGeneration
+from align2.server.config import ModelConfig
+from align2.server.core.prompts import TemplateLibrary
+from align2.server.errors import InvalidArgument
+from align2.server.models.builders import build_llama_causal_lm
+
+GREEDY = Decoding(max_new_tokens=12)
+
+
+def load(folder: pathlib.Path, **config: Any) -> TransformersGeneration:
+    return TransformersGeneration.load("llm", ModelConfig(path=str(folder), **config), folder)
+
+
+def user(text: str) -> list[Message]:
+    return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+
+
+PROMPTS = [user("hi"), user("What is the colour of the bus in the picture?"), user("Two dogs.")]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_llm: pathlib.Path) -> TransformersGeneration:
+    return load(tiny_llm)
+
+
+def test_description(backend: TransformersGeneration, tiny_llm: pathlib.Path) -> None:
+    d = backend.description
+    assert (d.backend, d.family, d.model_id, d.device) == (
+        "transformers",
+        "llama",
+        "tiny-llm",
+        "cpu",
+    )
+    assert len(d.revision) == 12 and backend.continuous is False
+
+
+def test_greedy_batch_equals_alone(backend: TransformersGeneration) -> None:
+    decodings = [GREEDY, Decoding(max_new_tokens=5), Decoding(max_new_tokens=9)]
+    requests = [GenerationRequest(p, d) for p, d in zip(PROMPTS, decodings, strict=True)]
+    together = asyncio.run(backend.generate(requests))
+    alone = [asyncio.run(backend.generate([r]))[0] for r in requests]
+    assert together == alone
+    for generation, request in zip(together, requests, strict=True):
+        assert generation.prompt_tokens == backend.prompt_tokens(request.messages)
+        assert generation.generated_tokens <= request.decoding.max_new_tokens
+
+
+def test_seeded_sampling_is_repeatable_and_ignores_batch_mates(
+    backend: TransformersGeneration,
+) -> None:
+    def sampled(seed: int) -> GenerationRequest:
+        return GenerationRequest(
+            PROMPTS[1], Decoding(max_new_tokens=16, temperature=1.0, seed=seed)
+        )
+
+    [first] = asyncio.run(backend.generate([sampled(1)]))
+    [again] = asyncio.run(backend.generate([sampled(1)]))
+    [other] = asyncio.run(backend.generate([sampled(2)]))
+    mates = [GenerationRequest(PROMPTS[0], GREEDY), sampled(1), sampled(7)]
+    in_batch = asyncio.run(backend.generate(mates))[1]
+    assert first == again == in_batch
+    assert other.text != first.text
+    top = Decoding(max_new_tokens=16, temperature=1.0, top_p=1e-6, seed=5)
+    [nucleus] = asyncio.run(backend.generate([GenerationRequest(PROMPTS[1], top)]))
+    [greedy] = asyncio.run(backend.generate([GenerationRequest(PROMPTS[1], top.__class__(16))]))
+    assert nucleus.text == greedy.text  # a vanishing nucleus keeps the top token only
+
+
+def test_choose_is_softmax_over_label_logits(
+    backend: TransformersGeneration, tiny_llm: pathlib.Path
+) -> None:
+    messages = user("Reply with A or B.")
+    requests = [ChoiceRequest(messages, ["A", "B"]), ChoiceRequest(PROMPTS[1], ["B", "A"])]
+    probabilities = asyncio.run(backend.choose(requests))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm, dtype=torch.float32)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(input_ids=torch.as_tensor(ids["input_ids"])).logits[0, -1]
+    labels = [tokenizer.convert_tokens_to_ids(t) for t in ("A", "B")]
+    expected = torch.softmax(logits[labels], dim=-1).tolist()
+    assert probabilities[0] == pytest.approx(expected, abs=1e-5)
+    assert sum(probabilities[1]) == pytest.approx(1.0)
+    with pytest.raises(InvalidArgument, match="choices"):
+        asyncio.run(backend.choose([ChoiceRequest(messages, ["A", "A"])]))
+
+
+def test_max_length_cuts_generation(tiny_llm: pathlib.Path) -> None:
+    probe = load(tiny_llm)
+    room = 3
+    small = load(tiny_llm, max_length=probe.prompt_tokens(PROMPTS[1]) + room)
+    [cut] = asyncio.run(small.generate([GenerationRequest(PROMPTS[1], Decoding(50))]))
+    assert not cut.finished and cut.generated_tokens <= room
+    [none] = asyncio.run(
+        load(tiny_llm, max_length=4).generate([GenerationRequest(PROMPTS[1], GREEDY)])
+    )
+    assert (none.text, none.generated_tokens, none.finished) == ("", 0, False)
+
+
+def test_vicuna_fallback_without_chat_template(tmp_path: pathlib.Path) -> None:
+    folder = build_llama_causal_lm(tmp_path / "vicuna-ish", chat_template=False)
+    backend = load(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    expected = f"<s>{VICUNA_SYSTEM} USER: hi ASSISTANT:"
+    assert backend.prompt_tokens([{"role": "user", "content": "hi"}]) == len(
+        tokenizer(expected, add_special_tokens=False).input_ids
+    )
+    [made] = asyncio.run(backend.generate([GenerationRequest(PROMPTS[0], Decoding(4))]))
+    assert made.prompt_tokens > 0
+    bad = [{"role": "tool", "content": "x"}]  # Vicuna knows system, user, assistant only
+    with pytest.raises(InvalidArgument, match="role"):
+        asyncio.run(backend.generate([GenerationRequest(bad, GREEDY)]))
+
+
+class _Counting(torch.nn.Module):
+    """A scripted LM: the next token is the last input token + 1; records batch sizes."""
+
+    def __init__(self, vocab: int = 16) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.rows: list[int] = []
+
+    def forward(self, input_ids: torch.Tensor, **_: Any) -> SimpleNamespace:
+        self.rows.append(input_ids.shape[0])
+        logits = torch.nn.functional.one_hot((input_ids + 1) % self.vocab, self.vocab).float()
+        return SimpleNamespace(logits=logits, past_key_values=DynamicCache())
+
+
+def test_each_row_stops_at_its_own_end() -> None:
+    model = _Counting()
+    prompts = [[1, 5], [3, 1], [2], [7]]
+    decoded = generate_batch(
+        model,
+        prompts,
+        [GREEDY] * 4,
+        [10, 3, 0, 10],
+        eos_ids=frozenset({9}),
+        pad_id=0,
+        device=torch.device("cpu"),
+    )
+    assert [(d.tokens, d.finished) for d in decoded] == [
+        ([6, 7, 8], True),  # EOS 9 is not part of the text
+        ([2, 3, 4], False),  # its budget of 3
+        ([], False),  # no room at all
+        ([8], True),
+    ]
+    assert model.rows == [3, 3, 2, 1]  # finished rows leave the batch
+
+
+@pytest.mark.slow
+def test_smollm2_rewrites_in_a_batch_as_alone(smollm2: pathlib.Path) -> None:
+    backend = load(smollm2)
+    template = TemplateLibrary().get("default-v1")
+    pairs = [
+        ("What color is the bus?", "The bus in the image is red and white."),
+        ("How many people are on the bench?", "There are two people sitting on the bench."),
+    ]
+    requests = [GenerationRequest(template.answer_messages(q, a), Decoding(40)) for q, a in pairs]
+    requests.append(GenerationRequest(template.question_messages(pairs[0][0]), Decoding(40)))
+    together = asyncio.run(backend.generate(requests))
+    assert together == [asyncio.run(backend.generate([r]))[0] for r in requests]
+    assert all(g.finished for g in together)  # each stopped at its own end...
+    assert len({g.generated_tokens for g in together}) > 1  # ...after its own length
+    assert "red and white" in together[0].text and "?" in together[2].text
+    review = template.review_messages(*(_turn(p) for p in pairs))
+    [probabilities] = asyncio.run(backend.choose([ChoiceRequest(review, template.choices)]))
+    assert sum(probabilities) == pytest.approx(1.0) and min(probabilities) > 0
+
+
+def _turn(pair: tuple[str, str]) -> Any:
+    from align2.client.types import Turn
+
+    return Turn(*pair)

@@ -1,0 +1,46 @@
+"""The [align] config section: defaults, auto-enabling, and checks that name the key."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from align2.server import config as config_module
+from align2.server.errors import ConfigError
+
+
+def test_defaults_serve_align_with_the_embedded_smollm2() -> None:
+    config = config_module.load(None)
+    assert config.align_enabled and config.score.enabled
+    assert config.models["llm"].path == "embedded:smollm2-135m-instruct"
+    assert (config.align.model, config.align.template, config.align.review) == (
+        "llm",
+        "default-v1",
+        True,
+    )
+    assert config.align.decoding.temperature == 0.0  # greedy by default
+
+
+def test_align_is_on_only_when_its_model_is_configured(tmp_path: pathlib.Path) -> None:
+    file = tmp_path / "score-only.toml"
+    file.write_text('[models.question]\npath = "q"\n[models.answer]\npath = "a"\n')
+    assert not config_module.load(file).align_enabled
+    assert config_module.load(None, {"align.enabled": False}).align_enabled is False
+    with pytest.raises(ConfigError, match=r"align\.model: unknown model 'llm'; \[models\] has"):
+        config_module.load(file, {"align.enabled": True})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"align.decoding.top_p": 0.0}, r"align.decoding.top_p: 0.0 is not in \(0, 1\]"),
+        ({"align.decoding.temperature": -1.0}, "align.decoding.temperature: -1.0 is not >= 0"),
+        ({"align.decoding.max_new_tokens": 2000}, "align.decoding.max_new_tokens: 2000 is not"),
+        ({"align.max_inflight_items": 0}, "align.max_inflight_items: must be at least 1"),
+        ({"align.review": "yes"}, "invalid config"),
+    ],
+)
+def test_bad_align_settings_name_the_key(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_module.load(None, overrides)

@@ -1,0 +1,253 @@
+"""The Align core with a scripted LLM (llm_fakes.FakeLLM): guards, review, admission,
+deadlines, cancellation and per-item errors, on the batched and the continuous path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from llm_fakes import MARK, FakeLLM, restyle
+
+from align2.client.types import Sample, Turn
+from align2.server.config import AlignConfig, BatchingConfig, LimitsConfig
+from align2.server.core.align_types import AlignCall, AlignOutcome, DecodingOptions, Kept, Parts
+from align2.server.core.alignment import Aligner
+from align2.server.core.llm import GenerationRuntime
+from align2.server.core.prompts import TemplateLibrary
+from align2.server.errors import (
+    Code,
+    DeadlineExpired,
+    InvalidArgument,
+    NotFound,
+    Overloaded,
+)
+
+TEMPLATES = TemplateLibrary()
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(2) as executor:
+        yield executor
+
+
+@pytest.fixture(params=[False, True], ids=["batched", "continuous"])
+def continuous(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+@contextlib.asynccontextmanager
+async def started(
+    llm: FakeLLM, pool: ThreadPoolExecutor, **config: object
+) -> AsyncIterator[tuple[Aligner, GenerationRuntime]]:
+    align = AlignConfig(**{"max_inflight_items": 64, **config})  # type: ignore[arg-type]
+    runtime = GenerationRuntime(
+        llm, BatchingConfig(max_delay_ms=5), max_inflight=align.max_inflight_items
+    )
+    runtime.start()
+    aligner = Aligner({"llm": runtime}, TEMPLATES, align, LimitsConfig(max_turns=4), pool)
+    try:
+        yield aligner, runtime
+    finally:
+        await runtime.close()
+
+
+def sample(i: int = 0, *turns: Turn) -> Sample:
+    return Sample(
+        id=f"s{i}",
+        image=b"",
+        turns=list(turns) or [Turn("What is the dog doing?", "The dog is running on grass.")],
+    )
+
+
+async def run(
+    llm: FakeLLM, pool: ThreadPoolExecutor, call: AlignCall, **config: object
+) -> AlignOutcome:
+    async with started(llm, pool, **config) as (aligner, _):
+        return await aligner.align(call)
+
+
+async def test_review_keeps_preferred_rewrite_and_records_both_orders_margin(
+    pool: ThreadPoolExecutor, continuous: bool
+) -> None:
+    # Shown first, a version gets +0.2: the forward order alone would reject the rewrite.
+    llm = FakeLLM(prefer=0.55, bias=0.2, continuous=continuous)
+    outcome = await run(llm, pool, AlignCall([sample()]))
+    [turn] = outcome.results[0].turns
+    assert turn.kept is Kept.REWRITE and turn.reason == "review"
+    assert turn.margin == pytest.approx(2 * 0.55 - 1)
+    assert turn.rewrite == Turn(
+        restyle("What is the dog doing?"), restyle("The dog is running on grass.")
+    )
+    assert turn.original == sample().turns[0]
+    llm.prefer = 0.3
+    [turn] = (await run(llm, pool, AlignCall([sample()]))).results[0].turns
+    assert turn.kept is Kept.ORIGINAL and turn.margin == pytest.approx(-0.4)
+
+
+@pytest.mark.parametrize(
+    ("rewrite", "turn", "reason"),
+    [
+        (lambda t: t + " <image>", Turn("Q?", "A dog."), "image_marker"),
+        (lambda t: "", Turn("Q?", "A dog."), "empty"),
+        (lambda t: t.replace("two", "three"), Turn("Q?", "There are two dogs."), "numbers_changed"),
+        (lambda t: t.replace("1,000", "100"), Turn("Q?", "It costs 1,000 yen."), "numbers_changed"),
+        (
+            lambda t: t.replace(", France", ""),
+            Turn("Q?", "It is in Paris, France."),
+            "entities_changed",
+        ),
+        (lambda t: t + " in Rome", Turn("Q?", "It is a city."), "entities_changed"),
+    ],
+)
+async def test_guards_reject_the_rewrite_and_skip_the_review(
+    pool: ThreadPoolExecutor,
+    rewrite,
+    turn: Turn,
+    reason: str,  # type: ignore[no-untyped-def]
+) -> None:
+    llm = FakeLLM(rewrite=rewrite)
+    [aligned] = (await run(llm, pool, AlignCall([sample(0, turn)]))).results[0].turns
+    assert (aligned.kept, aligned.reason, aligned.margin) == (Kept.ORIGINAL, reason, None)
+    assert all(kind == "generate" for kind, _ in llm.calls)
+
+
+async def test_guard_passes_equal_numbers_and_moved_names(pool: ThreadPoolExecutor) -> None:
+    turn = Turn("Where is it?", "There are two towers and 1,000 people in Paris.")
+    llm = FakeLLM(rewrite=lambda t: f"Paris has 1000 people and 2 towers, {MARK}.")
+    call = AlignCall([sample(0, turn)], parts=Parts.ANSWERS)
+    [aligned] = (await run(llm, pool, call)).results[0].turns
+    assert aligned.reason == "review"
+
+
+async def test_truncated_unchanged_and_unreviewed(pool: ThreadPoolExecutor) -> None:
+    [t] = (await run(FakeLLM(finished=False), pool, AlignCall([sample()]))).results[0].turns
+    assert (t.kept, t.reason) == (Kept.ORIGINAL, "truncated")
+    [t] = (await run(FakeLLM(rewrite=str), pool, AlignCall([sample()]))).results[0].turns
+    assert (t.kept, t.reason) == (Kept.ORIGINAL, "unchanged")
+    llm = FakeLLM(prefer=0.0)
+    [t] = (await run(llm, pool, AlignCall([sample()], review=False))).results[0].turns
+    assert (t.kept, t.reason, t.margin) == (Kept.REWRITE, "unreviewed", None)
+    assert {kind for kind, _ in llm.calls} == {"generate"}
+    [t] = (
+        (await run(FakeLLM(prefer=0.0), pool, AlignCall([sample()]), review=False)).results[0].turns
+    )
+    assert t.reason == "unreviewed"  # the configured default
+
+
+async def test_parts_and_image_marker_restored(pool: ThreadPoolExecutor) -> None:
+    turn = Turn("<image>\nWhat is the dog doing?", "The dog runs.")
+    outcome = await run(FakeLLM(), pool, AlignCall([sample(0, turn)], parts=Parts.QUESTIONS))
+    [t] = outcome.results[0].turns
+    assert t.rewrite == Turn("<image>\n" + restyle("What is the dog doing?"), "The dog runs.")
+    outcome = await run(FakeLLM(), pool, AlignCall([sample(0, turn)], parts=Parts.ANSWERS))
+    [t] = outcome.results[0].turns
+    assert t.rewrite == Turn(turn.question, restyle("The dog runs."))
+    # A marker in the middle has no defined place in a rewrite.
+    odd = Turn("What is <image> this?", "A dog.")
+    [t] = (await run(FakeLLM(), pool, AlignCall([sample(0, odd)]))).results[0].turns
+    assert t.reason == "image_marker"
+
+
+async def test_llm_never_sees_the_marker_and_uses_call_decoding(pool: ThreadPoolExecutor) -> None:
+    llm = FakeLLM()
+    turn = Turn("<image>\nWhat is it?", "A dog.")
+    call = AlignCall([sample(0, turn)], decoding=DecodingOptions(max_new_tokens=7, seed=3))
+    await run(llm, pool, call)
+    assert llm.seen and all("<image>" not in str(r.messages) for r in llm.seen)
+    assert {
+        (r.decoding.max_new_tokens, r.decoding.seed, r.decoding.temperature) for r in llm.seen
+    } == {(7, 3, 0.0)}
+
+
+async def test_batches_turns_of_all_samples_together(pool: ThreadPoolExecutor) -> None:
+    llm = FakeLLM()
+    samples = [sample(i, Turn(f"Q{i}?", "A."), Turn(f"R{i}?", "B.")) for i in range(4)]
+    outcome = await run(llm, pool, AlignCall(samples))
+    assert [r.id for r in outcome.results] == ["s0", "s1", "s2", "s3"]
+    assert ("generate", 16) in llm.calls  # 4 samples x 2 turns x 2 parts in one batch
+    assert outcome.prompt_tokens > 0 and outcome.generated_tokens > 0
+    assert outcome.template_name == "default-v1"
+    assert outcome.template_sha256 == TEMPLATES.get("default-v1").sha256
+    assert outcome.compute_seconds >= 0 and outcome.queue_seconds >= 0
+
+
+async def test_same_inputs_same_outputs(pool: ThreadPoolExecutor, continuous: bool) -> None:
+    call = AlignCall([sample(i) for i in range(3)])
+    first = await run(FakeLLM(continuous=continuous), pool, call)
+    second = await run(FakeLLM(continuous=continuous), pool, call)
+    assert [r.turns for r in first.results] == [r.turns for r in second.results]
+
+
+async def test_per_item_errors(pool: ThreadPoolExecutor) -> None:
+    long = "word " * 500  # over the fake's max_length 400
+    samples = [
+        sample(0),
+        Sample(id="empty", image=b"", turns=[]),
+        sample(2, Turn("Q?", "")),
+        sample(3, Turn("Q?", long)),
+        sample(4),
+    ]
+    results = (await run(FakeLLM(), pool, AlignCall(samples))).results
+    assert results[0].error is None and results[4].error is None
+    messages = {r.id: r.error.message for r in results if r.error is not None}
+    assert messages["empty"].startswith("samples[1].turns: empty conversation")
+    assert messages["s2"].startswith("samples[2].turns[0].answer: empty, and answers are")
+    assert messages["s3"].startswith("samples[3].turns[0].answer: the prompt is")
+    assert "max_length 400" in messages["s3"]
+    # Questions alone need no answers.
+    call = AlignCall([sample(2, Turn("Q?", ""))], parts=Parts.QUESTIONS)
+    assert (await run(FakeLLM(), pool, call)).results[0].error is None
+
+
+async def test_backend_failure_fails_its_batch_only(pool: ThreadPoolExecutor) -> None:
+    llm = FakeLLM(fail="boom", continuous=True)
+    samples = [sample(0), sample(1, Turn("boom?", "A."))]
+    results = (await run(llm, pool, AlignCall(samples))).results
+    assert results[0].error is None
+    assert results[1].error is not None and results[1].error.code is Code.INTERNAL
+
+
+async def test_call_level_checks(pool: ThreadPoolExecutor) -> None:
+    with pytest.raises(NotFound, match="template: unknown template set 'nope'; available: "):
+        await run(FakeLLM(), pool, AlignCall([sample()], template="nope"))
+    bad = DecodingOptions(top_p=1.5)
+    with pytest.raises(InvalidArgument, match=r"options.decoding.top_p: 1.5 is not in \(0, 1\]"):
+        await run(FakeLLM(), pool, AlignCall([sample()], decoding=bad))
+    too_many = DecodingOptions(max_new_tokens=5000)
+    with pytest.raises(InvalidArgument, match=r"max_new_tokens: 5000 is not in 1\.\.1024"):
+        await run(FakeLLM(), pool, AlignCall([sample()], decoding=too_many))
+    with pytest.raises(InvalidArgument, match=r"more than align\.max_inflight_items 64"):
+        await run(FakeLLM(), pool, AlignCall([sample(i) for i in range(17)]))
+
+
+async def test_admission_refuses_at_once_then_frees(
+    pool: ThreadPoolExecutor, continuous: bool
+) -> None:
+    llm = FakeLLM(continuous=continuous, gate=asyncio.Event())
+    async with started(llm, pool) as (aligner, runtime):
+        held = asyncio.create_task(aligner.align(AlignCall([sample(i) for i in range(16)])))
+        await llm.entered.wait()
+        refused = sample(99, Turn("Refused?", "Yes."))
+        with pytest.raises(Overloaded, match="full"):
+            await aligner.align(AlignCall([refused]))
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        runtime.reserve(64).release()  # every slot is back
+        llm.gate.set()
+        assert (await aligner.align(AlignCall([sample()]))).results[0].error is None
+    assert not any("Refused" in str(r.messages) for r in llm.seen[:-2])  # no work before
+    if continuous:
+        assert llm.cancelled > 0  # the engine's requests were aborted
+
+
+async def test_deadline_fails_the_items(pool: ThreadPoolExecutor, continuous: bool) -> None:
+    llm = FakeLLM(continuous=continuous, gate=asyncio.Event())
+    call = AlignCall([sample()], deadline=time.monotonic() + 0.05)
+    [result] = (await run(llm, pool, call)).results
+    assert isinstance(result.error, DeadlineExpired)
