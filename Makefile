@@ -9,7 +9,7 @@ SETUP_STAMP := $(VENV)/.align2-setup
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup models serve test lint format protos bench-score bench-align clean
+.PHONY: setup models serve test lint format protos docs bench-score bench-align clean
 
 setup: $(SETUP_STAMP)
 
@@ -45,6 +45,10 @@ lint: setup
 format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Regenerate docs/configuration.md from the config dataclasses (a test checks it is fresh).
+docs: setup
+	$(BIN)/python scripts/gen_config_docs.py
 
 # Regenerate the align2.v1 stubs from protos/ (tests fail when the checked-in ones are stale).
 protos: setup

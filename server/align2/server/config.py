@@ -68,12 +68,15 @@ class LimitsConfig:
     """Input limits; each is reported by GetServerInfo and named in the error it causes."""
 
     max_samples_per_call: int = 64
+    """Samples in one Score or Align call; more: the call fails with INVALID_ARGUMENT."""
     max_message_bytes: int = 64 * MiB
     """Largest gRPC message, either way."""
     max_image_bytes: int = 16 * MiB
+    """Encoded size of one image."""
     max_image_pixels: int = 40_000_000
     """Width x height, read from the image header before decoding (no decompression bombs)."""
     max_turns: int = 64
+    """Question/answer turns in one sample."""
     max_text_tokens: int = 2048
     """Text tokens of one reward input (the model's max_length also applies)."""
     truncation: Truncation = "reject"
@@ -86,11 +89,13 @@ class BatchingConfig:
     """The dynamic batcher in front of each transformers model."""
 
     max_batch_size: int = 32
+    """Most items in one forward pass."""
     max_batch_tokens: int = 32768
     """Budget per batch in padded tokens: batch size x longest item (text + image)."""
     max_delay_ms: float = 2.0
-    """Longest an item waits for batch-mates once the device is free. Small: an idle server
-    runs a lone item at once, and under load batches fill while the device is busy."""
+    """Longest a batch waits for batch-mates that are admitted and still being prepared
+    (decoded, tokenised). Nothing else on its way: it runs at once, so an idle server never
+    waits; under load, batches fill while the device is busy."""
     max_queue_items: int = 1024
     """Items (one forward pass each) admitted and not yet finished; beyond: RESOURCE_EXHAUSTED."""
     preprocess_workers: int = 2
@@ -99,7 +104,10 @@ class BatchingConfig:
 
 @dataclass
 class ScoreConfig:
+    """The Score RPC: which configured models are the question and answer reward models."""
+
     enabled: bool = True
+    """Serve Score (false: the RPC answers UNIMPLEMENTED and no reward model is loaded)."""
     question_model: str = "question"
     """Name (in [models]) of the default question reward model."""
     answer_model: str = "answer"
@@ -146,7 +154,10 @@ class AlignConfig:
 
 @dataclass
 class ServerSection:
+    """Ports, shutdown, logging and the model cache."""
+
     host: str = "[::]"
+    """Address the gRPC port binds ([::] = every interface)."""
     port: int = 50051
     """gRPC port; 0 picks a free one (logged at start)."""
     metrics_port: int = 9090
@@ -156,6 +167,7 @@ class ServerSection:
     cache_dir: str = "~/.cache/align2"
     """Where embedded models are built and cached."""
     log_level: str = "INFO"
+    """DEBUG, INFO, WARNING or ERROR."""
     log_format: Literal["json", "text"] = "json"
     """json: one JSON object per line with a request_id (for log shippers); text: plain."""
     log_payloads: bool = False
@@ -171,6 +183,7 @@ class SecurityConfig:
     tls_cert_file: str = ""
     """PEM certificate chain of the server; with tls_key_file, serves TLS."""
     tls_key_file: str = ""
+    """PEM private key of the server certificate."""
     tls_client_ca_file: str = ""
     """PEM roots that client certificates must chain to; set: mutual TLS is required."""
     auth_tokens_file: str = ""

@@ -1,4 +1,5 @@
-"""The checked-in align2.v1 stubs are exactly what `make protos` generates from protos/."""
+"""Generated files are fresh: the align2.v1 stubs (`make protos`) and the configuration
+doc (`make docs`)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,15 @@ def test_checked_in_stubs_are_fresh(tmp_path: pathlib.Path) -> None:
         assert path.read_bytes() == (checked_in / path.name).read_bytes(), (
             f"{path.name} is stale: run `make protos` and commit the result"
         )
+
+
+def test_configuration_doc_is_fresh() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "gen_config_docs", ROOT / "scripts" / "gen_config_docs.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (ROOT / "docs" / "configuration.md").read_text() == module.render(), (
+        "docs/configuration.md is stale: run `make docs`"
+    )
