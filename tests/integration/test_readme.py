@@ -23,9 +23,10 @@ def example(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llava: pathlib.Path) -> Iterator[ServerThread]:
+def server(tiny_llava: pathlib.Path, tiny_llm: pathlib.Path) -> Iterator[ServerThread]:
     config = Config()
     config.models = {name: ModelConfig(path=str(tiny_llava)) for name in ("question", "answer")}
+    config.models["llm"] = ModelConfig(path=str(tiny_llm))
     server = ServerThread(config).start()
     yield server
     server.stop()
@@ -44,3 +45,24 @@ def test_score_example_runs_as_written(
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3  # one line for the sample, one per record of examples/
     assert lines[1].startswith("000000000001 ") and lines[1].endswith(" None")
+
+
+def test_align_example_runs_as_written(
+    server: ServerThread, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tiny random LLM writes noise; the code path and the written file are what count."""
+    code = example("align").replace("localhost:50051", server.target)
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the example writes aligned.json to the working directory
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    out = capsys.readouterr().out.splitlines()
+    verdicts = [line for line in out if line.startswith(("original ", "rewrite "))]
+    assert len(verdicts) == 3  # one per turn of examples/conversations.json
+    from align2.client import read_llava
+
+    written = read_llava(tmp_path / "aligned.json")
+    assert [s.id for s in written] == ["000000000001", "000000000002"]
