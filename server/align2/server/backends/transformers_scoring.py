@@ -145,7 +145,24 @@ class TransformersScoring:
         inputs = [p.payload for p in batch]
         return await loop.run_in_executor(self._executor, self._forward, inputs)
 
+    async def features(self, batch: Sequence[Prepared]) -> torch.Tensor:
+        """The pooled hidden states ``[B, hidden]`` (float32, CPU), one row per input.
+
+        Contract: ``score(batch)[i] == features(batch)[i] @ head`` (the head as float32), up
+        to float32 rounding; the head is not applied. Heads are trained on these
+        (align2.server.training), so they must come from the very forward that scores.
+        """
+        loop = asyncio.get_running_loop()
+        inputs = [p.payload for p in batch]
+        pooled = await loop.run_in_executor(self._executor, self._pooled, inputs)
+        return pooled.cpu()
+
     def _forward(self, inputs: list[_Inputs]) -> list[float]:
+        scores = self._pooled(inputs) @ self._head.T
+        return [float(s) for s in scores[:, 0].cpu()]
+
+    def _pooled(self, inputs: list[_Inputs]) -> torch.Tensor:
+        """Final hidden state at each input's last non-padding token, float32 on the device."""
         try:
             with torch.inference_mode():
                 ids, mask = _pad_right([x.input_ids for x in inputs], self._pad_id)
@@ -160,9 +177,7 @@ class TransformersScoring:
                 )
                 hidden = out.last_hidden_state
                 last = mask.sum(dim=1).to(self._device) - 1
-                pooled = hidden[torch.arange(len(inputs), device=self._device), last]
-                scores = pooled.float() @ self._head.T
-                return [float(s) for s in scores[:, 0].cpu()]
+                return hidden[torch.arange(len(inputs), device=self._device), last].float()
         except Exception as exc:
             raise classify_device_error(exc, self.description.name) from exc
 

@@ -7,8 +7,9 @@ The server's defaults (``embedded:NAME`` paths) must work without a model hub:
   and chat template kept). It restyles text and is the text half of the two below.
 - ``reward-question`` / ``reward-answer``: Idefics3 reward checkpoints (SmolVLM layout,
   512 px images, 64 image tokens) whose text half is that SmolLM2, with a small random
-  vision tower and an untrained seeded score head each. They exercise the full scoring
-  path; their scores carry no preference signal.
+  vision tower each and the score head trained on the method's human preference data
+  (``align2 train-heads``), shipped in align2.server.models.heads and written in after the
+  build. The vision tower is random, so they judge the text only.
 
 Contract: ``ensure`` returns a complete folder or raises; a folder is built in a temporary
 sibling and renamed into place, so a crash or a concurrent build never exposes a partial
@@ -30,13 +31,14 @@ from collections.abc import Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+from align2.server.models import heads
 from align2.server.models.builders import build_idefics3_reward
 from align2.server.models.tokenizers import strip_load_options
 
 log = logging.getLogger(__name__)
 
 PREFIX = "embedded:"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 3
 """Bump when a recipe below changes, so that caches built by older code are not reused."""
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -70,13 +72,19 @@ def _build_smollm2(target: pathlib.Path, cache_dir: pathlib.Path) -> None:
     tokenizer.save_pretrained(target)
 
 
-def _reward_builder(seed: int) -> Builder:
-    """An Idefics3 reward checkpoint over the embedded SmolLM2 with head/vision ``seed``."""
+REWARD_SEEDS: dict[str, int] = {"reward-question": 1, "reward-answer": 2}
+"""Seed of each reward model's random vision tower and untrained head (the training tool
+reproduces the untrained head as its baseline)."""
+
+
+def _reward_builder(name: str, head: str) -> Builder:
+    """An Idefics3 reward checkpoint over the embedded SmolLM2, vision and untrained head
+    from ``REWARD_SEEDS[name]``, then the shipped trained ``head`` written in."""
 
     def build(target: pathlib.Path, cache_dir: pathlib.Path) -> None:
         build_idefics3_reward(
             target,
-            seed=seed,
+            seed=REWARD_SEEDS[name],
             text_model_from=ensure(SMOLLM2, cache_dir),
             dtype=torch.bfloat16,
             # SmolVLM's geometry (64 image tokens); the tower is small and random because no
@@ -88,14 +96,15 @@ def _reward_builder(seed: int) -> Builder:
             vision_layers=2,
             vision_heads=2,
         )
+        heads.install_shipped(target, head)
 
     return build
 
 
 _BUILDERS: dict[str, Builder] = {
     SMOLLM2: _build_smollm2,
-    "reward-question": _reward_builder(seed=1),
-    "reward-answer": _reward_builder(seed=2),
+    "reward-question": _reward_builder("reward-question", "question"),
+    "reward-answer": _reward_builder("reward-answer", "answer"),
 }
 
 EMBEDDED_NAMES: tuple[str, ...] = tuple(_BUILDERS)
