@@ -66,6 +66,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in flags.items() if v is not None}
 
 
+def _no_progress_bars() -> None:
+    """Progress bars would interleave with the JSON log lines on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 async def serve(config: config_module.Config) -> int:
     """Run until SIGTERM/SIGINT, then drain within the grace period. Returns the exit code."""
     from align2.server.app import App
@@ -100,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         raise SystemExit(f"align2: {exc}") from None
     logs.setup(config.server.log_level, config.server.log_format)
+    _no_progress_bars()
     if args.command == "build-models":
         from align2.server.models import embedded
 

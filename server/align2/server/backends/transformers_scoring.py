@@ -76,6 +76,7 @@ class TransformersScoring:
         device = resolve_device(config.device)
         dtype = torch_dtype(config.dtype)
         processor = AutoProcessor.from_pretrained(path)
+        _quiet_expected_head_report()
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
         base = model.model  # the LM head is not needed: the scalar head replaces it
         del model
@@ -209,3 +210,25 @@ def _stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
     for row, t in enumerate(tensors):
         out[row, : t.shape[0]] = t
     return out
+
+
+class _ExpectedHeadReport(logging.Filter):
+    """transformers reports ``score.weight`` as UNEXPECTED on every reward-checkpoint load
+    (the head is not part of the VLM class; we read it ourselves). Drop that report only;
+    any report naming another key passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "LOAD REPORT" not in text:
+            return True
+        rows = [line for line in text.splitlines() if line.count("|") >= 2 and "Key" not in line]
+        flagged = [r for r in rows if any(w in r for w in ("UNEXPECTED", "MISSING", "MISMATCH"))]
+        expected = [r for r in flagged if r.split("|")[0].strip() == "score.weight"]
+        return not flagged or expected != flagged
+
+
+_HEAD_REPORT_FILTER = _ExpectedHeadReport()
+
+
+def _quiet_expected_head_report() -> None:
+    logging.getLogger("transformers.modeling_utils").addFilter(_HEAD_REPORT_FILTER)  # idempotent
