@@ -9,6 +9,7 @@ and each call gets a request id for its log lines.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -70,44 +71,40 @@ class _Call:
         )
 
 
+@contextlib.asynccontextmanager
+async def _mapped(rpc: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Run one RPC's behavior: map its errors to a status, record its code and duration."""
+    call = _Call(rpc, context)
+    try:
+        yield
+    except grpc.aio.AbortError:
+        call.aborted()
+        raise
+    except asyncio.CancelledError:
+        call.cancelled()
+        raise
+    except Exception as exc:
+        await call.fail(exc)
+    finally:
+        call.finish()
+
+
 def _wrap_unary_response(rpc: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = _Call(rpc, context)
-        try:
+        async with _mapped(rpc, context):
             return await behavior(request, context)
-        except grpc.aio.AbortError:
-            call.aborted()
-            raise
-        except asyncio.CancelledError:
-            call.cancelled()
-            raise
-        except Exception as exc:
-            await call.fail(exc)
-        finally:
-            call.finish()
 
     return wrapped
 
 
 def _wrap_stream_response(rpc: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        call = _Call(rpc, context)
-        try:
+        async with _mapped(rpc, context):
             if inspect.isasyncgenfunction(behavior):
                 async for response in behavior(request, context):
                     yield response
             else:
                 await behavior(request, context)
-        except grpc.aio.AbortError:
-            call.aborted()
-            raise
-        except asyncio.CancelledError:
-            call.cancelled()
-            raise
-        except Exception as exc:
-            await call.fail(exc)
-        finally:
-            call.finish()
 
     return wrapped
 
