@@ -71,7 +71,7 @@ async def submit_all(batcher: Batcher[int, float], items: list[int], **kw) -> li
 
 async def test_one_result_per_item_in_order_and_batches_bounded() -> None:
     runner = FakeRunner()
-    batcher = make(runner)
+    batcher = make(runner, max_delay=0.01)
     assert await submit_all(batcher, list(range(10))) == [i * 10.0 for i in range(10)]
     assert all(len(b) <= 4 for b in runner.batches)
     assert sorted(runner.computed) == list(range(10))
@@ -286,3 +286,38 @@ async def test_close_fails_queued_items_and_refuses_new_ones() -> None:
     with pytest.raises(Unavailable):
         batcher.reserve(1)
     running.cancel()
+
+
+async def test_after_a_full_batch_a_lone_item_waits_for_the_returning_callers() -> None:
+    """Closed-loop load: the callers of the last batch are about to send again."""
+    runner = FakeRunner(gated=True)
+    batcher = make(runner, max_delay=60.0)
+    r = batcher.reserve(3)
+    first = [asyncio.create_task(batcher.submit(i, cost=1, reservation=r)) for i in (1, 2, 3)]
+    await runner.entered.wait()
+    runner.gate.set()
+    await asyncio.gather(*first)
+    assert runner.batches == [[1, 2, 3]]
+    runner.gate.clear()
+    runner.entered.clear()
+    r = batcher.reserve(1)  # each caller admits its own next item, one at a time
+    early = asyncio.create_task(batcher.submit(4, cost=1, reservation=r))
+    await asyncio.sleep(0.05)
+    assert runner.computed == [1, 2, 3]  # [4] waits: the last batch carried more than 1
+    r = batcher.reserve(2)
+    late = [asyncio.create_task(batcher.submit(i, cost=1, reservation=r)) for i in (5, 6)]
+    await runner.entered.wait()
+    runner.gate.set()
+    await asyncio.gather(early, *late)
+    assert runner.batches[-1] == [4, 5, 6]
+    await batcher.close()
+
+
+async def test_the_wait_for_returning_callers_is_bounded_by_max_delay() -> None:
+    runner = FakeRunner()
+    batcher = make(runner, max_delay=0.05)
+    assert await submit_all(batcher, [1, 2, 3]) == [10.0, 20.0, 30.0]
+    started = time.monotonic()
+    assert await submit_all(batcher, [4]) == [40.0]
+    assert 0.04 <= time.monotonic() - started < 5.0
+    await batcher.close()

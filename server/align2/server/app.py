@@ -171,9 +171,9 @@ class App:
         path = await asyncio.to_thread(embedded.resolve, model.path, self.config.cache_path)
         log.info("loading inner LLM %s from %s (%s)", name, path, model.backend)
         backend = await asyncio.to_thread(backends.load_generation, name, model, path)
-        runtime = GenerationRuntime(
-            backend, self.config.batching, self.config.align.max_inflight_items, self._on_fatal
-        )
+        align = self.config.align
+        batching = dataclasses.replace(self.config.batching, max_delay_ms=align.max_delay_ms)
+        runtime = GenerationRuntime(backend, batching, align.max_inflight_items, self._on_fatal)
         runtime.start()
         self._llms[name] = runtime
         self._record_model(name, backend.description, model)

@@ -145,6 +145,11 @@ class AlignConfig:
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     max_new_tokens_limit: int = 1024
     """Largest max_new_tokens a call may ask for."""
+    max_delay_ms: float = 50.0
+    """Longest a transformers generation batch waits for rewrites that are admitted and
+    still being prepared (rendered, tokenised). A batch generates for seconds and cannot
+    take latecomers, so starting one full batch beats starting a small one first; like
+    batching.max_delay_ms it never delays a lone request on an idle server."""
     max_inflight_items: int = 4096
     """LLM requests (one rewrite or one review choice each) admitted and not finished;
     beyond: RESOURCE_EXHAUSTED. A call claims up to 4 per turn at once (2 rewrites, 2

@@ -1,8 +1,10 @@
 """The dynamic batcher: one background task groups submitted items into batches.
 
-Each caller gets a future. The loop forms a batch by count and by a padded-token budget,
-waits for batch-mates at most ``max_delay`` and only while more items are known to be on
-their way (admitted and still being prepared), so an idle server runs a lone item at once.
+Each caller gets a future. The loop forms a batch by count and by a padded-token budget.
+Once the device is free it waits for batch-mates at most ``max_delay``, and only while more
+are expected: items admitted and still being prepared, or, under closed-loop load, the
+callers that were in flight during the last batch sending their next items. An idle server
+runs a lone item at once.
 Cancelled and expired items are dropped before compute; a caller whose deadline passes is
 answered at once, even while its batch-mates run. A device out-of-memory error splits the
 batch and retries the halves.
@@ -113,6 +115,9 @@ class Batcher(Generic[T, R]):
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._batch_ids = itertools.count()
+        self._free_since = 0.0  # when the device last finished a batch
+        self._high_water = 0  # most items in flight since the current batch started
+        self._expected = 0  # batch size the current load suggests
         self._gauge = metrics.QUEUE_DEPTH.labels(model=name)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -165,6 +170,7 @@ class Batcher(Generic[T, R]):
 
     def _update_gauge(self) -> None:
         self._gauge.set(self.load)
+        self._high_water = max(self._high_water, self.load)
 
     # -- submission ----------------------------------------------------------------------
     async def submit(
@@ -224,18 +230,20 @@ class Batcher(Generic[T, R]):
             batch = await self._next_batch()
             if batch:
                 await self._execute(batch)
+                self._free_since = time.monotonic()
 
     async def _next_batch(self) -> list[_Entry[T, R]]:
-        """Wait for work, give batch-mates that are on their way a moment, take a batch."""
+        """Wait for work, give expected batch-mates a moment, take a batch."""
         while True:
             self._queue.drop(lambda e: e.future.done())
             if len(self._queue):
                 break
             self._wakeup.clear()
             await self._wakeup.wait()
-        while len(self._queue) < self.max_batch_size and self._reserved > 0:
-            waited = time.monotonic() - self._queue.oldest_submitted()
-            remaining = self.max_delay - waited
+        while len(self._queue) < self.max_batch_size and self._expecting_more():
+            # A batch could start from here on: the device is free and an item is queued.
+            ready = max(self._free_since, self._queue.oldest_submitted())
+            remaining = ready + self.max_delay - time.monotonic()
             if remaining <= 0:
                 break
             self._wakeup.clear()
@@ -246,6 +254,13 @@ class Batcher(Generic[T, R]):
             if not len(self._queue):
                 return []
         return self._queue.take(self._fits)
+
+    def _expecting_more(self) -> bool:
+        """Are batch-mates on their way? Yes while admitted items are still being prepared,
+        and while fewer items wait than were in flight during the last batch: under
+        closed-loop load its callers are sending their next items. A lone caller on an idle
+        server (one item in flight, nothing reserved) never waits."""
+        return self._reserved > 0 or len(self._queue) < self._expected
 
     def _fits(self, batch: Sequence[_Entry[T, R]], entry: _Entry[T, R]) -> bool:
         """May ``entry`` join ``batch``? Padded cost: size x longest item."""
@@ -260,6 +275,10 @@ class Batcher(Generic[T, R]):
         batch = [e for e in batch if not e.future.done()]
         if not batch:
             return
+        # Callers seen in flight while the previous batch ran: under closed-loop load they
+        # return with their next items, so the next batch waits (briefly) for them.
+        self._expected = min(self.max_batch_size, self._high_water)
+        self._high_water = self.load
         batch_id = next(self._batch_ids)
         started = time.monotonic()
         metrics.observe_batch(self.name, len(batch), max(e.cost for e in batch) * len(batch))

