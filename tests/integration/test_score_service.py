@@ -205,6 +205,7 @@ def test_server_info_reports_models_limits_batching(client: CurationClient) -> N
     assert model.family == "llava" and model.image_tokens == 16 and model.image_mode == "pad"
     assert info.limits.max_samples_per_call == 8
     assert info.limits.max_image_pixels == 1_000_000
+    assert info.limits.max_streams == 100
     assert info.batching.max_batch_size == 32
     assert info.template_version == "align2llava-reward-v1"
     assert "Score" in info.services

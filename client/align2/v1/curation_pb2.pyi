@@ -920,7 +920,9 @@ class Limits(_message.Message):
     """reject | truncate"""
     max_queue_items: _builtins.int
     max_streams: _builtins.int
+    """concurrent RPCs per client connection"""
     max_stream_inflight: _builtins.int
+    """items in flight per Curate stream (0: no Curate)"""
     max_llm_inflight: _builtins.int
     """Align: LLM requests admitted at once (align.max_inflight_items)"""
     max_new_tokens: _builtins.int

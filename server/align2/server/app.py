@@ -111,6 +111,7 @@ class App:
             options=[
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
+                ("grpc.max_concurrent_streams", self.config.limits.max_streams),
             ],
         )
         servicer = CurationServicer(self.lifecycle, self._scorer, self.server_info, self._aligner)

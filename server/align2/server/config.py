@@ -77,6 +77,9 @@ class LimitsConfig:
     """Width x height, read from the image header before decoding (no decompression bombs)."""
     max_turns: int = 64
     """Question/answer turns in one sample."""
+    max_streams: int = 100
+    """Concurrent RPCs (HTTP/2 streams) per client connection; more wait in gRPC until one
+    ends (gRPC's max_concurrent_streams)."""
     max_text_tokens: int = 2048
     """Text tokens of one reward input (the model's max_length also applies)."""
     truncation: Truncation = "reject"

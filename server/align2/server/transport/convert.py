@@ -243,6 +243,7 @@ def server_info_to_proto(
             truncation=limits.truncation,
             max_queue_items=batching.max_queue_items,
             max_llm_inflight=config.align.max_inflight_items,
+            max_streams=limits.max_streams,
             max_new_tokens=config.align.max_new_tokens_limit,
         ),
         batching=pb.Batching(
