@@ -760,7 +760,12 @@ Global___CurateOptions: _TypeAlias = CurateOptions  # noqa: Y015
 
 @_typing.final
 class CurateRequest(_message.Message):
-    """The first message of a stream may carry options; every other message carries a sample."""
+    """The first message of a stream may carry options; every other message carries a sample.
+    Decisions come back as they are made (not in input order), one per sample, each with the
+    sample's id. The server works on at most Limits.max_stream_inflight samples of a stream at
+    once and reads the next message only when one finishes (flow control, not refusal).
+    Selection state (the thresholds) belongs to the stream.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -800,7 +805,7 @@ class CurateResponse(_message.Message):
     id: _builtins.str
     decision: Global___Decision.ValueType
     question_threshold: _builtins.float
-    """the threshold in force when it was decided"""
+    """The thresholds in force when it was decided (set for the stages it reached)."""
     answer_threshold: _builtins.float
     @_builtins.property
     def scores(self) -> Global___ScoreResult: ...
@@ -816,16 +821,23 @@ class CurateResponse(_message.Message):
         id: _builtins.str = ...,
         decision: Global___Decision.ValueType = ...,
         scores: Global___ScoreResult | None = ...,
-        question_threshold: _builtins.float = ...,
-        answer_threshold: _builtins.float = ...,
+        question_threshold: _builtins.float | None = ...,
+        answer_threshold: _builtins.float | None = ...,
         aligned: Global___AlignResult | None = ...,
         error: Global___ItemError | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["aligned", b"aligned", "error", b"error", "scores", b"scores"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_answer_threshold", b"_answer_threshold", "_question_threshold", b"_question_threshold", "aligned", b"aligned", "answer_threshold", b"answer_threshold", "error", b"error", "question_threshold", b"question_threshold", "scores", b"scores"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aligned", b"aligned", "answer_threshold", b"answer_threshold", "decision", b"decision", "error", b"error", "id", b"id", "question_threshold", b"question_threshold", "scores", b"scores"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_threshold", b"_answer_threshold", "_question_threshold", b"_question_threshold", "aligned", b"aligned", "answer_threshold", b"answer_threshold", "decision", b"decision", "error", b"error", "id", b"id", "question_threshold", b"question_threshold", "scores", b"scores"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__answer_threshold: _TypeAlias = _typing.Literal["answer_threshold"]  # noqa: Y015
+    _WhichOneofArgType__answer_threshold: _TypeAlias = _typing.Literal["_answer_threshold", b"_answer_threshold"]  # noqa: Y015
+    _WhichOneofReturnType__question_threshold: _TypeAlias = _typing.Literal["question_threshold"]  # noqa: Y015
+    _WhichOneofArgType__question_threshold: _TypeAlias = _typing.Literal["_question_threshold", b"_question_threshold"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__answer_threshold) -> _WhichOneofReturnType__answer_threshold | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__question_threshold) -> _WhichOneofReturnType__question_threshold | None: ...
 
 Global___CurateResponse: _TypeAlias = CurateResponse  # noqa: Y015
 

@@ -25,6 +25,7 @@ from align2.server.backends.base import GenerationBackend, ModelDescription, Sco
 from align2.server.config import Config, ModelConfig
 from align2.server.core.align_types import AlignCall, DecodingOptions
 from align2.server.core.alignment import Aligner
+from align2.server.core.curation import Curator
 from align2.server.core.lifecycle import Lifecycle, Phase
 from align2.server.core.llm import GenerationRuntime
 from align2.server.core.prompts import TemplateLibrary
@@ -79,6 +80,11 @@ class App:
             if self._templates is not None
             else None
         )
+        self._curator = (
+            Curator(self._scorer, self._aligner, config.curate, config.limits, self.lifecycle)
+            if self._scorer is not None and config.curate_enabled
+            else None
+        )
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
 
@@ -114,7 +120,9 @@ class App:
                 ("grpc.max_concurrent_streams", self.config.limits.max_streams),
             ],
         )
-        servicer = CurationServicer(self.lifecycle, self._scorer, self.server_info, self._aligner)
+        servicer = CurationServicer(
+            self.lifecycle, self._scorer, self.server_info, self._aligner, self._curator
+        )
         pb_grpc.add_CurationServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -228,7 +236,7 @@ class App:
             (dataclasses.replace(rt.description, name=name), self._role(name))
             for name, rt in sorted(self._llms.items())
         ]
-        enabled = (("Score", self._scorer), ("Align", self._aligner))
+        enabled = (("Score", self._scorer), ("Align", self._aligner), ("Curate", self._curator))
         services = [service for service, core in enabled if core is not None]
         templates = [(t.name, t.sha256) for t in self._templates or ()]
         return convert.server_info_to_proto(self.config, models, services, version(), templates)

@@ -80,6 +80,10 @@ class LimitsConfig:
     max_streams: int = 100
     """Concurrent RPCs (HTTP/2 streams) per client connection; more wait in gRPC until one
     ends (gRPC's max_concurrent_streams)."""
+    max_stream_inflight: int = 64
+    """Samples of one Curate stream being worked on at once; the server reads the next sample
+    only when one finishes, so a fast producer is slowed by gRPC flow control (nothing is
+    refused or dropped). 0 disables Curate."""
     max_text_tokens: int = 2048
     """Text tokens of one reward input (the model's max_length also applies)."""
     truncation: Truncation = "reject"
@@ -161,6 +165,23 @@ class AlignConfig:
 
 
 @dataclass
+class CurateConfig:
+    """The Curate stream: score, select the top fractions per task type, align the kept.
+
+    Selection is per stream (a producer's own data; no state shared between streams or
+    replicas): a sample is kept when its score is among the top fraction of the last
+    ``window`` scores of its task type in the stream, itself included (see
+    align2/server/core/selection.py)."""
+
+    question_keep_fraction: float = 0.3
+    """Default share kept by question score, per task type (the method's 30%)."""
+    answer_keep_fraction: float = 0.3
+    """Default share of the question-kept kept by mean answer score (the method's 30%)."""
+    window: int = 10000
+    """Recent scores per task type and stage that a threshold is computed from."""
+
+
+@dataclass
 class ServerSection:
     """Ports, shutdown, logging and the model cache."""
 
@@ -220,6 +241,7 @@ class Config:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     models: dict[str, ModelConfig] = field(default_factory=_default_models)
 
@@ -254,12 +276,31 @@ class Config:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key}: must be at least 1, got {value}")
+        self._validate_curate()
         security = self.security
         if bool(security.tls_cert_file) != bool(security.tls_key_file):
             raise ConfigError("security.tls_cert_file and security.tls_key_file go together")
         if security.tls_client_ca_file and not security.tls:
             raise ConfigError("security.tls_client_ca_file needs tls_cert_file and tls_key_file")
         return self
+
+    def _validate_curate(self) -> None:
+        curate = self.curate
+        for key in ("question_keep_fraction", "answer_keep_fraction"):
+            value = getattr(curate, key)
+            if not 0 < value <= 1:
+                raise ConfigError(f"curate.{key}: must be in (0, 1], got {value}")
+        if curate.window < 1:
+            raise ConfigError(f"curate.window: must be at least 1, got {curate.window}")
+        if self.limits.max_stream_inflight < 0:
+            raise ConfigError(
+                f"limits.max_stream_inflight: must be >= 0, got {self.limits.max_stream_inflight}"
+            )
+
+    @property
+    def curate_enabled(self) -> bool:
+        """Curate needs Score (and Align for streams that ask to restyle)."""
+        return self.score.enabled and self.limits.max_stream_inflight > 0
 
     def _validate_align(self) -> None:
         align, decoding = self.align, self.align.decoding

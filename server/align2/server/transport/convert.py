@@ -6,10 +6,12 @@ become InvalidArgument naming the field and the valid values.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from align2.client.convert import sample_from_proto, turn_to_proto
+from align2.client.types import Sample
 from align2.server.backends.base import ModelDescription
 from align2.server.config import Config
 from align2.server.core.align_types import (
@@ -21,6 +23,7 @@ from align2.server.core.align_types import (
     Parts,
     SampleAlignment,
 )
+from align2.server.core.curation import Curated, CurateOptions, Decision
 from align2.server.core.priority import Priority
 from align2.server.core.scoring import Head, SampleScore, ScoreCall, ScoreOutcome
 from align2.server.core.templates import TEMPLATE_VERSION
@@ -129,16 +132,80 @@ def decoding_from_proto(message: pb.DecodingOptions) -> DecodingOptions:
 def align_call_from_proto(
     request: pb.AlignRequest, deadline: float | None, priority_metadata: str | None = None
 ) -> AlignCall:
-    options = request.options
-    return AlignCall(
+    return dataclasses.replace(
+        align_settings_from_proto(request.options),
         samples=[sample_from_proto(s) for s in request.samples],
+        priority=priority_from_proto(request.priority, priority_metadata),
+        deadline=deadline,
+    )
+
+
+def align_settings_from_proto(options: pb.AlignOptions) -> AlignCall:
+    """The options of an Align call, as a call without samples."""
+    return AlignCall(
+        samples=(),
         parts=parts_from_proto(options.parts),
         review=options.review if options.HasField("review") else None,
         decoding=decoding_from_proto(options.decoding),
         template=options.template,
-        priority=priority_from_proto(request.priority, priority_metadata),
-        deadline=deadline,
     )
+
+
+# -- Curate -------------------------------------------------------------------------------
+
+
+def curate_options_from_proto(
+    message: pb.CurateOptions, priority_metadata: str | None = None
+) -> CurateOptions:
+    def fraction(key: str) -> float | None:
+        return getattr(message, key) if message.HasField(key) else None
+
+    return CurateOptions(
+        question_keep_fraction=fraction("question_keep_fraction"),
+        answer_keep_fraction=fraction("answer_keep_fraction"),
+        align=align_settings_from_proto(message.align_options) if message.align else None,
+        priority=priority_from_proto(message.priority, priority_metadata),
+    )
+
+
+async def curate_requests_from_proto(
+    requests: AsyncIterator[pb.CurateRequest], priority_metadata: str | None = None
+) -> AsyncIterator[CurateOptions | Sample]:
+    """The stream's messages in domain terms; a message with neither options nor a sample is
+    refused naming its position."""
+    position = 0
+    async for request in requests:
+        kind = request.WhichOneof("item")
+        if kind == "options":
+            yield curate_options_from_proto(request.options, priority_metadata)
+        elif kind == "sample":
+            yield sample_from_proto(request.sample)
+        else:
+            raise InvalidArgument(f"item: message {position} carries neither options nor sample")
+        position += 1
+
+
+_DECISIONS = {
+    Decision.KEPT: pb.DECISION_KEPT,
+    Decision.DROPPED_QUESTION: pb.DECISION_DROPPED_QUESTION,
+    Decision.DROPPED_ANSWER: pb.DECISION_DROPPED_ANSWER,
+    Decision.ERROR: pb.DECISION_ERROR,
+}
+
+
+def curated_to_proto(curated: Curated) -> pb.CurateResponse:
+    response = pb.CurateResponse(
+        id=curated.id,
+        decision=_DECISIONS[curated.decision],
+        scores=sample_score_to_proto(curated.scores),
+        question_threshold=curated.question_threshold,
+        answer_threshold=curated.answer_threshold,
+    )
+    if curated.aligned is not None:
+        response.aligned.CopyFrom(sample_alignment_to_proto(curated.aligned))
+    if curated.error is not None:
+        response.error.CopyFrom(item_error_to_proto(curated.error))
+    return response
 
 
 def aligned_turn_to_proto(turn: AlignedTurn) -> pb.AlignedTurn:
@@ -244,6 +311,7 @@ def server_info_to_proto(
             max_queue_items=batching.max_queue_items,
             max_llm_inflight=config.align.max_inflight_items,
             max_streams=limits.max_streams,
+            max_stream_inflight=limits.max_stream_inflight if config.curate_enabled else 0,
             max_new_tokens=config.align.max_new_tokens_limit,
         ),
         batching=pb.Batching(

@@ -1,4 +1,5 @@
-"""The align2.v1 CurationService servicer: thin, one core call per RPC.
+"""The align2.v1 CurationService servicer: thin, one core call per RPC (Curate: one core
+stream per RPC).
 
 Errors raised by the core travel up to StatusInterceptor, which maps them to statuses.
 """
@@ -10,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from align2.server.core.alignment import Aligner
+from align2.server.core.curation import Curator
 from align2.server.core.lifecycle import Lifecycle
 from align2.server.core.scoring import Scorer
 from align2.server.errors import Unimplemented
@@ -25,11 +27,13 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
         scorer: Scorer | None,
         server_info: Callable[[], pb.ServerInfo],
         aligner: Aligner | None = None,
+        curator: Curator | None = None,
     ) -> None:
         self._lifecycle = lifecycle
         self._scorer = scorer
         self._server_info = server_info
         self._aligner = aligner
+        self._curator = curator
 
     async def Score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
@@ -51,9 +55,17 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
 
     async def Curate(
         self, request_iterator: AsyncIterator[pb.CurateRequest], context: grpc.aio.ServicerContext
-    ) -> None:
+    ) -> AsyncIterator[pb.CurateResponse]:
         self._lifecycle.check_serving()
-        raise Unimplemented("Curate is not available in this version")
+        if self._curator is None:
+            raise Unimplemented(
+                "Curate is disabled on this server (needs score.enabled and "
+                "limits.max_stream_inflight > 0)"
+            )
+        deadline, priority = _call_context(context)
+        requests = convert.curate_requests_from_proto(request_iterator, priority)
+        async for curated in self._curator.stream(requests, deadline):
+            yield convert.curated_to_proto(curated)
 
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext

@@ -1,0 +1,261 @@
+"""Curate: the method end to end on a stream of samples, as a generator produces them.
+
+Per sample, cheapest work first:
+1. the question head scores it; it is kept when the score is among the top
+   ``question_keep_fraction`` of its task type (see selection.py), else dropped;
+2. only then the answer head scores each turn; the mean answer score must be among the top
+   ``answer_keep_fraction`` of the question-kept samples of its task type;
+3. a kept sample is aligned (rewrite, guards, review) when the stream asked for it.
+
+The stream: at most ``limits.max_stream_inflight`` samples are worked on at once; the next
+one is read only when one finishes, so gRPC flow control slows a producer that is faster
+than the server, and nothing is refused for being early. Decisions come back as they are
+made (not in input order; each carries its sample's id). Every accepted sample gets exactly
+one decision: a failure of one sample (bad image, overload, deadline) is a decision with an
+error, and a stream that fails as a whole (misplaced options, shutdown) first answers every
+sample it accepted. Selection state lives in the stream: thresholds come from that
+producer's data only, whichever replica serves it.
+
+With concurrent samples, the order in which scores reach the selector (and so a borderline
+decision) depends on timing; ``max_stream_inflight = 1`` or a single-sample stream makes
+decisions repeatable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from align2.client.types import Sample
+from align2.server import metrics
+from align2.server.config import CurateConfig, LimitsConfig
+from align2.server.core.align_types import AlignCall, SampleAlignment
+from align2.server.core.alignment import Aligner
+from align2.server.core.lifecycle import Lifecycle
+from align2.server.core.priority import Priority
+from align2.server.core.scoring import Head, SampleScore, ScoreCall, Scorer
+from align2.server.core.selection import TaskSelectors
+from align2.server.errors import Align2Error, BackendError, InvalidArgument, Unimplemented
+
+log = logging.getLogger(__name__)
+
+
+class Decision(enum.Enum):
+    KEPT = "kept"
+    DROPPED_QUESTION = "dropped_question"
+    DROPPED_ANSWER = "dropped_answer"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class CurateOptions:
+    """A stream's settings; None takes the configured default."""
+
+    question_keep_fraction: float | None = None
+    answer_keep_fraction: float | None = None
+    align: AlignCall | None = None  # the Align settings (no samples) when kept ones are aligned
+    priority: Priority = Priority.BULK
+
+
+@dataclass
+class Curated:
+    """The decision on one sample. ``scores`` holds what was computed (no answer scores when
+    the question stage dropped it); the thresholds are those in force at the decision."""
+
+    id: str
+    decision: Decision
+    scores: SampleScore
+    question_threshold: float | None = None
+    answer_threshold: float | None = None
+    aligned: SampleAlignment | None = None
+    error: Align2Error | None = None
+
+
+class Curator:
+    """Runs Curate streams over the Score (and, when enabled, Align) cores."""
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        aligner: Aligner | None,
+        config: CurateConfig,
+        limits: LimitsConfig,
+        lifecycle: Lifecycle,
+    ) -> None:
+        self._scorer = scorer
+        self._aligner = aligner
+        self._config = config
+        self._limits = limits
+        self._lifecycle = lifecycle
+
+    def session(self, options: CurateOptions) -> Session:
+        """Validated settings and fresh selection state for one stream."""
+        fractions = {}
+        for key in ("question_keep_fraction", "answer_keep_fraction"):
+            value = getattr(options, key)
+            value = getattr(self._config, key) if value is None else value
+            if not 0 < value <= 1:
+                raise InvalidArgument(f"options.{key}: {value} is not in (0, 1]")
+            fractions[key] = value
+        if options.align is not None and self._aligner is None:
+            raise Unimplemented("options.align: Align is disabled on this server")
+        return Session(
+            self._scorer,
+            self._aligner if options.align is not None else None,
+            options,
+            TaskSelectors(fractions["question_keep_fraction"], self._config.window),
+            TaskSelectors(fractions["answer_keep_fraction"], self._config.window),
+        )
+
+    async def stream(
+        self, requests: AsyncIterator[CurateOptions | Sample], deadline: float | None
+    ) -> AsyncIterator[Curated]:
+        """One decision per sample of ``requests``, as each is made (see the module doc).
+
+        Raises after the accepted samples are answered when the stream itself is wrong
+        (options after a sample) or the server began to shut down (UNAVAILABLE: the rest
+        goes to another replica)."""
+        limit = self._limits.max_stream_inflight
+        if limit < 1:
+            raise Unimplemented("Curate is disabled on this server (limits.max_stream_inflight)")
+        slots = asyncio.Semaphore(limit)
+        finished: asyncio.Queue[asyncio.Task[Curated] | None] = asyncio.Queue()
+        working: set[asyncio.Task[Curated]] = set()
+        accepted = 0
+
+        def on_done(task: asyncio.Task[Curated]) -> None:
+            working.discard(task)
+            metrics.CURATE_INFLIGHT.dec()
+            slots.release()
+            finished.put_nowait(task)
+
+        async def read() -> None:
+            nonlocal accepted
+            session: Session | None = None
+            position = 0
+            async for request in requests:
+                if isinstance(request, CurateOptions):
+                    if position > 0:
+                        raise InvalidArgument(
+                            f"options: message {position} carries options; only the first "
+                            "message of a stream may"
+                        )
+                    session = self.session(request)
+                    position += 1
+                    continue
+                session = session or self.session(CurateOptions())
+                position += 1
+                await slots.acquire()
+                self._lifecycle.check_serving()  # draining: stop taking samples
+                task = asyncio.create_task(session.curate(request, deadline))
+                accepted += 1
+                metrics.CURATE_INFLIGHT.inc()
+                working.add(task)
+                task.add_done_callback(on_done)
+
+        reader = asyncio.create_task(read())
+        reader.add_done_callback(lambda _: finished.put_nowait(None))
+        answered = 0
+        try:
+            reading = True
+            while reading or answered < accepted:
+                task = await finished.get()
+                if task is None:
+                    reading = False
+                    continue
+                answered += 1
+                yield task.result()
+            reader.result()  # the stream's own error, now that every accepted one is answered
+        finally:
+            reader.cancel()
+            for task in list(working):
+                task.cancel()
+
+
+class Session:
+    """One stream: its settings and its selection state."""
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        aligner: Aligner | None,
+        options: CurateOptions,
+        questions: TaskSelectors,
+        answers: TaskSelectors,
+    ) -> None:
+        self._scorer = scorer
+        self._aligner = aligner
+        self._options = options
+        self._questions = questions
+        self._answers = answers
+
+    async def curate(self, sample: Sample, deadline: float | None) -> Curated:
+        """Never raises for one sample's failure: it becomes the decision's error."""
+        result = Curated(sample.id, Decision.ERROR, SampleScore(id=sample.id))
+        try:
+            await self._decide(sample, deadline, result)
+        except Align2Error as exc:
+            result.error = exc
+        except Exception as exc:  # a bug on one sample must not end the stream
+            log.error("unexpected error in Curate on sample %r", sample.id, exc_info=exc)
+            result.error = BackendError(f"sample: internal error: {exc}")
+        if result.error is not None:
+            result.decision = Decision.ERROR
+        metrics.CURATE_DECISIONS.labels(decision=result.decision.value).inc()
+        return result
+
+    async def _decide(self, sample: Sample, deadline: float | None, result: Curated) -> None:
+        question = await self._score(sample, Head.QUESTION, deadline)
+        result.scores.question_score = question.question_score
+        result.scores.question_truncated = question.question_truncated
+        assert question.question_score is not None
+        selected = self._questions.add(sample.task, question.question_score)
+        result.question_threshold = selected.threshold
+        if not selected.kept:
+            result.decision = Decision.DROPPED_QUESTION
+            return
+        answer = await self._score(sample, Head.ANSWER, deadline)
+        result.scores.answer_scores = answer.answer_scores
+        result.scores.answer_truncated = answer.answer_truncated
+        assert answer.answer_score is not None
+        selected = self._answers.add(sample.task, answer.answer_score)
+        result.answer_threshold = selected.threshold
+        if not selected.kept:
+            result.decision = Decision.DROPPED_ANSWER
+            return
+        if self._aligner is not None and self._options.align is not None:
+            call = dataclasses.replace(
+                self._options.align,
+                samples=[sample],
+                priority=self._options.priority,
+                deadline=deadline,
+            )
+            aligned = (await self._aligner.align(call)).results[0]
+            if aligned.error is not None:
+                raise _relative(aligned.error)
+            result.aligned = aligned
+        result.decision = Decision.KEPT
+
+    async def _score(self, sample: Sample, head: Head, deadline: float | None) -> SampleScore:
+        call = ScoreCall(
+            samples=[sample],
+            heads=frozenset({head}),
+            priority=self._options.priority,
+            deadline=deadline,
+        )
+        scored = (await self._scorer.score(call)).results[0]
+        if scored.error is not None:
+            raise _relative(scored.error)
+        return scored
+
+
+def _relative(error: Align2Error) -> Align2Error:
+    """A one-sample call's error names ``samples[0].field``; in a stream it is ``sample.field``."""
+    prefix = "samples[0]"
+    if error.message.startswith(prefix):
+        error = type(error)(f"sample{error.message[len(prefix) :]}")
+    return error

@@ -1,0 +1,182 @@
+"""The Curate stream core with a scripted scorer (scores by sample id, gated by events):
+the in-flight bound, one decision per accepted sample, the two-stage selection, errors of
+one sample, and stream-level failures that first answer what was accepted."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import pytest
+
+from align2.client.types import Sample, Turn
+from align2.server.config import CurateConfig, LimitsConfig
+from align2.server.core.curation import Curated, CurateOptions, Curator, Decision
+from align2.server.core.lifecycle import Lifecycle, Phase
+from align2.server.core.scoring import Head, SampleScore, ScoreCall, ScoreOutcome
+from align2.server.errors import Code, InvalidArgument, Overloaded, Unavailable
+
+
+class ScriptedScorer:
+    """question score = ``questions[id]``, answer scores = ``answers[id]``; a sample whose
+    question score is None fails with Overloaded. ``gate`` (when set) holds every call."""
+
+    def __init__(self, questions: dict[str, float | None], answers: dict[str, list[float]]):
+        self.questions = questions
+        self.answers = answers
+        self.gate: asyncio.Event | None = None
+        self.running = 0
+        self.most_running = 0
+        self.calls: list[tuple[str, Head]] = []
+
+    async def score(self, call: ScoreCall) -> ScoreOutcome:
+        [sample] = call.samples
+        [head] = call.heads
+        self.calls.append((sample.id, head))
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            await asyncio.sleep(0)
+        finally:
+            self.running -= 1
+        result = SampleScore(id=sample.id)
+        if head is Head.QUESTION:
+            score = self.questions[sample.id]
+            if score is None:
+                result.error = Overloaded("samples[0]: queue full (batching.max_queue_items 4)")
+            result.question_score = score
+        else:
+            result.answer_scores = self.answers.get(sample.id, [0.0])
+        return ScoreOutcome([result], None, None, "t", 0.0, 0.0)
+
+
+def sample(i: int, task: str = "detail") -> Sample:
+    return Sample(id=f"s{i}", image=b"", task=task, turns=[Turn("q?", "a.")])
+
+
+def curator(
+    scorer: ScriptedScorer, inflight: int = 4, lifecycle: Lifecycle | None = None
+) -> Curator:
+    lifecycle = lifecycle or Lifecycle()
+    lifecycle.phase = Phase.SERVING if lifecycle.phase is Phase.STARTING else lifecycle.phase
+    limits = LimitsConfig(max_stream_inflight=inflight)
+    return Curator(scorer, None, CurateConfig(window=100), limits, lifecycle)  # type: ignore[arg-type]
+
+
+async def feed(items: Iterable[Any]) -> AsyncIterator[Any]:
+    for item in items:
+        await asyncio.sleep(0)
+        yield item
+
+
+async def collect(stream: AsyncIterator[Curated]) -> list[Curated]:
+    return [c async for c in stream]
+
+
+async def test_at_most_max_stream_inflight_samples_are_worked_on_at_once() -> None:
+    scorer = ScriptedScorer({f"s{i}": float(i) for i in range(10)}, {})
+    scorer.gate = asyncio.Event()
+    task = asyncio.ensure_future(
+        collect(curator(scorer, inflight=3).stream(feed(sample(i) for i in range(10)), None))
+    )
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert scorer.running == 3  # the rest were not even read
+    assert len(scorer.calls) == 3
+    scorer.gate.set()
+    results = await task
+    assert sorted(r.id for r in results) == [f"s{i}" for i in range(10)]
+    assert scorer.most_running == 3
+
+
+async def test_two_stages_per_task_and_answers_scored_only_when_questions_pass() -> None:
+    questions = {"s0": 1.0, "s1": 5.0, "s2": 0.5, "s3": 9.0}
+    answers = {"s0": [3.0], "s1": [1.0, 2.0], "s3": [0.0]}
+    scorer = ScriptedScorer(questions, answers)
+    options = CurateOptions(question_keep_fraction=0.5, answer_keep_fraction=0.5)
+    items = [options, sample(0), sample(1), sample(2), sample(3, task="other")]
+    results = {r.id: r for r in await collect(curator(scorer, 1).stream(feed(items), None))}
+    # s0 first of "detail": kept at both stages (its own threshold).
+    assert results["s0"].decision is Decision.KEPT
+    assert (results["s0"].question_threshold, results["s0"].answer_threshold) == (1.0, 3.0)
+    # s1: question 5 >= top half of {1, 5}; answer mean 1.5 below top half of {3, 1.5}.
+    assert results["s1"].decision is Decision.DROPPED_ANSWER
+    assert results["s1"].scores.answer_scores == [1.0, 2.0]
+    assert results["s1"].answer_threshold == 3.0
+    # s2: 0.5 is not in the top 2 of {1, 5, 0.5}: dropped, answers never scored.
+    assert results["s2"].decision is Decision.DROPPED_QUESTION
+    assert results["s2"].question_threshold == 1.0 and results["s2"].answer_threshold is None
+    assert ("s2", Head.ANSWER) not in scorer.calls and results["s2"].scores.answer_scores == []
+    # s3: another task starts its own window.
+    assert results["s3"].decision is Decision.KEPT
+
+
+async def test_a_failed_sample_is_a_decision_with_its_error_and_its_mates_go_on() -> None:
+    scorer = ScriptedScorer({"s0": 1.0, "s1": None, "s2": 2.0}, {})
+    results = {
+        r.id: r
+        for r in await collect(
+            curator(scorer).stream(feed([sample(0), sample(1), sample(2)]), None)
+        )
+    }
+    assert results["s1"].decision is Decision.ERROR
+    assert results["s1"].error is not None and results["s1"].error.code is Code.RESOURCE_EXHAUSTED
+    assert results["s1"].error.message.startswith("sample: queue full")  # no "samples[0]"
+    assert results["s0"].decision is Decision.KEPT and results["s2"].decision is Decision.KEPT
+
+
+async def test_options_after_a_sample_fail_the_stream_after_answering_the_accepted() -> None:
+    scorer = ScriptedScorer({"s0": 1.0, "s1": 2.0}, {})
+    seen: list[str] = []
+    stream = curator(scorer).stream(feed([sample(0), sample(1), CurateOptions()]), None)
+    with pytest.raises(InvalidArgument, match="options: message 2 carries options"):
+        async for result in stream:
+            seen.append(result.id)
+    assert sorted(seen) == ["s0", "s1"]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.5])
+async def test_a_bad_fraction_names_the_option(fraction: float) -> None:
+    scorer = ScriptedScorer({}, {})
+    items = [CurateOptions(answer_keep_fraction=fraction), sample(0)]
+    with pytest.raises(InvalidArgument, match=r"options.answer_keep_fraction: .* not in \(0, 1\]"):
+        await collect(curator(scorer).stream(feed(items), None))
+
+
+async def test_a_draining_server_stops_taking_samples_but_answers_those_it_took() -> None:
+    lifecycle = Lifecycle()
+    scorer = ScriptedScorer({f"s{i}": float(i) for i in range(5)}, {})
+
+    async def items() -> AsyncIterator[Sample]:
+        yield sample(0)
+        yield sample(1)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        lifecycle.phase = Phase.DRAINING
+        for i in range(2, 5):
+            yield sample(i)
+
+    seen: list[str] = []
+    with pytest.raises(Unavailable, match="shutting down"):
+        async for result in curator(scorer, lifecycle=lifecycle).stream(items(), None):
+            seen.append(result.id)
+    assert sorted(seen) == ["s0", "s1"]
+
+
+async def test_a_consumer_that_stops_cancels_the_work_in_flight() -> None:
+    scorer = ScriptedScorer({f"s{i}": float(i) for i in range(4)}, {})
+    scorer.gate = asyncio.Event()
+    stream = curator(scorer, inflight=4).stream(feed(sample(i) for i in range(4)), None)
+    task = asyncio.ensure_future(stream.__anext__())
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert scorer.running == 4
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert scorer.running == 0
