@@ -20,7 +20,7 @@ def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None
         cli.main(["--help"])
     assert raised.value.code == 0
     out = capsys.readouterr().out
-    for command in ("info", "score", "serve", "build-models", "train-heads"):
+    for command in ("info", "score", "align", "curate", "serve", "build-models", "train-heads"):
         assert command in out
 
 

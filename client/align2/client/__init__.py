@@ -7,6 +7,8 @@
         results = client.score(samples)
         aligned = client.align(samples)  # the inner LLM restyles, then reviews
         write_llava([a.sample for a in aligned if a.ok], "aligned.json")
+        # as a generator produces them: keep the best (per task type), restyle the kept
+        kept = [r.sample for r in client.curate(generate(), align=True) if r.kept]
 
 Needs only grpcio and protobuf. The gRPC-facing names are imported on first use, so that
 ``align2.client.types`` and ``align2.client.llava`` (pure Python, also used by the server
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
         AlignReply,
         AlignResult,
         CallInfo,
+        CurateResult,
         ItemError,
         ModelRef,
         ProtocolError,
@@ -50,6 +53,7 @@ _LAZY = {
     "AlignReply": "align2.client.results",
     "AlignResult": "align2.client.results",
     "CallInfo": "align2.client.results",
+    "CurateResult": "align2.client.results",
     "ItemError": "align2.client.results",
     "ModelRef": "align2.client.results",
     "ProtocolError": "align2.client.results",
@@ -67,6 +71,7 @@ __all__ = [
     "AlignedTurn",
     "AsyncCurationClient",
     "CallInfo",
+    "CurateResult",
     "CurationClient",
     "ImageMarker",
     "ItemError",

@@ -9,9 +9,11 @@ disk.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
+
+import grpc
 
 from align2.client.base import ClientBase
 from align2.client.calls import (
@@ -30,8 +32,15 @@ from align2.client.channel import (
     open_aio_channel,
     service_stub,
 )
+from align2.client.curate import AsyncCurateResults, CurateStream
 from align2.client.health import health_request, health_status, health_stub
-from align2.client.results import AlignReply, AlignResult, ScoreReply, ScoreResult
+from align2.client.results import (
+    AlignReply,
+    AlignResult,
+    CurateResult,
+    ScoreReply,
+    ScoreResult,
+)
 from align2.client.types import Sample
 from align2.v1 import curation_pb2 as pb
 
@@ -181,6 +190,66 @@ class AsyncCurationClient(ClientBase):
         )
         return call.reply(parts)
 
+    def curate(
+        self,
+        samples: Iterable[Sample] | AsyncIterable[Sample],
+        *,
+        question_keep_fraction: float | None = None,
+        answer_keep_fraction: float | None = None,
+        align: bool = False,
+        timeout: float | None = None,
+        priority: str | None = None,
+        **align_settings: Any,
+    ) -> AsyncCurateResults:
+        """The asyncio twin of :meth:`CurationClient.curate` (``async for result in
+        client.curate(samples)``); ``samples`` may be an async iterable. Images are read in a
+        worker thread."""
+        stream = CurateStream.plan(
+            question_keep_fraction=question_keep_fraction,
+            answer_keep_fraction=answer_keep_fraction,
+            align=align,
+            priority=priority,
+            **align_settings,
+        )
+        call = self._stub.Curate(timeout=self._deadline(timeout), metadata=self._settings.metadata)
+
+        async def write() -> None:
+            await call.write(pb.CurateRequest(options=stream.options))
+            async for sample in _aiter(samples):
+                request = await asyncio.to_thread(stream.encode, sample)
+                if request is not None:
+                    await call.write(request)
+            await call.done_writing()
+
+        async def results() -> AsyncIterator[CurateResult]:
+            writer = asyncio.ensure_future(write())
+
+            def on_written(task: asyncio.Future[None]) -> None:
+                # a producer that fails must end the stream, or the server waits forever
+                if not task.cancelled() and task.exception() is not None:
+                    call.cancel()
+
+            writer.add_done_callback(on_written)
+            try:
+                async for response in call:
+                    for result in stream.local_results():
+                        yield result
+                    yield stream.decode(response)
+                await writer
+                for result in stream.finish():
+                    yield result
+            except (grpc.RpcError, asyncio.CancelledError):
+                # grpc.aio reports our own cancel() as CancelledError: when the producer failed,
+                # its error is what the caller needs to see
+                if writer.done() and not writer.cancelled() and writer.exception() is not None:
+                    raise writer.exception() from None  # type: ignore[misc]
+                raise
+            finally:
+                writer.cancel()
+                call.cancel()
+
+        return AsyncCurateResults(stream, results(), call.cancel)
+
     async def server_info(
         self,
         *,
@@ -243,6 +312,15 @@ class AsyncCurationClient(ClientBase):
                 chunk.request, timeout=deadline, metadata=self._settings.metadata
             )
         return call.decode(chunk, response)
+
+
+async def _aiter(samples: Iterable[Sample] | AsyncIterable[Sample]) -> AsyncIterator[Sample]:
+    if isinstance(samples, AsyncIterable):
+        async for sample in samples:
+            yield sample
+    else:
+        for sample in samples:
+            yield sample
 
 
 async def gather_bounded(count: int, run: Callable[[int], Awaitable[T]], limit: int) -> list[T]:

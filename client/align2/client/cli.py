@@ -1,6 +1,7 @@
 """The ``align2`` command.
 
-Client subcommands (``info``, ``health``, ``score``, ``align``) need only the light client.
+Client subcommands (``info``, ``health``, ``score``, ``align``, ``curate``) need only the
+light client.
 Server subcommands (``serve``, ``build-models``, ``train-heads``) are forwarded to
 ``align2.server.cli.main``, which is imported only when one of them runs: the client
 command never imports server code.
@@ -17,6 +18,7 @@ import importlib
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
@@ -31,7 +33,8 @@ from align2.client.calls import (
     parse_heads,
     split_chunks,
 )
-from align2.client.llava import read_llava, write_llava
+from align2.client.llava import iter_llava, read_llava, write_llava
+from align2.client.results import DECISIONS
 from align2.client.sync import CurationClient
 from align2.client.types import Sample
 
@@ -107,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _align_arguments(align)
     align.set_defaults(run=run_align)
+    curate = commands.add_parser(
+        "curate",
+        parents=[connection],
+        help="stream a LLaVA file through Curate; write the kept samples (restyled with --align)",
+    )
+    _curate_arguments(curate)
+    curate.set_defaults(run=run_curate)
     for name, summary in SERVER_COMMANDS.items():
         # Listed for --help only: main() forwards these before parsing.
         commands.add_parser(name, help=summary, add_help=False)
@@ -155,6 +165,13 @@ def _align_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--report", default=None, help="JSONL of every turn: original, rewrite, verdict"
     )
+    _rewrite_arguments(parser)
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--priority", choices=sorted(PRIORITIES), default=None)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _rewrite_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parts", choices=sorted(PARTS), default="both")
     parser.add_argument("--no-review", action="store_true", help="keep rewrites unreviewed")
     parser.add_argument("--max-new-tokens", type=int, default=None)
@@ -162,7 +179,38 @@ def _align_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--template", default=None, help="template set (server default)")
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+
+
+def _rewrite_options(namespace: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "parts": namespace.parts,
+        "review": not namespace.no_review,
+        "max_new_tokens": namespace.max_new_tokens,
+        "temperature": namespace.temperature,
+        "top_p": namespace.top_p,
+        "seed": namespace.seed,
+        "template": namespace.template,
+    }
+
+
+def _curate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="LLaVA JSON list or JSONL (JSONL is streamed)")
+    parser.add_argument("--image-folder", default=None, help="folder of the records' images")
+    parser.add_argument("--task", default=None, help="task type (default: record, file name)")
+    parser.add_argument(
+        "--out", required=True, help="LLaVA file (.json or .jsonl) of the kept samples"
+    )
+    parser.add_argument(
+        "--report", default=None, help="JSONL of every decision: scores, thresholds, errors"
+    )
+    parser.add_argument(
+        "--question-keep", type=float, default=None, help="share kept by question score"
+    )
+    parser.add_argument(
+        "--answer-keep", type=float, default=None, help="share of those kept by answer score"
+    )
+    parser.add_argument("--align", action="store_true", help="restyle the kept samples")
+    _rewrite_arguments(parser)
     parser.add_argument("--priority", choices=sorted(PRIORITIES), default=None)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -236,16 +284,7 @@ def run_align(namespace: argparse.Namespace) -> int:
     """Write the samples as kept to ``--out`` (LLaVA); samples that failed are left out
     (counted on stderr, and with their errors in ``--report`` when given)."""
     samples = read_llava(namespace.file, image_folder=namespace.image_folder, task=namespace.task)
-    options = {
-        "parts": namespace.parts,
-        "review": not namespace.no_review,
-        "max_new_tokens": namespace.max_new_tokens,
-        "temperature": namespace.temperature,
-        "top_p": namespace.top_p,
-        "seed": namespace.seed,
-        "template": namespace.template,
-        "priority": namespace.priority,
-    }
+    options = {**_rewrite_options(namespace), "priority": namespace.priority}
     kept: list[Sample] = []
     report_to = _output(namespace.report) if namespace.report else contextlib.nullcontext(None)
     with (
@@ -266,6 +305,41 @@ def run_align(namespace: argparse.Namespace) -> int:
     return 0
 
 
+def run_curate(namespace: argparse.Namespace) -> int:
+    """Stream the file's samples to Curate as they are read; write the kept ones to ``--out``
+    (LLaVA, replaced atomically at the end) and every decision to ``--report``."""
+    samples = iter_llava(namespace.file, image_folder=namespace.image_folder, task=namespace.task)
+    counts: Counter[str] = Counter()
+    report_to = _output(namespace.report) if namespace.report else contextlib.nullcontext(None)
+    with (
+        client_from_arguments(namespace) as client,
+        report_to as report,
+        _progress(None, enabled=not namespace.no_progress) as advance,
+    ):
+        results = client.curate(
+            samples,
+            question_keep_fraction=namespace.question_keep,
+            answer_keep_fraction=namespace.answer_keep,
+            align=namespace.align,
+            priority=namespace.priority,
+            **_rewrite_options(namespace),
+        )
+
+        def kept() -> Iterator[Sample]:
+            for result in results:
+                counts[result.decision] += 1
+                advance(1)
+                if report is not None:
+                    report.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+                if result.sample is not None:
+                    yield result.sample
+
+        write_llava(kept(), namespace.out)
+    summary = ", ".join(f"{counts[d]} {d}" for d in DECISIONS)
+    print(f"align2 curate: {counts.total()} samples: {summary}", file=sys.stderr)
+    return 0
+
+
 @contextlib.contextmanager
 def _output(path: str) -> Iterator[IO[str]]:
     if path == "-":
@@ -276,7 +350,7 @@ def _output(path: str) -> Iterator[IO[str]]:
 
 
 @contextlib.contextmanager
-def _progress(total: int, *, enabled: bool) -> Iterator[Callable[[int], Any]]:
+def _progress(total: int | None, *, enabled: bool) -> Iterator[Callable[[int], Any]]:
     """A progress bar's ``update`` when tqdm is installed (optional), else a no-op."""
     bar_class = _tqdm() if enabled else None
     if bar_class is None:

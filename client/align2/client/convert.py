@@ -16,6 +16,7 @@ from align2.client.results import (
     AlignedTurn,
     AlignResult,
     CallInfo,
+    CurateResult,
     ItemError,
     ModelRef,
     ProtocolError,
@@ -175,4 +176,42 @@ def align_call_info_from_proto(response: pb.AlignResponse) -> AlignCallInfo:
             generated_tokens=response.tokens.generated_tokens,
         ),
         timing=timing_from_proto(response.timing),
+    )
+
+
+_DECISION_NAMES: dict[int, str] = {
+    pb.DECISION_KEPT: "kept",
+    pb.DECISION_DROPPED_QUESTION: "dropped_question",
+    pb.DECISION_DROPPED_ANSWER: "dropped_answer",
+    pb.DECISION_ERROR: "error",
+}
+
+
+def curate_result_from_proto(message: pb.CurateResponse, original: Sample) -> CurateResult:
+    """The decision on ``original`` (the sample as the caller sent it). An unknown decision
+    (a newer server) or an error reads as "error": never keep what the server did not say
+    it kept."""
+    error = item_error_from_proto(message.error) if message.HasField("error") else None
+    decision = _DECISION_NAMES.get(message.decision, "error")
+    if decision != "error" and error is not None:
+        decision = "error"
+    if decision == "error" and error is None:
+        error = ItemError(grpc.StatusCode.UNKNOWN, f"decision: unknown value {message.decision}")
+    aligned = None
+    if message.HasField("aligned"):
+        aligned = align_result_from_proto(message.aligned, original)
+    kept = None
+    if decision == "kept":
+        kept = aligned.sample if aligned is not None and aligned.ok else original
+    return CurateResult(
+        id=message.id,
+        decision=decision,
+        scores=score_result_from_proto(message.scores),
+        question_threshold=(
+            message.question_threshold if message.HasField("question_threshold") else None
+        ),
+        answer_threshold=message.answer_threshold if message.HasField("answer_threshold") else None,
+        aligned=aligned,
+        error=error,
+        sample=kept,
     )

@@ -257,3 +257,58 @@ class AlignReply:
     @property
     def timing(self) -> Timing:
         return sum((c.timing for c in self.calls), Timing())
+
+
+# ---------------------------------------------------------------------------------------
+# Curate
+
+DECISIONS = ("kept", "dropped_question", "dropped_answer", "error")
+
+
+@dataclass(frozen=True)
+class CurateResult:
+    """The Curate decision on one sample.
+
+    ``decision``: "kept", "dropped_question" (below its task's question threshold),
+    "dropped_answer" (below its task's answer threshold, among the question-kept) or
+    "error" (then ``error`` says why; the scores computed before it stay). ``scores``: the
+    question score, and the answer scores when the question stage kept it. The thresholds
+    are those in force at the decision, for the stages it reached. ``aligned``: set when it
+    was kept and the stream asked to align. ``sample``: for a kept sample, the sample as kept
+    (restyled when aligned), ready for ``write_llava``; None otherwise.
+    """
+
+    id: str
+    decision: str
+    scores: ScoreResult
+    question_threshold: float | None = None
+    answer_threshold: float | None = None
+    aligned: AlignResult | None = None
+    error: ItemError | None = None
+    sample: Sample | None = None
+
+    @property
+    def kept(self) -> bool:
+        return self.decision == "kept"
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, like :meth:`ScoreResult.to_dict` (scores and alignment nested)."""
+        scores = self.scores.to_dict()
+        del scores["id"], scores["error"]
+        aligned = None
+        if self.aligned is not None:
+            aligned = self.aligned.to_dict()
+            del aligned["id"], aligned["error"]
+        return {
+            "id": self.id,
+            "decision": self.decision,
+            "scores": scores,
+            "question_threshold": self.question_threshold,
+            "answer_threshold": self.answer_threshold,
+            "aligned": aligned,
+            "error": _error_dict(self.error),
+        }

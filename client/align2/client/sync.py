@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
+
+import grpc
 
 from align2.client.base import ClientBase
 from align2.client.calls import (
@@ -16,8 +18,15 @@ from align2.client.calls import (
     ScoreChunkReply,
 )
 from align2.client.channel import open_channel, service_stub
+from align2.client.curate import CurateResults, CurateStream
 from align2.client.health import health_request, health_status, health_stub
-from align2.client.results import AlignReply, AlignResult, ScoreReply, ScoreResult
+from align2.client.results import (
+    AlignReply,
+    AlignResult,
+    CurateResult,
+    ScoreReply,
+    ScoreResult,
+)
 from align2.client.types import Sample
 from align2.v1 import curation_pb2 as pb
 
@@ -134,6 +143,58 @@ class CurationClient(ClientBase):
         call = AlignCall.plan(samples, chunk_size=self._chunk_size, priority=priority, **options)
         deadline = self._deadline(timeout)
         return call.reply([self._align_chunk(call, i, deadline) for i in range(len(call.chunks))])
+
+    def curate(
+        self,
+        samples: Iterable[Sample],
+        *,
+        question_keep_fraction: float | None = None,
+        answer_keep_fraction: float | None = None,
+        align: bool = False,
+        timeout: float | None = None,
+        priority: str | None = None,
+        **align_settings: Any,
+    ) -> CurateResults:
+        """Curate a stream of samples as they are produced: one result per sample, in the
+        order the server decides them (each carries its sample's ``id``).
+
+        The server keeps a sample when its question score is among the top
+        ``question_keep_fraction`` of its task type in this stream, and its mean answer
+        score among the top ``answer_keep_fraction`` of those (None: the server's defaults,
+        the method's 0.3 and 0.3); ``align`` restyles the kept ones (``align_settings`` as
+        for :meth:`align`). ``samples`` is read lazily as the server takes them, so a
+        generator producing data works; the server reads ahead at most its
+        ``max_stream_inflight``. ``timeout`` is the deadline of the whole stream (None: the
+        client's). A failure of the stream raises ``grpc.RpcError``; the samples it did not
+        answer are then in ``results.unanswered``. ValueError for a bad argument, at once.
+        """
+        stream = CurateStream.plan(
+            question_keep_fraction=question_keep_fraction,
+            answer_keep_fraction=answer_keep_fraction,
+            align=align,
+            priority=priority,
+            **align_settings,
+        )
+        responses = self._stub.Curate(
+            stream.requests(samples),
+            timeout=self._deadline(timeout),
+            metadata=self._settings.metadata,
+        )
+
+        def results() -> Iterator[CurateResult]:
+            try:
+                for response in responses:
+                    yield from stream.local_results()
+                    yield stream.decode(response)
+                yield from stream.finish()
+            except grpc.RpcError:
+                if stream.producer_error is not None:  # gRPC cancelled the call for it
+                    raise stream.producer_error from None
+                raise
+            finally:
+                responses.cancel()  # a consumer that stops early ends the stream
+
+        return CurateResults(stream, results(), responses.cancel)
 
     def server_info(self, *, timeout: float | None = None) -> pb.ServerInfo:
         """What the server runs: models, versions, limits and batching settings."""

@@ -1,0 +1,172 @@
+"""The Curate stream's bookkeeping, shared by the sync and asyncio clients.
+
+One :class:`CurateStream` per ``curate`` call: the options message first, then one request
+per sample; every sample sent is remembered until its decision arrives, so that each result
+carries the sample as the caller gave it (to rebuild the kept or restyled sample), and so
+that a stream that ends with samples unanswered is a :class:`ProtocolError`, never a silent
+loss. A sample whose image cannot be read is not sent: it becomes an "error" result here.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from align2.client.calls import _image_read_error, align_options, parse_priority
+from align2.client.convert import curate_result_from_proto, sample_to_proto
+from align2.client.results import CurateResult, ProtocolError, ScoreResult
+from align2.client.types import Sample
+from align2.v1 import curation_pb2 as pb
+
+
+def _fraction(key: str, value: float | None) -> float | None:
+    if value is not None and not 0 < value <= 1:
+        raise ValueError(f"{key}: {value} is not in (0, 1]")
+    return value
+
+
+@dataclass
+class CurateStream:
+    options: pb.CurateOptions
+    _outstanding: dict[str, collections.deque[Sample]] = field(default_factory=dict)
+    _local: collections.deque[CurateResult] = field(default_factory=collections.deque)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    producer_error: Exception | None = None  # what the caller's sample iterator raised
+
+    @classmethod
+    def plan(
+        cls,
+        *,
+        question_keep_fraction: float | None = None,
+        answer_keep_fraction: float | None = None,
+        align: bool = False,
+        priority: str | None = None,
+        **align_settings: Any,
+    ) -> CurateStream:
+        """Validate everything before any I/O. None leaves a setting to the server;
+        ``align_settings`` as :func:`align2.client.calls.align_options` (used when
+        ``align``)."""
+        options = pb.CurateOptions(
+            question_keep_fraction=_fraction("question_keep_fraction", question_keep_fraction),
+            answer_keep_fraction=_fraction("answer_keep_fraction", answer_keep_fraction),
+            align=align,
+            align_options=align_options(**align_settings),
+            priority=parse_priority(priority),
+        )
+        if not align:
+            options.ClearField("align_options")
+        return cls(options)
+
+    def requests(self, samples: Iterable[Sample]) -> Iterator[pb.CurateRequest]:
+        """The stream's messages: the options, then each sample that could be encoded."""
+        yield pb.CurateRequest(options=self.options)
+        try:
+            for sample in samples:
+                request = self.encode(sample)
+                if request is not None:
+                    yield request
+        except Exception as error:  # gRPC then cancels the call; the caller gets this error
+            self.producer_error = error
+            raise
+
+    def encode(self, sample: Sample) -> pb.CurateRequest | None:
+        """The request for ``sample`` (reads a lazy image now), or None when its image can't
+        be read (its error result is then queued for :meth:`local_results`)."""
+        try:
+            message = sample_to_proto(sample)
+        except OSError as error:
+            result = CurateResult(
+                sample.id, "error", ScoreResult(id=sample.id), error=_image_read_error(error)
+            )
+            with self._lock:
+                self._local.append(result)
+            return None
+        with self._lock:
+            self._outstanding.setdefault(sample.id, collections.deque()).append(sample)
+        return pb.CurateRequest(sample=message)
+
+    def decode(self, response: pb.CurateResponse) -> CurateResult:
+        """The result for one response; ProtocolError for an id with nothing outstanding."""
+        with self._lock:
+            waiting = self._outstanding.get(response.id)
+            if not waiting:
+                raise ProtocolError(f"a result for id {response.id!r}, which was not sent")
+            original = waiting.popleft()
+            if not waiting:
+                del self._outstanding[response.id]
+        return curate_result_from_proto(response, original)
+
+    def local_results(self) -> list[CurateResult]:
+        """The samples that failed here (unreadable images) since the last call."""
+        with self._lock:
+            results = list(self._local)
+            self._local.clear()
+        return results
+
+    def finish(self) -> list[CurateResult]:
+        """At the stream's successful end: the remaining local failures. ProtocolError when a
+        sample sent got no result."""
+        missing = self.unanswered
+        if missing:
+            raise ProtocolError(
+                f"the stream ended with {len(missing)} samples unanswered "
+                f"(first ids: {missing[:3]})"
+            )
+        return self.local_results()
+
+    @property
+    def unanswered(self) -> list[str]:
+        """Ids sent and not yet answered: after a stream fails as a whole, the samples to
+        send again (the server answers every sample it accepted before it fails a stream)."""
+        with self._lock:
+            return [i for i, waiting in self._outstanding.items() for _ in waiting]
+
+
+class CurateResults(Iterator[CurateResult]):
+    """What ``CurationClient.curate`` returns: the results as the server decides them, plus
+    the ids still unanswered (to resend after a failure) and ``cancel()``."""
+
+    def __init__(
+        self, stream: CurateStream, results: Iterator[CurateResult], cancel: Callable[[], Any]
+    ) -> None:
+        self._stream = stream
+        self._results = results
+        self._cancel = cancel
+
+    def __next__(self) -> CurateResult:
+        return next(self._results)
+
+    @property
+    def unanswered(self) -> list[str]:
+        return self._stream.unanswered
+
+    def cancel(self) -> None:
+        """End the stream now; samples not yet answered stay in :attr:`unanswered`."""
+        self._cancel()
+
+
+class AsyncCurateResults(AsyncIterator[CurateResult]):
+    """The asyncio twin of :class:`CurateResults` (``async for``)."""
+
+    def __init__(
+        self,
+        stream: CurateStream,
+        results: AsyncIterator[CurateResult],
+        cancel: Callable[[], Any],
+    ) -> None:
+        self._stream = stream
+        self._results = results
+        self._cancel = cancel
+
+    async def __anext__(self) -> CurateResult:
+        return await self._results.__anext__()
+
+    @property
+    def unanswered(self) -> list[str]:
+        return self._stream.unanswered
+
+    def cancel(self) -> None:
+        self._cancel()

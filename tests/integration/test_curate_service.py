@@ -1,0 +1,244 @@
+"""Curate end to end: a real server on 127.0.0.1:0 (tiny LLaVA reward models, a tiny random
+Llama as the inner LLM), streamed to through align2.client, sync and asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import pytest
+from support import ServerThread, png
+
+from align2.client import AsyncCurationClient, CurateResult, CurationClient, Sample, Turn
+from align2.client.cli import main as cli_main
+from align2.server.config import Config, ModelConfig
+from align2.server.core.selection import TaskSelectors
+
+TASKS = ("conversation", "detail")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llava: pathlib.Path, tiny_llm: pathlib.Path) -> Iterator[ServerThread]:
+    config = Config()
+    config.models = {
+        "question": ModelConfig(path=str(tiny_llava)),
+        "answer": ModelConfig(path=str(tiny_llava)),
+        "llm": ModelConfig(path=str(tiny_llm), max_length=1024),
+    }
+    config.align.decoding.max_new_tokens = 6
+    config.limits.max_image_bytes = 200_000
+    # One sample at a time: selection order is input order, so the test can recompute it.
+    config.limits.max_stream_inflight = 1
+    server = ServerThread(config).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[CurationClient]:
+    with CurationClient(server.target, timeout=120) as c:
+        yield c
+
+
+def sample(i: int) -> Sample:
+    return Sample(
+        id=f"s{i}",
+        image=png(16 + i, 20, (i * 20 % 255, 90, 30)),
+        task=TASKS[i % 2],
+        turns=[
+            Turn(f"<image>\nWhat is item {i}?", f"Item {i} is a {'red ' * (i % 3)}box."),
+            Turn("And its size?", f"About {i + 2} cm."),
+        ][: 1 + i % 2],
+    )
+
+
+def test_every_sample_gets_the_decision_its_scores_and_the_method_imply(
+    client: CurationClient,
+) -> None:
+    samples = [sample(i) for i in range(12)]
+    results = list(client.curate(iter(samples), question_keep_fraction=0.5))
+    assert [r.id for r in results] == [s.id for s in samples]  # one at a time: input order
+
+    # The same selection, recomputed here from the scores the stream reported.
+    questions, answers = TaskSelectors(0.5, 10000), TaskSelectors(0.3, 10000)
+    for given, result in zip(samples, results, strict=True):
+        assert result.error is None
+        assert result.scores.question_score is not None
+        selected = questions.add(given.task, result.scores.question_score)
+        assert result.question_threshold == pytest.approx(selected.threshold)
+        if not selected.kept:
+            assert result.decision == "dropped_question" and result.sample is None
+            assert result.scores.answer_scores == () and result.answer_threshold is None
+            continue
+        assert len(result.scores.answer_scores) == len(given.turns)
+        assert result.scores.answer_score is not None
+        selected = answers.add(given.task, result.scores.answer_score)
+        assert result.answer_threshold == pytest.approx(selected.threshold)
+        assert result.decision == ("kept" if selected.kept else "dropped_answer")
+        assert result.kept == selected.kept
+        assert result.sample == (given if selected.kept else None)
+    assert {r.decision for r in results} >= {"kept", "dropped_question"}
+
+
+def test_curate_scores_equal_score(client: CurationClient) -> None:
+    samples = [sample(i) for i in range(4)]
+    curated = {r.id: r for r in client.curate(samples, question_keep_fraction=1.0)}
+    scored = client.score(samples)
+    for expected in scored:
+        got = curated[expected.id].scores
+        assert got.question_score == pytest.approx(expected.question_score, abs=1e-5)
+        assert got.answer_scores == pytest.approx(expected.answer_scores, abs=1e-5)
+
+
+def test_kept_samples_are_aligned_when_asked(client: CurationClient) -> None:
+    samples = [sample(i) for i in range(3)]
+    results = list(
+        client.curate(samples, question_keep_fraction=1.0, answer_keep_fraction=1.0, align=True)
+    )
+    assert [r.decision for r in results] == ["kept"] * 3
+    for given, result in zip(samples, results, strict=True):
+        assert result.aligned is not None and result.aligned.error is None
+        assert [t.original for t in result.aligned.turns] == given.turns
+        assert result.sample == result.aligned.sample
+        assert result.sample is not None and result.sample.image == given.image
+        assert result.sample.turns[0].question.startswith("<image>\n")
+
+
+def test_a_bad_sample_is_an_error_decision_and_its_stream_mates_go_on(
+    client: CurationClient, tmp_path: pathlib.Path
+) -> None:
+    corrupt = Sample(id="corrupt", image=b"not an image", turns=[Turn("What?", "A box.")])
+    empty = Sample(id="empty", image=png(), turns=[])
+    unreadable = Sample(id="missing", image=tmp_path / "nope.png", turns=[Turn("What?", "A.")])
+    samples = [sample(0), corrupt, empty, unreadable, sample(1)]
+    results = {r.id: r for r in client.curate(samples)}
+    assert set(results) == {"s0", "corrupt", "empty", "missing", "s1"}
+    for bad, code, field in [
+        ("corrupt", grpc.StatusCode.INVALID_ARGUMENT, "sample.image"),
+        ("empty", grpc.StatusCode.INVALID_ARGUMENT, "sample.turns"),
+        ("missing", grpc.StatusCode.NOT_FOUND, "image"),
+    ]:
+        error = results[bad].error
+        assert results[bad].decision == "error" and error is not None
+        assert error.code == code and error.message.startswith(field), error.message
+    assert results["s0"].ok and results["s1"].ok
+
+
+def test_bad_options_fail_at_once_naming_the_argument(client: CurationClient) -> None:
+    with pytest.raises(ValueError, match="question_keep_fraction"):
+        client.curate([], question_keep_fraction=0)
+    with pytest.raises(ValueError, match="parts"):
+        client.curate([], align=True, parts="everything")
+
+
+def test_server_info_reports_curate_and_its_stream_limit(client: CurationClient) -> None:
+    info = client.server_info()
+    assert "Curate" in info.services
+    assert info.limits.max_stream_inflight == 1
+
+
+def test_the_asyncio_client_streams_from_an_async_generator(server: ServerThread) -> None:
+    async def produce() -> AsyncIterator[Sample]:
+        for i in range(5):
+            await asyncio.sleep(0.01)  # a generator producing data as it goes
+            yield sample(i)
+
+    async def run() -> list[CurateResult]:
+        async with AsyncCurationClient(server.target, timeout=120) as client:
+            results = client.curate(produce(), question_keep_fraction=1.0)
+            collected = [r async for r in results]
+            assert results.unanswered == []
+            return collected
+
+    results = asyncio.run(run())
+    assert [r.id for r in results] == [f"s{i}" for i in range(5)]
+    assert all(r.ok and r.scores.question_score is not None for r in results)
+
+
+def test_a_producer_that_fails_ends_the_stream_with_its_error(server: ServerThread) -> None:
+    async def produce() -> AsyncIterator[Sample]:
+        yield sample(0)
+        raise RuntimeError("generator broke")
+
+    async def run() -> None:
+        async with AsyncCurationClient(server.target, timeout=60) as client:
+            async for _ in client.curate(produce()):
+                pass
+
+    with pytest.raises(RuntimeError, match="generator broke"):
+        asyncio.run(run())
+
+
+def test_curate_is_unimplemented_when_disabled(tiny_llava: pathlib.Path) -> None:
+    config = Config()
+    config.models = {"question": ModelConfig(path=str(tiny_llava))}
+    config.score.answer_model = "question"
+    config.limits.max_stream_inflight = 0
+    server = ServerThread(config).start()
+    try:
+        with CurationClient(server.target, timeout=30, retry=False) as client:
+            assert client.server_info().limits.max_stream_inflight == 0
+            assert "Curate" not in client.server_info().services
+            with pytest.raises(grpc.RpcError) as info:
+                list(client.curate([sample(0)]))
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "limits.max_stream_inflight" in (info.value.details() or "")
+    finally:
+        server.stop()
+
+
+def test_a_sync_producer_that_fails_ends_the_stream_with_its_error(
+    client: CurationClient,
+) -> None:
+    def produce() -> Iterator[Sample]:
+        yield sample(0)
+        raise RuntimeError("generator broke")
+
+    with pytest.raises(RuntimeError, match="generator broke"):
+        list(client.curate(produce()))
+
+
+def test_stopping_early_cancels_the_stream_and_reports_the_unanswered(
+    client: CurationClient,
+) -> None:
+    results = client.curate(sample(i) for i in range(6))
+    first = next(results)
+    results.cancel()
+    with pytest.raises(grpc.RpcError) as info:
+        list(results)
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    assert first.id not in results.unanswered
+    assert set(results.unanswered) <= {f"s{i}" for i in range(6)}
+
+
+def test_the_cli_streams_a_jsonl_file_and_writes_the_kept_samples(
+    server: ServerThread, tmp_path: pathlib.Path
+) -> None:
+    records = []
+    for i in range(6):
+        (tmp_path / f"img{i}.png").write_bytes(png(16 + i, 20))
+        records.append(
+            {
+                "id": f"r{i}",
+                "image": f"img{i}.png",
+                "conversations": [
+                    {"from": "human", "value": f"<image>\nWhat is item {i}?"},
+                    {"from": "gpt", "value": f"Item {i} is a box."},
+                ],
+            }
+        )
+    source, out, report = tmp_path / "in.jsonl", tmp_path / "kept.json", tmp_path / "r.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = ["curate", str(source), "--image-folder", str(tmp_path), "--target", server.target]
+    args += ["--out", str(out), "--report", str(report), "--task", "detail", "--no-progress"]
+    assert cli_main(args) == 0
+    decisions = [json.loads(line) for line in report.read_text().splitlines()]
+    assert sorted(d["id"] for d in decisions) == [f"r{i}" for i in range(6)]
+    kept_ids = [d["id"] for d in decisions if d["decision"] == "kept"]
+    assert kept_ids and len(kept_ids) < 6  # the method's 30% + 30%, on a fresh stream
+    written = json.loads(out.read_text())
+    assert [w["id"] for w in written] == kept_ids
+    assert written == [r for r in records if r["id"] in kept_ids]  # restored as read
