@@ -66,3 +66,24 @@ def test_align_example_runs_as_written(
 
     written = read_llava(tmp_path / "aligned.json")
     assert [s.id for s in written] == ["000000000001", "000000000002"]
+
+
+def test_curate_example_runs_as_written(
+    server: ServerThread, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = example("curate").replace("localhost:50051", server.target)
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the example writes curated.json to the working directory
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(line.split()[0] for line in lines) == ["000000000001", "000000000002"]
+    decisions = {line.split()[0]: line.split()[1] for line in lines}
+    from align2.client import read_llava
+
+    written = read_llava(tmp_path / "curated.json")
+    assert [s.id for s in written] == [i for i, d in decisions.items() if d == "kept"]
+    assert decisions["000000000001"] == "kept"  # the first of its task always is
