@@ -240,7 +240,7 @@ def test_score_and_align_in_one_process_and_each_alone(
     both = ServerThread(align_config(tiny_llm, question=tiny_llava, answer=tiny_llava)).start()
     try:
         with CurationClient(both.target, timeout=60) as c:
-            assert sorted(c.server_info().services) == ["Align", "Score"]
+            assert sorted(c.server_info().services) == ["Align", "Curate", "Score"]
             assert c.score([sample()])[0].ok and c.align([sample()])[0].ok
     finally:
         both.stop()
@@ -248,9 +248,17 @@ def test_score_and_align_in_one_process_and_each_alone(
     score_only.models = {n: ModelConfig(path=str(tiny_llava)) for n in ("question", "answer")}
     alone = ServerThread(score_only).start()
     try:
-        with CurationClient(alone.target) as c, pytest.raises(grpc.RpcError) as info:
-            c.align([sample()])
-        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with CurationClient(alone.target) as c:
+            assert sorted(c.server_info().services) == ["Curate", "Score"]
+            with pytest.raises(grpc.RpcError) as info:
+                c.align([sample()])
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            with pytest.raises(grpc.RpcError) as info:  # Curate without Align: scoring only
+                list(c.curate([sample()], align=True))
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "options.align" in (info.value.details() or "")
+            [kept] = list(c.curate([sample()]))
+            assert kept.decision == "kept"  # the first sample of a stream
     finally:
         alone.stop()
 
