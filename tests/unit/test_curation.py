@@ -14,6 +14,7 @@ from align2.client.types import Sample, Turn
 from align2.server.config import CurateConfig, LimitsConfig
 from align2.server.core.curation import Curated, CurateOptions, Curator, Decision
 from align2.server.core.lifecycle import Lifecycle, Phase
+from align2.server.core.priority import Priority
 from align2.server.core.scoring import Head, SampleScore, ScoreCall, ScoreOutcome
 from align2.server.errors import Code, InvalidArgument, Overloaded, Unavailable
 
@@ -84,7 +85,7 @@ async def test_at_most_max_stream_inflight_samples_are_worked_on_at_once() -> No
     )
     for _ in range(50):
         await asyncio.sleep(0)
-    assert scorer.running == 3  # the rest were not even read
+    assert scorer.running == 3  # the rest wait (the reader holds at most one more)
     assert len(scorer.calls) == 3
     scorer.gate.set()
     results = await task
@@ -146,24 +147,64 @@ async def test_a_bad_fraction_names_the_option(fraction: float) -> None:
         await collect(curator(scorer).stream(feed(items), None))
 
 
-async def test_a_draining_server_stops_taking_samples_but_answers_those_it_took() -> None:
+async def test_a_draining_server_ends_an_idle_stream_after_answering_what_it_took() -> None:
     lifecycle = Lifecycle()
     scorer = ScriptedScorer({f"s{i}": float(i) for i in range(5)}, {})
+    more = asyncio.Event()  # never set: the producer goes quiet after two samples
 
     async def items() -> AsyncIterator[Sample]:
         yield sample(0)
         yield sample(1)
-        for _ in range(20):
+        await more.wait()
+        yield sample(2)
+
+    async def drain_soon() -> None:
+        for _ in range(30):
             await asyncio.sleep(0)
         lifecycle.phase = Phase.DRAINING
-        for i in range(2, 5):
-            yield sample(i)
 
     seen: list[str] = []
+    drain = asyncio.ensure_future(drain_soon())
     with pytest.raises(Unavailable, match="shutting down"):
         async for result in curator(scorer, lifecycle=lifecycle).stream(items(), None):
             seen.append(result.id)
+    await drain
     assert sorted(seen) == ["s0", "s1"]
+
+
+async def test_a_slow_reader_of_decisions_holds_back_the_reading_of_samples() -> None:
+    scorer = ScriptedScorer({f"s{i}": float(i) for i in range(10)}, {})
+    pulled: list[int] = []
+
+    async def items() -> AsyncIterator[Sample]:
+        for i in range(10):
+            pulled.append(i)
+            yield sample(i)
+
+    stream = curator(scorer, inflight=2).stream(items(), None)
+    first = await stream.__anext__()
+    for _ in range(50):  # decisions are ready, nobody reads them
+        await asyncio.sleep(0)
+    # Two slots: the first decision (handed over, slot not yet given back) and one more;
+    # the reader may hold one more sample while it waits for a slot.
+    assert {i for i, _ in scorer.calls} == {"s0", "s1"} and len(pulled) <= 3
+    rest = [r async for r in stream]
+    assert sorted([first.id] + [r.id for r in rest]) == sorted(f"s{i}" for i in range(10))
+
+
+async def test_the_priority_of_a_stream_without_options_is_the_given_one() -> None:
+    scorer = ScriptedScorer({"s0": 1.0}, {})
+    priorities: list[Priority] = []
+    original = scorer.score
+
+    async def spy(call: ScoreCall) -> ScoreOutcome:
+        priorities.append(call.priority)
+        return await original(call)
+
+    scorer.score = spy  # type: ignore[method-assign]
+    stream = curator(scorer).stream(feed([sample(0)]), None, Priority.INTERACTIVE)
+    await collect(stream)
+    assert priorities and set(priorities) == {Priority.INTERACTIVE}
 
 
 async def test_a_consumer_that_stops_cancels_the_work_in_flight() -> None:

@@ -122,6 +122,11 @@ class Aligner:
         )
 
     # -- checks --------------------------------------------------------------------------
+    def check(self, call: AlignCall) -> None:
+        """The call-level checks of ``call`` (template set, decoding), without running it:
+        a Curate stream checks its Align settings once, before its first sample."""
+        self._resolve(call)
+
     def _resolve(self, call: AlignCall) -> ResolvedCall:
         """Call-level checks; the call's settings with the configured defaults filled in."""
         check_sample_count(len(call.samples), self._limits.max_samples_per_call)

@@ -7,13 +7,15 @@ Per sample, cheapest work first:
    ``answer_keep_fraction`` of the question-kept samples of its task type;
 3. a kept sample is aligned (rewrite, guards, review) when the stream asked for it.
 
-The stream: at most ``limits.max_stream_inflight`` samples are worked on at once; the next
-one is read only when one finishes, so gRPC flow control slows a producer that is faster
-than the server, and nothing is refused for being early. Decisions come back as they are
+The stream: at most ``limits.max_stream_inflight`` samples are held at once, from being read
+until their decision has been handed to the transport; the next one is read only when a
+slot frees, so gRPC flow control slows a producer (or a reader of decisions) that is slower
+or faster than the server, and nothing is refused for being early. Decisions come back as they are
 made (not in input order; each carries its sample's id). Every accepted sample gets exactly
 one decision: a failure of one sample (bad image, overload, deadline) is a decision with an
 error, and a stream that fails as a whole (misplaced options, shutdown) first answers every
-sample it accepted. Selection state lives in the stream: thresholds come from that
+sample it accepted. A kept sample whose alignment fails stays kept (the original), with the
+alignment's error on ``aligned``. Selection state lives in the stream: thresholds come from that
 producer's data only, whichever replica serves it.
 
 With concurrent samples, the order in which scores reach the selector (and so a borderline
@@ -39,7 +41,13 @@ from align2.server.core.lifecycle import Lifecycle
 from align2.server.core.priority import Priority
 from align2.server.core.scoring import Head, SampleScore, ScoreCall, Scorer
 from align2.server.core.selection import TaskSelectors
-from align2.server.errors import Align2Error, BackendError, InvalidArgument, Unimplemented
+from align2.server.errors import (
+    Align2Error,
+    BackendError,
+    InvalidArgument,
+    Unavailable,
+    Unimplemented,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +109,10 @@ class Curator:
             if not 0 < value <= 1:
                 raise InvalidArgument(f"options.{key}: {value} is not in (0, 1]")
             fractions[key] = value
-        if options.align is not None and self._aligner is None:
-            raise Unimplemented("options.align: Align is disabled on this server")
+        if options.align is not None:
+            if self._aligner is None:
+                raise Unimplemented("options.align: Align is disabled on this server")
+            self._aligner.check(options.align)  # once, not as an error on every kept sample
         return Session(
             self._scorer,
             self._aligner if options.align is not None else None,
@@ -112,13 +122,19 @@ class Curator:
         )
 
     async def stream(
-        self, requests: AsyncIterator[CurateOptions | Sample], deadline: float | None
+        self,
+        requests: AsyncIterator[CurateOptions | Sample],
+        deadline: float | None,
+        priority: Priority = Priority.BULK,
     ) -> AsyncIterator[Curated]:
         """One decision per sample of ``requests``, as each is made (see the module doc).
+        ``priority``: the class of a stream that sends no options (from call metadata).
 
-        Raises after the accepted samples are answered when the stream itself is wrong
-        (options after a sample) or the server began to shut down (UNAVAILABLE: the rest
-        goes to another replica)."""
+        A slot is held from reading a sample until its decision has been handed on, so a
+        consumer that reads decisions slowly slows the reading of samples too. Raises after
+        the accepted samples are answered when the stream itself is wrong (options after a
+        sample) or the server stops serving (UNAVAILABLE at once, even while the producer
+        is idle: the rest goes to another replica)."""
         limit = self._limits.max_stream_inflight
         if limit < 1:
             raise Unimplemented("Curate is disabled on this server (limits.max_stream_inflight)")
@@ -130,7 +146,6 @@ class Curator:
         def on_done(task: asyncio.Task[Curated]) -> None:
             working.discard(task)
             metrics.CURATE_INFLIGHT.dec()
-            slots.release()
             finished.put_nowait(task)
 
         async def read() -> None:
@@ -147,18 +162,19 @@ class Curator:
                     session = self.session(request)
                     position += 1
                     continue
-                session = session or self.session(CurateOptions())
+                session = session or self.session(CurateOptions(priority=priority))
                 position += 1
                 await slots.acquire()
-                self._lifecycle.check_serving()  # draining: stop taking samples
                 task = asyncio.create_task(session.curate(request, deadline))
                 accepted += 1
                 metrics.CURATE_INFLIGHT.inc()
                 working.add(task)
                 task.add_done_callback(on_done)
 
+        self._lifecycle.check_serving()
         reader = asyncio.create_task(read())
         reader.add_done_callback(lambda _: finished.put_nowait(None))
+        unregister = self._lifecycle.on_leaving_serving(reader.cancel)
         answered = 0
         try:
             reading = True
@@ -169,8 +185,13 @@ class Curator:
                     continue
                 answered += 1
                 yield task.result()
+                slots.release()  # only now: the decision has been taken off our hands
+            if reader.cancelled():  # the server stopped serving mid-stream
+                self._lifecycle.check_serving()
+                raise Unavailable("server stopped serving")
             reader.result()  # the stream's own error, now that every accepted one is answered
         finally:
+            unregister()
             reader.cancel()
             for task in list(working):
                 task.cancel()
@@ -235,8 +256,8 @@ class Session:
                 deadline=deadline,
             )
             aligned = (await self._aligner.align(call)).results[0]
-            if aligned.error is not None:
-                raise _relative(aligned.error)
+            if aligned.error is not None:  # still kept: the original, with why it is not restyled
+                aligned.error = _relative(aligned.error)
             result.aligned = aligned
         result.decision = Decision.KEPT
 

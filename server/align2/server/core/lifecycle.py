@@ -7,6 +7,7 @@ client retries elsewhere (the health service reports the same phase to probes).
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 from align2.server.errors import Unavailable
 
@@ -29,7 +30,27 @@ _WHY = {
 
 class Lifecycle:
     def __init__(self) -> None:
-        self.phase = Phase.STARTING
+        self._phase = Phase.STARTING
+        self._on_leaving: set[Callable[[], object]] = set()
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: Phase) -> None:
+        leaving = self._phase is Phase.SERVING and value is not Phase.SERVING
+        self._phase = value
+        if leaving:
+            for callback in list(self._on_leaving):
+                callback()
+
+    def on_leaving_serving(self, callback: Callable[[], object]) -> Callable[[], None]:
+        """Call ``callback`` (on the thread that changes the phase: the event loop's) when
+        the server stops serving (drain, failure). Returns the function that unregisters
+        it. Long-lived calls (Curate streams) use it to stop taking work at once."""
+        self._on_leaving.add(callback)
+        return lambda: self._on_leaving.discard(callback)
 
     @property
     def serving(self) -> bool:

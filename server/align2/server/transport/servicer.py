@@ -62,9 +62,10 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
                 "Curate is disabled on this server (needs score.enabled and "
                 "limits.max_stream_inflight > 0)"
             )
-        deadline, priority = _call_context(context)
-        requests = convert.curate_requests_from_proto(request_iterator, priority)
-        async for curated in self._curator.stream(requests, deadline):
+        deadline, metadata_priority = _call_context(context)
+        requests = convert.curate_requests_from_proto(request_iterator, metadata_priority)
+        priority = convert.priority_from_proto(pb.PRIORITY_UNSPECIFIED, metadata_priority)
+        async for curated in self._curator.stream(requests, deadline, priority):
             yield convert.curated_to_proto(curated)
 
     async def GetServerInfo(
