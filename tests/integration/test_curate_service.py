@@ -158,18 +158,49 @@ def test_the_asyncio_client_streams_from_an_async_generator(server: ServerThread
     assert all(r.ok and r.scores.question_score is not None for r in results)
 
 
-def test_a_producer_that_fails_ends_the_stream_with_its_error(server: ServerThread) -> None:
+def test_a_producer_that_fails_gets_its_accepted_samples_answered_then_its_error(
+    server: ServerThread,
+) -> None:
     async def produce() -> AsyncIterator[Sample]:
         yield sample(0)
+        yield sample(1)
         raise RuntimeError("generator broke")
+
+    seen: list[str] = []
 
     async def run() -> None:
         async with AsyncCurationClient(server.target, timeout=60) as client:
-            async for _ in client.curate(produce()):
-                pass
+            async for result in client.curate(produce()):
+                seen.append(result.id)
 
     with pytest.raises(RuntimeError, match="generator broke"):
         asyncio.run(run())
+    assert sorted(seen) == ["s0", "s1"]
+
+
+def test_bad_align_settings_fail_the_stream_once_naming_the_field(
+    client: CurationClient,
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        list(client.curate([sample(0)], align=True, template="no-such-set"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "template: unknown template set 'no-such-set'" in (info.value.details() or "")
+
+
+def test_async_cancel_raises_cancelled_as_an_rpc_error(server: ServerThread) -> None:
+    async def run() -> tuple[list[str], list[str]]:
+        async with AsyncCurationClient(server.target, timeout=60) as client:
+            results = client.curate(sample(i) for i in range(6))
+            first = await anext(results)
+            results.cancel()
+            with pytest.raises(grpc.RpcError) as info:
+                async for _ in results:
+                    pass
+            assert info.value.code() == grpc.StatusCode.CANCELLED
+            return [first.id], results.unanswered
+
+    answered, unanswered = asyncio.run(run())
+    assert not set(answered) & set(unanswered)
 
 
 def test_curate_is_unimplemented_when_disabled(tiny_llava: pathlib.Path) -> None:
@@ -190,28 +221,43 @@ def test_curate_is_unimplemented_when_disabled(tiny_llava: pathlib.Path) -> None
         server.stop()
 
 
-def test_a_sync_producer_that_fails_ends_the_stream_with_its_error(
+def test_a_sync_producer_that_fails_gets_its_accepted_samples_answered_then_its_error(
     client: CurationClient,
 ) -> None:
     def produce() -> Iterator[Sample]:
         yield sample(0)
+        yield sample(1)
         raise RuntimeError("generator broke")
 
+    seen: list[str] = []
     with pytest.raises(RuntimeError, match="generator broke"):
-        list(client.curate(produce()))
+        for result in client.curate(produce()):
+            seen.append(result.id)
+    assert sorted(seen) == ["s0", "s1"]
 
 
 def test_stopping_early_cancels_the_stream_and_reports_the_unanswered(
     client: CurationClient,
 ) -> None:
-    results = client.curate(sample(i) for i in range(6))
-    first = next(results)
+    produced: list[str] = []
+
+    def produce() -> Iterator[Sample]:
+        for i in range(6):
+            produced.append(f"s{i}")
+            yield sample(i)
+
+    results = client.curate(produce())
+    answered = [next(results).id]
     results.cancel()
     with pytest.raises(grpc.RpcError) as info:
-        list(results)
+        answered += [r.id for r in results]
     assert info.value.code() == grpc.StatusCode.CANCELLED
-    assert first.id not in results.unanswered
-    assert set(results.unanswered) <= {f"s{i}" for i in range(6)}
+    unanswered = results.unanswered
+    assert not set(answered) & set(unanswered)
+    # Every sample handed to the stream is either answered or listed (the last one produced
+    # may still have been on its way into the stream when it was cancelled).
+    assert len(set(produced) - set(answered) - set(unanswered)) <= 1
+    assert unanswered  # one at a time on this server: some were still waiting
 
 
 def test_the_cli_streams_a_jsonl_file_and_writes_the_kept_samples(

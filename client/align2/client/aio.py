@@ -212,24 +212,31 @@ class AsyncCurationClient(ClientBase):
             **align_settings,
         )
         call = self._stub.Curate(timeout=self._deadline(timeout), metadata=self._settings.metadata)
+        cancelled = False
+
+        def cancel() -> None:
+            nonlocal cancelled
+            cancelled = True
+            call.cancel()
 
         async def write() -> None:
             await call.write(pb.CurateRequest(options=stream.options))
-            async for sample in _aiter(samples):
-                request = await asyncio.to_thread(stream.encode, sample)
+            produced = _aiter(samples)
+            while True:
+                try:
+                    sample = await anext(produced)
+                    request = await asyncio.to_thread(stream.encode, sample)
+                except StopAsyncIteration:
+                    break
+                except Exception as error:  # the producer's: end the stream normally, so
+                    stream.producer_error = error  # the accepted samples are still answered
+                    break
                 if request is not None:
                     await call.write(request)
             await call.done_writing()
 
         async def results() -> AsyncIterator[CurateResult]:
             writer = asyncio.ensure_future(write())
-
-            def on_written(task: asyncio.Future[None]) -> None:
-                # a producer that fails must end the stream, or the server waits forever
-                if not task.cancelled() and task.exception() is not None:
-                    call.cancel()
-
-            writer.add_done_callback(on_written)
             try:
                 async for response in call:
                     for result in stream.local_results():
@@ -238,17 +245,29 @@ class AsyncCurationClient(ClientBase):
                 await writer
                 for result in stream.finish():
                     yield result
-            except (grpc.RpcError, asyncio.CancelledError):
-                # grpc.aio reports our own cancel() as CancelledError: when the producer failed,
-                # its error is what the caller needs to see
-                if writer.done() and not writer.cancelled() and writer.exception() is not None:
-                    raise writer.exception() from None  # type: ignore[misc]
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not cancelled or (task is not None and task.cancelling()):
+                    raise  # our caller is being cancelled: let it
+                # grpc.aio reports a local cancel() as CancelledError; callers get what the
+                # sync client raises
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.CANCELLED,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    details="cancelled by the client",
+                ) from None
+            except grpc.RpcError:
+                for result in stream.local_results():
+                    yield result
                 raise
             finally:
                 writer.cancel()
                 call.cancel()
+            if stream.producer_error is not None:  # after every accepted sample's decision
+                raise stream.producer_error
 
-        return AsyncCurateResults(stream, results(), call.cancel)
+        return AsyncCurateResults(stream, results(), cancel)
 
     async def server_info(
         self,

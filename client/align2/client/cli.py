@@ -307,9 +307,12 @@ def run_align(namespace: argparse.Namespace) -> int:
 
 def run_curate(namespace: argparse.Namespace) -> int:
     """Stream the file's samples to Curate as they are read; write the kept ones to ``--out``
-    (LLaVA, replaced atomically at the end) and every decision to ``--report``."""
+    (LLaVA) and every decision to ``--report``. When the stream fails, the samples kept so
+    far are still written, and the ids left unanswered are printed (exit 1)."""
     samples = iter_llava(namespace.file, image_folder=namespace.image_folder, task=namespace.task)
     counts: Counter[str] = Counter()
+    kept: list[Sample] = []
+    failure: grpc.RpcError | None = None
     report_to = _output(namespace.report) if namespace.report else contextlib.nullcontext(None)
     with (
         client_from_arguments(namespace) as client,
@@ -324,19 +327,28 @@ def run_curate(namespace: argparse.Namespace) -> int:
             priority=namespace.priority,
             **_rewrite_options(namespace),
         )
-
-        def kept() -> Iterator[Sample]:
+        try:
             for result in results:
                 counts[result.decision] += 1
                 advance(1)
                 if report is not None:
                     report.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
                 if result.sample is not None:
-                    yield result.sample
-
-        write_llava(kept(), namespace.out)
+                    kept.append(result.sample)
+        except grpc.RpcError as error:
+            failure = error
+    write_llava(kept, namespace.out)
     summary = ", ".join(f"{counts[d]} {d}" for d in DECISIONS)
     print(f"align2 curate: {counts.total()} samples: {summary}", file=sys.stderr)
+    if failure is not None:
+        unanswered = results.unanswered
+        print(
+            f"align2 curate: {_describe_rpc_error(failure)}; {len(kept)} kept samples written; "
+            f"{len(unanswered)} sent and unanswered (resend them): {', '.join(unanswered)}; "
+            "samples after them in the file were not sent",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -188,9 +188,10 @@ _DECISION_NAMES: dict[int, str] = {
 
 
 def curate_result_from_proto(message: pb.CurateResponse, original: Sample) -> CurateResult:
-    """The decision on ``original`` (the sample as the caller sent it). An unknown decision
-    (a newer server) or an error reads as "error": never keep what the server did not say
-    it kept."""
+    """The decision on ``original`` (the sample as the caller gave it; its id is the
+    result's, whatever id travelled on the wire). An unknown decision (a newer server) or
+    an error reads as "error": never keep what the server did not say it kept. A kept
+    sample whose alignment failed is kept as the original (``aligned.error`` says why)."""
     error = item_error_from_proto(message.error) if message.HasField("error") else None
     decision = _DECISION_NAMES.get(message.decision, "error")
     if decision != "error" and error is not None:
@@ -199,14 +200,16 @@ def curate_result_from_proto(message: pb.CurateResponse, original: Sample) -> Cu
         error = ItemError(grpc.StatusCode.UNKNOWN, f"decision: unknown value {message.decision}")
     aligned = None
     if message.HasField("aligned"):
-        aligned = align_result_from_proto(message.aligned, original)
+        aligned = dataclasses.replace(
+            align_result_from_proto(message.aligned, original), id=original.id
+        )
     kept = None
     if decision == "kept":
         kept = aligned.sample if aligned is not None and aligned.ok else original
     return CurateResult(
-        id=message.id,
+        id=original.id,
         decision=decision,
-        scores=score_result_from_proto(message.scores),
+        scores=dataclasses.replace(score_result_from_proto(message.scores), id=original.id),
         question_threshold=(
             message.question_threshold if message.HasField("question_threshold") else None
         ),

@@ -10,6 +10,7 @@ loss. A sample whose image cannot be read is not sent: it becomes an "error" res
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,10 +31,15 @@ def _fraction(key: str, value: float | None) -> float | None:
 
 @dataclass
 class CurateStream:
+    """One stream's state. Samples go on the wire under the stream's own sequence numbers as
+    ids, and each decision is matched back to its sample by that number: decisions come
+    out of order, and generated data often repeats ids."""
+
     options: pb.CurateOptions
-    _outstanding: dict[str, collections.deque[Sample]] = field(default_factory=dict)
+    _outstanding: dict[str, Sample] = field(default_factory=dict)  # by wire id
     _local: collections.deque[CurateResult] = field(default_factory=collections.deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _numbers: Iterator[int] = field(default_factory=itertools.count)
     producer_error: Exception | None = None  # what the caller's sample iterator raised
 
     @classmethod
@@ -61,16 +67,18 @@ class CurateStream:
         return cls(options)
 
     def requests(self, samples: Iterable[Sample]) -> Iterator[pb.CurateRequest]:
-        """The stream's messages: the options, then each sample that could be encoded."""
+        """The stream's messages: the options, then each sample that could be encoded.
+
+        When ``samples`` raises, the stream ends normally here (so the server still answers
+        what it accepted) and the error is kept in :attr:`producer_error` for the caller."""
         yield pb.CurateRequest(options=self.options)
         try:
             for sample in samples:
                 request = self.encode(sample)
                 if request is not None:
                     yield request
-        except Exception as error:  # gRPC then cancels the call; the caller gets this error
+        except Exception as error:
             self.producer_error = error
-            raise
 
     def encode(self, sample: Sample) -> pb.CurateRequest | None:
         """The request for ``sample`` (reads a lazy image now), or None when its image can't
@@ -85,18 +93,16 @@ class CurateStream:
                 self._local.append(result)
             return None
         with self._lock:
-            self._outstanding.setdefault(sample.id, collections.deque()).append(sample)
+            message.id = str(next(self._numbers))
+            self._outstanding[message.id] = sample
         return pb.CurateRequest(sample=message)
 
     def decode(self, response: pb.CurateResponse) -> CurateResult:
         """The result for one response; ProtocolError for an id with nothing outstanding."""
         with self._lock:
-            waiting = self._outstanding.get(response.id)
-            if not waiting:
-                raise ProtocolError(f"a result for id {response.id!r}, which was not sent")
-            original = waiting.popleft()
-            if not waiting:
-                del self._outstanding[response.id]
+            original = self._outstanding.pop(response.id, None)
+        if original is None:
+            raise ProtocolError(f"a result for wire id {response.id!r}, which was not sent")
         return curate_result_from_proto(response, original)
 
     def local_results(self) -> list[CurateResult]:
@@ -122,7 +128,7 @@ class CurateStream:
         """Ids sent and not yet answered: after a stream fails as a whole, the samples to
         send again (the server answers every sample it accepted before it fails a stream)."""
         with self._lock:
-            return [i for i, waiting in self._outstanding.items() for _ in waiting]
+            return [sample.id for sample in self._outstanding.values()]
 
 
 class CurateResults(Iterator[CurateResult]):
@@ -164,9 +170,19 @@ class AsyncCurateResults(AsyncIterator[CurateResult]):
     async def __anext__(self) -> CurateResult:
         return await self._results.__anext__()
 
+    async def aclose(self) -> None:
+        """End the stream and its producer task (for a consumer that stops early;
+        ``contextlib.aclosing`` calls it)."""
+        self._cancel()
+        aclose = getattr(self._results, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
     @property
     def unanswered(self) -> list[str]:
         return self._stream.unanswered
 
     def cancel(self) -> None:
+        """End the stream now: iterating then raises ``grpc.RpcError`` (CANCELLED); samples
+        not yet answered stay in :attr:`unanswered`."""
         self._cancel()

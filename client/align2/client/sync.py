@@ -188,11 +188,12 @@ class CurationClient(ClientBase):
                     yield stream.decode(response)
                 yield from stream.finish()
             except grpc.RpcError:
-                if stream.producer_error is not None:  # gRPC cancelled the call for it
-                    raise stream.producer_error from None
+                yield from stream.local_results()  # they failed here, before the stream did
                 raise
             finally:
                 responses.cancel()  # a consumer that stops early ends the stream
+            if stream.producer_error is not None:  # after every accepted sample's decision
+                raise stream.producer_error
 
         return CurateResults(stream, results(), responses.cancel)
 

@@ -1,0 +1,86 @@
+"""The client's Curate stream bookkeeping: decisions out of order, repeated ids, local
+failures, and what is left unanswered."""
+
+from __future__ import annotations
+
+import pathlib
+
+import grpc
+import pytest
+
+from align2.client.curate import CurateStream
+from align2.client.results import ProtocolError
+from align2.client.types import Sample, Turn
+from align2.v1 import curation_pb2 as pb
+
+
+def sample(sample_id: str, answer: str) -> Sample:
+    return Sample(id=sample_id, image=b"png", turns=[Turn("What is it?", answer)])
+
+
+def decision(wire_id: str, kept: bool) -> pb.CurateResponse:
+    return pb.CurateResponse(
+        id=wire_id,
+        decision=pb.DECISION_KEPT if kept else pb.DECISION_DROPPED_QUESTION,
+        scores=pb.ScoreResult(id=wire_id, question_score=1.0),
+    )
+
+
+def test_decisions_out_of_order_on_repeated_ids_go_to_their_own_samples() -> None:
+    stream = CurateStream.plan()
+    first, second = sample("img-7", "A cat."), sample("img-7", "A dog.")
+    requests = list(stream.requests([first, second]))
+    assert requests[0].WhichOneof("item") == "options"
+    wire = [r.sample.id for r in requests[1:]]
+    assert len(set(wire)) == 2  # unique on the wire although the ids repeat
+    # The server decides the second one first.
+    late = stream.decode(decision(wire[1], kept=True))
+    early = stream.decode(decision(wire[0], kept=False))
+    assert late.sample == second and late.id == "img-7" and late.scores.id == "img-7"
+    assert early.sample is None and early.decision == "dropped_question"
+    assert stream.finish() == [] and stream.unanswered == []
+
+
+def test_an_unknown_or_repeated_answer_is_a_protocol_error() -> None:
+    stream = CurateStream.plan()
+    [_, request] = list(stream.requests([sample("a", "x")]))
+    stream.decode(decision(request.sample.id, kept=True))
+    with pytest.raises(ProtocolError, match="not sent"):
+        stream.decode(decision(request.sample.id, kept=True))
+
+
+def test_unanswered_samples_are_listed_and_fail_a_finished_stream() -> None:
+    stream = CurateStream.plan()
+    list(stream.requests([sample("a", "x"), sample("b", "y")]))
+    assert stream.unanswered == ["a", "b"]
+    with pytest.raises(ProtocolError, match="2 samples unanswered"):
+        stream.finish()
+
+
+def test_an_unreadable_image_is_a_local_error_result_and_is_not_sent(
+    tmp_path: pathlib.Path,
+) -> None:
+    stream = CurateStream.plan()
+    missing = Sample(id="m", image=tmp_path / "gone.png", turns=[Turn("Q?", "A.")])
+    requests = list(stream.requests([missing]))
+    assert len(requests) == 1  # the options only
+    [local] = stream.local_results()
+    assert local.decision == "error" and local.error is not None
+    assert local.error.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_failing_producer_ends_the_requests_normally_and_is_kept() -> None:
+    def produce():  # type: ignore[no-untyped-def]
+        yield sample("a", "x")
+        raise RuntimeError("broke")
+
+    stream = CurateStream.plan()
+    requests = list(stream.requests(produce()))
+    assert len(requests) == 2
+    assert isinstance(stream.producer_error, RuntimeError)
+
+
+@pytest.mark.parametrize("fraction", [0.0, -1.0, 1.01])
+def test_fractions_outside_zero_one_are_refused(fraction: float) -> None:
+    with pytest.raises(ValueError, match=r"answer_keep_fraction: .* not in \(0, 1\]"):
+        CurateStream.plan(answer_keep_fraction=fraction)
