@@ -4,8 +4,9 @@ stream whose end is not known.
 The offline method ranks a whole dataset. Online, a sample is kept when its score is among
 the top ``fraction`` of the last ``window`` scores of its task type, itself included: the
 threshold is the k-th highest of those n scores, k = ceil(fraction x n), and a score at or
-above it is kept (so scores tied at the threshold are all kept). Early in a stream the window is small and decisions rest on few scores
-(the first sample of a task is always kept); once the window is full the keep rate follows
+above it is kept (so scores tied at the threshold are all kept). Early in a stream the
+window is small and decisions rest on few scores (the first sample of a task is always
+kept); once the window is full the keep rate follows
 ``fraction`` for any stationary score distribution, and the window lets thresholds follow a
 generator whose quality drifts.
 """
