@@ -22,6 +22,18 @@ def example(name: str) -> str:
     return match.group(1)
 
 
+def run_in(folder: pathlib.Path, code: str) -> None:
+    """Run an example in ``folder`` (it writes its output file to the working directory),
+    with the repository's examples/ linked in."""
+    (folder / "examples").symlink_to(ROOT / "examples")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_llava: pathlib.Path, tiny_llm: pathlib.Path) -> Iterator[ServerThread]:
     config = Config()
@@ -51,14 +63,7 @@ def test_align_example_runs_as_written(
     server: ServerThread, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The tiny random LLM writes noise; the code path and the written file are what count."""
-    code = example("align").replace("localhost:50051", server.target)
-    (tmp_path / "examples").symlink_to(ROOT / "examples")
-    cwd = os.getcwd()
-    os.chdir(tmp_path)  # the example writes aligned.json to the working directory
-    try:
-        exec(compile(code, "README.md", "exec"), {})
-    finally:
-        os.chdir(cwd)
+    run_in(tmp_path, example("align").replace("localhost:50051", server.target))
     out = capsys.readouterr().out.splitlines()
     verdicts = [line for line in out if line.startswith(("original ", "rewrite "))]
     assert len(verdicts) == 3  # one per turn of examples/conversations.json
@@ -71,14 +76,7 @@ def test_align_example_runs_as_written(
 def test_curate_example_runs_as_written(
     server: ServerThread, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = example("curate").replace("localhost:50051", server.target)
-    (tmp_path / "examples").symlink_to(ROOT / "examples")
-    cwd = os.getcwd()
-    os.chdir(tmp_path)  # the example writes curated.json to the working directory
-    try:
-        exec(compile(code, "README.md", "exec"), {})
-    finally:
-        os.chdir(cwd)
+    run_in(tmp_path, example("curate").replace("localhost:50051", server.target))
     lines = capsys.readouterr().out.splitlines()
     assert sorted(line.split()[0] for line in lines) == ["000000000001", "000000000002"]
     decisions = {line.split()[0]: line.split()[1] for line in lines}

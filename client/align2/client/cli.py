@@ -155,15 +155,23 @@ def _score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _align_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="LLaVA JSON list or JSONL")
+def _llava_in_out_arguments(
+    parser: argparse.ArgumentParser, *, file: str, out: str, report: str
+) -> None:
+    """The input file and its images, the LLaVA output and the JSONL report (help texts)."""
+    parser.add_argument("file", help=file)
     parser.add_argument("--image-folder", default=None, help="folder of the records' images")
     parser.add_argument("--task", default=None, help="task type (default: record, file name)")
-    parser.add_argument(
-        "--out", required=True, help="LLaVA file (.json or .jsonl) of the samples as kept"
-    )
-    parser.add_argument(
-        "--report", default=None, help="JSONL of every turn: original, rewrite, verdict"
+    parser.add_argument("--out", required=True, help=out)
+    parser.add_argument("--report", default=None, help=report)
+
+
+def _align_arguments(parser: argparse.ArgumentParser) -> None:
+    _llava_in_out_arguments(
+        parser,
+        file="LLaVA JSON list or JSONL",
+        out="LLaVA file (.json or .jsonl) of the samples as kept",
+        report="JSONL of every turn: original, rewrite, verdict",
     )
     _rewrite_arguments(parser)
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
@@ -194,14 +202,11 @@ def _rewrite_options(namespace: argparse.Namespace) -> dict[str, Any]:
 
 
 def _curate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="LLaVA JSON list or JSONL (JSONL is streamed)")
-    parser.add_argument("--image-folder", default=None, help="folder of the records' images")
-    parser.add_argument("--task", default=None, help="task type (default: record, file name)")
-    parser.add_argument(
-        "--out", required=True, help="LLaVA file (.json or .jsonl) of the kept samples"
-    )
-    parser.add_argument(
-        "--report", default=None, help="JSONL of every decision: scores, thresholds, errors"
+    _llava_in_out_arguments(
+        parser,
+        file="LLaVA JSON list or JSONL (JSONL is streamed)",
+        out="LLaVA file (.json or .jsonl) of the kept samples",
+        report="JSONL of every decision: scores, thresholds, errors",
     )
     parser.add_argument(
         "--question-keep", type=float, default=None, help="share kept by question score"
