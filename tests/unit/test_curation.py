@@ -5,6 +5,7 @@ one sample, and stream-level failures that first answer what was accepted."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -21,12 +22,14 @@ from align2.server.errors import Code, InvalidArgument, Overloaded, Unavailable
 
 class ScriptedScorer:
     """question score = ``questions[id]``, answer scores = ``answers[id]``; a sample whose
-    question score is None fails with Overloaded. ``gate`` (when set) holds every call."""
+    question score is None fails with a bad image. ``gate`` (when set) holds every call;
+    the first ``refusals`` calls are refused at admission (queue full)."""
 
     def __init__(self, questions: dict[str, float | None], answers: dict[str, list[float]]):
         self.questions = questions
         self.answers = answers
         self.gate: asyncio.Event | None = None
+        self.refusals = 0
         self.running = 0
         self.most_running = 0
         self.calls: list[tuple[str, Head]] = []
@@ -34,6 +37,9 @@ class ScriptedScorer:
     async def score(self, call: ScoreCall) -> ScoreOutcome:
         [sample] = call.samples
         [head] = call.heads
+        if self.refusals:
+            self.refusals -= 1
+            raise Overloaded("samples: queue full (batching.max_queue_items 4)")
         self.calls.append((sample.id, head))
         self.running += 1
         self.most_running = max(self.most_running, self.running)
@@ -47,7 +53,7 @@ class ScriptedScorer:
         if head is Head.QUESTION:
             score = self.questions[sample.id]
             if score is None:
-                result.error = Overloaded("samples[0]: queue full (batching.max_queue_items 4)")
+                result.error = InvalidArgument("samples[0].image: not an image (corrupt)")
             result.question_score = score
         else:
             result.answer_scores = self.answers.get(sample.id, [0.0])
@@ -124,8 +130,8 @@ async def test_a_failed_sample_is_a_decision_with_its_error_and_its_mates_go_on(
         )
     }
     assert results["s1"].decision is Decision.ERROR
-    assert results["s1"].error is not None and results["s1"].error.code is Code.RESOURCE_EXHAUSTED
-    assert results["s1"].error.message.startswith("sample: queue full")  # no "samples[0]"
+    assert results["s1"].error is not None and results["s1"].error.code is Code.INVALID_ARGUMENT
+    assert results["s1"].error.message.startswith("sample.image: not an image")  # not samples[0]
     assert results["s0"].decision is Decision.KEPT and results["s2"].decision is Decision.KEPT
 
 
@@ -221,3 +227,20 @@ async def test_a_consumer_that_stops_cancels_the_work_in_flight() -> None:
     for _ in range(10):
         await asyncio.sleep(0)
     assert scorer.running == 0
+
+
+async def test_a_full_queue_is_waited_out_instead_of_failing_the_sample() -> None:
+    scorer = ScriptedScorer({"s0": 1.0}, {})
+    scorer.refusals = 3
+    [result] = await collect(curator(scorer).stream(feed([sample(0)]), None))
+    assert result.decision is Decision.KEPT and scorer.refusals == 0
+
+
+async def test_past_the_deadline_a_full_queue_is_the_samples_error() -> None:
+    scorer = ScriptedScorer({"s0": 1.0}, {})
+    scorer.refusals = 1000
+    deadline = time.monotonic() + 0.2
+    [result] = await collect(curator(scorer).stream(feed([sample(0)]), deadline))
+    assert result.decision is Decision.ERROR
+    assert result.error is not None and result.error.code is Code.RESOURCE_EXHAUSTED
+    assert time.monotonic() < deadline + 0.5

@@ -9,14 +9,15 @@ Per sample, cheapest work first:
 
 The stream: at most ``limits.max_stream_inflight`` samples are held at once, from being read
 until their decision has been handed to the transport; the next one is read only when a
-slot frees, so gRPC flow control slows a producer (or a reader of decisions) that is slower
-or faster than the server, and nothing is refused for being early. Decisions come back as they are
-made (not in input order; each carries its sample's id). Every accepted sample gets exactly
-one decision: a failure of one sample (bad image, overload, deadline) is a decision with an
-error, and a stream that fails as a whole (misplaced options, shutdown) first answers every
-sample it accepted. A kept sample whose alignment fails stays kept (the original), with the
-alignment's error on ``aligned``. Selection state lives in the stream: thresholds come from that
-producer's data only, whichever replica serves it.
+slot frees, so gRPC flow control slows a producer (or a reader of decisions) that is
+faster than the server, and nothing is refused for being early. Decisions come back as they
+are made (not in input order; each carries its sample's id). Every accepted sample gets
+exactly one decision: a failure of one sample (bad image, deadline) is a decision with an
+error; a full model queue is waited out with backoff, within the stream's deadline. A
+stream that fails as a whole (misplaced options, shutdown) first answers every sample it
+accepted. A kept sample whose alignment fails stays kept (the original), with the
+alignment's error on ``aligned``. Selection state lives in the stream: thresholds come from
+that producer's data only, whichever replica serves it.
 
 With concurrent samples, the order in which scores reach the selector (and so a borderline
 decision) depends on timing; ``max_stream_inflight = 1`` or a single-sample stream makes
@@ -29,8 +30,11 @@ import asyncio
 import dataclasses
 import enum
 import logging
-from collections.abc import AsyncIterator
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from align2.client.types import Sample
 from align2.server import metrics
@@ -45,11 +49,14 @@ from align2.server.errors import (
     Align2Error,
     BackendError,
     InvalidArgument,
+    Overloaded,
     Unavailable,
     Unimplemented,
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Decision(enum.Enum):
@@ -248,14 +255,15 @@ class Session:
         if not selected.kept:
             result.decision = Decision.DROPPED_ANSWER
             return
-        if self._aligner is not None and self._options.align is not None:
+        aligner = self._aligner
+        if aligner is not None and self._options.align is not None:
             call = dataclasses.replace(
                 self._options.align,
                 samples=[sample],
                 priority=self._options.priority,
                 deadline=deadline,
             )
-            aligned = (await self._aligner.align(call)).results[0]
+            aligned = (await _when_admitted(lambda: aligner.align(call), deadline)).results[0]
             if aligned.error is not None:  # still kept: the original, with why it is not restyled
                 aligned.error = _relative(aligned.error)
             result.aligned = aligned
@@ -268,10 +276,33 @@ class Session:
             priority=self._options.priority,
             deadline=deadline,
         )
-        scored = (await self._scorer.score(call)).results[0]
+        scored = (await _when_admitted(lambda: self._scorer.score(call), deadline)).results[0]
         if scored.error is not None:
             raise _relative(scored.error)
         return scored
+
+
+_FIRST_BACKOFF = 0.01
+_MAX_BACKOFF = 1.0
+
+
+async def _when_admitted(attempt: Callable[[], Awaitable[T]], deadline: float | None) -> T:
+    """``attempt()``, tried again with exponential backoff while the model queues are full.
+
+    A stream is already bounded (``limits.max_stream_inflight`` samples), so its sample
+    waits for room, holding its slot, which slows the stream through flow control, instead
+    of coming back as a RESOURCE_EXHAUSTED decision the producer would have to resend.
+    The stream's deadline bounds the wait: past it, the refusal is the sample's error."""
+    backoff = _FIRST_BACKOFF
+    while True:
+        try:
+            return await attempt()
+        except Overloaded:
+            pause = backoff * random.uniform(0.5, 1.0)  # jitter: waiting streams spread out
+            if deadline is not None and time.monotonic() + pause >= deadline:
+                raise
+            await asyncio.sleep(pause)
+            backoff = min(backoff * 2, _MAX_BACKOFF)
 
 
 def _relative(error: Align2Error) -> Align2Error:
