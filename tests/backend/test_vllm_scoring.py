@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from prometheus_client import REGISTRY
 
 from align2.server.backends import load_scoring
 from align2.server.backends.base import InputTooLong, Prepared, ScoringBackend
@@ -129,6 +130,24 @@ def test_batch_of_32_mixed_lengths_equals_each_alone(engine: VllmScoring) -> Non
     # float32 and the same kernels whatever the batch: measured identical on CPU.
     assert together == pytest.approx(alone, abs=1e-5)
     assert len(set(together)) == 32
+
+
+def test_the_engine_exports_its_own_metrics_under_the_model_name(engine: VllmScoring) -> None:
+    """Runs while this module's engine is the last vLLM engine started (see the backend's
+    docstring: vLLM keeps one set of series per process)."""
+
+    def finished() -> float:
+        return sum(
+            sample.value
+            for metric in REGISTRY.collect()
+            if metric.name == "vllm:request_success"
+            for sample in metric.samples
+            if sample.name == "vllm:request_success_total" and sample.labels["model_name"] == "m"
+        )
+
+    before = finished()
+    score(engine, prepare_all(engine, inputs(3)))
+    assert finished() == before + 3
 
 
 def test_text_limit_rejects_or_truncates_and_says_so(engine: VllmScoring) -> None:

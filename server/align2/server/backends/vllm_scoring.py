@@ -9,6 +9,11 @@ HF processor expands it, and the score is ``score.weight @ h`` for the final hid
 ``runner="pooling", convert="classify"``: its classify adapter loads ``score.weight``
 into an fp32 head, and LAST pooling is set explicitly.
 
+The engine's own ``vllm:`` Prometheus series are on (label ``model_name``: the configured
+name), in prometheus_client's default registry that /metrics serves. vLLM keeps one set per
+process: each engine started replaces the series of the previous one, so with several vLLM
+engines (two reward models, or a vLLM inner LLM, which starts last) the last one is reported.
+
 Prompts are token ids with the marker left unexpanded (``[BOS, <image>, text...]``):
 vLLM's multimodal processor replaces every ``<image>`` id of a token prompt by the whole
 expansion, so ids the HF processor had already expanded would be expanded twice. Cutting
@@ -96,7 +101,7 @@ class VllmScoring:
         executor = ThreadPoolExecutor(1, thread_name_prefix=f"vllm-{name}")
         started = time.monotonic()
         try:
-            llm = executor.submit(_start_engine, path, config, device_ids).result()
+            llm = executor.submit(_start_engine, name, path, config, device_ids).result()
         except BaseException:
             executor.shutdown(wait=False)
             raise
@@ -210,12 +215,17 @@ class VllmScoring:
         gc.collect()
 
 
-def _start_engine(path: pathlib.Path, config: ModelConfig, device_ids: list[int] | None) -> LLM:
-    """Start a pooling engine that returns ``score.weight @ h[last token]`` per prompt."""
+def _start_engine(
+    name: str, path: pathlib.Path, config: ModelConfig, device_ids: list[int] | None
+) -> LLM:
+    """Start a pooling engine that returns ``score.weight @ h[last token]`` per prompt,
+    with its stats on (its ``vllm:`` Prometheus series, label model_name = ``name``)."""
     from vllm.config import PoolerConfig
 
     return start_engine(
         model=str(path),
+        served_model_name=name,
+        disable_log_stats=False,
         runner="pooling",
         convert="classify",
         # LAST is the method's pooling. Set, not inherited: vLLM's default depends on the
