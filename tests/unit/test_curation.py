@@ -13,11 +13,18 @@ import pytest
 
 from align2.client.types import Sample, Turn
 from align2.server.config import CurateConfig, LimitsConfig
+from align2.server.core.align_types import AlignCall, AlignOutcome, SampleAlignment
 from align2.server.core.curation import Curated, CurateOptions, Curator, Decision
 from align2.server.core.lifecycle import Lifecycle, Phase
 from align2.server.core.priority import Priority
 from align2.server.core.scoring import Head, SampleScore, ScoreCall, ScoreOutcome
-from align2.server.errors import Code, InvalidArgument, Overloaded, Unavailable
+from align2.server.errors import (
+    Code,
+    DeadlineExpired,
+    InvalidArgument,
+    Overloaded,
+    Unavailable,
+)
 
 
 class ScriptedScorer:
@@ -244,3 +251,29 @@ async def test_past_the_deadline_a_full_queue_is_the_samples_error() -> None:
     assert result.decision is Decision.ERROR
     assert result.error is not None and result.error.code is Code.RESOURCE_EXHAUSTED
     assert time.monotonic() < deadline + 0.5
+
+
+class FailingAligner:
+    """Align settings pass; every alignment fails with a deadline on its sample."""
+
+    def check(self, call: AlignCall) -> None:
+        pass
+
+    async def align(self, call: AlignCall) -> AlignOutcome:
+        [sample] = call.samples
+        error = DeadlineExpired("samples[0].turns[0]: deadline passed before the rewrite")
+        result = SampleAlignment(id=sample.id, error=error)
+        return AlignOutcome([result], None, "t", "h", 0, 0, 0.0, 0.0)  # type: ignore[arg-type]
+
+
+async def test_a_kept_sample_whose_alignment_fails_stays_kept_with_the_error() -> None:
+    scorer = ScriptedScorer({"s0": 1.0}, {})
+    lifecycle = Lifecycle()
+    lifecycle.phase = Phase.SERVING
+    limits = LimitsConfig(max_stream_inflight=2)
+    curate = Curator(scorer, FailingAligner(), CurateConfig(), limits, lifecycle)  # type: ignore[arg-type]
+    items = [CurateOptions(align=AlignCall(samples=())), sample(0)]
+    [result] = await collect(curate.stream(feed(items), None))
+    assert result.decision is Decision.KEPT and result.error is None
+    assert result.aligned is not None and result.aligned.error is not None
+    assert result.aligned.error.message.startswith("sample.turns[0]: deadline passed")
