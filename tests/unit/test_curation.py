@@ -60,7 +60,8 @@ class ScriptedScorer:
         if head is Head.QUESTION:
             score = self.questions[sample.id]
             if score is None:
-                result.error = InvalidArgument("samples[0].image: not an image (corrupt)")
+                where = call.sample_field.format(index=0)  # as the real Scorer names it
+                result.error = InvalidArgument(f"{where}.image: not an image (corrupt)")
             result.question_score = score
         else:
             result.answer_scores = self.answers.get(sample.id, [0.0])
@@ -261,7 +262,8 @@ class FailingAligner:
 
     async def align(self, call: AlignCall) -> AlignOutcome:
         [sample] = call.samples
-        error = DeadlineExpired("samples[0].turns[0]: deadline passed before the rewrite")
+        where = call.sample_field.format(index=0)  # as the real Aligner names it
+        error = DeadlineExpired(f"{where}.turns[0]: deadline passed before the rewrite")
         result = SampleAlignment(id=sample.id, error=error)
         return AlignOutcome([result], None, "t", "h", 0, 0, 0.0, 0.0)  # type: ignore[arg-type]
 

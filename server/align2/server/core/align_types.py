@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from align2.client.types import Sample, Turn
 from align2.server.backends.base import ModelDescription
 from align2.server.core.priority import Priority
+from align2.server.core.validation import SAMPLE_FIELD
 from align2.server.errors import Align2Error
 
 
@@ -62,6 +63,8 @@ class AlignCall:
     template: str = ""  # empty: the configured default set
     priority: Priority = Priority.BULK
     deadline: float | None = None  # time.monotonic() instant
+    sample_field: str = SAMPLE_FIELD
+    """How error messages name sample ``index`` (a Curate stream's calls say ``sample``)."""
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ class Aligner:
         try:
             results = await asyncio.gather(
                 *(
-                    self._align_sample(i, s, problem, job)
+                    self._align_sample(call.sample_field.format(index=i), s, problem, job)
                     for i, (s, problem) in enumerate(zip(call.samples, problems, strict=True))
                 )
             )
@@ -161,18 +161,18 @@ class Aligner:
 
     # -- one sample ----------------------------------------------------------------------
     async def _align_sample(
-        self, index: int, sample: Sample, problem: InvalidArgument | None, job: Job
+        self, where: str, sample: Sample, problem: InvalidArgument | None, job: Job
     ) -> SampleAlignment:
         result = SampleAlignment(id=sample.id)
         if problem is not None:
-            result.error = sample_error(index, problem)
+            result.error = sample_error(where, problem)
             return result
         try:
             result.turns = await all_or_first_error(
                 self._align_turn(i, turn, job) for i, turn in enumerate(sample.turns)
             )
         except Exception as exc:
-            result.error = sample_error(index, exc)
+            result.error = sample_error(where, exc)
         return result
 
     async def _align_turn(self, index: int, turn: Turn, job: Job) -> AlignedTurn:

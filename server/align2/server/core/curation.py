@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_SAMPLE = "sample"
+"""How the one-sample Score and Align calls of a stream name their sample in errors."""
+
 
 class Decision(enum.Enum):
     KEPT = "kept"
@@ -262,11 +265,12 @@ class Session:
                 samples=[sample],
                 priority=self._options.priority,
                 deadline=deadline,
+                sample_field=_SAMPLE,
             )
-            aligned = (await _when_admitted(lambda: aligner.align(call), deadline)).results[0]
-            if aligned.error is not None:  # still kept: the original, with why it is not restyled
-                aligned.error = _relative(aligned.error)
-            result.aligned = aligned
+            # An error here leaves the sample kept: the original, with why it is not restyled.
+            result.aligned = (await _when_admitted(lambda: aligner.align(call), deadline)).results[
+                0
+            ]
         result.decision = Decision.KEPT
 
     async def _score(self, sample: Sample, head: Head, deadline: float | None) -> SampleScore:
@@ -275,10 +279,11 @@ class Session:
             heads=frozenset({head}),
             priority=self._options.priority,
             deadline=deadline,
+            sample_field=_SAMPLE,
         )
         scored = (await _when_admitted(lambda: self._scorer.score(call), deadline)).results[0]
         if scored.error is not None:
-            raise _relative(scored.error)
+            raise scored.error
         return scored
 
 
@@ -303,11 +308,3 @@ async def _when_admitted(attempt: Callable[[], Awaitable[T]], deadline: float | 
                 raise
             await asyncio.sleep(pause)
             backoff = min(backoff * 2, _MAX_BACKOFF)
-
-
-def _relative(error: Align2Error) -> Align2Error:
-    """A one-sample call's error names ``samples[0].field``; in a stream it is ``sample.field``."""
-    prefix = "samples[0]"
-    if error.message.startswith(prefix):
-        error = type(error)(f"sample{error.message[len(prefix) :]}")
-    return error

@@ -37,6 +37,7 @@ from align2.server.core.images import decode_image
 from align2.server.core.priority import Priority
 from align2.server.core.runtime import ScoringRuntime
 from align2.server.core.validation import (
+    SAMPLE_FIELD,
     check_sample_count,
     check_turns,
     prefixed,
@@ -65,6 +66,8 @@ class ScoreCall:
     answer_model: str = ""
     priority: Priority = Priority.BULK
     deadline: float | None = None  # time.monotonic() instant
+    sample_field: str = SAMPLE_FIELD
+    """How error messages name sample ``index`` (a Curate stream's calls say ``sample``)."""
 
 
 @dataclass
@@ -204,7 +207,7 @@ class Scorer:
         result = SampleScore(id=sample.id)
         if problem is not None:
             metrics.REJECTED.labels(reason="invalid").inc()
-            result.error = prefixed(index, problem)
+            result.error = prefixed(call.sample_field.format(index=index), problem)
             return result, []
         submitted = dict.fromkeys(plan, 0)
         try:
@@ -220,7 +223,7 @@ class Scorer:
                 for item in items
             )
         except Exception as exc:
-            result.error = sample_error(index, exc)
+            result.error = sample_error(call.sample_field.format(index=index), exc)
             return result, []
         finally:
             for rt, count in submitted.items():

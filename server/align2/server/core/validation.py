@@ -1,7 +1,8 @@
 """Structural checks of one sample, shared by every RPC that takes samples (Score, Align).
 
 Cheap and local: they run before admission, and a sample that fails them fails alone with
-INVALID_ARGUMENT naming the field (relative to the sample; callers prefix ``samples[i].``).
+INVALID_ARGUMENT naming the field (relative to the sample; callers prefix where the sample
+stands, ``samples[i].`` by default).
 """
 
 from __future__ import annotations
@@ -47,20 +48,24 @@ def check_turns(
     return None
 
 
-def prefixed(index: int, exc: Align2Error) -> Align2Error:
-    """The same error with its field made absolute: ``samples[3].image: ...``."""
+SAMPLE_FIELD = "samples[{index}]"
+"""How a call's error messages name its sample ``index`` by default (``samples[3]``)."""
+
+
+def prefixed(where: str, exc: Align2Error) -> Align2Error:
+    """The same error with its field made absolute: ``where`` + ``.image: ...``."""
     if isinstance(exc, InvalidArgument):
-        return InvalidArgument(f"samples[{index}].{exc.message}")
+        return InvalidArgument(f"{where}.{exc.message}")
     return exc
 
 
-def sample_error(index: int, exc: Exception) -> Align2Error:
+def sample_error(where: str, exc: Exception) -> Align2Error:
     """What a sample that failed with ``exc`` reports: core errors with their field made
     absolute (invalid ones counted), anything else as an internal error (logged: a bug
     on one sample must not fail its batch-mates)."""
     if isinstance(exc, Align2Error):
         if isinstance(exc, InvalidArgument):
             metrics.REJECTED.labels(reason="invalid").inc()
-        return prefixed(index, exc)
-    log.error("unexpected error on samples[%d]", index, exc_info=exc)
-    return BackendError(f"samples[{index}]: internal error: {exc}")
+        return prefixed(where, exc)
+    log.error("unexpected error on %s", where, exc_info=exc)
+    return BackendError(f"{where}: internal error: {exc}")
