@@ -81,9 +81,9 @@ class LimitsConfig:
     """Concurrent RPCs (HTTP/2 streams) per client connection; more wait in gRPC until one
     ends (gRPC's max_concurrent_streams)."""
     max_stream_inflight: int = 64
-    """Samples of one Curate stream being worked on at once; the server reads the next sample
-    only when one finishes, so a fast producer is slowed by gRPC flow control (nothing is
-    refused or dropped). 0 disables Curate."""
+    """Samples of one Curate stream held at once, from being read until their decision is
+    sent; the server reads the next sample only when a slot frees, so a fast producer is
+    slowed by gRPC flow control (nothing is refused or dropped). 0 disables Curate."""
     max_text_tokens: int = 2048
     """Text tokens of one reward input (the model's max_length also applies)."""
     truncation: Truncation = "reject"

@@ -50,7 +50,6 @@ from align2.server.errors import (
     BackendError,
     InvalidArgument,
     Overloaded,
-    Unavailable,
     Unimplemented,
 )
 
@@ -94,7 +93,9 @@ class Curated:
 
 
 class Curator:
-    """Runs Curate streams over the Score (and, when enabled, Align) cores."""
+    """Runs Curate streams over the Score (and, when enabled, Align) cores. The app builds
+    it only when Curate is on (``limits.max_stream_inflight`` >= 1); the servicer checks
+    that the server is serving before it opens a stream."""
 
     def __init__(
         self,
@@ -145,10 +146,7 @@ class Curator:
         the accepted samples are answered when the stream itself is wrong (options after a
         sample) or the server stops serving (UNAVAILABLE at once, even while the producer
         is idle: the rest goes to another replica)."""
-        limit = self._limits.max_stream_inflight
-        if limit < 1:
-            raise Unimplemented("Curate is disabled on this server (limits.max_stream_inflight)")
-        slots = asyncio.Semaphore(limit)
+        slots = asyncio.Semaphore(self._limits.max_stream_inflight)  # >= 1: Curate is on
         finished: asyncio.Queue[asyncio.Task[Curated] | None] = asyncio.Queue()
         working: set[asyncio.Task[Curated]] = set()
         accepted = 0
@@ -181,7 +179,6 @@ class Curator:
                 working.add(task)
                 task.add_done_callback(on_done)
 
-        self._lifecycle.check_serving()
         reader = asyncio.create_task(read())
         reader.add_done_callback(lambda _: finished.put_nowait(None))
         unregister = self._lifecycle.on_leaving_serving(reader.cancel)
@@ -196,9 +193,8 @@ class Curator:
                 answered += 1
                 yield task.result()
                 slots.release()  # only now: the decision has been taken off our hands
-            if reader.cancelled():  # the server stopped serving mid-stream
-                self._lifecycle.check_serving()
-                raise Unavailable("server stopped serving")
+            if reader.cancelled():  # only on_leaving_serving cancels it before the finally
+                self._lifecycle.check_serving()  # raises UNAVAILABLE with the phase's reason
             reader.result()  # the stream's own error, now that every accepted one is answered
         finally:
             unregister()
