@@ -28,6 +28,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from support import vllm_requests_finished
 from transformers import AutoTokenizer
 
 from align2.server.backends import load_generation
@@ -214,13 +215,7 @@ def _engine_gauge(name: str) -> float:
 
 def _finished_in_engine() -> float:
     """Requests the engine finished by itself (stop, length, ...), aborts not counted."""
-    return sum(
-        sample.value
-        for metric in REGISTRY.collect()
-        if metric.name == "vllm:request_success"
-        for sample in metric.samples
-        if sample.name.endswith("_total") and sample.labels.get("model_name") == NAME
-    )
+    return vllm_requests_finished(NAME)
 
 
 async def _until(condition: Callable[[], bool], within: float = 10.0) -> None:

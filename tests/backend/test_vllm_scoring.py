@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from prometheus_client import REGISTRY
+from support import vllm_requests_finished
 
 from align2.server.backends import load_scoring
 from align2.server.backends.base import InputTooLong, Prepared, ScoringBackend
@@ -136,18 +136,9 @@ def test_the_engine_exports_its_own_metrics_under_the_model_name(engine: VllmSco
     """Runs while this module's engine is the last vLLM engine started (see the backend's
     docstring: vLLM keeps one set of series per process)."""
 
-    def finished() -> float:
-        return sum(
-            sample.value
-            for metric in REGISTRY.collect()
-            if metric.name == "vllm:request_success"
-            for sample in metric.samples
-            if sample.name == "vllm:request_success_total" and sample.labels["model_name"] == "m"
-        )
-
-    before = finished()
+    before = vllm_requests_finished("m")
     score(engine, prepare_all(engine, inputs(3)))
-    assert finished() == before + 3
+    assert vllm_requests_finished("m") == before + 3
 
 
 def test_text_limit_rejects_or_truncates_and_says_so(engine: VllmScoring) -> None:

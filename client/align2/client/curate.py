@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from align2.client.calls import _image_read_error, align_options, parse_priority
-from align2.client.convert import curate_result_from_proto, sample_to_proto
+from align2.client.calls import align_options, encode_chunk, parse_priority
+from align2.client.convert import curate_result_from_proto
 from align2.client.results import CurateResult, ProtocolError, ScoreResult
 from align2.client.types import Sample
 from align2.v1 import curation_pb2 as pb
@@ -83,15 +83,14 @@ class CurateStream:
     def encode(self, sample: Sample) -> pb.CurateRequest | None:
         """The request for ``sample`` (reads a lazy image now), or None when its image can't
         be read (its error result is then queued for :meth:`local_results`)."""
-        try:
-            message = sample_to_proto(sample)
-        except OSError as error:
-            result = CurateResult(
-                sample.id, "error", ScoreResult(id=sample.id), error=_image_read_error(error)
-            )
+        encoded = encode_chunk([sample])  # the unary calls' encoding and local-error rule
+        [error] = encoded.local_errors
+        if error is not None:
+            result = CurateResult(sample.id, "error", ScoreResult(id=sample.id), error=error)
             with self._lock:
                 self._local.append(result)
             return None
+        [message] = encoded.sent
         with self._lock:
             message.id = str(next(self._numbers))
             self._outstanding[message.id] = sample
