@@ -35,7 +35,12 @@ from align2.server.backends.base import (
 from align2.server.backends.chat import as_invalid_argument, choice_ids, prompt_ids
 from align2.server.backends.checkpoint import folder_revision
 from align2.server.backends.decoding import generate_batch, last_logits
-from align2.server.backends.torch_device import classify_device_error, resolve_device, torch_dtype
+from align2.server.backends.torch_device import (
+    classify_device_error,
+    prepare_device,
+    resolve_device,
+    torch_dtype,
+)
 from align2.server.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,7 @@ class TransformersGeneration:
         self._tokenizer = tokenizer
         self._model = model
         self._device = torch.device(description.device)
+        prepare_device(self._device)
         self._eos = _eos_ids(tokenizer, model)
         pad = tokenizer.pad_token_id
         self._pad = pad if pad is not None else min(self._eos)

@@ -27,6 +27,7 @@ from align2.server.backends.checkpoint import read_reward_checkpoint
 from align2.server.backends.preprocess import pad_to_square, text_budget
 from align2.server.backends.torch_device import (
     classify_device_error,
+    prepare_device,
     resolve_device,
     torch_dtype,
 )
@@ -62,6 +63,7 @@ class TransformersScoring:
         self._head = head  # [1, hidden], float32 on the device
         self._image_mode = image_mode
         self._device = torch.device(description.device)
+        prepare_device(self._device)
         self._dtype = next(base.parameters()).dtype
         self._pad_id = self._tokenizer.pad_token_id
         if self._pad_id is None:
