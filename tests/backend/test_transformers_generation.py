@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import threading
 from types import SimpleNamespace
 from typing import Any
 
@@ -162,6 +163,52 @@ def test_each_row_stops_at_its_own_end() -> None:
         ([8], True),
     ]
     assert model.rows == [3, 3, 2, 1]  # finished rows leave the batch
+
+
+def test_an_abandoned_row_leaves_the_batch_at_its_next_step() -> None:
+    gone, never = threading.Event(), threading.Event()
+
+    class Abandoning(_Counting):
+        def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> SimpleNamespace:
+            if len(self.rows) == 2:  # its caller leaves while the third forward runs
+                gone.set()
+            return super().forward(input_ids, **kwargs)
+
+    model = Abandoning(vocab=64)
+    decoded = generate_batch(
+        model,
+        [[1], [20], [40]],
+        [GREEDY] * 3,
+        [6, 6, 6],
+        eos_ids=frozenset({63}),
+        pad_id=0,
+        device=torch.device("cpu"),
+        abandoned=[None, gone, never],
+    )
+    assert [(d.tokens, d.finished) for d in decoded] == [
+        ([2, 3, 4, 5, 6, 7], False),
+        ([21, 22, 23], False),  # the tokens it had, unfinished
+        ([41, 42, 43, 44, 45, 46], False),
+    ]
+    assert model.rows == [3, 3, 3, 2, 2, 2]
+
+
+def test_a_row_abandoned_before_its_batch_starts_costs_nothing() -> None:
+    gone = threading.Event()
+    gone.set()
+    model = _Counting()
+    decoded = generate_batch(
+        model,
+        [[1], [3]],
+        [GREEDY] * 2,
+        [2, 2],
+        eos_ids=frozenset({15}),
+        pad_id=0,
+        device=torch.device("cpu"),
+        abandoned=[gone, None],
+    )
+    assert [d.tokens for d in decoded] == [[], [4, 5]]
+    assert model.rows == [1, 1]
 
 
 @pytest.mark.slow

@@ -170,8 +170,8 @@ def test_full_queue_refuses_at_once(server: ServerThread) -> None:
 
 def test_deadline_and_cancellation_free_the_slots(server: ServerThread) -> None:
     runtime = server.app._llms["llm"]
-    # A transformers batch runs to its end once started (only its slots free at once):
-    # long enough to outlive the deadline, short enough not to hold up later tests.
+    # Long enough to outlive the deadline (the abandoned rows then leave the running
+    # transformers batch at its next step), short enough not to hold up later tests.
     long = {"max_new_tokens": 160}
     samples = [sample(i, turns=2) for i in range(6)]
     with CurationClient(server.target, retry=False) as c:

@@ -242,8 +242,13 @@ async def test_admission_refuses_at_once_then_frees(
         llm.gate.set()
         assert (await aligner.align(AlignCall([sample()]))).results[0].error is None
     assert not any("Refused" in str(r.messages) for r in llm.seen[:-2])  # no work before
+    held_requests = llm.seen[:-2]
     if continuous:
         assert llm.cancelled > 0  # the engine's requests were aborted
+    else:  # the running batch is told which rows nobody waits for
+        assert held_requests
+        assert all(r.abandoned is not None and r.abandoned.is_set() for r in held_requests)
+        assert all(not r.abandoned.is_set() for r in llm.seen[-2:] if r.abandoned)
 
 
 async def test_deadline_fails_the_items(pool: ThreadPoolExecutor, continuous: bool) -> None:

@@ -8,8 +8,9 @@ Fakes for unit tests implement the same Protocol.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
@@ -113,6 +114,10 @@ class GenerationRequest:
     priority: int = 1
     """Scheduling class for engines that schedule by priority (vLLM: lower runs first):
     0 interactive, 1 bulk."""
+    abandoned: threading.Event | None = field(default=None, compare=False, repr=False)
+    """Set (from any thread) once nobody waits for this generation: its caller was cancelled
+    or its deadline passed. A batched backend stops the request's row at its next decoding
+    step (transformers); a continuous engine is aborted by cancelling its task instead."""
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,10 @@ Contract of :func:`generate_batch`:
   masked, with position ids counted from each row's first real token, so a row computes
   what it would alone (greedy outputs do not depend on batch-mates, up to float rounding
   differences between batch shapes, which can flip an exact tie);
-- each row stops at its own EOS (not part of the result) or its own token budget; a
-  finished row leaves the batch (its KV cache rows are dropped), so the rest run narrower;
+- each row stops at its own EOS (not part of the result), at its own token budget, or
+  once its ``abandoned`` event is set (nobody waits for it: its tokens so far, unfinished);
+  a row that stops leaves the batch (its KV cache rows are dropped), so the rest run
+  narrower;
 - temperature 0 is greedy (argmax); above 0 a row samples from softmax(logits / T) cut to
   its top-p mass, with its own ``torch.Generator`` seeded from its ``seed``, consumed only
   by that row: the same seed and prompt give the same draws whatever the batch-mates
@@ -20,6 +22,7 @@ Contract of :func:`generate_batch`:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -73,11 +76,19 @@ def generate_batch(
     eos_ids: frozenset[int],
     pad_id: int,
     device: torch.device,
+    abandoned: Sequence[threading.Event | None] | None = None,
 ) -> list[Decoded]:
     """Decode every prompt (see the module contract). ``budgets``: per row, the most new
-    tokens (its max_new_tokens, cut to what the model's length allows); 0 gives nothing."""
+    tokens (its max_new_tokens, cut to what the model's length allows); 0 gives nothing.
+    ``abandoned``: per row, an event that stops the row when set (checked every step)."""
     results = [Decoded([], finished=False) for _ in prompts]
-    live = [row for row, budget in enumerate(budgets) if budget > 0]
+    stops = list(abandoned) if abandoned is not None else [None] * len(prompts)
+
+    def wanted(row: int) -> bool:
+        stop = stops[row]
+        return stop is None or not stop.is_set()
+
+    live = [row for row, budget in enumerate(budgets) if budget > 0 and wanted(row)]
     if not live:
         return results
     generators = [_generator(settings[row], device) for row in range(len(prompts))]
@@ -93,7 +104,7 @@ def generate_batch(
                 results[row].finished = True
             else:
                 results[row].tokens.append(token)
-                if len(results[row].tokens) < budgets[row]:
+                if len(results[row].tokens) < budgets[row] and wanted(row):
                     keep.append(slot)
         if not keep:
             return results

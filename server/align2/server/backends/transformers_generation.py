@@ -127,6 +127,7 @@ class TransformersGeneration:
                 eos_ids=self._eos,
                 pad_id=self._pad,
                 device=self._device,
+                abandoned=[r.abandoned for r in batch],
             )
         return [
             Generation(

@@ -4,7 +4,9 @@ Two ways to run a GenerationBackend, chosen by its ``continuous`` flag:
 
 - **batched** (transformers): one Batcher takes both kinds of request (generations and
   review choices); a batch that mixes them runs as one device call per kind. Admission is
-  the batcher's own reservation, bounded by ``align.max_inflight_items``.
+  the batcher's own reservation, bounded by ``align.max_inflight_items``. A generation
+  whose caller is cancelled or expires while its batch runs is flagged
+  (``GenerationRequest.abandoned``) and its row leaves the batch at the next step.
 - **continuous** (vLLM): the engine batches by itself, so each request goes straight to
   ``backend.generate([one])`` / ``backend.choose([one])``, concurrently, with only a
   counter in front (the same bound). A deadline cancels the call, and cancelling the
@@ -18,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, Protocol, cast
 
 from align2.server import metrics
@@ -191,9 +195,18 @@ class GenerationRuntime:
     ) -> Outcome[LlmResult]:
         if self._batcher is not None:
             assert isinstance(slots, Reservation)
-            return await self._batcher.submit(
-                request, cost=cost, reservation=slots, deadline=deadline, priority=priority
-            )
+            if isinstance(request, GenerationRequest):
+                # Flagged when this caller stops waiting, so that a batch already running
+                # drops the row instead of generating for nobody.
+                request = replace(request, abandoned=threading.Event())
+            try:
+                return await self._batcher.submit(
+                    request, cost=cost, reservation=slots, deadline=deadline, priority=priority
+                )
+            except (asyncio.CancelledError, DeadlineExpired):
+                if isinstance(request, GenerationRequest) and request.abandoned is not None:
+                    request.abandoned.set()
+                raise
         return await self._direct(request, slots, deadline)
 
     async def _direct(
