@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from align2.server.backends.base import ChoiceRequest, Decoding, GenerationRequest, Message
-from align2.server.backends.chat import VICUNA_SYSTEM
+from align2.server.backends.chat import VICUNA_SYSTEM, Prompts, prompt_ids
 from align2.server.backends.decoding import generate_batch
 from align2.server.backends.transformers_generation import TransformersGeneration
 from align2.server.config import ModelConfig
@@ -113,6 +113,29 @@ def test_max_length_cuts_generation(tiny_llm: pathlib.Path) -> None:
         load(tiny_llm, max_length=4).generate([GenerationRequest(PROMPTS[1], GREEDY)])
     )
     assert (none.text, none.generated_tokens, none.finished) == ("", 0, False)
+
+
+def test_prompts_tokenise_each_prompt_once(tmp_path: pathlib.Path) -> None:
+    folder = build_llama_causal_lm(tmp_path / "vicuna-ish", chat_template=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    calls: list[str] = []
+
+    class Counting(type(tokenizer)):  # type: ignore[misc]
+        def __call__(self, text: Any, **kwargs: Any) -> Any:
+            calls.append(text)
+            return super().__call__(text, **kwargs)
+
+    tokenizer.__class__ = Counting
+    prompts = Prompts(tokenizer)
+    first = prompts.ids(PROMPTS[1])
+    assert prompts.ids([dict(m) for m in PROMPTS[1]]) == first  # equal messages: remembered
+    assert prompts.ids(PROMPTS[0]) == prompt_ids(tokenizer, PROMPTS[0])
+    assert first == prompt_ids(tokenizer, PROMPTS[1])
+    assert len(calls) == 4  # PROMPTS[1] and PROMPTS[0] once each, then the two references
+    bad = [{"role": "tool", "content": "x"}]  # Vicuna knows system, user, assistant only
+    for _ in range(2):  # a failure is raised each time, never remembered as a result
+        with pytest.raises(ValueError, match="role"):
+            prompts.ids(bad)
 
 
 def test_vicuna_fallback_without_chat_template(tmp_path: pathlib.Path) -> None:

@@ -8,6 +8,8 @@ Contract:
   template (Vicuna / LLaVA-1.5 checkpoints), in FastChat's ``vicuna_v1.1`` format.
 - :func:`prompt_ids` tokenises that text without adding special tokens: the template
   writes any BOS it wants (transformers' ``apply_chat_template`` tokenises the same way).
+  :class:`Prompts` is the same with a memory of recent prompts, for a backend whose core
+  counts a request's tokens just before submitting it.
 - :func:`choice_ids` maps each choice label to the single token the model would emit for
   it right after the generation prompt.
 - Their ValueErrors name the bad field; :func:`as_invalid_argument` makes them the
@@ -17,6 +19,7 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 
 from transformers import PreTrainedTokenizerBase
@@ -69,6 +72,26 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) 
     """Token ids of :func:`render`, no special tokens added."""
     text = render(tokenizer, messages)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class Prompts:
+    """:func:`prompt_ids` for one tokenizer, remembering the last ``size`` prompts.
+
+    The core counts each request's prompt tokens (to check its length and cost) just
+    before the backend submits it; with this the prompt is rendered and tokenised once.
+    Thread-safe; a prompt that fails (ValueError) is not remembered.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, size: int = 1024) -> None:
+        self.tokenizer = tokenizer
+        self._encode = functools.lru_cache(maxsize=size)(self._encode_key)
+
+    def ids(self, messages: Sequence[Message]) -> list[int]:
+        key = tuple(tuple(message.items()) for message in messages)
+        return list(self._encode(key))
+
+    def _encode_key(self, key: tuple[tuple[tuple[str, str], ...], ...]) -> tuple[int, ...]:
+        return tuple(prompt_ids(self.tokenizer, [dict(message) for message in key]))
 
 
 def choice_ids(tokenizer: PreTrainedTokenizerBase, choices: Sequence[str]) -> list[int]:

@@ -32,7 +32,7 @@ from align2.server.backends.base import (
     Message,
     ModelDescription,
 )
-from align2.server.backends.chat import as_invalid_argument, choice_ids, prompt_ids
+from align2.server.backends.chat import Prompts, as_invalid_argument, choice_ids
 from align2.server.backends.checkpoint import folder_revision
 from align2.server.backends.decoding import generate_batch, last_logits
 from align2.server.backends.torch_device import (
@@ -56,6 +56,7 @@ class TransformersGeneration:
     ) -> None:
         self.description = description
         self._tokenizer = tokenizer
+        self._prompts = Prompts(tokenizer)
         self._model = model
         self._device = torch.device(description.device)
         prepare_device(self._device)
@@ -89,7 +90,7 @@ class TransformersGeneration:
     def prompt_tokens(self, messages: Sequence[Message]) -> int:
         """Tokens of the rendered prompt. Raises InvalidArgument for an unknown role."""
         with as_invalid_argument():
-            return len(prompt_ids(self._tokenizer, messages))
+            return len(self._prompts.ids(messages))
 
     async def generate(self, batch: Sequence[GenerationRequest]) -> list[Generation]:
         """One Generation per request, in order. A prompt that leaves no room under
@@ -112,7 +113,7 @@ class TransformersGeneration:
     # -- the device thread ---------------------------------------------------------------
     def _generate(self, batch: list[GenerationRequest]) -> list[Generation]:
         with as_invalid_argument():
-            prompts = [prompt_ids(self._tokenizer, r.messages) for r in batch]
+            prompts = [self._prompts.ids(r.messages) for r in batch]
         limit = self.description.max_length
         budgets = [
             max(0, min(r.decoding.max_new_tokens, limit - len(p)))
@@ -141,7 +142,7 @@ class TransformersGeneration:
 
     def _choose(self, batch: list[ChoiceRequest]) -> list[list[float]]:
         with as_invalid_argument():
-            prompts = [prompt_ids(self._tokenizer, r.messages) for r in batch]
+            prompts = [self._prompts.ids(r.messages) for r in batch]
             labels = [choice_ids(self._tokenizer, r.choices) for r in batch]
         with self._on_device():
             logits = last_logits(self._model, prompts, self._pad, self._device)

@@ -48,7 +48,7 @@ from align2.server.backends.base import (
     Message,
     ModelDescription,
 )
-from align2.server.backends.chat import as_invalid_argument, choice_ids, prompt_ids
+from align2.server.backends.chat import Prompts, as_invalid_argument, choice_ids
 from align2.server.backends.checkpoint import folder_revision
 from align2.server.backends.vllm_common import (
     engine_device,
@@ -91,6 +91,7 @@ class VllmGeneration:
     ) -> None:
         self.description = description
         self._tokenizer = tokenizer
+        self._prompts = Prompts(tokenizer)
         self._engine: AsyncLLM | None = engine
         self._request_ids = itertools.count()
         self._in_flight: set[str] = set()  # request ids between submission and final output
@@ -130,7 +131,7 @@ class VllmGeneration:
     def prompt_tokens(self, messages: Sequence[Message]) -> int:
         """Tokens of the rendered prompt. Raises InvalidArgument for an unknown role."""
         with as_invalid_argument():
-            return len(prompt_ids(self._tokenizer, messages))
+            return len(self._prompts.ids(messages))
 
     async def generate(self, batch: Sequence[GenerationRequest]) -> list[Generation]:
         """One Generation per request, in order. Raises InvalidArgument for a request the
@@ -171,7 +172,7 @@ class VllmGeneration:
     # -- one request ---------------------------------------------------------------------
     async def _generate_one(self, request: GenerationRequest) -> Generation:
         with as_invalid_argument():
-            ids = prompt_ids(self._tokenizer, request.messages)
+            ids = self._prompts.ids(request.messages)
         params = _sampling(request.decoding)
         if len(ids) >= self.description.max_length:
             # No room for one new token. vLLM would refuse the request; like the
@@ -190,7 +191,7 @@ class VllmGeneration:
         from vllm.sampling_params import RequestOutputKind
 
         with as_invalid_argument():
-            ids = prompt_ids(self._tokenizer, request.messages)
+            ids = self._prompts.ids(request.messages)
             labels = choice_ids(self._tokenizer, request.choices)
         # One constrained token: ``allowed_token_ids`` makes the emitted token a label and
         # ``logprob_token_ids`` returns exactly the labels' log-probabilities. Those are
