@@ -973,9 +973,10 @@ def run(args: argparse.Namespace, folder: pathlib.Path) -> dict[str, Row]:
 def pin_front_ends() -> str:
     """On CPU, give the engines' OpenMP threads every allowed core but the last and keep
     this script and all it starts (servers, clients, the engines' schedulers) on the last,
-    alike for (a), (b) and (c). Unpinned, the front ends' threads also land on the engine's
-    core and slow its steps, the more so the more CPU a front end spends (measured here:
-    (b)/(c) 0.983 and 0.986 unpinned, 1.021 pinned). Returns what was done."""
+    alike for (a), (b) and (c), so that no front end competes with an engine for its core.
+    (Measured here: (b)/(c) 0.983 and 0.986 in two unpinned runs, 1.021 and 0.981 in two
+    pinned ones: no clear effect on the comparison, which stays within the spread.)
+    Returns what was done."""
     if torch.cuda.is_available():
         return "front ends not pinned (GPU)"
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
