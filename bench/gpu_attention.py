@@ -8,8 +8,12 @@ that has not seen its attention shapes, with and without cuDNN's attention kerne
 A server runs each model's batches on its own device thread and meets new shapes all the
 time (batch sizes, KV lengths, rows leaving the batch); cuDNN builds an execution plan per
 shape and per thread. Runs, in order: the main thread twice, then fresh threads with cuDNN
-attention on, off, off, on. The script turns cuDNN attention on itself first, since
-importing the backends does not change it (``prepare_device`` runs when a backend starts).
+attention on, off, off, on. No align2 backend is built (its start would turn cuDNN
+attention off): the script calls the decoding loop itself and sets the switch per run.
+
+The H200 figures in docs/benchmarks.md came from this script's prototype (the same model,
+prompts, runs and order, written in one sitting on the GPU machine); this cleaned-up form
+has run on CPU (``--tiny``) only.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import threading
 import time
 
 import torch
-from gpu_align import build_model, make_backend, rewrite_requests, synchronize
+from gpu_align import build_model, rewrite_requests, synchronize
 
 from align2.server.backends.chat import prompt_ids
 from align2.server.backends.decoding import generate_batch
@@ -33,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     tokenizer, model = build_model(args.tiny, device)
-    backend = make_backend(tokenizer, model, device, args.tiny)
+    eos, pad = frozenset({tokenizer.eos_token_id}), tokenizer.pad_token_id  # the model's too
     requests = rewrite_requests(args.batch, args.new_tokens)
     prompts = [prompt_ids(tokenizer, r.messages) for r in requests]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -50,8 +54,8 @@ def main() -> None:
                 prompts,
                 [r.decoding for r in requests],
                 [r.decoding.max_new_tokens for r in requests],
-                eos_ids=backend._eos,
-                pad_id=backend._pad,
+                eos_ids=eos,
+                pad_id=pad,
                 device=device,
             )
         synchronize(device)

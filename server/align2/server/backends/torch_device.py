@@ -30,10 +30,11 @@ def prepare_device(device: torch.device) -> None:
     On CUDA, cuDNN's scaled-dot-product attention is turned off (flash, memory-efficient and
     math stay): cuDNN builds an execution plan per attention shape and per thread, and a
     server meets new shapes all the time (each batch size, each KV length while decoding,
-    rows leaving the batch). Measured on an H200 (bench diagnosis, 7B bf16 Llama, 64
-    rewrites x 256 new tokens through ``generate_batch``): 16-21 s on a thread that had not
-    seen those shapes with cuDNN on, 5.8 s once warm, 6.4-6.5 s on a fresh thread with it
-    off. The one-shape warm case is ~10% faster with cuDNN; a served mix of shapes is not.
+    rows leaving the batch). Measured on an H200 (the prototype of bench/gpu_attention.py:
+    7B bf16 Llama, 64 rewrites x 256 new tokens through ``generate_batch``): 16-21 s on a
+    thread that had not seen those shapes with cuDNN on, 5.8 s once warm, 6.4-6.5 s on a
+    fresh thread with it off. The one-shape warm case is ~10% faster with cuDNN; a served
+    mix of shapes is not.
     """
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
