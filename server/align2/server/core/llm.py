@@ -195,17 +195,17 @@ class GenerationRuntime:
     ) -> Outcome[LlmResult]:
         if self._batcher is not None:
             assert isinstance(slots, Reservation)
+            # A generation is flagged when this caller stops waiting, so that a batch already
+            # running drops the row instead of generating for nobody.
+            abandoned = threading.Event()
             if isinstance(request, GenerationRequest):
-                # Flagged when this caller stops waiting, so that a batch already running
-                # drops the row instead of generating for nobody.
-                request = replace(request, abandoned=threading.Event())
+                request = replace(request, abandoned=abandoned)
             try:
                 return await self._batcher.submit(
                     request, cost=cost, reservation=slots, deadline=deadline, priority=priority
                 )
             except (asyncio.CancelledError, DeadlineExpired):
-                if isinstance(request, GenerationRequest) and request.abandoned is not None:
-                    request.abandoned.set()
+                abandoned.set()
                 raise
         return await self._direct(request, slots, deadline)
 
