@@ -32,7 +32,7 @@ times every round on one engine; (b)'s and (c)'s servers both start first and st
 idle vLLM engine uses no CPU), and the rounds alternate which of them goes first ((b) then
 (c), then (c) then (b): a drift over the run favours neither). Each round's ratios are
 printed; the targets are judged on the rounds pooled (tokens and seconds summed). Beside
-the whole-run rates, (b) and (c) get a steady-window rate (``Tally.window``: every client
+the whole-run rates, (b) and (c) get a steady-window rate (``Tally.row``: every client
 busy; ramp-up and ramp-down, where one long rewrite often runs alone, left out), printed
 for insight and not used for the targets.
 
@@ -319,7 +319,7 @@ class Row:
     """CPU seconds the front-end processes spent meanwhile (the engine's own not counted)."""
     steady_tokens: int = 0
     steady_seconds: float = 0.0
-    """(b), (c): generated tokens and seconds of the steady window (``Tally.window``: every
+    """(b), (c): generated tokens and seconds of the steady window (``Tally.row``: every
     client busy, ramp-up and ramp-down left out); 0 for (a)."""
 
     @property
@@ -529,12 +529,10 @@ async def drive(
     clients: int,
     one: Callable[[int], Awaitable[None]],
     meter: CpuMeter,
-    tally: Tally,
 ) -> float:
     """``clients`` workers share sample indices 0..count-1 (a free worker takes the next)
-    and ``await one(index)`` each (which calls ``tally.add``); returns the seconds from the
-    first request to the last completion, over which ``meter`` runs, and sets the tally's
-    steady window."""
+    and ``await one(index)`` each; returns the seconds from the first request to the last
+    completion, over which ``meter`` runs."""
     indices = iter(range(count))
 
     async def worker() -> None:
@@ -546,7 +544,6 @@ async def drive(
     await asyncio.gather(*(worker() for _ in range(clients)))
     seconds = time.perf_counter() - started
     meter.stop()
-    tally.window(clients)
     return seconds
 
 
@@ -559,8 +556,6 @@ class Tally:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     completions: list[tuple[float, int]] = field(default_factory=list)
-    steady_tokens: int = 0
-    steady_seconds: float = 0.0
 
     def add(self, prompt_tokens: int, generated_tokens: int) -> None:
         """One sample done, now."""
@@ -568,22 +563,19 @@ class Tally:
         self.generated_tokens += generated_tokens
         self.completions.append((time.perf_counter(), generated_tokens))
 
-    def window(self, clients: int) -> None:
-        """The steady window: from the completion that ends the first wave (the
-        ``clients``-th) to the one after which the last sample is taken (the
+    def row(self, name: str, seconds: float, cpu: dict[str, float], clients: int) -> Row:
+        """The measurement's row, with its steady window: from the completion that ends the
+        first wave (the ``clients``-th) to the one after which the last sample is taken (the
         ``clients``-th from the end), and the tokens of the completions in between. It
         leaves out the ramp-up and the ramp-down (clients without work while the last
         samples finish, often one long rewrite alone at the end)."""
+        count, made = len(self.texts), self.generated_tokens
+        row = Row(name, count, self.prompt_tokens, made, seconds, self.texts, cpu)
         done = sorted(self.completions)
         first, last = clients - 1, len(done) - clients - 1
         if last > first:
-            self.steady_seconds = done[last][0] - done[first][0]
-            self.steady_tokens = sum(n for _, n in done[first + 1 : last + 1])
-
-    def row(self, name: str, seconds: float, cpu: dict[str, float]) -> Row:
-        count, made = len(self.texts), self.generated_tokens
-        row = Row(name, count, self.prompt_tokens, made, seconds, self.texts, cpu)
-        row.steady_tokens, row.steady_seconds = self.steady_tokens, self.steady_seconds
+            row.steady_seconds = done[last][0] - done[first][0]
+            row.steady_tokens = sum(n for _, n in done[first + 1 : last + 1])
         return row
 
 
@@ -617,7 +609,7 @@ async def align_load(
             tally.texts[2 * index + 1] = clean(turn.rewrite.answer)
             tally.add(reply.tokens.prompt_tokens, reply.tokens.generated_tokens)
 
-        seconds = await drive(len(samples), clients, one, meter, tally)
+        seconds = await drive(len(samples), clients, one, meter)
     return seconds, tally
 
 
@@ -681,7 +673,7 @@ def measure_align(
         align_load(served.target, samples, warmup, args.clients, options, meter)
     )
     label = "(b') align2 Align, review on (other samples)" if review else "(b) align2 Align"
-    return tally.row(f"{label}, {args.clients} clients", seconds, meter.spent)
+    return tally.row(f"{label}, {args.clients} clients", seconds, meter.spent, args.clients)
 
 
 # -- (c) vllm serve ---------------------------------------------------------------------------
@@ -763,7 +755,7 @@ async def openai_load(
                 sum(u["prompt_tokens"] for u in usage), sum(u["completion_tokens"] for u in usage)
             )
 
-        seconds = await drive(len(prompts) // len(PARTS), clients, one, meter, tally)
+        seconds = await drive(len(prompts) // len(PARTS), clients, one, meter)
     return seconds, tally
 
 
@@ -788,9 +780,8 @@ def measure_openai(
     seconds, tally = asyncio.run(
         openai_load(served.target, prompts, warmup, args.clients, args.max_new_tokens, meter)
     )
-    return tally.row(
-        f"(c) vllm serve /v1/completions, {args.clients} clients", seconds, meter.spent
-    )
+    name = f"(c) vllm serve /v1/completions, {args.clients} clients"
+    return tally.row(name, seconds, meter.spent, args.clients)
 
 
 # -- report ---------------------------------------------------------------------------------
