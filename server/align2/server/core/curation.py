@@ -263,10 +263,9 @@ class Session:
                 deadline=deadline,
                 sample_field=_SAMPLE,
             )
+            outcome = await _when_admitted(lambda: aligner.align(call), deadline)
             # An error here leaves the sample kept: the original, with why it is not restyled.
-            result.aligned = (await _when_admitted(lambda: aligner.align(call), deadline)).results[
-                0
-            ]
+            result.aligned = outcome.results[0]
         result.decision = Decision.KEPT
 
     async def _score(self, sample: Sample, head: Head, deadline: float | None) -> SampleScore:
