@@ -62,11 +62,11 @@ class FakeCuration(pb_grpc.CurationServiceServicer):
 
     def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
-    ) -> pb.ServerInfo:
+    ) -> pb.GetServerInfoResponse:
         self._admit(None, context)
         with self._lock:
             self.inflight -= 1
-        return pb.ServerInfo(
+        return pb.GetServerInfoResponse(
             version="9.9.9",
             limits=pb.Limits(max_samples_per_call=64),
             services=["Score"],

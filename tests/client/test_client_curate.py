@@ -18,11 +18,12 @@ def sample(sample_id: str, answer: str) -> Sample:
     return Sample(id=sample_id, image=b"png", turns=[Turn("What is it?", answer)])
 
 
-def decision(wire_id: str, kept: bool) -> pb.CurateResponse:
+def decision(sequence: int, sample_id: str, kept: bool) -> pb.CurateResponse:
     return pb.CurateResponse(
-        id=wire_id,
+        id=sample_id,
+        sequence=sequence,
         decision=pb.DECISION_KEPT if kept else pb.DECISION_DROPPED_QUESTION,
-        scores=pb.ScoreResult(id=wire_id, question_score=1.0),
+        scores=pb.ScoreResult(id=sample_id, question_score=1.0),
     )
 
 
@@ -31,11 +32,10 @@ def test_decisions_out_of_order_on_repeated_ids_go_to_their_own_samples() -> Non
     first, second = sample("img-7", "A cat."), sample("img-7", "A dog.")
     requests = list(stream.requests([first, second]))
     assert requests[0].WhichOneof("item") == "options"
-    wire = [r.sample.id for r in requests[1:]]
-    assert len(set(wire)) == 2  # unique on the wire although the ids repeat
-    # The server decides the second one first.
-    late = stream.decode(decision(wire[1], kept=True))
-    early = stream.decode(decision(wire[0], kept=False))
+    assert [r.sample.id for r in requests[1:]] == ["img-7", "img-7"]  # the caller's ids
+    # The server decides the second one (sequence 1) first.
+    late = stream.decode(decision(1, "img-7", kept=True))
+    early = stream.decode(decision(0, "img-7", kept=False))
     assert late.sample == second and late.id == "img-7" and late.scores.id == "img-7"
     assert early.sample is None and early.decision == "dropped_question"
     assert stream.finish() == [] and stream.unanswered == []
@@ -43,10 +43,12 @@ def test_decisions_out_of_order_on_repeated_ids_go_to_their_own_samples() -> Non
 
 def test_an_unknown_or_repeated_answer_is_a_protocol_error() -> None:
     stream = CurateStream.plan()
-    [_, request] = list(stream.requests([sample("a", "x")]))
-    stream.decode(decision(request.sample.id, kept=True))
-    with pytest.raises(ProtocolError, match="not sent"):
-        stream.decode(decision(request.sample.id, kept=True))
+    list(stream.requests([sample("a", "x")]))
+    stream.decode(decision(0, "a", kept=True))
+    with pytest.raises(ProtocolError, match=r"sequence 0 .* not outstanding"):
+        stream.decode(decision(0, "a", kept=True))
+    with pytest.raises(ProtocolError, match=r"sequence 7 .* not outstanding"):
+        stream.decode(decision(7, "a", kept=True))
 
 
 def test_unanswered_samples_are_listed_and_fail_a_finished_stream() -> None:

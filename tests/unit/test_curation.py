@@ -107,6 +107,27 @@ async def test_at_most_max_stream_inflight_samples_are_worked_on_at_once() -> No
     assert scorer.most_running == 3
 
 
+async def test_each_decision_carries_its_samples_position_whatever_the_ids() -> None:
+    scorer = ScriptedScorer({"dup": 1.0, "": 2.0}, {})
+    scorer.gate = asyncio.Event()
+    items = [
+        CurateOptions(),
+        *(Sample(id=i, image=b"", turns=[Turn("q?", "a.")]) for i in ["dup", "", "dup", ""]),
+    ]
+    task = asyncio.ensure_future(collect(curator(scorer, inflight=4).stream(feed(items), None)))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    scorer.gate.set()
+    results = await task
+    # The options message is not counted: samples are numbered 0..3 in the order they came.
+    assert sorted((r.sequence, r.id) for r in results) == [
+        (0, "dup"),
+        (1, ""),
+        (2, "dup"),
+        (3, ""),
+    ]
+
+
 async def test_two_stages_per_task_and_answers_scored_only_when_questions_pass() -> None:
     questions = {"s0": 1.0, "s1": 5.0, "s2": 0.5, "s3": 9.0}
     answers = {"s0": [3.0], "s1": [1.0, 2.0], "s3": [0.0]}
@@ -276,6 +297,6 @@ async def test_a_kept_sample_whose_alignment_fails_stays_kept_with_the_error() -
     curate = Curator(scorer, FailingAligner(), CurateConfig(), limits, lifecycle)  # type: ignore[arg-type]
     items = [CurateOptions(align=AlignCall(samples=())), sample(0)]
     [result] = await collect(curate.stream(feed(items), None))
-    assert result.decision is Decision.KEPT and result.error is None
+    assert result.decision is Decision.KEPT_ALIGN_FAILED and result.error is None
     assert result.aligned is not None and result.aligned.error is not None
     assert result.aligned.error.message.startswith("sample.turns[0]: deadline passed")

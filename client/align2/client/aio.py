@@ -273,7 +273,7 @@ class AsyncCurationClient(ClientBase):
         self,
         *,
         timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline
-    ) -> pb.ServerInfo:
+    ) -> pb.GetServerInfoResponse:
         """What the server runs: models, versions, limits and batching settings."""
         return await self._stub.GetServerInfo(
             pb.GetServerInfoRequest(),

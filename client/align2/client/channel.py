@@ -23,7 +23,7 @@ SERVICE = "align2.v1.CurationService"
 # have no side effects; Align regenerates, which is what a caller retrying would get too.
 RETRIED_METHODS = ("Score", "Align", "GetServerInfo")
 # 64 samples with their images fit comfortably; servers announce their own limit in
-# ServerInfo.limits.max_message_bytes.
+# GetServerInfoResponse.limits.max_message_bytes.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Not shorter than a stock gRPC server's minimum ping interval (5 min): shorter keepalives
 # during long calls earn a GOAWAY "too_many_pings" from servers with default settings.

@@ -181,6 +181,7 @@ def align_call_info_from_proto(response: pb.AlignResponse) -> AlignCallInfo:
 
 _DECISION_NAMES: dict[int, str] = {
     pb.DECISION_KEPT: "kept",
+    pb.DECISION_KEPT_ALIGN_FAILED: "kept",  # aligned.error says why it is not restyled
     pb.DECISION_DROPPED_QUESTION: "dropped_question",
     pb.DECISION_DROPPED_ANSWER: "dropped_answer",
     pb.DECISION_ERROR: "error",
@@ -188,8 +189,8 @@ _DECISION_NAMES: dict[int, str] = {
 
 
 def curate_result_from_proto(message: pb.CurateResponse, original: Sample) -> CurateResult:
-    """The decision on ``original`` (the sample as the caller gave it; its id is the
-    result's, whatever id travelled on the wire). An unknown decision (a newer server) or
+    """The decision on ``original`` (the sample as the caller gave it, matched by the
+    response's sequence number). An unknown decision (a newer server) or
     an error reads as "error": never keep what the server did not say it kept. A kept
     sample whose alignment failed is kept as the original (``aligned.error`` says why)."""
     error = item_error_from_proto(message.error) if message.HasField("error") else None

@@ -31,12 +31,12 @@ def _fraction(key: str, value: float | None) -> float | None:
 
 @dataclass
 class CurateStream:
-    """One stream's state. Samples go on the wire under the stream's own sequence numbers as
-    ids, and each decision is matched back to its sample by that number: decisions come
-    out of order, and generated data often repeats ids."""
+    """One stream's state. Each decision is matched back to its sample by the ``sequence``
+    the server echoes (the sample's position among the stream's samples, from 0), never by
+    id: decisions come out of order, and generated data often repeats ids."""
 
     options: pb.CurateOptions
-    _outstanding: dict[str, Sample] = field(default_factory=dict)  # by wire id
+    _outstanding: dict[int, Sample] = field(default_factory=dict)  # by sequence number
     _local: collections.deque[CurateResult] = field(default_factory=collections.deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _numbers: Iterator[int] = field(default_factory=itertools.count)
@@ -92,16 +92,19 @@ class CurateStream:
             return None
         [message] = encoded.sent
         with self._lock:
-            message.id = str(next(self._numbers))
-            self._outstanding[message.id] = sample
+            self._outstanding[next(self._numbers)] = sample
         return pb.CurateRequest(sample=message)
 
     def decode(self, response: pb.CurateResponse) -> CurateResult:
-        """The result for one response; ProtocolError for an id with nothing outstanding."""
+        """The result for one response; ProtocolError for a sequence number with nothing
+        outstanding."""
         with self._lock:
-            original = self._outstanding.pop(response.id, None)
+            original = self._outstanding.pop(response.sequence, None)
         if original is None:
-            raise ProtocolError(f"a result for wire id {response.id!r}, which was not sent")
+            raise ProtocolError(
+                f"a result for sequence {response.sequence} (id {response.id!r}), which is "
+                "not outstanding"
+            )
         return curate_result_from_proto(response, original)
 
     def local_results(self) -> list[CurateResult]:

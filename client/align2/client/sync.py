@@ -197,7 +197,7 @@ class CurationClient(ClientBase):
 
         return CurateResults(stream, results(), responses.cancel)
 
-    def server_info(self, *, timeout: float | None = None) -> pb.ServerInfo:
+    def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
         """What the server runs: models, versions, limits and batching settings."""
         return self._stub.GetServerInfo(
             pb.GetServerInfoRequest(),

@@ -57,6 +57,52 @@ IMAGE_MARKER_NONE: ImageMarker.ValueType  # 3
 """no marker in the record"""
 Global___ImageMarker: _TypeAlias = ImageMarker  # noqa: Y015
 
+class _ErrorCode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ERROR_CODE_UNSPECIFIED: _ErrorCode.ValueType  # 0
+    ERROR_CODE_CANCELLED: _ErrorCode.ValueType  # 1
+    ERROR_CODE_UNKNOWN: _ErrorCode.ValueType  # 2
+    ERROR_CODE_INVALID_ARGUMENT: _ErrorCode.ValueType  # 3
+    ERROR_CODE_DEADLINE_EXCEEDED: _ErrorCode.ValueType  # 4
+    ERROR_CODE_NOT_FOUND: _ErrorCode.ValueType  # 5
+    ERROR_CODE_ALREADY_EXISTS: _ErrorCode.ValueType  # 6
+    ERROR_CODE_PERMISSION_DENIED: _ErrorCode.ValueType  # 7
+    ERROR_CODE_RESOURCE_EXHAUSTED: _ErrorCode.ValueType  # 8
+    ERROR_CODE_FAILED_PRECONDITION: _ErrorCode.ValueType  # 9
+    ERROR_CODE_ABORTED: _ErrorCode.ValueType  # 10
+    ERROR_CODE_OUT_OF_RANGE: _ErrorCode.ValueType  # 11
+    ERROR_CODE_UNIMPLEMENTED: _ErrorCode.ValueType  # 12
+    ERROR_CODE_INTERNAL: _ErrorCode.ValueType  # 13
+    ERROR_CODE_UNAVAILABLE: _ErrorCode.ValueType  # 14
+    ERROR_CODE_DATA_LOSS: _ErrorCode.ValueType  # 15
+    ERROR_CODE_UNAUTHENTICATED: _ErrorCode.ValueType  # 16
+
+class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
+    """Why an item failed: the gRPC status codes (google.rpc.Code), same names and numbers."""
+
+ERROR_CODE_UNSPECIFIED: ErrorCode.ValueType  # 0
+ERROR_CODE_CANCELLED: ErrorCode.ValueType  # 1
+ERROR_CODE_UNKNOWN: ErrorCode.ValueType  # 2
+ERROR_CODE_INVALID_ARGUMENT: ErrorCode.ValueType  # 3
+ERROR_CODE_DEADLINE_EXCEEDED: ErrorCode.ValueType  # 4
+ERROR_CODE_NOT_FOUND: ErrorCode.ValueType  # 5
+ERROR_CODE_ALREADY_EXISTS: ErrorCode.ValueType  # 6
+ERROR_CODE_PERMISSION_DENIED: ErrorCode.ValueType  # 7
+ERROR_CODE_RESOURCE_EXHAUSTED: ErrorCode.ValueType  # 8
+ERROR_CODE_FAILED_PRECONDITION: ErrorCode.ValueType  # 9
+ERROR_CODE_ABORTED: ErrorCode.ValueType  # 10
+ERROR_CODE_OUT_OF_RANGE: ErrorCode.ValueType  # 11
+ERROR_CODE_UNIMPLEMENTED: ErrorCode.ValueType  # 12
+ERROR_CODE_INTERNAL: ErrorCode.ValueType  # 13
+ERROR_CODE_UNAVAILABLE: ErrorCode.ValueType  # 14
+ERROR_CODE_DATA_LOSS: ErrorCode.ValueType  # 15
+ERROR_CODE_UNAUTHENTICATED: ErrorCode.ValueType  # 16
+Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
+
 class _Priority:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -155,6 +201,7 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     DECISION_DROPPED_ANSWER: _Decision.ValueType  # 3
     """below the answer-score threshold of its task"""
     DECISION_ERROR: _Decision.ValueType  # 4
+    DECISION_KEPT_ALIGN_FAILED: _Decision.ValueType  # 5
 
 class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper): ...
 
@@ -165,6 +212,7 @@ DECISION_DROPPED_QUESTION: Decision.ValueType  # 2
 DECISION_DROPPED_ANSWER: Decision.ValueType  # 3
 """below the answer-score threshold of its task"""
 DECISION_ERROR: Decision.ValueType  # 4
+DECISION_KEPT_ALIGN_FAILED: Decision.ValueType  # 5
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
 
 @_typing.final
@@ -239,14 +287,13 @@ class ItemError(_message.Message):
 
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
-    code: _builtins.int
-    """a google.rpc.Code / gRPC status code value"""
+    code: Global___ErrorCode.ValueType
     message: _builtins.str
     """names the field and, where one applies, the limit"""
     def __init__(
         self,
         *,
-        code: _builtins.int = ...,
+        code: Global___ErrorCode.ValueType = ...,
         message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
@@ -802,11 +849,13 @@ class CurateResponse(_message.Message):
     ANSWER_THRESHOLD_FIELD_NUMBER: _builtins.int
     ALIGNED_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     decision: Global___Decision.ValueType
     question_threshold: _builtins.float
     """The thresholds in force when it was decided (set for the stages it reached)."""
     answer_threshold: _builtins.float
+    sequence: _builtins.int
     @_builtins.property
     def scores(self) -> Global___ScoreResult: ...
     @_builtins.property
@@ -825,10 +874,11 @@ class CurateResponse(_message.Message):
         answer_threshold: _builtins.float | None = ...,
         aligned: Global___AlignResult | None = ...,
         error: Global___ItemError | None = ...,
+        sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_answer_threshold", b"_answer_threshold", "_question_threshold", b"_question_threshold", "aligned", b"aligned", "answer_threshold", b"answer_threshold", "error", b"error", "question_threshold", b"question_threshold", "scores", b"scores"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_threshold", b"_answer_threshold", "_question_threshold", b"_question_threshold", "aligned", b"aligned", "answer_threshold", b"answer_threshold", "decision", b"decision", "error", b"error", "id", b"id", "question_threshold", b"question_threshold", "scores", b"scores"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_threshold", b"_answer_threshold", "_question_threshold", b"_question_threshold", "aligned", b"aligned", "answer_threshold", b"answer_threshold", "decision", b"decision", "error", b"error", "id", b"id", "question_threshold", b"question_threshold", "scores", b"scores", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__answer_threshold: _TypeAlias = _typing.Literal["answer_threshold"]  # noqa: Y015
     _WhichOneofArgType__answer_threshold: _TypeAlias = _typing.Literal["_answer_threshold", b"_answer_threshold"]  # noqa: Y015
@@ -989,7 +1039,7 @@ class Batching(_message.Message):
 Global___Batching: _TypeAlias = Batching  # noqa: Y015
 
 @_typing.final
-class ServerInfo(_message.Message):
+class GetServerInfoResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSION_FIELD_NUMBER: _builtins.int
@@ -1030,4 +1080,4 @@ class ServerInfo(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ServerInfo: _TypeAlias = ServerInfo  # noqa: Y015
+Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015

@@ -5,7 +5,7 @@ import warnings
 
 from align2.v1 import curation_pb2 as align2_dot_v1_dot_curation__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -52,7 +52,7 @@ class CurationServiceStub:
         self.GetServerInfo = channel.unary_unary(
                 '/align2.v1.CurationService/GetServerInfo',
                 request_serializer=align2_dot_v1_dot_curation__pb2.GetServerInfoRequest.SerializeToString,
-                response_deserializer=align2_dot_v1_dot_curation__pb2.ServerInfo.FromString,
+                response_deserializer=align2_dot_v1_dot_curation__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -112,7 +112,7 @@ def add_CurationServiceServicer_to_server(servicer, server):
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
                     request_deserializer=align2_dot_v1_dot_curation__pb2.GetServerInfoRequest.FromString,
-                    response_serializer=align2_dot_v1_dot_curation__pb2.ServerInfo.SerializeToString,
+                    response_serializer=align2_dot_v1_dot_curation__pb2.GetServerInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,7 +222,7 @@ class CurationService:
             target,
             '/align2.v1.CurationService/GetServerInfo',
             align2_dot_v1_dot_curation__pb2.GetServerInfoRequest.SerializeToString,
-            align2_dot_v1_dot_curation__pb2.ServerInfo.FromString,
+            align2_dot_v1_dot_curation__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,7 +49,7 @@ class CurationServiceStub:
     """Streaming curation: samples in, one decision per sample out (scored, selected against
     the running top-fraction thresholds of its task type, aligned when kept).
     """
-    GetServerInfo: _grpc.UnaryUnaryMultiCallable[_curation_pb2.GetServerInfoRequest, _curation_pb2.ServerInfo]
+    GetServerInfo: _grpc.UnaryUnaryMultiCallable[_curation_pb2.GetServerInfoRequest, _curation_pb2.GetServerInfoResponse]
     """What this server runs: models, backends, versions, limits and batching settings."""
 
 @_typing.type_check_only
@@ -68,7 +68,7 @@ class CurationServiceAsyncStub(CurationServiceStub):
     """Streaming curation: samples in, one decision per sample out (scored, selected against
     the running top-fraction thresholds of its task type, aligned when kept).
     """
-    GetServerInfo: _aio.UnaryUnaryMultiCallable[_curation_pb2.GetServerInfoRequest, _curation_pb2.ServerInfo]  # type: ignore[assignment]
+    GetServerInfo: _aio.UnaryUnaryMultiCallable[_curation_pb2.GetServerInfoRequest, _curation_pb2.GetServerInfoResponse]  # type: ignore[assignment]
     """What this server runs: models, backends, versions, limits and batching settings."""
 
 class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -108,7 +108,7 @@ class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _curation_pb2.GetServerInfoRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_curation_pb2.ServerInfo, _abc.Awaitable[_curation_pb2.ServerInfo]]:
+    ) -> _typing.Union[_curation_pb2.GetServerInfoResponse, _abc.Awaitable[_curation_pb2.GetServerInfoResponse]]:
         """What this server runs: models, backends, versions, limits and batching settings."""
 
 def add_CurationServiceServicer_to_server(servicer: CurationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -227,7 +227,7 @@ class App:
                 raise RuntimeError(f"warm-up failed: {error.message}")
 
     # -- run -----------------------------------------------------------------------------
-    def server_info(self) -> pb.ServerInfo:
+    def server_info(self) -> pb.GetServerInfoResponse:
         models = [
             (dataclasses.replace(rt.description, name=name), self._role(name))
             for name, rt in sorted(self._runtimes.items())

@@ -16,7 +16,9 @@ exactly one decision: a failure of one sample (bad image, deadline) is a decisio
 error; a full model queue is waited out with backoff, within the stream's deadline. A
 stream that fails as a whole (misplaced options, shutdown) first answers every sample it
 accepted. A kept sample whose alignment fails stays kept (the original), with the
-alignment's error on ``aligned``. Selection state lives in the stream: thresholds come from
+alignment's error on ``aligned`` (decision KEPT_ALIGN_FAILED). Each decision carries
+its sample's ``sequence`` (position in the stream), the matching key: ids are the caller's
+and may repeat. Selection state lives in the stream: thresholds come from
 that producer's data only, whichever replica serves it.
 
 With concurrent samples, the order in which scores reach the selector (and so a borderline
@@ -63,6 +65,7 @@ _SAMPLE = "sample"
 
 class Decision(enum.Enum):
     KEPT = "kept"
+    KEPT_ALIGN_FAILED = "kept_align_failed"  # kept by both stages; the restyle failed
     DROPPED_QUESTION = "dropped_question"
     DROPPED_ANSWER = "dropped_answer"
     ERROR = "error"
@@ -80,10 +83,13 @@ class CurateOptions:
 
 @dataclass
 class Curated:
-    """The decision on one sample. ``scores`` holds what was computed (no answer scores when
-    the question stage dropped it); the thresholds are those in force at the decision."""
+    """The decision on one sample. ``sequence``: the sample's position among the stream's
+    samples (from 0), the key that matches the decision to its sample. ``scores`` holds what
+    was computed (no answer scores when the question stage dropped it); the thresholds are
+    those in force at the decision."""
 
     id: str
+    sequence: int
     decision: Decision
     scores: SampleScore
     question_threshold: float | None = None
@@ -173,7 +179,7 @@ class Curator:
                 session = session or self.session(CurateOptions(priority=priority))
                 position += 1
                 await slots.acquire()
-                task = asyncio.create_task(session.curate(request, deadline))
+                task = asyncio.create_task(session.curate(request, accepted, deadline))
                 accepted += 1
                 metrics.CURATE_INFLIGHT.inc()
                 working.add(task)
@@ -220,9 +226,10 @@ class Session:
         self._questions = questions
         self._answers = answers
 
-    async def curate(self, sample: Sample, deadline: float | None) -> Curated:
-        """Never raises for one sample's failure: it becomes the decision's error."""
-        result = Curated(sample.id, Decision.ERROR, SampleScore(id=sample.id))
+    async def curate(self, sample: Sample, sequence: int, deadline: float | None) -> Curated:
+        """The decision on the stream's sample number ``sequence``. Never raises for one
+        sample's failure: it becomes the decision's error."""
+        result = Curated(sample.id, sequence, Decision.ERROR, SampleScore(id=sample.id))
         try:
             await self._decide(sample, deadline, result)
         except Align2Error as exc:
@@ -266,6 +273,9 @@ class Session:
             outcome = await _when_admitted(lambda: aligner.align(call), deadline)
             # An error here leaves the sample kept: the original, with why it is not restyled.
             result.aligned = outcome.results[0]
+            if result.aligned.error is not None:
+                result.decision = Decision.KEPT_ALIGN_FAILED
+                return
         result.decision = Decision.KEPT
 
     async def _score(self, sample: Sample, head: Head, deadline: float | None) -> SampleScore:

@@ -187,6 +187,7 @@ async def curate_requests_from_proto(
 
 _DECISIONS = {
     Decision.KEPT: pb.DECISION_KEPT,
+    Decision.KEPT_ALIGN_FAILED: pb.DECISION_KEPT_ALIGN_FAILED,
     Decision.DROPPED_QUESTION: pb.DECISION_DROPPED_QUESTION,
     Decision.DROPPED_ANSWER: pb.DECISION_DROPPED_ANSWER,
     Decision.ERROR: pb.DECISION_ERROR,
@@ -196,6 +197,7 @@ _DECISIONS = {
 def curated_to_proto(curated: Curated) -> pb.CurateResponse:
     response = pb.CurateResponse(
         id=curated.id,
+        sequence=curated.sequence,
         decision=_DECISIONS[curated.decision],
         scores=sample_score_to_proto(curated.scores),
         question_threshold=curated.question_threshold,
@@ -239,7 +241,7 @@ def align_response_to_proto(outcome: AlignOutcome) -> pb.AlignResponse:
 
 
 def item_error_to_proto(error: Align2Error) -> pb.ItemError:
-    return pb.ItemError(code=int(error.code), message=error.message)
+    return pb.ItemError(code=pb.ErrorCode.ValueType(int(error.code)), message=error.message)
 
 
 def sample_score_to_proto(result: SampleScore) -> pb.ScoreResult:
@@ -294,10 +296,10 @@ def server_info_to_proto(
     services: list[str],
     version: str,
     align_templates: Sequence[tuple[str, str]] = (),
-) -> pb.ServerInfo:
+) -> pb.GetServerInfoResponse:
     """What GetServerInfo reports: every limit and batching setting comes from config."""
     limits, batching = config.limits, config.batching
-    return pb.ServerInfo(
+    return pb.GetServerInfoResponse(
         version=version,
         models=[model_info_to_proto(m, role) for m, role in models],
         limits=pb.Limits(

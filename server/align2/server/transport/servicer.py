@@ -25,7 +25,7 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
         self,
         lifecycle: Lifecycle,
         scorer: Scorer | None,
-        server_info: Callable[[], pb.ServerInfo],
+        server_info: Callable[[], pb.GetServerInfoResponse],
         aligner: Aligner | None = None,
         curator: Curator | None = None,
     ) -> None:
@@ -70,7 +70,7 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
 
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ServerInfo:
+    ) -> pb.GetServerInfoResponse:
         return self._server_info()
 
 
