@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import pathlib
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -78,6 +79,15 @@ def test_scores_both_heads_in_input_order(client: CurationClient) -> None:
     assert reply.question_model is not None and reply.question_model.name == "question"
     assert reply.answer_model is not None and reply.answer_model.backend == "transformers"
     assert len(reply.question_model.revision) >= 8
+
+
+def test_compute_time_is_wall_time_never_more_than_the_call(client: CurationClient) -> None:
+    # Both heads' batches run on two model threads at once: their passes overlap.
+    started = time.monotonic()
+    reply = client.score_with_info([sample(i, turns=3) for i in range(6)])
+    elapsed = time.monotonic() - started
+    assert 0 < reply.timing.compute_seconds <= elapsed
+    assert 0 <= reply.timing.queue_seconds <= elapsed
 
 
 def test_question_head_alone_needs_no_answers(client: CurationClient) -> None:

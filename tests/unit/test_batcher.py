@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from align2.server.core.batcher import Batcher
+from align2.server.core.batcher import Batcher, Outcome, busy_seconds
 from align2.server.core.priority import Priority
 from align2.server.errors import (
     BackendError,
@@ -321,3 +321,14 @@ async def test_the_wait_for_returning_callers_is_bounded_by_max_delay() -> None:
     assert await submit_all(batcher, [4]) == [40.0]
     assert 0.04 <= time.monotonic() - started < 5.0
     await batcher.close()
+
+
+def test_busy_seconds_counts_overlapping_batches_once_and_batch_mates_once() -> None:
+    def outcome(started: float, seconds: float, batch: int) -> Outcome[None]:
+        return Outcome(None, started, 0.0, seconds, batch)
+
+    # Two batch-mates (one interval), a batch on another model overlapping it, a gap, one more.
+    outcomes = [outcome(0.0, 2.0, 1), outcome(0.0, 2.0, 1), outcome(1.0, 2.0, 2)]
+    outcomes.append(outcome(5.0, 1.0, 3))
+    assert busy_seconds(outcomes) == pytest.approx(4.0)  # [0, 3] and [5, 6]; a sum says 7
+    assert busy_seconds([]) == 0.0

@@ -8,7 +8,7 @@ from typing import Any
 
 from align2.server.backends.base import Decoding
 from align2.server.core.align_types import Parts
-from align2.server.core.batcher import Outcome
+from align2.server.core.batcher import Outcome, busy_seconds
 from align2.server.core.llm import Slots
 from align2.server.core.priority import Priority
 from align2.server.core.prompts import TemplateSet
@@ -70,7 +70,7 @@ class Job:
         self._slots = slots
         self.prompt_tokens = 0
         self.generated_tokens = 0
-        self._intervals: list[tuple[float, float]] = []
+        self._outcomes: list[Outcome[Any]] = []
 
     def turn_slots(self) -> TurnSlots:
         return TurnSlots(self._slots, self.resolved.requests_per_turn)
@@ -78,17 +78,11 @@ class Job:
     def record(self, outcome: Outcome[Any], prompt_tokens: int, generated_tokens: int) -> None:
         self.prompt_tokens += prompt_tokens
         self.generated_tokens += generated_tokens
-        self._intervals.append((outcome.started, outcome.started + outcome.compute_seconds))
+        self._outcomes.append(outcome)
 
     def busy_seconds(self) -> float:
-        """Length of the union of the device intervals that carried this call's requests
-        (batch-mates share one interval; concurrent engine requests overlap)."""
-        total, end = 0.0, float("-inf")
-        for start, stop in sorted(self._intervals):
-            if stop > end:
-                total += stop - max(start, end)
-                end = stop
-        return total
+        """Wall time during which the device worked on this call's requests."""
+        return busy_seconds(self._outcomes)
 
     def release(self) -> None:
         """Give back every slot still unused (the call ended, or failed)."""

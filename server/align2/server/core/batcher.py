@@ -21,7 +21,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -53,6 +53,18 @@ class Outcome(Generic[R]):
     queue_seconds: float  # submitted until its batch started
     compute_seconds: float  # wall time of the batch that carried it
     batch_id: int
+
+
+def busy_seconds(outcomes: Iterable[Outcome[Any]]) -> float:
+    """Length of the union of the device intervals that carried these items: batch-mates
+    share one interval, and batches that ran at once (two models, engine requests) overlap,
+    so this is wall time, never more than the span they cover."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted((o.started, o.started + o.compute_seconds) for o in outcomes):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
 
 
 @dataclass(eq=False)

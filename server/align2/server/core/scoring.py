@@ -31,7 +31,7 @@ from align2.server import metrics
 from align2.server.backends.base import InputTooLong, ModelDescription, Prepared
 from align2.server.config import LimitsConfig, ScoreConfig
 from align2.server.core import templates
-from align2.server.core.batcher import Outcome, Reservation
+from align2.server.core.batcher import Outcome, Reservation, busy_seconds
 from align2.server.core.gather import all_or_first_error
 from align2.server.core.images import decode_image
 from align2.server.core.priority import Priority
@@ -163,7 +163,7 @@ class Scorer:
             answer_model=answer_desc,
             template_version=templates.TEMPLATE_VERSION,
             queue_seconds=max((o.started - started for o in outcomes), default=0.0),
-            compute_seconds=sum({o.batch_id: o.compute_seconds for o in outcomes}.values()),
+            compute_seconds=busy_seconds(outcomes),
         )
 
     # -- checks --------------------------------------------------------------------------
