@@ -31,30 +31,32 @@ class _ImageMarker:
 class _ImageMarkerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ImageMarker.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     IMAGE_MARKER_UNSPECIFIED: _ImageMarker.ValueType  # 0
-    """treated as IMAGE_MARKER_START"""
+    """Unset: read as IMAGE_MARKER_START (LLaVA's usual layout)."""
     IMAGE_MARKER_START: _ImageMarker.ValueType  # 1
-    """"<image>\\n" + question"""
+    """The record's first question was "<image>\\n" + question."""
     IMAGE_MARKER_END: _ImageMarker.ValueType  # 2
-    """question + "\\n<image>" """
+    """The record's first question was question + "\\n<image>"."""
     IMAGE_MARKER_NONE: _ImageMarker.ValueType  # 3
-    """no marker in the record"""
+    """The record had no marker."""
 
 class ImageMarker(_ImageMarker, metaclass=_ImageMarkerEnumTypeWrapper):
     """---------------------------------------------------------------------------------------
     Samples
 
-    Where the `<image>` marker stood in the first question of the LLaVA record. The marker is
-    removed from the question text; writing the sample back to LLaVA format restores it.
+    Where the `<image>` marker stood in the first question of the LLaVA record, kept so that
+    a client writing the sample back to LLaVA format can restore it (the client removes it
+    from the question text when reading). The server does not use it: it removes every
+    `<image>` from the texts itself; it reads an unknown value as IMAGE_MARKER_START.
     """
 
 IMAGE_MARKER_UNSPECIFIED: ImageMarker.ValueType  # 0
-"""treated as IMAGE_MARKER_START"""
+"""Unset: read as IMAGE_MARKER_START (LLaVA's usual layout)."""
 IMAGE_MARKER_START: ImageMarker.ValueType  # 1
-""""<image>\\n" + question"""
+"""The record's first question was "<image>\\n" + question."""
 IMAGE_MARKER_END: ImageMarker.ValueType  # 2
-"""question + "\\n<image>" """
+"""The record's first question was question + "\\n<image>"."""
 IMAGE_MARKER_NONE: ImageMarker.ValueType  # 3
-"""no marker in the record"""
+"""The record had no marker."""
 Global___ImageMarker: _TypeAlias = ImageMarker  # noqa: Y015
 
 class _ErrorCode:
@@ -64,43 +66,97 @@ class _ErrorCode:
 class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     ERROR_CODE_UNSPECIFIED: _ErrorCode.ValueType  # 0
+    """google.rpc.Code OK (0); never sent on an error."""
     ERROR_CODE_CANCELLED: _ErrorCode.ValueType  # 1
+    """The item's batch was cancelled because the server is stopping."""
     ERROR_CODE_UNKNOWN: _ErrorCode.ValueType  # 2
+    """google.rpc.Code UNKNOWN."""
     ERROR_CODE_INVALID_ARGUMENT: _ErrorCode.ValueType  # 3
+    """A bad field of the item (image, turns, text too long, a prompt that does not fit the
+    LLM); the message names the field and, where one applies, the limit.
+    """
     ERROR_CODE_DEADLINE_EXCEEDED: _ErrorCode.ValueType  # 4
+    """The call's deadline passed before the item finished (work still queued then is dropped
+    without compute).
+    """
     ERROR_CODE_NOT_FOUND: _ErrorCode.ValueType  # 5
+    """google.rpc.Code NOT_FOUND (an unknown model or template name fails the whole call)."""
     ERROR_CODE_ALREADY_EXISTS: _ErrorCode.ValueType  # 6
+    """google.rpc.Code ALREADY_EXISTS."""
     ERROR_CODE_PERMISSION_DENIED: _ErrorCode.ValueType  # 7
+    """google.rpc.Code PERMISSION_DENIED."""
     ERROR_CODE_RESOURCE_EXHAUSTED: _ErrorCode.ValueType  # 8
+    """The device ran out of memory on this item alone, or (Curate) the model queues stayed
+    full until the stream's deadline.
+    """
     ERROR_CODE_FAILED_PRECONDITION: _ErrorCode.ValueType  # 9
+    """google.rpc.Code FAILED_PRECONDITION."""
     ERROR_CODE_ABORTED: _ErrorCode.ValueType  # 10
+    """google.rpc.Code ABORTED."""
     ERROR_CODE_OUT_OF_RANGE: _ErrorCode.ValueType  # 11
+    """google.rpc.Code OUT_OF_RANGE."""
     ERROR_CODE_UNIMPLEMENTED: _ErrorCode.ValueType  # 12
+    """google.rpc.Code UNIMPLEMENTED."""
     ERROR_CODE_INTERNAL: _ErrorCode.ValueType  # 13
+    """A backend failure on the item's batch, or a server bug on this item; the message says
+    more. Items in other batches are unaffected.
+    """
     ERROR_CODE_UNAVAILABLE: _ErrorCode.ValueType  # 14
+    """The server is shutting down; send the item to another replica."""
     ERROR_CODE_DATA_LOSS: _ErrorCode.ValueType  # 15
+    """google.rpc.Code DATA_LOSS."""
     ERROR_CODE_UNAUTHENTICATED: _ErrorCode.ValueType  # 16
+    """google.rpc.Code UNAUTHENTICATED (a missing bearer token fails the whole call)."""
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
-    """Why an item failed: the gRPC status codes (google.rpc.Code), same names and numbers."""
+    """Why an item failed: the gRPC status codes of google.rpc.Code, with the same names (plus
+    the ERROR_CODE_ prefix) and numbers, so that a client converts by number. An item fails
+    with INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, CANCELLED, UNAVAILABLE or
+    INTERNAL; the other values complete the mirror and are not sent for items today.
+    """
 
 ERROR_CODE_UNSPECIFIED: ErrorCode.ValueType  # 0
+"""google.rpc.Code OK (0); never sent on an error."""
 ERROR_CODE_CANCELLED: ErrorCode.ValueType  # 1
+"""The item's batch was cancelled because the server is stopping."""
 ERROR_CODE_UNKNOWN: ErrorCode.ValueType  # 2
+"""google.rpc.Code UNKNOWN."""
 ERROR_CODE_INVALID_ARGUMENT: ErrorCode.ValueType  # 3
+"""A bad field of the item (image, turns, text too long, a prompt that does not fit the
+LLM); the message names the field and, where one applies, the limit.
+"""
 ERROR_CODE_DEADLINE_EXCEEDED: ErrorCode.ValueType  # 4
+"""The call's deadline passed before the item finished (work still queued then is dropped
+without compute).
+"""
 ERROR_CODE_NOT_FOUND: ErrorCode.ValueType  # 5
+"""google.rpc.Code NOT_FOUND (an unknown model or template name fails the whole call)."""
 ERROR_CODE_ALREADY_EXISTS: ErrorCode.ValueType  # 6
+"""google.rpc.Code ALREADY_EXISTS."""
 ERROR_CODE_PERMISSION_DENIED: ErrorCode.ValueType  # 7
+"""google.rpc.Code PERMISSION_DENIED."""
 ERROR_CODE_RESOURCE_EXHAUSTED: ErrorCode.ValueType  # 8
+"""The device ran out of memory on this item alone, or (Curate) the model queues stayed
+full until the stream's deadline.
+"""
 ERROR_CODE_FAILED_PRECONDITION: ErrorCode.ValueType  # 9
+"""google.rpc.Code FAILED_PRECONDITION."""
 ERROR_CODE_ABORTED: ErrorCode.ValueType  # 10
+"""google.rpc.Code ABORTED."""
 ERROR_CODE_OUT_OF_RANGE: ErrorCode.ValueType  # 11
+"""google.rpc.Code OUT_OF_RANGE."""
 ERROR_CODE_UNIMPLEMENTED: ErrorCode.ValueType  # 12
+"""google.rpc.Code UNIMPLEMENTED."""
 ERROR_CODE_INTERNAL: ErrorCode.ValueType  # 13
+"""A backend failure on the item's batch, or a server bug on this item; the message says
+more. Items in other batches are unaffected.
+"""
 ERROR_CODE_UNAVAILABLE: ErrorCode.ValueType  # 14
+"""The server is shutting down; send the item to another replica."""
 ERROR_CODE_DATA_LOSS: ErrorCode.ValueType  # 15
+"""google.rpc.Code DATA_LOSS."""
 ERROR_CODE_UNAUTHENTICATED: ErrorCode.ValueType  # 16
+"""google.rpc.Code UNAUTHENTICATED (a missing bearer token fails the whole call)."""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
 class _Priority:
@@ -110,17 +166,30 @@ class _Priority:
 class _PriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Priority.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     PRIORITY_UNSPECIFIED: _Priority.ValueType  # 0
-    """the server's default class (bulk)"""
+    """Unset: the call metadata `x-align2-priority` decides (interactive | bulk, any case;
+    another value: INVALID_ARGUMENT); without it, PRIORITY_BULK. A set field wins over it.
+    """
     PRIORITY_INTERACTIVE: _Priority.ValueType  # 1
+    """Latency-sensitive work: ahead of queued bulk work."""
     PRIORITY_BULK: _Priority.ValueType  # 2
+    """Throughput work; the default class."""
 
 class Priority(_Priority, metaclass=_PriorityEnumTypeWrapper):
-    """Scheduling class. Interactive work goes ahead of queued bulk work; bulk is never starved."""
+    """Scheduling class of a call's queued work. Interactive items go ahead of queued bulk
+    items; while both wait, every 4th batch starts with bulk items, so bulk is never starved.
+    Within a class, first come first served. A vLLM inner LLM gets the class for vLLM's own
+    priority scheduler. An unknown value fails the call (in Curate: the stream) with
+    INVALID_ARGUMENT.
+    """
 
 PRIORITY_UNSPECIFIED: Priority.ValueType  # 0
-"""the server's default class (bulk)"""
+"""Unset: the call metadata `x-align2-priority` decides (interactive | bulk, any case;
+another value: INVALID_ARGUMENT); without it, PRIORITY_BULK. A set field wins over it.
+"""
 PRIORITY_INTERACTIVE: Priority.ValueType  # 1
+"""Latency-sensitive work: ahead of queued bulk work."""
 PRIORITY_BULK: Priority.ValueType  # 2
+"""Throughput work; the default class."""
 Global___Priority: _TypeAlias = Priority  # noqa: Y015
 
 class _Head:
@@ -130,21 +199,26 @@ class _Head:
 class _HeadEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Head.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     HEAD_UNSPECIFIED: _Head.ValueType  # 0
+    """Not a head: never valid in ScoreRequest.heads (send an empty list for both heads)."""
     HEAD_QUESTION: _Head.ValueType  # 1
-    """f(I, Q): all questions of the conversation"""
+    """f(I, Q): one score for all the questions of the conversation (one forward pass)."""
     HEAD_ANSWER: _Head.ValueType  # 2
-    """g(I, Q, A): each turn alone"""
+    """g(I, Q, A): one score per turn, each turn alone (one forward pass per turn)."""
 
 class Head(_Head, metaclass=_HeadEnumTypeWrapper):
     """---------------------------------------------------------------------------------------
     Score
+
+    A reward head of Score. HEAD_UNSPECIFIED or an unknown value in ScoreRequest.heads fails
+    the call with INVALID_ARGUMENT.
     """
 
 HEAD_UNSPECIFIED: Head.ValueType  # 0
+"""Not a head: never valid in ScoreRequest.heads (send an empty list for both heads)."""
 HEAD_QUESTION: Head.ValueType  # 1
-"""f(I, Q): all questions of the conversation"""
+"""f(I, Q): one score for all the questions of the conversation (one forward pass)."""
 HEAD_ANSWER: Head.ValueType  # 2
-"""g(I, Q, A): each turn alone"""
+"""g(I, Q, A): one score per turn, each turn alone (one forward pass per turn)."""
 Global___Head: _TypeAlias = Head  # noqa: Y015
 
 class _RewriteParts:
@@ -154,21 +228,30 @@ class _RewriteParts:
 class _RewritePartsEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RewriteParts.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     REWRITE_PARTS_UNSPECIFIED: _RewriteParts.ValueType  # 0
-    """both"""
+    """Unset: REWRITE_PARTS_BOTH."""
     REWRITE_PARTS_QUESTIONS: _RewriteParts.ValueType  # 1
+    """Questions only; answers are kept as sent and may be empty."""
     REWRITE_PARTS_ANSWERS: _RewriteParts.ValueType  # 2
+    """Answers only; the LLM sees the question as context, which is kept as sent."""
     REWRITE_PARTS_BOTH: _RewriteParts.ValueType  # 3
+    """Questions and answers: two rewrites per turn, reviewed as one turn."""
 
 class RewriteParts(_RewriteParts, metaclass=_RewritePartsEnumTypeWrapper):
     """---------------------------------------------------------------------------------------
     Align
+
+    Which parts of each turn Align rewrites. An unknown value fails the call (in Curate: the
+    stream) with INVALID_ARGUMENT.
     """
 
 REWRITE_PARTS_UNSPECIFIED: RewriteParts.ValueType  # 0
-"""both"""
+"""Unset: REWRITE_PARTS_BOTH."""
 REWRITE_PARTS_QUESTIONS: RewriteParts.ValueType  # 1
+"""Questions only; answers are kept as sent and may be empty."""
 REWRITE_PARTS_ANSWERS: RewriteParts.ValueType  # 2
+"""Answers only; the LLM sees the question as context, which is kept as sent."""
 REWRITE_PARTS_BOTH: RewriteParts.ValueType  # 3
+"""Questions and answers: two rewrites per turn, reviewed as one turn."""
 Global___RewriteParts: _TypeAlias = RewriteParts  # noqa: Y015
 
 class _Kept:
@@ -178,14 +261,21 @@ class _Kept:
 class _KeptEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Kept.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     KEPT_UNSPECIFIED: _Kept.ValueType  # 0
+    """Never sent (the Python client reads an unknown value as KEPT_ORIGINAL)."""
     KEPT_ORIGINAL: _Kept.ValueType  # 1
+    """The original turn, as sent."""
     KEPT_REWRITE: _Kept.ValueType  # 2
+    """The rewrite (AlignedTurn.rewrite)."""
 
-class Kept(_Kept, metaclass=_KeptEnumTypeWrapper): ...
+class Kept(_Kept, metaclass=_KeptEnumTypeWrapper):
+    """Which version of a turn Align kept."""
 
 KEPT_UNSPECIFIED: Kept.ValueType  # 0
+"""Never sent (the Python client reads an unknown value as KEPT_ORIGINAL)."""
 KEPT_ORIGINAL: Kept.ValueType  # 1
+"""The original turn, as sent."""
 KEPT_REWRITE: Kept.ValueType  # 2
+"""The rewrite (AlignedTurn.rewrite)."""
 Global___Kept: _TypeAlias = Kept  # noqa: Y015
 
 class _Decision:
@@ -195,37 +285,67 @@ class _Decision:
 class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     DECISION_UNSPECIFIED: _Decision.ValueType  # 0
+    """Never sent (the Python client reads an unknown value as an error)."""
     DECISION_KEPT: _Decision.ValueType  # 1
+    """Kept by both stages; restyled when align was asked (see aligned)."""
     DECISION_DROPPED_QUESTION: _Decision.ValueType  # 2
-    """below the question-score threshold of its task"""
+    """Dropped: the question score is below the question threshold of its task type (its
+    answers were not scored).
+    """
     DECISION_DROPPED_ANSWER: _Decision.ValueType  # 3
-    """below the answer-score threshold of its task"""
+    """Dropped: the mean answer score is below the answer threshold of its task type."""
     DECISION_ERROR: _Decision.ValueType  # 4
+    """Not decided: error says why (a bad sample, the deadline, queues full until the
+    deadline, an Align call that could not start); scores hold what was computed before.
+    """
     DECISION_KEPT_ALIGN_FAILED: _Decision.ValueType  # 5
+    """Kept by both stages; align was asked and the restyle failed: aligned.error says why,
+    and the original sample, as sent, is the kept one.
+    """
 
-class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper): ...
+class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
+    """What happened to one sample of a Curate stream."""
 
 DECISION_UNSPECIFIED: Decision.ValueType  # 0
+"""Never sent (the Python client reads an unknown value as an error)."""
 DECISION_KEPT: Decision.ValueType  # 1
+"""Kept by both stages; restyled when align was asked (see aligned)."""
 DECISION_DROPPED_QUESTION: Decision.ValueType  # 2
-"""below the question-score threshold of its task"""
+"""Dropped: the question score is below the question threshold of its task type (its
+answers were not scored).
+"""
 DECISION_DROPPED_ANSWER: Decision.ValueType  # 3
-"""below the answer-score threshold of its task"""
+"""Dropped: the mean answer score is below the answer threshold of its task type."""
 DECISION_ERROR: Decision.ValueType  # 4
+"""Not decided: error says why (a bad sample, the deadline, queues full until the
+deadline, an Align call that could not start); scores hold what was computed before.
+"""
 DECISION_KEPT_ALIGN_FAILED: Decision.ValueType  # 5
+"""Kept by both stages; align was asked and the restyle failed: aligned.error says why,
+and the original sample, as sent, is the kept one.
+"""
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
 
 @_typing.final
 class Turn(_message.Message):
-    """One question/answer turn of a conversation."""
+    """One question/answer turn of a conversation. Any `<image>` marker in a text is removed,
+    and the text stripped, before the models see it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     QUESTION_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
     question: _builtins.str
+    """The human turn. In a request it must be non-empty once `<image>` and surrounding
+    whitespace are removed, else the sample fails with INVALID_ARGUMENT.
+    """
     answer: _builtins.str
-    """may be empty when only the question head is asked for"""
+    """The model's reply. In a request it may be empty only when no answer is used: Score
+    with heads = [HEAD_QUESTION], Align with parts = REWRITE_PARTS_QUESTIONS; otherwise an
+    empty answer fails the sample with INVALID_ARGUMENT (in Curate: once the sample passes
+    the question stage and its answers are scored).
+    """
     def __init__(
         self,
         *,
@@ -252,15 +372,27 @@ class Sample(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     IMAGE_MARKER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """caller's id, echoed in the result"""
+    """The caller's id, echoed unchanged in the sample's result. Not checked: it may be empty
+    or repeated (results match samples by position; in Curate by CurateResponse.sequence).
+    """
     image: _builtins.bytes
-    """encoded image bytes: JPEG, PNG or WebP"""
+    """The encoded image: JPEG, PNG or WebP bytes, at most limits.max_image_bytes bytes and
+    limits.max_image_pixels pixels (width x height, read from the header before decoding).
+    Score and Curate need it: empty, unreadable or too large fails the sample with
+    INVALID_ARGUMENT. Align does not read it (the inner LLM is text-only); it may be empty.
+    """
     task: _builtins.str
-    """selection stratum: complex_reasoning, conversation, detail, ..."""
+    """Task type, the selection stratum of Curate (e.g. complex_reasoning, conversation,
+    detail): thresholds are kept per distinct string, and "" is a stratum of its own. Any
+    string; Score and Align ignore it.
+    """
     image_marker: Global___ImageMarker.ValueType
+    """Where `<image>` stood in the original record: client bookkeeping (see ImageMarker)."""
     @_builtins.property
     def turns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Turn]:
-        """the conversation, in order"""
+        """The conversation, in order: 1 to limits.max_turns turns; none or more fails the sample
+        with INVALID_ARGUMENT.
+        """
 
     def __init__(
         self,
@@ -288,8 +420,11 @@ class ItemError(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     code: Global___ErrorCode.ValueType
+    """The status code; never ERROR_CODE_UNSPECIFIED."""
     message: _builtins.str
-    """names the field and, where one applies, the limit"""
+    """Human-readable; names the field (relative to the request, e.g. `samples[3].image`; in
+    Curate `sample.turns[0].question`) and, where one applies, the limit.
+    """
     def __init__(
         self,
         *,
@@ -315,13 +450,18 @@ class ModelRef(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """the name in the server's config"""
+    """The model's name in the server's config ([models.NAME]): the name that
+    ScoreRequest.question_model / answer_model select.
+    """
     model_id: _builtins.str
-    """the checkpoint's id (folder name or hub id)"""
+    """The checkpoint's id: the name of the model folder it was loaded from."""
     revision: _builtins.str
-    """content hash of the checkpoint, or the configured revision"""
+    """The configured revision (models.NAME.revision), or else a 12-hex-digit sha256 prefix
+    over the folder's model files (weights, config, tokenizer), which any change of them
+    changes.
+    """
     backend: _builtins.str
-    """transformers | vllm"""
+    """The runtime that serves it: "transformers" or "vllm"."""
     def __init__(
         self,
         *,
@@ -340,8 +480,8 @@ Global___ModelRef: _TypeAlias = ModelRef  # noqa: Y015
 
 @_typing.final
 class Timing(_message.Message):
-    """Where the time of one call went. Queue: admission until its last item started to run.
-    Compute: wall time of the device passes that carried its items.
+    """Where the wall time of one call went, in seconds. What each part counts differs per RPC:
+    see the timing field of ScoreResponse and AlignResponse.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -349,7 +489,13 @@ class Timing(_message.Message):
     QUEUE_SECONDS_FIELD_NUMBER: _builtins.int
     COMPUTE_SECONDS_FIELD_NUMBER: _builtins.int
     queue_seconds: _builtins.float
+    """Seconds of waiting and preparation (what exactly: the timing field of ScoreResponse
+    and AlignResponse).
+    """
     compute_seconds: _builtins.float
+    """Seconds during which the device worked on the call's items, overlapping work counted
+    once.
+    """
     def __init__(
         self,
         *,
@@ -366,6 +512,8 @@ Global___Timing: _TypeAlias = Timing  # noqa: Y015
 
 @_typing.final
 class ScoreRequest(_message.Message):
+    """A batch of samples to score."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SAMPLES_FIELD_NUMBER: _builtins.int
@@ -374,17 +522,27 @@ class ScoreRequest(_message.Message):
     QUESTION_MODEL_FIELD_NUMBER: _builtins.int
     ANSWER_MODEL_FIELD_NUMBER: _builtins.int
     priority: Global___Priority.ValueType
+    """Scheduling class; unset: the x-align2-priority metadata, else bulk (see Priority)."""
     question_model: _builtins.str
-    """empty: the server's default question reward model"""
+    """Name (ModelRef.name) of the model for the question head: one of the reward models in
+    GetServerInfoResponse.models. Empty: the server's default (config score.question_model,
+    "question" unless configured). Unknown: NOT_FOUND. Unused when that head does not run.
+    """
     answer_model: _builtins.str
-    """empty: the server's default answer reward model"""
+    """Name of the model for the answer head, as question_model. Empty: the server's default
+    (config score.answer_model, "answer" unless configured). Unknown: NOT_FOUND.
+    """
     @_builtins.property
     def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___Sample]:
-        """at most ServerInfo.limits.max_samples_per_call"""
+        """The samples: at most limits.max_samples_per_call (more: INVALID_ARGUMENT for the call;
+        split it). Each needs an image and 1..limits.max_turns turns; its forward passes (one
+        per question head, one per turn for the answer head) count against
+        limits.max_queue_items of their model.
+        """
 
     @_builtins.property
     def heads(self) -> _containers.RepeatedScalarFieldContainer[Global___Head.ValueType]:
-        """empty: both heads"""
+        """The heads to run; empty: both. Duplicates are ignored."""
 
     def __init__(
         self,
@@ -405,6 +563,10 @@ Global___ScoreRequest: _TypeAlias = ScoreRequest  # noqa: Y015
 
 @_typing.final
 class ScoreResult(_message.Message):
+    """The scores of one sample, or its error (then no scores). A score is the head's output at
+    the last token: an unbounded real (no sigmoid); higher is better.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -415,25 +577,32 @@ class ScoreResult(_message.Message):
     QUESTION_TRUNCATED_FIELD_NUMBER: _builtins.int
     ANSWER_TRUNCATED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The sample's id, as sent."""
     question_score: _builtins.float
-    """set when the question head ran"""
+    """The question head's score; set when that head ran and the sample did not fail."""
     answer_score: _builtins.float
-    """mean of answer_scores"""
+    """The mean of answer_scores; unset when they are empty."""
     question_truncated: _builtins.bool
-    """Set when text was cut to fit the model (limit policy "truncate"): the score was pooled
-    at the last kept token, not at the end of the template.
+    """True when the question text was cut to fit the model (limits.truncation "truncate":
+    longer than limits.max_text_tokens, or than the model's max_length leaves after the
+    image tokens): the score was pooled at the last kept token, not at the end of the
+    template. Always false under "reject", where such a sample fails with INVALID_ARGUMENT.
     """
     @_builtins.property
     def answer_scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """one per turn, when the answer head ran"""
+        """The answer head's score of each turn, one per turn in turn order; empty when that head
+        did not run or the sample failed.
+        """
 
     @_builtins.property
     def error(self) -> Global___ItemError:
-        """set when the sample failed; no scores then"""
+        """Set when the sample failed; no scores then. Its batch-mates are unaffected."""
 
     @_builtins.property
     def answer_truncated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
-        """one per turn, when the answer head ran"""
+        """The same for each turn's answer input, one per turn in turn order, when the answer head
+        ran.
+        """
 
     def __init__(
         self,
@@ -463,6 +632,8 @@ Global___ScoreResult: _TypeAlias = ScoreResult  # noqa: Y015
 
 @_typing.final
 class ScoreResponse(_message.Message):
+    """The results of a Score call."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
@@ -471,21 +642,29 @@ class ScoreResponse(_message.Message):
     TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
     template_version: _builtins.str
-    """the reward input templates' version"""
+    """Version of the reward input templates that built the models' inputs (e.g.
+    "align2llava-reward-v1"); as GetServerInfoResponse.template_version.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoreResult]:
-        """one per request sample, same order"""
+        """One per request sample, in request order."""
 
     @_builtins.property
     def question_model(self) -> Global___ModelRef:
-        """set when the question head ran"""
+        """The question reward model; set when the question head was asked for."""
 
     @_builtins.property
     def answer_model(self) -> Global___ModelRef:
-        """set when the answer head ran"""
+        """The answer reward model; set when the answer head was asked for."""
 
     @_builtins.property
-    def timing(self) -> Global___Timing: ...
+    def timing(self) -> Global___Timing:
+        """queue_seconds: from the call's arrival until the last of its items started on the
+        device (checks, image decoding, tokenising, waiting for a batch). compute_seconds: wall
+        time during which the device worked on the call's items, overlapping batches counted
+        once (a batch shared with other calls counts whole). Both 0 when no item ran.
+        """
+
     def __init__(
         self,
         *,
@@ -505,6 +684,11 @@ Global___ScoreResponse: _TypeAlias = ScoreResponse  # noqa: Y015
 
 @_typing.final
 class DecodingOptions(_message.Message):
+    """Decoding of the inner LLM's rewrites. An unset field takes the server's default (config
+    align.decoding.*, not reported by GetServerInfo); a value out of range fails the call (in
+    Curate: the stream) with INVALID_ARGUMENT naming `options.decoding.FIELD`.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
@@ -512,10 +696,24 @@ class DecodingOptions(_message.Message):
     TOP_P_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     max_new_tokens: _builtins.int
+    """Most tokens one rewrite may generate, 1..limits.max_new_tokens; unset: the server's
+    default (256 unless configured). A rewrite cut there is not used (guard "truncated").
+    The prompt plus this must fit the LLM's ModelInfo.max_length, else the sample fails
+    with INVALID_ARGUMENT.
+    """
     temperature: _builtins.float
-    """0: greedy"""
+    """Sampling temperature, >= 0 (NaN is refused); 0: greedy (deterministic; top_p and seed
+    unused). Unset: the server's default (0 unless configured).
+    """
     top_p: _builtins.float
+    """Nucleus sampling when temperature > 0: sample among the most likely tokens up to this
+    probability mass, in (0, 1]. Unset: the server's default (1, no cut, unless
+    configured).
+    """
     seed: _builtins.int
+    """Seed of sampling, any uint64: the same seed and inputs give the same rewrite on the
+    same backend. Unset: the server's default (0 unless configured).
+    """
     def __init__(
         self,
         *,
@@ -549,6 +747,10 @@ Global___DecodingOptions: _TypeAlias = DecodingOptions  # noqa: Y015
 
 @_typing.final
 class AlignOptions(_message.Message):
+    """How Align rewrites and reviews. Checked before any work: a Curate stream checks its
+    align_options once, before its first sample.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PARTS_FIELD_NUMBER: _builtins.int
@@ -556,12 +758,22 @@ class AlignOptions(_message.Message):
     DECODING_FIELD_NUMBER: _builtins.int
     TEMPLATE_FIELD_NUMBER: _builtins.int
     parts: Global___RewriteParts.ValueType
+    """Which parts of each turn to rewrite; unset: both."""
     review: _builtins.bool
-    """default true"""
+    """Whether the LLM reviews each rewrite against its original (two choices per turn).
+    Unset: the server's default (config align.review, true unless configured). False: a
+    rewrite that passes the guards and differs from the original is kept (reason
+    "unreviewed").
+    """
     template: _builtins.str
-    """empty: the server's default template set"""
+    """Prompt template set, by name (one of GetServerInfoResponse.align_templates). Empty:
+    the server's default (config align.template, "default-v1" unless configured). Unknown:
+    NOT_FOUND.
+    """
     @_builtins.property
-    def decoding(self) -> Global___DecodingOptions: ...
+    def decoding(self) -> Global___DecodingOptions:
+        """Decoding of the rewrites; unset fields take the server's defaults."""
+
     def __init__(
         self,
         *,
@@ -582,16 +794,28 @@ Global___AlignOptions: _TypeAlias = AlignOptions  # noqa: Y015
 
 @_typing.final
 class AlignRequest(_message.Message):
+    """A batch of samples to restyle."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SAMPLES_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     priority: Global___Priority.ValueType
+    """Scheduling class; unset: the x-align2-priority metadata, else bulk (see Priority)."""
     @_builtins.property
-    def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___Sample]: ...
+    def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___Sample]:
+        """The samples: at most limits.max_samples_per_call (more: INVALID_ARGUMENT for the call).
+        Each needs 1..limits.max_turns turns with non-empty questions, and answers unless only
+        questions are rewritten; the image is not read. A turn needs up to 4 LLM requests (one
+        rewrite per part, two review choices): a call needing more than limits.max_llm_inflight
+        fails with INVALID_ARGUMENT (split it), more than are free now with RESOURCE_EXHAUSTED.
+        """
+
     @_builtins.property
-    def options(self) -> Global___AlignOptions: ...
+    def options(self) -> Global___AlignOptions:
+        """How to rewrite and review; unset fields take the server's defaults."""
+
     def __init__(
         self,
         *,
@@ -609,6 +833,8 @@ Global___AlignRequest: _TypeAlias = AlignRequest  # noqa: Y015
 
 @_typing.final
 class AlignedTurn(_message.Message):
+    """One turn after Align: the original, the rewrite, which was kept and why."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORIGINAL_FIELD_NUMBER: _builtins.int
@@ -617,18 +843,31 @@ class AlignedTurn(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     MARGIN_FIELD_NUMBER: _builtins.int
     kept: Global___Kept.ValueType
+    """Which of the two is kept."""
     reason: _builtins.str
     """Why: "review" (the verdict decided; see margin), "unreviewed" (review off: the rewrite
-    is kept), "unchanged" (the rewrite equals the original, which is kept), or the name of
-    the guard that fired, the original then kept ("image_marker", "truncated", "empty",
-    "numbers_changed", "entities_changed").
+    is kept), "unchanged" (the rewrite equals the original, `<image>` and surrounding
+    whitespace aside; the original is kept), or the name of the first guard that fired,
+    the original then kept: "image_marker" (the rewrite has an `<image>`, or the
+    original's is not at its start or end), "truncated" (generation hit the token limit),
+    "empty", "numbers_changed", "entities_changed".
     """
     margin: _builtins.float
-    """Review margin: mean over presentation orders of P(rewrite) - P(original), in [-1, 1]."""
+    """Set only when reason is "review": the mean over both presentation orders of
+    P(rewrite) - P(original), the LLM's probabilities of the two choice labels renormalised
+    over the pair; in [-1, 1]. The rewrite is kept iff the margin is > 0.
+    """
     @_builtins.property
-    def original(self) -> Global___Turn: ...
+    def original(self) -> Global___Turn:
+        """The turn as sent."""
+
     @_builtins.property
-    def rewrite(self) -> Global___Turn: ...
+    def rewrite(self) -> Global___Turn:
+        """The LLM's rewrite, with the original's `<image>` marker put back at the start or end
+        where it stood; a part not rewritten (see RewriteParts) is the original's. Present also
+        when the original is kept.
+        """
+
     def __init__(
         self,
         *,
@@ -650,16 +889,27 @@ Global___AlignedTurn: _TypeAlias = AlignedTurn  # noqa: Y015
 
 @_typing.final
 class AlignResult(_message.Message):
+    """The result for one sample of Align: its turns, or its error (then no turns)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     TURNS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The sample's id, as sent."""
     @_builtins.property
-    def turns(self) -> _containers.RepeatedCompositeFieldContainer[Global___AlignedTurn]: ...
+    def turns(self) -> _containers.RepeatedCompositeFieldContainer[Global___AlignedTurn]:
+        """One per turn of the sample, in order; empty when the sample failed (a failure on any
+        turn fails the sample).
+        """
+
     @_builtins.property
-    def error(self) -> Global___ItemError: ...
+    def error(self) -> Global___ItemError:
+        """Set when the sample failed (e.g. INVALID_ARGUMENT for a prompt that does not fit the
+        LLM, DEADLINE_EXCEEDED); no turns then. Its batch-mates are unaffected.
+        """
+
     def __init__(
         self,
         *,
@@ -677,13 +927,18 @@ Global___AlignResult: _TypeAlias = AlignResult  # noqa: Y015
 
 @_typing.final
 class TemplateRef(_message.Message):
+    """A set of Align prompt templates."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The set's name, e.g. "default-v1" (by convention a changed prompt gets a new name)."""
     sha256: _builtins.str
-    """hash of the template files' contents"""
+    """Lowercase hex sha256 over the set's files (names and bytes, in name order): it shows
+    any edit.
+    """
     def __init__(
         self,
         *,
@@ -700,12 +955,16 @@ Global___TemplateRef: _TypeAlias = TemplateRef  # noqa: Y015
 
 @_typing.final
 class TokenCounts(_message.Message):
+    """Tokens of the inner LLM that one Align call used, summed over its completed requests."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     GENERATED_TOKENS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
+    """Prompt tokens of every rewrite and review choice."""
     generated_tokens: _builtins.int
+    """Tokens generated by the rewrites (a review choice generates none)."""
     def __init__(
         self,
         *,
@@ -722,6 +981,8 @@ Global___TokenCounts: _TypeAlias = TokenCounts  # noqa: Y015
 
 @_typing.final
 class AlignResponse(_message.Message):
+    """The results of an Align call."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
@@ -730,17 +991,27 @@ class AlignResponse(_message.Message):
     TOKENS_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___AlignResult]: ...
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___AlignResult]:
+        """One per request sample, in request order."""
+
     @_builtins.property
-    def model(self) -> Global___ModelRef: ...
+    def model(self) -> Global___ModelRef:
+        """The inner LLM (config align.model)."""
+
     @_builtins.property
-    def template(self) -> Global___TemplateRef: ...
+    def template(self) -> Global___TemplateRef:
+        """The template set used."""
+
     @_builtins.property
-    def tokens(self) -> Global___TokenCounts: ...
+    def tokens(self) -> Global___TokenCounts:
+        """The LLM tokens the call used."""
+
     @_builtins.property
     def timing(self) -> Global___Timing:
-        """Compute: wall time during which the LLM worked on this call's requests (overlapping
-        requests counted once). Queue: the rest of the call's time (rewrites, then reviews).
+        """compute_seconds: wall time during which the LLM worked on this call's requests
+        (overlapping requests counted once; a batch shared with other calls counts whole).
+        queue_seconds: the rest of the call's wall time (waiting, prompt rendering and
+        tokenising, the gaps between rewrites and reviews).
         """
 
     def __init__(
@@ -764,6 +1035,9 @@ Global___AlignResponse: _TypeAlias = AlignResponse  # noqa: Y015
 class CurateOptions(_message.Message):
     """---------------------------------------------------------------------------------------
     Curate (stream)
+
+    A Curate stream's settings, sent as its first message or not at all (then every field
+    takes its default). Invalid settings fail the stream before its first sample.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -774,13 +1048,30 @@ class CurateOptions(_message.Message):
     ALIGN_OPTIONS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     question_keep_fraction: _builtins.float
-    """Fraction kept at each stage, per task type (the method uses 0.3 and 0.3)."""
+    """Share of samples kept by question score, per task type, in (0, 1] (1 keeps all at this
+    stage); unset: the server's default (config curate.question_keep_fraction, 0.3 unless
+    configured: the method's 30%). Out of range: INVALID_ARGUMENT.
+    """
     answer_keep_fraction: _builtins.float
+    """Share of the question-kept samples kept by mean answer score, per task type, in (0, 1];
+    unset: the server's default (config curate.answer_keep_fraction, 0.3 unless
+    configured). Out of range: INVALID_ARGUMENT.
+    """
     align: _builtins.bool
-    """restyle kept samples"""
+    """Restyle each sample kept by both stages with Align, using align_options; false: no
+    Align. True on a server without Align (not in GetServerInfoResponse.services):
+    UNIMPLEMENTED.
+    """
     priority: Global___Priority.ValueType
+    """Scheduling class of the stream's work; unset: the stream's x-align2-priority metadata,
+    else bulk (see Priority).
+    """
     @_builtins.property
-    def align_options(self) -> Global___AlignOptions: ...
+    def align_options(self) -> Global___AlignOptions:
+        """The Align settings for kept samples, as in AlignRequest; read only when align is true.
+        Unknown template: NOT_FOUND; bad decoding: INVALID_ARGUMENT (for the stream).
+        """
+
     def __init__(
         self,
         *,
@@ -807,11 +1098,15 @@ Global___CurateOptions: _TypeAlias = CurateOptions  # noqa: Y015
 
 @_typing.final
 class CurateRequest(_message.Message):
-    """The first message of a stream may carry options; every other message carries a sample.
-    Decisions come back as they are made (not in input order), one per sample, each with the
-    sample's id. The server works on at most Limits.max_stream_inflight samples of a stream at
-    once and reads the next message only when one finishes (flow control, not refusal).
-    Selection state (the thresholds) belongs to the stream.
+    """One message of a Curate stream. The first message may carry options; only the first
+    (options later fail the stream with INVALID_ARGUMENT); every other message carries a
+    sample (a message with neither: INVALID_ARGUMENT). Samples are checked as in Score, each
+    alone (limits.max_samples_per_call does not apply). The server holds at most
+    limits.max_stream_inflight samples of a stream, from reading one until its decision is
+    sent, and reads the next message only when a slot frees: a faster producer (or a slower
+    reader of decisions) is slowed by gRPC flow control; nothing is refused or dropped. Full
+    model queues are waited out, within the stream's deadline. Selection state (the
+    thresholds) belongs to the stream: nothing is shared between streams or replicas.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -819,9 +1114,15 @@ class CurateRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     SAMPLE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def options(self) -> Global___CurateOptions: ...
+    def options(self) -> Global___CurateOptions:
+        """The stream's settings; only as the first message."""
+
     @_builtins.property
-    def sample(self) -> Global___Sample: ...
+    def sample(self) -> Global___Sample:
+        """A sample to curate. Its decision carries its position among the stream's samples as
+        CurateResponse.sequence.
+        """
+
     def __init__(
         self,
         *,
@@ -840,6 +1141,13 @@ Global___CurateRequest: _TypeAlias = CurateRequest  # noqa: Y015
 
 @_typing.final
 class CurateResponse(_message.Message):
+    """The decision on one sample of a Curate stream. Decisions come out as they are made, not
+    in input order; every accepted sample gets exactly one. When the stream fails as a whole
+    (misplaced or invalid options, a message with neither options nor sample, the server
+    shutting down: UNAVAILABLE), every sample accepted so far is answered first, then the
+    stream ends with that status.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -851,19 +1159,41 @@ class CurateResponse(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The sample's id, as sent: the caller's, possibly empty or repeated; match by sequence."""
     decision: Global___Decision.ValueType
+    """What happened to the sample."""
     question_threshold: _builtins.float
-    """The thresholds in force when it was decided (set for the stages it reached)."""
+    """The question threshold of the sample's task type at its decision: the k-th highest of
+    the n scores in the window (the last curate.window question scores of that task in
+    this stream, 10000 unless configured, this one included), with
+    k = ceil(question_keep_fraction x n). A score at or above it is kept, so a task's first
+    sample is. Set once the question stage ran.
+    """
     answer_threshold: _builtins.float
+    """The same for the mean answer score, among the question-kept samples of the task; set
+    once the answer stage ran.
+    """
     sequence: _builtins.int
+    """The 0-based position of the sample among the stream's sample messages (the options
+    message is not counted): the key that matches a decision to its sample.
+    """
     @_builtins.property
-    def scores(self) -> Global___ScoreResult: ...
-    @_builtins.property
-    def aligned(self) -> Global___AlignResult:
-        """when kept and align was asked for"""
+    def scores(self) -> Global___ScoreResult:
+        """What was scored: question_score once the question stage ran, answer_scores and
+        answer_score once the answer stage ran. Its error is never set (see error).
+        """
 
     @_builtins.property
-    def error(self) -> Global___ItemError: ...
+    def aligned(self) -> Global___AlignResult:
+        """The Align result of a sample kept by both stages when options.align is true: the
+        restyled turns (DECISION_KEPT) or why the restyle failed (DECISION_KEPT_ALIGN_FAILED).
+        Unset otherwise.
+        """
+
+    @_builtins.property
+    def error(self) -> Global___ItemError:
+        """Set exactly when decision is DECISION_ERROR: why the sample was not decided."""
+
     def __init__(
         self,
         *,
@@ -895,6 +1225,8 @@ Global___CurateResponse: _TypeAlias = CurateResponse  # noqa: Y015
 class GetServerInfoRequest(_message.Message):
     """---------------------------------------------------------------------------------------
     Server info
+
+    GetServerInfo takes no parameters.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -912,6 +1244,8 @@ Global___GetServerInfoRequest: _TypeAlias = GetServerInfoRequest  # noqa: Y015
 
 @_typing.final
 class ModelInfo(_message.Message):
+    """A loaded model and how it runs."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REF_FIELD_NUMBER: _builtins.int
@@ -923,19 +1257,32 @@ class ModelInfo(_message.Message):
     IMAGE_TOKENS_FIELD_NUMBER: _builtins.int
     IMAGE_MODE_FIELD_NUMBER: _builtins.int
     role: _builtins.str
-    """question_reward | answer_reward | inner_llm"""
+    """What it serves: question_reward, answer_reward or inner_llm; roles joined by "+" when
+    one model plays several (e.g. "question_reward+answer_reward").
+    """
     family: _builtins.str
-    """llava | idefics3 | llama | ..."""
+    """Architecture family: llava or idefics3 for a reward model; the LLM's model type
+    (llama, ...).
+    """
     dtype: _builtins.str
+    """Weights and compute dtype: float32, bfloat16 or float16."""
     device: _builtins.str
+    """The device it runs on, e.g. cpu or cuda:0."""
     max_length: _builtins.int
-    """tokens, text and image together"""
+    """Most tokens per input, text and image together (for the LLM: prompt plus
+    max_new_tokens).
+    """
     image_tokens: _builtins.int
-    """tokens one image takes (0 when it varies)"""
+    """Tokens one image takes; 0 when it varies with the image, and for the text-only LLM."""
     image_mode: _builtins.str
-    """pad | square"""
+    """Image preprocessing of a reward model: "pad" (pad to a square with the processor's
+    mean colour, then resize, as the method's reward models were trained) or "square" (the
+    processor's own resize and crop); empty for the LLM.
+    """
     @_builtins.property
-    def ref(self) -> Global___ModelRef: ...
+    def ref(self) -> Global___ModelRef:
+        """Its config name, checkpoint id, revision and backend."""
+
     def __init__(
         self,
         *,
@@ -958,6 +1305,11 @@ Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
 
 @_typing.final
 class Limits(_message.Message):
+    """The limits requests are checked against (config [limits], plus batching.max_queue_items
+    and two [align] keys). Error messages name a limit by its config key, given here where
+    it differs from `limits.NAME`.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MAX_SAMPLES_PER_CALL_FIELD_NUMBER: _builtins.int
@@ -973,22 +1325,55 @@ class Limits(_message.Message):
     MAX_LLM_INFLIGHT_FIELD_NUMBER: _builtins.int
     MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
     max_samples_per_call: _builtins.int
+    """Samples in one Score or Align call; more: INVALID_ARGUMENT for the call (split it).
+    Config default 64.
+    """
     max_message_bytes: _builtins.int
+    """Largest gRPC message either way, in bytes (in Curate: each stream message); larger:
+    RESOURCE_EXHAUSTED from gRPC. Config default 64 MiB.
+    """
     max_image_bytes: _builtins.int
+    """Largest encoded image, in bytes; larger: INVALID_ARGUMENT for the sample. Config
+    default 16 MiB.
+    """
     max_image_pixels: _builtins.int
+    """Most pixels (width x height, read from the header before decoding) of one image; more:
+    INVALID_ARGUMENT for the sample. Config default 40,000,000.
+    """
     max_turns: _builtins.int
+    """Most turns in one sample; more: INVALID_ARGUMENT for the sample. Config default 64."""
     max_text_tokens: _builtins.int
+    """Most text tokens of one reward-model input (what the model's max_length leaves after
+    the image tokens also applies); longer: see truncation. Config default 2048.
+    """
     truncation: _builtins.str
-    """reject | truncate"""
+    """A too-long reward input: "reject" (the default: INVALID_ARGUMENT for the sample) or
+    "truncate" (the end of the text is cut; ScoreResult.question_truncated /
+    answer_truncated say so).
+    """
     max_queue_items: _builtins.int
+    """Reward-model forward passes admitted and not finished, per model (config
+    batching.max_queue_items). A call that does not fit the free room: RESOURCE_EXHAUSTED
+    at once (retry with backoff; a Curate sample waits instead); one that needs more than
+    all of it: INVALID_ARGUMENT (split it). Config default 1024.
+    """
     max_streams: _builtins.int
-    """concurrent RPCs per client connection"""
+    """Concurrent RPCs (HTTP/2 streams) per client connection; more wait in gRPC until one
+    ends, none is refused. Config default 100.
+    """
     max_stream_inflight: _builtins.int
-    """items in flight per Curate stream (0: no Curate)"""
+    """Samples of one Curate stream held at once, from being read until their decision is
+    sent (see CurateRequest); 0: Curate is disabled (UNIMPLEMENTED). Config default 64.
+    """
     max_llm_inflight: _builtins.int
-    """Align: LLM requests admitted at once (align.max_inflight_items)"""
+    """Inner-LLM requests (one rewrite or one review choice each) admitted and not finished
+    (config align.max_inflight_items). An Align call needing more than are free:
+    RESOURCE_EXHAUSTED; more than this in all: INVALID_ARGUMENT. Config default 4096.
+    """
     max_new_tokens: _builtins.int
-    """Align: largest DecodingOptions.max_new_tokens accepted"""
+    """Largest DecodingOptions.max_new_tokens accepted (config align.max_new_tokens_limit);
+    larger: INVALID_ARGUMENT. Config default 1024.
+    """
     def __init__(
         self,
         *,
@@ -1015,14 +1400,25 @@ Global___Limits: _TypeAlias = Limits  # noqa: Y015
 
 @_typing.final
 class Batching(_message.Message):
+    """The dynamic batcher in front of each reward model (config [batching]). A transformers
+    inner LLM batches with the same size and token budget but its own delay
+    (align.max_delay_ms, not reported).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     MAX_BATCH_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_DELAY_SECONDS_FIELD_NUMBER: _builtins.int
     max_batch_size: _builtins.int
+    """Most items in one forward pass."""
     max_batch_tokens: _builtins.int
+    """Budget of one batch in padded tokens: batch size x longest item (text + image)."""
     max_delay_seconds: _builtins.float
+    """Longest a batch waits for batch-mates that are admitted and still being prepared, in
+    seconds (config batching.max_delay_ms / 1000); a lone request on an idle server never
+    waits.
+    """
     def __init__(
         self,
         *,
@@ -1040,6 +1436,8 @@ Global___Batching: _TypeAlias = Batching  # noqa: Y015
 
 @_typing.final
 class GetServerInfoResponse(_message.Message):
+    """What this server runs."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSION_FIELD_NUMBER: _builtins.int
@@ -1050,19 +1448,33 @@ class GetServerInfoResponse(_message.Message):
     SERVICES_FIELD_NUMBER: _builtins.int
     ALIGN_TEMPLATES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
+    """The align2 server's version ("0+unknown" when it is not installed as a package)."""
     template_version: _builtins.str
+    """Version of the reward input templates (as ScoreResponse.template_version)."""
     @_builtins.property
-    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]: ...
-    @_builtins.property
-    def limits(self) -> Global___Limits: ...
-    @_builtins.property
-    def batching(self) -> Global___Batching: ...
-    @_builtins.property
-    def services(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """enabled RPCs: Score, Align, Curate"""
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
+        """The loaded models: the reward models when Score is on, the inner LLM when Align is on."""
 
     @_builtins.property
-    def align_templates(self) -> _containers.RepeatedCompositeFieldContainer[Global___TemplateRef]: ...
+    def limits(self) -> Global___Limits:
+        """The limits requests are checked against."""
+
+    @_builtins.property
+    def batching(self) -> Global___Batching:
+        """The reward models' batcher settings."""
+
+    @_builtins.property
+    def services(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The enabled RPCs by name: "Score", "Align", "Curate"; a missing one answers
+        UNIMPLEMENTED.
+        """
+
+    @_builtins.property
+    def align_templates(self) -> _containers.RepeatedCompositeFieldContainer[Global___TemplateRef]:
+        """The Align prompt template sets that AlignOptions.template may name; empty when Align
+        is off.
+        """
+
     def __init__(
         self,
         *,

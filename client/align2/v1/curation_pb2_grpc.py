@@ -26,7 +26,18 @@ if _version_not_supported:
 
 
 class CurationServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Curation of LLaVA-format samples: reward-model scores (Score), restyling by the inner LLM
+    (Align), both stages on a stream as samples are produced (Curate), and the server's own
+    description (GetServerInfo). `limits.NAME` below is GetServerInfoResponse.limits.NAME.
+    A call that fails as a whole gets a gRPC status (its message names the field and, where
+    one applies, the limit): INVALID_ARGUMENT (a bad call-level field), NOT_FOUND (an
+    unknown model or template name), RESOURCE_EXHAUSTED (model queues full: at once, before
+    any work; retry with backoff), UNAVAILABLE (warming up or shutting down), UNIMPLEMENTED
+    (an RPC this server has disabled; see GetServerInfoResponse.services), UNAUTHENTICATED
+    (the server requires `authorization: Bearer <token>` metadata and got none or a wrong
+    one). Problems of one sample are per-item errors (ItemError) instead and never fail the
+    sample's batch-mates.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -57,7 +68,18 @@ class CurationServiceStub:
 
 
 class CurationServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Curation of LLaVA-format samples: reward-model scores (Score), restyling by the inner LLM
+    (Align), both stages on a stream as samples are produced (Curate), and the server's own
+    description (GetServerInfo). `limits.NAME` below is GetServerInfoResponse.limits.NAME.
+    A call that fails as a whole gets a gRPC status (its message names the field and, where
+    one applies, the limit): INVALID_ARGUMENT (a bad call-level field), NOT_FOUND (an
+    unknown model or template name), RESOURCE_EXHAUSTED (model queues full: at once, before
+    any work; retry with backoff), UNAVAILABLE (warming up or shutting down), UNIMPLEMENTED
+    (an RPC this server has disabled; see GetServerInfoResponse.services), UNAUTHENTICATED
+    (the server requires `authorization: Bearer <token>` metadata and got none or a wrong
+    one). Problems of one sample are per-item errors (ItemError) instead and never fail the
+    sample's batch-mates.
+    """
 
     def Score(self, request, context):
         """Reward-model scores for a batch of samples: the question score of each conversation,
@@ -69,23 +91,27 @@ class CurationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Align(self, request, context):
-        """The inner LLM rewrites each question-answer pair into its own style, then reviews the
-        original against the rewrite and keeps one. One result per sample, in request order.
+        """The inner LLM rewrites each turn's question and/or answer into its own style, guards
+        check each rewrite, then the LLM reviews the original against the rewrite and keeps
+        one. One result per sample, in request order; a bad sample gets a per-item error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Curate(self, request_iterator, context):
-        """Streaming curation: samples in, one decision per sample out (scored, selected against
-        the running top-fraction thresholds of its task type, aligned when kept).
+        """Streaming curation: optional options first, then samples in; one decision per sample
+        out, as it is made (scored, selected against the running top-fraction thresholds of
+        its task type in this stream, aligned when kept and asked for). The stream's rules:
+        CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetServerInfo(self, request, context):
-        """What this server runs: models, backends, versions, limits and batching settings.
+        """What this server runs: models, backends, versions, limits, batching settings, enabled
+        RPCs and Align template sets.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,7 +149,18 @@ def add_CurationServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class CurationService:
-    """Missing associated documentation comment in .proto file."""
+    """Curation of LLaVA-format samples: reward-model scores (Score), restyling by the inner LLM
+    (Align), both stages on a stream as samples are produced (Curate), and the server's own
+    description (GetServerInfo). `limits.NAME` below is GetServerInfoResponse.limits.NAME.
+    A call that fails as a whole gets a gRPC status (its message names the field and, where
+    one applies, the limit): INVALID_ARGUMENT (a bad call-level field), NOT_FOUND (an
+    unknown model or template name), RESOURCE_EXHAUSTED (model queues full: at once, before
+    any work; retry with backoff), UNAVAILABLE (warming up or shutting down), UNIMPLEMENTED
+    (an RPC this server has disabled; see GetServerInfoResponse.services), UNAUTHENTICATED
+    (the server requires `authorization: Bearer <token>` metadata and got none or a wrong
+    one). Problems of one sample are per-item errors (ItemError) instead and never fail the
+    sample's batch-mates.
+    """
 
     @staticmethod
     def Score(request,

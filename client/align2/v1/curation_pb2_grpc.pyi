@@ -32,6 +32,19 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class CurationServiceStub:
+    """Curation of LLaVA-format samples: reward-model scores (Score), restyling by the inner LLM
+    (Align), both stages on a stream as samples are produced (Curate), and the server's own
+    description (GetServerInfo). `limits.NAME` below is GetServerInfoResponse.limits.NAME.
+    A call that fails as a whole gets a gRPC status (its message names the field and, where
+    one applies, the limit): INVALID_ARGUMENT (a bad call-level field), NOT_FOUND (an
+    unknown model or template name), RESOURCE_EXHAUSTED (model queues full: at once, before
+    any work; retry with backoff), UNAVAILABLE (warming up or shutting down), UNIMPLEMENTED
+    (an RPC this server has disabled; see GetServerInfoResponse.services), UNAUTHENTICATED
+    (the server requires `authorization: Bearer <token>` metadata and got none or a wrong
+    one). Problems of one sample are per-item errors (ItemError) instead and never fail the
+    sample's batch-mates.
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -42,18 +55,36 @@ class CurationServiceStub:
     a bad sample gets a per-item error and never fails its batch-mates.
     """
     Align: _grpc.UnaryUnaryMultiCallable[_curation_pb2.AlignRequest, _curation_pb2.AlignResponse]
-    """The inner LLM rewrites each question-answer pair into its own style, then reviews the
-    original against the rewrite and keeps one. One result per sample, in request order.
+    """The inner LLM rewrites each turn's question and/or answer into its own style, guards
+    check each rewrite, then the LLM reviews the original against the rewrite and keeps
+    one. One result per sample, in request order; a bad sample gets a per-item error.
     """
     Curate: _grpc.StreamStreamMultiCallable[_curation_pb2.CurateRequest, _curation_pb2.CurateResponse]
-    """Streaming curation: samples in, one decision per sample out (scored, selected against
-    the running top-fraction thresholds of its task type, aligned when kept).
+    """Streaming curation: optional options first, then samples in; one decision per sample
+    out, as it is made (scored, selected against the running top-fraction thresholds of
+    its task type in this stream, aligned when kept and asked for). The stream's rules:
+    CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
     """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_curation_pb2.GetServerInfoRequest, _curation_pb2.GetServerInfoResponse]
-    """What this server runs: models, backends, versions, limits and batching settings."""
+    """What this server runs: models, backends, versions, limits, batching settings, enabled
+    RPCs and Align template sets.
+    """
 
 @_typing.type_check_only
 class CurationServiceAsyncStub(CurationServiceStub):
+    """Curation of LLaVA-format samples: reward-model scores (Score), restyling by the inner LLM
+    (Align), both stages on a stream as samples are produced (Curate), and the server's own
+    description (GetServerInfo). `limits.NAME` below is GetServerInfoResponse.limits.NAME.
+    A call that fails as a whole gets a gRPC status (its message names the field and, where
+    one applies, the limit): INVALID_ARGUMENT (a bad call-level field), NOT_FOUND (an
+    unknown model or template name), RESOURCE_EXHAUSTED (model queues full: at once, before
+    any work; retry with backoff), UNAVAILABLE (warming up or shutting down), UNIMPLEMENTED
+    (an RPC this server has disabled; see GetServerInfoResponse.services), UNAUTHENTICATED
+    (the server requires `authorization: Bearer <token>` metadata and got none or a wrong
+    one). Problems of one sample are per-item errors (ItemError) instead and never fail the
+    sample's batch-mates.
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     Score: _aio.UnaryUnaryMultiCallable[_curation_pb2.ScoreRequest, _curation_pb2.ScoreResponse]  # type: ignore[assignment]
     """Reward-model scores for a batch of samples: the question score of each conversation,
@@ -61,17 +92,35 @@ class CurationServiceAsyncStub(CurationServiceStub):
     a bad sample gets a per-item error and never fails its batch-mates.
     """
     Align: _aio.UnaryUnaryMultiCallable[_curation_pb2.AlignRequest, _curation_pb2.AlignResponse]  # type: ignore[assignment]
-    """The inner LLM rewrites each question-answer pair into its own style, then reviews the
-    original against the rewrite and keeps one. One result per sample, in request order.
+    """The inner LLM rewrites each turn's question and/or answer into its own style, guards
+    check each rewrite, then the LLM reviews the original against the rewrite and keeps
+    one. One result per sample, in request order; a bad sample gets a per-item error.
     """
     Curate: _aio.StreamStreamMultiCallable[_curation_pb2.CurateRequest, _curation_pb2.CurateResponse]  # type: ignore[assignment]
-    """Streaming curation: samples in, one decision per sample out (scored, selected against
-    the running top-fraction thresholds of its task type, aligned when kept).
+    """Streaming curation: optional options first, then samples in; one decision per sample
+    out, as it is made (scored, selected against the running top-fraction thresholds of
+    its task type in this stream, aligned when kept and asked for). The stream's rules:
+    CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
     """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_curation_pb2.GetServerInfoRequest, _curation_pb2.GetServerInfoResponse]  # type: ignore[assignment]
-    """What this server runs: models, backends, versions, limits and batching settings."""
+    """What this server runs: models, backends, versions, limits, batching settings, enabled
+    RPCs and Align template sets.
+    """
 
 class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Curation of LLaVA-format samples: reward-model scores (Score), restyling by the inner LLM
+    (Align), both stages on a stream as samples are produced (Curate), and the server's own
+    description (GetServerInfo). `limits.NAME` below is GetServerInfoResponse.limits.NAME.
+    A call that fails as a whole gets a gRPC status (its message names the field and, where
+    one applies, the limit): INVALID_ARGUMENT (a bad call-level field), NOT_FOUND (an
+    unknown model or template name), RESOURCE_EXHAUSTED (model queues full: at once, before
+    any work; retry with backoff), UNAVAILABLE (warming up or shutting down), UNIMPLEMENTED
+    (an RPC this server has disabled; see GetServerInfoResponse.services), UNAUTHENTICATED
+    (the server requires `authorization: Bearer <token>` metadata and got none or a wrong
+    one). Problems of one sample are per-item errors (ItemError) instead and never fail the
+    sample's batch-mates.
+    """
+
     @_abc_1.abstractmethod
     def Score(
         self,
@@ -89,8 +138,9 @@ class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _curation_pb2.AlignRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_curation_pb2.AlignResponse, _abc.Awaitable[_curation_pb2.AlignResponse]]:
-        """The inner LLM rewrites each question-answer pair into its own style, then reviews the
-        original against the rewrite and keeps one. One result per sample, in request order.
+        """The inner LLM rewrites each turn's question and/or answer into its own style, guards
+        check each rewrite, then the LLM reviews the original against the rewrite and keeps
+        one. One result per sample, in request order; a bad sample gets a per-item error.
         """
 
     @_abc_1.abstractmethod
@@ -99,8 +149,10 @@ class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_curation_pb2.CurateRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_curation_pb2.CurateResponse], _abc.AsyncIterator[_curation_pb2.CurateResponse]]:
-        """Streaming curation: samples in, one decision per sample out (scored, selected against
-        the running top-fraction thresholds of its task type, aligned when kept).
+        """Streaming curation: optional options first, then samples in; one decision per sample
+        out, as it is made (scored, selected against the running top-fraction thresholds of
+        its task type in this stream, aligned when kept and asked for). The stream's rules:
+        CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
         """
 
     @_abc_1.abstractmethod
@@ -109,6 +161,8 @@ class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _curation_pb2.GetServerInfoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_curation_pb2.GetServerInfoResponse, _abc.Awaitable[_curation_pb2.GetServerInfoResponse]]:
-        """What this server runs: models, backends, versions, limits and batching settings."""
+        """What this server runs: models, backends, versions, limits, batching settings, enabled
+        RPCs and Align template sets.
+        """
 
 def add_CurationServiceServicer_to_server(servicer: CurationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
