@@ -146,7 +146,11 @@ class Aligner:
             key: getattr(default, key) if getattr(options, key) is None else getattr(options, key)
             for key in ("max_new_tokens", "temperature", "top_p", "seed")
         }
-        problem = decoding_problem(DecodingConfig(**values), self._config.max_new_tokens_limit)
+        problem = decoding_problem(
+            DecodingConfig(**values),
+            self._config.max_new_tokens_limit,
+            limit_name="limits.max_new_tokens",  # as GetServerInfo reports it to callers
+        )
         if problem:
             raise InvalidArgument(f"options.decoding.{problem}")
         return Decoding(**values)
