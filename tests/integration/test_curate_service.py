@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
-from support import ServerThread, png
+from google.rpc import error_details_pb2
+from support import ServerThread, error_details, png
 
 from align2.client import AsyncCurationClient, CurateResult, CurationClient, Sample, Turn
 from align2.client.cli import main as cli_main
@@ -185,6 +186,9 @@ def test_bad_align_settings_fail_the_stream_once_naming_the_field(
         list(client.curate([sample(0)], align=True, template="no-such-set"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert "template: unknown template set 'no-such-set'" in (info.value.details() or "")
+    resource = error_details(info.value)["ResourceInfo"]  # on a stream's status too
+    assert isinstance(resource, error_details_pb2.ResourceInfo)
+    assert (resource.resource_type, resource.resource_name) == ("template", "no-such-set")
 
 
 def test_async_cancel_raises_cancelled_as_an_rpc_error(server: ServerThread) -> None:

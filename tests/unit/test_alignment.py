@@ -213,8 +213,9 @@ async def test_backend_failure_fails_its_batch_only(pool: ThreadPoolExecutor) ->
 
 
 async def test_call_level_checks(pool: ThreadPoolExecutor) -> None:
-    with pytest.raises(NotFound, match="template: unknown template set 'nope'; available: "):
+    with pytest.raises(NotFound, match="template: unknown template set 'nope'; available: ") as nf:
         await run(FakeLLM(), pool, AlignCall([sample()], template="nope"))
+    assert (nf.value.resource_type, nf.value.resource_name) == ("template", "nope")
     bad = DecodingOptions(top_p=1.5)
     with pytest.raises(InvalidArgument, match=r"options.decoding.top_p: 1.5 is not in \(0, 1\]"):
         await run(FakeLLM(), pool, AlignCall([sample()], decoding=bad))
@@ -225,6 +226,7 @@ async def test_call_level_checks(pool: ThreadPoolExecutor) -> None:
     assert info.value.message == (
         "options.decoding.max_new_tokens: 5000 exceeds limits.max_new_tokens 1024"
     )
+    assert info.value.field == "options.decoding.max_new_tokens"
     with pytest.raises(InvalidArgument, match=r"more than align\.max_inflight_items 64"):
         await run(FakeLLM(), pool, AlignCall([sample(i) for i in range(17)]))
 

@@ -8,7 +8,7 @@ from align2.server.core.priority import Priority
 from align2.server.core.scoring import Head
 from align2.server.errors import Align2Error, Code, InvalidArgument
 from align2.server.transport import convert
-from align2.server.transport.interceptors import status_of
+from align2.server.transport.errors import status_code
 from align2.server.transport.security import BearerTokenInterceptor
 from align2.v1 import curation_pb2 as pb
 
@@ -36,7 +36,7 @@ def test_every_core_code_maps_to_the_grpc_status_of_the_same_name_and_number() -
     for code in Code:
         error = Align2Error("x")
         error.code = code
-        status = status_of(error)
+        status = status_code(error)
         assert status.name == code.name and status.value[0] == int(code)
 
 
