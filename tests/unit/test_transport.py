@@ -25,6 +25,19 @@ def test_priority_field_wins_then_metadata_then_bulk() -> None:
         convert.priority_from_proto(9)
 
 
+def test_curate_options_errors_name_the_path_in_curate_request() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        convert.curate_options_from_proto(pb.CurateOptions(priority=9))
+    assert info.value.field == "options.priority"
+    align = pb.AlignOptions(parts=9)
+    with pytest.raises(InvalidArgument) as info:
+        convert.curate_options_from_proto(pb.CurateOptions(align=True, align_options=align))
+    assert info.value.field == "options.align_options.parts"
+    settings = convert.curate_options_from_proto(pb.CurateOptions(align=True)).align
+    assert settings is not None and settings.options_field == "options.align_options"
+    assert convert.align_settings_from_proto(pb.AlignOptions()).options_field == "options"
+
+
 def test_heads_default_to_both_and_unknown_ones_are_named() -> None:
     assert convert.heads_from_proto([]) == frozenset(Head)
     assert convert.heads_from_proto([pb.HEAD_ANSWER]) == {Head.ANSWER}
