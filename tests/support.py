@@ -4,11 +4,50 @@ from __future__ import annotations
 
 import io
 
+import grpc
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 from PIL import Image
 
 from align2.server.testing import ServerProcess, ServerThread
 
-__all__ = ["ServerProcess", "ServerThread", "jpeg", "png", "vllm_requests_finished"]
+__all__ = [
+    "ServerProcess",
+    "ServerThread",
+    "error_details",
+    "jpeg",
+    "png",
+    "unpack_details",
+    "vllm_requests_finished",
+]
+
+_DETAIL_TYPES = (
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.BadRequest,
+    error_details_pb2.ResourceInfo,
+    error_details_pb2.RetryInfo,
+)
+
+
+def unpack_details(status: status_pb2.Status) -> dict[str, Message]:
+    """The details of a google.rpc.Status by type name ("BadRequest", ...); fails on a type
+    the server is not meant to send."""
+    found: dict[str, Message] = {}
+    for packed in status.details:
+        [kind] = [k for k in _DETAIL_TYPES if packed.Is(k.DESCRIPTOR)]
+        detail = kind()
+        packed.Unpack(detail)
+        found[kind.DESCRIPTOR.name] = detail
+    return found
+
+
+def error_details(error: grpc.RpcError) -> dict[str, Message]:
+    """The details of a failed call, read from its ``grpc-status-details-bin`` trailer as a
+    client would (grpcio-status checks that the Status's code and message are the call's)."""
+    status = rpc_status.from_call(error)
+    assert status is not None, "no google.rpc.Status in the trailers"
+    return unpack_details(status)
 
 
 def png(width: int = 40, height: int = 30, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:

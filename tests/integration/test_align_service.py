@@ -11,8 +11,9 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from prometheus_client import REGISTRY
-from support import ServerThread, png
+from support import ServerThread, error_details, png
 
 from align2.client import AsyncCurationClient, CurationClient, Sample, Turn, read_llava
 from align2.client.cli import main as cli_main
@@ -125,6 +126,9 @@ def test_per_item_errors_and_call_errors(server: ServerThread, client: CurationC
         client.align([sample()], template="nope")
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert "template: unknown template set 'nope'; available: default-v1" in info.value.details()
+    resource = error_details(info.value)["ResourceInfo"]
+    assert isinstance(resource, error_details_pb2.ResourceInfo)
+    assert (resource.resource_type, resource.resource_name) == ("template", "nope")
     with pytest.raises(ValueError, match="parts"):
         client.align([sample()], parts="everything")
     with grpc.insecure_channel(server.target) as channel:
@@ -132,8 +136,20 @@ def test_per_item_errors_and_call_errors(server: ServerThread, client: CurationC
         options = pb.AlignOptions(decoding=pb.DecodingOptions(top_p=2.0))
         with pytest.raises(grpc.RpcError) as info:
             stub.Align(pb.AlignRequest(samples=[pb.Sample(id="x")], options=options))
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "options.decoding.top_p: 2.0 is not in (0, 1]" in info.value.details()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "options.decoding.top_p: 2.0 is not in (0, 1]" in info.value.details()
+        bad = error_details(info.value)["BadRequest"]
+        assert isinstance(bad, error_details_pb2.BadRequest)
+        assert [v.field for v in bad.field_violations] == ["options.decoding.top_p"]
+        # The limit is named as GetServerInfo reports it (limits.max_new_tokens).
+        options = pb.AlignOptions(decoding=pb.DecodingOptions(max_new_tokens=5000))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Align(pb.AlignRequest(samples=[pb.Sample(id="x")], options=options))
+        assert info.value.details() == (
+            "options.decoding.max_new_tokens: 5000 exceeds limits.max_new_tokens 1024"
+        )
+        limits = stub.GetServerInfo(pb.GetServerInfoRequest()).limits
+        assert limits.max_new_tokens == 1024
 
 
 def test_concurrent_calls_share_batches(server: ServerThread) -> None:
@@ -162,6 +178,9 @@ def test_full_queue_refuses_at_once(server: ServerThread) -> None:
         with CurationClient(server.target, retry=False) as c, pytest.raises(grpc.RpcError) as info:
             c.align([sample()])
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        retry = error_details(info.value)["RetryInfo"]
+        assert isinstance(retry, error_details_pb2.RetryInfo)
+        assert retry.retry_delay.ToMilliseconds() == 100
     finally:
         server.call(_release(held))
     with CurationClient(server.target) as c:

@@ -10,12 +10,15 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
-from support import ServerThread, png
+from google.rpc import error_details_pb2
+from support import ServerThread, error_details, png
 
 from align2.client import AsyncCurationClient, CurateResult, CurationClient, Sample, Turn
 from align2.client.cli import main as cli_main
 from align2.server.config import Config, ModelConfig
 from align2.server.core.selection import TaskSelectors
+from align2.v1 import curation_pb2 as pb
+from align2.v1 import curation_pb2_grpc as pb_grpc
 
 TASKS = ("conversation", "detail")
 
@@ -179,12 +182,29 @@ def test_a_producer_that_fails_gets_its_accepted_samples_answered_then_its_error
 
 
 def test_bad_align_settings_fail_the_stream_once_naming_the_field(
-    client: CurationClient,
+    server: ServerThread, client: CurationClient
 ) -> None:
     with pytest.raises(grpc.RpcError) as info:
         list(client.curate([sample(0)], align=True, template="no-such-set"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert "template: unknown template set 'no-such-set'" in (info.value.details() or "")
+    resource = error_details(info.value)["ResourceInfo"]  # on a stream's status too
+    assert isinstance(resource, error_details_pb2.ResourceInfo)
+    assert (resource.resource_type, resource.resource_name) == ("template", "no-such-set")
+    # A bad field of the stream's options is named by its path in CurateRequest.
+    options = pb.CurateOptions(
+        align=True, align_options=pb.AlignOptions(decoding=pb.DecodingOptions(top_p=2.0))
+    )
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.CurationServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Curate(iter([pb.CurateRequest(options=options)])))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    field = "options.align_options.decoding.top_p"
+    assert (info.value.details() or "").startswith(f"{field}: 2.0 is not in (0, 1]")
+    bad = error_details(info.value)["BadRequest"]
+    assert isinstance(bad, error_details_pb2.BadRequest)
+    assert [v.field for v in bad.field_violations] == [field]
 
 
 def test_async_cancel_raises_cancelled_as_an_rpc_error(server: ServerThread) -> None:

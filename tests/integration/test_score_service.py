@@ -11,9 +11,10 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support import ServerThread, jpeg, png
+from support import ServerThread, error_details, jpeg, png
 
 from align2.client import AsyncCurationClient, CurationClient, Sample, Turn
 from align2.server.config import Config, ModelConfig
@@ -164,6 +165,7 @@ def test_too_many_samples_fails_the_call(server: ServerThread) -> None:
         big_chunks.score([sample(i, turns=1) for i in range(9)])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "samples: 9 samples exceeds limits.max_samples_per_call 8" in info.value.details()
+    assert _violations(info.value) == [("samples", info.value.details())]
 
 
 def test_unknown_head_and_unknown_model(server: ServerThread) -> None:
@@ -174,10 +176,17 @@ def test_unknown_head_and_unknown_model(server: ServerThread) -> None:
             stub.Score(request)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "heads[1]: unknown head 7" in info.value.details()
+        assert _violations(info.value) == [("heads[1]", info.value.details())]
     with CurationClient(server.target) as c, pytest.raises(grpc.RpcError) as info:
         c.score([sample()], question_model="nope")
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert "question_model: unknown model 'nope'; loaded: answer, question" in info.value.details()
+    details = error_details(info.value)
+    resource = details["ResourceInfo"]
+    assert isinstance(resource, error_details_pb2.ResourceInfo)
+    assert (resource.resource_type, resource.resource_name) == ("model", "nope")
+    assert resource.description == info.value.details()
+    assert "BadRequest" not in details and "RetryInfo" not in details
     with pytest.raises(ValueError, match="head"):
         CurationClient(server.target).score([sample()], heads=["questions"])
 
@@ -191,6 +200,13 @@ def test_full_queue_refuses_at_once_before_decoding(server: ServerThread) -> Non
             c.score([corrupt])
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "is full" in info.value.details()
+        details = error_details(info.value)
+        assert _retry_delay(details) == 0.1
+        reason = details["ErrorInfo"]
+        assert isinstance(reason, error_details_pb2.ErrorInfo)
+        assert (reason.reason, reason.domain) == ("OVERLOADED", "align2.v1")
+        trailers = dict(info.value.trailing_metadata() or ())  # type: ignore[attr-defined]
+        assert trailers.get("x-request-id")  # the details do not replace the request id
     finally:
         server.call(_release(held))
     with CurationClient(server.target) as c:
@@ -257,10 +273,24 @@ def test_health_not_serving_until_warm(tiny_llava: pathlib.Path) -> None:
                     await stub.Score(pb.ScoreRequest(samples=[pb.Sample(id="x")]))
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE
                 assert "warming up" in (info.value.details() or "")
+                assert _retry_delay(error_details(info.value)) == 1.0
         finally:
             await app.stop(grace=0)
 
     asyncio.run(scenario())
+
+
+def _violations(error: grpc.RpcError) -> list[tuple[str, str]]:
+    """The (field, description) pairs of a failed call's BadRequest detail."""
+    bad = error_details(error)["BadRequest"]
+    assert isinstance(bad, error_details_pb2.BadRequest)
+    return [(v.field, v.description) for v in bad.field_violations]
+
+
+def _retry_delay(details: dict) -> float:
+    retry = details["RetryInfo"]
+    assert isinstance(retry, error_details_pb2.RetryInfo)
+    return float(retry.retry_delay.ToTimedelta().total_seconds())
 
 
 def _gif() -> bytes:

@@ -36,7 +36,11 @@ def test_align_is_on_only_when_its_model_is_configured(tmp_path: pathlib.Path) -
     [
         ({"align.decoding.top_p": 0.0}, r"align.decoding.top_p: 0.0 is not in \(0, 1\]"),
         ({"align.decoding.temperature": -1.0}, "align.decoding.temperature: -1.0 is not >= 0"),
-        ({"align.decoding.max_new_tokens": 2000}, "align.decoding.max_new_tokens: 2000 is not"),
+        (
+            {"align.decoding.max_new_tokens": 2000},
+            r"align\.decoding\.max_new_tokens: 2000 exceeds align\.max_new_tokens_limit 1024",
+        ),
+        ({"align.decoding.max_new_tokens": 0}, "align.decoding.max_new_tokens: 0 is less than 1"),
         ({"align.max_inflight_items": 0}, "align.max_inflight_items: must be at least 1"),
         ({"align.review": "yes"}, "invalid config"),
     ],

@@ -8,7 +8,7 @@ from align2.server.core.priority import Priority
 from align2.server.core.scoring import Head
 from align2.server.errors import Align2Error, Code, InvalidArgument
 from align2.server.transport import convert
-from align2.server.transport.interceptors import status_of
+from align2.server.transport.errors import status_code
 from align2.server.transport.security import BearerTokenInterceptor
 from align2.v1 import curation_pb2 as pb
 
@@ -25,6 +25,19 @@ def test_priority_field_wins_then_metadata_then_bulk() -> None:
         convert.priority_from_proto(9)
 
 
+def test_curate_options_errors_name_the_path_in_curate_request() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        convert.curate_options_from_proto(pb.CurateOptions(priority=9))
+    assert info.value.field == "options.priority"
+    align = pb.AlignOptions(parts=9)
+    with pytest.raises(InvalidArgument) as info:
+        convert.curate_options_from_proto(pb.CurateOptions(align=True, align_options=align))
+    assert info.value.field == "options.align_options.parts"
+    settings = convert.curate_options_from_proto(pb.CurateOptions(align=True)).align
+    assert settings is not None and settings.options_field == "options.align_options"
+    assert convert.align_settings_from_proto(pb.AlignOptions()).options_field == "options"
+
+
 def test_heads_default_to_both_and_unknown_ones_are_named() -> None:
     assert convert.heads_from_proto([]) == frozenset(Head)
     assert convert.heads_from_proto([pb.HEAD_ANSWER]) == {Head.ANSWER}
@@ -36,7 +49,7 @@ def test_every_core_code_maps_to_the_grpc_status_of_the_same_name_and_number() -
     for code in Code:
         error = Align2Error("x")
         error.code = code
-        status = status_of(error)
+        status = status_code(error)
         assert status.name == code.name and status.value[0] == int(code)
 
 

@@ -320,14 +320,20 @@ class Config:
             raise ConfigError(f"align.decoding.{problem}")
 
 
-def decoding_problem(decoding: DecodingConfig, max_new_tokens_limit: int) -> str | None:
+def decoding_problem(
+    decoding: DecodingConfig,
+    max_new_tokens_limit: int,
+    limit_name: str = "align.max_new_tokens_limit",
+) -> str | None:
     """What is wrong with ``decoding`` (``field: why``), or None. Shared by the config check
-    and the per-call check of Align options, which prefix the field with their own path."""
-    if not 1 <= decoding.max_new_tokens <= max_new_tokens_limit:
-        return (
-            f"max_new_tokens: {decoding.max_new_tokens} is not in 1..{max_new_tokens_limit} "
-            "(align.max_new_tokens_limit)"
-        )
+    and the per-call check of Align options, which prefix the field with their own path.
+    ``limit_name``: what the message calls the limit (the config key at start-up; a call's
+    error names it as GetServerInfo reports it, ``limits.max_new_tokens``)."""
+    tokens = decoding.max_new_tokens
+    if tokens < 1:
+        return f"max_new_tokens: {tokens} is less than 1"
+    if tokens > max_new_tokens_limit:
+        return f"max_new_tokens: {tokens} exceeds {limit_name} {max_new_tokens_limit}"
     if not decoding.temperature >= 0:  # also refuses NaN
         return f"temperature: {decoding.temperature} is not >= 0"
     if not 0 < decoding.top_p <= 1:

@@ -4,11 +4,17 @@ Core code raises these (it never imports grpc); the transport maps each to a gRP
 its `code` in one place (align2.server.transport.errors). Messages name the offending field
 and, where one applies, the limit, e.g. ``samples[3].image: 25165824 bytes exceeds
 max_image_bytes 16777216``.
+
+Besides the message, an error carries plain data that the transport turns into
+machine-readable details (google.rpc.Status): the ``field`` it is about (by default the
+message's prefix before the first ": ", when that prefix is a field path), the resource a
+NotFound did not find, and how long to wait before a retry (``retry_after``).
 """
 
 from __future__ import annotations
 
 import enum
+import re
 
 
 class Code(enum.IntEnum):
@@ -28,14 +34,48 @@ class Code(enum.IntEnum):
     UNAUTHENTICATED = 16
 
 
+class _Infer(enum.Enum):
+    FROM_MESSAGE = enum.auto()
+
+
+FROM_MESSAGE = _Infer.FROM_MESSAGE
+"""The default ``field`` of an error: the message's ``FIELD: `` prefix, if it has one."""
+
+# A request field path: identifiers joined by dots, each with optional [n] indexes
+# ("samples[3].turns[0].answer", "options.decoding.top_p").
+_FIELD_PATH = re.compile(r"[A-Za-z_]\w*(?:\[\d+\])*(?:\.[A-Za-z_]\w*(?:\[\d+\])*)*", re.ASCII)
+
+
+def field_of(message: str) -> str | None:
+    """The field path a message starts with (``"samples[3].image: ..."`` -> ``samples[3].image``),
+    or None when the text before its first ": " is not a field path."""
+    prefix, colon, _ = message.partition(": ")
+    return prefix if colon and _FIELD_PATH.fullmatch(prefix) else None
+
+
 class Align2Error(Exception):
-    """Base of every error the core raises on purpose."""
+    """Base of every error the core raises on purpose.
+
+    ``field``: the request field the error is about (None: the call as a whole); by
+    default inferred from the message. ``retry_after``: seconds a client should wait
+    before retrying (None: retrying the same call will not help); subclasses set defaults.
+    """
 
     code: Code = Code.INTERNAL
+    retry_after: float | None = None
 
-    def __init__(self, message: str) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | _Infer | None = FROM_MESSAGE,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.field = field_of(message) if field is FROM_MESSAGE else field
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class InvalidArgument(Align2Error):
@@ -43,13 +83,38 @@ class InvalidArgument(Align2Error):
 
 
 class NotFound(Align2Error):
+    """A name in the request (a model, a template set) names nothing the server has:
+    ``resource_type`` ("model", "template") and ``resource_name`` say which."""
+
     code = Code.NOT_FOUND
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        resource_type: str = "",
+        resource_name: str = "",
+        field: str | _Infer | None = FROM_MESSAGE,
+    ) -> None:
+        super().__init__(message, field=field)
+        self.resource_type = resource_type
+        self.resource_name = resource_name
+
+
+OVERLOADED_RETRY_SECONDS = 0.1
+"""What an Overloaded refusal asks a client to wait: a queue drains in batches of a few
+tens of milliseconds, so a short wait (then the client's own backoff) is enough."""
+
+UNAVAILABLE_RETRY_SECONDS = 1.0
+"""What a not-serving refusal asks a client to wait: warm-up takes seconds, and a
+draining replica's traffic goes elsewhere."""
 
 
 class Overloaded(Align2Error):
     """Admission refused: the queue is full. Raised before any work is done."""
 
     code = Code.RESOURCE_EXHAUSTED
+    retry_after = OVERLOADED_RETRY_SECONDS
 
 
 class DeadlineExpired(Align2Error):
@@ -64,6 +129,7 @@ class Unavailable(Align2Error):
     """Not serving (warming up, draining, or a backend marked unhealthy)."""
 
     code = Code.UNAVAILABLE
+    retry_after = UNAVAILABLE_RETRY_SECONDS
 
 
 class Unimplemented(Align2Error):

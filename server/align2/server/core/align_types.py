@@ -65,6 +65,9 @@ class AlignCall:
     deadline: float | None = None  # time.monotonic() instant
     sample_field: str = SAMPLE_FIELD
     """How error messages name sample ``index`` (a Curate stream's calls say ``sample``)."""
+    options_field: str = "options"
+    """How error messages name the call's AlignOptions (a Curate stream's:
+    ``options.align_options``)."""
 
 
 @dataclass(frozen=True)

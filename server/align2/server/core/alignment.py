@@ -134,21 +134,25 @@ class Aligner:
         return ResolvedCall(
             parts=call.parts,
             template=template,
-            decoding=self._decoding(call.decoding),
+            decoding=self._decoding(call.decoding, f"{call.options_field}.decoding"),
             review=self._config.review if call.review is None else call.review,
             priority=call.priority,
             deadline=call.deadline,
         )
 
-    def _decoding(self, options: DecodingOptions) -> Decoding:
+    def _decoding(self, options: DecodingOptions, field: str) -> Decoding:
         default = self._config.decoding
         values = {
             key: getattr(default, key) if getattr(options, key) is None else getattr(options, key)
             for key in ("max_new_tokens", "temperature", "top_p", "seed")
         }
-        problem = decoding_problem(DecodingConfig(**values), self._config.max_new_tokens_limit)
+        problem = decoding_problem(
+            DecodingConfig(**values),
+            self._config.max_new_tokens_limit,
+            limit_name="limits.max_new_tokens",  # as GetServerInfo reports it to callers
+        )
         if problem:
-            raise InvalidArgument(f"options.decoding.{problem}")
+            raise InvalidArgument(f"{field}.{problem}")
         return Decoding(**values)
 
     def _check_sample(self, sample: Sample, parts: Parts) -> InvalidArgument | None:

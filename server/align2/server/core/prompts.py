@@ -124,7 +124,9 @@ class TemplateLibrary:
         found = self._sets.get(name)
         if found is None:
             raise NotFound(
-                f"{field}: unknown template set {name!r}; available: {', '.join(self._sets)}"
+                f"{field}: unknown template set {name!r}; available: {', '.join(self._sets)}",
+                resource_type="template",
+                resource_name=name,
             )
         return found
 

@@ -182,7 +182,9 @@ class Scorer:
         runtime = self._runtimes.get(name)
         if runtime is None:
             raise NotFound(
-                f"{key}: unknown model {name!r}; loaded: {', '.join(sorted(self._runtimes))}"
+                f"{key}: unknown model {name!r}; loaded: {', '.join(sorted(self._runtimes))}",
+                resource_type="model",
+                resource_name=name,
             )
         return runtime, dataclasses.replace(runtime.description, name=name)
 

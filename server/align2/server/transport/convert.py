@@ -47,9 +47,11 @@ PRIORITY_METADATA = "x-align2-priority"
 _PRIORITY_NAMES = {"interactive": Priority.INTERACTIVE, "bulk": Priority.BULK}
 
 
-def priority_from_proto(value: int, metadata: str | None = None) -> Priority:
-    """The request field decides; when unspecified, the ``x-align2-priority`` call
-    metadata (interactive | bulk); else bulk."""
+def priority_from_proto(
+    value: int, metadata: str | None = None, field: str = "priority"
+) -> Priority:
+    """The request field (``field``, for its errors) decides; when unspecified, the
+    ``x-align2-priority`` call metadata (interactive | bulk); else bulk."""
     if value == pb.PRIORITY_UNSPECIFIED and metadata:
         try:
             return _PRIORITY_NAMES[metadata.strip().lower()]
@@ -62,7 +64,7 @@ def priority_from_proto(value: int, metadata: str | None = None) -> Priority:
         return _PRIORITIES[value]
     except KeyError:
         raise InvalidArgument(
-            f"priority: unknown value {value}; valid: PRIORITY_INTERACTIVE, PRIORITY_BULK"
+            f"{field}: unknown value {value}; valid: PRIORITY_INTERACTIVE, PRIORITY_BULK"
         ) from None
 
 
@@ -109,12 +111,12 @@ _PARTS = {
 _KEPT = {Kept.ORIGINAL: pb.KEPT_ORIGINAL, Kept.REWRITE: pb.KEPT_REWRITE}
 
 
-def parts_from_proto(value: int) -> Parts:
+def parts_from_proto(value: int, field: str = "options.parts") -> Parts:
     try:
         return _PARTS[value]
     except KeyError:
         raise InvalidArgument(
-            f"options.parts: unknown value {value}; valid: REWRITE_PARTS_QUESTIONS, "
+            f"{field}: unknown value {value}; valid: REWRITE_PARTS_QUESTIONS, "
             "REWRITE_PARTS_ANSWERS, REWRITE_PARTS_BOTH"
         ) from None
 
@@ -140,11 +142,13 @@ def align_call_from_proto(
     )
 
 
-def align_settings_from_proto(options: pb.AlignOptions) -> AlignCall:
-    """The options of an Align call, as a call without samples."""
+def align_settings_from_proto(options: pb.AlignOptions, field: str = "options") -> AlignCall:
+    """The options of an Align call, as a call without samples; ``field``: where they
+    stand in the request, for error messages (``options`` of AlignRequest)."""
     return AlignCall(
         samples=(),
-        parts=parts_from_proto(options.parts),
+        options_field=field,
+        parts=parts_from_proto(options.parts, f"{field}.parts"),
         review=options.review if options.HasField("review") else None,
         decoding=decoding_from_proto(options.decoding),
         template=options.template,
@@ -163,8 +167,12 @@ def curate_options_from_proto(
     return CurateOptions(
         question_keep_fraction=fraction("question_keep_fraction"),
         answer_keep_fraction=fraction("answer_keep_fraction"),
-        align=align_settings_from_proto(message.align_options) if message.align else None,
-        priority=priority_from_proto(message.priority, priority_metadata),
+        align=(
+            align_settings_from_proto(message.align_options, "options.align_options")
+            if message.align
+            else None
+        ),
+        priority=priority_from_proto(message.priority, priority_metadata, "options.priority"),
     )
 
 

@@ -1,9 +1,10 @@
 """Server interceptors: the one mapping from core errors to gRPC statuses, plus metrics.
 
 Every align2.v1 RPC passes through ``StatusInterceptor``: an Align2Error becomes its status
-code with its message (which names the field and the limit); any other exception becomes
-INTERNAL (logged with its traceback); request counts and durations are recorded by code,
-and each call gets a request id for its log lines.
+code with its message (which names the field and the limit) and google.rpc details (built
+in align2.server.transport.errors); any other exception becomes INTERNAL (logged with its
+traceback); request counts and durations are recorded by code, and each call gets a request
+id for its log lines and its trailers.
 """
 
 from __future__ import annotations
@@ -20,14 +21,11 @@ import grpc
 
 from align2.server import logs, metrics
 from align2.server.errors import Align2Error
+from align2.server.transport.errors import grpc_status
 
 log = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "/align2.v1."
-
-
-def status_of(exc: Align2Error) -> grpc.StatusCode:
-    return grpc.StatusCode[exc.code.name]
 
 
 class _Call:
@@ -40,13 +38,17 @@ class _Call:
         self.code = grpc.StatusCode.OK
         given = dict(context.invocation_metadata() or ()).get("x-request-id")
         self.request_id = logs.new_request_id(given if isinstance(given, str) else None)
-        context.set_trailing_metadata((("x-request-id", self.request_id),))
+        self.trailers: tuple[tuple[str, str | bytes], ...] = (("x-request-id", self.request_id),)
+        context.set_trailing_metadata(self.trailers)
 
     async def fail(self, exc: BaseException) -> None:
         """Abort the RPC with the status that ``exc`` maps to (raises AbortError)."""
         if isinstance(exc, Align2Error):
-            self.code = status_of(exc)
-            await self.context.abort(self.code, exc.message)
+            status = grpc_status(exc)
+            self.code = status.code
+            # abort (like abort_with_status) replaces the trailers set before: keep the id
+            trailers = self.trailers + tuple(status.trailing_metadata)
+            await self.context.abort(status.code, status.details, trailers)
         log.error("internal error in %s", self.rpc, exc_info=exc)
         self.code = grpc.StatusCode.INTERNAL
         await self.context.abort(self.code, f"internal error: {type(exc).__name__}: {exc}")

@@ -1,0 +1,77 @@
+"""The one mapping from the core's errors to gRPC statuses, with machine-readable details.
+
+A whole-call error keeps its code and message, and carries a ``google.rpc.Status`` with the
+same code and message in the ``grpc-status-details-bin`` trailer, which any gRPC library
+decodes (Python: ``grpc_status.rpc_status.from_call``). Its details:
+
+- every Align2Error: ``ErrorInfo`` (reason: the error class in SCREAMING_SNAKE, e.g.
+  ``OVERLOADED``, ``DEVICE_OUT_OF_MEMORY``; domain ``align2.v1``);
+- INVALID_ARGUMENT with a field: ``BadRequest`` with one FieldViolation (field path and the
+  message);
+- NOT_FOUND of a named resource: ``ResourceInfo`` (type ``model`` or ``template``, name);
+- an error with ``retry_after`` (RESOURCE_EXHAUSTED from a full queue, UNAVAILABLE):
+  ``RetryInfo``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2, message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from align2.server.errors import Align2Error, Code, NotFound
+
+DOMAIN = "align2.v1"
+
+
+def status_code(exc: Align2Error) -> grpc.StatusCode:
+    """The gRPC code of ``exc`` (same name and number as its core code)."""
+    return grpc.StatusCode[exc.code.name]
+
+
+def reason(exc: Align2Error) -> str:
+    """``ErrorInfo.reason``: the class name in SCREAMING_SNAKE (``NotFound`` -> ``NOT_FOUND``)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).upper()
+
+
+def details(exc: Align2Error) -> list[message.Message]:
+    """The google.rpc detail messages for ``exc`` (see the module docstring)."""
+    found: list[message.Message] = [error_details_pb2.ErrorInfo(reason=reason(exc), domain=DOMAIN)]
+    if exc.code is Code.INVALID_ARGUMENT and exc.field:
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=exc.field, description=exc.message
+        )
+        found.append(error_details_pb2.BadRequest(field_violations=[violation]))
+    if isinstance(exc, NotFound) and exc.resource_type:
+        found.append(
+            error_details_pb2.ResourceInfo(
+                resource_type=exc.resource_type,
+                resource_name=exc.resource_name,
+                description=exc.message,
+            )
+        )
+    if exc.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(round(exc.retry_after * 1e9))
+        found.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    return found
+
+
+def rich_status(exc: Align2Error) -> status_pb2.Status:
+    """``exc`` as a google.rpc.Status: its code, its message unchanged, its details."""
+    packed = []
+    for detail in details(exc):
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    return status_pb2.Status(code=int(exc.code), message=exc.message, details=packed)
+
+
+def grpc_status(exc: Align2Error) -> grpc.Status:
+    """The status to abort with: code, message, and the details trailer
+    (``grpc-status-details-bin``)."""
+    status: grpc.Status = rpc_status.to_status(rich_status(exc))
+    return status
