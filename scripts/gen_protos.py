@@ -1,7 +1,9 @@
 """Generate the align2.v1 Python stubs from protos/ (the one command; `make protos`).
 
 Usage: python scripts/gen_protos.py [OUT_DIR]   (default: client/, next to align2.client)
-Writes align2/v1/*_pb2.py, *_pb2_grpc.py and their .pyi stubs (mypy-protobuf).
+Writes align2/v1/*_pb2.py, *_pb2_grpc.py and their .pyi stubs (mypy-protobuf), and
+align2/v1/curation.binpb: the FileDescriptorSet with the .proto's comments (source info),
+which server reflection serves (the _pb2 descriptors carry no comments).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from grpc_tools import protoc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
+DESCRIPTOR_SET = "curation.binpb"
 
 
 def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
     protos = sorted(PROTO_ROOT.glob("align2/v1/*.proto"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    pkg = out_dir / "align2" / "v1"
+    pkg.mkdir(parents=True, exist_ok=True)
     plugin_dir = str(pathlib.Path(sys.executable).parent)
     mypy, mypy_grpc = (
         shutil.which(f"protoc-gen-{n}", path=plugin_dir) for n in ("mypy", "mypy_grpc")
@@ -32,11 +36,13 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
         f"--grpc_python_out={out_dir}",
         f"--mypy_out={out_dir}",
         f"--mypy_grpc_out={out_dir}",
+        f"--descriptor_set_out={pkg / DESCRIPTOR_SET}",
+        "--include_source_info",
+        "--include_imports",
         *(str(p.relative_to(PROTO_ROOT)) for p in protos),
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    pkg = out_dir / "align2" / "v1"
     docstring = '"""Generated align2.v1 stubs (see protos/). Do not edit."""\n'
     (pkg / "__init__.py").write_text(docstring)
     (pkg / "py.typed").write_text("")

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from PIL import Image
 
 from align2.client.types import Sample, Turn
@@ -33,7 +32,7 @@ from align2.server.core.runtime import ScoringRuntime
 from align2.server.core.scoring import ScoreCall, Scorer
 from align2.server.errors import ConfigError
 from align2.server.models import embedded
-from align2.server.transport import convert
+from align2.server.transport import convert, reflection
 from align2.server.transport.interceptors import StatusInterceptor
 from align2.server.transport.security import (
     BearerTokenInterceptor,
@@ -125,9 +124,7 @@ class App:
         )
         pb_grpc.add_CurationServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        reflection.enable(server, [SERVICE_NAME, health.SERVICE_NAME])
         section = self.config.server
         address = f"{section.host}:{section.port}"
         if credentials is None:
