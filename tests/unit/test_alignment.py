@@ -227,7 +227,7 @@ async def test_call_level_checks(pool: ThreadPoolExecutor) -> None:
         "options.decoding.max_new_tokens: 5000 exceeds limits.max_new_tokens 1024"
     )
     assert info.value.field == "options.decoding.max_new_tokens"
-    with pytest.raises(InvalidArgument, match=r"more than align\.max_inflight_items 64"):
+    with pytest.raises(InvalidArgument, match=r"more than limits\.max_llm_inflight 64"):
         await run(FakeLLM(), pool, AlignCall([sample(i) for i in range(17)]))
 
 

@@ -138,7 +138,7 @@ async def test_full_queue_fails_at_once_without_claiming() -> None:
     assert batcher.load == 3
     held.release()
     assert batcher.load == 0
-    with pytest.raises(InvalidArgument, match="max_queue_items 4"):
+    with pytest.raises(InvalidArgument, match=r"more than limits\.max_queue_items 4"):
         batcher.reserve(5)
     await batcher.close()
 

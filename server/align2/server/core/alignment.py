@@ -97,7 +97,7 @@ class Aligner:
         if needed > self._config.max_inflight_items:
             raise InvalidArgument(
                 f"samples: the call needs {needed} LLM requests, more than "
-                f"align.max_inflight_items {self._config.max_inflight_items}; split it"
+                f"limits.max_llm_inflight {self._config.max_inflight_items}; split it"
             )
         job = Job(resolved, self._runtime.reserve(needed) if needed else None)
         try:

@@ -163,7 +163,7 @@ class Batcher(Generic[T, R]):
         if count > self.max_queue:
             raise InvalidArgument(
                 f"samples: the call needs {count} forward passes of model {self.name!r}, "
-                f"more than batching.max_queue_items {self.max_queue}; split it"
+                f"more than limits.max_queue_items {self.max_queue}; split it"
             )
         if self.load + count > self.max_queue:
             metrics.REJECTED.labels(reason="overloaded").inc(count)

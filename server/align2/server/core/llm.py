@@ -84,7 +84,7 @@ class _Gate:
             metrics.REJECTED.labels(reason="overloaded").inc(count)
             raise Overloaded(
                 f"model {self.name!r} is full: {self.load} of {self.limit} requests in flight "
-                f"(align.max_inflight_items), the call needs {count}; retry with backoff"
+                f"(limits.max_llm_inflight), the call needs {count}; retry with backoff"
             )
         self.load += count
         self._gauge.set(self.load)
