@@ -300,3 +300,24 @@ async def test_a_kept_sample_whose_alignment_fails_stays_kept_with_the_error() -
     assert result.decision is Decision.KEPT_ALIGN_FAILED and result.error is None
     assert result.aligned is not None and result.aligned.error is not None
     assert result.aligned.error.message.startswith("sample.turns[0]: deadline passed")
+
+
+class RefusingAligner(FailingAligner):
+    """Every Align call fails as a whole: the LLM queue stays full."""
+
+    async def align(self, call: AlignCall) -> AlignOutcome:
+        raise Overloaded("samples: model 'llm' is full (limits.max_llm_inflight)")
+
+
+async def test_a_kept_sample_whose_align_call_fails_as_a_whole_stays_kept() -> None:
+    scorer = ScriptedScorer({"s0": 1.0}, {})
+    lifecycle = Lifecycle()
+    lifecycle.phase = Phase.SERVING
+    limits = LimitsConfig(max_stream_inflight=2)
+    curate = Curator(scorer, RefusingAligner(), CurateConfig(), limits, lifecycle)  # type: ignore[arg-type]
+    items = [CurateOptions(align=AlignCall(samples=())), sample(0)]
+    deadline = time.monotonic() + 0.05  # the queue stays full until the stream's deadline
+    [result] = await collect(curate.stream(feed(items), deadline))
+    assert result.decision is Decision.KEPT_ALIGN_FAILED and result.error is None
+    assert result.aligned is not None and isinstance(result.aligned.error, Overloaded)
+    assert result.scores.question_score == 1.0

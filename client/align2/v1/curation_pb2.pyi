@@ -295,12 +295,13 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     DECISION_DROPPED_ANSWER: _Decision.ValueType  # 3
     """Dropped: the mean answer score is below the answer threshold of its task type."""
     DECISION_ERROR: _Decision.ValueType  # 4
-    """Not decided: error says why (a bad sample, the deadline, queues full until the
-    deadline, an Align call that could not start); scores hold what was computed before.
+    """Not decided: error says why (a bad sample, the deadline, the score queues full until
+    the deadline); scores hold what was computed before.
     """
     DECISION_KEPT_ALIGN_FAILED: _Decision.ValueType  # 5
-    """Kept by both stages; align was asked and the restyle failed: aligned.error says why,
-    and the original sample, as sent, is the kept one.
+    """Kept by both stages; align was asked and the restyle failed (the sample's own error,
+    or its Align call's: the LLM queue full until the deadline, shutdown): aligned.error
+    says why, and the original sample, as sent, is the kept one.
     """
 
 class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
@@ -317,12 +318,13 @@ answers were not scored).
 DECISION_DROPPED_ANSWER: Decision.ValueType  # 3
 """Dropped: the mean answer score is below the answer threshold of its task type."""
 DECISION_ERROR: Decision.ValueType  # 4
-"""Not decided: error says why (a bad sample, the deadline, queues full until the
-deadline, an Align call that could not start); scores hold what was computed before.
+"""Not decided: error says why (a bad sample, the deadline, the score queues full until
+the deadline); scores hold what was computed before.
 """
 DECISION_KEPT_ALIGN_FAILED: Decision.ValueType  # 5
-"""Kept by both stages; align was asked and the restyle failed: aligned.error says why,
-and the original sample, as sent, is the kept one.
+"""Kept by both stages; align was asked and the restyle failed (the sample's own error,
+or its Align call's: the LLM queue full until the deadline, shutdown): aligned.error
+says why, and the original sample, as sent, is the kept one.
 """
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
 

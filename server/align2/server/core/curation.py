@@ -270,9 +270,13 @@ class Session:
                 deadline=deadline,
                 sample_field=_SAMPLE,
             )
-            outcome = await _when_admitted(lambda: aligner.align(call), deadline)
-            # An error here leaves the sample kept: the original, with why it is not restyled.
-            result.aligned = outcome.results[0]
+            # A failure here, of the sample or of its whole Align call (queues full until the
+            # deadline, shutdown), leaves the sample kept: the original, with the reason.
+            try:
+                outcome = await _when_admitted(lambda: aligner.align(call), deadline)
+                result.aligned = outcome.results[0]
+            except Align2Error as exc:
+                result.aligned = SampleAlignment(id=sample.id, error=exc)
             if result.aligned.error is not None:
                 result.decision = Decision.KEPT_ALIGN_FAILED
                 return
