@@ -11,29 +11,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import grpc
 
 from align2.client.base import ClientBase
 from align2.client.calls import (
-    DEFAULT_CHUNK_SIZE,
     DEFAULT_HEADS,
     AlignCall,
     AlignChunkReply,
     ScoreCall,
     ScoreChunkReply,
 )
-from align2.client.channel import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    ChannelOptions,
-    Pem,
-    RetryPolicy,
-    open_aio_channel,
-    service_stub,
-)
+from align2.client.channel import ClientArgs
 from align2.client.curate import AsyncCurateResults, CurateStream
-from align2.client.health import health_request, health_status, health_stub
+from align2.client.health import health_request, health_status
 from align2.client.results import (
     AlignReply,
     AlignResult,
@@ -44,14 +36,18 @@ from align2.client.results import (
 from align2.client.types import Sample
 from align2.v1 import curation_pb2 as pb
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.12
+
 T = TypeVar("T")
 
 DEFAULT_MAX_CONCURRENCY = 4
 
 
 class AsyncCurationClient(ClientBase):
-    """Asyncio client of an align2 server; arguments as in :class:`ClientBase`, plus
-    ``max_concurrency``: the most chunks (RPCs) of one call in flight at once.
+    """Asyncio client of an align2 server; ``target`` and the keyword arguments as in
+    :class:`~align2.client.channel.ClientOptions`, plus ``max_concurrency``: the most chunks
+    (RPCs) of one call in flight at once.
 
     Construct it inside the running event loop (``async with AsyncCurationClient(...)``).
     Same contracts as :class:`align2.client.CurationClient`: one result per input, same
@@ -59,42 +55,19 @@ class AsyncCurationClient(ClientBase):
     chunks of the call are cancelled.
     """
 
+    _aio: ClassVar[bool] = True
+
     def __init__(
         self,
         target: str,
         *,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-        timeout: float | None = None,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        token: str | None = None,
-        root_certificates: Pem | None = None,
-        private_key: Pem | None = None,
-        certificate_chain: Pem | None = None,
-        tls: bool | None = None,
-        options: ChannelOptions | None = None,
-        retry: bool | RetryPolicy = True,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        **options: Unpack[ClientArgs],
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency: {max_concurrency} is not positive")
         self._max_concurrency = max_concurrency
-        super().__init__(
-            target,
-            timeout=timeout,
-            chunk_size=chunk_size,
-            token=token,
-            root_certificates=root_certificates,
-            private_key=private_key,
-            certificate_chain=certificate_chain,
-            tls=tls,
-            options=options,
-            retry=retry,
-            max_message_bytes=max_message_bytes,
-        )
-
-    def _connect(self) -> None:
-        self._channel = open_aio_channel(self._settings)
-        self._stub = service_stub(self._channel)
+        super().__init__(target, **options)
 
     async def score(
         self,
@@ -132,14 +105,13 @@ class AsyncCurationClient(ClientBase):
         call = ScoreCall.plan(
             samples,
             heads,
-            chunk_size=self._chunk_size,
+            chunk_size=self.chunk_size,
             priority=priority,
             question_model=question_model,
             answer_model=answer_model,
         )
-        deadline = self._deadline(timeout)
         parts = await gather_bounded(
-            len(call.chunks), lambda i: self._score_chunk(call, i, deadline), self._max_concurrency
+            len(call.chunks), lambda i: self._score_chunk(call, i, timeout), self._max_concurrency
         )
         return call.reply(parts)
 
@@ -183,10 +155,9 @@ class AsyncCurationClient(ClientBase):
     ) -> AlignReply:
         """Like :meth:`align` (same keyword arguments), with the model, template set, token
         counts and timing of the RPCs."""
-        call = AlignCall.plan(samples, chunk_size=self._chunk_size, priority=priority, **options)
-        deadline = self._deadline(timeout)
+        call = AlignCall.plan(samples, chunk_size=self.chunk_size, priority=priority, **options)
         parts = await gather_bounded(
-            len(call.chunks), lambda i: self._align_chunk(call, i, deadline), self._max_concurrency
+            len(call.chunks), lambda i: self._align_chunk(call, i, timeout), self._max_concurrency
         )
         return call.reply(parts)
 
@@ -211,7 +182,7 @@ class AsyncCurationClient(ClientBase):
             priority=priority,
             **align_settings,
         )
-        call = self._stub.Curate(timeout=self._deadline(timeout), metadata=self._settings.metadata)
+        call = self._rpc(self._stub.Curate, None, timeout)
         cancelled = False
 
         def cancel() -> None:
@@ -275,11 +246,7 @@ class AsyncCurationClient(ClientBase):
         timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline
     ) -> pb.GetServerInfoResponse:
         """What the server runs: models, versions, limits and batching settings."""
-        return await self._stub.GetServerInfo(
-            pb.GetServerInfoRequest(),
-            timeout=self._deadline(timeout),
-            metadata=self._settings.metadata,
-        )
+        return await self._rpc(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout)
 
     async def health(
         self,
@@ -288,11 +255,7 @@ class AsyncCurationClient(ClientBase):
         timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline
     ) -> str:
         """The gRPC health status of ``service`` ("" = the server), e.g. "SERVING"."""
-        reply = await health_stub(self._channel).Check(
-            health_request(service),
-            timeout=self._deadline(timeout),
-            metadata=self._settings.metadata,
-        )
+        reply = await self._rpc(self._health.Check, health_request(service), timeout)
         return health_status(reply)
 
     async def close(self) -> None:
@@ -316,9 +279,7 @@ class AsyncCurationClient(ClientBase):
         chunk = await asyncio.to_thread(call.encode, index)
         response = None
         if chunk.request is not None:
-            response = await self._stub.Score(
-                chunk.request, timeout=deadline, metadata=self._settings.metadata
-            )
+            response = await self._rpc(self._stub.Score, chunk.request, deadline)
         return call.decode(chunk, response)
 
     async def _align_chunk(
@@ -327,9 +288,7 @@ class AsyncCurationClient(ClientBase):
         chunk = await asyncio.to_thread(call.encode, index)
         response = None
         if chunk.request is not None:
-            response = await self._stub.Align(
-                chunk.request, timeout=deadline, metadata=self._settings.metadata
-            )
+            response = await self._rpc(self._stub.Align, chunk.request, deadline)
         return call.decode(chunk, response)
 
 

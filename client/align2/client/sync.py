@@ -17,9 +17,8 @@ from align2.client.calls import (
     ScoreCall,
     ScoreChunkReply,
 )
-from align2.client.channel import open_channel, service_stub
 from align2.client.curate import CurateResults, CurateStream
-from align2.client.health import health_request, health_status, health_stub
+from align2.client.health import health_request, health_status
 from align2.client.results import (
     AlignReply,
     AlignResult,
@@ -32,17 +31,14 @@ from align2.v1 import curation_pb2 as pb
 
 
 class CurationClient(ClientBase):
-    """Blocking client of an align2 server; arguments as in :class:`ClientBase`.
+    """Blocking client of an align2 server; ``target`` and the keyword arguments as in
+    :class:`~align2.client.channel.ClientOptions`.
 
     Chunks of a large input are sent one after another. A failure of a whole RPC raises
     ``grpc.RpcError`` (``.code()``, ``.details()``) and is never swallowed; a failure of one
     sample is an ``ItemError`` value on its result. Use as a context manager, or call
     :meth:`close`.
     """
-
-    def _connect(self) -> None:
-        self._channel = open_channel(self._settings)
-        self._stub = service_stub(self._channel)
 
     def score(
         self,
@@ -85,13 +81,12 @@ class CurationClient(ClientBase):
         call = ScoreCall.plan(
             samples,
             heads,
-            chunk_size=self._chunk_size,
+            chunk_size=self.chunk_size,
             priority=priority,
             question_model=question_model,
             answer_model=answer_model,
         )
-        deadline = self._deadline(timeout)
-        return call.reply([self._score_chunk(call, i, deadline) for i in range(len(call.chunks))])
+        return call.reply([self._score_chunk(call, i, timeout) for i in range(len(call.chunks))])
 
     def align(
         self,
@@ -140,9 +135,8 @@ class CurationClient(ClientBase):
     ) -> AlignReply:
         """Like :meth:`align` (same keyword arguments), with the model, template set, token
         counts and timing of the RPCs."""
-        call = AlignCall.plan(samples, chunk_size=self._chunk_size, priority=priority, **options)
-        deadline = self._deadline(timeout)
-        return call.reply([self._align_chunk(call, i, deadline) for i in range(len(call.chunks))])
+        call = AlignCall.plan(samples, chunk_size=self.chunk_size, priority=priority, **options)
+        return call.reply([self._align_chunk(call, i, timeout) for i in range(len(call.chunks))])
 
     def curate(
         self,
@@ -175,11 +169,7 @@ class CurationClient(ClientBase):
             priority=priority,
             **align_settings,
         )
-        responses = self._stub.Curate(
-            stream.requests(samples),
-            timeout=self._deadline(timeout),
-            metadata=self._settings.metadata,
-        )
+        responses = self._rpc(self._stub.Curate, stream.requests(samples), timeout)
 
         def results() -> Iterator[CurateResult]:
             try:
@@ -199,21 +189,12 @@ class CurationClient(ClientBase):
 
     def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
         """What the server runs: models, versions, limits and batching settings."""
-        return self._stub.GetServerInfo(
-            pb.GetServerInfoRequest(),
-            timeout=self._deadline(timeout),
-            metadata=self._settings.metadata,
-        )
+        return self._rpc(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The gRPC health status of ``service`` ("" = the server): "SERVING",
         "NOT_SERVING", ... Raises ``grpc.RpcError`` when the server cannot be reached."""
-        reply = health_stub(self._channel).Check(
-            health_request(service),
-            timeout=self._deadline(timeout),
-            metadata=self._settings.metadata,
-        )
-        return health_status(reply)
+        return health_status(self._rpc(self._health.Check, health_request(service), timeout))
 
     def close(self) -> None:
         """Close the channel; RPCs in flight are cancelled. Idempotent."""
@@ -234,16 +215,12 @@ class CurationClient(ClientBase):
         chunk = call.encode(index)
         response = None
         if chunk.request is not None:
-            response = self._stub.Score(
-                chunk.request, timeout=timeout, metadata=self._settings.metadata
-            )
+            response = self._rpc(self._stub.Score, chunk.request, timeout)
         return call.decode(chunk, response)
 
     def _align_chunk(self, call: AlignCall, index: int, timeout: float | None) -> AlignChunkReply:
         chunk = call.encode(index)
         response = None
         if chunk.request is not None:
-            response = self._stub.Align(
-                chunk.request, timeout=timeout, metadata=self._settings.metadata
-            )
+            response = self._rpc(self._stub.Align, chunk.request, timeout)
         return call.decode(chunk, response)
