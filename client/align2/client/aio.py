@@ -16,13 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import grpc
 
 from align2.client.base import ClientBase
-from align2.client.calls import (
-    DEFAULT_HEADS,
-    AlignCall,
-    AlignChunkReply,
-    ScoreCall,
-    ScoreChunkReply,
-)
+from align2.client.calls import DEFAULT_HEADS, AlignCall, ChunkedCall, ScoreCall
 from align2.client.channel import ClientArgs
 from align2.client.curate import AsyncCurateResults, CurateStream
 from align2.client.health import health_request, health_status
@@ -40,6 +34,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from Python 3.12
 
 T = TypeVar("T")
+ReplyT = TypeVar("ReplyT")
 
 DEFAULT_MAX_CONCURRENCY = 4
 
@@ -110,10 +105,7 @@ class AsyncCurationClient(ClientBase):
             question_model=question_model,
             answer_model=answer_model,
         )
-        parts = await gather_bounded(
-            len(call.chunks), lambda i: self._score_chunk(call, i, timeout), self._max_concurrency
-        )
-        return call.reply(parts)
+        return await self._send(call, timeout)
 
     async def align(
         self,
@@ -156,10 +148,7 @@ class AsyncCurationClient(ClientBase):
         """Like :meth:`align` (same keyword arguments), with the model, template set, token
         counts and timing of the RPCs."""
         call = AlignCall.plan(samples, chunk_size=self.chunk_size, priority=priority, **options)
-        parts = await gather_bounded(
-            len(call.chunks), lambda i: self._align_chunk(call, i, timeout), self._max_concurrency
-        )
-        return call.reply(parts)
+        return await self._send(call, timeout)
 
     def curate(
         self,
@@ -273,23 +262,23 @@ class AsyncCurationClient(ClientBase):
     ) -> None:
         await self.close()
 
-    async def _score_chunk(
-        self, call: ScoreCall, index: int, deadline: float | None
-    ) -> ScoreChunkReply:
-        chunk = await asyncio.to_thread(call.encode, index)
-        response = None
-        if chunk.request is not None:
-            response = await self._rpc(self._stub.Score, chunk.request, deadline)
-        return call.decode(chunk, response)
+    async def _send(
+        self,
+        call: ChunkedCall[Any, Any, ReplyT],
+        timeout: float | None,  # noqa: ASYNC109 - a gRPC deadline
+    ) -> ReplyT:
+        """The chunks of ``call``, at most ``max_concurrency`` RPCs at once; images are read
+        in a worker thread."""
+        method = getattr(self._stub, call.method)
 
-    async def _align_chunk(
-        self, call: AlignCall, index: int, deadline: float | None
-    ) -> AlignChunkReply:
-        chunk = await asyncio.to_thread(call.encode, index)
-        response = None
-        if chunk.request is not None:
-            response = await self._rpc(self._stub.Align, chunk.request, deadline)
-        return call.decode(chunk, response)
+        async def send(index: int) -> Any:
+            chunk = await asyncio.to_thread(call.encode, index)
+            response = None
+            if chunk.request is not None:
+                response = await self._rpc(method, chunk.request, timeout)
+            return call.decode(chunk, response)
+
+        return call.reply(await gather_bounded(len(call.chunks), send, self._max_concurrency))
 
 
 async def _aiter(samples: Iterable[Sample] | AsyncIterable[Sample]) -> AsyncIterator[Sample]:

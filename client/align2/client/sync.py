@@ -5,18 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from align2.client.base import ClientBase
-from align2.client.calls import (
-    DEFAULT_HEADS,
-    AlignCall,
-    AlignChunkReply,
-    ScoreCall,
-    ScoreChunkReply,
-)
+from align2.client.calls import DEFAULT_HEADS, AlignCall, ChunkedCall, ScoreCall
 from align2.client.curate import CurateResults, CurateStream
 from align2.client.health import health_request, health_status
 from align2.client.results import (
@@ -28,6 +22,8 @@ from align2.client.results import (
 )
 from align2.client.types import Sample
 from align2.v1 import curation_pb2 as pb
+
+ReplyT = TypeVar("ReplyT")
 
 
 class CurationClient(ClientBase):
@@ -86,7 +82,7 @@ class CurationClient(ClientBase):
             question_model=question_model,
             answer_model=answer_model,
         )
-        return call.reply([self._score_chunk(call, i, timeout) for i in range(len(call.chunks))])
+        return self._send(call, timeout)
 
     def align(
         self,
@@ -136,7 +132,7 @@ class CurationClient(ClientBase):
         """Like :meth:`align` (same keyword arguments), with the model, template set, token
         counts and timing of the RPCs."""
         call = AlignCall.plan(samples, chunk_size=self.chunk_size, priority=priority, **options)
-        return call.reply([self._align_chunk(call, i, timeout) for i in range(len(call.chunks))])
+        return self._send(call, timeout)
 
     def curate(
         self,
@@ -211,16 +207,13 @@ class CurationClient(ClientBase):
     ) -> None:
         self.close()
 
-    def _score_chunk(self, call: ScoreCall, index: int, timeout: float | None) -> ScoreChunkReply:
-        chunk = call.encode(index)
-        response = None
-        if chunk.request is not None:
-            response = self._rpc(self._stub.Score, chunk.request, timeout)
-        return call.decode(chunk, response)
-
-    def _align_chunk(self, call: AlignCall, index: int, timeout: float | None) -> AlignChunkReply:
-        chunk = call.encode(index)
-        response = None
-        if chunk.request is not None:
-            response = self._rpc(self._stub.Align, chunk.request, timeout)
-        return call.decode(chunk, response)
+    def _send(self, call: ChunkedCall[Any, Any, ReplyT], timeout: float | None) -> ReplyT:
+        """The chunks of ``call``, one RPC after another."""
+        parts = []
+        for index in range(len(call.chunks)):
+            chunk = call.encode(index)
+            response = None
+            if chunk.request is not None:
+                response = self._rpc(getattr(self._stub, call.method), chunk.request, timeout)
+            parts.append(call.decode(chunk, response))
+        return call.reply(parts)
