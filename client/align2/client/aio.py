@@ -171,63 +171,8 @@ class AsyncCurationClient(ClientBase):
             priority=priority,
             **align_settings,
         )
-        call = self._rpc(self._stub.Curate, None, timeout)
-        cancelled = False
-
-        def cancel() -> None:
-            nonlocal cancelled
-            cancelled = True
-            call.cancel()
-
-        async def write() -> None:
-            await call.write(pb.CurateRequest(options=stream.options))
-            produced = _aiter(samples)
-            while True:
-                try:
-                    sample = await anext(produced)
-                    request = await asyncio.to_thread(stream.encode, sample)
-                except StopAsyncIteration:
-                    break
-                except Exception as error:  # the producer's: end the stream normally, so
-                    stream.producer_error = error  # the accepted samples are still answered
-                    break
-                if request is not None:
-                    await call.write(request)
-            await call.done_writing()
-
-        async def results() -> AsyncIterator[CurateResult]:
-            writer = asyncio.ensure_future(write())
-            try:
-                async for response in call:
-                    for result in stream.local_results():
-                        yield result
-                    yield stream.decode(response)
-                await writer
-                for result in stream.finish():
-                    yield result
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if not cancelled or (task is not None and task.cancelling()):
-                    raise  # our caller is being cancelled: let it
-                # grpc.aio reports a local cancel() as CancelledError; callers get what the
-                # sync client raises
-                raise grpc.aio.AioRpcError(
-                    grpc.StatusCode.CANCELLED,
-                    grpc.aio.Metadata(),
-                    grpc.aio.Metadata(),
-                    details="cancelled by the client",
-                ) from None
-            except grpc.RpcError:
-                for result in stream.local_results():
-                    yield result
-                raise
-            finally:
-                writer.cancel()
-                call.cancel()
-            if stream.producer_error is not None:  # after every accepted sample's decision
-                raise stream.producer_error
-
-        return AsyncCurateResults(stream, results(), cancel)
+        curate = _CurateCall(self._rpc(self._stub.Curate, None, timeout), stream)
+        return AsyncCurateResults(stream, curate.results(samples), curate.cancel)
 
     async def server_info(
         self,
@@ -279,6 +224,91 @@ class AsyncCurationClient(ClientBase):
             return call.decode(chunk, response)
 
         return call.reply(await gather_bounded(len(call.chunks), send, self._max_concurrency))
+
+
+class _CurateCall:
+    """One Curate stream on ``grpc.aio``: a writer task sends the options and then each
+    sample as the caller's iterable produces it (images read in a worker thread), while the
+    caller iterates the decisions. :meth:`cancel` ends both; iterating then raises CANCELLED
+    as ``grpc.RpcError``, as the sync client does."""
+
+    def __init__(self, call: Any, stream: CurateStream) -> None:
+        self._call = call
+        self._stream = stream
+        self._cancelled = False  # by cancel(), not by our caller's task being cancelled
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+
+    async def results(
+        self, samples: Iterable[Sample] | AsyncIterable[Sample]
+    ) -> AsyncIterator[CurateResult]:
+        """The decisions as they arrive, each after the local failures queued before it; the
+        producer's error, if any, after the last decision."""
+        writer = asyncio.ensure_future(self._write(samples))
+        try:
+            async for response in self._call:
+                for result in self._stream.answer(response):
+                    yield result
+            await writer
+            for result in self._stream.finish():
+                yield result
+        except asyncio.CancelledError:
+            if not self._cancelled or _task_cancelling():
+                raise  # our caller is being cancelled: let it
+            # grpc.aio reports a local cancel() as CancelledError; callers get what the sync
+            # client raises
+            raise _cancelled_error() from None
+        except grpc.RpcError:
+            for result in self._stream.local_results():
+                yield result  # they failed here, before the stream did
+            raise
+        finally:
+            writer.cancel()
+            self._call.cancel()
+        if self._stream.producer_error is not None:  # after every accepted sample's decision
+            raise self._stream.producer_error
+
+    async def _write(self, samples: Iterable[Sample] | AsyncIterable[Sample]) -> None:
+        await self._call.write(pb.CurateRequest(options=self._stream.options))
+        async for request in _requests(self._stream, samples):
+            await self._call.write(request)
+        await self._call.done_writing()
+
+
+async def _requests(
+    stream: CurateStream, samples: Iterable[Sample] | AsyncIterable[Sample]
+) -> AsyncIterator[pb.CurateRequest]:
+    """The asyncio twin of :meth:`CurateStream.requests` without the options: when the
+    producer raises, the requests end normally (the accepted samples are still answered) and
+    the error is kept in ``stream.producer_error``."""
+    produced = _aiter(samples)
+    while True:
+        try:
+            sample = await anext(produced)
+            request = await asyncio.to_thread(stream.encode, sample)
+        except StopAsyncIteration:
+            return
+        except Exception as error:  # the producer's
+            stream.producer_error = error
+            return
+        if request is not None:
+            yield request
+
+
+def _task_cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _cancelled_error() -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.CANCELLED,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        details="cancelled by the client",
+    )
 
 
 async def _aiter(samples: Iterable[Sample] | AsyncIterable[Sample]) -> AsyncIterator[Sample]:

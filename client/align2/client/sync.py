@@ -166,22 +166,7 @@ class CurationClient(ClientBase):
             **align_settings,
         )
         responses = self._rpc(self._stub.Curate, stream.requests(samples), timeout)
-
-        def results() -> Iterator[CurateResult]:
-            try:
-                for response in responses:
-                    yield from stream.local_results()
-                    yield stream.decode(response)
-                yield from stream.finish()
-            except grpc.RpcError:
-                yield from stream.local_results()  # they failed here, before the stream did
-                raise
-            finally:
-                responses.cancel()  # a consumer that stops early ends the stream
-            if stream.producer_error is not None:  # after every accepted sample's decision
-                raise stream.producer_error
-
-        return CurateResults(stream, results(), responses.cancel)
+        return CurateResults(stream, _results(stream, responses), responses.cancel)
 
     def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
         """What the server runs: models, versions, limits and batching settings."""
@@ -217,3 +202,19 @@ class CurationClient(ClientBase):
                 response = self._rpc(getattr(self._stub, call.method), chunk.request, timeout)
             parts.append(call.decode(chunk, response))
         return call.reply(parts)
+
+
+def _results(stream: CurateStream, responses: Any) -> Iterator[CurateResult]:
+    """The decisions of a Curate call as they arrive, each after the local failures queued
+    before it; the producer's error, if any, after the last decision."""
+    try:
+        for response in responses:
+            yield from stream.answer(response)
+        yield from stream.finish()
+    except grpc.RpcError:
+        yield from stream.local_results()  # they failed here, before the stream did
+        raise
+    finally:
+        responses.cancel()  # a consumer that stops early ends the stream
+    if stream.producer_error is not None:  # after every accepted sample's decision
+        raise stream.producer_error
