@@ -150,3 +150,8 @@ def test_the_typed_keyword_arguments_are_the_options_fields() -> None:
 def test_options_are_checked_when_built(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ClientOptions("127.0.0.1:1", **kwargs)
+
+
+def test_options_keep_secrets_out_of_their_repr() -> None:
+    options = ClientOptions("h:1", token="s3cret", private_key=b"KEY", certificate_chain=b"C")
+    assert "s3cret" not in repr(options) and "KEY" not in repr(options)

@@ -14,7 +14,7 @@ import json
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 import grpc
@@ -95,11 +95,11 @@ class ClientOptions:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     """Most samples per RPC (the server's default ``max_samples_per_call``); larger inputs are
     sent as several RPCs and their results concatenated."""
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # a secret: kept out of logs
     """Sent with every call as ``authorization: Bearer <token>`` metadata."""
     root_certificates: Pem | None = None
     """PEM bytes or file path; any certificate switches the channel to TLS."""
-    private_key: Pem | None = None
+    private_key: Pem | None = field(default=None, repr=False)
     """With ``certificate_chain``: the client's certificate, for mutual TLS."""
     certificate_chain: Pem | None = None
     tls: bool | None = None
