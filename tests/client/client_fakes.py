@@ -4,6 +4,7 @@ to fail, block or misbehave (served by the ``fake`` fixture of conftest.py), and
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import grpc
 
@@ -32,6 +33,10 @@ class FakeCuration(pb_grpc.CurationServiceServicer):
         self.drop_last_result = False  # break the one-result-per-sample contract
         self.inflight = 0
         self.max_inflight = 0
+        self.curated: list[str] = []  # ids of the Curate samples received, in order
+        self.curate_options: list[pb.CurateOptions] = []
+        self.curate_reversed = False  # answer after the stream's end, last sample first
+        self.curate_ended = threading.Event()  # set when a Curate RPC terminates
         self._lock = threading.Lock()
 
     def release(self) -> None:
@@ -59,6 +64,28 @@ class FakeCuration(pb_grpc.CurationServiceServicer):
         finally:
             with self._lock:
                 self.inflight -= 1
+
+    def Curate(
+        self, requests: Iterator[pb.CurateRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.CurateResponse]:
+        """Keeps every sample, answer score = len(its first answer), matched by ``sequence``.
+        Answers each sample as it arrives (then waits at ``gate`` when set), or all at the
+        end in reverse order with ``curate_reversed``."""
+        context.add_callback(self.curate_ended.set)
+        self.metadata.append({m.key: m.value for m in context.invocation_metadata()})
+        options = next(requests)
+        self.curate_options.append(options.options)
+        held: list[pb.CurateResponse] = []
+        for sequence, request in enumerate(requests):
+            self.curated.append(request.sample.id)
+            response = _decision(sequence, request.sample)
+            if self.curate_reversed:
+                held.insert(0, response)
+                continue
+            yield response
+            if self.gate is not None:
+                self.gate.wait(timeout=10)
+        yield from held
 
     def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
@@ -107,6 +134,16 @@ def _result(sample: pb.Sample, heads: list[int]) -> pb.ScoreResult:
         result.answer_truncated.extend([False] * len(scores))
         result.answer_score = sum(scores) / len(scores) if scores else 0.0
     return result
+
+
+def _decision(sequence: int, sample: pb.Sample) -> pb.CurateResponse:
+    answer = float(len(sample.turns[0].answer)) if sample.turns else 0.0
+    return pb.CurateResponse(
+        id=sample.id,
+        sequence=sequence,
+        decision=pb.DECISION_KEPT,
+        scores=pb.ScoreResult(id=sample.id, answer_score=answer),
+    )
 
 
 def make_samples(count: int, *, image: bytes = b"png") -> list[Sample]:

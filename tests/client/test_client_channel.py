@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from typing import Any
@@ -12,6 +13,8 @@ import pytest
 from align2.client.channel import (
     RETRIED_METHODS,
     SERVICE,
+    ClientArgs,
+    ClientOptions,
     RetryPolicy,
     call_metadata,
     channel_credentials,
@@ -124,3 +127,31 @@ def test_tls_with_system_roots() -> None:
 def test_credentials_validate(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         channel_credentials(**kwargs)
+
+
+def test_the_typed_keyword_arguments_are_the_options_fields() -> None:
+    # ClientArgs types the clients' **options for type checkers; it must not drift from
+    # the dataclass (annotations are compared as written: the module defers them).
+    fields = {f.name: f.type for f in dataclasses.fields(ClientOptions)}
+    assert fields.pop("target") == "str"
+    written = {k: getattr(v, "__forward_arg__", v) for k, v in ClientArgs.__annotations__.items()}
+    assert written == fields
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"timeout": 0}, "timeout"),
+        ({"certificate_chain": b"c"}, "mTLS"),
+        ({"root_certificates": b"ca", "tls": False}, "tls=False"),
+    ],
+)
+def test_options_are_checked_when_built(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ClientOptions("127.0.0.1:1", **kwargs)
+
+
+def test_options_keep_secrets_out_of_their_repr() -> None:
+    options = ClientOptions("h:1", token="s3cret", private_key=b"KEY", certificate_chain=b"C")
+    assert "s3cret" not in repr(options) and "KEY" not in repr(options)

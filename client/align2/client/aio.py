@@ -11,29 +11,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import grpc
 
 from align2.client.base import ClientBase
-from align2.client.calls import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_HEADS,
-    AlignCall,
-    AlignChunkReply,
-    ScoreCall,
-    ScoreChunkReply,
-)
-from align2.client.channel import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    ChannelOptions,
-    Pem,
-    RetryPolicy,
-    open_aio_channel,
-    service_stub,
-)
+from align2.client.calls import DEFAULT_HEADS, AlignCall, ChunkedCall, ScoreCall
+from align2.client.channel import ClientArgs
 from align2.client.curate import AsyncCurateResults, CurateStream
-from align2.client.health import health_request, health_status, health_stub
+from align2.client.health import health_request, health_status
 from align2.client.results import (
     AlignReply,
     AlignResult,
@@ -44,14 +30,19 @@ from align2.client.results import (
 from align2.client.types import Sample
 from align2.v1 import curation_pb2 as pb
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.12
+
 T = TypeVar("T")
+ReplyT = TypeVar("ReplyT")
 
 DEFAULT_MAX_CONCURRENCY = 4
 
 
 class AsyncCurationClient(ClientBase):
-    """Asyncio client of an align2 server; arguments as in :class:`ClientBase`, plus
-    ``max_concurrency``: the most chunks (RPCs) of one call in flight at once.
+    """Asyncio client of an align2 server; ``target`` and the keyword arguments as in
+    :class:`~align2.client.channel.ClientOptions`, plus ``max_concurrency``: the most chunks
+    (RPCs) of one call in flight at once.
 
     Construct it inside the running event loop (``async with AsyncCurationClient(...)``).
     Same contracts as :class:`align2.client.CurationClient`: one result per input, same
@@ -59,42 +50,19 @@ class AsyncCurationClient(ClientBase):
     chunks of the call are cancelled.
     """
 
+    _aio: ClassVar[bool] = True
+
     def __init__(
         self,
         target: str,
         *,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-        timeout: float | None = None,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        token: str | None = None,
-        root_certificates: Pem | None = None,
-        private_key: Pem | None = None,
-        certificate_chain: Pem | None = None,
-        tls: bool | None = None,
-        options: ChannelOptions | None = None,
-        retry: bool | RetryPolicy = True,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        **options: Unpack[ClientArgs],
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency: {max_concurrency} is not positive")
         self._max_concurrency = max_concurrency
-        super().__init__(
-            target,
-            timeout=timeout,
-            chunk_size=chunk_size,
-            token=token,
-            root_certificates=root_certificates,
-            private_key=private_key,
-            certificate_chain=certificate_chain,
-            tls=tls,
-            options=options,
-            retry=retry,
-            max_message_bytes=max_message_bytes,
-        )
-
-    def _connect(self) -> None:
-        self._channel = open_aio_channel(self._settings)
-        self._stub = service_stub(self._channel)
+        super().__init__(target, **options)
 
     async def score(
         self,
@@ -132,16 +100,12 @@ class AsyncCurationClient(ClientBase):
         call = ScoreCall.plan(
             samples,
             heads,
-            chunk_size=self._chunk_size,
+            chunk_size=self.chunk_size,
             priority=priority,
             question_model=question_model,
             answer_model=answer_model,
         )
-        deadline = self._deadline(timeout)
-        parts = await gather_bounded(
-            len(call.chunks), lambda i: self._score_chunk(call, i, deadline), self._max_concurrency
-        )
-        return call.reply(parts)
+        return await self._send(call, timeout)
 
     async def align(
         self,
@@ -183,12 +147,8 @@ class AsyncCurationClient(ClientBase):
     ) -> AlignReply:
         """Like :meth:`align` (same keyword arguments), with the model, template set, token
         counts and timing of the RPCs."""
-        call = AlignCall.plan(samples, chunk_size=self._chunk_size, priority=priority, **options)
-        deadline = self._deadline(timeout)
-        parts = await gather_bounded(
-            len(call.chunks), lambda i: self._align_chunk(call, i, deadline), self._max_concurrency
-        )
-        return call.reply(parts)
+        call = AlignCall.plan(samples, chunk_size=self.chunk_size, priority=priority, **options)
+        return await self._send(call, timeout)
 
     def curate(
         self,
@@ -211,63 +171,8 @@ class AsyncCurationClient(ClientBase):
             priority=priority,
             **align_settings,
         )
-        call = self._stub.Curate(timeout=self._deadline(timeout), metadata=self._settings.metadata)
-        cancelled = False
-
-        def cancel() -> None:
-            nonlocal cancelled
-            cancelled = True
-            call.cancel()
-
-        async def write() -> None:
-            await call.write(pb.CurateRequest(options=stream.options))
-            produced = _aiter(samples)
-            while True:
-                try:
-                    sample = await anext(produced)
-                    request = await asyncio.to_thread(stream.encode, sample)
-                except StopAsyncIteration:
-                    break
-                except Exception as error:  # the producer's: end the stream normally, so
-                    stream.producer_error = error  # the accepted samples are still answered
-                    break
-                if request is not None:
-                    await call.write(request)
-            await call.done_writing()
-
-        async def results() -> AsyncIterator[CurateResult]:
-            writer = asyncio.ensure_future(write())
-            try:
-                async for response in call:
-                    for result in stream.local_results():
-                        yield result
-                    yield stream.decode(response)
-                await writer
-                for result in stream.finish():
-                    yield result
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if not cancelled or (task is not None and task.cancelling()):
-                    raise  # our caller is being cancelled: let it
-                # grpc.aio reports a local cancel() as CancelledError; callers get what the
-                # sync client raises
-                raise grpc.aio.AioRpcError(
-                    grpc.StatusCode.CANCELLED,
-                    grpc.aio.Metadata(),
-                    grpc.aio.Metadata(),
-                    details="cancelled by the client",
-                ) from None
-            except grpc.RpcError:
-                for result in stream.local_results():
-                    yield result
-                raise
-            finally:
-                writer.cancel()
-                call.cancel()
-            if stream.producer_error is not None:  # after every accepted sample's decision
-                raise stream.producer_error
-
-        return AsyncCurateResults(stream, results(), cancel)
+        curate = _CurateCall(self._rpc(self._stub.Curate, None, timeout), stream)
+        return AsyncCurateResults(stream, curate.results(samples), curate.cancel)
 
     async def server_info(
         self,
@@ -275,11 +180,7 @@ class AsyncCurationClient(ClientBase):
         timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline
     ) -> pb.GetServerInfoResponse:
         """What the server runs: models, versions, limits and batching settings."""
-        return await self._stub.GetServerInfo(
-            pb.GetServerInfoRequest(),
-            timeout=self._deadline(timeout),
-            metadata=self._settings.metadata,
-        )
+        return await self._rpc(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout)
 
     async def health(
         self,
@@ -288,11 +189,7 @@ class AsyncCurationClient(ClientBase):
         timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline
     ) -> str:
         """The gRPC health status of ``service`` ("" = the server), e.g. "SERVING"."""
-        reply = await health_stub(self._channel).Check(
-            health_request(service),
-            timeout=self._deadline(timeout),
-            metadata=self._settings.metadata,
-        )
+        reply = await self._rpc(self._health.Check, health_request(service), timeout)
         return health_status(reply)
 
     async def close(self) -> None:
@@ -310,27 +207,108 @@ class AsyncCurationClient(ClientBase):
     ) -> None:
         await self.close()
 
-    async def _score_chunk(
-        self, call: ScoreCall, index: int, deadline: float | None
-    ) -> ScoreChunkReply:
-        chunk = await asyncio.to_thread(call.encode, index)
-        response = None
-        if chunk.request is not None:
-            response = await self._stub.Score(
-                chunk.request, timeout=deadline, metadata=self._settings.metadata
-            )
-        return call.decode(chunk, response)
+    async def _send(
+        self,
+        call: ChunkedCall[Any, Any, ReplyT],
+        timeout: float | None,  # noqa: ASYNC109 - a gRPC deadline
+    ) -> ReplyT:
+        """The chunks of ``call``, at most ``max_concurrency`` RPCs at once; images are read
+        in a worker thread."""
+        method = getattr(self._stub, call.method)
 
-    async def _align_chunk(
-        self, call: AlignCall, index: int, deadline: float | None
-    ) -> AlignChunkReply:
-        chunk = await asyncio.to_thread(call.encode, index)
-        response = None
-        if chunk.request is not None:
-            response = await self._stub.Align(
-                chunk.request, timeout=deadline, metadata=self._settings.metadata
-            )
-        return call.decode(chunk, response)
+        async def send(index: int) -> Any:
+            chunk = await asyncio.to_thread(call.encode, index)
+            response = None
+            if chunk.request is not None:
+                response = await self._rpc(method, chunk.request, timeout)
+            return call.decode(chunk, response)
+
+        return call.reply(await gather_bounded(len(call.chunks), send, self._max_concurrency))
+
+
+class _CurateCall:
+    """One Curate stream on ``grpc.aio``: a writer task sends the options and then each
+    sample as the caller's iterable produces it (images read in a worker thread), while the
+    caller iterates the decisions. :meth:`cancel` ends both; iterating then raises CANCELLED
+    as ``grpc.RpcError``, as the sync client does."""
+
+    def __init__(self, call: Any, stream: CurateStream) -> None:
+        self._call = call
+        self._stream = stream
+        self._cancelled = False  # by cancel(), not by our caller's task being cancelled
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+
+    async def results(
+        self, samples: Iterable[Sample] | AsyncIterable[Sample]
+    ) -> AsyncIterator[CurateResult]:
+        """The decisions as they arrive, each after the local failures queued before it; the
+        producer's error, if any, after the last decision."""
+        writer = asyncio.ensure_future(self._write(samples))
+        try:
+            async for response in self._call:
+                for result in self._stream.answer(response):
+                    yield result
+            await writer
+            for result in self._stream.finish():
+                yield result
+        except asyncio.CancelledError:
+            if not self._cancelled or _task_cancelling():
+                raise  # our caller is being cancelled: let it
+            # grpc.aio reports a local cancel() as CancelledError; callers get what the sync
+            # client raises
+            raise _cancelled_error() from None
+        except grpc.RpcError:
+            for result in self._stream.local_results():
+                yield result  # they failed here, before the stream did
+            raise
+        finally:
+            writer.cancel()
+            self._call.cancel()
+        if self._stream.producer_error is not None:  # after every accepted sample's decision
+            raise self._stream.producer_error
+
+    async def _write(self, samples: Iterable[Sample] | AsyncIterable[Sample]) -> None:
+        await self._call.write(pb.CurateRequest(options=self._stream.options))
+        async for request in _requests(self._stream, samples):
+            await self._call.write(request)
+        await self._call.done_writing()
+
+
+async def _requests(
+    stream: CurateStream, samples: Iterable[Sample] | AsyncIterable[Sample]
+) -> AsyncIterator[pb.CurateRequest]:
+    """The asyncio twin of :meth:`CurateStream.requests` without the options: when the
+    producer raises, the requests end normally (the accepted samples are still answered) and
+    the error is kept in ``stream.producer_error``."""
+    produced = _aiter(samples)
+    while True:
+        try:
+            sample = await anext(produced)
+            request = await asyncio.to_thread(stream.encode, sample)
+        except StopAsyncIteration:
+            return
+        except Exception as error:  # the producer's
+            stream.producer_error = error
+            return
+        if request is not None:
+            yield request
+
+
+def _task_cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _cancelled_error() -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.CANCELLED,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        details="cancelled by the client",
+    )
 
 
 async def _aiter(samples: Iterable[Sample] | AsyncIterable[Sample]) -> AsyncIterator[Sample]:

@@ -3,8 +3,8 @@
 A client call is planned once (arguments validated before any I/O), split into chunks of at
 most ``chunk_size`` samples (one RPC each), and each chunk is encoded, sent and decoded on
 its own; only the sending differs between :mod:`align2.client.sync` and
-:mod:`align2.client.aio`. Each unary RPC (Score, Align) is one plan class here and one small
-method per client.
+:mod:`align2.client.aio`. Each unary RPC (Score, Align) is one :class:`ChunkedCall` subclass
+here and one small method per client.
 
 An image that can't be read becomes a per-item error of that sample, which is then not sent:
 one missing file must not fail its chunk-mates (the same rule the server follows).
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import grpc
 
@@ -48,6 +48,9 @@ PRIORITIES: Mapping[str, pb.Priority.ValueType] = {
 DEFAULT_CHUNK_SIZE = 64
 
 R = TypeVar("R")
+ResultT = TypeVar("ResultT")
+InfoT = TypeVar("InfoT")
+ReplyT = TypeVar("ReplyT")
 
 
 def parse_heads(heads: str | Iterable[str]) -> tuple[pb.Head.ValueType, ...]:
@@ -134,26 +137,92 @@ def _image_read_error(error: OSError) -> ItemError:
 
 
 # ---------------------------------------------------------------------------------------
+# A unary call in chunks
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk ready to send."""
+
+    samples: Sequence[Sample]  # as given (to rebuild each result's sample)
+    encoded: EncodedChunk
+    request: Any  # None: nothing to send (every sample failed locally)
+
+
+@dataclass(frozen=True)
+class ChunkReply(Generic[ResultT, InfoT]):
+    results: list[ResultT]  # one per input sample of the chunk, same order
+    info: InfoT | None  # None when no RPC was made
+
+
+@dataclass(frozen=True)
+class ChunkedCall(Generic[ResultT, InfoT, ReplyT]):
+    """One call of a unary RPC, planned: validated arguments and the chunks to send, one RPC
+    each. A client only sends: for each chunk ``encode(i)``, the stub's :attr:`method` with
+    ``chunk.request`` unless that is None, ``decode``; then ``reply`` of the chunk replies.
+    A subclass per RPC holds its options and says how to build a request and read a
+    response."""
+
+    method: ClassVar[str]  # of the stub
+    chunks: list[Sequence[Sample]]
+
+    def encode(self, index: int) -> Chunk:
+        """Chunk ``index`` as a request. Reads its images (blocking file I/O)."""
+        samples = self.chunks[index]
+        encoded = encode_chunk(samples)
+        return Chunk(samples, encoded, self._request(encoded.sent) if encoded.sent else None)
+
+    def decode(self, chunk: Chunk, response: Any) -> ChunkReply[ResultT, InfoT]:
+        """One result per input sample of the chunk, same order (ProtocolError otherwise);
+        ``response`` is None when no RPC was made."""
+        messages = [] if response is None else list(response.results)
+        merged = merge_results(chunk.encoded, messages, [m.id for m in messages], _as_error)
+        results = [
+            self._failed(sample.id, item)
+            if isinstance(item, ItemError)
+            else self._result(item, sample)
+            for sample, item in zip(chunk.samples, merged, strict=True)
+        ]
+        return ChunkReply(results, None if response is None else self._info(response))
+
+    @classmethod
+    def reply(cls, parts: Sequence[ChunkReply[ResultT, InfoT]]) -> ReplyT:
+        """Chunk replies (in chunk order) -> one reply, results concatenated in input order."""
+        results = [result for part in parts for result in part.results]
+        return cls._reply(results, tuple(part.info for part in parts if part.info is not None))
+
+    def _request(self, sent: list[pb.Sample]) -> Any:
+        raise NotImplementedError
+
+    def _result(self, message: Any, sample: Sample) -> ResultT:
+        raise NotImplementedError
+
+    def _failed(self, sample_id: str, error: ItemError) -> ResultT:
+        raise NotImplementedError
+
+    def _info(self, response: Any) -> InfoT:
+        raise NotImplementedError
+
+    @classmethod
+    def _reply(cls, results: list[ResultT], calls: tuple[InfoT, ...]) -> ReplyT:
+        raise NotImplementedError
+
+
+def _as_error(sample_id: str, error: ItemError) -> ItemError:
+    return error
+
+
+# ---------------------------------------------------------------------------------------
 # Score
 
-
-@dataclass(frozen=True)
-class ScoreChunk:
-    encoded: EncodedChunk
-    request: pb.ScoreRequest | None  # None: nothing to send (every sample failed locally)
+ScoreChunkReply = ChunkReply[ScoreResult, CallInfo]  # what ScoreCall.decode returns
 
 
 @dataclass(frozen=True)
-class ScoreChunkReply:
-    results: list[ScoreResult]
-    info: CallInfo | None  # None when no RPC was made
+class ScoreCall(ChunkedCall[ScoreResult, CallInfo, ScoreReply]):
+    """One ``score`` call, planned."""
 
-
-@dataclass(frozen=True)
-class ScoreCall:
-    """One ``score`` call, planned: validated arguments and the chunks to send."""
-
-    chunks: list[Sequence[Sample]]
+    method: ClassVar[str] = "Score"
     heads: tuple[pb.Head.ValueType, ...]
     priority: pb.Priority.ValueType
     question_model: str
@@ -179,42 +248,27 @@ class ScoreCall:
             answer_model=answer_model or "",
         )
 
-    def encode(self, index: int) -> ScoreChunk:
-        """Chunk ``index`` as a request. Reads its images (blocking file I/O)."""
-        encoded = encode_chunk(self.chunks[index])
-        if not encoded.sent:
-            return ScoreChunk(encoded, None)
-        request = pb.ScoreRequest(
-            samples=encoded.sent,
+    def _request(self, sent: list[pb.Sample]) -> pb.ScoreRequest:
+        return pb.ScoreRequest(
+            samples=sent,
             heads=self.heads,
             priority=self.priority,
             question_model=self.question_model,
             answer_model=self.answer_model,
         )
-        return ScoreChunk(encoded, request)
 
-    @staticmethod
-    def decode(chunk: ScoreChunk, response: pb.ScoreResponse | None) -> ScoreChunkReply:
-        """One result per input sample of the chunk, same order (ProtocolError otherwise)."""
-        if response is None:
-            return ScoreChunkReply(merge_results(chunk.encoded, [], [], _score_failed), None)
-        received = [score_result_from_proto(r) for r in response.results]
-        results = merge_results(
-            chunk.encoded, received, [r.id for r in response.results], _score_failed
-        )
-        return ScoreChunkReply(results, call_info_from_proto(response))
+    def _result(self, message: pb.ScoreResult, sample: Sample) -> ScoreResult:
+        return score_result_from_proto(message)
 
-    @staticmethod
-    def reply(parts: Sequence[ScoreChunkReply]) -> ScoreReply:
-        """Chunk replies (in chunk order) -> one reply, results concatenated in input order."""
-        return ScoreReply(
-            results=[result for part in parts for result in part.results],
-            calls=tuple(part.info for part in parts if part.info is not None),
-        )
+    def _failed(self, sample_id: str, error: ItemError) -> ScoreResult:
+        return ScoreResult(id=sample_id, error=error)
 
+    def _info(self, response: pb.ScoreResponse) -> CallInfo:
+        return call_info_from_proto(response)
 
-def _score_failed(sample_id: str, error: ItemError) -> ScoreResult:
-    return ScoreResult(id=sample_id, error=error)
+    @classmethod
+    def _reply(cls, results: list[ScoreResult], calls: tuple[CallInfo, ...]) -> ScoreReply:
+        return ScoreReply(results=results, calls=calls)
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,23 +314,10 @@ def align_options(
 
 
 @dataclass(frozen=True)
-class AlignChunk:
-    samples: Sequence[Sample]  # the chunk as given (to rebuild each kept sample)
-    encoded: EncodedChunk
-    request: pb.AlignRequest | None  # None: nothing to send (every sample failed locally)
+class AlignCall(ChunkedCall[AlignResult, AlignCallInfo, AlignReply]):
+    """One ``align`` call, planned."""
 
-
-@dataclass(frozen=True)
-class AlignChunkReply:
-    results: list[AlignResult]
-    info: AlignCallInfo | None  # None when no RPC was made
-
-
-@dataclass(frozen=True)
-class AlignCall:
-    """One ``align`` call, planned: validated options and the chunks to send."""
-
-    chunks: list[Sequence[Sample]]
+    method: ClassVar[str] = "Align"
     options: pb.AlignOptions
     priority: pb.Priority.ValueType
 
@@ -296,37 +337,18 @@ class AlignCall:
             priority=parse_priority(priority),
         )
 
-    def encode(self, index: int) -> AlignChunk:
-        """Chunk ``index`` as a request. Reads its images (blocking file I/O)."""
-        samples = self.chunks[index]
-        encoded = encode_chunk(samples)
-        request = None
-        if encoded.sent:
-            request = pb.AlignRequest(
-                samples=encoded.sent, options=self.options, priority=self.priority
-            )
-        return AlignChunk(samples, encoded, request)
+    def _request(self, sent: list[pb.Sample]) -> pb.AlignRequest:
+        return pb.AlignRequest(samples=sent, options=self.options, priority=self.priority)
 
-    @staticmethod
-    def decode(chunk: AlignChunk, response: pb.AlignResponse | None) -> AlignChunkReply:
-        """One result per input sample of the chunk, same order (ProtocolError otherwise)."""
-        messages = [] if response is None else list(response.results)
-        merged = merge_results(
-            chunk.encoded, messages, [m.id for m in messages], lambda _, error: error
-        )
-        results = [
-            AlignResult(id=sample.id, error=item)
-            if isinstance(item, ItemError)
-            else align_result_from_proto(item, sample)
-            for sample, item in zip(chunk.samples, merged, strict=True)
-        ]
-        info = None if response is None else align_call_info_from_proto(response)
-        return AlignChunkReply(results, info)
+    def _result(self, message: pb.AlignResult, sample: Sample) -> AlignResult:
+        return align_result_from_proto(message, sample)
 
-    @staticmethod
-    def reply(parts: Sequence[AlignChunkReply]) -> AlignReply:
-        """Chunk replies (in chunk order) -> one reply, results concatenated in input order."""
-        return AlignReply(
-            results=[result for part in parts for result in part.results],
-            calls=tuple(part.info for part in parts if part.info is not None),
-        )
+    def _failed(self, sample_id: str, error: ItemError) -> AlignResult:
+        return AlignResult(id=sample_id, error=error)
+
+    def _info(self, response: pb.AlignResponse) -> AlignCallInfo:
+        return align_call_info_from_proto(response)
+
+    @classmethod
+    def _reply(cls, results: list[AlignResult], calls: tuple[AlignCallInfo, ...]) -> AlignReply:
+        return AlignReply(results=results, calls=calls)

@@ -2,8 +2,9 @@
 
 Retries are gRPC's own (a service-config ``retryPolicy``), not a loop of ours: gRPC only
 replays an attempt the server has not answered, honours the call's deadline across attempts
-and applies exponential backoff with jitter. Both the sync and the asyncio client open their
-channel from the same :class:`ChannelSettings`.
+and applies exponential backoff with jitter. Both the sync and the asyncio client hold their
+arguments as one :class:`ClientOptions` and open their channel from it with
+:func:`open_channel`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import json
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
 import grpc
+
+from align2.client.calls import DEFAULT_CHUNK_SIZE
 
 SERVICE = "align2.v1.CurationService"
 # Unary RPCs only: a replayed Curate stream could be decided twice. Score and GetServerInfo
@@ -78,34 +81,79 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
-class ChannelSettings:
-    """Everything needed to open a channel and authenticate its calls."""
+class ClientOptions:
+    """How a client reaches its server and sends its calls: one field per keyword argument of
+    :class:`~align2.client.CurationClient` and :class:`~align2.client.AsyncCurationClient`.
+    Checked when built (ValueError naming the argument); files are read when the channel is
+    opened."""
 
     target: str
-    options: tuple[tuple[str, Any], ...]
-    credentials: grpc.ChannelCredentials | None  # None: plaintext
-    metadata: tuple[tuple[str, str], ...]  # sent with every call
+    """``host:port`` (any gRPC target string)."""
+    timeout: float | None = None
+    """Default deadline of each RPC in seconds (None: no deadline); a call's ``timeout``
+    argument overrides it. Retries happen within the deadline."""
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    """Most samples per RPC (the server's default ``max_samples_per_call``); larger inputs are
+    sent as several RPCs and their results concatenated."""
+    token: str | None = field(default=None, repr=False)  # a secret: kept out of logs
+    """Sent with every call as ``authorization: Bearer <token>`` metadata."""
+    root_certificates: Pem | None = None
+    """PEM bytes or file path; any certificate switches the channel to TLS."""
+    private_key: Pem | None = field(default=None, repr=False)
+    """With ``certificate_chain``: the client's certificate, for mutual TLS."""
+    certificate_chain: Pem | None = None
+    tls: bool | None = None
+    """True: TLS with the system roots when no certificate is given."""
+    options: ChannelOptions | None = None
+    """Raw gRPC channel arguments, applied over ours."""
+    retry: bool | RetryPolicy = True
+    """gRPC's own retry of UNAVAILABLE and RESOURCE_EXHAUSTED with exponential backoff (True:
+    :class:`RetryPolicy` defaults; False: no retry)."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """Send and receive limit of the channel."""
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size: {self.chunk_size} is not positive")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError(f"timeout: {self.timeout} is not positive")
+        _wants_tls(self.root_certificates, self.private_key, self.certificate_chain, self.tls)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Sent with every call."""
+        return call_metadata(self.token)
 
 
-def channel_settings(
-    target: str,
-    *,
-    token: str | None = None,
-    root_certificates: Pem | None = None,
-    private_key: Pem | None = None,
-    certificate_chain: Pem | None = None,
-    tls: bool | None = None,
-    options: ChannelOptions | None = None,
-    retry: bool | RetryPolicy = True,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-) -> ChannelSettings:
-    """Build the settings; see :class:`align2.client.CurationClient` for the arguments."""
-    return ChannelSettings(
-        target=target,
-        options=channel_options(options, retry=retry, max_message_bytes=max_message_bytes),
-        credentials=channel_credentials(root_certificates, private_key, certificate_chain, tls),
-        metadata=call_metadata(token),
+class ClientArgs(TypedDict, total=False):
+    """The clients' keyword arguments: the fields of :class:`ClientOptions` after ``target``
+    (for type checkers; the dataclass holds the defaults and the checks)."""
+
+    timeout: float | None
+    chunk_size: int
+    token: str | None
+    root_certificates: Pem | None
+    private_key: Pem | None
+    certificate_chain: Pem | None
+    tls: bool | None
+    options: ChannelOptions | None
+    retry: bool | RetryPolicy
+    max_message_bytes: int
+
+
+def open_channel(options: ClientOptions, *, aio: bool = False) -> Any:
+    """A ``grpc.Channel`` per ``options``, or with ``aio`` a ``grpc.aio.Channel`` (open that
+    inside the event loop that will use it). Reads the PEM files."""
+    transport = grpc.aio if aio else grpc
+    arguments = channel_options(
+        options.options, retry=options.retry, max_message_bytes=options.max_message_bytes
     )
+    credentials = channel_credentials(
+        options.root_certificates, options.private_key, options.certificate_chain, options.tls
+    )
+    if credentials is None:
+        return transport.insecure_channel(options.target, options=arguments)
+    return transport.secure_channel(options.target, credentials, options=arguments)
 
 
 def channel_options(
@@ -141,12 +189,7 @@ def channel_credentials(
     ``root_certificates`` trusts the system roots. A client certificate (mTLS) needs both
     ``private_key`` and ``certificate_chain``.
     """
-    if (private_key is None) != (certificate_chain is None):
-        raise ValueError("mTLS needs both private_key and certificate_chain")
-    given = any(x is not None for x in (root_certificates, private_key, certificate_chain))
-    if tls is False and given:
-        raise ValueError("certificates were given but tls=False")
-    if not (tls or given):
+    if not _wants_tls(root_certificates, private_key, certificate_chain, tls):
         return None
     return grpc.ssl_channel_credentials(
         root_certificates=_read_pem(root_certificates),
@@ -161,25 +204,26 @@ def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def open_channel(settings: ChannelSettings) -> grpc.Channel:
-    if settings.credentials is None:
-        return grpc.insecure_channel(settings.target, options=settings.options)
-    return grpc.secure_channel(settings.target, settings.credentials, options=settings.options)
-
-
-def open_aio_channel(settings: ChannelSettings) -> grpc.aio.Channel:
-    """Call from inside the event loop that will use the channel."""
-    if settings.credentials is None:
-        return grpc.aio.insecure_channel(settings.target, options=settings.options)
-    return grpc.aio.secure_channel(settings.target, settings.credentials, options=settings.options)
-
-
 def service_stub(channel: grpc.Channel | grpc.aio.Channel) -> Any:
     """The generated ``CurationServiceStub`` on ``channel`` (sync or aio alike)."""
     # Imported by name so that mypy does not check the generated .pyi, which only type-checks
     # with grpc's own stubs (types-grpcio); our mypy config treats align2.v1 as Any anyway.
     module = importlib.import_module("align2.v1.curation_pb2_grpc")
     return module.CurationServiceStub(channel)
+
+
+def _wants_tls(
+    root_certificates: Pem | None,
+    private_key: Pem | None,
+    certificate_chain: Pem | None,
+    tls: bool | None,
+) -> bool:
+    if (private_key is None) != (certificate_chain is None):
+        raise ValueError("mTLS needs both private_key and certificate_chain")
+    given = any(x is not None for x in (root_certificates, private_key, certificate_chain))
+    if tls is False and given:
+        raise ValueError("certificates were given but tls=False")
+    return bool(tls or given)
 
 
 def _read_pem(value: Pem | None) -> bytes | None:

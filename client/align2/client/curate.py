@@ -107,6 +107,12 @@ class CurateStream:
             )
         return curate_result_from_proto(response, original)
 
+    def answer(self, response: pb.CurateResponse) -> Iterator[CurateResult]:
+        """The local failures queued since the last call, then the decision of ``response``
+        (both clients yield these for each response)."""
+        yield from self.local_results()
+        yield self.decode(response)
+
     def local_results(self) -> list[CurateResult]:
         """The samples that failed here (unreadable images) since the last call."""
         with self._lock:

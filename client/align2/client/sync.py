@@ -5,21 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from align2.client.base import ClientBase
-from align2.client.calls import (
-    DEFAULT_HEADS,
-    AlignCall,
-    AlignChunkReply,
-    ScoreCall,
-    ScoreChunkReply,
-)
-from align2.client.channel import open_channel, service_stub
+from align2.client.calls import DEFAULT_HEADS, AlignCall, ChunkedCall, ScoreCall
 from align2.client.curate import CurateResults, CurateStream
-from align2.client.health import health_request, health_status, health_stub
+from align2.client.health import health_request, health_status
 from align2.client.results import (
     AlignReply,
     AlignResult,
@@ -30,19 +23,18 @@ from align2.client.results import (
 from align2.client.types import Sample
 from align2.v1 import curation_pb2 as pb
 
+ReplyT = TypeVar("ReplyT")
+
 
 class CurationClient(ClientBase):
-    """Blocking client of an align2 server; arguments as in :class:`ClientBase`.
+    """Blocking client of an align2 server; ``target`` and the keyword arguments as in
+    :class:`~align2.client.channel.ClientOptions`.
 
     Chunks of a large input are sent one after another. A failure of a whole RPC raises
     ``grpc.RpcError`` (``.code()``, ``.details()``) and is never swallowed; a failure of one
     sample is an ``ItemError`` value on its result. Use as a context manager, or call
     :meth:`close`.
     """
-
-    def _connect(self) -> None:
-        self._channel = open_channel(self._settings)
-        self._stub = service_stub(self._channel)
 
     def score(
         self,
@@ -85,13 +77,12 @@ class CurationClient(ClientBase):
         call = ScoreCall.plan(
             samples,
             heads,
-            chunk_size=self._chunk_size,
+            chunk_size=self.chunk_size,
             priority=priority,
             question_model=question_model,
             answer_model=answer_model,
         )
-        deadline = self._deadline(timeout)
-        return call.reply([self._score_chunk(call, i, deadline) for i in range(len(call.chunks))])
+        return self._send(call, timeout)
 
     def align(
         self,
@@ -140,9 +131,8 @@ class CurationClient(ClientBase):
     ) -> AlignReply:
         """Like :meth:`align` (same keyword arguments), with the model, template set, token
         counts and timing of the RPCs."""
-        call = AlignCall.plan(samples, chunk_size=self._chunk_size, priority=priority, **options)
-        deadline = self._deadline(timeout)
-        return call.reply([self._align_chunk(call, i, deadline) for i in range(len(call.chunks))])
+        call = AlignCall.plan(samples, chunk_size=self.chunk_size, priority=priority, **options)
+        return self._send(call, timeout)
 
     def curate(
         self,
@@ -175,45 +165,17 @@ class CurationClient(ClientBase):
             priority=priority,
             **align_settings,
         )
-        responses = self._stub.Curate(
-            stream.requests(samples),
-            timeout=self._deadline(timeout),
-            metadata=self._settings.metadata,
-        )
-
-        def results() -> Iterator[CurateResult]:
-            try:
-                for response in responses:
-                    yield from stream.local_results()
-                    yield stream.decode(response)
-                yield from stream.finish()
-            except grpc.RpcError:
-                yield from stream.local_results()  # they failed here, before the stream did
-                raise
-            finally:
-                responses.cancel()  # a consumer that stops early ends the stream
-            if stream.producer_error is not None:  # after every accepted sample's decision
-                raise stream.producer_error
-
-        return CurateResults(stream, results(), responses.cancel)
+        responses = self._rpc(self._stub.Curate, stream.requests(samples), timeout)
+        return CurateResults(stream, _results(stream, responses), responses.cancel)
 
     def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
         """What the server runs: models, versions, limits and batching settings."""
-        return self._stub.GetServerInfo(
-            pb.GetServerInfoRequest(),
-            timeout=self._deadline(timeout),
-            metadata=self._settings.metadata,
-        )
+        return self._rpc(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The gRPC health status of ``service`` ("" = the server): "SERVING",
         "NOT_SERVING", ... Raises ``grpc.RpcError`` when the server cannot be reached."""
-        reply = health_stub(self._channel).Check(
-            health_request(service),
-            timeout=self._deadline(timeout),
-            metadata=self._settings.metadata,
-        )
-        return health_status(reply)
+        return health_status(self._rpc(self._health.Check, health_request(service), timeout))
 
     def close(self) -> None:
         """Close the channel; RPCs in flight are cancelled. Idempotent."""
@@ -230,20 +192,29 @@ class CurationClient(ClientBase):
     ) -> None:
         self.close()
 
-    def _score_chunk(self, call: ScoreCall, index: int, timeout: float | None) -> ScoreChunkReply:
-        chunk = call.encode(index)
-        response = None
-        if chunk.request is not None:
-            response = self._stub.Score(
-                chunk.request, timeout=timeout, metadata=self._settings.metadata
-            )
-        return call.decode(chunk, response)
+    def _send(self, call: ChunkedCall[Any, Any, ReplyT], timeout: float | None) -> ReplyT:
+        """The chunks of ``call``, one RPC after another."""
+        parts = []
+        for index in range(len(call.chunks)):
+            chunk = call.encode(index)
+            response = None
+            if chunk.request is not None:
+                response = self._rpc(getattr(self._stub, call.method), chunk.request, timeout)
+            parts.append(call.decode(chunk, response))
+        return call.reply(parts)
 
-    def _align_chunk(self, call: AlignCall, index: int, timeout: float | None) -> AlignChunkReply:
-        chunk = call.encode(index)
-        response = None
-        if chunk.request is not None:
-            response = self._stub.Align(
-                chunk.request, timeout=timeout, metadata=self._settings.metadata
-            )
-        return call.decode(chunk, response)
+
+def _results(stream: CurateStream, responses: Any) -> Iterator[CurateResult]:
+    """The decisions of a Curate call as they arrive, each after the local failures queued
+    before it; the producer's error, if any, after the last decision."""
+    try:
+        for response in responses:
+            yield from stream.answer(response)
+        yield from stream.finish()
+    except grpc.RpcError:
+        yield from stream.local_results()  # they failed here, before the stream did
+        raise
+    finally:
+        responses.cancel()  # a consumer that stops early ends the stream
+    if stream.producer_error is not None:  # after every accepted sample's decision
+        raise stream.producer_error
