@@ -704,8 +704,10 @@ class DecodingOptions(_message.Message):
     with INVALID_ARGUMENT.
     """
     temperature: _builtins.float
-    """Sampling temperature, >= 0 (NaN is refused); 0: greedy (deterministic; top_p and seed
-    unused). Unset: the server's default (0 unless configured).
+    """Sampling temperature: 0 is greedy (deterministic; top_p and seed unused); else it must
+    be in [0.01, 2] (below, float32 logits divided by it overflow and the draw fails; above,
+    vLLM refuses it and the draw nears uniform noise). NaN and infinities are refused.
+    Unset: the server's default (0 unless configured).
     """
     top_p: _builtins.float
     """Nucleus sampling when temperature > 0: sample among the most likely tokens up to this

@@ -129,11 +129,12 @@ class DecodingConfig:
     """Most tokens one rewrite may generate; a rewrite cut there is rejected (guard
     ``truncated``)."""
     temperature: float = 0.0
-    """0: greedy (deterministic). Above 0: sampling, seeded by ``seed``."""
+    """0: greedy (deterministic). Else sampling, seeded by ``seed``, at a temperature in
+    [0.01, 2] (why: docs/operating.md, "Request limits")."""
     top_p: float = 1.0
-    """Nucleus sampling: keep the most likely tokens up to this probability mass."""
+    """Nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1]."""
     seed: int = 0
-    """Seed of sampling: the same seed and inputs give the same rewrite."""
+    """Seed of sampling, 0..2**64-1: the same seed and inputs give the same rewrite."""
 
 
 @dataclass
@@ -320,6 +321,18 @@ class Config:
             raise ConfigError(f"align.decoding.{problem}")
 
 
+MIN_TEMPERATURE = 0.01
+"""Lowest sampling temperature. Sampling divides the logits by the temperature before the
+softmax: a denormal temperature (1e-45) makes them infinite in float32 and the draw fails
+(NaN probabilities); vLLM raises anything in (0, 0.01) to 0.01 for the same reason. Below
+0.01 sampling is all but greedy anyway: ask for 0."""
+MAX_TEMPERATURE = 2.0
+"""Highest sampling temperature: vLLM refuses more, and above it the draw approaches
+uniform noise over the vocabulary (``inf`` would be exactly that)."""
+MAX_SEED = 2**64 - 1
+"""Largest seed: the range of the request's uint64 and of a torch generator's seed."""
+
+
 def decoding_problem(
     decoding: DecodingConfig,
     max_new_tokens_limit: int,
@@ -328,16 +341,26 @@ def decoding_problem(
     """What is wrong with ``decoding`` (``field: why``), or None. Shared by the config check
     and the per-call check of Align options, which prefix the field with their own path.
     ``limit_name``: what the message calls the limit (the config key at start-up; a call's
-    error names it as GetServerInfo reports it, ``limits.max_new_tokens``)."""
+    error names it as GetServerInfo reports it, ``limits.max_new_tokens``).
+
+    The ranges are those where every backend's sampler is defined and agrees: temperature 0
+    (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE], top_p in (0, 1], NaN refused
+    everywhere (every comparison below is False for NaN), seed in 0..MAX_SEED."""
     tokens = decoding.max_new_tokens
     if tokens < 1:
         return f"max_new_tokens: {tokens} is less than 1"
     if tokens > max_new_tokens_limit:
         return f"max_new_tokens: {tokens} exceeds {limit_name} {max_new_tokens_limit}"
-    if not decoding.temperature >= 0:  # also refuses NaN
-        return f"temperature: {decoding.temperature} is not >= 0"
+    temperature = decoding.temperature
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        return (
+            f"temperature: {temperature} is neither 0 (greedy) nor in "
+            f"[{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]"
+        )
     if not 0 < decoding.top_p <= 1:
         return f"top_p: {decoding.top_p} is not in (0, 1]"
+    if not 0 <= decoding.seed <= MAX_SEED:
+        return f"seed: {decoding.seed} is not in 0..{MAX_SEED}"
     return None
 
 

@@ -6,7 +6,9 @@ become InvalidArgument naming the field and the valid values.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import struct
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -125,10 +127,24 @@ def decoding_from_proto(message: pb.DecodingOptions) -> DecodingOptions:
     """Unset fields stay None (the server's defaults apply)."""
     return DecodingOptions(
         max_new_tokens=message.max_new_tokens if message.HasField("max_new_tokens") else None,
-        temperature=message.temperature if message.HasField("temperature") else None,
-        top_p=message.top_p if message.HasField("top_p") else None,
+        temperature=(
+            shortest_float32(message.temperature) if message.HasField("temperature") else None
+        ),
+        top_p=shortest_float32(message.top_p) if message.HasField("top_p") else None,
         seed=message.seed if message.HasField("seed") else None,
     )
+
+
+def shortest_float32(value: float) -> float:
+    """The shortest decimal that a proto ``float`` field's value rounds from: what the caller
+    most likely wrote. A float32 0.01 reads as 0.009999999776482582, which a range check
+    against 0.01 would refuse and an error message would show unlike the sent value."""
+    for digits in range(1, 10):  # 9 significant digits always round-trip a float32
+        candidate = float(f"{value:.{digits}g}")
+        with contextlib.suppress(OverflowError):  # rounded up past the float32 range
+            if struct.unpack("f", struct.pack("f", candidate))[0] == value:
+                return candidate
+    return value  # NaN: equal to nothing
 
 
 def align_call_from_proto(
