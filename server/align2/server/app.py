@@ -63,6 +63,7 @@ class App:
         self.lifecycle = Lifecycle()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self._metrics: metrics.MetricsServer | None = None
         self._pool = ThreadPoolExecutor(
             config.batching.preprocess_workers, thread_name_prefix="align2-prepare"
         )
@@ -135,7 +136,11 @@ class App:
         await server.start()
         self._server = server
         if section.metrics_port >= 0:
-            self.metrics_port = metrics.start_http_server(section.metrics_port)
+            # Where the gRPC port is, unless configured apart: never wider than asked for.
+            self._metrics = metrics.MetricsServer(
+                section.metrics_host or section.host, section.metrics_port
+            )
+            self.metrics_port = self._metrics.address[1]
 
     def _scoring_model_names(self) -> list[str]:
         score = self.config.score
@@ -238,6 +243,11 @@ class App:
         templates = [(t.name, t.sha256) for t in self._templates or ()]
         return convert.server_info_to_proto(self.config, models, services, version(), templates)
 
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where /metrics is bound (address, port), or None when it is off."""
+        return None if self._metrics is None else self._metrics.address
+
     def scoring_backend(self, name: str) -> ScoringBackend:
         """The loaded backend for a model name (for in-process tools and benchmarks)."""
         return self._runtimes[name].backend
@@ -273,5 +283,7 @@ class App:
         for llm in self._llms.values():
             await llm.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._metrics is not None:
+            self._metrics.close()
         if self.lifecycle.phase is not Phase.FAILED:
             self.lifecycle.phase = Phase.STOPPED

@@ -192,6 +192,9 @@ class ServerSection:
     """gRPC port; 0 picks a free one (logged at start)."""
     metrics_port: int = 9090
     """Prometheus /metrics port; 0 picks a free one, -1 disables it."""
+    metrics_host: str = ""
+    """Address the metrics port binds; empty: the same as ``host``. It has neither TLS nor
+    tokens (docs/operating.md, "Metrics"): keep it where only the scraper reaches it."""
     grace_seconds: float = 30.0
     """On SIGTERM: how long in-flight calls may run before the server stops."""
     cache_dir: str = "~/.cache/align2"

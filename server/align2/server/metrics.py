@@ -110,7 +110,24 @@ def observe_batch(model: str, size: int, padded_tokens: int) -> None:
     BATCH_TOKENS.labels(model=model).observe(padded_tokens)
 
 
-def start_http_server(port: int, addr: str = "0.0.0.0") -> int:
-    """Serve /metrics on its own port; returns the bound port (0 picks a free one)."""
-    server, _thread = prom.start_http_server(port, addr=addr)
-    return int(server.server_port)
+class MetricsServer:
+    """/metrics over plain HTTP on ``host``:``port`` (a daemon thread), until ``close``.
+
+    ``host`` is an address as the gRPC port takes it: ``[::]`` (every interface, IPv6 and
+    IPv4), ``0.0.0.0``, ``127.0.0.1``, a name; ``port`` 0 picks a free one."""
+
+    def __init__(self, host: str, port: int) -> None:
+        # prometheus_client resolves the address itself and takes no brackets.
+        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        self._httpd, self._thread = prom.start_http_server(port, addr=bare)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound address and port, as the socket reports them."""
+        host, port = self._httpd.server_address[:2]
+        return str(host), int(port)
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
