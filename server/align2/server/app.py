@@ -33,7 +33,7 @@ from align2.server.core.scoring import ScoreCall, Scorer
 from align2.server.errors import ConfigError
 from align2.server.models import embedded
 from align2.server.transport import convert, reflection
-from align2.server.transport.interceptors import StatusInterceptor
+from align2.server.transport.interceptors import ParseInterceptor, StatusInterceptor
 from align2.server.transport.security import (
     BearerTokenInterceptor,
     read_tokens,
@@ -111,6 +111,7 @@ class App:
         tokens = read_tokens(security)
         if tokens:  # inside StatusInterceptor, so refusals are counted and logged
             interceptors.append(BearerTokenInterceptor(tokens, open_health=security.open_health))
+        interceptors.append(ParseInterceptor())  # last: after the token check
         credentials = server_credentials(security)
         server = grpc.aio.server(
             interceptors=interceptors,

@@ -82,6 +82,14 @@ class InvalidArgument(Align2Error):
     code = Code.INVALID_ARGUMENT
 
 
+class MalformedRequest(InvalidArgument):
+    """The request's bytes are not a valid message of its type (corrupt wire format, a
+    ``string`` field that is not UTF-8): the caller's fault, and no field can be named."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field=None)
+
+
 class NotFound(Align2Error):
     """A name in the request (a model, a template set) names nothing the server has:
     ``resource_type`` ("model", "template") and ``resource_name`` say which."""
