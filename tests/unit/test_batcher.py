@@ -264,6 +264,17 @@ async def test_a_fatal_error_is_not_retried_in_halves() -> None:
     await batcher.close()
 
 
+async def test_a_batch_stopped_by_shutdown_is_not_retried_in_halves() -> None:
+    runner = FakeRunner(gated=True)
+    batcher = make(runner, max_delay=0.0)
+    runner.poison, runner.poison_error = 2, Unavailable("stopped mid-batch: shutting down")
+    tasks = await start_gated_batch(runner, batcher, [1, 2, 3])
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, Unavailable) for r in results)
+    assert runner.failed == [[1, 2, 3]]
+    await batcher.close()
+
+
 async def test_fatal_backend_error_is_reported() -> None:
     runner = FakeRunner()
     runner.raise_once = BackendError("device lost", fatal=True)

@@ -196,7 +196,9 @@ class ServerSection:
     """Address the metrics port binds; empty: the same as ``host``. It has neither TLS nor
     tokens (docs/operating.md, "Metrics"): keep it where only the scraper reaches it."""
     grace_seconds: float = 30.0
-    """On SIGTERM: how long in-flight calls may run before the server stops."""
+    """On SIGTERM: how long in-flight calls may run, a hard bound: at the deadline the calls
+    left are answered UNAVAILABLE and the batch on the device stops (docs/operating.md,
+    Shutdown). Health answers NOT_SERVING meanwhile."""
     cache_dir: str = "~/.cache/align2"
     """Where embedded models are built and cached."""
     log_level: str = "INFO"

@@ -304,7 +304,7 @@ class Batcher(Generic[T, R]):
                 _resolve_error(entry.future, Cancelled("batch cancelled: server stopping"))
             raise
         except Exception as exc:  # one bad batch must never stop the loop
-            if len(batch) > 1 and not (isinstance(exc, BackendError) and exc.fatal):
+            if len(batch) > 1 and _may_be_one_items(exc):
                 await self._split(batch, exc, isolating)
             else:
                 self._fail_batch(batch, exc)
@@ -352,6 +352,14 @@ class Batcher(Generic[T, R]):
             self._on_fatal(exc)
         for entry in batch:
             _resolve_error(entry.future, exc)
+
+
+def _may_be_one_items(exc: Exception) -> bool:
+    """Could one item of a batch have caused ``exc``, or could smaller batches succeed?
+    Not for a lost device (fatal), nor for the server stopping (Unavailable, Cancelled)."""
+    if isinstance(exc, BackendError):
+        return not exc.fatal
+    return not isinstance(exc, (Unavailable, Cancelled, DeadlineExpired))
 
 
 def _resolve_error(future: asyncio.Future[Outcome[R]], exc: BaseException) -> None:

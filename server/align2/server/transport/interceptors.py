@@ -27,8 +27,9 @@ from typing import Any
 import grpc
 
 from align2.server import logs, metrics
-from align2.server.errors import Align2Error, MalformedRequest
+from align2.server.errors import Align2Error, MalformedRequest, Unavailable
 from align2.server.transport.errors import grpc_status
+from align2.server.transport.inflight import InFlightCalls
 
 log = logging.getLogger(__name__)
 
@@ -81,20 +82,29 @@ class _Call:
 
 
 @contextlib.asynccontextmanager
-async def _mapped(rpc: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-    """Run one RPC's behavior: map its errors to a status, record its code and duration."""
+async def _mapped(
+    rpc: str, context: grpc.aio.ServicerContext, calls: InFlightCalls
+) -> AsyncIterator[None]:
+    """Run one RPC's behavior: map its errors to a status, record its code and duration.
+    A call that shutdown ends (``calls.end_all``) is answered UNAVAILABLE with its reason."""
     call = _Call(rpc, context)
+    task = calls.enter()
     try:
         yield
     except grpc.aio.AbortError:
         call.aborted()
         raise
     except asyncio.CancelledError:
-        call.cancelled()
-        raise
+        reason = calls.ended_by_shutdown(task)
+        if reason is None or task is None:
+            call.cancelled()
+            raise
+        task.uncancel()  # our own cancellation, turned into an answer
+        await call.fail(Unavailable(reason))
     except Exception as exc:
         await call.fail(exc)
     finally:
+        calls.leave(task)
         call.finish()
 
 
@@ -163,27 +173,33 @@ def _check_stream_response(_rpc: str, behavior: Callable[..., Any]) -> Callable[
     return checked
 
 
-def _wrap_unary_response(rpc: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with _mapped(rpc, context):
-            return await behavior(request, context)
-
-    return wrapped
-
-
-def _wrap_stream_response(rpc: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async with _mapped(rpc, context):
-            if inspect.isasyncgenfunction(behavior):
-                async for response in behavior(request, context):
-                    yield response
-            else:
-                await behavior(request, context)
-
-    return wrapped
-
-
 Wrap = Callable[[str, Callable[..., Any]], Callable[..., Any]]
+
+
+def _wrap_unary_response(calls: InFlightCalls) -> Wrap:
+    def wrap(rpc: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with _mapped(rpc, context, calls):
+                return await behavior(request, context)
+
+        return wrapped
+
+    return wrap
+
+
+def _wrap_stream_response(calls: InFlightCalls) -> Wrap:
+    def wrap(rpc: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with _mapped(rpc, context, calls):
+                if inspect.isasyncgenfunction(behavior):
+                    async for response in behavior(request, context):
+                        yield response
+                else:
+                    await behavior(request, context)
+
+        return wrapped
+
+    return wrap
 
 
 def rewrap(
@@ -216,6 +232,14 @@ def rewrap(
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """Maps errors to statuses and records each call (see the module doc); ``calls``: the
+    registry of running calls that shutdown waits for and ends."""
+
+    def __init__(self, calls: InFlightCalls | None = None) -> None:
+        self.calls = calls if calls is not None else InFlightCalls()
+        self._unary = _wrap_unary_response(self.calls)
+        self._stream = _wrap_stream_response(self.calls)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -226,7 +250,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
         rpc = method.rsplit("/", 1)[-1]
-        return rewrap(handler, rpc, _wrap_unary_response, _wrap_stream_response)
+        return rewrap(handler, rpc, self._unary, self._stream)
 
 
 class ParseInterceptor(grpc.aio.ServerInterceptor):
