@@ -46,7 +46,9 @@ class ImageMarker(_ImageMarker, metaclass=_ImageMarkerEnumTypeWrapper):
     Where the `<image>` marker stood in the first question of the LLaVA record, kept so that
     a client writing the sample back to LLaVA format can restore it (the client removes it
     from the question text when reading). The server does not use it: it removes every
-    `<image>` from the texts itself; it reads an unknown value as IMAGE_MARKER_START.
+    `<image>` from the texts itself. A request with a value not listed here fails with
+    INVALID_ARGUMENT naming `samples[i].image_marker`; the client reads an unknown value in a
+    response as IMAGE_MARKER_START.
     """
 
 IMAGE_MARKER_UNSPECIFIED: ImageMarker.ValueType  # 0
@@ -381,7 +383,8 @@ class Sample(_message.Message):
     """The encoded image: JPEG, PNG or WebP bytes, at most limits.max_image_bytes bytes and
     limits.max_image_pixels pixels (width x height, read from the header before decoding).
     Score and Curate need it: empty, unreadable or too large fails the sample with
-    INVALID_ARGUMENT. Align does not read it (the inner LLM is text-only); it may be empty.
+    INVALID_ARGUMENT. Align does not decode it (the inner LLM is text-only): it may be
+    empty; if sent, a format or size its header does not pass fails the sample the same way.
     """
     task: _builtins.str
     """Task type, the selection stratum of Curate (e.g. complex_reasoning, conversation,

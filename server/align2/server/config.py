@@ -119,6 +119,9 @@ class ScoreConfig:
     """Name (in [models]) of the default question reward model."""
     answer_model: str = "answer"
     """Name (in [models]) of the default answer reward model."""
+    image_exif_transpose: bool = False
+    """Turn each image as its EXIF orientation says before scoring. Off: the stored pixel
+    order, as the method's reference code reads images (docs/scoring.md)."""
 
 
 @dataclass

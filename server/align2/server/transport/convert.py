@@ -91,11 +91,30 @@ def heads_from_proto(values: list[int]) -> frozenset[Head]:
     return frozenset(heads)
 
 
+def sample_from_request(message: pb.Sample, field: str, where: str = "") -> Sample:
+    """A request's sample (``field``: its path, ``where``: more context, for errors).
+    Unlike the client's lenient reading of responses, an unknown ``image_marker`` is
+    refused: the server would otherwise hand back a marker the caller never sent."""
+    if message.image_marker not in _IMAGE_MARKERS:
+        raise InvalidArgument(
+            f"{field}.image_marker: unknown value {message.image_marker}{where}; valid: "
+            f"{', '.join(pb.ImageMarker.keys())}"
+        )
+    return sample_from_proto(message)
+
+
+def samples_from_request(messages: Sequence[pb.Sample]) -> list[Sample]:
+    return [sample_from_request(m, f"samples[{i}]") for i, m in enumerate(messages)]
+
+
+_IMAGE_MARKERS = frozenset(pb.ImageMarker.values())
+
+
 def score_call_from_proto(
     request: pb.ScoreRequest, deadline: float | None, priority_metadata: str | None = None
 ) -> ScoreCall:
     return ScoreCall(
-        samples=[sample_from_proto(s) for s in request.samples],
+        samples=samples_from_request(request.samples),
         heads=heads_from_proto(list(request.heads)),
         question_model=request.question_model,
         answer_model=request.answer_model,
@@ -152,7 +171,7 @@ def align_call_from_proto(
 ) -> AlignCall:
     return dataclasses.replace(
         align_settings_from_proto(request.options),
-        samples=[sample_from_proto(s) for s in request.samples],
+        samples=samples_from_request(request.samples),
         priority=priority_from_proto(request.priority, priority_metadata),
         deadline=deadline,
     )
@@ -203,7 +222,9 @@ async def curate_requests_from_proto(
         if kind == "options":
             yield curate_options_from_proto(request.options, priority_metadata)
         elif kind == "sample":
-            yield sample_from_proto(request.sample)
+            yield sample_from_request(
+                request.sample, "sample", f" in message {position} of the stream"
+            )
         else:
             raise InvalidArgument(f"item: message {position} carries neither options nor sample")
         position += 1
