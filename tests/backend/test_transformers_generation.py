@@ -298,3 +298,18 @@ def _turn(pair: tuple[str, str]) -> Any:
     from align2.client.types import Turn
 
     return Turn(*pair)
+
+
+def test_non_finite_logits_of_a_sampled_row_are_refused_before_the_draw() -> None:
+    """On CUDA, multinomial would hit a device-side assert (the device is lost for the whole
+    server); the check raises a plain error first, which the batcher isolates to the row."""
+    from align2.server.backends.decoding import _pick
+
+    logits = torch.zeros(3, 8)
+    logits[1, 2] = float("inf")
+    sampling = Decoding(temperature=1.0, seed=1)
+    generators = [None, torch.Generator().manual_seed(1), None]
+    with pytest.raises(ValueError, match="logits are not finite"):
+        _pick(logits, [GREEDY, sampling, GREEDY], generators)
+    # A greedy row's argmax is defined whatever its logits: no refusal.
+    assert _pick(logits, [GREEDY] * 3, [None] * 3).tolist() == [0, 2, 0]
