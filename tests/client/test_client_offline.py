@@ -394,3 +394,21 @@ def test_a_server_without_score_stops_the_run(
     args = [*files, "--image-folder", tmp_path, "--out", tmp_path / "k.json"]
     assert curate(fake, *args) == 1
     assert "does not serve Score" in capsys.readouterr().err
+
+
+def test_a_progress_bar_per_head_on_a_terminal_only(
+    fake: FakeCuration,
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    task_files(tmp_path)
+    files = sorted(tmp_path.glob("*_test.json"))
+    args = ["curate", *map(str, files), "--image-folder", str(tmp_path), "--target", fake.target]
+    assert cli.main([*args, "--out", str(tmp_path / "a.json")]) == 0
+    assert "sample/s" not in capsys.readouterr().err  # not a terminal: no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert cli.main([*args, "--out", str(tmp_path / "b.json")]) == 0
+    err = capsys.readouterr().err
+    assert "question head: 100%" in err and "answer head: 100%" in err
+    assert "44/44" in err and "sample/s" in err  # count, then the rate (and the ETA)

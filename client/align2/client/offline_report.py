@@ -205,4 +205,8 @@ def _panel(draw: Any, font: Any, origin: tuple[int, int], stage: Stage, title: s
     if summary.threshold is not None:
         x = left + (summary.threshold - low) / (high - low) * (right - left)
         draw.line([(x, top), (x, bottom)], fill=_LINE, width=2)
-        draw.text((x + 3, top), f"threshold {summary.threshold:.3g}", fill=_LINE, font=font)
+        label = f"threshold {summary.threshold:.3g}"
+        # Right of the line, or left of it when the line is in the right half.
+        if x > (left + right) / 2:
+            x -= draw.textlength(label, font=font) + 6
+        draw.text((x + 3, top), label, fill=_LINE, font=font)
