@@ -412,3 +412,18 @@ def test_a_progress_bar_per_head_on_a_terminal_only(
     err = capsys.readouterr().err
     assert "question head: 100%" in err and "answer head: 100%" in err
     assert "44/44" in err and "sample/s" in err  # count, then the rate (and the ETA)
+
+
+def test_read_problems_name_the_record_once(tmp_path: pathlib.Path) -> None:
+    good = record(tmp_path, "1", ["a"])
+    no_id = {k: v for k, v in good.items() if k != "id"}
+    colon = {**good, "id": "a: b", "conversations": []}
+    source = write(tmp_path / "detail.json", [good, "text", no_id, colon])
+    inputs = load_inputs([source], image_folder=tmp_path, skip_invalid=True)
+    assert [str(i) for i in inputs.invalid] == [
+        f"{source}: record 1: record: expected an object, got str",
+        f"{source}: record 2: id: missing",
+        f"{source}: record 3 (id 'a: b'): conversations: expected a non-empty list of messages",
+    ]
+    assert [r.sample.id for r in inputs.tasks["detail"]] == ["1"]
+    assert inputs.files == {str(source): 4}

@@ -268,7 +268,9 @@ def _curate_arguments(parser: argparse.ArgumentParser) -> None:
     offline.add_argument("--answer-model", default=None)
 
 
-_OFFLINE_ONLY = ("scores", "one_task", "skip_invalid", "plot")
+# Flags of the exact selection whose defaults are empty (--chunk-size and --concurrency are
+# not refused with --stream: they have defaults).
+_OFFLINE_ONLY = ("scores", "one_task", "skip_invalid", "plot", "question_model", "answer_model")
 
 
 def heads_argument(text: str) -> list[str]:

@@ -34,7 +34,7 @@ from align2.client.offline_report import (
     require_pillow,
 )
 from align2.client.records import InvalidRecords, UnknownTask, load_inputs
-from align2.client.results import AlignResult
+from align2.client.results import AlignResult, ProtocolError
 from align2.client.scorestore import ScoreStore
 from align2.client.selection import DEFAULT_KEEP
 from align2.client.types import Sample
@@ -97,7 +97,7 @@ def run_offline(
         except InvalidRecords as error:
             _say(f"{error}; fix them, or pass --skip-invalid to leave them out; {resume}")
             return 2
-        except RunStopped as error:
+        except (RunStopped, ProtocolError) as error:
             _say(f"stopped: {error}; {resume}")
             return 1
         except grpc.RpcError as error:

@@ -127,11 +127,14 @@ def _read_record(
     invalid: list[Invalid],
 ) -> Record | None:
     record_id = raw.get("id") if isinstance(raw, dict) else None
-    shown_id = str(record_id) if isinstance(record_id, str | int) else None
+    valid_id = isinstance(record_id, str | int) and not isinstance(record_id, bool)
+    shown_id = str(record_id) if valid_id else None
     try:
         sample = sample_from_record(raw, index, image_folder=folder, default_task=default_task)
     except ValueError as error:
-        problem = str(error).split(": ", 1)[1] if ": " in str(error) else str(error)
+        problem = str(error)  # "record 3 (id 'x'): key: problem": Invalid says where
+        for where in (f"record {index} (id {shown_id!r}): ", f"record {index}: "):
+            problem = problem.removeprefix(where)
         invalid.append(Invalid(file, index, shown_id, "read", problem))
         return None
     if isinstance(sample.image, os.PathLike) and not os.path.isfile(sample.image):
