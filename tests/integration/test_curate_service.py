@@ -300,6 +300,7 @@ def test_the_cli_streams_a_jsonl_file_and_writes_the_kept_samples(
     source.write_text("".join(json.dumps(r) + "\n" for r in records))
     args = ["curate", str(source), "--image-folder", str(tmp_path), "--target", server.target]
     args += ["--out", str(out), "--report", str(report), "--task", "detail", "--no-progress"]
+    args += ["--stream"]
     assert cli_main(args) == 0
     decisions = [json.loads(line) for line in report.read_text().splitlines()]
     assert sorted(d["id"] for d in decisions) == [f"r{i}" for i in range(6)]
