@@ -13,14 +13,17 @@ from align2.server.errors import InvalidArgument
 def pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
     """Centre ``image`` on a square of the processor's mean colour (the method's ``pad``).
 
-    This is LLaVA's ``expand2square``: the whole image stays visible, the padding
-    normalises to zero.
+    This is LLaVA's ``expand2square`` (``llava/mm_utils.py``, which the reference trained
+    and ran with): the whole image stays visible. The colour is ``int(c * 255)`` per
+    channel, truncated as the reference does: (122, 116, 104) for CLIP's mean, where
+    rounding would give (123, 117, 104). A square image is returned as it is; the square
+    keeps the image's mode.
     """
     width, height = image.size
     if width == height:
         return image
     side = max(width, height)
-    background = tuple(round(c * 255) for c in mean[:3])
+    background = tuple(int(c * 255) for c in mean[:3])
     square = Image.new(image.mode, (side, side), background)
     square.paste(image, ((side - width) // 2, (side - height) // 2))
     return square
