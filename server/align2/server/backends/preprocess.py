@@ -1,12 +1,20 @@
-"""Input preparation shared by the scoring backends: image mode and the text-length policy."""
+"""Input preparation shared by the scoring backends: image mode, reward token ids and the
+text-length policy.
+
+The image padding and the token ids follow the reference code (LLaVA's ``llava/mm_utils.py``,
+which Align2LLaVA's reward models were trained and run with) exactly: ``expand2square``
+and ``tokenizer_image_token``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from PIL import Image
 
 from align2.server.backends.base import InputTooLong
+from align2.server.core.templates import IMAGE_TOKEN
 from align2.server.errors import InvalidArgument
 
 
@@ -27,6 +35,31 @@ def pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
     square = Image.new(image.mode, (side, side), background)
     square.paste(image, ((side - width) // 2, (side - height) // 2))
     return square
+
+
+def reward_ids(tokenizer: Any, text: str, image_ids: Sequence[int]) -> list[int]:
+    """Token ids of a reward template, as LLaVA's ``tokenizer_image_token`` builds them,
+    with the ``<image>`` marker replaced by ``image_ids`` (its expansion, or the marker id
+    where the engine expands it).
+
+    The text is split on the marker and each part is tokenised alone, with the tokenizer's
+    special tokens; when the first part starts with BOS, BOS is kept once and dropped from
+    the part after the image. So that part starts as a fresh text: a SentencePiece
+    tokenizer gives it its dummy-prefix piece, as in the reference's
+    ``[BOS, IMAGE, "▁", "<0x0A>", ...]`` for ``"<image>\\n..."``, which tokenising the
+    whole text at once keeps or drops depending on the tokenizer's settings (transformers'
+    Llama ``legacy``). A byte-level BPE (SmolVLM's) gives the same ids either way.
+    Raises ValueError unless ``text`` holds exactly one marker.
+    """
+    parts = text.split(IMAGE_TOKEN)
+    if len(parts) != 2:
+        raise ValueError(
+            f"a reward text holds exactly one {IMAGE_TOKEN} marker; this one has {len(parts) - 1}"
+        )
+    before, after = (list(tokenizer(part)["input_ids"]) for part in parts)
+    bos = tokenizer.bos_token_id
+    skip = 1 if bos is not None and before[:1] == [bos] else 0
+    return [*before, *image_ids, *after[skip:]]
 
 
 def text_budget(
