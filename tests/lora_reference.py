@@ -13,10 +13,14 @@ chunk as LLaVA's ``tokenizer_image_token`` does; the head on the last position.
 
 from __future__ import annotations
 
+import io
 import json
 import pathlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import pytest
 import torch
 from peft import PeftModel
 from PIL import Image
@@ -27,6 +31,10 @@ from transformers import (
     LlamaConfig,
     LlamaForSequenceClassification,
 )
+
+from align2.client.types import Sample, Turn
+
+REL = 1e-4  # fp32: the merged W + s*B@A against peft's x@W + s*(x@A^T)@B^T
 
 
 @dataclass(frozen=True)
@@ -119,3 +127,44 @@ class Reference:
     def merged_any(self) -> bool:
         """Whether peft merged anything (it must not: the reference here is unmerged)."""
         return any(getattr(m, "merged", False) for m in self.peft.modules())
+
+
+# -- samples and the check shared by the backend and server tests ----------------------------
+def samples() -> list[Sample]:
+    """Several samples: 1-3 turns, different images, one question with an inline marker."""
+    shapes = [(48, 30), (30, 52), (40, 40)]
+    out = []
+    for i, (w, h) in enumerate(shapes):
+        buffer = io.BytesIO()
+        Image.effect_noise((w, h), 40 + 20 * i).convert("RGB").save(buffer, format="PNG")
+        turns = [
+            Turn(f"<image>\nWhat is object {i} on the table? ", f" It is a cup number {i}."),
+            Turn("Why is it there?", "Someone left it after breakfast. " * (1 + i)),
+            Turn("What colour is it?", "Red."),
+        ][: 1 + i]
+        out.append(Sample(id=f"s{i}", image=buffer.getvalue(), turns=turns))
+    return out
+
+
+def image_of(sample: Sample) -> Image.Image:
+    return Image.open(io.BytesIO(sample.image)).convert("RGB")
+
+
+def expected_scores(refs: tuple[Reference, Reference], sample: Sample) -> tuple[float, list[float]]:
+    question_ref, answer_ref = refs
+    image = image_of(sample)
+    question = question_ref.score(question_text([t.question for t in sample.turns]), image)
+    answers = [answer_ref.score(answer_text(t.question, t.answer), image) for t in sample.turns]
+    return question, answers
+
+
+def assert_matches_reference(
+    results: Sequence[Any], refs: tuple[Reference, Reference], batch: list[Sample]
+) -> None:
+    """Each sample's question score and answer scores equal the references' (fp32).
+    ``results``: one per sample, server-side or client-side (same field names)."""
+    for sample, result in zip(batch, results, strict=True):
+        assert result.error is None
+        question, answers = expected_scores(refs, sample)
+        assert result.question_score == pytest.approx(question, rel=REL, abs=1e-5)
+        assert result.answer_scores == pytest.approx(answers, rel=REL, abs=1e-5)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import json
 import pathlib
 import shutil
@@ -19,11 +18,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from lora_reference import OriginalSet, Reference, answer_text, question_text
+from lora_reference import (
+    OriginalSet,
+    Reference,
+    answer_text,
+    assert_matches_reference,
+    image_of,
+    question_text,
+    samples,
+)
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from align2.client.types import Sample, Turn
+from align2.client.types import Sample
 from align2.server import cli
 from align2.server.backends.checkpoint import read_reward_checkpoint
 from align2.server.backends.transformers_scoring import TransformersScoring
@@ -37,28 +44,6 @@ from align2.server.models.convert_reward import (
     convert_reward,
     ensure_converted,
 )
-
-REL = 1e-4  # fp32: the merged W + s*B@A against peft's x@W + s*(x@A^T)@B^T
-
-
-def samples() -> list[Sample]:
-    """Several samples: 1-3 turns, different images, one question with an inline marker."""
-    shapes = [(48, 30), (30, 52), (40, 40)]
-    out = []
-    for i, (w, h) in enumerate(shapes):
-        buffer = io.BytesIO()
-        Image.effect_noise((w, h), 40 + 20 * i).convert("RGB").save(buffer, format="PNG")
-        turns = [
-            Turn(f"<image>\nWhat is object {i} on the table? ", f" It is a cup number {i}."),
-            Turn("Why is it there?", "Someone left it after breakfast. " * (1 + i)),
-            Turn("What colour is it?", "Red."),
-        ][: 1 + i]
-        out.append(Sample(id=f"s{i}", image=buffer.getvalue(), turns=turns))
-    return out
-
-
-def image_of(sample: Sample) -> Image.Image:
-    return Image.open(io.BytesIO(sample.image)).convert("RGB")
 
 
 def score_all(question: TransformersScoring, answer: TransformersScoring, batch: list[Sample]):
@@ -77,22 +62,6 @@ def score_all(question: TransformersScoring, answer: TransformersScoring, batch:
         return outcome.results
 
     return asyncio.run(run())
-
-
-def expected_scores(refs: tuple[Reference, Reference], sample: Sample):
-    question_ref, answer_ref = refs
-    image = image_of(sample)
-    question = question_ref.score(question_text([t.question for t in sample.turns]), image)
-    answers = [answer_ref.score(answer_text(t.question, t.answer), image) for t in sample.turns]
-    return question, answers
-
-
-def assert_matches_reference(results, refs: tuple[Reference, Reference], batch: list[Sample]):
-    for sample, result in zip(batch, results, strict=True):
-        assert result.error is None
-        question, answers = expected_scores(refs, sample)
-        assert result.question_score == pytest.approx(question, rel=REL, abs=1e-5)
-        assert result.answer_scores == pytest.approx(answers, rel=REL, abs=1e-5)
 
 
 @pytest.fixture(scope="module")
