@@ -25,11 +25,11 @@ import torch
 from peft import PeftModel
 from PIL import Image
 from transformers import (
-    AutoTokenizer,
     CLIPImageProcessorPil,
     CLIPVisionModel,
     LlamaConfig,
     LlamaForSequenceClassification,
+    LlamaTokenizer,
 )
 
 from align2.client.types import Sample, Turn
@@ -103,7 +103,9 @@ class Reference:
         self.inner = self.peft.base_model.model  # LoRA layers in place, unmerged
         self.tower = CLIPVisionModel.from_pretrained(clip).eval()
         self.images = CLIPImageProcessorPil.from_pretrained(clip)
-        self.tokenizer = AutoTokenizer.from_pretrained(base)
+        # The reference: AutoTokenizer(use_fast=False) under transformers 4, i.e. the class
+        # tokenizer_config.json names (transformers 5's AutoTokenizer follows model_type).
+        self.tokenizer = LlamaTokenizer.from_pretrained(base)
         self.layer = config["mm_vision_select_layer"]
 
     def score(self, text: str, image: Image.Image) -> float:

@@ -29,6 +29,7 @@ from lora_reference import (
 )
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from transformers import AutoProcessor, LlamaTokenizer
 
 from align2.client.types import Sample
 from align2.server import cli
@@ -44,6 +45,7 @@ from align2.server.models.convert_reward import (
     convert_reward,
     ensure_converted,
 )
+from align2.server.models.llava_tokenizer import splits_like_llava
 
 
 def score_all(question: TransformersScoring, answer: TransformersScoring, batch: list[Sample]):
@@ -148,6 +150,28 @@ def test_converted_folder_layout_and_provenance(
     digest = hashlib.sha256((original_llava.clip / "model.safetensors").read_bytes()).hexdigest()
     assert inputs["vision_tower"]["files"]["model.safetensors"] == digest
     assert str(original_llava.base.parent) not in json.dumps(provenance)  # names, not paths
+    assert provenance["tokenizer"].startswith("legacy=True")
+
+
+def test_converted_tokenizer_splits_at_the_image_as_llava_does(
+    converted: tuple[pathlib.Path, pathlib.Path], original_llava: OriginalSet
+) -> None:
+    """The base's SentencePiece tokenizer ("legacy": false, as llava-v1.5-7b) would drop the
+    ``▁`` that LLaVA's chunk-wise tokenizer_image_token puts after the image; the converted
+    one keeps it, so the processor's ids are those of training."""
+    base = LlamaTokenizer.from_pretrained(original_llava.base)  # the class it names
+    base.add_tokens(["<image>"], special_tokens=True)
+    assert not splits_like_llava(base)  # the tiny base reproduces the real problem
+    processor = AutoProcessor.from_pretrained(converted[0])
+    assert splits_like_llava(processor.tokenizer)
+    text = answer_text("What is it?", "A cup.")
+    before, after = text.split("<image>")
+    chunked = base(before)["input_ids"] + base(after)["input_ids"][1:]  # tokenizer_image_token
+    image = Image.new("RGB", (40, 40))
+    ids = processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert [i for i in ids if i != image_id] == chunked
+    assert base.convert_ids_to_tokens(chunked[1:3]) == ["▁", "<0x0A>"]
 
 
 def test_head_in_non_lora_trainables(original_llava: OriginalSet, tmp_path: pathlib.Path) -> None:

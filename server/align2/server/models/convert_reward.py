@@ -29,8 +29,6 @@ import os
 import pathlib
 import shutil
 import tempfile
-import threading
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,77 +46,15 @@ from transformers import (
 from align2.server.backends.checkpoint import SCORE_KEY
 from align2.server.models import llava_original as orig
 from align2.server.models.llava_original import ConversionError
-from align2.server.models.tokenizers import strip_load_options
+from align2.server.models.llava_tokenizer import IMAGE_TOKEN, reward_tokenizer, splits_like_llava
+from align2.server.models.reward_inputs import Inputs, input_digests, locate
 
 log = logging.getLogger(__name__)
 
 CONVERTER_VERSION = 1
 """Bump when the output of a conversion changes, so that cached conversions are redone."""
 PROVENANCE = "align2_provenance.json"
-IMAGE_TOKEN = "<image>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-)
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """The three input folders, located and their configs checked (no weights read yet)."""
-
-    base: orig.OriginalBase
-    adapter: pathlib.Path
-    tower: orig.VisionTower
-    model_config: dict[str, Any]
-    config_source: str
-    """adapter | base: whose config.json defines the model (the reference: the adapter's)."""
-
-    def files(self) -> dict[str, list[pathlib.Path]]:
-        """Every file a conversion reads, by role (what the provenance and cache key hash)."""
-        base, tower = self.base.folder, self.tower.folder
-        return {
-            "base": [
-                *_with_index(self.base.files),
-                base / "config.json",
-                *(base / n for n in _TOKENIZER_FILES if (base / n).is_file()),
-            ],
-            "adapter": [
-                *(
-                    self.adapter / n
-                    for n in ("adapter_config.json", "config.json", "non_lora_trainables.bin")
-                    if (self.adapter / n).is_file()
-                ),
-                *_with_index(orig.weight_files(self.adapter, "adapter_model")),
-            ],
-            "vision_tower": [
-                tower / "config.json",
-                tower / "preprocessor_config.json",
-                *_with_index(self.tower.files),
-            ],
-        }
-
-
-def locate(
-    base: pathlib.Path, adapter: pathlib.Path, vision_tower: pathlib.Path | None = None
-) -> Inputs:
-    """Find and check the inputs: the base's format, the model config, the CLIP folder."""
-    for role, folder in (("base", base), ("adapter", adapter)):
-        if not folder.is_dir():
-            raise ConversionError(f"{role} {folder} is not a folder")
-    original = orig.read_base(base)
-    if not (adapter / "adapter_config.json").is_file():
-        raise ConversionError(f"{adapter}: no adapter_config.json (not a PEFT adapter)")
-    if (adapter / "config.json").is_file():
-        model_config, source = orig.read_json(adapter / "config.json"), "adapter"
-    else:
-        model_config, source = original.config, "base"
-    orig.check_supported(model_config, (base if source == "base" else adapter) / "config.json")
-    tower = orig.resolve_tower(model_config, vision_tower)
-    return Inputs(original, adapter, tower, model_config, source)
 
 
 def convert_reward(
@@ -190,7 +126,7 @@ def _write(inputs: Inputs, out: pathlib.Path, dtype: str, digests: dict[str, Any
 def _build(inputs: Inputs, folder: pathlib.Path, dtype_name: str, digests: dict[str, Any]) -> None:
     adapter = orig.read_adapter(inputs.adapter)
     dtype = _dtype(dtype_name, inputs.base.files)
-    tokenizer = _tokenizer(inputs.base.folder)
+    tokenizer, tokenizer_note = reward_tokenizer(inputs.base.folder)
     vision = CLIPVisionConfig.from_pretrained(inputs.tower.folder)
     config = _llava_config(inputs.model_config, vision, tokenizer)
     with torch.device("meta"):
@@ -205,6 +141,8 @@ def _build(inputs: Inputs, folder: pathlib.Path, dtype_name: str, digests: dict[
     model.config.num_labels = 1
     model.save_pretrained(folder, max_shard_size="5GB")
     _processor(inputs, tokenizer, vision, config).save_pretrained(folder)
+    if not splits_like_llava(AutoTokenizer.from_pretrained(folder)):
+        raise ConversionError(f"{folder}: the saved tokenizer lost LLaVA's split at <image>")
     provenance = {
         "format": "align2 reward checkpoint converted from original-LLaVA + PEFT LoRA",
         "converter_version": CONVERTER_VERSION,
@@ -220,6 +158,7 @@ def _build(inputs: Inputs, folder: pathlib.Path, dtype_name: str, digests: dict[
             "modules_merged": len(adapter.lora),
         },
         "score_head_from": adapter.head_source,
+        "tokenizer": tokenizer_note,
         **notes,
         "trained_with": {
             k: inputs.model_config.get(k)
@@ -325,18 +264,6 @@ def _head(adapter: orig.Adapter, hidden: int) -> torch.Tensor:
     return adapter.head
 
 
-def _tokenizer(base: pathlib.Path) -> PreTrainedTokenizerBase:
-    """The base's tokenizer plus ``<image>`` (one special token, for the HF processor) and,
-    when it has none, the reference training's pad token (``unk``)."""
-    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-    strip_load_options(tokenizer)
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
-    if tokenizer.pad_token is None and tokenizer.unk_token is not None:
-        tokenizer.pad_token = tokenizer.unk_token
-    return tokenizer
-
-
 def _llava_config(
     config: dict[str, Any], vision: CLIPVisionConfig, tokenizer: PreTrainedTokenizerBase
 ) -> LlavaConfig:
@@ -411,44 +338,6 @@ def _dtype(name: str, files: list[pathlib.Path]) -> torch.dtype:
         if tensor.is_floating_point():
             return tensor.dtype
     raise ConversionError(f"{files[0].parent}: no floating-point weights")
-
-
-# -- provenance and the cache key -------------------------------------------------------------
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-_DIGESTS_LOCK = threading.Lock()
-
-
-def input_digests(inputs: Inputs) -> dict[str, Any]:
-    """``{role: {"folder": name, "files": {file: sha256}}}`` for every file read."""
-    return {
-        role: {"folder": files[0].parent.name, "files": {f.name: file_sha256(f) for f in files}}
-        for role, files in inputs.files().items()
-    }
-
-
-def file_sha256(file: pathlib.Path) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) for this process: the question
-    and answer models share a 13 GB base, hashed once."""
-    stat = file.stat()
-    memo = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
-    with _DIGESTS_LOCK:
-        if memo in _DIGESTS:
-            return _DIGESTS[memo]
-    digest = hashlib.sha256()
-    with file.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    with _DIGESTS_LOCK:
-        _DIGESTS[memo] = digest.hexdigest()
-    return digest.hexdigest()
-
-
-def _with_index(files: list[pathlib.Path]) -> list[pathlib.Path]:
-    """Weight files plus the shard index that lists them, when there is one."""
-    if not files:
-        return []
-    indexes = [p for p in files[0].parent.glob("*.index.json") if p.is_file()]
-    return sorted({*files, *(i for i in indexes if any(f.name in i.read_text() for f in files))})
 
 
 def _path(value: str | pathlib.Path | None) -> pathlib.Path | None:

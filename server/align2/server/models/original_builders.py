@@ -21,6 +21,7 @@ merged weight differs from the base.
 
 from __future__ import annotations
 
+import io
 import json
 import pathlib
 from collections.abc import Sequence
@@ -29,16 +30,18 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
+    AutoTokenizer,
     CLIPConfig,
     CLIPModel,
     CLIPVisionConfig,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    PreTrainedTokenizerBase,
 )
 
 from align2.server.models.builders import _empty_dir, _llama_config, _seeded
-from align2.server.models.tokenizers import build_tokenizer
+from align2.server.models.tokenizers import _CORPUS, build_tokenizer
 
 LLM_LINEAR: tuple[str, ...] = (
     "q_proj",
@@ -135,8 +138,14 @@ def build_original_base(
     tower_seed: int = 0,
     rotary_buffers: bool = False,
     shards: int = 2,
+    tokenizer: Literal["bpe", "sentencepiece"] = "bpe",
 ) -> pathlib.Path:
     """A tiny original-LLaVA base over the CLIP folder ``clip`` (sizes the projector).
+
+    ``tokenizer``: the byte-level BPE of the other tiny models, or a Llama-style
+    SentencePiece ``tokenizer.model`` with llava-v1.5-7b's ``tokenizer_config.json``
+    (``LlamaTokenizer``, ``"legacy": false``), whose dummy prefix makes the ids after
+    ``<image>`` depend on how the text is split (see llava_tokenizer).
 
     ``vision_tower_name`` is written as ``mm_vision_tower`` (a hub id, as in the release;
     pass the CLIP folder's path to have the converter find it by itself).
@@ -148,8 +157,13 @@ def build_original_base(
     folder = _empty_dir(path)
     clip_config = CLIPConfig.from_pretrained(clip)
     mm_hidden = int(CLIPVisionConfig.from_pretrained(clip).hidden_size)
-    tokenizer = build_tokenizer((), vocab_size=vocab_size, model_max_length=2048)
-    llama = _llama_config(tokenizer, text_hidden, text_layers, text_heads, None, 4096)
+    if tokenizer == "sentencepiece":
+        text_tokenizer = sentencepiece_tokenizer(folder, vocab_size)
+    else:
+        text_tokenizer = build_tokenizer((), vocab_size=vocab_size, model_max_length=2048)
+        text_tokenizer.chat_template = None
+        text_tokenizer.save_pretrained(folder)
+    llama = _llama_config(text_tokenizer, text_hidden, text_layers, text_heads, None, 4096)
     with _seeded(seed):
         model = LlamaForCausalLM(llama)
         model.model.add_module("mm_projector", _projector(mm_hidden, text_hidden))
@@ -167,9 +181,50 @@ def build_original_base(
     _save_bin_shards(state, folder, shards)
     config = original_config(llama, mm_hidden, select_layer, vision_tower_name)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tokenizer.chat_template = None
-    tokenizer.save_pretrained(folder)
     return folder
+
+
+def sentencepiece_tokenizer(folder: pathlib.Path, vocab_size: int) -> PreTrainedTokenizerBase:
+    """Train a Llama-style SentencePiece BPE (byte fallback, dummy prefix, no normalisation)
+    on the tiny corpus, write it as llava-v1.5-7b ships its tokenizer, and load it back."""
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS.strip().splitlines()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        model_type="bpe",
+        byte_fallback=True,
+        add_dummy_prefix=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": None,
+        "legacy": False,
+        "model_max_length": 2048,
+        "padding_side": "right",
+        "tokenizer_class": "LlamaTokenizer",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def original_config(
