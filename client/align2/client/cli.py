@@ -45,6 +45,7 @@ SERVER_COMMANDS: dict[str, str] = {
     "serve": "run the align2 server (server extras)",
     "build-models": "build the embedded default models (server extras)",
     "train-heads": "train the reward-model heads (server extras)",
+    "convert-reward": "convert the paper's LoRA reward adapters to a checkpoint (server extras)",
 }
 DEFAULT_TARGET = "localhost:50051"
 TOKEN_ENV = "ALIGN2_TOKEN"

@@ -60,6 +60,14 @@ class ModelConfig:
     """Most tokens (text and image) per input; the method trains with 2048."""
     revision: str = ""
     """Reported revision; empty: a content hash of the folder's files."""
+    adapter: str = ""
+    """A PEFT LoRA reward adapter in the original LLaVA code's format (the paper's released
+    reward models); ``path`` is then its original-LLaVA base (llava-v1.5-7b). At start the
+    pair is converted once, as ``align2 convert-reward`` does, into ``server.cache_dir``
+    (keyed by the sha256 of every input file) and served from there. Reward models only."""
+    vision_tower: str = ""
+    """With ``adapter``: the CLIP folder the base's ``mm_vision_tower`` names (e.g.
+    clip-vit-large-patch14-336); empty: that name itself, when it is a folder here."""
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
@@ -267,6 +275,7 @@ class Config:
                         f"{', '.join(sorted(self.models)) or 'none'}"
                     )
         self._validate_align()
+        self._validate_adapters()
         positive = {
             "limits.max_samples_per_call": self.limits.max_samples_per_call,
             "batching.max_batch_size": self.batching.max_batch_size,
@@ -283,6 +292,19 @@ class Config:
         if security.tls_client_ca_file and not security.tls:
             raise ConfigError("security.tls_client_ca_file needs tls_cert_file and tls_key_file")
         return self
+
+    def _validate_adapters(self) -> None:
+        scoring = (
+            {self.score.question_model, self.score.answer_model} if self.score.enabled else set()
+        )
+        for name, model in self.models.items():
+            if model.vision_tower and not model.adapter:
+                raise ConfigError(f"models.{name}.vision_tower: only used with an adapter")
+            if model.adapter and name not in scoring:
+                raise ConfigError(
+                    f"models.{name}.adapter: adapters are reward models (the paper's LoRA "
+                    f"reward adapters); {name!r} is not score.question_model or answer_model"
+                )
 
     def _validate_curate(self) -> None:
         curate = self.curate
