@@ -1081,8 +1081,9 @@ class CurateOptions(_message.Message):
        against the window when it reaches min_window. A stream never waits for itself: its
        waiting decisions are all made at once, against the windows as they are, when every
        one of its limits.max_stream_inflight slots holds a waiting sample (it could read no
-       more), when its input ends (the client half-closed; nothing of it waits after that),
-       or when it fails as a whole. Such a decision has CurateResponse.warm_up set. A
+       more), or when its input has ended (the client half-closed, or the stream fails as a
+       whole) and every sample it still has in flight waits (no score of its own can come).
+       Such a decision has CurateResponse.warm_up set. A
        producer that waits for a decision before sending its next sample must send
        min_window = 1 (or seed the window), else its first decision waits for the stream's
        end. Seed scores (question_seed_scores, answer_seed_scores) fill a window before any

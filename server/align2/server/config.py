@@ -183,8 +183,9 @@ class CurateConfig:
     min_window: int = 100
     """Default warm-up: a decision waits until its task's window holds this many scores
     (seeds included), or until every in-flight slot of its stream holds a waiting sample,
-    or its stream's input ended; then it is made against the window as it is. 1: decide
-    at once (the first sample of a task is kept). At most ``window``."""
+    or its stream's input has ended and all its remaining samples wait; then it is made
+    against the window as it is. 1: decide at once (the first sample of a task is kept).
+    At most ``window``."""
     max_selection_keys: int = 64
     """Selection keys live at once (in use, or idle within ``selection_key_idle_seconds``);
     a stream naming a new one beyond: RESOURCE_EXHAUSTED. 0: no stream may name a key."""
