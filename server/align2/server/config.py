@@ -176,10 +176,11 @@ class AlignConfig:
 class CurateConfig:
     """The Curate stream: score, select the top fractions per task type, align the kept.
 
-    Selection is per stream (a producer's own data; no state shared between streams or
-    replicas): a sample is kept when its score is among the top fraction of the last
-    ``window`` scores of its task type in the stream, itself included (see
-    align2/server/core/selection.py)."""
+    A sample is kept when its score is among the top fraction of the last ``window``
+    scores of its task type, itself included (see align2/server/core/selection.py): the
+    scores of its own stream, or of every stream naming the same selection key on this
+    server (never across replicas); or against thresholds the stream gives (calibration).
+    See align2/server/core/selector.py for the warm-up."""
 
     question_keep_fraction: float = 0.3
     """Default share kept by question score, per task type (the method's 30%)."""
@@ -187,6 +188,20 @@ class CurateConfig:
     """Default share of the question-kept kept by mean answer score (the method's 30%)."""
     window: int = 10000
     """Recent scores per task type and stage that a threshold is computed from."""
+    min_window: int = 100
+    """Default warm-up: a decision waits until its task's window holds this many scores
+    (seeds included), or until every in-flight slot of its stream holds a waiting sample,
+    or its stream's input has ended and all its remaining samples wait; then it is made
+    against the window as it is. 1: decide at once (the first sample of a task is kept).
+    At most ``window``."""
+    max_selection_keys: int = 64
+    """Selection keys live at once (in use, or idle within ``selection_key_idle_seconds``);
+    a stream naming a new one beyond: RESOURCE_EXHAUSTED. 0: no stream may name a key."""
+    selection_key_idle_seconds: float = 600.0
+    """How long a selection key's windows outlive the last stream that used it."""
+    max_seed_scores: int = 100_000
+    """Most calibration scores one stream's options may seed its windows with (both
+    stages, all task types together); more: INVALID_ARGUMENT."""
 
 
 @dataclass
@@ -314,6 +329,19 @@ class Config:
                 raise ConfigError(f"curate.{key}: must be in (0, 1], got {value}")
         if curate.window < 1:
             raise ConfigError(f"curate.window: must be at least 1, got {curate.window}")
+        if not 1 <= curate.min_window <= curate.window:
+            raise ConfigError(
+                f"curate.min_window: must be in 1..curate.window ({curate.window}), "
+                f"got {curate.min_window}"
+            )
+        for key in ("max_selection_keys", "max_seed_scores"):
+            if getattr(curate, key) < 0:
+                raise ConfigError(f"curate.{key}: must be >= 0, got {getattr(curate, key)}")
+        if not curate.selection_key_idle_seconds >= 0:
+            raise ConfigError(
+                "curate.selection_key_idle_seconds: must be >= 0, got "
+                f"{curate.selection_key_idle_seconds}"
+            )
         if self.limits.max_stream_inflight < 0:
             raise ConfigError(
                 f"limits.max_stream_inflight: must be >= 0, got {self.limits.max_stream_inflight}"
