@@ -242,6 +242,33 @@ async def test_a_stream_whose_slots_all_wait_decides_with_what_is_there() -> Non
     assert (results["s2"].question_window_size, results["s2"].warm_up) == (3, True)
 
 
+async def test_a_producer_waiting_for_each_decision_gets_it_after_an_idle_pause() -> None:
+    # Lock-step: send one, wait for its decision, send the next. Neither the in-flight bound
+    # nor the end of input would ever release the held sample; the producer's pause does.
+    curate = curator(scores(1.0, 5.0), inflight=8, min_window=100, warm_up_idle_ms=50)
+    producer = Producer(question_stage())
+    stream = Stream(curate, producer)
+    for i in range(2):
+        producer.send(sample(i))
+        async with asyncio.timeout(5):
+            while len(stream.decided) < i + 1:
+                await asyncio.sleep(0.01)
+    results = await stream.finish()
+    assert all(r.warm_up for r in results.values())
+    assert results["s1"].question_window_size == 2  # ranked among both, not alone
+
+
+async def test_without_the_idle_release_a_lock_step_producer_waits() -> None:
+    curate = curator(scores(1.0), inflight=8, min_window=100, warm_up_idle_ms=0)
+    producer = Producer(question_stage())
+    stream = Stream(curate, producer)
+    producer.send(sample(0))
+    await asyncio.sleep(0.3)
+    assert stream.decided == []  # held until the end of input
+    results = await stream.finish()
+    assert results["s0"].warm_up
+
+
 async def test_the_stream_end_decides_the_held_together_not_first_come_first_kept() -> None:
     # Before the warm-up, decisions were made on arrival: s0 (1.0) was kept as its task's
     # first score. Held to the end, all three are ranked together.

@@ -1082,11 +1082,12 @@ class CurateOptions(_message.Message):
        waiting decisions are all made at once, against the windows as they are, when every
        one of its limits.max_stream_inflight slots holds a waiting sample (it could read no
        more), or when its input has ended (the client half-closed, or the stream fails as a
-       whole) and every sample it still has in flight waits (no score of its own can come).
-       Such a decision has CurateResponse.warm_up set. A
-       producer that waits for a decision before sending its next sample must send
-       min_window = 1 (or seed the window), else its first decision waits for the stream's
-       end. Seed scores (question_seed_scores, answer_seed_scores) fill a window before any
+       whole) and every sample it still has in flight waits (no score of its own can come),
+       or when its producer has sent nothing for curate.warm_up_idle_ms (500 ms unless
+       configured) while every sample it has in flight waits: so a producer that waits for
+       each decision before sending its next sample gets it after that pause (send
+       min_window = 1, or seeds, to have it at once). Such a decision has
+       CurateResponse.warm_up set. Seed scores (question_seed_scores, answer_seed_scores) fill a window before any
        sample, so a seeded window that holds min_window scores decides at once.
     """
 

@@ -194,6 +194,11 @@ class CurateConfig:
     or its stream's input has ended and all its remaining samples wait; then it is made
     against the window as it is. 1: decide at once (the first sample of a task is kept).
     At most ``window``."""
+    warm_up_idle_ms: int = 500
+    """A stream whose producer has sent nothing for this long, while every sample it has
+    in flight waits for a warm-up, has those decided at once against the window as it is:
+    a producer that waits for each decision before sending the next never deadlocks. 0:
+    never (only the in-flight bound or the end of input release them)."""
     max_selection_keys: int = 64
     """Selection keys live at once (in use, or idle within ``selection_key_idle_seconds``);
     a stream naming a new one beyond: RESOURCE_EXHAUSTED. 0: no stream may name a key."""
@@ -334,7 +339,7 @@ class Config:
                 f"curate.min_window: must be in 1..curate.window ({curate.window}), "
                 f"got {curate.min_window}"
             )
-        for key in ("max_selection_keys", "max_seed_scores"):
+        for key in ("max_selection_keys", "max_seed_scores", "warm_up_idle_ms"):
             if getattr(curate, key) < 0:
                 raise ConfigError(f"curate.{key}: must be >= 0, got {getattr(curate, key)}")
         if not curate.selection_key_idle_seconds >= 0:

@@ -74,7 +74,8 @@ CURATE_SELECTION_KEYS = prom.Gauge(
 CURATE_WARM_UP_RELEASES = prom.Counter(
     "align2_curate_warm_up_releases",
     "Curate decisions made before their window reached min_window, by reason: "
-    "inflight_bound (every slot of the stream held), stream_end (its input ended)",
+    "inflight_bound (every slot of the stream held), stream_end (its input ended), "
+    "producer_idle (nothing sent for curate.warm_up_idle_ms)",
     ["reason"],
 )
 MODEL_INFO = prom.Gauge(

@@ -236,11 +236,14 @@ class Curator:
             finished.put_nowait(task)
             holds.check()  # after the input ended, the rest may now all be held
 
+        last_read = time.monotonic()
+
         async def read() -> None:
-            nonlocal accepted
+            nonlocal accepted, last_read
             session: Session | None = None
             position = 0
             async for request in requests:
+                last_read = time.monotonic()
                 if isinstance(request, CurateOptions):
                     if position > 0:
                         raise InvalidArgument(
@@ -266,8 +269,18 @@ class Curator:
             holds.end()  # no more samples: what waits for a warm-up may be decided now
             finished.put_nowait(None)
 
+        async def watch_idle(seconds: float) -> None:
+            """Release held decisions when the producer pauses (see warm_up_idle_ms)."""
+            while True:
+                await asyncio.sleep(max(0.0, last_read + seconds - time.monotonic()))
+                if time.monotonic() - last_read >= seconds:
+                    holds.idle()
+                    await asyncio.sleep(seconds)
+
         reader = asyncio.create_task(read())
         reader.add_done_callback(on_read)
+        idle_ms = self._config.warm_up_idle_ms
+        watcher = asyncio.create_task(watch_idle(idle_ms / 1000)) if idle_ms > 0 else None
         unregister = self._lifecycle.on_leaving_serving(reader.cancel)
         answered = 0
         try:
@@ -286,6 +299,8 @@ class Curator:
         finally:
             unregister()
             reader.cancel()
+            if watcher is not None:
+                watcher.cancel()
             for task in list(working):
                 task.cancel()
             for session in opened:

@@ -160,6 +160,12 @@ class Holds:
         elif self.ended and len(self._held) >= self._inflight():  # the rest is all held
             self._release("stream_end")
 
+    def idle(self) -> None:
+        """The producer has been quiet: if every sample in flight is held, nothing is
+        coming that could fill the windows soon; decide them now."""
+        if self._held and len(self._held) >= self._inflight():
+            self._release("producer_idle")
+
     def _release(self, reason: str) -> None:
         metrics.CURATE_WARM_UP_RELEASES.labels(reason=reason).inc(len(self._held))
         for held, window in list(self._held.items()):
