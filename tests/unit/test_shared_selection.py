@@ -246,16 +246,22 @@ async def test_a_producer_waiting_for_each_decision_gets_it_after_an_idle_pause(
     # Lock-step: send one, wait for its decision, send the next. Neither the in-flight bound
     # nor the end of input would ever release the held sample; the producer's pause does.
     curate = curator(scores(1.0, 5.0), inflight=8, min_window=100, warm_up_idle_ms=50)
-    producer = Producer(question_stage())
-    stream = Stream(curate, producer)
-    for i in range(2):
-        producer.send(sample(i))
-        async with asyncio.timeout(5):
-            while len(stream.decided) < i + 1:
-                await asyncio.sleep(0.01)
-    results = await stream.finish()
-    assert all(r.warm_up for r in results.values())
-    assert results["s1"].question_window_size == 2  # ranked among both, not alone
+    answered = asyncio.Event()
+
+    async def lock_step() -> AsyncIterator[Any]:
+        yield question_stage()
+        for i in range(2):
+            answered.clear()
+            yield sample(i)
+            await answered.wait()
+
+    results: list[Curated] = []
+    async with asyncio.timeout(5):
+        async for result in curate.stream(lock_step(), None):
+            results.append(result)
+            answered.set()
+    assert all(r.warm_up for r in results)
+    assert results[1].question_window_size == 2  # ranked among both, not alone
 
 
 async def test_without_the_idle_release_a_lock_step_producer_waits() -> None:
