@@ -66,3 +66,29 @@ def smollm2(embedded_cache_dir: pathlib.Path) -> pathlib.Path:
     from align2.server.models import embedded
 
     return embedded.ensure(embedded.SMOLLM2, embedded_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def original_llava(tmp_path_factory: pytest.TempPathFactory):
+    """The paper's release format in tiny: a CLIP folder, an original-LLaVA base (with a
+    Llama-style SentencePiece tokenizer, "legacy": false, as llava-v1.5-7b), and two
+    reward adapters written by peft as the reference trainer writes them. They differ in
+    the options the converter reads: safetensors vs .bin, plain vs rslora scaling, rank."""
+    from lora_reference import OriginalSet
+
+    from align2.server.models import original_builders as ob
+
+    root = tmp_path_factory.mktemp("original")
+    clip = ob.build_clip_tower(root / "clip", image_size=56)
+    base = ob.build_original_base(root / "llava-base", clip, tokenizer="sentencepiece")
+    question = ob.build_reward_adapter(root / "lora-question", base, seed=1, r=8, lora_alpha=16)
+    answer = ob.build_reward_adapter(
+        root / "lora-answer",
+        base,
+        seed=2,
+        r=4,
+        lora_alpha=32,
+        use_rslora=True,
+        safe_serialization=False,
+    )
+    return OriginalSet(clip=clip, base=base, question=question, answer=answer)

@@ -45,7 +45,8 @@ def hand_score(folder: pathlib.Path, text_after_marker: str, image: Image.Image)
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
     mean = processor.image_processor.image_mean
     side = max(image.size)
-    square = Image.new("RGB", (side, side), tuple(round(c * 255) for c in mean))
+    # LLaVA's expand2square: the colour truncated, int(c * 255), as the reference does.
+    square = Image.new("RGB", (side, side), tuple(int(c * 255) for c in mean))
     square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
     config = model.config
     if config.model_type == "llava":

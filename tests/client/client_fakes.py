@@ -37,6 +37,11 @@ class FakeCuration(pb_grpc.CurationServiceServicer):
         self.curate_options: list[pb.CurateOptions] = []
         self.curate_reversed = False  # answer after the stream's end, last sample first
         self.curate_ended = threading.Event()  # set when a Curate RPC terminates
+        # Model revisions the server reports (GetServerInfo and Score), by model name.
+        self.revisions = {"q": "r1", "a": "r2"}
+        self.fail_scores_after: int | None = None  # then every further Score: UNAVAILABLE
+        self.services = ["Score"]  # as GetServerInfo reports them
+        self.hold_scores_after: int | None = None  # then only further Score calls wait at gate
         self._lock = threading.Lock()
 
     def release(self) -> None:
@@ -47,17 +52,24 @@ class FakeCuration(pb_grpc.CurationServiceServicer):
 
     def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
         failure = self._admit(request, context)
+        if failure is None and self.fail_scores_after is not None:
+            with self._lock:
+                if len(self.requests) > self.fail_scores_after:
+                    self.requests.pop()
+                    self.inflight -= 1
+                    failure = grpc.StatusCode.UNAVAILABLE
         if failure is not None:
             context.abort(failure, "injected failure")
         try:
-            self._wait()
+            if self.hold_scores_after is None or len(self.requests) > self.hold_scores_after:
+                self._wait()
             results = [_result(s, request.heads) for s in request.samples]
             if self.drop_last_result:
                 results = results[:-1]
             return pb.ScoreResponse(
                 results=results,
-                question_model=pb.ModelRef(name="q", model_id="fake-q", revision="r1"),
-                answer_model=pb.ModelRef(name="a", model_id="fake-a", revision="r2"),
+                question_model=self._model_ref("q"),
+                answer_model=self._model_ref("a"),
                 template_version="t1",
                 timing=pb.Timing(queue_seconds=0.5, compute_seconds=1.0),
             )
@@ -95,9 +107,17 @@ class FakeCuration(pb_grpc.CurationServiceServicer):
             self.inflight -= 1
         return pb.GetServerInfoResponse(
             version="9.9.9",
+            models=[
+                pb.ModelInfo(ref=self._model_ref("q"), role="question_reward"),
+                pb.ModelInfo(ref=self._model_ref("a"), role="answer_reward"),
+            ],
             limits=pb.Limits(max_samples_per_call=64),
-            services=["Score"],
+            template_version="t1",
+            services=self.services,
         )
+
+    def _model_ref(self, name: str) -> pb.ModelRef:
+        return pb.ModelRef(name=name, model_id=f"fake-{name}", revision=self.revisions[name])
 
     def _admit(
         self, request: pb.ScoreRequest | None, context: grpc.ServicerContext

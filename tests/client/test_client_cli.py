@@ -20,7 +20,8 @@ def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None
         cli.main(["--help"])
     assert raised.value.code == 0
     out = capsys.readouterr().out
-    for command in ("info", "score", "align", "curate", "serve", "build-models", "train-heads"):
+    commands = ("info", "score", "align", "curate", "serve", "build-models", "train-heads")
+    for command in (*commands, "convert-reward"):
         assert command in out
 
 
@@ -75,7 +76,7 @@ def test_unknown_head_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> No
     assert "valid heads are ['answer', 'question']" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["serve", "build-models", "train-heads"])
+@pytest.mark.parametrize("command", ["serve", "build-models", "train-heads", "convert-reward"])
 def test_server_commands_are_forwarded(monkeypatch: pytest.MonkeyPatch, command: str) -> None:
     received: list[list[str]] = []
     fake_module = types.ModuleType("align2.server.cli")

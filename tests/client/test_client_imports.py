@@ -27,12 +27,16 @@ def test_client_imports_no_heavy_or_server_modules() -> None:
     modules = loaded_after(
         "import align2.client\n"
         "from align2.client import CurationClient, AsyncCurationClient, ScoreResult\n"
-        "import align2.client.cli, align2.client.convert"
+        "import align2.client.cli, align2.client.convert\n"
+        "import align2.client.offline_cli, align2.client.offline_report"
     )
     assert "grpc" in modules  # the check is meaningful: the client really was imported
     assert heavy(modules) == []
 
 
 def test_types_and_llava_do_not_import_grpc() -> None:
-    modules = loaded_after("import align2.client.types, align2.client.llava, align2.client")
+    modules = loaded_after(
+        "import align2.client.types, align2.client.llava, align2.client\n"
+        "import align2.client.selection, align2.client.scorestore, align2.client.records"
+    )
     assert not {m for m in modules if m == "grpc" or m.startswith("grpc.")}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import itertools
 import json
 import os
 import sys
@@ -25,6 +26,8 @@ from typing import IO, Any
 import grpc
 from google.protobuf import json_format
 
+from align2.client.aio import DEFAULT_MAX_CONCURRENCY
+from align2.client.calibration import Calibration
 from align2.client.calls import (
     DEFAULT_CHUNK_SIZE,
     HEADS,
@@ -34,6 +37,7 @@ from align2.client.calls import (
     split_chunks,
 )
 from align2.client.llava import iter_llava, read_llava, write_llava
+from align2.client.offline_cli import run_offline
 from align2.client.results import DECISIONS
 from align2.client.sync import CurationClient
 from align2.client.types import Sample
@@ -42,6 +46,7 @@ SERVER_COMMANDS: dict[str, str] = {
     "serve": "run the align2 server (server extras)",
     "build-models": "build the embedded default models (server extras)",
     "train-heads": "train the reward-model heads (server extras)",
+    "convert-reward": "convert the paper's LoRA reward adapters to a checkpoint (server extras)",
 }
 DEFAULT_TARGET = "localhost:50051"
 TOKEN_ENV = "ALIGN2_TOKEN"
@@ -113,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     curate = commands.add_parser(
         "curate",
         parents=[connection],
-        help="stream a LLaVA file through Curate; write the kept samples (restyled with --align)",
+        help="keep the best samples of LLaVA files as the method does (per task type: top "
+        "30%% by question score, then top 30%% by answer score); write them (restyled with "
+        "--align)",
     )
     _curate_arguments(curate)
     curate.set_defaults(run=run_curate)
@@ -202,22 +209,98 @@ def _rewrite_options(namespace: argparse.Namespace) -> dict[str, Any]:
 
 
 def _curate_arguments(parser: argparse.ArgumentParser) -> None:
-    _llava_in_out_arguments(
-        parser,
-        file="LLaVA JSON list or JSONL (JSONL is streamed)",
-        out="LLaVA file (.json or .jsonl) of the kept samples",
-        report="JSONL of every decision: scores, thresholds, errors",
+    parser.add_argument("file", nargs="+", help="LLaVA JSON lists or JSONL files")
+    parser.add_argument("--image-folder", default=None, help="folder of the records' images")
+    parser.add_argument(
+        "--task",
+        default=None,
+        help="task type of records without their own 'task'/'type' key (default: the file "
+        "name's prefix: complex_reasoning, conversation, detail)",
+    )
+    parser.add_argument("--out", required=True, help="LLaVA file (.json or .jsonl) of the kept")
+    parser.add_argument(
+        "--report",
+        default=None,
+        help="the report as JSON (with --stream: JSONL of every decision)",
     )
     parser.add_argument(
-        "--question-keep", type=float, default=None, help="share kept by question score"
+        "--question-keep",
+        type=float,
+        default=None,
+        help="share of each task type kept by question score (default 0.3)",
     )
     parser.add_argument(
-        "--answer-keep", type=float, default=None, help="share of those kept by answer score"
+        "--answer-keep",
+        type=float,
+        default=None,
+        help="share of those kept by mean answer score (default 0.3)",
+    )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="stream through the server's Curate RPC (online thresholds from the scores "
+        "seen so far) instead of the exact selection on the whole files",
     )
     parser.add_argument("--align", action="store_true", help="restyle the kept samples")
     _rewrite_arguments(parser)
     parser.add_argument("--priority", choices=sorted(PRIORITIES), default=None)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    online = parser.add_argument_group("online selection (with --stream)")
+    online.add_argument(
+        "--selection-key",
+        default=None,
+        help="share the server's score windows with every stream of this key (workers of "
+        "one pipeline select as one; per replica)",
+    )
+    online.add_argument(
+        "--thresholds",
+        default=None,
+        metavar="FILE",
+        help="decide against the thresholds of a calibration file (python -m "
+        "align2.client.calibration): the same on every replica",
+    )
+    online.add_argument(
+        "--seed-scores",
+        default=None,
+        metavar="FILE",
+        help="fill the windows with a calibration file's scores before the first sample",
+    )
+    online.add_argument(
+        "--min-window",
+        type=int,
+        default=None,
+        help="decisions wait until their task's window holds this many scores (server "
+        "default 100; 1: decide at once)",
+    )
+    offline = parser.add_argument_group("exact selection (without --stream)")
+    offline.add_argument(
+        "--scores",
+        default=None,
+        help="JSONL of every score, read to resume and appended to (default: OUT.scores.jsonl)",
+    )
+    offline.add_argument(
+        "--one-task",
+        action="store_true",
+        help="rank all records together, whatever their task types",
+    )
+    offline.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="leave out malformed or unscorable records (listed in the report) instead of stopping",
+    )
+    offline.add_argument("--plot", default=None, help="PNG of the score histograms (Pillow)")
+    offline.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    offline.add_argument(
+        "--concurrency", type=int, default=DEFAULT_MAX_CONCURRENCY, help="RPCs in flight"
+    )
+    offline.add_argument("--question-model", default=None)
+    offline.add_argument("--answer-model", default=None)
+
+
+# Flags of the exact selection whose defaults are empty (--chunk-size and --concurrency are
+# not refused with --stream: they have defaults).
+_OFFLINE_ONLY = ("scores", "one_task", "skip_invalid", "plot", "question_model", "answer_model")
+_STREAM_ONLY = ("selection_key", "thresholds", "seed_scores", "min_window")
 
 
 def heads_argument(text: str) -> list[str]:
@@ -231,17 +314,20 @@ def heads_argument(text: str) -> list[str]:
 
 
 def client_from_arguments(namespace: argparse.Namespace) -> CurationClient:
-    return CurationClient(
-        namespace.target,
-        timeout=namespace.timeout,
-        chunk_size=getattr(namespace, "chunk_size", DEFAULT_CHUNK_SIZE),
-        token=namespace.token,
-        root_certificates=namespace.root_cert,
-        private_key=namespace.client_key,
-        certificate_chain=namespace.client_cert,
-        tls=True if namespace.tls else None,
-        retry=not namespace.no_retry,
-    )
+    return CurationClient(namespace.target, **_client_options(namespace))
+
+
+def _client_options(namespace: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "timeout": namespace.timeout,
+        "chunk_size": getattr(namespace, "chunk_size", DEFAULT_CHUNK_SIZE),
+        "token": namespace.token,
+        "root_certificates": namespace.root_cert,
+        "private_key": namespace.client_key,
+        "certificate_chain": namespace.client_cert,
+        "tls": True if namespace.tls else None,
+        "retry": not namespace.no_retry,
+    }
 
 
 def run_info(namespace: argparse.Namespace) -> int:
@@ -311,10 +397,44 @@ def run_align(namespace: argparse.Namespace) -> int:
 
 
 def run_curate(namespace: argparse.Namespace) -> int:
-    """Stream the file's samples to Curate as they are read; write the kept ones to ``--out``
-    (LLaVA) and every decision to ``--report``. When the stream fails, the samples kept so
-    far are still written, and the ids left unanswered are printed (exit 1)."""
-    samples = iter_llava(namespace.file, image_folder=namespace.image_folder, task=namespace.task)
+    """The exact selection on the files (:mod:`align2.client.offline_cli`), or with
+    ``--stream`` the Curate RPC."""
+    if namespace.stream:
+        given = [
+            f"--{name.replace('_', '-')}" for name in _OFFLINE_ONLY if getattr(namespace, name)
+        ]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not with --stream (exact selection only)")
+        return run_curate_stream(namespace)
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in _STREAM_ONLY
+        if getattr(namespace, name) is not None
+    ]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only with --stream (online selection)")
+    options = {**_client_options(namespace), "max_concurrency": namespace.concurrency}
+    align_options = None
+    if namespace.align:
+        align_options = {**_rewrite_options(namespace), "priority": namespace.priority}
+    enabled = not namespace.no_progress and sys.stderr.isatty()
+    return run_offline(
+        namespace,
+        client_options=options,
+        align_options=align_options,
+        progress=lambda what, total: _progress(total, enabled=enabled, what=what),
+        describe_error=_describe_rpc_error,
+    )
+
+
+def run_curate_stream(namespace: argparse.Namespace) -> int:
+    """Stream the files' samples to Curate as they are read; write the kept ones to
+    ``--out`` (LLaVA) and every decision to ``--report``. When the stream fails, the samples
+    kept so far are still written, and the ids left unanswered are printed (exit 1)."""
+    samples = itertools.chain.from_iterable(
+        iter_llava(path, image_folder=namespace.image_folder, task=namespace.task)
+        for path in namespace.file
+    )
     counts: Counter[str] = Counter()
     kept: list[Sample] = []
     failure: grpc.RpcError | None = None
@@ -330,6 +450,7 @@ def run_curate(namespace: argparse.Namespace) -> int:
             answer_keep_fraction=namespace.answer_keep,
             align=namespace.align,
             priority=namespace.priority,
+            **_selection_options(namespace),
             **_rewrite_options(namespace),
         )
         try:
@@ -357,6 +478,19 @@ def run_curate(namespace: argparse.Namespace) -> int:
     return 0
 
 
+def _selection_options(namespace: argparse.Namespace) -> dict[str, Any]:
+    """The online selection flags as ``curate()`` arguments (calibration files read now)."""
+    options: dict[str, Any] = {
+        "selection_key": namespace.selection_key,
+        "min_window": namespace.min_window,
+    }
+    if namespace.thresholds is not None:
+        options.update(Calibration.load(namespace.thresholds).thresholds())
+    if namespace.seed_scores is not None:
+        options.update(Calibration.load(namespace.seed_scores).seeds())
+    return options
+
+
 @contextlib.contextmanager
 def _output(path: str) -> Iterator[IO[str]]:
     if path == "-":
@@ -367,13 +501,15 @@ def _output(path: str) -> Iterator[IO[str]]:
 
 
 @contextlib.contextmanager
-def _progress(total: int | None, *, enabled: bool) -> Iterator[Callable[[int], Any]]:
+def _progress(
+    total: int | None, *, enabled: bool, what: str | None = None
+) -> Iterator[Callable[[int], Any]]:
     """A progress bar's ``update`` when tqdm is installed (optional), else a no-op."""
     bar_class = _tqdm() if enabled else None
     if bar_class is None:
         yield lambda _: None
         return
-    with bar_class(total=total, unit="sample", file=sys.stderr) as bar:
+    with bar_class(total=total, unit="sample", file=sys.stderr, desc=what) as bar:
         yield bar.update
 
 

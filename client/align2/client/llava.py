@@ -89,6 +89,13 @@ def write_llava(samples: Iterable[Sample], path: StrPath) -> int:
     return count
 
 
+def iter_records(path: StrPath) -> Iterator[Any]:
+    """The raw records of a LLaVA JSON list or JSONL file, in order, unchecked (for callers
+    that handle a malformed record themselves: :func:`sample_from_record` checks one).
+    ValueError when the file is not valid JSON."""
+    return _iter_records(pathlib.Path(path))
+
+
 def task_from_filename(path: StrPath) -> str:
     """The LLaVA-Instruct task type a file name starts with, or ""."""
     name = pathlib.Path(path).name

@@ -13,6 +13,7 @@ import dataclasses
 import importlib.metadata
 import io
 import logging
+import pathlib
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -155,7 +156,7 @@ class App:
         loaded: dict[tuple[object, ...], ScoringRuntime] = {}
         for name in self._scoring_model_names():
             model = self.config.models[name]
-            path = await asyncio.to_thread(embedded.resolve, model.path, self.config.cache_path)
+            path = await asyncio.to_thread(self._reward_folder, name, model)
             key = (path.resolve(), *dataclasses.astuple(dataclasses.replace(model, path="")))
             if key not in loaded:  # two names for the same folder and settings: load once
                 log.info("loading model %s from %s (%s)", name, path, model.backend)
@@ -167,6 +168,22 @@ class App:
             self._record_model(name, loaded[key].description, model)
         if self._aligner is not None:
             await self._load_llm(self.config.align.model)
+
+    def _reward_folder(self, name: str, model: ModelConfig) -> pathlib.Path:
+        """The folder a reward model loads from: its path, or with an adapter, the cached
+        conversion of base + adapter (converted first if missing)."""
+        path = embedded.resolve(model.path, self.config.cache_path)
+        if not model.adapter:
+            return path
+        from align2.server.models.convert_reward import ConversionError, ensure_converted
+
+        tower = pathlib.Path(model.vision_tower).expanduser() if model.vision_tower else None
+        try:
+            return ensure_converted(
+                path, pathlib.Path(model.adapter).expanduser(), tower, self.config.cache_path
+            )
+        except ConversionError as exc:
+            raise ConfigError(f"models.{name}.adapter: {exc}") from exc
 
     def _check_align(self) -> None:
         """Before binding: the inner LLM's backend and the default template set exist."""

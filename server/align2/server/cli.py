@@ -1,4 +1,5 @@
-"""Server-side subcommands of the ``align2`` command: serve, build-models, train-heads.
+"""Server-side subcommands of the ``align2`` command: serve, build-models, train-heads,
+convert-reward.
 
 Argument parsing and the environment are read here only, then typed config is passed down.
 """
@@ -41,12 +42,51 @@ def _build_parser(sub: Any) -> None:
     p.add_argument("names", nargs="*", help="which ones (default: all)")
 
 
+def _convert_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "convert-reward",
+        help="convert an original-LLaVA base + PEFT LoRA reward adapter (the paper's release) "
+        "into an align2 reward checkpoint",
+    )
+    p.add_argument("--base", required=True, help="original-LLaVA base folder (llava-v1.5-7b)")
+    p.add_argument("--adapter", required=True, help="PEFT LoRA reward adapter folder")
+    p.add_argument("--out", required=True, help="folder to write; must not exist")
+    p.add_argument(
+        "--vision-tower",
+        help="CLIP folder the base's mm_vision_tower names (default: that name, if a folder)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights of the output (default auto: the base's)",
+    )
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+
+
+def convert(args: argparse.Namespace) -> int:
+    """Run convert-reward; a refused input exits with its message (status 1)."""
+    from align2.server.models.convert_reward import ConversionError, convert_reward
+
+    logs.setup(args.log_level, "text")
+    _no_progress_bars()
+    try:
+        out = convert_reward(
+            args.base, args.adapter, args.out, vision_tower=args.vision_tower, dtype=args.dtype
+        )
+    except (ConversionError, FileExistsError) as exc:
+        raise SystemExit(f"align2 convert-reward: {exc}") from None
+    print(out)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="align2", description="align2 server commands")
     sub = root.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _build_parser(sub)
     train_heads.add_parser(sub)
+    _convert_parser(sub)
     return root
 
 
@@ -102,6 +142,8 @@ async def serve(config: config_module.Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "convert-reward":  # reads no server config
+        return convert(args)
     try:
         config = config_module.load(getattr(args, "config", None), _overrides(args))
     except ConfigError as exc:

@@ -60,6 +60,14 @@ class ModelConfig:
     """Most tokens (text and image) per input; the method trains with 2048."""
     revision: str = ""
     """Reported revision; empty: a content hash of the folder's files."""
+    adapter: str = ""
+    """A PEFT LoRA reward adapter in the original LLaVA code's format (the paper's released
+    reward models); ``path`` is then its original-LLaVA base (llava-v1.5-7b). At start the
+    pair is converted once, as ``align2 convert-reward`` does, into ``server.cache_dir``
+    (keyed by the sha256 of every input file) and served from there. Reward models only."""
+    vision_tower: str = ""
+    """With ``adapter``: the CLIP folder the base's ``mm_vision_tower`` names (e.g.
+    clip-vit-large-patch14-336); empty: that name itself, when it is a folder here."""
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
@@ -172,10 +180,11 @@ class AlignConfig:
 class CurateConfig:
     """The Curate stream: score, select the top fractions per task type, align the kept.
 
-    Selection is per stream (a producer's own data; no state shared between streams or
-    replicas): a sample is kept when its score is among the top fraction of the last
-    ``window`` scores of its task type in the stream, itself included (see
-    align2/server/core/selection.py)."""
+    A sample is kept when its score is among the top fraction of the last ``window``
+    scores of its task type, itself included (see align2/server/core/selection.py): the
+    scores of its own stream, or of every stream naming the same selection key on this
+    server (never across replicas); or against thresholds the stream gives (calibration).
+    See align2/server/core/selector.py for the warm-up."""
 
     question_keep_fraction: float = 0.3
     """Default share kept by question score, per task type (the method's 30%)."""
@@ -183,6 +192,25 @@ class CurateConfig:
     """Default share of the question-kept kept by mean answer score (the method's 30%)."""
     window: int = 10000
     """Recent scores per task type and stage that a threshold is computed from."""
+    min_window: int = 100
+    """Default warm-up: a decision waits until its task's window holds this many scores
+    (seeds included), or until every in-flight slot of its stream holds a waiting sample,
+    or its stream's input has ended and all its remaining samples wait; then it is made
+    against the window as it is. 1: decide at once (the first sample of a task is kept).
+    At most ``window``."""
+    warm_up_idle_ms: int = 500
+    """A stream whose producer has sent nothing for this long, while every sample it has
+    in flight waits for a warm-up, has those decided at once against the window as it is:
+    a producer that waits for each decision before sending the next never deadlocks. 0:
+    never (only the in-flight bound or the end of input release them)."""
+    max_selection_keys: int = 64
+    """Selection keys live at once (in use, or idle within ``selection_key_idle_seconds``);
+    a stream naming a new one beyond: RESOURCE_EXHAUSTED. 0: no stream may name a key."""
+    selection_key_idle_seconds: float = 600.0
+    """How long a selection key's windows outlive the last stream that used it."""
+    max_seed_scores: int = 100_000
+    """Most calibration scores one stream's options may seed its windows with (both
+    stages, all task types together); more: INVALID_ARGUMENT."""
 
 
 @dataclass
@@ -276,6 +304,7 @@ class Config:
                         f"{', '.join(sorted(self.models)) or 'none'}"
                     )
         self._validate_align()
+        self._validate_adapters()
         positive = {
             "limits.max_samples_per_call": self.limits.max_samples_per_call,
             "batching.max_batch_size": self.batching.max_batch_size,
@@ -293,6 +322,19 @@ class Config:
             raise ConfigError("security.tls_client_ca_file needs tls_cert_file and tls_key_file")
         return self
 
+    def _validate_adapters(self) -> None:
+        scoring = (
+            {self.score.question_model, self.score.answer_model} if self.score.enabled else set()
+        )
+        for name, model in self.models.items():
+            if model.vision_tower and not model.adapter:
+                raise ConfigError(f"models.{name}.vision_tower: only used with an adapter")
+            if model.adapter and name not in scoring:
+                raise ConfigError(
+                    f"models.{name}.adapter: adapters are reward models (the paper's LoRA "
+                    f"reward adapters); {name!r} is not score.question_model or answer_model"
+                )
+
     def _validate_curate(self) -> None:
         curate = self.curate
         for key in ("question_keep_fraction", "answer_keep_fraction"):
@@ -301,6 +343,19 @@ class Config:
                 raise ConfigError(f"curate.{key}: must be in (0, 1], got {value}")
         if curate.window < 1:
             raise ConfigError(f"curate.window: must be at least 1, got {curate.window}")
+        if not 1 <= curate.min_window <= curate.window:
+            raise ConfigError(
+                f"curate.min_window: must be in 1..curate.window ({curate.window}), "
+                f"got {curate.min_window}"
+            )
+        for key in ("max_selection_keys", "max_seed_scores", "warm_up_idle_ms"):
+            if getattr(curate, key) < 0:
+                raise ConfigError(f"curate.{key}: must be >= 0, got {getattr(curate, key)}")
+        if not curate.selection_key_idle_seconds >= 0:
+            raise ConfigError(
+                "curate.selection_key_idle_seconds: must be >= 0, got "
+                f"{curate.selection_key_idle_seconds}"
+            )
         if self.limits.max_stream_inflight < 0:
             raise ConfigError(
                 f"limits.max_stream_inflight: must be >= 0, got {self.limits.max_stream_inflight}"

@@ -125,6 +125,13 @@ class Overloaded(Align2Error):
     retry_after = OVERLOADED_RETRY_SECONDS
 
 
+class TooManySelectionKeys(Align2Error):
+    """A Curate stream names a new selection key while the server already holds its limit
+    of live keys; ``retry_after``: when the longest-idle key expires (None: none is idle)."""
+
+    code = Code.RESOURCE_EXHAUSTED
+
+
 class DeadlineExpired(Align2Error):
     code = Code.DEADLINE_EXCEEDED
 

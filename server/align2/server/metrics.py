@@ -68,6 +68,17 @@ CURATE_DECISIONS = prom.Counter(
 CURATE_INFLIGHT = prom.Gauge(
     "align2_curate_inflight", "Samples of Curate streams being worked on (all streams)"
 )
+CURATE_SELECTION_KEYS = prom.Gauge(
+    "align2_curate_selection_keys",
+    "Live Curate selection keys (in use by a stream, or idle within their TTL)",
+)
+CURATE_WARM_UP_RELEASES = prom.Counter(
+    "align2_curate_warm_up_releases",
+    "Curate decisions made before their window reached min_window, by reason: "
+    "inflight_bound (every slot of the stream held), stream_end (its input ended), "
+    "producer_idle (nothing sent for curate.warm_up_idle_ms)",
+    ["reason"],
+)
 MODEL_INFO = prom.Gauge(
     "align2_model_info",
     "Loaded models (value 1)",

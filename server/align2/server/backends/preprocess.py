@@ -1,29 +1,65 @@
-"""Input preparation shared by the scoring backends: image mode and the text-length policy."""
+"""Input preparation shared by the scoring backends: image mode, reward token ids and the
+text-length policy.
+
+The image padding and the token ids follow the reference code (LLaVA's ``llava/mm_utils.py``,
+which Align2LLaVA's reward models were trained and run with) exactly: ``expand2square``
+and ``tokenizer_image_token``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from PIL import Image
 
 from align2.server.backends.base import InputTooLong
+from align2.server.core.templates import IMAGE_TOKEN
 from align2.server.errors import InvalidArgument
 
 
 def pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
     """Centre ``image`` on a square of the processor's mean colour (the method's ``pad``).
 
-    This is LLaVA's ``expand2square``: the whole image stays visible, the padding
-    normalises to zero.
+    This is LLaVA's ``expand2square`` (``llava/mm_utils.py``, which the reference trained
+    and ran with): the whole image stays visible. The colour is ``int(c * 255)`` per
+    channel, truncated as the reference does: (122, 116, 104) for CLIP's mean, where
+    rounding would give (123, 117, 104). A square image is returned as it is; the square
+    keeps the image's mode.
     """
     width, height = image.size
     if width == height:
         return image
     side = max(width, height)
-    background = tuple(round(c * 255) for c in mean[:3])
+    background = tuple(int(c * 255) for c in mean[:3])
     square = Image.new(image.mode, (side, side), background)
     square.paste(image, ((side - width) // 2, (side - height) // 2))
     return square
+
+
+def reward_ids(tokenizer: Any, text: str, image_ids: Sequence[int]) -> list[int]:
+    """Token ids of a reward template, as LLaVA's ``tokenizer_image_token`` builds them,
+    with the ``<image>`` marker replaced by ``image_ids`` (its expansion, or the marker id
+    where the engine expands it).
+
+    The text is split on the marker and each part is tokenised alone, with the tokenizer's
+    special tokens; when the first part starts with BOS, BOS is kept once and dropped from
+    the part after the image. So that part starts as a fresh text: a SentencePiece
+    tokenizer gives it its dummy-prefix piece, as in the reference's
+    ``[BOS, IMAGE, "▁", "<0x0A>", ...]`` for ``"<image>\\n..."``, which tokenising the
+    whole text at once keeps or drops depending on the tokenizer's settings (transformers'
+    Llama ``legacy``). A byte-level BPE (SmolVLM's) gives the same ids either way.
+    Raises ValueError unless ``text`` holds exactly one marker.
+    """
+    parts = text.split(IMAGE_TOKEN)
+    if len(parts) != 2:
+        raise ValueError(
+            f"a reward text holds exactly one {IMAGE_TOKEN} marker; this one has {len(parts) - 1}"
+        )
+    before, after = (list(tokenizer(part)["input_ids"]) for part in parts)
+    bos = tokenizer.bos_token_id
+    skip = 1 if bos is not None and before[:1] == [bos] else 0
+    return [*before, *image_ids, *after[skip:]]
 
 
 def text_budget(

@@ -1,7 +1,8 @@
 """The reference reward backend: a transformers vision-language model plus a scalar head.
 
-Contract (the method's definition of a score): the processor expands the template's
-``<image>`` marker, the tokenizer adds BOS and no EOS, and the score is
+Contract (the method's definition of a score): the ids are the reference's
+(``preprocess.reward_ids``: LLaVA's ``tokenizer_image_token``, BOS kept, no EOS) with the
+``<image>`` marker replaced by the ids the processor expands it into, and the score is
 ``score.weight @ h`` where ``h`` is the base model's final hidden state at the last
 non-padding position. Inputs are prepared one at a time and right-padded only when
 batched, so a score does not depend on its batch-mates (position ids are unchanged by
@@ -24,7 +25,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from align2.server.backends.base import ModelDescription, Prepared
 from align2.server.backends.checkpoint import read_reward_checkpoint
-from align2.server.backends.preprocess import pad_to_square, text_budget
+from align2.server.backends.preprocess import pad_to_square, reward_ids, text_budget
 from align2.server.backends.torch_device import (
     Interrupt,
     classify_device_error,
@@ -70,6 +71,7 @@ class TransformersScoring:
         if self._pad_id is None:
             self._pad_id = self._tokenizer.eos_token_id or 0
         self._mean = getattr(processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+        self._around_marker = _around_marker(self._tokenizer)
         # One thread owns the device: batches run one at a time, in order.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"device-{description.name}")
         self._interrupt = Interrupt(base, description.name)
@@ -107,19 +109,17 @@ class TransformersScoring:
         """Tokens one image takes, measured on a probe image; 0 when it varies by image."""
         if getattr(self._processor.image_processor, "do_image_splitting", False):
             return 0
-        probe = self._encode(IMAGE_TOKEN, Image.new("RGB", (32, 32)))
-        return int(probe["input_ids"].shape[-1]) - self._count_text_tokens(IMAGE_TOKEN)
+        return len(self._encode(Image.new("RGB", (32, 32)))[0])
 
     def prepare(
         self, text: str, image: Image.Image, *, max_text_tokens: int, truncate: bool
     ) -> Prepared:
         if self._image_mode == "pad":
             image = pad_to_square(image, self._mean)
-        encoded = self._encode(text, image)
-        ids = encoded.pop("input_ids")[0]
-        encoded.pop("attention_mask", None)
-        text_tokens = self._count_text_tokens(text)
-        image_tokens = len(ids) - text_tokens
+        expansion, images = self._encode(image)
+        ids = torch.tensor(reward_ids(self._tokenizer, text, expansion), dtype=torch.long)
+        image_tokens = len(expansion)
+        text_tokens = len(ids) - image_tokens  # BOS and the text
         keep = text_budget(
             text_tokens=text_tokens,
             image_tokens=image_tokens,
@@ -129,20 +129,22 @@ class TransformersScoring:
             truncate=truncate,
         )
         if keep < text_tokens:
-            ids = ids[: image_tokens + keep]
-        images = {k: v[0] for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+            ids = ids[: image_tokens + keep]  # the image comes right after BOS: cut text only
         return Prepared(len(ids), keep < text_tokens, _Inputs(ids, images))
 
-    def _encode(self, text: str, image: Image.Image) -> dict[str, torch.Tensor]:
+    def _encode(self, image: Image.Image) -> tuple[list[int], dict[str, torch.Tensor]]:
+        """The ids the processor expands ``<image>`` into for ``image``, and its image
+        tensors. The text around the marker is tokenised by reward_ids, as the reference
+        does, not by the processor."""
         # Idefics3 takes one list of images per text; LLaVA a flat list.
         images: list[Any] = [[image]] if self.description.family == "idefics3" else [image]
-        out = self._processor(text=[text], images=images, return_tensors="pt")
-        return dict(out)
-
-    def _count_text_tokens(self, text: str) -> int:
-        """BOS plus the template's text: ``<image>`` is one special token, so the rest of the
-        text tokenises the same with or without it."""
-        return len(self._tokenizer(text.replace(IMAGE_TOKEN, ""))["input_ids"])
+        out = dict(self._processor(text=[IMAGE_TOKEN], images=images, return_tensors="pt"))
+        ids = out.pop("input_ids")[0].tolist()
+        out.pop("attention_mask", None)
+        # The processor's ids are the marker's own special tokens (BOS) around the expansion.
+        start, end = self._around_marker
+        tensors = {k: v[0] for k, v in out.items() if isinstance(v, torch.Tensor)}
+        return ids[start : len(ids) - end], tensors
 
     # -- score (the device thread) -------------------------------------------------------
     async def score(self, batch: Sequence[Prepared]) -> list[float]:
@@ -193,6 +195,16 @@ class TransformersScoring:
         del self._base
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _around_marker(tokenizer: Any) -> tuple[int, int]:
+    """How many ids the tokenizer puts before and after a lone ``<image>`` marker (BOS: 1, 0)."""
+    ids = list(tokenizer(IMAGE_TOKEN)["input_ids"])
+    marker = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if ids.count(marker) != 1:
+        raise ValueError(f"the tokenizer does not keep {IMAGE_TOKEN} as one token: {ids}")
+    start = ids.index(marker)
+    return start, len(ids) - start - 1
 
 
 def _pad_right(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

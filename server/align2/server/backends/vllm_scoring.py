@@ -2,7 +2,8 @@
 by a continuous-batching engine.
 
 Contract (the same as transformers_scoring): the rendered template is tokenised by the
-checkpoint's own tokenizer (BOS as it adds it, no EOS), the image is padded to a square
+checkpoint's own tokenizer as the reference does (``preprocess.reward_ids``: LLaVA's
+``tokenizer_image_token``, BOS as it adds it, no EOS), the image is padded to a square
 with the processor's mean colour in ``pad`` mode, the ``<image>`` marker expands as the
 HF processor expands it, and the score is ``score.weight @ h`` for the final hidden state
 ``h`` at the last token, raw (no activation). vLLM runs the checkpoint with
@@ -37,7 +38,7 @@ from transformers import AutoProcessor
 
 from align2.server.backends.base import ModelDescription, Prepared
 from align2.server.backends.checkpoint import read_reward_checkpoint
-from align2.server.backends.preprocess import pad_to_square, text_budget
+from align2.server.backends.preprocess import pad_to_square, reward_ids, text_budget
 from align2.server.backends.vllm_common import (
     engine_device,
     engine_error,
@@ -167,13 +168,7 @@ class VllmScoring:
 
     def _marked_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` (BOS added, no EOS) holding exactly one marker id."""
-        ids = list(self._tokenizer(text)["input_ids"])
-        markers = ids.count(self._marker_id)
-        if markers != 1:
-            raise ValueError(
-                f"a reward text holds exactly one {IMAGE_TOKEN} marker; this one has {markers}"
-            )
-        return ids
+        return reward_ids(self._tokenizer, text, [self._marker_id])
 
     def _expansion(self, image: Image.Image) -> int:
         """Tokens the ``<image>`` marker becomes for ``image`` (the HF processor's count)."""

@@ -6,6 +6,9 @@
 - ``embedded``: the ``embedded:NAME`` defaults (real SmolLM2-135M-Instruct and two
   Idefics3 reward checkpoints over it), built on first use into a cache dir.
 - ``tokenizers``: the tiny byte-level BPE tokenizer the random models use.
+- ``convert_reward`` (with ``llava_original``, ``llava_tokenizer``, ``reward_inputs``): the
+  paper's released reward models (original-LLaVA base + PEFT LoRA adapter) as align2 reward
+  checkpoints; ``original_builders`` writes tiny inputs in that release format.
 """
 
 from align2.server.backends.checkpoint import SCORE_KEY

@@ -102,6 +102,7 @@ def build_llava_reward(
     patch_size: int = 14,
     with_score_head: bool = True,
     dtype: torch.dtype = torch.float32,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> pathlib.Path:
     """Write a random LLaVA-1.5-shaped model (reward checkpoint by default) to ``path``.
 
@@ -109,16 +110,19 @@ def build_llava_reward(
     only ("default" strategy), two-layer GELU projector; CLIP preprocessing (resize the
     shortest edge, centre crop, CLIP mean/std). ``<image>`` expands to
     :func:`llava_image_tokens` tokens. ``*_intermediate`` default to 4x the hidden size.
-    ``path`` must be missing or empty. Returns ``path``.
+    ``tokenizer``: one to use instead of the tiny BPE (e.g. a Llama SentencePiece one from
+    :func:`~align2.server.models.tokenizers.llama_tokenizer`); it must know ``<image>``,
+    and ``vocab_size`` is then ignored. ``path`` must be missing or empty. Returns ``path``.
     """
     if vision_layers < 2:
         raise ValueError("vision_layers must be at least 2 (features come from layer -2)")
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     folder = _empty_dir(path)
-    tokenizer = build_tokenizer(
-        LLAVA_SPECIAL_TOKENS, vocab_size=vocab_size, model_max_length=max_length
-    )
+    if tokenizer is None:
+        tokenizer = build_tokenizer(
+            LLAVA_SPECIAL_TOKENS, vocab_size=vocab_size, model_max_length=max_length
+        )
     n_image = llava_image_tokens(image_size, patch_size)
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden,

@@ -15,10 +15,12 @@ milliseconds on a fixed in-code corpus. Contract of :func:`build_tokenizer`:
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.tokenization_utils_base import generate_merges
 
 BOS = "<s>"
 EOS = "<|im_end|>"
@@ -124,6 +126,50 @@ def _train(specials: list[str], vocab_size: int) -> Tokenizer:
         single=f"{BOS} $A",
         pair=f"{BOS} $A $B:1",
         special_tokens=[(BOS, bos_id)],
+    )
+    return tokenizer
+
+
+def llama_tokenizer(
+    model_file: str | pathlib.Path,
+    special_tokens: Sequence[str] = LLAVA_SPECIAL_TOKENS,
+    *,
+    legacy: bool = False,
+    model_max_length: int = 2048,
+) -> LlamaTokenizer:
+    """Wrap a Llama-style SentencePiece BPE ``tokenizer.model`` (byte fallback, "▁" dummy
+    prefix) as transformers' LlamaTokenizer, the way Vicuna's ships.
+
+    The BPE merges are ordered by the pieces' scores, as SentencePiece applies them and as
+    the ``tokenizer.json`` files made by transformers 4 hold them. transformers 5 loading a
+    bare ``tokenizer.model`` orders them by id instead, which differs for Llama's
+    whitespace-only pieces (``"▁▁"`` is id 259 with score -1e9): ``"a  b"`` would become
+    ``["▁a", "▁▁", "b"]`` instead of SentencePiece's ``["▁a", "▁", "▁b"]``.
+
+    BOS is added, EOS is not; ``<pad>`` and ``special_tokens`` are appended after the
+    vocabulary, as llava-hf does. ``legacy`` is transformers' switch for the "▁" piece after
+    a special token: False (its default) drops it in ``"<image>\\n..."``, True keeps it.
+    """
+    import sentencepiece  # only this test-model helper needs it, not the server
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    scores = {piece: processor.get_score(i) for i, piece in enumerate(pieces)}
+    tokenizer = LlamaTokenizer(
+        vocab=vocab,
+        merges=generate_merges(vocab, scores),
+        unk_token=pieces[processor.unk_id()],
+        bos_token=pieces[processor.bos_id()],
+        eos_token=pieces[processor.eos_id()],
+        legacy=legacy,
+        add_bos_token=True,
+        add_eos_token=False,
+        model_max_length=model_max_length,
+        padding_side="right",
+    )
+    tokenizer.add_special_tokens(
+        {"pad_token": PAD, "additional_special_tokens": list(special_tokens)}
     )
     return tokenizer
 

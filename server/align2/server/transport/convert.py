@@ -208,6 +208,12 @@ def curate_options_from_proto(
             else None
         ),
         priority=priority_from_proto(message.priority, priority_metadata, "options.priority"),
+        selection_key=message.selection_key,
+        question_thresholds=dict(message.question_thresholds),
+        answer_thresholds=dict(message.answer_thresholds),
+        min_window=message.min_window if message.HasField("min_window") else None,
+        question_seed_scores={t: list(v.scores) for t, v in message.question_seed_scores.items()},
+        answer_seed_scores={t: list(v.scores) for t, v in message.answer_seed_scores.items()},
     )
 
 
@@ -247,6 +253,9 @@ def curated_to_proto(curated: Curated) -> pb.CurateResponse:
         scores=sample_score_to_proto(curated.scores),
         question_threshold=curated.question_threshold,
         answer_threshold=curated.answer_threshold,
+        question_window_size=curated.question_window_size,
+        answer_window_size=curated.answer_window_size,
+        warm_up=curated.warm_up,
     )
     if curated.aligned is not None:
         response.aligned.CopyFrom(sample_alignment_to_proto(curated.aligned))
@@ -360,6 +369,9 @@ def server_info_to_proto(
             max_streams=limits.max_streams,
             max_stream_inflight=limits.max_stream_inflight if config.curate_enabled else 0,
             max_new_tokens=config.align.max_new_tokens_limit,
+            selection_window=config.curate.window,
+            max_selection_keys=config.curate.max_selection_keys,
+            max_seed_scores=config.curate.max_seed_scores,
         ),
         batching=pb.Batching(
             max_batch_size=batching.max_batch_size,

@@ -1,0 +1,202 @@
+"""The scores of an offline curation run, kept in a JSONL file so that a rerun resumes.
+
+One line per scored sample and head::
+
+    {"id": "000000215677", "digest": "3f2a...", "head": "question", "revision": "a1b2c3d4e5f6",
+     "template_version": "align2llava-reward-v1", "score": 1.25}
+    {"id": "000000215677", "digest": "3f2a...", "head": "answer", "revision": "...",
+     "template_version": "...", "scores": [0.5, -0.25]}
+
+A score is reused only when all of (id, digest, head, revision, template_version) match:
+``digest`` is a hash of what the sample sends (image file name and texts), so an edited
+record, or another record under the same id, is scored afresh; ``revision`` is the
+server's ModelRef.revision of the head's model and ``template_version`` the
+ScoreResponse's, so a changed model or input template is too. Lines are appended and
+flushed per chunk of samples; a crash loses at most the chunks in flight. A truncated last
+line (a crash mid-write) is dropped when the file is opened again; any other unreadable
+line is ignored (its sample is scored again) and counted.
+
+Pure Python (no grpc).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import IO, Any
+
+from align2.client.types import Sample
+
+HEAD_QUESTION = "question"
+HEAD_ANSWER = "answer"
+_HEADS = (HEAD_QUESTION, HEAD_ANSWER)
+
+
+def sample_digest(sample: Sample) -> str:
+    """A hash of what a Score request carries for ``sample``: its image file name (its
+    bytes are not read) and its turns. Task and extra keys do not change a score."""
+    if sample.image_file is not None:
+        image = sample.image_file
+    elif isinstance(sample.image, bytes | bytearray | memoryview):
+        image = "sha256:" + hashlib.sha256(bytes(sample.image)).hexdigest()
+    else:
+        image = os.fspath(sample.image)
+    content = {"image": image, "turns": [[t.question, t.answer] for t in sample.turns]}
+    text = json.dumps(content, ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class ScoreKey:
+    """What a stored score is valid for."""
+
+    id: str
+    digest: str
+    head: str
+    revision: str
+    template_version: str
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """The identity of a head's model as the server reports it."""
+
+    head: str
+    revision: str
+    template_version: str
+
+    def key(self, sample_id: str, digest: str) -> ScoreKey:
+        return ScoreKey(sample_id, digest, self.head, self.revision, self.template_version)
+
+
+class ScoreStore:
+    """Scores read from, and appended to, one JSONL file (created when missing).
+
+    ``get`` answers from what the file held when opened plus what was added since;
+    ``add`` appends one chunk's scores and flushes them to disk. Use as a context manager.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = pathlib.Path(path)
+        self.loaded = 0  # entries read when opened
+        self.ignored_lines = 0  # unreadable lines other than a truncated last one
+        self._scores: dict[ScoreKey, float | tuple[float, ...]] = {}
+        self._drop_truncated_tail()
+        self._load()
+        self._out: IO[str] = self.path.open("a", encoding="utf-8")
+
+    def get(self, key: ScoreKey) -> float | tuple[float, ...] | None:
+        return self._scores.get(key)
+
+    def add(self, entries: Sequence[tuple[ScoreKey, float | Sequence[float]]]) -> None:
+        """Append and flush (to the disk, not only the OS) one chunk's scores."""
+        lines = []
+        for key, value in entries:
+            stored = float(value) if isinstance(value, int | float) else tuple(value)
+            self._scores[key] = stored
+            lines.append(json.dumps(_entry(key, stored), ensure_ascii=False) + "\n")
+        self._out.write("".join(lines))
+        self._out.flush()
+        os.fsync(self._out.fileno())
+
+    def close(self) -> None:
+        self._out.close()
+
+    def __enter__(self) -> ScoreStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _drop_truncated_tail(self) -> None:
+        """Cut a last line without its newline (an interrupted write), so that appending
+        does not glue the next entry to it."""
+        if not self.path.exists():
+            return
+        with self.path.open("rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            block = min(size, 1 << 20)
+            while True:  # find the last newline, reading backwards
+                f.seek(size - block)
+                data = f.read(block)
+                newline = data.rfind(b"\n")
+                if newline >= 0 or block == size:
+                    f.truncate(size - block + newline + 1)
+                    return
+                block = min(size, block * 2)
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open(encoding="utf-8") as f:
+            for line in f:
+                parsed = _parse(line)
+                if parsed is None:
+                    self.ignored_lines += bool(line.strip())
+                    continue
+                self._scores[parsed[0]] = parsed[1]
+                self.loaded += 1
+
+
+def _entry(key: ScoreKey, value: float | tuple[float, ...]) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "id": key.id,
+        "digest": key.digest,
+        "head": key.head,
+        "revision": key.revision,
+        "template_version": key.template_version,
+    }
+    if isinstance(value, tuple):
+        entry["scores"] = list(value)
+    else:
+        entry["score"] = value
+    return entry
+
+
+def _parse(line: str) -> tuple[ScoreKey, float | tuple[float, ...]] | None:
+    try:
+        entry = json.loads(line)
+        key = ScoreKey(
+            id=_text(entry["id"]),
+            digest=_text(entry["digest"]),
+            head=_text(entry["head"]),
+            revision=_text(entry["revision"]),
+            template_version=_text(entry["template_version"]),
+        )
+        if key.head == HEAD_QUESTION:
+            return key, _number(entry["score"])
+        if key.head == HEAD_ANSWER:
+            scores = entry["scores"]
+            if not isinstance(scores, list) or not scores:
+                return None
+            return key, tuple(_number(s) for s in scores)
+    except (ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(value)
+    return float(value)

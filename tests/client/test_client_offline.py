@@ -1,0 +1,429 @@
+"""``align2 curate FILE...`` (exact selection) against the fake server: what it keeps, task
+types, invalid records, resume after an interruption, the report and the plot.
+
+The fake scores a question by its sample id (digits; other ids score 0.0) and an answer
+turn by its length, so the test knows every score."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+from client_fakes import FakeCuration
+from reference_selection import reference_curate
+
+from align2.client import cli
+from align2.client.records import load_inputs
+from align2.client.scorestore import Scorer, ScoreStore
+from align2.v1 import curation_pb2 as pb
+
+
+def record(image_dir: pathlib.Path, rid: str, answers: list[str], **extra: Any) -> dict[str, Any]:
+    image = f"{rid}-{len(answers)}.png"
+    (image_dir / image).write_bytes(b"png")
+    conversations = []
+    for t, answer in enumerate(answers):
+        question = f"<image>\nQuestion {t} about {rid}?" if t == 0 else f"Question {t}?"
+        conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return {"id": rid, "image": image, "conversations": conversations, **extra}
+
+
+def write(path: pathlib.Path, records: list[dict[str, Any]]) -> pathlib.Path:
+    path.write_text(json.dumps(records))
+    return path
+
+
+def task_files(tmp_path: pathlib.Path) -> dict[str, list[dict[str, Any]]]:
+    """Three task files, ties everywhere: repeated ids (equal question scores), answers of
+    equal lengths; two turns in conversation."""
+    data = {
+        "complex_reasoning": [
+            record(tmp_path, str(i % 9), ["a" * (1 + i * 7 % 5)]) for i in range(14)
+        ],
+        "conversation": [
+            record(tmp_path, f"{i % 6:0{1 + i % 2}d}", ["a" * (i % 4 + 1), "b" * (5 - i % 3)])
+            for i in range(20)
+        ],
+        "detail": [record(tmp_path, str(30 - i), ["d" * (2 + i % 2)]) for i in range(10)],
+    }
+    for task, records in data.items():
+        write(tmp_path / f"{task}_test.json", records)
+    return data
+
+
+def expected_ids(data: dict[str, list[dict[str, Any]]], a: float, b: float) -> list[str]:
+    """The reference's selection on the scores the fake gives. The reference keys records
+    by image (and names its output by it): one image per record here."""
+    scores = {
+        task: {
+            "records": [{**r, "image": f"{task}/{n}.jpg"} for n, r in enumerate(records)],
+            "question": [float(r["id"]) if r["id"].isdigit() else 0.0 for r in records],
+            "answers": [
+                [float(len(m["value"])) for m in r["conversations"][1::2]] for r in records
+            ],
+        }
+        for task, records in data.items()
+    }
+    kept = []
+    for image in reference_curate(scores, a, b):
+        task, n = image.split("/")
+        kept.append(data[task][int(n)]["id"])
+    return kept
+
+
+def curate(fake: FakeCuration, *args: str | pathlib.Path) -> int:
+    return cli.main(["curate", *map(str, args), "--target", fake.target, "--no-progress"])
+
+
+def sent(fake: FakeCuration, head: int) -> int:
+    return sum(len(r.samples) for r in fake.requests if list(r.heads) == [head])
+
+
+def test_the_files_are_curated_as_the_reference_does(
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = task_files(tmp_path)
+    out, report = tmp_path / "kept.json", tmp_path / "report.json"
+    files = [
+        tmp_path / f"{task}_test.json" for task in ("detail", "conversation", "complex_reasoning")
+    ]
+    args = [*files, "--image-folder", tmp_path, "--out", out, "--report", report]
+    assert curate(fake, *args, "--question-keep", "0.5", "--answer-keep", "0.5") == 0
+    written = json.loads(out.read_text())
+    assert [r["id"] for r in written] == expected_ids(data, 0.5, 0.5)
+    by_position = [r for task in sorted(data) for r in data[task]]
+    assert all(r in by_position for r in written)  # records as read, nothing added
+    summary = json.loads(report.read_text())
+    assert summary["total"] == {
+        "records": 44,
+        "invalid": 0,
+        "question_kept": 22,
+        "kept": len(written),
+    }
+    assert summary["tasks"]["conversation"]["question"]["candidates"] == 20
+    assert summary["tasks"]["conversation"]["answer"] == {
+        "candidates": 10,
+        "kept": 5,
+        "scores": summary["tasks"]["conversation"]["answer"]["scores"],
+    }
+    assert summary["tasks"]["detail"]["question"]["scores"]["threshold"] == 26.0
+    assert summary["models"]["question"] == {"revision": "r1", "template_version": "t1"}
+    assert summary["scoring"] == {
+        "question": {"sent": 44, "stored": 0},
+        "answer": {"sent": 22, "stored": 0},
+    }
+    assert f"kept {len(written)} " in capsys.readouterr().err
+    # One head per request: the question head for all, the answer head for the 22 survivors.
+    assert sent(fake, pb.HEAD_QUESTION) == 44 and sent(fake, pb.HEAD_ANSWER) == 22
+
+
+def test_default_fractions(fake: FakeCuration, tmp_path: pathlib.Path) -> None:
+    data = task_files(tmp_path)
+    out = tmp_path / "kept.jsonl"
+    files = sorted(tmp_path.glob("*_test.json"))
+    assert curate(fake, *files, "--image-folder", tmp_path, "--out", out) == 0
+    kept = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert kept == expected_ids(data, 0.3, 0.3)
+    assert len(kept) == 2  # int(.3 * int(.3 N)): 1 + 1 + 0 for N = 14, 20, 10
+
+
+def stored_questions(files: list[pathlib.Path], scores: str) -> int:
+    """How many records of ``files`` have a question score in ``scores``."""
+    inputs = load_inputs(files, image_folder=files[0].parent)
+    scorer = Scorer("question", "r1", "t1")
+    with ScoreStore(scores) as store:
+        return sum(
+            store.get(scorer.key(r.sample.id, r.digest)) is not None
+            for records in inputs.tasks.values()
+            for r in records
+        )
+
+
+def test_a_rerun_after_a_server_failure_rescores_nothing_and_gives_the_same_output(
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    task_files(tmp_path)
+    files = sorted(tmp_path.glob("*_test.json"))
+    common = [*files, "--image-folder", tmp_path, "--chunk-size", "4", "--concurrency", "1"]
+    assert curate(fake, *common, "--out", tmp_path / "whole.json") == 0
+    fake.requests.clear()
+
+    fake.fail_scores_after = 3  # the server goes away after 3 chunks
+    out = tmp_path / "resumed.json"
+    assert curate(fake, *common, "--out", out, "--no-retry") == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+    assert not out.exists()
+    with ScoreStore(f"{out}.scores.jsonl") as store:
+        assert store.loaded == 12
+    stored = stored_questions(files, f"{out}.scores.jsonl")
+    fake.fail_scores_after = None
+    fake.requests.clear()
+    assert curate(fake, *common, "--out", out, "--report", tmp_path / "r.json") == 0
+    assert sent(fake, pb.HEAD_QUESTION) == 44 - stored  # only what was not stored
+    assert out.read_text() == (tmp_path / "whole.json").read_text()
+    scoring = json.loads((tmp_path / "r.json").read_text())["scoring"]
+    assert scoring["question"] == {"sent": 44 - stored, "stored": stored}
+
+    fake.requests.clear()  # a third run: everything stored, nothing sent
+    assert curate(fake, *common, "--out", out) == 0
+    assert fake.requests == []
+    assert out.read_text() == (tmp_path / "whole.json").read_text()
+
+
+def test_ctrl_c_keeps_the_scores_of_finished_chunks(
+    fake: FakeCuration, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task_files(tmp_path)
+    files = sorted(tmp_path.glob("*_test.json"))
+    common = [*files, "--image-folder", tmp_path, "--chunk-size", "5", "--concurrency", "2"]
+    assert curate(fake, *common, "--out", tmp_path / "whole.json") == 0
+    add = ScoreStore.add
+    calls = []
+
+    def interrupted_add(self: ScoreStore, entries: Any) -> None:
+        add(self, entries)
+        calls.append(len(entries))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ScoreStore, "add", interrupted_add)
+    out = tmp_path / "resumed.json"
+    assert curate(fake, *common, "--out", out) == 130
+    monkeypatch.undo()
+    fake.requests.clear()
+    stored = stored_questions(files, f"{out}.scores.jsonl")
+    assert sum(calls) == 15 and stored >= 15  # identical records share their stored score
+    assert curate(fake, *common, "--out", out) == 0
+    assert sent(fake, pb.HEAD_QUESTION) == 44 - stored
+    assert out.read_text() == (tmp_path / "whole.json").read_text()
+
+
+def test_a_real_ctrl_c_stops_the_command_and_the_rerun_resumes(
+    fake: FakeCuration, tmp_path: pathlib.Path
+) -> None:
+    task_files(tmp_path)
+    files = sorted(tmp_path.glob("*_test.json"))
+    common = [*files, "--image-folder", tmp_path, "--chunk-size", "4", "--concurrency", "1"]
+    assert curate(fake, *common, "--out", tmp_path / "whole.json") == 0
+    fake.requests.clear()
+    fake.gate, fake.hold_scores_after = threading.Event(), 3  # the 4th chunk hangs
+    out = tmp_path / "resumed.json"
+    command = [sys.executable, "-m", "align2.client", "curate", *map(str, common)]
+    command += ["--out", str(out), "--target", fake.target]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as process:
+        deadline = time.monotonic() + 30
+        while len(fake.requests) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling a subprocess: no event to wait on
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    assert "interrupted; every score so far is in" in err
+    fake.gate.set()
+    fake.hold_scores_after = None
+    stored = stored_questions(files, f"{out}.scores.jsonl")
+    assert stored == 12
+    fake.requests.clear()
+    assert curate(fake, *common, "--out", out) == 0
+    assert sent(fake, pb.HEAD_QUESTION) == 44 - stored
+    assert out.read_text() == (tmp_path / "whole.json").read_text()
+
+
+def test_a_changed_model_revision_is_scored_again(
+    fake: FakeCuration, tmp_path: pathlib.Path
+) -> None:
+    task_files(tmp_path)
+    files = sorted(tmp_path.glob("*_test.json"))
+    args = [*files, "--image-folder", tmp_path, "--out", tmp_path / "k.json"]
+    assert curate(fake, *args) == 0
+    fake.requests.clear()
+    fake.revisions["q"] = "r9"
+    assert curate(fake, *args, "--report", tmp_path / "r.json") == 0
+    scoring = json.loads((tmp_path / "r.json").read_text())["scoring"]
+    survivors = 4 + 6 + 3  # int(0.3 N) for N = 14, 20, 10: the same, their answers stored
+    assert scoring == {
+        "question": {"sent": 44, "stored": 0},
+        "answer": {"sent": 0, "stored": survivors},
+    }
+
+
+def test_duplicate_ids_are_ranked_apart_and_stored_apart(
+    fake: FakeCuration, tmp_path: pathlib.Path
+) -> None:
+    # Same id, different answers: two candidates with their own answer scores.
+    records = [record(tmp_path, "5", ["a" * n]) for n in (1, 9, 4, 6)]
+    source = write(tmp_path / "detail.json", records)
+    args = [source, "--image-folder", tmp_path, "--out", tmp_path / "k.json"]
+    assert curate(fake, *args, "--question-keep", "1", "--answer-keep", "0.5") == 0
+    first = json.loads((tmp_path / "k.json").read_text())
+    assert first == [records[1], records[3]]
+    fake.requests.clear()
+    assert curate(fake, *args, "--question-keep", "1", "--answer-keep", "0.5") == 0
+    assert fake.requests == [] and json.loads((tmp_path / "k.json").read_text()) == first
+
+
+def test_records_without_a_task_type_stop_the_run_unless_one_task(
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    merged = write(
+        tmp_path / "llava_instruct_158k.json",
+        [record(tmp_path, str(i), ["x" * i]) for i in range(1, 11)],
+    )
+    args = [merged, "--image-folder", tmp_path, "--out", tmp_path / "k.json"]
+    assert curate(fake, *args) == 2
+    err = capsys.readouterr().err
+    assert "llava_instruct_158k.json: 10 of 10 records have no task type" in err
+    assert "--task NAME" in err and "--one-task" in err and "'task' key" in err
+    assert fake.requests == []  # nothing scored
+
+    assert curate(fake, *args, "--one-task", "--report", tmp_path / "r.json") == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert list(report["tasks"]) == ["all"] and report["total"]["kept"] == 0  # int(.3*3)
+    assert curate(fake, *args, "--task", "detail") == 0
+
+    mixed = [record(tmp_path, "1", ["a"], task="detail"), record(tmp_path, "2", ["a"])]
+    args = [write(tmp_path / "mixed.json", mixed), "--out", tmp_path / "k.json"]
+    assert curate(fake, *args, "--image-folder", tmp_path) == 2
+    assert "mixed.json: 1 of 2 records have no task type (first: record 1, id '2')" in (
+        capsys.readouterr().err
+    )
+
+
+def invalid_data(tmp_path: pathlib.Path) -> pathlib.Path:
+    records = [record(tmp_path, str(i), ["a" * i]) for i in range(1, 11)]
+    records[2]["conversations"][0]["from"] = "gpt"  # malformed
+    records[4]["image"] = "missing.png"  # no such file
+    records[6]["id"] = "bad7"  # the server refuses it (INVALID_ARGUMENT)
+    return write(tmp_path / "detail_x.json", records)
+
+
+def test_invalid_records_stop_the_run_naming_the_record(
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = invalid_data(tmp_path)
+    args = [source, "--image-folder", tmp_path, "--out", tmp_path / "k.json"]
+    assert curate(fake, *args) == 2
+    err = capsys.readouterr().err
+    assert "record 2 (id '3'): conversations[0].from: expected 'human'" in err
+    assert "record 4 (id '5'): image: no such file" in err and "--skip-invalid" in err
+    assert fake.requests == []
+    # Only the one the server refuses: found while scoring, named the same way.
+    records = json.loads(source.read_text())
+    records[2]["conversations"][0]["from"] = "human"
+    records[4]["image"] = records[3]["image"]
+    write(source, records)
+    assert curate(fake, *args) == 2
+    assert "record 6 (id 'bad7'): INVALID_ARGUMENT: image: bad" in capsys.readouterr().err
+
+
+def test_skip_invalid_leaves_them_out_and_lists_them(
+    fake: FakeCuration, tmp_path: pathlib.Path
+) -> None:
+    source = invalid_data(tmp_path)
+    report = tmp_path / "r.json"
+    args = [source, "--image-folder", tmp_path, "--out", tmp_path / "k.json", "--report", report]
+    assert (
+        curate(fake, *args, "--skip-invalid", "--question-keep", "0.5", "--answer-keep", "1") == 0
+    )
+    summary = json.loads(report.read_text())
+    assert [(i["index"], i["id"], i["stage"]) for i in summary["invalid"]] == [
+        (2, "3", "read"),
+        (4, "5", "read"),
+        (6, "bad7", "question"),
+    ]
+    assert summary["total"] == {"records": 10, "invalid": 3, "question_kept": 3, "kept": 3}
+    assert summary["tasks"]["detail"]["question"]["candidates"] == 7  # N without the invalid
+    kept = [r["id"] for r in json.loads((tmp_path / "k.json").read_text())]
+    assert kept == ["10", "9", "8"]  # the top int(0.5 * 7) question scores
+
+
+def test_plot_draws_one_histogram_per_task_and_stage(
+    fake: FakeCuration, tmp_path: pathlib.Path
+) -> None:
+    from PIL import Image
+
+    task_files(tmp_path)
+    plot = tmp_path / "scores.png"
+    files = sorted(tmp_path.glob("*_test.json"))
+    assert (
+        curate(
+            fake, *files, "--image-folder", tmp_path, "--out", tmp_path / "k.json", "--plot", plot
+        )
+        == 0
+    )
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.size == (840, 660)
+
+
+def test_plot_without_pillow_is_a_clear_usage_error(
+    fake: FakeCuration,
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "PIL", None)
+    task_files(tmp_path)
+    files = sorted(tmp_path.glob("*_test.json"))
+    args = [*files, "--image-folder", tmp_path, "--out", tmp_path / "k.json", "--plot", "p.png"]
+    assert curate(fake, *args) == 2
+    assert "pip install pillow" in capsys.readouterr().err
+    assert fake.requests == []
+
+
+def test_stream_refuses_the_exact_selection_flags(
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert curate(fake, "x.json", "--out", tmp_path / "k.json", "--stream", "--one-task") == 2
+    assert "--one-task: not with --stream" in capsys.readouterr().err
+
+
+def test_a_server_without_score_stops_the_run(
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    task_files(tmp_path)
+    fake.services = ["Align"]
+    files = sorted(tmp_path.glob("*_test.json"))
+    args = [*files, "--image-folder", tmp_path, "--out", tmp_path / "k.json"]
+    assert curate(fake, *args) == 1
+    assert "does not serve Score" in capsys.readouterr().err
+
+
+def test_a_progress_bar_per_head_on_a_terminal_only(
+    fake: FakeCuration,
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    task_files(tmp_path)
+    files = sorted(tmp_path.glob("*_test.json"))
+    args = ["curate", *map(str, files), "--image-folder", str(tmp_path), "--target", fake.target]
+    assert cli.main([*args, "--out", str(tmp_path / "a.json")]) == 0
+    assert "sample/s" not in capsys.readouterr().err  # not a terminal: no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert cli.main([*args, "--out", str(tmp_path / "b.json")]) == 0
+    err = capsys.readouterr().err
+    assert "question head: 100%" in err and "answer head: 100%" in err
+    assert "44/44" in err and "sample/s" in err  # count, then the rate (and the ETA)
+
+
+def test_read_problems_name_the_record_once(tmp_path: pathlib.Path) -> None:
+    good = record(tmp_path, "1", ["a"])
+    no_id = {k: v for k, v in good.items() if k != "id"}
+    colon = {**good, "id": "a: b", "conversations": []}
+    source = write(tmp_path / "detail.json", [good, "text", no_id, colon])
+    inputs = load_inputs([source], image_folder=tmp_path, skip_invalid=True)
+    assert [str(i) for i in inputs.invalid] == [
+        f"{source}: record 1: record: expected an object, got str",
+        f"{source}: record 2: id: missing",
+        f"{source}: record 3 (id 'a: b'): conversations: expected a non-empty list of messages",
+    ]
+    assert [r.sample.id for r in inputs.tasks["detail"]] == ["1"]
+    assert inputs.files == {str(source): 4}

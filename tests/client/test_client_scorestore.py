@@ -1,0 +1,92 @@
+"""The resume file of offline curation: keys, append-and-reload, a truncated last line."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from align2.client import Sample, Turn
+from align2.client.scorestore import ScoreKey, Scorer, ScoreStore, sample_digest
+
+
+def key(sample_id: str = "1", revision: str = "r1", head: str = "question") -> ScoreKey:
+    return Scorer(head, revision, "t1").key(sample_id, "d" * 32)
+
+
+def test_scores_are_appended_and_read_back_exactly(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "s.jsonl"
+    with ScoreStore(path) as store:
+        store.add([(key("1"), 0.1 + 0.2), (key("2", head="answer"), [1.5, -2.25])])
+    with ScoreStore(path) as store:
+        assert store.loaded == 2 and store.ignored_lines == 0
+        assert store.get(key("1")) == 0.1 + 0.2  # the same float, bit for bit
+        assert store.get(key("2", head="answer")) == (1.5, -2.25)
+        assert store.get(key("2")) is None  # another head
+        assert store.get(key("1", revision="r9")) is None  # another model revision
+        assert store.get(Scorer("question", "r1", "t2").key("1", "d" * 32)) is None
+
+
+def test_a_truncated_last_line_is_dropped_and_appending_goes_on(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "s.jsonl"
+    with ScoreStore(path) as store:
+        store.add([(key("1"), 1.0), (key("2"), 2.0)])
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-9])  # a crash in the middle of the second line
+    with ScoreStore(path) as store:
+        assert store.loaded == 1 and store.ignored_lines == 0
+        assert store.get(key("2")) is None
+        store.add([(key("2"), 2.0)])
+    assert path.read_bytes() == whole  # the fragment is gone, not glued to the new line
+    with ScoreStore(path) as store:
+        assert store.get(key("1")) == 1.0 and store.get(key("2")) == 2.0
+
+
+def test_a_file_of_one_truncated_line_is_emptied(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"id": "1", "dig')
+    with ScoreStore(path) as store:
+        assert store.loaded == 0
+    assert path.read_text() == ""
+
+
+def test_unreadable_lines_are_ignored_and_counted(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "s.jsonl"
+    good = {
+        "id": "1",
+        "digest": "d" * 32,
+        "head": "question",
+        "revision": "r1",
+        "template_version": "t1",
+        "score": 3.0,
+    }
+    lines = [
+        json.dumps(good),
+        "not json",
+        json.dumps({**good, "score": "high"}),
+        json.dumps({**good, "head": "answer", "scores": []}),
+        "",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    with ScoreStore(path) as store:
+        assert store.loaded == 1 and store.ignored_lines == 3
+        assert store.get(key("1")) == 3.0
+
+
+def test_the_digest_follows_what_is_scored() -> None:
+    base = Sample(
+        id="1", image=pathlib.Path("/x/a.jpg"), turns=[Turn("Q?", "A.")], image_file="a.jpg"
+    )
+    same = Sample(
+        id="1",
+        image=pathlib.Path("/y/a.jpg"),
+        turns=[Turn("Q?", "A.")],
+        image_file="a.jpg",
+        task="detail",
+        extra={"k": 1},
+    )
+    assert sample_digest(base) == sample_digest(same)  # folder, task, extra keys: no matter
+    other_answer = Sample(id="1", image=base.image, turns=[Turn("Q?", "B.")], image_file="a.jpg")
+    other_image = Sample(id="1", image=base.image, turns=base.turns, image_file="b.jpg")
+    assert len({sample_digest(s) for s in (base, other_answer, other_image)}) == 3
+    in_memory = Sample(id="1", image=b"png", turns=base.turns)
+    assert sample_digest(in_memory) != sample_digest(Sample("1", b"gif", base.turns))
