@@ -47,3 +47,14 @@ def test_config_refuses_a_budget_a_lone_call_cannot_fit(value: int, message: str
         config.validate()
     config.limits.max_inflight_bytes = 0
     config.validate()
+
+
+def test_reports_each_drain_with_the_bytes_since_the_last() -> None:
+    drains: list[int] = []
+    budget = ByteBudget(100, on_drained=drains.append)
+    first, second = budget.claim(30), budget.claim(20)
+    first.release()
+    assert drains == []  # 20 bytes still in flight
+    second.release()
+    budget.claim(5).release()
+    assert drains == [50, 5]

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image
 
 from align2.client.types import Sample, Turn
-from align2.server import backends, metrics
+from align2.server import backends, memory, metrics
 from align2.server.backends.base import GenerationBackend, ModelDescription, ScoringBackend
 from align2.server.config import Config, ModelConfig
 from align2.server.core.align_types import AlignCall, DecodingOptions
@@ -93,7 +93,12 @@ class App:
         )
         self._health = health.aio.HealthServicer()
         self._status = StatusInterceptor()  # holds the calls in flight, for stop()
-        self.request_bytes = ByteBudget(config.limits.max_inflight_bytes)
+        self._trimmer = memory.HeapTrimmer(
+            config.server.trim_idle_seconds, lambda: self.request_bytes.in_flight == 0
+        )
+        self.request_bytes = ByteBudget(
+            config.limits.max_inflight_bytes, on_drained=self._trimmer.drained
+        )
         self._server: grpc.aio.Server | None = None
 
     # -- start ---------------------------------------------------------------------------
@@ -325,6 +330,7 @@ class App:
         for llm in self._llms.values():
             await llm.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._trimmer.close()
         if self._metrics is not None:
             self._metrics.close()
         if self.lifecycle.phase is not Phase.FAILED:

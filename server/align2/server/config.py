@@ -246,6 +246,11 @@ class ServerSection:
     """json: one JSON object per line with a request_id (for log shippers); text: plain."""
     log_payloads: bool = False
     """Log sample text at DEBUG level. Off: sample text and images are never logged."""
+    trim_idle_seconds: float = 1.0
+    """After a burst (the admitted request bytes drained, at least 64 MiB of them since the
+    last time) and this many seconds without a new call, hand freed heap memory back to the
+    operating system (glibc malloc_trim): glibc otherwise keeps it, and the process stays
+    at its peak size (docs/operating.md, "Memory"). -1: never."""
     torch_threads: int = 0
     """Intra-op threads for torch on CPU; 0 leaves torch's default."""
 

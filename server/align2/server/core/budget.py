@@ -10,6 +10,8 @@ Overloaded (RESOURCE_EXHAUSTED), so the request bytes held by admitted calls nev
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from align2.server import metrics
 from align2.server.errors import Overloaded
 
@@ -39,11 +41,17 @@ class ByteBudget:
 
     Every call fits when nothing else is in flight only if ``limit`` is at least the largest
     message the server accepts: the config check (``limits.max_inflight_bytes`` at least
-    ``limits.max_message_bytes``) guarantees it."""
+    ``limits.max_message_bytes``) guarantees it.
 
-    def __init__(self, limit: int) -> None:
+    ``on_drained(nbytes)`` is called each time the bytes in flight fall to zero, with the
+    bytes given back since the previous time: the end of a burst (the app then hands freed
+    memory back to the OS, align2.server.memory)."""
+
+    def __init__(self, limit: int, on_drained: Callable[[int], None] | None = None) -> None:
         self.limit = limit
         self.in_flight = 0
+        self._on_drained = on_drained
+        self._released = 0
         self._gauge = metrics.INFLIGHT_REQUEST_BYTES
 
     def fits(self, nbytes: int) -> bool:
@@ -68,4 +76,8 @@ class ByteBudget:
 
     def _give_back(self, nbytes: int) -> None:
         self.in_flight -= nbytes
+        self._released += nbytes
         self._gauge.set(self.in_flight)
+        if not self.in_flight and self._on_drained is not None:
+            released, self._released = self._released, 0
+            self._on_drained(released)
