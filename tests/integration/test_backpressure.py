@@ -1,5 +1,6 @@
 """Backpressure end to end: the request-bytes budget (limits.max_inflight_bytes) and the
-retry pushback of a full queue, on a real server with a tiny model, through align2.client."""
+retry pushback of a full queue (grpc-retry-pushback-ms), on a real server with a tiny
+model, through align2.client."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from google.rpc import error_details_pb2
 from PIL import Image
 from support import ServerThread, error_details
 
-from align2.client import AsyncCurationClient, Sample, Turn
+from align2.client import AsyncCurationClient, CurationClient, Sample, Turn
 from align2.server.config import Config, ModelConfig
+from align2.server.core.drain import MAX_RETRY_SECONDS, MIN_RETRY_SECONDS
 
 IMAGE_SIDE = 150  # an incompressible 150 x 150 RGB PNG: about 68 KB
 BUDGET = 200_000  # two such calls fit, a third does not
@@ -124,3 +126,47 @@ def test_calls_beyond_the_byte_budget_are_refused_and_the_budget_is_released(
             return await asyncio.gather(*(client.score([s]) for s in samples[:2]))
 
     assert all(r[0].error is None for r in asyncio.run(again()))
+
+
+async def _reserve(batcher: Any, count: int) -> Any:
+    return batcher.reserve(count)
+
+
+async def _release(reservation: Any) -> None:
+    reservation.release()
+
+
+async def _seconds_per_item(batcher: Any) -> float | None:
+    return batcher.drain.seconds_per_item  # type: ignore[no-any-return]
+
+
+def _pushback_ms(error: grpc.RpcError) -> int:
+    trailers = dict(error.trailing_metadata() or ())  # type: ignore[attr-defined]
+    return int(trailers["grpc-retry-pushback-ms"])
+
+
+def test_a_full_queue_pushes_back_each_refusal_to_its_turn(server: ServerThread) -> None:
+    batcher = server.app._runtimes["question"].batcher
+    per_item = server.call(_seconds_per_item(batcher))
+    assert per_item is not None  # measured from the warm-up batch at least
+    held = server.call(_reserve(batcher, batcher.max_queue))
+    refusals = []
+    try:
+        with CurationClient(server.target, retry=False, timeout=60) as client:
+            for i in range(2):
+                with pytest.raises(grpc.RpcError) as info:
+                    client.score([big_sample(i)])  # one turn: 2 forward passes
+                refusals.append(info.value)
+    finally:
+        server.call(_release(held))
+    first, second = (_pushback_ms(e) for e in refusals)
+    for error, pushback in zip(refusals, (first, second), strict=True):
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        retry = error_details(error)["RetryInfo"]
+        assert isinstance(retry, error_details_pb2.RetryInfo)
+        assert retry.retry_delay.ToMilliseconds() == pushback  # one delay, said twice
+    # The first caller's turn: once 2 items have finished at the measured pace (bounded).
+    assert first == round(min(max(2 * per_item, MIN_RETRY_SECONDS), MAX_RETRY_SECONDS) * 1000)
+    assert first <= second <= MAX_RETRY_SECONDS * 1000  # the next caller: the turn after
+    with CurationClient(server.target, timeout=60) as client:
+        assert client.score([big_sample(0)])[0].error is None

@@ -15,6 +15,7 @@ from align2.server.errors import (
     DeadlineExpired,
     DeviceOutOfMemory,
     InvalidArgument,
+    NoTurnBeforeDeadline,
     Overloaded,
     Unavailable,
 )
@@ -148,6 +149,25 @@ async def test_full_queue_fails_at_once_without_claiming() -> None:
     assert batcher.load == 0
     with pytest.raises(InvalidArgument, match=r"more than limits\.max_queue_items 4"):
         batcher.reserve(5)
+    await batcher.close()
+
+
+async def test_a_refusal_asks_to_come_back_when_its_turn_comes() -> None:
+    runner = FakeRunner()
+    batcher = make(runner, max_queue=4, max_delay=0.0)
+    assert await submit_all(batcher, [1, 2, 3, 4]) == [10.0, 20.0, 30.0, 40.0]
+    per_item = batcher.drain.seconds_per_item  # measured from those batches
+    assert per_item is not None and per_item > 0
+    held = batcher.reserve(4)
+    with pytest.raises(Overloaded) as first:
+        batcher.reserve(2)
+    with pytest.raises(Overloaded) as second:
+        batcher.reserve(2)
+    assert first.value.retry_after is not None and second.value.retry_after is not None
+    assert second.value.retry_after >= first.value.retry_after  # the next turn, not the same
+    with pytest.raises(NoTurnBeforeDeadline):  # its turn would come after its deadline
+        batcher.reserve(2, deadline=time.monotonic())
+    held.release()
     await batcher.close()
 
 

@@ -14,6 +14,7 @@ from align2.server.errors import (
     DeviceOutOfMemory,
     InvalidArgument,
     NotFound,
+    NoTurnBeforeDeadline,
     Overloaded,
     Unavailable,
     field_of,
@@ -137,3 +138,27 @@ def test_grpc_status_puts_the_status_in_the_details_trailer() -> None:
             return status.trailing_metadata
 
     assert rpc_status.from_call(Call()) == errors.rich_status(exc)
+
+
+@pytest.mark.parametrize(
+    ("exc", "pushback"),
+    [
+        (Overloaded("queue is full", retry_after=0.0374), "37"),
+        (Overloaded("budget"), "100"),
+        (NoTurnBeforeDeadline("queue is full; no turn before the deadline"), "-1"),
+        (DeviceOutOfMemory("oom"), "-1"),
+        (Unavailable("draining"), None),
+        (InvalidArgument("x: y"), None),
+    ],
+)
+def test_resource_exhausted_pushes_back_its_retry_delay(
+    exc: Exception, pushback: str | None
+) -> None:
+    """gRFC A6: the client's next attempt waits exactly grpc-retry-pushback-ms; a negative
+    value stops its retries."""
+    assert isinstance(exc, Overloaded | DeviceOutOfMemory | Unavailable | InvalidArgument)
+    trailers = dict(errors.grpc_status(exc).trailing_metadata)
+    assert trailers.get("grpc-retry-pushback-ms") == pushback
+    assert "grpc-status-details-bin" in trailers
+    if isinstance(exc, NoTurnBeforeDeadline):
+        assert "RetryInfo" not in unpack_details(errors.rich_status(exc))

@@ -110,8 +110,9 @@ class NotFound(Align2Error):
 
 
 OVERLOADED_RETRY_SECONDS = 0.1
-"""What an Overloaded refusal asks a client to wait: a queue drains in batches of a few
-tens of milliseconds, so a short wait (then the client's own backoff) is enough."""
+"""What an Overloaded refusal asks a client to wait when there is nothing better to go by:
+the request-bytes budget, or a queue before its first batch (a full queue otherwise gives
+each refused call its turn, core/drain.py)."""
 
 UNAVAILABLE_RETRY_SECONDS = 1.0
 """What a not-serving refusal asks a client to wait: warm-up takes seconds, and a
@@ -122,7 +123,15 @@ class Overloaded(Align2Error):
     """Admission refused: the queue is full. Raised before any work is done."""
 
     code = Code.RESOURCE_EXHAUSTED
-    retry_after = OVERLOADED_RETRY_SECONDS
+    retry_after: float | None = OVERLOADED_RETRY_SECONDS
+
+
+class NoTurnBeforeDeadline(Overloaded):
+    """Admission refused, and at the queue's present pace the call's turn would come only
+    after its deadline: retrying will not help (no RetryInfo; the client is told not to
+    retry)."""
+
+    retry_after = None
 
 
 class TooManySelectionKeys(Align2Error):

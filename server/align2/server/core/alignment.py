@@ -102,7 +102,7 @@ class Aligner:
                 f"samples: the call needs {needed} LLM requests, more than "
                 f"limits.max_llm_inflight {self._config.max_inflight_items}; split it"
             )
-        job = Job(resolved, self._runtime.reserve(needed) if needed else None)
+        job = Job(resolved, self._runtime.reserve(needed, call.deadline) if needed else None)
         try:
             results = await asyncio.gather(
                 *(

@@ -13,7 +13,8 @@ item alone and its batch-mates get their results.
 
 Admission is separate from submission: ``reserve(n)`` claims queue capacity for a call
 before any of its items is decoded or tokenised, and fails at once with Overloaded when the
-queue is full. The items then ``submit`` against that reservation.
+queue is full, asking the caller to come back when its turn comes (core/drain.py). The
+items then ``submit`` against that reservation.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from align2.server import metrics
+from align2.server.core.drain import DrainEstimate
 from align2.server.core.priority import Priority, PriorityQueue
 from align2.server.errors import (
     Align2Error,
@@ -36,6 +38,7 @@ from align2.server.errors import (
     DeadlineExpired,
     DeviceOutOfMemory,
     InvalidArgument,
+    NoTurnBeforeDeadline,
     Overloaded,
     Unavailable,
 )
@@ -133,6 +136,7 @@ class Batcher(Generic[T, R]):
         self._high_water = 0  # most items in flight since the current batch started
         self._expected = 0  # batch size the current load suggests
         self._gauge = metrics.QUEUE_DEPTH.labels(model=name)
+        self.drain = DrainEstimate()  # the retry delay of a refusal
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -158,8 +162,10 @@ class Batcher(Generic[T, R]):
         """Items admitted and not finished: reserved, queued or running."""
         return self._reserved + self._in_flight
 
-    def reserve(self, count: int) -> Reservation:
-        """Claim ``count`` queue slots at once, or raise Overloaded without claiming any."""
+    def reserve(self, count: int, deadline: float | None = None) -> Reservation:
+        """Claim ``count`` queue slots at once, or raise Overloaded without claiming any, with
+        the delay after which the caller's turn comes (NoTurnBeforeDeadline: not before
+        ``deadline``, a ``time.monotonic()`` instant)."""
         if self._closing:
             raise Unavailable("server is shutting down")
         if count > self.max_queue:
@@ -169,10 +175,16 @@ class Batcher(Generic[T, R]):
             )
         if self.load + count > self.max_queue:
             metrics.REJECTED.labels(reason="overloaded").inc(count)
-            raise Overloaded(
+            full = (
                 f"queue of model {self.name!r} is full: {self.load} of {self.max_queue} items "
-                f"in flight, the call needs {count}; retry with backoff"
+                f"in flight, the call needs {count}"
             )
+            delay = self.drain.retry_after(self.load, count, self.max_queue, deadline)
+            if delay is None:
+                raise NoTurnBeforeDeadline(
+                    f"{full}; at the present pace its turn would come after its deadline"
+                )
+            raise Overloaded(f"{full}; retry with backoff", retry_after=delay)
         self._reserved += count
         self._update_gauge()
         return Reservation(self, count)
@@ -311,6 +323,7 @@ class Batcher(Generic[T, R]):
             return
         finished = time.monotonic()
         metrics.COMPUTE_SECONDS.labels(model=self.name).observe(finished - started)
+        self.drain.observe(len(batch), finished - started)
         if len(results) != len(batch):
             self._fail_batch(
                 batch, BackendError(f"backend returned {len(results)} results for {len(batch)}")

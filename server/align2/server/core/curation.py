@@ -421,8 +421,10 @@ async def _when_admitted(attempt: Callable[[], Awaitable[T]], deadline: float | 
     while True:
         try:
             return await attempt()
-        except Overloaded:
+        except Overloaded as exc:
             pause = backoff * random.uniform(0.5, 1.0)  # jitter: waiting streams spread out
+            # The queue gave this sample a turn (its retry_after): not sooner than that.
+            pause = max(pause, exc.retry_after or 0.0)
             if deadline is not None and time.monotonic() + pause >= deadline:
                 raise
             await asyncio.sleep(pause)

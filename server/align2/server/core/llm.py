@@ -147,10 +147,11 @@ class GenerationRuntime:
         assert self._gate is not None
         return self._gate.load
 
-    def reserve(self, count: int) -> Slots:
-        """Claim ``count`` requests at once, or raise Overloaded claiming none."""
+    def reserve(self, count: int, deadline: float | None = None) -> Slots:
+        """Claim ``count`` requests at once, or raise Overloaded claiming none (with the
+        batcher's retry delay; ``deadline``: see Batcher.reserve)."""
         if self._batcher is not None:
-            return self._batcher.reserve(count)
+            return self._batcher.reserve(count, deadline)
         assert self._gate is not None
         return self._gate.reserve(count)
 

@@ -143,7 +143,7 @@ class Scorer:
             {} if problem else _plan(s, question, answer)
             for s, problem in zip(call.samples, problems, strict=True)
         ]
-        reservations = _reserve_all(plans)
+        reservations = _reserve_all(plans, call.deadline)
         try:
             results = await asyncio.gather(
                 *(
@@ -285,7 +285,9 @@ def _plan(
     return plan
 
 
-def _reserve_all(plans: Sequence[Plan]) -> dict[ScoringRuntime, Reservation]:
+def _reserve_all(
+    plans: Sequence[Plan], deadline: float | None
+) -> dict[ScoringRuntime, Reservation]:
     """Admission for the whole call: every model's slots, or none."""
     needed: dict[ScoringRuntime, int] = {}
     for plan in plans:
@@ -294,7 +296,7 @@ def _reserve_all(plans: Sequence[Plan]) -> dict[ScoringRuntime, Reservation]:
     reservations: dict[ScoringRuntime, Reservation] = {}
     try:
         for runtime, count in needed.items():
-            reservations[runtime] = runtime.batcher.reserve(count)
+            reservations[runtime] = runtime.batcher.reserve(count, deadline)
     except Align2Error:
         for reservation in reservations.values():
             reservation.release()

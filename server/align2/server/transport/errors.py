@@ -11,11 +11,18 @@ decodes (Python: ``grpc_status.rpc_status.from_call``). Its details:
 - NOT_FOUND of a named resource: ``ResourceInfo`` (type ``model`` or ``template``, name);
 - an error with ``retry_after`` (RESOURCE_EXHAUSTED from a full queue, UNAVAILABLE):
   ``RetryInfo``.
+
+A RESOURCE_EXHAUSTED error also carries ``grpc-retry-pushback-ms`` trailing metadata (gRFC
+A6): its ``retry_after`` in milliseconds, which gRPC's own client retry waits exactly
+instead of its jittered backoff, so that the server paces the retries of a burst
+(align2.server.core.drain); or -1 when it has none (retrying will not help: the call's turn
+would come after its deadline, a device out of memory), which stops gRPC's retries.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2, message
@@ -55,7 +62,7 @@ def details(exc: Align2Error) -> list[message.Message]:
         )
     if exc.retry_after is not None:
         delay = duration_pb2.Duration()
-        delay.FromNanoseconds(round(exc.retry_after * 1e9))
+        delay.FromMilliseconds(_milliseconds(exc.retry_after))  # as the pushback says it
         found.append(error_details_pb2.RetryInfo(retry_delay=delay))
     return found
 
@@ -70,8 +77,32 @@ def rich_status(exc: Align2Error) -> status_pb2.Status:
     return status_pb2.Status(code=int(exc.code), message=exc.message, details=packed)
 
 
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+def pushback(exc: Align2Error) -> tuple[tuple[str, str], ...]:
+    """The pushback trailer of a RESOURCE_EXHAUSTED ``exc`` (see the module doc): its
+    ``retry_after`` in milliseconds, or -1 (do not retry) when it has none."""
+    if exc.code is not Code.RESOURCE_EXHAUSTED:
+        return ()
+    delay = -1 if exc.retry_after is None else _milliseconds(exc.retry_after)
+    return ((PUSHBACK_KEY, str(delay)),)
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
+class _Status(grpc.Status):
+    def __init__(self, code: grpc.StatusCode, details: str, trailers: tuple[Any, ...]) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailers
+
+
 def grpc_status(exc: Align2Error) -> grpc.Status:
-    """The status to abort with: code, message, and the details trailer
-    (``grpc-status-details-bin``)."""
-    status: grpc.Status = rpc_status.to_status(rich_status(exc))
-    return status
+    """The status to abort with: code, message, the details trailer
+    (``grpc-status-details-bin``) and, for a retry-able RESOURCE_EXHAUSTED, the pushback."""
+    status = rpc_status.to_status(rich_status(exc))
+    trailers = tuple(status.trailing_metadata) + pushback(exc)
+    return _Status(status.code, status.details, trailers)
