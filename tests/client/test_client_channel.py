@@ -36,9 +36,23 @@ def test_retry_service_config() -> None:
     }
 
 
+def test_retry_throttling_is_in_the_service_config() -> None:
+    config = json.loads(RetryPolicy().service_config())
+    assert config["retryThrottling"] == {"maxTokens": 1000, "tokenRatio": 2.0}
+    custom = RetryPolicy(throttle_max_tokens=10, throttle_token_ratio=0.1234)
+    assert json.loads(custom.service_config())["retryThrottling"] == {
+        "maxTokens": 10,
+        "tokenRatio": 0.123,  # gRPC reads 3 decimals
+    }
+    assert "retryThrottling" not in json.loads(RetryPolicy(throttle_max_tokens=0).service_config())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        ({"throttle_max_tokens": 1001}, "throttle_max_tokens"),
+        ({"throttle_max_tokens": -1}, "throttle_max_tokens"),
+        ({"throttle_token_ratio": 0.0001}, "throttle_token_ratio"),
         ({"max_attempts": 1}, "max_attempts"),
         ({"max_attempts": 6}, "max_attempts"),
         ({"initial_backoff_seconds": 0.001}, "at least"),
