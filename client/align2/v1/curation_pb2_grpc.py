@@ -31,8 +31,10 @@ class CurationServiceStub:
     description (GetServerInfo). `limits.NAME` below is GetServerInfoResponse.limits.NAME.
     A call that fails as a whole gets a gRPC status (its message names the field and, where
     one applies, the limit): INVALID_ARGUMENT (a bad call-level field), NOT_FOUND (an
-    unknown model or template name), RESOURCE_EXHAUSTED (model queues full: at once, before
-    any work; retry with backoff), UNAVAILABLE (warming up or shutting down), UNIMPLEMENTED
+    unknown model or template name), RESOURCE_EXHAUSTED (model queues full, or the request
+    bytes over limits.max_inflight_bytes: at once, before any work; retry after the delay of
+    its grpc-retry-pushback-ms trailer and RetryInfo, not at all when the pushback is -1),
+    UNAVAILABLE (warming up or shutting down), UNIMPLEMENTED
     (an RPC this server has disabled; see GetServerInfoResponse.services), UNAUTHENTICATED
     (the server requires `authorization: Bearer <token>` metadata and got none or a wrong
     one). Problems of one sample are per-item errors (ItemError) instead and never fail the
@@ -73,8 +75,10 @@ class CurationServiceServicer:
     description (GetServerInfo). `limits.NAME` below is GetServerInfoResponse.limits.NAME.
     A call that fails as a whole gets a gRPC status (its message names the field and, where
     one applies, the limit): INVALID_ARGUMENT (a bad call-level field), NOT_FOUND (an
-    unknown model or template name), RESOURCE_EXHAUSTED (model queues full: at once, before
-    any work; retry with backoff), UNAVAILABLE (warming up or shutting down), UNIMPLEMENTED
+    unknown model or template name), RESOURCE_EXHAUSTED (model queues full, or the request
+    bytes over limits.max_inflight_bytes: at once, before any work; retry after the delay of
+    its grpc-retry-pushback-ms trailer and RetryInfo, not at all when the pushback is -1),
+    UNAVAILABLE (warming up or shutting down), UNIMPLEMENTED
     (an RPC this server has disabled; see GetServerInfoResponse.services), UNAUTHENTICATED
     (the server requires `authorization: Bearer <token>` metadata and got none or a wrong
     one). Problems of one sample are per-item errors (ItemError) instead and never fail the
@@ -156,8 +160,10 @@ class CurationService:
     description (GetServerInfo). `limits.NAME` below is GetServerInfoResponse.limits.NAME.
     A call that fails as a whole gets a gRPC status (its message names the field and, where
     one applies, the limit): INVALID_ARGUMENT (a bad call-level field), NOT_FOUND (an
-    unknown model or template name), RESOURCE_EXHAUSTED (model queues full: at once, before
-    any work; retry with backoff), UNAVAILABLE (warming up or shutting down), UNIMPLEMENTED
+    unknown model or template name), RESOURCE_EXHAUSTED (model queues full, or the request
+    bytes over limits.max_inflight_bytes: at once, before any work; retry after the delay of
+    its grpc-retry-pushback-ms trailer and RetryInfo, not at all when the pushback is -1),
+    UNAVAILABLE (warming up or shutting down), UNIMPLEMENTED
     (an RPC this server has disabled; see GetServerInfoResponse.services), UNAUTHENTICATED
     (the server requires `authorization: Bearer <token>` metadata and got none or a wrong
     one). Problems of one sample are per-item errors (ItemError) instead and never fail the
