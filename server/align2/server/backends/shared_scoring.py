@@ -56,7 +56,8 @@ class SharedBase:
     """The device side of one shared LLaVA base: its thread, active head and image cache.
 
     Contract: :meth:`hidden` runs only on :attr:`executor` (one thread), so activating a
-    head and the forward that uses it are one step. ``close`` once per :meth:`attach`.
+    head and the forward that uses it are one step. Each head calls :meth:`attach` once
+    and :meth:`release` once; the last release frees the model.
     """
 
     def __init__(
@@ -166,7 +167,7 @@ class SharedHeadScoring(TransformersScoring):
     def __init__(
         self, description: ModelDescription, shared: SharedBase, head: str, image_mode: str
     ) -> None:
-        weight = shared.heads[head].weight.to(device=shared.device, dtype=torch.float32)
+        weight = shared.heads[head].weight.to(shared.device, torch.float32, copy=True)
         super().__init__(
             description,
             shared.processor,
@@ -191,6 +192,7 @@ class SharedHeadScoring(TransformersScoring):
         return self._shared.hidden(self._head_name, inputs, ids, mask)
 
     def close(self) -> None:
+        del self._base  # this head's reference: the last head's release frees the model
         self._shared.release()
 
 

@@ -195,7 +195,9 @@ def _inject_lora(
                     f"{adapter.folder.name}: shape mismatch at {module_name}.{part}: "
                     f"{list(tensor.shape)}, the layer needs {list(linear.weight.shape)}"
                 )
-            linear.weight = torch.nn.Parameter(tensor.to(dtype).contiguous(), requires_grad=False)
+            # A copy: a .bin adapter's tensors are mapped from its file.
+            owned = tensor.to(dtype, memory_format=torch.contiguous_format, copy=True)
+            linear.weight = torch.nn.Parameter(owned, requires_grad=False)
         if layer.scaling[adapter_name] != adapter.scaling:
             raise ConversionError(
                 f"{adapter.folder.name}: PEFT scales {module_name} by "
