@@ -11,7 +11,9 @@ model must hold the base once.
 from __future__ import annotations
 
 import asyncio
+import json
 import pathlib
+import shutil
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,6 +38,7 @@ from align2.server.backends.transformers_scoring import TransformersScoring
 from align2.server.config import BatchingConfig, LimitsConfig, ModelConfig, ScoreConfig
 from align2.server.core.runtime import ScoringRuntime
 from align2.server.core.scoring import SampleScore, ScoreCall, Scorer
+from align2.server.errors import ConfigError
 from align2.server.models.convert_reward import convert_reward
 from align2.server.models.llava_original import read_adapter
 
@@ -279,3 +282,24 @@ def test_the_heads_release_the_base_when_the_last_one_closes(
     assert not hasattr(base, "model")
     with pytest.raises(RuntimeError):
         base.executor.submit(lambda: None)
+
+
+def test_adapters_that_describe_different_models_cannot_share_a_base(
+    original_llava: OriginalSet, tmp_path: pathlib.Path
+) -> None:
+    o = original_llava
+    other = tmp_path / "lora-other-layer"
+    shutil.copytree(o.answer, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(config | {"mm_vision_select_layer": -1}))
+    models = {
+        name: ModelConfig(
+            path=str(o.base), adapter=str(adapter), vision_tower=str(o.clip), share_base=True
+        )
+        for name, adapter in (("question", o.question), ("answer", other))
+    }
+    with pytest.raises(ConfigError, match=r"share_base: .*vision_feature_layer"):
+        load_shared_scoring(models)
+    models["answer"].adapter = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match=r"models\.answer\.adapter: adapter .* not a folder"):
+        load_shared_scoring(models)
