@@ -83,8 +83,9 @@ class CurationServiceServicer:
 
     def Score(self, request, context):
         """Reward-model scores for a batch of samples: the question score of each conversation,
-        the answer score of each turn and their mean. One result per sample, in request order;
-        a bad sample gets a per-item error and never fails its batch-mates.
+        the answer score of each turn and their mean; a turn with candidate answers gets the
+        score of each and the best. One result per sample, in request order; a bad sample gets
+        a per-item error and never fails its batch-mates.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,7 +103,9 @@ class CurationServiceServicer:
     def Curate(self, request_iterator, context):
         """Streaming curation: optional options first, then samples in; one decision per sample
         out, as it is made (scored, selected against the running top-fraction thresholds of
-        its task type in this stream, aligned when kept and asked for). The stream's rules:
+        its task type in this stream, aligned when kept and asked for). A sample with
+        candidate answers is ranked by the mean of its turns' best scores and kept with its
+        best candidates. The stream's rules:
         CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

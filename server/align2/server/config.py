@@ -85,6 +85,9 @@ class LimitsConfig:
     """Width x height, read from the image header before decoding (no decompression bombs)."""
     max_turns: int = 64
     """Question/answer turns in one sample."""
+    max_candidates: int = 16
+    """Candidate answers of one turn (best-of-n, Turn.answer_candidates); each is one forward
+    pass of the answer head."""
     max_streams: int = 100
     """Concurrent RPCs (HTTP/2 streams) per client connection; more wait in gRPC until one
     ends (gRPC's max_concurrent_streams)."""
@@ -278,6 +281,7 @@ class Config:
         self._validate_adapters()
         positive = {
             "limits.max_samples_per_call": self.limits.max_samples_per_call,
+            "limits.max_candidates": self.limits.max_candidates,
             "batching.max_batch_size": self.batching.max_batch_size,
             "batching.max_queue_items": self.batching.max_queue_items,
             "batching.preprocess_workers": self.batching.preprocess_workers,

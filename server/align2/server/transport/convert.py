@@ -316,6 +316,7 @@ def server_info_to_proto(
             max_image_bytes=limits.max_image_bytes,
             max_image_pixels=limits.max_image_pixels,
             max_turns=limits.max_turns,
+            max_candidates=limits.max_candidates,
             max_text_tokens=limits.max_text_tokens,
             truncation=limits.truncation,
             max_queue_items=batching.max_queue_items,
