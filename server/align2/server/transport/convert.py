@@ -262,6 +262,10 @@ def sample_score_to_proto(result: SampleScore) -> pb.ScoreResult:
         answer_scores=result.answer_scores,
         answer_score=result.answer_score,
         answer_truncated=result.answer_truncated,
+        answer_candidates=[
+            pb.CandidateScores(scores=c.scores, best=c.best, truncated=c.truncated)
+            for c in result.candidates
+        ],
     )
 
 
