@@ -4,6 +4,7 @@ align2.client."""
 from __future__ import annotations
 
 import asyncio
+import io
 import math
 import pathlib
 import time
@@ -14,6 +15,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
 from support import ServerThread, error_details, jpeg, png
 
 from align2.client import AsyncCurationClient, CurationClient, Sample, Turn
@@ -214,6 +216,53 @@ def test_oversized_image_bytes_fail_alone(client: CurationClient) -> None:
     assert results[0].error is None
     assert results[1].error is not None
     assert "exceeds limits.max_image_bytes 200000" in results[1].error.message
+
+
+def test_an_unknown_image_marker_fails_the_call_naming_the_sample(server: ServerThread) -> None:
+    samples = [pb.Sample(id="a", image=png(), turns=[pb.Turn(question="Q?", answer="A.")])] * 2
+    samples[1] = pb.Sample(id="b", image=png(), image_marker=9, turns=samples[0].turns)
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.CurationServiceStub(channel).Score(pb.ScoreRequest(samples=samples))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("samples[1].image_marker: unknown value 9; valid: ")
+    bad = error_details(info.value)["BadRequest"]
+    assert isinstance(bad, error_details_pb2.BadRequest)
+    assert [v.field for v in bad.field_violations] == ["samples[1].image_marker"]
+
+
+def test_exif_orientation_is_ignored_unless_configured(
+    server: ServerThread, tiny_llava: pathlib.Path
+) -> None:
+    stored = Image.effect_noise((48, 24), 60).convert("RGB")
+    turned = stored.transpose(Image.Transpose.ROTATE_270)  # what orientation 6 displays
+
+    def encoded(image: Image.Image, orientation: int | None = None) -> bytes:
+        exif = Image.Exif()
+        if orientation is not None:
+            exif[0x0112] = orientation
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", exif=exif.tobytes())
+        return buffer.getvalue()
+
+    def scores(target: str, *images: bytes) -> list[float | None]:
+        with CurationClient(target, timeout=60) as c:
+            samples = [
+                Sample(id=str(i), image=im, turns=[Turn("Q?", "A.")]) for i, im in enumerate(images)
+            ]
+            return [r.question_score for r in c.score(samples, heads=["question"])]
+
+    tagged = encoded(stored, orientation=6)
+    default = scores(server.target, tagged, encoded(stored), encoded(turned))
+    assert default[0] == pytest.approx(default[1], abs=1e-6)  # the stored pixels, as the
+    assert default[0] != pytest.approx(default[2], abs=1e-6)  # reference code reads them
+    transposing = ServerThread(
+        config_for(tiny_llava, tiny_llava, score__image_exif_transpose=True)
+    ).start()
+    try:
+        [applied] = scores(transposing.target, tagged)
+    finally:
+        transposing.stop()
+    assert applied == pytest.approx(default[2], abs=1e-6)  # as displayed
 
 
 def test_too_many_samples_fails_the_call(server: ServerThread) -> None:

@@ -85,12 +85,20 @@ def sample(i: int, task: str = "detail") -> Sample:
 
 
 def curator(
-    scorer: ScriptedScorer, inflight: int = 4, lifecycle: Lifecycle | None = None
+    scorer: ScriptedScorer,
+    inflight: int = 4,
+    lifecycle: Lifecycle | None = None,
+    min_window: int = 1,
+    **config: Any,
 ) -> Curator:
+    """A Curator over ``scorer``. ``min_window`` 1 (decide each sample as its score comes,
+    the first of a task kept) unless a test is about the warm-up: the stream mechanics
+    tested here read more plainly with decisions made at once."""
     lifecycle = lifecycle or Lifecycle()
     lifecycle.phase = Phase.SERVING if lifecycle.phase is Phase.STARTING else lifecycle.phase
     limits = LimitsConfig(max_stream_inflight=inflight)
-    return Curator(scorer, None, CurateConfig(window=100), limits, lifecycle)  # type: ignore[arg-type]
+    settings = CurateConfig(window=100, min_window=min_window, **config)
+    return Curator(scorer, None, settings, limits, lifecycle)  # type: ignore[arg-type]
 
 
 async def feed(items: Iterable[Any]) -> AsyncIterator[Any]:

@@ -245,6 +245,9 @@ def curate_result_from_proto(message: pb.CurateResponse, original: Sample) -> Cu
         aligned=aligned,
         error=error,
         sample=kept,
+        question_window_size=message.question_window_size,
+        answer_window_size=message.answer_window_size,
+        warm_up=message.warm_up,
     )
 
 

@@ -304,10 +304,12 @@ class CurateResult:
     "dropped_answer" (below its task's answer threshold, among the question-kept) or
     "error" (then ``error`` says why; the scores computed before it stay). ``scores``: the
     question score, and the answer scores when the question stage kept it. The thresholds
-    are those in force at the decision, for the stages it reached. ``aligned``: set when it
-    was kept and the stream asked to align. ``sample``: for a kept sample, the sample as kept
-    (each turn's best candidate as its answer when it had candidates; restyled when
-    aligned), ready for ``write_llava``; None otherwise.
+    are those in force at the decision, for the stages it reached; ``*_window_size``: how
+    many scores each was ranked among (0: a threshold the stream gave), and ``warm_up``:
+    True when a stage decided before its window held the stream's ``min_window`` scores.
+    ``aligned``: set when it was kept and the stream asked to align. ``sample``: for a kept
+    sample, the sample as kept (each turn's best candidate as its answer when it had
+    candidates; restyled when aligned), ready for ``write_llava``; None otherwise.
     """
 
     id: str
@@ -318,6 +320,9 @@ class CurateResult:
     aligned: AlignResult | None = None
     error: ItemError | None = None
     sample: Sample | None = None
+    question_window_size: int = 0
+    answer_window_size: int = 0
+    warm_up: bool = False
 
     @property
     def kept(self) -> bool:
@@ -341,6 +346,9 @@ class CurateResult:
             "scores": scores,
             "question_threshold": self.question_threshold,
             "answer_threshold": self.answer_threshold,
+            "question_window_size": self.question_window_size,
+            "answer_window_size": self.answer_window_size,
+            "warm_up": self.warm_up,
             "aligned": aligned,
             "error": _error_dict(self.error),
         }

@@ -62,10 +62,11 @@ class CurationServiceStub:
     """
     Curate: _grpc.StreamStreamMultiCallable[_curation_pb2.CurateRequest, _curation_pb2.CurateResponse]
     """Streaming curation: optional options first, then samples in; one decision per sample
-    out, as it is made (scored, selected against the running top-fraction thresholds of
-    its task type in this stream, aligned when kept and asked for). A sample with
-    candidate answers is ranked by the mean of its turns' best scores and kept with its
-    best candidates. The stream's rules:
+    out, as it is made (scored, selected against the top-fraction threshold of its task
+    type: running over the scores of this stream, or of every stream of the same
+    CurateOptions.selection_key on this replica, or given by a calibration; aligned when
+    kept and asked for). A sample with candidate answers is ranked by the mean of its
+    turns' best scores and kept with its best candidates. The stream's rules:
     CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
     """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_curation_pb2.GetServerInfoRequest, _curation_pb2.GetServerInfoResponse]
@@ -102,10 +103,11 @@ class CurationServiceAsyncStub(CurationServiceStub):
     """
     Curate: _aio.StreamStreamMultiCallable[_curation_pb2.CurateRequest, _curation_pb2.CurateResponse]  # type: ignore[assignment]
     """Streaming curation: optional options first, then samples in; one decision per sample
-    out, as it is made (scored, selected against the running top-fraction thresholds of
-    its task type in this stream, aligned when kept and asked for). A sample with
-    candidate answers is ranked by the mean of its turns' best scores and kept with its
-    best candidates. The stream's rules:
+    out, as it is made (scored, selected against the top-fraction threshold of its task
+    type: running over the scores of this stream, or of every stream of the same
+    CurateOptions.selection_key on this replica, or given by a calibration; aligned when
+    kept and asked for). A sample with candidate answers is ranked by the mean of its
+    turns' best scores and kept with its best candidates. The stream's rules:
     CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
     """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_curation_pb2.GetServerInfoRequest, _curation_pb2.GetServerInfoResponse]  # type: ignore[assignment]
@@ -157,10 +159,11 @@ class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_curation_pb2.CurateResponse], _abc.AsyncIterator[_curation_pb2.CurateResponse]]:
         """Streaming curation: optional options first, then samples in; one decision per sample
-        out, as it is made (scored, selected against the running top-fraction thresholds of
-        its task type in this stream, aligned when kept and asked for). A sample with
-        candidate answers is ranked by the mean of its turns' best scores and kept with its
-        best candidates. The stream's rules:
+        out, as it is made (scored, selected against the top-fraction threshold of its task
+        type: running over the scores of this stream, or of every stream of the same
+        CurateOptions.selection_key on this replica, or given by a calibration; aligned when
+        kept and asked for). A sample with candidate answers is ranked by the mean of its
+        turns' best scores and kept with its best candidates. The stream's rules:
         CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
         """
 

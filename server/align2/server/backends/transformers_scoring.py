@@ -27,6 +27,7 @@ from align2.server.backends.base import ModelDescription, Prepared
 from align2.server.backends.checkpoint import read_reward_checkpoint
 from align2.server.backends.preprocess import pad_to_square, reward_ids, text_budget
 from align2.server.backends.torch_device import (
+    Interrupt,
     classify_device_error,
     prepare_device,
     resolve_device,
@@ -73,6 +74,7 @@ class TransformersScoring:
         self._around_marker = _around_marker(self._tokenizer)
         # One thread owns the device: batches run one at a time, in order.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"device-{description.name}")
+        self._interrupt = Interrupt(base, description.name)
 
     @classmethod
     def load(cls, name: str, config: ModelConfig, path: pathlib.Path) -> TransformersScoring:
@@ -187,6 +189,8 @@ class TransformersScoring:
             raise classify_device_error(exc, self.description.name) from exc
 
     def close(self) -> None:
+        """Stop the batch still running (within one layer), then free the device."""
+        self._interrupt.set()
         self._executor.shutdown(wait=True)
         del self._base
         if self._device.type == "cuda":

@@ -251,6 +251,7 @@ class Scorer:
                 sample.image_bytes(),
                 max_bytes=self._limits.max_image_bytes,
                 max_pixels=self._limits.max_image_pixels,
+                exif_transpose=self._config.image_exif_transpose,
             )
             done = await all_or_first_error(
                 self._score_item(rt, item, image, reservations[rt], submitted, call)
