@@ -189,6 +189,8 @@ def test_bad_items_fail_alone_with_field_named(client: CurationClient) -> None:
         Sample(id="no-answer", image=png(), turns=[Turn("Q?", "")]),
         Sample(id="gif", image=_gif(), turns=[Turn("Q?", "A.")]),
         sample(7),
+        # 12,000 pixels, but the model pads it to 1200 x 1200 = 1.44 MP (image_mode pad).
+        Sample(id="thin", image=png(10, 1200), turns=[Turn("Q?", "A.")]),
     ]
     results = client.score(samples)
     by_id = {r.id: r for r in results}
@@ -200,6 +202,7 @@ def test_bad_items_fail_alone_with_field_named(client: CurationClient) -> None:
         "pixels": "samples[4].image: 1200x1000 = 1200000 pixels exceeds limits.max_image_pixels",
         "no-answer": "samples[5].turns[0].answer: empty",
         "gif": "samples[6].image: not a readable JPEG, PNG or WebP",
+        "thin": ".image: 10x1200 pads to a 1200x1200 square = 1440000 pixels",  # 2nd chunk
     }
     for key, message in expect.items():
         error = by_id[key].error

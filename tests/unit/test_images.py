@@ -48,3 +48,15 @@ def test_open_image_checks_the_header_without_decoding() -> None:
     assert open_image(truncated, **LIMITS).size == (64, 64)  # only decoding finds the rest
     with pytest.raises(InvalidArgument, match=r"^image: corrupt PNG data"):
         decode_image(truncated, **LIMITS)
+
+
+def test_a_padded_model_limits_the_square_not_the_image() -> None:
+    # 20 x 8000 = 160,000 pixels, but padding makes an 8000 x 8000 square: 64 Mpx.
+    thin = encoded(Image.new("RGB", (20, 8000), (9, 9, 9)), "PNG")
+    assert len(thin) < 5_000  # a tiny file
+    limits = {"max_bytes": 1_000_000, "max_pixels": 40_000_000}
+    assert open_image(thin, **limits).size == (20, 8000)  # square mode: nothing is padded
+    with pytest.raises(InvalidArgument, match=r"pads to a 8000x8000 square = 64000000 pixels"):
+        decode_image(thin, **limits, padded=True)
+    ordinary = encoded(Image.new("RGB", (640, 480)), "PNG")
+    assert decode_image(ordinary, **limits, padded=True).size == (640, 480)

@@ -412,7 +412,8 @@ class Sample(_message.Message):
     """
     image: _builtins.bytes
     """The encoded image: JPEG, PNG or WebP bytes, at most limits.max_image_bytes bytes and
-    limits.max_image_pixels pixels (width x height, read from the header before decoding).
+    limits.max_image_pixels pixels (width x height, read from the header before decoding;
+    the longer side squared when a model pads images to a square, ModelInfo.image_mode pad).
     Score and Curate need it: empty, unreadable or too large fails the sample with
     INVALID_ARGUMENT. Align does not decode it (the inner LLM is text-only): it may be
     empty; if sent, a format or size its header does not pass fails the sample the same way.
@@ -1643,8 +1644,9 @@ class Limits(_message.Message):
     default 16 MiB.
     """
     max_image_pixels: _builtins.int
-    """Most pixels (width x height, read from the header before decoding) of one image; more:
-    INVALID_ARGUMENT for the sample. Config default 40,000,000.
+    """Most pixels (width x height, read from the header before decoding) of one image, or of
+    the square it is padded to (longer side squared) for a model whose image_mode is pad;
+    more: INVALID_ARGUMENT for the sample. Config default 40,000,000.
     """
     max_turns: _builtins.int
     """Most turns in one sample; more: INVALID_ARGUMENT for the sample. Config default 64."""

@@ -82,7 +82,9 @@ class LimitsConfig:
     max_image_bytes: int = 16 * MiB
     """Encoded size of one image."""
     max_image_pixels: int = 40_000_000
-    """Width x height, read from the image header before decoding (no decompression bombs)."""
+    """Width x height, read from the image header before decoding (no decompression bombs);
+    for a model that pads images to a square (image_mode pad), the padded square's pixels,
+    i.e. the longer side squared: what is actually allocated."""
     max_turns: int = 64
     """Question/answer turns in one sample."""
     max_candidates: int = 16

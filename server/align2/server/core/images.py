@@ -21,9 +21,15 @@ from align2.server.errors import InvalidArgument
 FORMATS = ("JPEG", "PNG", "WEBP")
 
 
-def open_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+def open_image(
+    data: bytes, *, max_bytes: int, max_pixels: int, padded: bool = False
+) -> Image.Image:
     """The image opened from its header, not decoded: the checks that need no pixels.
-    Raises InvalidArgument. Align uses it alone (it never reads the pixels)."""
+    Raises InvalidArgument. Align uses it alone (it never reads the pixels).
+
+    ``padded``: a model will pad it to a square of its longer side (image_mode "pad"), so
+    the limit applies to that square: what is allocated grows with the square of the long
+    side (a 1.5 KB 20x8000 PNG becomes 64 Mpx), not with width x height."""
     if not data:
         raise InvalidArgument("image: empty; send JPEG, PNG or WebP bytes")
     if len(data) > max_bytes:
@@ -47,15 +53,26 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
             f"image: {width}x{height} = {width * height} pixels exceeds "
             f"limits.max_image_pixels {max_pixels}"
         )
+    side = max(width, height)
+    if padded and side * side > max_pixels:
+        raise InvalidArgument(
+            f"image: {width}x{height} pads to a {side}x{side} square = {side * side} pixels "
+            f"(image_mode pad), exceeds limits.max_image_pixels {max_pixels}"
+        )
     return image
 
 
 def decode_image(
-    data: bytes, *, max_bytes: int, max_pixels: int, exif_transpose: bool = False
+    data: bytes,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    exif_transpose: bool = False,
+    padded: bool = False,
 ) -> Image.Image:
     """Return the image as RGB, or raise InvalidArgument. ``exif_transpose``: turn it as
-    its EXIF orientation says (a no-op without one)."""
-    image = open_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    its EXIF orientation says (a no-op without one); ``padded``: see :func:`open_image`."""
+    image = open_image(data, max_bytes=max_bytes, max_pixels=max_pixels, padded=padded)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:

@@ -252,6 +252,7 @@ class Scorer:
                 max_bytes=self._limits.max_image_bytes,
                 max_pixels=self._limits.max_image_pixels,
                 exif_transpose=self._config.image_exif_transpose,
+                padded=any(rt.backend.description.image_mode == "pad" for rt in plan),
             )
             done = await all_or_first_error(
                 self._score_item(rt, item, image, reservations[rt], submitted, call)
