@@ -9,7 +9,7 @@ SETUP_STAMP := $(VENV)/.align2-setup
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup lock models serve test lint format protos docs bench-score bench-align clean
+.PHONY: setup lock models serve test lint format protos docs bench-score bench-align bench-select clean
 
 setup: $(SETUP_STAMP)
 
@@ -65,6 +65,9 @@ bench-score: models
 
 bench-align: models
 	$(BIN)/python bench/align.py
+
+bench-select: setup
+	$(BIN)/python bench/online_selection.py
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

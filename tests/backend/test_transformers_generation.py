@@ -13,13 +13,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from align2.server import metrics
 from align2.server.backends.base import ChoiceRequest, Decoding, GenerationRequest, Message
 from align2.server.backends.chat import VICUNA_SYSTEM, Prompts, prompt_ids
 from align2.server.backends.decoding import generate_batch
 from align2.server.backends.transformers_generation import TransformersGeneration
-from align2.server.config import ModelConfig
+from align2.server.config import BatchingConfig, ModelConfig
+from align2.server.core.llm import GenerationRuntime
+from align2.server.core.priority import Priority
 from align2.server.core.prompts import TemplateLibrary
-from align2.server.errors import InvalidArgument
+from align2.server.errors import BackendError, InvalidArgument
 from align2.server.models.builders import build_llama_causal_lm
 
 GREEDY = Decoding(max_new_tokens=12)
@@ -82,6 +85,43 @@ def test_seeded_sampling_is_repeatable_and_ignores_batch_mates(
     [nucleus] = asyncio.run(backend.generate([GenerationRequest(PROMPTS[1], top)]))
     [greedy] = asyncio.run(backend.generate([GenerationRequest(PROMPTS[1], top.__class__(16))]))
     assert nucleus.text == greedy.text  # a vanishing nucleus keeps the top token only
+
+
+def test_a_row_that_breaks_the_sampler_fails_alone_behind_the_batcher(
+    tiny_llm: pathlib.Path,
+) -> None:
+    """A row whose settings make the draw fail (a denormal temperature: logits / T are
+    infinite, the probabilities NaN; the server refuses such settings now, so it is forced
+    here at the backend seam) fails the whole batch in the backend; the runtime retries the
+    batch in halves, so only that row gets the error and its greedy batch-mates their text."""
+    backend = load(tiny_llm)
+    bad = GenerationRequest(PROMPTS[1], Decoding(max_new_tokens=8, temperature=1e-45, seed=1))
+    greedy = [GenerationRequest(p, GREEDY) for p in (PROMPTS[0], PROMPTS[2])]
+    with pytest.raises(BackendError, match="probability tensor contains"):
+        asyncio.run(backend.generate([greedy[0], bad, greedy[1]]))  # the backend alone
+    alone = [asyncio.run(backend.generate([r]))[0] for r in greedy]
+    splits = metrics.BATCH_SPLITS.labels(model="llm", reason="error")
+    splits_before = splits._value.get()
+
+    async def through_runtime() -> list[Any]:
+        runtime = GenerationRuntime(backend, BatchingConfig(max_delay_ms=1000), max_inflight=8)
+        runtime.start()
+        try:
+            slots = runtime.reserve(3)
+            return await asyncio.gather(
+                *(
+                    runtime.generate(r, 64, slots, deadline=None, priority=Priority.BULK)
+                    for r in (greedy[0], bad, greedy[1])
+                ),
+                return_exceptions=True,
+            )
+        finally:
+            await runtime.close()
+
+    first, failed, last = asyncio.run(through_runtime())
+    assert isinstance(failed, BackendError) and "probability tensor contains" in failed.message
+    assert [first.value, last.value] == alone
+    assert splits._value.get() > splits_before  # they did share a batch, then were split
 
 
 def test_choose_is_softmax_over_label_logits(
@@ -258,3 +298,18 @@ def _turn(pair: tuple[str, str]) -> Any:
     from align2.client.types import Turn
 
     return Turn(*pair)
+
+
+def test_non_finite_logits_of_a_sampled_row_are_refused_before_the_draw() -> None:
+    """On CUDA, multinomial would hit a device-side assert (the device is lost for the whole
+    server); the check raises a plain error first, which the batcher isolates to the row."""
+    from align2.server.backends.decoding import _pick
+
+    logits = torch.zeros(3, 8)
+    logits[1, 2] = float("inf")
+    sampling = Decoding(temperature=1.0, seed=1)
+    generators = [None, torch.Generator().manual_seed(1), None]
+    with pytest.raises(ValueError, match="logits are not finite"):
+        _pick(logits, [GREEDY, sampling, GREEDY], generators)
+    # A greedy row's argmax is defined whatever its logits: no refusal.
+    assert _pick(logits, [GREEDY] * 3, [None] * 3).tolist() == [0, 2, 0]

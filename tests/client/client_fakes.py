@@ -19,7 +19,8 @@ FAST_RETRY = RetryPolicy(initial_backoff_seconds=0.05, max_backoff_seconds=0.1)
 
 class FakeCuration(pb_grpc.CurationServiceServicer):
     """Scores are derived from the request so tests can check order and routing:
-    question score = int(id) (ids are digits), answer score of a turn = len(answer).
+    question score = int(id) (ids are digits), answer score of a turn = len(answer); of a
+    turn with candidate answers: each candidate's length, the best the first longest.
     Samples whose id starts with "bad" get a per-item INVALID_ARGUMENT error."""
 
     def __init__(self) -> None:
@@ -149,10 +150,17 @@ def _result(sample: pb.Sample, heads: list[int]) -> pb.ScoreResult:
     if not heads or pb.HEAD_QUESTION in heads:
         result.question_score = float(sample.id) if sample.id.isdigit() else 0.0
     if not heads or pb.HEAD_ANSWER in heads:
-        scores = [float(len(t.answer)) for t in sample.turns]
+        turns = [[float(len(a)) for a in t.answer_candidates or [t.answer]] for t in sample.turns]
+        best = [candidates.index(max(candidates)) for candidates in turns]
+        scores = [candidates[b] for candidates, b in zip(turns, best, strict=True)]
         result.answer_scores.extend(scores)
         result.answer_truncated.extend([False] * len(scores))
         result.answer_score = sum(scores) / len(scores) if scores else 0.0
+        if any(t.answer_candidates for t in sample.turns):
+            result.answer_candidates.extend(
+                pb.CandidateScores(scores=c, best=b, truncated=[False] * len(c))
+                for c, b in zip(turns, best, strict=True)
+            )
     return result
 
 

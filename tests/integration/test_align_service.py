@@ -110,6 +110,7 @@ def test_per_item_errors_and_call_errors(server: ServerThread, client: CurationC
         Sample(id="no-q", image=b"", turns=[Turn(" <image> ", "A.")]),
         Sample(id="long", image=b"", turns=[Turn("Q?", "word " * 1200)]),
         sample(4),
+        Sample(id="not-an-image", image=b"xx", turns=[Turn("Q?", "A.")]),
     ]
     results = client.align(samples)
     assert results[0].ok and results[4].ok
@@ -117,8 +118,9 @@ def test_per_item_errors_and_call_errors(server: ServerThread, client: CurationC
         "empty": "samples[1].turns: empty conversation",
         "no-q": "samples[2].turns[0].question: empty",
         "long": "samples[3].turns[0].answer: the prompt is",
+        "not-an-image": "samples[5].image: not a readable JPEG, PNG or WebP image",
     }
-    for result in results[1:4]:
+    for result in [*results[1:4], results[5]]:
         assert result.error is not None and result.sample is None
         assert result.error.code == grpc.StatusCode.INVALID_ARGUMENT
         assert result.error.message.startswith(expect[result.id]), result.error.message

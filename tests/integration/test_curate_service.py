@@ -110,6 +110,40 @@ def test_kept_samples_are_aligned_when_asked(client: CurationClient) -> None:
         assert result.sample.turns[0].question.startswith("<image>\n")
 
 
+def test_a_sample_with_candidates_is_ranked_and_kept_with_its_best(
+    client: CurationClient,
+) -> None:
+    """Curate scores every candidate, selects on the mean of each turn's best, and keeps
+    (and aligns) the sample with the best candidate as each turn's answer."""
+    answers = ("Item 9 is a box.", "Item 9 is a red box on a table.", "A thing.")
+    given = Sample(
+        id="c",
+        image=png(25, 20),
+        task="detail",
+        turns=[Turn("<image>\nWhat is item 9?", candidates=answers), Turn("Size?", "5 cm.")],
+    )
+    options = {"question_keep_fraction": 1.0, "answer_keep_fraction": 1.0}
+    [scored] = client.score([given])
+    for align in (False, True):
+        [result] = client.curate([given], align=align, **options)
+        assert result.decision == "kept" and result.sample is not None
+        candidates = result.scores.answer_candidates
+        for got, expected in zip(candidates, scored.answer_candidates, strict=True):
+            assert got.scores == pytest.approx(expected.scores, abs=1e-5)
+        best = result.scores.best_candidates
+        assert best[0] == candidates[0].scores.index(max(candidates[0].scores))
+        assert result.scores.answer_score == pytest.approx(
+            (candidates[0].scores[best[0]] + candidates[1].scores[0]) / 2, abs=1e-6
+        )
+        chosen = [Turn(given.turns[0].question, answers[best[0]]), given.turns[1]]
+        if align:
+            assert result.aligned is not None and result.aligned.error is None
+            assert [t.original for t in result.aligned.turns] == chosen
+            assert result.sample == result.aligned.sample
+        else:
+            assert result.sample.turns == chosen and not result.sample.has_candidates
+
+
 def test_a_bad_sample_is_an_error_decision_and_its_stream_mates_go_on(
     client: CurationClient, tmp_path: pathlib.Path
 ) -> None:
@@ -309,3 +343,143 @@ def test_the_cli_streams_a_jsonl_file_and_writes_the_kept_samples(
     written = json.loads(out.read_text())
     assert [w["id"] for w in written] == kept_ids
     assert written == [r for r in records if r["id"] in kept_ids]  # restored as read
+
+
+# ---------------------------------------------------------------------------------------
+# Selection keys, calibrated thresholds
+
+
+def test_streams_of_one_key_share_their_windows_and_other_keys_do_not(
+    server: ServerThread,
+) -> None:
+    more = asyncio.Event()
+
+    async def producer_a() -> AsyncIterator[Sample]:
+        for i in range(4):
+            yield sample(i)
+        await more.wait()  # A stays open (its key in use) while B and C run
+
+    async def run() -> tuple[list[CurateResult], dict[str, int]]:
+        async with AsyncCurationClient(server.target, timeout=120) as client:
+            a = client.curate(producer_a(), selection_key="shared-a", min_window=1)
+            first = [await anext(a) for _ in range(4)]
+            sizes = {}
+            for name, key in (("same", "shared-a"), ("other", "shared-b"), ("none", None)):
+                [result] = [r async for r in client.curate([sample(4)], selection_key=key)]
+                sizes[name] = result.question_window_size
+            more.set()
+            return first + [r async for r in a], sizes
+
+    decided, sizes = asyncio.run(run())
+    assert [r.question_window_size for r in decided] == [1, 1, 2, 2]  # two tasks alternate
+    # sample(4) is a "conversation" sample: A sent two of them (s0, s2) under "shared-a".
+    assert sizes == {"same": 3, "other": 1, "none": 1}
+
+
+def test_thresholds_from_a_calibration_of_the_same_samples_keep_what_the_method_keeps(
+    client: CurationClient,
+) -> None:
+    from align2.client.calibration import calibrate
+    from align2.client.selection import select_task
+
+    samples = [sample(i) for i in range(12)]
+    # Each sample and head alone, as this server's Curate scores them (one in flight): the
+    # same batches, so the same numbers to the last bit (batch-mates move a score by ~1e-6).
+    questions: dict[str, list[float]] = {}
+    answers: dict[str, list[float | None]] = {}
+    for given in samples:
+        [question] = client.score([given], heads=["question"])
+        [answer] = client.score([given], heads=["answer"])
+        assert question.question_score is not None
+        questions.setdefault(given.task, []).append(question.question_score)
+        answers.setdefault(given.task, []).append(answer.answer_score)
+    calibration = calibrate(questions, answers, question_keep=0.5, answer_keep=0.5)
+    offline = set()
+    for task in TASKS:
+        ids = [s.id for s in samples if s.task == task]
+        mine = {i: [a] for i, a in enumerate(answers[task]) if a is not None}
+        offline |= {ids[i] for i in select_task(questions[task], mine, 0.5, 0.5).answer_kept}
+
+    results = list(client.curate(samples, question_keep_fraction=0.5, **calibration.thresholds()))
+    assert {r.id for r in results if r.kept} == offline and offline
+    for result in results:
+        task = samples[int(result.id[1:])].task
+        assert result.question_threshold == pytest.approx(calibration.question_thresholds[task])
+        assert result.question_window_size == 0 and not result.warm_up
+
+
+def test_the_cli_calibrates_from_score_output_then_streams_against_it(
+    server: ServerThread, tmp_path: pathlib.Path
+) -> None:
+    from align2.client.calibration import main as calibration_main
+
+    records = []
+    for i in range(8):
+        (tmp_path / f"img{i}.png").write_bytes(png(16 + i, 20, (i * 30, 60, 90)))
+        conversation = [
+            {"from": "human", "value": f"<image>\nWhat is item {i}?"},
+            {"from": "gpt", "value": f"Item {i} is a {'big ' * i}box."},
+        ]
+        records.append({"id": f"r{i}", "image": f"img{i}.png", "conversations": conversation})
+    source = tmp_path / "in.json"
+    source.write_text(json.dumps(records))
+    connect = ["--image-folder", str(tmp_path), "--target", server.target, "--no-progress"]
+    scores, calibration = tmp_path / "scores.jsonl", tmp_path / "cal.json"
+    score = ["score", str(source), *connect, "--out", str(scores), "--heads", "question"]
+    score += ["--chunk-size", "1"]  # each alone, as Curate here: the same numbers
+    assert cli_main(score) == 0
+    assert calibration_main([f"detail={scores}", "--out", str(calibration)]) == 0
+    thresholds = json.loads(calibration.read_text())["question_thresholds"]
+    out, report = tmp_path / "kept.json", tmp_path / "decisions.jsonl"
+    args = ["curate", str(source), *connect, "--task", "detail", "--stream"]
+    args += ["--out", str(out), "--report", str(report), "--thresholds", str(calibration)]
+    args += ["--selection-key", "cli", "--min-window", "1"]
+    assert cli_main(args) == 0
+    decisions = [json.loads(line) for line in report.read_text().splitlines()]
+    assert len(decisions) == 8
+    for decision in decisions:
+        assert decision["question_threshold"] == pytest.approx(thresholds["detail"])
+        assert decision["question_window_size"] == 0
+        passed = decision["scores"]["question_score"] >= decision["question_threshold"]
+        assert passed == (decision["decision"] != "dropped_question")
+    assert sum(d["decision"] != "dropped_question" for d in decisions) == int(0.3 * 8)
+
+
+def test_a_new_selection_key_beyond_the_limit_is_refused(tiny_llava: pathlib.Path) -> None:
+    config = Config()
+    config.models = {"question": ModelConfig(path=str(tiny_llava))}
+    config.score.answer_model = "question"
+    config.curate.max_selection_keys = 1
+    server = ServerThread(config).start()
+    more = asyncio.Event()
+
+    async def held_open() -> AsyncIterator[Sample]:
+        yield sample(0)
+        await more.wait()
+
+    async def run() -> grpc.RpcError:
+        async with AsyncCurationClient(server.target, timeout=60, retry=False) as client:
+            limits = (await client.server_info()).limits
+            assert (limits.max_selection_keys, limits.selection_window) == (1, 10000)
+            a = client.curate(held_open(), selection_key="a", min_window=1)
+            await anext(a)
+            try:
+                with pytest.raises(grpc.RpcError) as refused:
+                    _ = [r async for r in client.curate([sample(1)], selection_key="b")]
+                [same] = [r async for r in client.curate([sample(2)], selection_key="a")]
+                assert same.question_window_size == 2  # sample(0)'s task: A's score counts
+            finally:
+                more.set()
+                _ = [r async for r in a]
+            return refused.value
+
+    try:
+        error = asyncio.run(run())
+    finally:
+        server.stop()
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "options.selection_key: 1 selection keys are live" in (error.details() or "")
+    assert "limits.max_selection_keys 1" in (error.details() or "")
+    info = error_details(error)["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert info.reason == "TOO_MANY_SELECTION_KEYS"

@@ -4,6 +4,7 @@ align2.client."""
 from __future__ import annotations
 
 import asyncio
+import io
 import math
 import pathlib
 import time
@@ -14,6 +15,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
 from support import ServerThread, error_details, jpeg, png
 
 from align2.client import AsyncCurationClient, CurationClient, Sample, Turn
@@ -42,6 +44,7 @@ def server(tiny_llava: pathlib.Path) -> Iterator[ServerThread]:
         limits__max_samples_per_call=8,
         limits__max_image_bytes=200_000,
         limits__max_image_pixels=1_000_000,
+        limits__max_candidates=4,
     )
     server = ServerThread(config).start()
     yield server
@@ -99,6 +102,64 @@ def test_question_head_alone_needs_no_answers(client: CurationClient) -> None:
     assert result.answer_scores == () and result.answer_score is None
 
 
+def test_candidates_score_as_if_each_were_the_turns_only_answer(client: CurationClient) -> None:
+    """Each candidate is scored alone, as a turn of its own would be; the turn's score is
+    the best (highest, first among equal highest), the sample's the mean of the bests."""
+    question, other = "<image>\nWhat is object 1 in picture 3?", ("And the other?", "A ball.")
+    answers = ("It is a red box.", "A box, red, number one, on a table.", "No.", "It is a red box.")
+    image = png(33, 26)
+    candidates = Sample(
+        id="c", image=image, turns=[Turn(question, candidates=answers), Turn(*other)]
+    )
+    separate = Sample(
+        id="t", image=image, turns=[*(Turn(question, a) for a in answers), Turn(*other)]
+    )
+    plain = Sample(id="p", image=image, turns=[Turn(question, answers[0]), Turn(*other)])
+    c, t, p = client.score([candidates, separate, plain])
+    assert c.error is None and t.error is None and p.error is None
+    first, second = c.answer_candidates
+    # Scores of the same inputs in other batches: equal to 1e-5 (padding), never the same call.
+    assert first.scores == pytest.approx(t.answer_scores[:4], abs=1e-5)
+    assert second.scores == pytest.approx(t.answer_scores[4:], abs=1e-5)
+    assert first.truncated == (False,) * 4 and second.truncated == (False,)
+    highest = max(first.scores)
+    assert first.best == first.scores.index(highest) and second.best == 0
+    assert c.best_candidates == (first.best, 0)
+    assert c.answer_scores == (highest, second.scores[0])
+    assert c.answer_score == pytest.approx((highest + second.scores[0]) / 2, abs=1e-6)
+    assert c.answer_truncated == (False, False)
+    # The question head reads no answer: candidates or not, the same question score.
+    assert c.question_score == pytest.approx(p.question_score, abs=1e-5)
+    assert t.answer_candidates == () and p.answer_candidates == ()  # none sent, none reported
+
+
+def test_candidates_beyond_the_limit_or_beside_an_answer_fail_alone(
+    client: CurationClient,
+) -> None:
+    samples = [
+        Sample(id="five", image=png(), turns=[Turn("Q?", candidates=tuple("abcde"))]),
+        Sample(id="both", image=png(), turns=[Turn("Q?", "A."), Turn("R?", "A.", ("B.",))]),
+        Sample(id="blank", image=png(), turns=[Turn("Q?", candidates=("B.", " <image> "))]),
+        Sample(id="four", image=png(), turns=[Turn("Q?", candidates=tuple("abcd"))]),
+    ]
+    five, both, blank, four = client.score(samples)
+    assert four.error is None and len(four.answer_candidates[0].scores) == 4
+    for result, message in [
+        (
+            five,
+            "samples[0].turns[0].answer_candidates: 5 candidates exceeds limits.max_candidates 4",
+        ),
+        (both, "samples[1].turns[1].answer: set together with answer_candidates"),
+        (blank, "samples[2].turns[0].answer_candidates[1]: empty, and the answer head needs"),
+    ]:
+        assert result.error is not None and result.error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert result.error.message.startswith(message), result.error.message
+    # The question head alone needs no answers, but the limit holds.
+    five, blank = client.score([samples[0], samples[2]], heads=["question"])
+    assert five.error is not None and "limits.max_candidates 4" in five.error.message
+    assert blank.error is None and blank.answer_candidates == ()
+
+
 def test_scores_do_not_depend_on_batch_mates_or_concurrency(
     server: ServerThread, client: CurationClient
 ) -> None:
@@ -128,6 +189,8 @@ def test_bad_items_fail_alone_with_field_named(client: CurationClient) -> None:
         Sample(id="no-answer", image=png(), turns=[Turn("Q?", "")]),
         Sample(id="gif", image=_gif(), turns=[Turn("Q?", "A.")]),
         sample(7),
+        # 12,000 pixels, but the model pads it to 1200 x 1200 = 1.44 MP (image_mode pad).
+        Sample(id="thin", image=png(10, 1200), turns=[Turn("Q?", "A.")]),
     ]
     results = client.score(samples)
     by_id = {r.id: r for r in results}
@@ -139,6 +202,7 @@ def test_bad_items_fail_alone_with_field_named(client: CurationClient) -> None:
         "pixels": "samples[4].image: 1200x1000 = 1200000 pixels exceeds limits.max_image_pixels",
         "no-answer": "samples[5].turns[0].answer: empty",
         "gif": "samples[6].image: not a readable JPEG, PNG or WebP",
+        "thin": ".image: 10x1200 pads to a 1200x1200 square = 1440000 pixels",  # 2nd chunk
     }
     for key, message in expect.items():
         error = by_id[key].error
@@ -155,6 +219,53 @@ def test_oversized_image_bytes_fail_alone(client: CurationClient) -> None:
     assert results[0].error is None
     assert results[1].error is not None
     assert "exceeds limits.max_image_bytes 200000" in results[1].error.message
+
+
+def test_an_unknown_image_marker_fails_the_call_naming_the_sample(server: ServerThread) -> None:
+    samples = [pb.Sample(id="a", image=png(), turns=[pb.Turn(question="Q?", answer="A.")])] * 2
+    samples[1] = pb.Sample(id="b", image=png(), image_marker=9, turns=samples[0].turns)
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.CurationServiceStub(channel).Score(pb.ScoreRequest(samples=samples))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("samples[1].image_marker: unknown value 9; valid: ")
+    bad = error_details(info.value)["BadRequest"]
+    assert isinstance(bad, error_details_pb2.BadRequest)
+    assert [v.field for v in bad.field_violations] == ["samples[1].image_marker"]
+
+
+def test_exif_orientation_is_ignored_unless_configured(
+    server: ServerThread, tiny_llava: pathlib.Path
+) -> None:
+    stored = Image.effect_noise((48, 24), 60).convert("RGB")
+    turned = stored.transpose(Image.Transpose.ROTATE_270)  # what orientation 6 displays
+
+    def encoded(image: Image.Image, orientation: int | None = None) -> bytes:
+        exif = Image.Exif()
+        if orientation is not None:
+            exif[0x0112] = orientation
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", exif=exif.tobytes())
+        return buffer.getvalue()
+
+    def scores(target: str, *images: bytes) -> list[float | None]:
+        with CurationClient(target, timeout=60) as c:
+            samples = [
+                Sample(id=str(i), image=im, turns=[Turn("Q?", "A.")]) for i, im in enumerate(images)
+            ]
+            return [r.question_score for r in c.score(samples, heads=["question"])]
+
+    tagged = encoded(stored, orientation=6)
+    default = scores(server.target, tagged, encoded(stored), encoded(turned))
+    assert default[0] == pytest.approx(default[1], abs=1e-6)  # the stored pixels, as the
+    assert default[0] != pytest.approx(default[2], abs=1e-6)  # reference code reads them
+    transposing = ServerThread(
+        config_for(tiny_llava, tiny_llava, score__image_exif_transpose=True)
+    ).start()
+    try:
+        [applied] = scores(transposing.target, tagged)
+    finally:
+        transposing.stop()
+    assert applied == pytest.approx(default[2], abs=1e-6)  # as displayed
 
 
 def test_too_many_samples_fails_the_call(server: ServerThread) -> None:
@@ -232,6 +343,7 @@ def test_server_info_reports_models_limits_batching(client: CurationClient) -> N
     assert info.limits.max_samples_per_call == 8
     assert info.limits.max_image_pixels == 1_000_000
     assert info.limits.max_streams == 100
+    assert info.limits.max_candidates == 4
     assert info.batching.max_batch_size == 32
     assert info.template_version == "align2llava-reward-v1"
     assert "Score" in info.services

@@ -173,3 +173,20 @@ def test_health_stays_open_for_probes(token_server: ServerThread) -> None:
     with grpc.insecure_channel(token_server.target) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_token_is_checked_before_the_request_bytes(token_server: ServerThread) -> None:
+    with grpc.insecure_channel(token_server.target) as channel:
+        score = channel.unary_unary(
+            "/align2.v1.CurationService/Score", request_serializer=None, response_deserializer=None
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            score(b"\xff\xff\xff\xff", timeout=30)  # no token, and not a ScoreRequest
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as info:
+            score(
+                b"\xff\xff\xff\xff",
+                timeout=30,
+                metadata=[("authorization", "Bearer new-token-456")],
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

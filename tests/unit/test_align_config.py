@@ -35,7 +35,24 @@ def test_align_is_on_only_when_its_model_is_configured(tmp_path: pathlib.Path) -
     ("overrides", "message"),
     [
         ({"align.decoding.top_p": 0.0}, r"align.decoding.top_p: 0.0 is not in \(0, 1\]"),
-        ({"align.decoding.temperature": -1.0}, "align.decoding.temperature: -1.0 is not >= 0"),
+        (
+            {"align.decoding.temperature": -1.0},
+            r"align.decoding.temperature: -1.0 is neither 0 \(greedy\) nor in \[0.01, 2.0\]",
+        ),
+        ({"align.decoding.temperature": 1e-45}, r"align.decoding.temperature: 1e-45 is neither"),
+        ({"align.decoding.temperature": 0.001}, r"align.decoding.temperature: 0.001 is neither"),
+        ({"align.decoding.temperature": 2.5}, r"align.decoding.temperature: 2.5 is neither"),
+        ({"align.decoding.temperature": 3e38}, r"align.decoding.temperature: 3e\+38 is neither"),
+        (
+            {"align.decoding.temperature": float("inf")},
+            r"align.decoding.temperature: inf is neither",
+        ),
+        (
+            {"align.decoding.temperature": float("nan")},
+            r"align.decoding.temperature: nan is neither",
+        ),
+        ({"align.decoding.top_p": float("nan")}, r"align.decoding.top_p: nan is not in \(0, 1\]"),
+        ({"align.decoding.seed": -1}, r"align.decoding.seed: -1 is not in 0..18446744073709551615"),
         (
             {"align.decoding.max_new_tokens": 2000},
             r"align\.decoding\.max_new_tokens: 2000 exceeds align\.max_new_tokens_limit 1024",
@@ -48,3 +65,9 @@ def test_align_is_on_only_when_its_model_is_configured(tmp_path: pathlib.Path) -
 def test_bad_align_settings_name_the_key(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config_module.load(None, overrides)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.01, 0.7, 2.0])
+def test_temperatures_where_sampling_is_defined_are_accepted(temperature: float) -> None:
+    config = config_module.load(None, {"align.decoding.temperature": temperature})
+    assert config.align.decoding.temperature == temperature

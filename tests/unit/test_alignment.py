@@ -204,12 +204,34 @@ async def test_per_item_errors(pool: ThreadPoolExecutor) -> None:
     assert (await run(FakeLLM(), pool, call)).results[0].error is None
 
 
-async def test_backend_failure_fails_its_batch_only(pool: ThreadPoolExecutor) -> None:
-    llm = FakeLLM(fail="boom", continuous=True)
-    samples = [sample(0), sample(1, Turn("boom?", "A."))]
+async def test_a_turn_with_candidate_answers_is_refused_alone(pool: ThreadPoolExecutor) -> None:
+    """Align does not pick among candidates (that needs the answer head): the sample fails
+    with a message saying what to do; its batch-mates are aligned."""
+    candidates = Turn("Q?", candidates=("A dog.", "Two dogs."))
+    for parts in (Parts.BOTH, Parts.QUESTIONS):
+        call = AlignCall([sample(0), sample(1, Turn("Q0?", "A."), candidates)], parts=parts)
+        results = (await run(FakeLLM(), pool, call)).results
+        assert results[0].error is None and not results[1].turns
+        assert results[1].error is not None and results[1].error.code is Code.INVALID_ARGUMENT
+        assert results[1].error.message.startswith(
+            "samples[1].turns[1].answer_candidates: 2 candidate answers, and Align rewrites "
+            "one answer per turn: keep the best candidate first"
+        )
+
+
+async def test_a_request_that_fails_its_batch_fails_its_sample_alone(
+    pool: ThreadPoolExecutor, continuous: bool
+) -> None:
+    # FakeLLM fails a whole batch when one of its rows asks about "boom", as the
+    # transformers backend did for one row's temperature=1e-45: batch-mates must not care.
+    llm = FakeLLM(fail="boom", continuous=continuous)
+    samples = [sample(0), sample(1, Turn("boom?", "A.")), sample(2)]
     results = (await run(llm, pool, AlignCall(samples))).results
-    assert results[0].error is None
+    assert results[0].error is None and results[2].error is None
     assert results[1].error is not None and results[1].error.code is Code.INTERNAL
+    assert "scripted failure" in results[1].error.message
+    if not continuous:  # the failing row did share a batch (then retried in halves)
+        assert max(size for kind, size in llm.calls if kind == "generate") > 1
 
 
 async def test_call_level_checks(pool: ThreadPoolExecutor) -> None:
@@ -219,6 +241,13 @@ async def test_call_level_checks(pool: ThreadPoolExecutor) -> None:
     bad = DecodingOptions(top_p=1.5)
     with pytest.raises(InvalidArgument, match=r"options.decoding.top_p: 1.5 is not in \(0, 1\]"):
         await run(FakeLLM(), pool, AlignCall([sample()], decoding=bad))
+    denormal = DecodingOptions(temperature=1e-45)  # passed a ">= 0" check, broke its batch
+    with pytest.raises(InvalidArgument) as info:
+        await run(FakeLLM(), pool, AlignCall([sample()], decoding=denormal))
+    assert info.value.message == (
+        "options.decoding.temperature: 1e-45 is neither 0 (greedy) nor in [0.01, 2.0]"
+    )
+    assert info.value.field == "options.decoding.temperature"
     too_many = DecodingOptions(max_new_tokens=5000)
     # A caller's error names the limit as GetServerInfo reports it, not the config key.
     with pytest.raises(InvalidArgument) as info:

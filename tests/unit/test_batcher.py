@@ -31,6 +31,11 @@ class FakeRunner:
         self.entered = asyncio.Event()
         self.fail_above: int | None = None  # OOM for batches larger than this
         self.raise_once: Exception | None = None
+        self.poison: int | None = None  # an item that fails any batch it is in, with:
+        self.poison_error: Exception = RuntimeError(
+            "probability tensor contains either inf, nan or element < 0"
+        )
+        self.failed: list[list[int]] = []  # batches that raised
         self.wrong_count = False
 
     async def __call__(self, items: Sequence[int]) -> list[float]:
@@ -41,6 +46,9 @@ class FakeRunner:
             raise exc
         if self.fail_above is not None and len(items) > self.fail_above:
             raise DeviceOutOfMemory("fake OOM")
+        if self.poison is not None and self.poison in items:
+            self.failed.append(list(items))
+            raise self.poison_error
         self.batches.append(list(items))
         if self.wrong_count:
             return [1.0]
@@ -211,6 +219,59 @@ async def test_a_failing_batch_fails_only_its_items_and_the_loop_goes_on() -> No
     with pytest.raises(BackendError, match="kernel exploded"):
         await batcher.submit(1, cost=1, reservation=r)
     assert await submit_all(batcher, [2, 3]) == [20.0, 30.0]
+    await batcher.close()
+
+
+async def start_gated_batch(runner: FakeRunner, batcher: Batcher[int, float], items: list[int]):
+    """Submit ``items`` so that they run as one batch: the first holds the device (gated)
+    while the rest queue behind it; returns the tasks, the first one's batch still gated."""
+    r = batcher.reserve(len(items) + 1)
+    blocker = asyncio.create_task(batcher.submit(-1, cost=1, reservation=r))
+    await runner.entered.wait()
+    tasks = [asyncio.create_task(batcher.submit(i, cost=1, reservation=r)) for i in items]
+    await asyncio.sleep(0)
+    runner.gate.set()
+    await blocker
+    return tasks
+
+
+async def test_an_item_that_fails_its_batch_fails_alone_and_its_batch_mates_succeed() -> None:
+    runner = FakeRunner(gated=True)
+    runner.poison = 3
+    batcher = make(runner, max_delay=0.0, max_batch_size=8)
+    tasks = await start_gated_batch(runner, batcher, [1, 2, 3, 4, 5])
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert [r.value for r in results if isinstance(r, Outcome)] == [10.0, 20.0, 40.0, 50.0]
+    [error] = [r for r in results if not isinstance(r, Outcome)]
+    assert results.index(error) == 2
+    assert isinstance(error, BackendError) and "probability tensor" in error.message
+    assert runner.failed[0] == [1, 2, 3, 4, 5]  # the whole batch failed once
+    assert runner.failed[-1] == [3]  # then only the item at fault
+    assert sorted(runner.computed) == [-1, 1, 2, 4, 5]  # each other item computed once
+    await batcher.close()
+
+
+async def test_a_fatal_error_is_not_retried_in_halves() -> None:
+    runner = FakeRunner(gated=True)
+    seen: list[BaseException] = []
+    batcher = make(runner, max_delay=0.0)
+    batcher._on_fatal = seen.append
+    runner.poison, runner.poison_error = 2, BackendError("device lost", fatal=True)
+    tasks = await start_gated_batch(runner, batcher, [1, 2, 3])
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, BackendError) and r.fatal for r in results)
+    assert runner.failed == [[1, 2, 3]] and runner.computed == [-1] and len(seen) == 1
+    await batcher.close()
+
+
+async def test_a_batch_stopped_by_shutdown_is_not_retried_in_halves() -> None:
+    runner = FakeRunner(gated=True)
+    batcher = make(runner, max_delay=0.0)
+    runner.poison, runner.poison_error = 2, Unavailable("stopped mid-batch: shutting down")
+    tasks = await start_gated_batch(runner, batcher, [1, 2, 3])
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, Unavailable) for r in results)
+    assert runner.failed == [[1, 2, 3]]
     await batcher.close()
 
 

@@ -63,5 +63,14 @@ def test_k8s_ports_probes_grace_and_hpa_metric_agree_with_the_server() -> None:
     assert service["clusterIP"] == "None"  # headless: client-side balancing
     assert {p["targetPort"] for p in service["ports"]} == set(ports)
     assert docs["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    # /metrics has no TLS and no tokens: only the monitoring namespace may reach it.
+    policy = docs["NetworkPolicy"]["spec"]
+    assert policy["podSelector"] == docs["Deployment"]["spec"]["selector"]
+    rules = {p["port"]: rule.get("from") for rule in policy["ingress"] for p in rule["ports"]}
+    assert set(rules) == set(ports)
+    [source] = rules["metrics"]
+    assert source["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
     hpa_metric = docs["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["metric"]["name"]
     assert hpa_metric in exported_series()

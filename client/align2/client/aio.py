@@ -9,7 +9,15 @@ disk.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -159,6 +167,12 @@ class AsyncCurationClient(ClientBase):
         align: bool = False,
         timeout: float | None = None,
         priority: str | None = None,
+        selection_key: str | None = None,
+        question_thresholds: Mapping[str, float] | None = None,
+        answer_thresholds: Mapping[str, float] | None = None,
+        min_window: int | None = None,
+        question_seed_scores: Mapping[str, Sequence[float]] | None = None,
+        answer_seed_scores: Mapping[str, Sequence[float]] | None = None,
         **align_settings: Any,
     ) -> AsyncCurateResults:
         """The asyncio twin of :meth:`CurationClient.curate` (``async for result in
@@ -169,6 +183,12 @@ class AsyncCurationClient(ClientBase):
             answer_keep_fraction=answer_keep_fraction,
             align=align,
             priority=priority,
+            selection_key=selection_key,
+            question_thresholds=question_thresholds,
+            answer_thresholds=answer_thresholds,
+            min_window=min_window,
+            question_seed_scores=question_seed_scores,
+            answer_seed_scores=answer_seed_scores,
             **align_settings,
         )
         curate = _CurateCall(self._rpc(self._stub.Curate, None, timeout), stream)

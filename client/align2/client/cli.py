@@ -27,6 +27,7 @@ import grpc
 from google.protobuf import json_format
 
 from align2.client.aio import DEFAULT_MAX_CONCURRENCY
+from align2.client.calibration import Calibration
 from align2.client.calls import (
     DEFAULT_CHUNK_SIZE,
     HEADS,
@@ -244,6 +245,33 @@ def _curate_arguments(parser: argparse.ArgumentParser) -> None:
     _rewrite_arguments(parser)
     parser.add_argument("--priority", choices=sorted(PRIORITIES), default=None)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    online = parser.add_argument_group("online selection (with --stream)")
+    online.add_argument(
+        "--selection-key",
+        default=None,
+        help="share the server's score windows with every stream of this key (workers of "
+        "one pipeline select as one; per replica)",
+    )
+    online.add_argument(
+        "--thresholds",
+        default=None,
+        metavar="FILE",
+        help="decide against the thresholds of a calibration file (python -m "
+        "align2.client.calibration): the same on every replica",
+    )
+    online.add_argument(
+        "--seed-scores",
+        default=None,
+        metavar="FILE",
+        help="fill the windows with a calibration file's scores before the first sample",
+    )
+    online.add_argument(
+        "--min-window",
+        type=int,
+        default=None,
+        help="decisions wait until their task's window holds this many scores (server "
+        "default 100; 1: decide at once)",
+    )
     offline = parser.add_argument_group("exact selection (without --stream)")
     offline.add_argument(
         "--scores",
@@ -272,6 +300,7 @@ def _curate_arguments(parser: argparse.ArgumentParser) -> None:
 # Flags of the exact selection whose defaults are empty (--chunk-size and --concurrency are
 # not refused with --stream: they have defaults).
 _OFFLINE_ONLY = ("scores", "one_task", "skip_invalid", "plot", "question_model", "answer_model")
+_STREAM_ONLY = ("selection_key", "thresholds", "seed_scores", "min_window")
 
 
 def heads_argument(text: str) -> list[str]:
@@ -377,6 +406,13 @@ def run_curate(namespace: argparse.Namespace) -> int:
         if given:
             raise ValueError(f"{', '.join(given)}: not with --stream (exact selection only)")
         return run_curate_stream(namespace)
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in _STREAM_ONLY
+        if getattr(namespace, name) is not None
+    ]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only with --stream (online selection)")
     options = {**_client_options(namespace), "max_concurrency": namespace.concurrency}
     align_options = None
     if namespace.align:
@@ -414,6 +450,7 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
             answer_keep_fraction=namespace.answer_keep,
             align=namespace.align,
             priority=namespace.priority,
+            **_selection_options(namespace),
             **_rewrite_options(namespace),
         )
         try:
@@ -439,6 +476,19 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _selection_options(namespace: argparse.Namespace) -> dict[str, Any]:
+    """The online selection flags as ``curate()`` arguments (calibration files read now)."""
+    options: dict[str, Any] = {
+        "selection_key": namespace.selection_key,
+        "min_window": namespace.min_window,
+    }
+    if namespace.thresholds is not None:
+        options.update(Calibration.load(namespace.thresholds).thresholds())
+    if namespace.seed_scores is not None:
+        options.update(Calibration.load(namespace.seed_scores).seeds())
+    return options
 
 
 @contextlib.contextmanager

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,45 @@ def _fraction(key: str, value: float | None) -> float | None:
     if value is not None and not 0 < value <= 1:
         raise ValueError(f"{key}: {value} is not in (0, 1]")
     return value
+
+
+MAX_SELECTION_KEY_LENGTH = 256  # as the server checks it
+
+
+def selection_options(
+    *,
+    selection_key: str | None = None,
+    question_thresholds: Mapping[str, float] | None = None,
+    answer_thresholds: Mapping[str, float] | None = None,
+    min_window: int | None = None,
+    question_seed_scores: Mapping[str, Sequence[float]] | None = None,
+    answer_seed_scores: Mapping[str, Sequence[float]] | None = None,
+) -> pb.CurateOptions:
+    """The selection fields of a stream's options (see ``CurationClient.curate``), checked
+    here: ValueError naming the argument."""
+    key = selection_key or ""
+    if len(key) > MAX_SELECTION_KEY_LENGTH:
+        raise ValueError(f"selection_key: {len(key)} characters exceeds {MAX_SELECTION_KEY_LENGTH}")
+    if min_window is not None and min_window < 1:
+        raise ValueError(f"min_window: {min_window} is not at least 1")
+    options = pb.CurateOptions(selection_key=key, min_window=min_window)
+    for name, thresholds in (
+        ("question_thresholds", question_thresholds),
+        ("answer_thresholds", answer_thresholds),
+    ):
+        for task, value in (thresholds or {}).items():
+            if not math.isfinite(value):
+                raise ValueError(f"{name}: task {task!r}: {value} is not finite")
+            getattr(options, name)[task] = value
+    for name, seeds in (
+        ("question_seed_scores", question_seed_scores),
+        ("answer_seed_scores", answer_seed_scores),
+    ):
+        for task, values in (seeds or {}).items():
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{name}: task {task!r}: a score is not finite")
+            getattr(options, name)[task].scores.extend(values)
+    return options
 
 
 @dataclass
@@ -50,17 +90,33 @@ class CurateStream:
         answer_keep_fraction: float | None = None,
         align: bool = False,
         priority: str | None = None,
+        selection_key: str | None = None,
+        question_thresholds: Mapping[str, float] | None = None,
+        answer_thresholds: Mapping[str, float] | None = None,
+        min_window: int | None = None,
+        question_seed_scores: Mapping[str, Sequence[float]] | None = None,
+        answer_seed_scores: Mapping[str, Sequence[float]] | None = None,
         **align_settings: Any,
     ) -> CurateStream:
         """Validate everything before any I/O. None leaves a setting to the server;
-        ``align_settings`` as :func:`align2.client.calls.align_options` (used when
-        ``align``)."""
-        options = pb.CurateOptions(
-            question_keep_fraction=_fraction("question_keep_fraction", question_keep_fraction),
-            answer_keep_fraction=_fraction("answer_keep_fraction", answer_keep_fraction),
-            align=align,
-            align_options=align_options(**align_settings),
-            priority=parse_priority(priority),
+        the selection settings as :func:`selection_options`; ``align_settings`` as
+        :func:`align2.client.calls.align_options` (used when ``align``)."""
+        options = selection_options(
+            selection_key=selection_key,
+            question_thresholds=question_thresholds,
+            answer_thresholds=answer_thresholds,
+            min_window=min_window,
+            question_seed_scores=question_seed_scores,
+            answer_seed_scores=answer_seed_scores,
+        )
+        options.MergeFrom(
+            pb.CurateOptions(
+                question_keep_fraction=_fraction("question_keep_fraction", question_keep_fraction),
+                answer_keep_fraction=_fraction("answer_keep_fraction", answer_keep_fraction),
+                align=align,
+                align_options=align_options(**align_settings),
+                priority=parse_priority(priority),
+            )
         )
         if not align:
             options.ClearField("align_options")

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -143,6 +143,12 @@ class CurationClient(ClientBase):
         align: bool = False,
         timeout: float | None = None,
         priority: str | None = None,
+        selection_key: str | None = None,
+        question_thresholds: Mapping[str, float] | None = None,
+        answer_thresholds: Mapping[str, float] | None = None,
+        min_window: int | None = None,
+        question_seed_scores: Mapping[str, Sequence[float]] | None = None,
+        answer_seed_scores: Mapping[str, Sequence[float]] | None = None,
         **align_settings: Any,
     ) -> CurateResults:
         """Curate a stream of samples as they are produced: one result per sample, in the
@@ -152,7 +158,19 @@ class CurationClient(ClientBase):
         ``question_keep_fraction`` of its task type in this stream, and its mean answer
         score among the top ``answer_keep_fraction`` of those (None: the server's defaults,
         the method's 0.3 and 0.3); ``align`` restyles the kept ones (``align_settings`` as
-        for :meth:`align`). ``samples`` is read lazily as the server takes them, so a
+        for :meth:`align`).
+
+        Selection: ``selection_key`` shares the score windows with every stream of the same
+        key on that server (a pipeline's workers select as one; not across replicas).
+        ``question_thresholds`` / ``answer_thresholds`` (by task type) decide those tasks
+        by ``score >= threshold``, no window: the same on every replica (compute them with
+        :mod:`align2.client.calibration`: ``**calibration.thresholds()``). ``min_window``:
+        decisions of a task wait until its window holds that many scores (server default
+        100; 1: decide at once), or until the stream's in-flight slots all wait or its
+        input ended (then ``result.warm_up``). ``question_seed_scores`` /
+        ``answer_seed_scores`` fill the windows first (``**calibration.seeds()``).
+
+        ``samples`` is read lazily as the server takes them, so a
         generator producing data works; the server reads ahead at most its
         ``max_stream_inflight``. ``timeout`` is the deadline of the whole stream (None: the
         client's). A failure of the stream raises ``grpc.RpcError``; the samples it did not
@@ -163,6 +181,12 @@ class CurationClient(ClientBase):
             answer_keep_fraction=answer_keep_fraction,
             align=align,
             priority=priority,
+            selection_key=selection_key,
+            question_thresholds=question_thresholds,
+            answer_thresholds=answer_thresholds,
+            min_window=min_window,
+            question_seed_scores=question_seed_scores,
+            answer_seed_scores=answer_seed_scores,
             **align_settings,
         )
         responses = self._rpc(self._stub.Curate, stream.requests(samples), timeout)

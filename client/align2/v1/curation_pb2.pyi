@@ -46,7 +46,9 @@ class ImageMarker(_ImageMarker, metaclass=_ImageMarkerEnumTypeWrapper):
     Where the `<image>` marker stood in the first question of the LLaVA record, kept so that
     a client writing the sample back to LLaVA format can restore it (the client removes it
     from the question text when reading). The server does not use it: it removes every
-    `<image>` from the texts itself; it reads an unknown value as IMAGE_MARKER_START.
+    `<image>` from the texts itself. A request with a value not listed here fails with
+    INVALID_ARGUMENT naming `samples[i].image_marker`; the client reads an unknown value in a
+    response as IMAGE_MARKER_START.
     """
 
 IMAGE_MARKER_UNSPECIFIED: ImageMarker.ValueType  # 0
@@ -203,7 +205,9 @@ class _HeadEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Head.ValueType],
     HEAD_QUESTION: _Head.ValueType  # 1
     """f(I, Q): one score for all the questions of the conversation (one forward pass)."""
     HEAD_ANSWER: _Head.ValueType  # 2
-    """g(I, Q, A): one score per turn, each turn alone (one forward pass per turn)."""
+    """g(I, Q, A): one score per turn, each turn alone (one forward pass per turn; a turn with
+    answer_candidates: one per candidate, each alone, and the turn's score is the best).
+    """
 
 class Head(_Head, metaclass=_HeadEnumTypeWrapper):
     """---------------------------------------------------------------------------------------
@@ -218,7 +222,9 @@ HEAD_UNSPECIFIED: Head.ValueType  # 0
 HEAD_QUESTION: Head.ValueType  # 1
 """f(I, Q): one score for all the questions of the conversation (one forward pass)."""
 HEAD_ANSWER: Head.ValueType  # 2
-"""g(I, Q, A): one score per turn, each turn alone (one forward pass per turn)."""
+"""g(I, Q, A): one score per turn, each turn alone (one forward pass per turn; a turn with
+answer_candidates: one per candidate, each alone, and the turn's score is the best).
+"""
 Global___Head: _TypeAlias = Head  # noqa: Y015
 
 class _RewriteParts:
@@ -287,13 +293,18 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     DECISION_UNSPECIFIED: _Decision.ValueType  # 0
     """Never sent (the Python client reads an unknown value as an error)."""
     DECISION_KEPT: _Decision.ValueType  # 1
-    """Kept by both stages; restyled when align was asked (see aligned)."""
+    """Kept by both stages; restyled when align was asked (see aligned). A sample with
+    Turn.answer_candidates is kept with each turn's best candidate as its one answer
+    (scores.answer_candidates[i].best), and that is what Align restyles.
+    """
     DECISION_DROPPED_QUESTION: _Decision.ValueType  # 2
     """Dropped: the question score is below the question threshold of its task type (its
     answers were not scored).
     """
     DECISION_DROPPED_ANSWER: _Decision.ValueType  # 3
-    """Dropped: the mean answer score is below the answer threshold of its task type."""
+    """Dropped: the mean answer score (with candidates: of each turn's best) is below the
+    answer threshold of its task type.
+    """
     DECISION_ERROR: _Decision.ValueType  # 4
     """Not decided: error says why (a bad sample, the deadline, the score queues full until
     the deadline); scores hold what was computed before.
@@ -301,7 +312,8 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     DECISION_KEPT_ALIGN_FAILED: _Decision.ValueType  # 5
     """Kept by both stages; align was asked and the restyle failed (the sample's own error,
     or its Align call's: the LLM queue full until the deadline, shutdown): aligned.error
-    says why, and the original sample, as sent, is the kept one.
+    says why, and the original sample, as sent (with its best candidates, as for
+    DECISION_KEPT), is the kept one.
     """
 
 class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
@@ -310,13 +322,18 @@ class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
 DECISION_UNSPECIFIED: Decision.ValueType  # 0
 """Never sent (the Python client reads an unknown value as an error)."""
 DECISION_KEPT: Decision.ValueType  # 1
-"""Kept by both stages; restyled when align was asked (see aligned)."""
+"""Kept by both stages; restyled when align was asked (see aligned). A sample with
+Turn.answer_candidates is kept with each turn's best candidate as its one answer
+(scores.answer_candidates[i].best), and that is what Align restyles.
+"""
 DECISION_DROPPED_QUESTION: Decision.ValueType  # 2
 """Dropped: the question score is below the question threshold of its task type (its
 answers were not scored).
 """
 DECISION_DROPPED_ANSWER: Decision.ValueType  # 3
-"""Dropped: the mean answer score is below the answer threshold of its task type."""
+"""Dropped: the mean answer score (with candidates: of each turn's best) is below the
+answer threshold of its task type.
+"""
 DECISION_ERROR: Decision.ValueType  # 4
 """Not decided: error says why (a bad sample, the deadline, the score queues full until
 the deadline); scores hold what was computed before.
@@ -324,7 +341,8 @@ the deadline); scores hold what was computed before.
 DECISION_KEPT_ALIGN_FAILED: Decision.ValueType  # 5
 """Kept by both stages; align was asked and the restyle failed (the sample's own error,
 or its Align call's: the LLM queue full until the deadline, shutdown): aligned.error
-says why, and the original sample, as sent, is the kept one.
+says why, and the original sample, as sent (with its best candidates, as for
+DECISION_KEPT), is the kept one.
 """
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
 
@@ -338,25 +356,40 @@ class Turn(_message.Message):
 
     QUESTION_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
+    ANSWER_CANDIDATES_FIELD_NUMBER: _builtins.int
     question: _builtins.str
     """The human turn. In a request it must be non-empty once `<image>` and surrounding
     whitespace are removed, else the sample fails with INVALID_ARGUMENT.
     """
     answer: _builtins.str
     """The model's reply. In a request it may be empty only when no answer is used: Score
-    with heads = [HEAD_QUESTION], Align with parts = REWRITE_PARTS_QUESTIONS; otherwise an
-    empty answer fails the sample with INVALID_ARGUMENT (in Curate: once the sample passes
-    the question stage and its answers are scored).
+    with heads = [HEAD_QUESTION], Align with parts = REWRITE_PARTS_QUESTIONS, or when the
+    turn carries answer_candidates instead; otherwise an empty answer fails the sample with
+    INVALID_ARGUMENT (in Curate: once the sample passes the question stage and its answers
+    are scored).
     """
+    @_builtins.property
+    def answer_candidates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Several candidate answers to `question` (best-of-n: e.g. n samples of a generator), of
+        which the answer head picks the best. Empty (the default): the turn's one answer is
+        `answer`. Set: `answer` must be empty (both set: INVALID_ARGUMENT naming
+        `turns[i].answer`), and the turn has 1 to limits.max_candidates candidates (more:
+        INVALID_ARGUMENT naming `turns[i].answer_candidates`), each non-empty wherever an
+        answer must be (`turns[i].answer_candidates[j]`). Score scores every candidate alone
+        (ScoreResult.answer_candidates); Curate ranks the sample by its best candidates and
+        keeps them; Align refuses a turn with candidates (INVALID_ARGUMENT): pick one first.
+        """
+
     def __init__(
         self,
         *,
         question: _builtins.str = ...,
         answer: _builtins.str = ...,
+        answer_candidates: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "question", b"question"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "answer_candidates", b"answer_candidates", "question", b"question"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -379,9 +412,11 @@ class Sample(_message.Message):
     """
     image: _builtins.bytes
     """The encoded image: JPEG, PNG or WebP bytes, at most limits.max_image_bytes bytes and
-    limits.max_image_pixels pixels (width x height, read from the header before decoding).
+    limits.max_image_pixels pixels (width x height, read from the header before decoding;
+    the longer side squared when a model pads images to a square, ModelInfo.image_mode pad).
     Score and Curate need it: empty, unreadable or too large fails the sample with
-    INVALID_ARGUMENT. Align does not read it (the inner LLM is text-only); it may be empty.
+    INVALID_ARGUMENT. Align does not decode it (the inner LLM is text-only): it may be
+    empty; if sent, a format or size its header does not pass fails the sample the same way.
     """
     task: _builtins.str
     """Task type, the selection stratum of Curate (e.g. complex_reasoning, conversation,
@@ -538,8 +573,8 @@ class ScoreRequest(_message.Message):
     def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___Sample]:
         """The samples: at most limits.max_samples_per_call (more: INVALID_ARGUMENT for the call;
         split it). Each needs an image and 1..limits.max_turns turns; its forward passes (one
-        per question head, one per turn for the answer head) count against
-        limits.max_queue_items of their model.
+        per question head, one per turn for the answer head, or one per candidate for a turn
+        with answer_candidates) count against limits.max_queue_items of their model.
         """
 
     @_builtins.property
@@ -578,12 +613,15 @@ class ScoreResult(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     QUESTION_TRUNCATED_FIELD_NUMBER: _builtins.int
     ANSWER_TRUNCATED_FIELD_NUMBER: _builtins.int
+    ANSWER_CANDIDATES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The sample's id, as sent."""
     question_score: _builtins.float
     """The question head's score; set when that head ran and the sample did not fail."""
     answer_score: _builtins.float
-    """The mean of answer_scores; unset when they are empty."""
+    """The mean of answer_scores (with candidates: of the best candidates' scores); unset
+    when they are empty.
+    """
     question_truncated: _builtins.bool
     """True when the question text was cut to fit the model (limits.truncation "truncate":
     longer than limits.max_text_tokens, or than the model's max_length leaves after the
@@ -592,8 +630,9 @@ class ScoreResult(_message.Message):
     """
     @_builtins.property
     def answer_scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """The answer head's score of each turn, one per turn in turn order; empty when that head
-        did not run or the sample failed.
+        """The answer head's score of each turn, one per turn in turn order (for a turn with
+        answer_candidates: its best candidate's score, answer_candidates[i].scores[best]);
+        empty when that head did not run or the sample failed.
         """
 
     @_builtins.property
@@ -603,7 +642,14 @@ class ScoreResult(_message.Message):
     @_builtins.property
     def answer_truncated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
         """The same for each turn's answer input, one per turn in turn order, when the answer head
-        ran.
+        ran (for a turn with answer_candidates: its best candidate's input).
+        """
+
+    @_builtins.property
+    def answer_candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___CandidateScores]:
+        """Every candidate's score, one entry per turn in turn order; set when the answer head ran
+        and some turn of the sample has Turn.answer_candidates (a turn with a plain answer is
+        then one candidate, best 0); empty otherwise.
         """
 
     def __init__(
@@ -616,10 +662,11 @@ class ScoreResult(_message.Message):
         error: Global___ItemError | None = ...,
         question_truncated: _builtins.bool = ...,
         answer_truncated: _abc.Iterable[_builtins.bool] | None = ...,
+        answer_candidates: _abc.Iterable[Global___CandidateScores] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_answer_score", b"_answer_score", "_question_score", b"_question_score", "answer_score", b"answer_score", "error", b"error", "question_score", b"question_score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_score", b"_answer_score", "_question_score", b"_question_score", "answer_score", b"answer_score", "answer_scores", b"answer_scores", "answer_truncated", b"answer_truncated", "error", b"error", "id", b"id", "question_score", b"question_score", "question_truncated", b"question_truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_score", b"_answer_score", "_question_score", b"_question_score", "answer_candidates", b"answer_candidates", "answer_score", b"answer_score", "answer_scores", b"answer_scores", "answer_truncated", b"answer_truncated", "error", b"error", "id", b"id", "question_score", b"question_score", "question_truncated", b"question_truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__answer_score: _TypeAlias = _typing.Literal["answer_score"]  # noqa: Y015
     _WhichOneofArgType__answer_score: _TypeAlias = _typing.Literal["_answer_score", b"_answer_score"]  # noqa: Y015
@@ -631,6 +678,46 @@ class ScoreResult(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__question_score) -> _WhichOneofReturnType__question_score | None: ...
 
 Global___ScoreResult: _TypeAlias = ScoreResult  # noqa: Y015
+
+@_typing.final
+class CandidateScores(_message.Message):
+    """The answer head's scores of the candidate answers of one turn (Turn.answer_candidates)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCORES_FIELD_NUMBER: _builtins.int
+    BEST_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    best: _builtins.int
+    """The 0-based index of the best candidate: the highest score, and among equal highest
+    scores the first (as the reference's stable descending sort picks it).
+    """
+    @_builtins.property
+    def scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """One score per candidate, in the order sent; each is the score that candidate gets as
+        the turn's only answer.
+        """
+
+    @_builtins.property
+    def truncated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Per candidate, in the order sent: whether its input was cut to fit the model (as
+        ScoreResult.answer_truncated).
+        """
+
+    def __init__(
+        self,
+        *,
+        scores: _abc.Iterable[_builtins.float] | None = ...,
+        best: _builtins.int = ...,
+        truncated: _abc.Iterable[_builtins.bool] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best", b"best", "scores", b"scores", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CandidateScores: _TypeAlias = CandidateScores  # noqa: Y015
 
 @_typing.final
 class ScoreResponse(_message.Message):
@@ -704,8 +791,10 @@ class DecodingOptions(_message.Message):
     with INVALID_ARGUMENT.
     """
     temperature: _builtins.float
-    """Sampling temperature, >= 0 (NaN is refused); 0: greedy (deterministic; top_p and seed
-    unused). Unset: the server's default (0 unless configured).
+    """Sampling temperature: 0 is greedy (deterministic; top_p and seed unused); else it must
+    be in [0.01, 2] (below, float32 logits divided by it overflow and the draw fails; above,
+    vLLM refuses it and the draw nears uniform noise). NaN and infinities are refused.
+    Unset: the server's default (0 unless configured).
     """
     top_p: _builtins.float
     """Nucleus sampling when temperature > 0: sample among the most likely tokens up to this
@@ -809,7 +898,9 @@ class AlignRequest(_message.Message):
     def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___Sample]:
         """The samples: at most limits.max_samples_per_call (more: INVALID_ARGUMENT for the call).
         Each needs 1..limits.max_turns turns with non-empty questions, and answers unless only
-        questions are rewritten; the image is not read. A turn needs up to 4 LLM requests (one
+        questions are rewritten; the image is not read. A turn with answer_candidates fails its
+        sample with INVALID_ARGUMENT (Align rewrites one answer per turn: keep the best
+        candidate first, as Curate does). A turn needs up to 4 LLM requests (one
         rewrite per part, two review choices): a call needing more than limits.max_llm_inflight
         fails with INVALID_ARGUMENT (split it), more than are free now with RESOURCE_EXHAUSTED.
         """
@@ -861,7 +952,7 @@ class AlignedTurn(_message.Message):
     """
     @_builtins.property
     def original(self) -> Global___Turn:
-        """The turn as sent."""
+        """The turn as sent (in Curate: with its best candidate as the answer)."""
 
     @_builtins.property
     def rewrite(self) -> Global___Turn:
@@ -1034,21 +1125,158 @@ class AlignResponse(_message.Message):
 Global___AlignResponse: _TypeAlias = AlignResponse  # noqa: Y015
 
 @_typing.final
-class CurateOptions(_message.Message):
+class ScoreList(_message.Message):
     """---------------------------------------------------------------------------------------
     Curate (stream)
 
-    A Curate stream's settings, sent as its first message or not at all (then every field
-    takes its default). Invalid settings fail the stream before its first sample.
+    Calibration scores of one task type and stage (see CurateOptions.question_seed_scores).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    SCORES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The scores, oldest first; each finite (else INVALID_ARGUMENT for the stream)."""
+
+    def __init__(
+        self,
+        *,
+        scores: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["scores", b"scores"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScoreList: _TypeAlias = ScoreList  # noqa: Y015
+
+@_typing.final
+class CurateOptions(_message.Message):
+    """A Curate stream's settings, sent as its first message or not at all (then every field
+    takes its default). Invalid settings fail the stream before its first sample.
+
+    How a decision is made, per stage (question, answer) and task type:
+    1. with a threshold given for the task (question_thresholds, answer_thresholds): kept
+       iff score >= threshold. No window is read or written: the same thresholds decide the
+       same way on every replica and in every stream (the way to keep replicas consistent).
+    2. else against a window: the last limits.selection_window scores of the task, of this
+       stream alone (selection_key empty) or of every stream naming the same selection_key
+       on this replica. Replicas never share windows: streams of one key that land on
+       different replicas select separately, each replica from its own scores.
+       The threshold is the k-th highest of the n scores in the window, the sample's own
+       included, k = ceil(keep_fraction x n) (see CurateResponse.question_threshold).
+    3. warm-up: while the window holds fewer than min_window scores, the sample's score
+       counts at once (for every decision of the window) but its decision waits, and is made
+       against the window when it reaches min_window. A stream never waits for itself: its
+       waiting decisions are all made at once, against the windows as they are, when every
+       one of its limits.max_stream_inflight slots holds a waiting sample (it could read no
+       more), or when its input has ended (the client half-closed, or the stream fails as a
+       whole) and every sample it still has in flight waits (no score of its own can come),
+       or when its producer has sent nothing for curate.warm_up_idle_ms (500 ms unless
+       configured) while every sample it has in flight waits: so a producer that waits for
+       each decision before sending its next sample gets it after that pause (send
+       min_window = 1, or seeds, to have it at once). Such a decision has
+       CurateResponse.warm_up set. Seed scores (question_seed_scores, answer_seed_scores) fill a window before any
+       sample, so a seeded window that holds min_window scores decides at once.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class QuestionThresholdsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class AnswerThresholdsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class QuestionSeedScoresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ScoreList: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ScoreList | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class AnswerSeedScoresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ScoreList: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ScoreList | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     QUESTION_KEEP_FRACTION_FIELD_NUMBER: _builtins.int
     ANSWER_KEEP_FRACTION_FIELD_NUMBER: _builtins.int
     ALIGN_FIELD_NUMBER: _builtins.int
     ALIGN_OPTIONS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    SELECTION_KEY_FIELD_NUMBER: _builtins.int
+    QUESTION_THRESHOLDS_FIELD_NUMBER: _builtins.int
+    ANSWER_THRESHOLDS_FIELD_NUMBER: _builtins.int
+    MIN_WINDOW_FIELD_NUMBER: _builtins.int
+    QUESTION_SEED_SCORES_FIELD_NUMBER: _builtins.int
+    ANSWER_SEED_SCORES_FIELD_NUMBER: _builtins.int
     question_keep_fraction: _builtins.float
     """Share of samples kept by question score, per task type, in (0, 1] (1 keeps all at this
     stage); unset: the server's default (config curate.question_keep_fraction, 0.3 unless
@@ -1068,10 +1296,54 @@ class CurateOptions(_message.Message):
     """Scheduling class of the stream's work; unset: the stream's x-align2-priority metadata,
     else bulk (see Priority).
     """
+    selection_key: _builtins.str
+    """Share the windows (both stages, every task type) with every stream of this replica
+    that names the same key, so that a pipeline's workers select as one; empty: the
+    stream's own windows. At most 256 characters (more: INVALID_ARGUMENT). A key's windows
+    are created when a stream first names it and live while any stream uses it, then
+    curate.selection_key_idle_seconds more (600 unless configured; a reconnecting worker
+    finds them again). A new key while limits.max_selection_keys keys are live:
+    RESOURCE_EXHAUSTED (RetryInfo: when the longest-idle key expires). Streams of one key
+    should use the same fractions: the windows hold scores, and each stream ranks against
+    them with its own fractions. Per replica only (see the message comment).
+    """
+    min_window: _builtins.int
+    """Warm-up: the scores a task's window must hold (seeds included) before a decision is
+    made against it; 1: decide at once (a task's first sample is then kept). In
+    1..limits.selection_window, else INVALID_ARGUMENT; unset: the server's default (config
+    curate.min_window, 100 unless configured). See the message comment for when a
+    decision is made earlier.
+    """
     @_builtins.property
     def align_options(self) -> Global___AlignOptions:
         """The Align settings for kept samples, as in AlignRequest; read only when align is true.
         Unknown template: NOT_FOUND; bad decoding: INVALID_ARGUMENT (for the stream).
+        """
+
+    @_builtins.property
+    def question_thresholds(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Absolute question thresholds by task type (a calibration: see the README). A task
+        listed here is decided by score >= threshold with no window; a task not listed uses a
+        window. Each finite, else INVALID_ARGUMENT.
+        """
+
+    @_builtins.property
+    def answer_thresholds(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Absolute thresholds of the mean answer score by task type, as question_thresholds."""
+
+    @_builtins.property
+    def question_seed_scores(self) -> _containers.MessageMap[_builtins.str, Global___ScoreList]:
+        """Calibration question scores by task type, put into the task's question window before
+        the stream's first sample (oldest first; a full window drops the oldest). A window
+        takes seeds once: from the first stream that brings some (with a selection_key, later
+        streams' seeds for that window are ignored). At most limits.max_seed_scores scores in
+        both seed maps together, each finite; else INVALID_ARGUMENT.
+        """
+
+    @_builtins.property
+    def answer_seed_scores(self) -> _containers.MessageMap[_builtins.str, Global___ScoreList]:
+        """Calibration mean answer scores by task type (those of the question-kept calibration
+        samples), for the answer windows, as question_seed_scores.
         """
 
     def __init__(
@@ -1082,17 +1354,27 @@ class CurateOptions(_message.Message):
         align: _builtins.bool = ...,
         align_options: Global___AlignOptions | None = ...,
         priority: Global___Priority.ValueType = ...,
+        selection_key: _builtins.str = ...,
+        question_thresholds: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        answer_thresholds: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        min_window: _builtins.int | None = ...,
+        question_seed_scores: _abc.Mapping[_builtins.str, Global___ScoreList] | None = ...,
+        answer_seed_scores: _abc.Mapping[_builtins.str, Global___ScoreList] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_answer_keep_fraction", b"_answer_keep_fraction", "_question_keep_fraction", b"_question_keep_fraction", "align_options", b"align_options", "answer_keep_fraction", b"answer_keep_fraction", "question_keep_fraction", b"question_keep_fraction"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_answer_keep_fraction", b"_answer_keep_fraction", "_min_window", b"_min_window", "_question_keep_fraction", b"_question_keep_fraction", "align_options", b"align_options", "answer_keep_fraction", b"answer_keep_fraction", "min_window", b"min_window", "question_keep_fraction", b"question_keep_fraction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_keep_fraction", b"_answer_keep_fraction", "_question_keep_fraction", b"_question_keep_fraction", "align", b"align", "align_options", b"align_options", "answer_keep_fraction", b"answer_keep_fraction", "priority", b"priority", "question_keep_fraction", b"question_keep_fraction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_keep_fraction", b"_answer_keep_fraction", "_min_window", b"_min_window", "_question_keep_fraction", b"_question_keep_fraction", "align", b"align", "align_options", b"align_options", "answer_keep_fraction", b"answer_keep_fraction", "answer_seed_scores", b"answer_seed_scores", "answer_thresholds", b"answer_thresholds", "min_window", b"min_window", "priority", b"priority", "question_keep_fraction", b"question_keep_fraction", "question_seed_scores", b"question_seed_scores", "question_thresholds", b"question_thresholds", "selection_key", b"selection_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__answer_keep_fraction: _TypeAlias = _typing.Literal["answer_keep_fraction"]  # noqa: Y015
     _WhichOneofArgType__answer_keep_fraction: _TypeAlias = _typing.Literal["_answer_keep_fraction", b"_answer_keep_fraction"]  # noqa: Y015
+    _WhichOneofReturnType__min_window: _TypeAlias = _typing.Literal["min_window"]  # noqa: Y015
+    _WhichOneofArgType__min_window: _TypeAlias = _typing.Literal["_min_window", b"_min_window"]  # noqa: Y015
     _WhichOneofReturnType__question_keep_fraction: _TypeAlias = _typing.Literal["question_keep_fraction"]  # noqa: Y015
     _WhichOneofArgType__question_keep_fraction: _TypeAlias = _typing.Literal["_question_keep_fraction", b"_question_keep_fraction"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__answer_keep_fraction) -> _WhichOneofReturnType__answer_keep_fraction | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_window) -> _WhichOneofReturnType__min_window | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__question_keep_fraction) -> _WhichOneofReturnType__question_keep_fraction | None: ...
 
@@ -1108,7 +1390,8 @@ class CurateRequest(_message.Message):
     sent, and reads the next message only when a slot frees: a faster producer (or a slower
     reader of decisions) is slowed by gRPC flow control; nothing is refused or dropped. Full
     model queues are waited out, within the stream's deadline. Selection state (the
-    thresholds) belongs to the stream: nothing is shared between streams or replicas.
+    windows) belongs to the stream, or to its CurateOptions.selection_key on this replica;
+    nothing is shared between replicas.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1160,29 +1443,44 @@ class CurateResponse(_message.Message):
     ALIGNED_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    QUESTION_WINDOW_SIZE_FIELD_NUMBER: _builtins.int
+    ANSWER_WINDOW_SIZE_FIELD_NUMBER: _builtins.int
+    WARM_UP_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The sample's id, as sent: the caller's, possibly empty or repeated; match by sequence."""
     decision: Global___Decision.ValueType
     """What happened to the sample."""
     question_threshold: _builtins.float
-    """The question threshold of the sample's task type at its decision: the k-th highest of
-    the n scores in the window (the last curate.window question scores of that task in
-    this stream, 10000 unless configured, this one included), with
-    k = ceil(question_keep_fraction x n). A score at or above it is kept, so a task's first
-    sample is. Set once the question stage ran.
+    """The question threshold of the sample's task type at its decision: the one given in
+    CurateOptions.question_thresholds, else the k-th highest of the n scores in the window
+    (the last limits.selection_window question scores of that task in this stream or its
+    selection key, seeds and this one included), with k = ceil(question_keep_fraction x n).
+    A score at or above it is kept. Set once the question stage ran.
     """
     answer_threshold: _builtins.float
-    """The same for the mean answer score, among the question-kept samples of the task; set
-    once the answer stage ran.
+    """The same for the mean answer score (with candidates: of each turn's best), among the
+    question-kept samples of the task; set once the answer stage ran.
     """
     sequence: _builtins.int
     """The 0-based position of the sample among the stream's sample messages (the options
     message is not counted): the key that matches a decision to its sample.
     """
+    question_window_size: _builtins.int
+    """n: how many scores question_threshold was ranked among; 0 when it was given
+    (CurateOptions.question_thresholds) or the question stage did not run.
+    """
+    answer_window_size: _builtins.int
+    """The same for answer_threshold."""
+    warm_up: _builtins.bool
+    """True when a stage decided before its window held CurateOptions.min_window scores: the
+    stream's slots were all waiting, or its input had ended (see CurateOptions). Such a
+    decision rests on fewer scores than asked for.
+    """
     @_builtins.property
     def scores(self) -> Global___ScoreResult:
-        """What was scored: question_score once the question stage ran, answer_scores and
-        answer_score once the answer stage ran. Its error is never set (see error).
+        """What was scored: question_score once the question stage ran, answer_scores,
+        answer_score and (for a sample with candidates) answer_candidates once the answer stage
+        ran. Its error is never set (see error).
         """
 
     @_builtins.property
@@ -1207,10 +1505,13 @@ class CurateResponse(_message.Message):
         aligned: Global___AlignResult | None = ...,
         error: Global___ItemError | None = ...,
         sequence: _builtins.int = ...,
+        question_window_size: _builtins.int = ...,
+        answer_window_size: _builtins.int = ...,
+        warm_up: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_answer_threshold", b"_answer_threshold", "_question_threshold", b"_question_threshold", "aligned", b"aligned", "answer_threshold", b"answer_threshold", "error", b"error", "question_threshold", b"question_threshold", "scores", b"scores"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_threshold", b"_answer_threshold", "_question_threshold", b"_question_threshold", "aligned", b"aligned", "answer_threshold", b"answer_threshold", "decision", b"decision", "error", b"error", "id", b"id", "question_threshold", b"question_threshold", "scores", b"scores", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_threshold", b"_answer_threshold", "_question_threshold", b"_question_threshold", "aligned", b"aligned", "answer_threshold", b"answer_threshold", "answer_window_size", b"answer_window_size", "decision", b"decision", "error", b"error", "id", b"id", "question_threshold", b"question_threshold", "question_window_size", b"question_window_size", "scores", b"scores", "sequence", b"sequence", "warm_up", b"warm_up"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__answer_threshold: _TypeAlias = _typing.Literal["answer_threshold"]  # noqa: Y015
     _WhichOneofArgType__answer_threshold: _TypeAlias = _typing.Literal["_answer_threshold", b"_answer_threshold"]  # noqa: Y015
@@ -1326,6 +1627,10 @@ class Limits(_message.Message):
     MAX_STREAM_INFLIGHT_FIELD_NUMBER: _builtins.int
     MAX_LLM_INFLIGHT_FIELD_NUMBER: _builtins.int
     MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
+    SELECTION_WINDOW_FIELD_NUMBER: _builtins.int
+    MAX_SELECTION_KEYS_FIELD_NUMBER: _builtins.int
+    MAX_SEED_SCORES_FIELD_NUMBER: _builtins.int
+    MAX_CANDIDATES_FIELD_NUMBER: _builtins.int
     max_samples_per_call: _builtins.int
     """Samples in one Score or Align call; more: INVALID_ARGUMENT for the call (split it).
     Config default 64.
@@ -1339,8 +1644,9 @@ class Limits(_message.Message):
     default 16 MiB.
     """
     max_image_pixels: _builtins.int
-    """Most pixels (width x height, read from the header before decoding) of one image; more:
-    INVALID_ARGUMENT for the sample. Config default 40,000,000.
+    """Most pixels (width x height, read from the header before decoding) of one image, or of
+    the square it is padded to (longer side squared) for a model whose image_mode is pad;
+    more: INVALID_ARGUMENT for the sample. Config default 40,000,000.
     """
     max_turns: _builtins.int
     """Most turns in one sample; more: INVALID_ARGUMENT for the sample. Config default 64."""
@@ -1376,6 +1682,25 @@ class Limits(_message.Message):
     """Largest DecodingOptions.max_new_tokens accepted (config align.max_new_tokens_limit);
     larger: INVALID_ARGUMENT. Config default 1024.
     """
+    selection_window: _builtins.int
+    """Scores per task type and stage in a Curate window (config curate.window): a threshold
+    ranks at most this many; CurateOptions.min_window above it: INVALID_ARGUMENT. Config
+    default 10000.
+    """
+    max_selection_keys: _builtins.int
+    """Curate selection keys live at once on this replica (config curate.max_selection_keys;
+    see CurateOptions.selection_key); a new key beyond: RESOURCE_EXHAUSTED. 0: streams
+    cannot name a key. Config default 64.
+    """
+    max_seed_scores: _builtins.int
+    """Seed scores one Curate stream's options may carry, both seed maps together (config
+    curate.max_seed_scores); more: INVALID_ARGUMENT. Config default 100,000.
+    """
+    max_candidates: _builtins.int
+    """Most candidate answers of one turn (Turn.answer_candidates); more: INVALID_ARGUMENT for
+    the sample, naming `turns[i].answer_candidates`. Each candidate is one forward pass of
+    the answer head, counted against max_queue_items. Config default 16.
+    """
     def __init__(
         self,
         *,
@@ -1391,10 +1716,14 @@ class Limits(_message.Message):
         max_stream_inflight: _builtins.int = ...,
         max_llm_inflight: _builtins.int = ...,
         max_new_tokens: _builtins.int = ...,
+        selection_window: _builtins.int = ...,
+        max_selection_keys: _builtins.int = ...,
+        max_seed_scores: _builtins.int = ...,
+        max_candidates: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_llm_inflight", b"max_llm_inflight", "max_message_bytes", b"max_message_bytes", "max_new_tokens", b"max_new_tokens", "max_queue_items", b"max_queue_items", "max_samples_per_call", b"max_samples_per_call", "max_stream_inflight", b"max_stream_inflight", "max_streams", b"max_streams", "max_text_tokens", b"max_text_tokens", "max_turns", b"max_turns", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_candidates", b"max_candidates", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_llm_inflight", b"max_llm_inflight", "max_message_bytes", b"max_message_bytes", "max_new_tokens", b"max_new_tokens", "max_queue_items", b"max_queue_items", "max_samples_per_call", b"max_samples_per_call", "max_seed_scores", b"max_seed_scores", "max_selection_keys", b"max_selection_keys", "max_stream_inflight", b"max_stream_inflight", "max_streams", b"max_streams", "max_text_tokens", b"max_text_tokens", "max_turns", b"max_turns", "selection_window", b"selection_window", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

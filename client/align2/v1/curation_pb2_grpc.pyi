@@ -51,8 +51,9 @@ class CurationServiceStub:
     def __new__(cls, channel: _aio.Channel) -> CurationServiceAsyncStub: ...
     Score: _grpc.UnaryUnaryMultiCallable[_curation_pb2.ScoreRequest, _curation_pb2.ScoreResponse]
     """Reward-model scores for a batch of samples: the question score of each conversation,
-    the answer score of each turn and their mean. One result per sample, in request order;
-    a bad sample gets a per-item error and never fails its batch-mates.
+    the answer score of each turn and their mean; a turn with candidate answers gets the
+    score of each and the best. One result per sample, in request order; a bad sample gets
+    a per-item error and never fails its batch-mates.
     """
     Align: _grpc.UnaryUnaryMultiCallable[_curation_pb2.AlignRequest, _curation_pb2.AlignResponse]
     """The inner LLM rewrites each turn's question and/or answer into its own style, guards
@@ -61,8 +62,11 @@ class CurationServiceStub:
     """
     Curate: _grpc.StreamStreamMultiCallable[_curation_pb2.CurateRequest, _curation_pb2.CurateResponse]
     """Streaming curation: optional options first, then samples in; one decision per sample
-    out, as it is made (scored, selected against the running top-fraction thresholds of
-    its task type in this stream, aligned when kept and asked for). The stream's rules:
+    out, as it is made (scored, selected against the top-fraction threshold of its task
+    type: running over the scores of this stream, or of every stream of the same
+    CurateOptions.selection_key on this replica, or given by a calibration; aligned when
+    kept and asked for). A sample with candidate answers is ranked by the mean of its
+    turns' best scores and kept with its best candidates. The stream's rules:
     CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
     """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_curation_pb2.GetServerInfoRequest, _curation_pb2.GetServerInfoResponse]
@@ -88,8 +92,9 @@ class CurationServiceAsyncStub(CurationServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Score: _aio.UnaryUnaryMultiCallable[_curation_pb2.ScoreRequest, _curation_pb2.ScoreResponse]  # type: ignore[assignment]
     """Reward-model scores for a batch of samples: the question score of each conversation,
-    the answer score of each turn and their mean. One result per sample, in request order;
-    a bad sample gets a per-item error and never fails its batch-mates.
+    the answer score of each turn and their mean; a turn with candidate answers gets the
+    score of each and the best. One result per sample, in request order; a bad sample gets
+    a per-item error and never fails its batch-mates.
     """
     Align: _aio.UnaryUnaryMultiCallable[_curation_pb2.AlignRequest, _curation_pb2.AlignResponse]  # type: ignore[assignment]
     """The inner LLM rewrites each turn's question and/or answer into its own style, guards
@@ -98,8 +103,11 @@ class CurationServiceAsyncStub(CurationServiceStub):
     """
     Curate: _aio.StreamStreamMultiCallable[_curation_pb2.CurateRequest, _curation_pb2.CurateResponse]  # type: ignore[assignment]
     """Streaming curation: optional options first, then samples in; one decision per sample
-    out, as it is made (scored, selected against the running top-fraction thresholds of
-    its task type in this stream, aligned when kept and asked for). The stream's rules:
+    out, as it is made (scored, selected against the top-fraction threshold of its task
+    type: running over the scores of this stream, or of every stream of the same
+    CurateOptions.selection_key on this replica, or given by a calibration; aligned when
+    kept and asked for). A sample with candidate answers is ranked by the mean of its
+    turns' best scores and kept with its best candidates. The stream's rules:
     CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
     """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_curation_pb2.GetServerInfoRequest, _curation_pb2.GetServerInfoResponse]  # type: ignore[assignment]
@@ -128,8 +136,9 @@ class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_curation_pb2.ScoreResponse, _abc.Awaitable[_curation_pb2.ScoreResponse]]:
         """Reward-model scores for a batch of samples: the question score of each conversation,
-        the answer score of each turn and their mean. One result per sample, in request order;
-        a bad sample gets a per-item error and never fails its batch-mates.
+        the answer score of each turn and their mean; a turn with candidate answers gets the
+        score of each and the best. One result per sample, in request order; a bad sample gets
+        a per-item error and never fails its batch-mates.
         """
 
     @_abc_1.abstractmethod
@@ -150,8 +159,11 @@ class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_curation_pb2.CurateResponse], _abc.AsyncIterator[_curation_pb2.CurateResponse]]:
         """Streaming curation: optional options first, then samples in; one decision per sample
-        out, as it is made (scored, selected against the running top-fraction thresholds of
-        its task type in this stream, aligned when kept and asked for). The stream's rules:
+        out, as it is made (scored, selected against the top-fraction threshold of its task
+        type: running over the scores of this stream, or of every stream of the same
+        CurateOptions.selection_key on this replica, or given by a calibration; aligned when
+        kept and asked for). A sample with candidate answers is ranked by the mean of its
+        turns' best scores and kept with its best candidates. The stream's rules:
         CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
         """
 

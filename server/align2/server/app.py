@@ -2,7 +2,8 @@
 
 construct -> start(): bind the gRPC port (health NOT_SERVING), load the models, warm up
 through the full Score and Align paths, then SERVING -> stop(): health NOT_SERVING, refuse
-new calls, let in-flight calls finish within the grace period, close batchers and backends.
+new calls, let in-flight calls finish within the grace period (a hard bound: then they are
+ended with UNAVAILABLE), close the port, batchers and backends.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from align2.server.core.scoring import ScoreCall, Scorer
 from align2.server.errors import ConfigError
 from align2.server.models import embedded
 from align2.server.transport import convert, reflection
-from align2.server.transport.interceptors import StatusInterceptor
+from align2.server.transport.interceptors import ParseInterceptor, StatusInterceptor
 from align2.server.transport.security import (
     BearerTokenInterceptor,
     read_tokens,
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CurationService"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_ANSWER_SECONDS = 1.0
+"""How long calls ended at the grace deadline get to send their answers."""
 
 
 def version() -> str:
@@ -64,6 +67,7 @@ class App:
         self.lifecycle = Lifecycle()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self._metrics: metrics.MetricsServer | None = None
         self._pool = ThreadPoolExecutor(
             config.batching.preprocess_workers, thread_name_prefix="align2-prepare"
         )
@@ -86,6 +90,7 @@ class App:
             else None
         )
         self._health = health.aio.HealthServicer()
+        self._status = StatusInterceptor()  # holds the calls in flight, for stop()
         self._server: grpc.aio.Server | None = None
 
     # -- start ---------------------------------------------------------------------------
@@ -107,10 +112,11 @@ class App:
     async def _bind(self) -> None:
         size = self.config.limits.max_message_bytes
         security = self.config.security
-        interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor()]
+        interceptors: list[grpc.aio.ServerInterceptor] = [self._status]
         tokens = read_tokens(security)
         if tokens:  # inside StatusInterceptor, so refusals are counted and logged
             interceptors.append(BearerTokenInterceptor(tokens, open_health=security.open_health))
+        interceptors.append(ParseInterceptor())  # last: after the token check
         credentials = server_credentials(security)
         server = grpc.aio.server(
             interceptors=interceptors,
@@ -136,7 +142,11 @@ class App:
         await server.start()
         self._server = server
         if section.metrics_port >= 0:
-            self.metrics_port = metrics.start_http_server(section.metrics_port)
+            # Where the gRPC port is, unless configured apart: never wider than asked for.
+            self._metrics = metrics.MetricsServer(
+                section.metrics_host or section.host, section.metrics_port
+            )
+            self.metrics_port = self._metrics.address[1]
 
     def _scoring_model_names(self) -> list[str]:
         score = self.config.score
@@ -266,6 +276,11 @@ class App:
         templates = [(t.name, t.sha256) for t in self._templates or ()]
         return convert.server_info_to_proto(self.config, models, services, version(), templates)
 
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where /metrics is bound (address, port), or None when it is off."""
+        return None if self._metrics is None else self._metrics.address
+
     def scoring_backend(self, name: str) -> ScoringBackend:
         """The loaded backend for a model name (for in-process tools and benchmarks)."""
         return self._runtimes[name].backend
@@ -289,17 +304,33 @@ class App:
 
     # -- stop ----------------------------------------------------------------------------
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new calls, finish in-flight ones within ``grace``."""
+        """Drain within ``grace`` seconds, a hard bound (see docs/operating.md, Shutdown).
+
+        Health turns NOT_SERVING and keeps answering (the port stays open, so probes see
+        NOT_SERVING rather than a refused connection); new calls get UNAVAILABLE; in-flight
+        calls may finish until the deadline. There, every call still running is ended with
+        UNAVAILABLE naming the grace period, the port closes, and the models stop: a batch
+        still on the device stops within one layer (transformers) instead of running on."""
         grace = self.config.server.grace_seconds if grace is None else grace
         if self.lifecycle.phase is not Phase.FAILED:
             self.lifecycle.phase = Phase.DRAINING
         await self._health.enter_graceful_shutdown()
+        calls = self._status.calls
+        if not await calls.wait_idle(grace):
+            ended = calls.end_all(
+                f"server is shutting down: the call did not finish within the grace period "
+                f"(server.grace_seconds {grace:g}); retry on another replica"
+            )
+            log.warning("grace period over: ending %d calls still running", ended)
+            await calls.wait_idle(_ANSWER_SECONDS)  # each sends its UNAVAILABLE
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(None)  # whatever is left (health watches): cancelled
         for runtime in {id(rt): rt for rt in self._runtimes.values()}.values():
             await runtime.close()
         for llm in self._llms.values():
             await llm.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._metrics is not None:
+            self._metrics.close()
         if self.lifecycle.phase is not Phase.FAILED:
             self.lifecycle.phase = Phase.STOPPED

@@ -98,9 +98,14 @@ class LimitsConfig:
     max_image_bytes: int = 16 * MiB
     """Encoded size of one image."""
     max_image_pixels: int = 40_000_000
-    """Width x height, read from the image header before decoding (no decompression bombs)."""
+    """Width x height, read from the image header before decoding (no decompression bombs);
+    for a model that pads images to a square (image_mode pad), the padded square's pixels,
+    i.e. the longer side squared: what is actually allocated."""
     max_turns: int = 64
     """Question/answer turns in one sample."""
+    max_candidates: int = 16
+    """Candidate answers of one turn (best-of-n, Turn.answer_candidates); each is one forward
+    pass of the answer head."""
     max_streams: int = 100
     """Concurrent RPCs (HTTP/2 streams) per client connection; more wait in gRPC until one
     ends (gRPC's max_concurrent_streams)."""
@@ -143,6 +148,9 @@ class ScoreConfig:
     """Name (in [models]) of the default question reward model."""
     answer_model: str = "answer"
     """Name (in [models]) of the default answer reward model."""
+    image_exif_transpose: bool = False
+    """Turn each image as its EXIF orientation says before scoring. Off: the stored pixel
+    order, as the method's reference code reads images (docs/scoring.md)."""
 
 
 @dataclass
@@ -153,11 +161,12 @@ class DecodingConfig:
     """Most tokens one rewrite may generate; a rewrite cut there is rejected (guard
     ``truncated``)."""
     temperature: float = 0.0
-    """0: greedy (deterministic). Above 0: sampling, seeded by ``seed``."""
+    """0: greedy (deterministic). Else sampling, seeded by ``seed``, at a temperature in
+    [0.01, 2] (why: docs/operating.md, "Request limits")."""
     top_p: float = 1.0
-    """Nucleus sampling: keep the most likely tokens up to this probability mass."""
+    """Nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1]."""
     seed: int = 0
-    """Seed of sampling: the same seed and inputs give the same rewrite."""
+    """Seed of sampling, 0..2**64-1: the same seed and inputs give the same rewrite."""
 
 
 @dataclass
@@ -192,10 +201,11 @@ class AlignConfig:
 class CurateConfig:
     """The Curate stream: score, select the top fractions per task type, align the kept.
 
-    Selection is per stream (a producer's own data; no state shared between streams or
-    replicas): a sample is kept when its score is among the top fraction of the last
-    ``window`` scores of its task type in the stream, itself included (see
-    align2/server/core/selection.py)."""
+    A sample is kept when its score is among the top fraction of the last ``window``
+    scores of its task type, itself included (see align2/server/core/selection.py): the
+    scores of its own stream, or of every stream naming the same selection key on this
+    server (never across replicas); or against thresholds the stream gives (calibration).
+    See align2/server/core/selector.py for the warm-up."""
 
     question_keep_fraction: float = 0.3
     """Default share kept by question score, per task type (the method's 30%)."""
@@ -203,6 +213,25 @@ class CurateConfig:
     """Default share of the question-kept kept by mean answer score (the method's 30%)."""
     window: int = 10000
     """Recent scores per task type and stage that a threshold is computed from."""
+    min_window: int = 100
+    """Default warm-up: a decision waits until its task's window holds this many scores
+    (seeds included), or until every in-flight slot of its stream holds a waiting sample,
+    or its stream's input has ended and all its remaining samples wait; then it is made
+    against the window as it is. 1: decide at once (the first sample of a task is kept).
+    At most ``window``."""
+    warm_up_idle_ms: int = 500
+    """A stream whose producer has sent nothing for this long, while every sample it has
+    in flight waits for a warm-up, has those decided at once against the window as it is:
+    a producer that waits for each decision before sending the next never deadlocks. 0:
+    never (only the in-flight bound or the end of input release them)."""
+    max_selection_keys: int = 64
+    """Selection keys live at once (in use, or idle within ``selection_key_idle_seconds``);
+    a stream naming a new one beyond: RESOURCE_EXHAUSTED. 0: no stream may name a key."""
+    selection_key_idle_seconds: float = 600.0
+    """How long a selection key's windows outlive the last stream that used it."""
+    max_seed_scores: int = 100_000
+    """Most calibration scores one stream's options may seed its windows with (both
+    stages, all task types together); more: INVALID_ARGUMENT."""
 
 
 @dataclass
@@ -215,8 +244,13 @@ class ServerSection:
     """gRPC port; 0 picks a free one (logged at start)."""
     metrics_port: int = 9090
     """Prometheus /metrics port; 0 picks a free one, -1 disables it."""
+    metrics_host: str = ""
+    """Address the metrics port binds; empty: the same as ``host``. It has neither TLS nor
+    tokens (docs/operating.md, "Metrics"): keep it where only the scraper reaches it."""
     grace_seconds: float = 30.0
-    """On SIGTERM: how long in-flight calls may run before the server stops."""
+    """On SIGTERM: how long in-flight calls may run, a hard bound: at the deadline the calls
+    left are answered UNAVAILABLE and the batch on the device stops (docs/operating.md,
+    Shutdown). Health answers NOT_SERVING meanwhile."""
     cache_dir: str = "~/.cache/align2"
     """Where embedded models are built and cached."""
     log_level: str = "INFO"
@@ -294,6 +328,7 @@ class Config:
         self._validate_adapters()
         positive = {
             "limits.max_samples_per_call": self.limits.max_samples_per_call,
+            "limits.max_candidates": self.limits.max_candidates,
             "batching.max_batch_size": self.batching.max_batch_size,
             "batching.max_queue_items": self.batching.max_queue_items,
             "batching.preprocess_workers": self.batching.preprocess_workers,
@@ -355,6 +390,19 @@ class Config:
                 raise ConfigError(f"curate.{key}: must be in (0, 1], got {value}")
         if curate.window < 1:
             raise ConfigError(f"curate.window: must be at least 1, got {curate.window}")
+        if not 1 <= curate.min_window <= curate.window:
+            raise ConfigError(
+                f"curate.min_window: must be in 1..curate.window ({curate.window}), "
+                f"got {curate.min_window}"
+            )
+        for key in ("max_selection_keys", "max_seed_scores", "warm_up_idle_ms"):
+            if getattr(curate, key) < 0:
+                raise ConfigError(f"curate.{key}: must be >= 0, got {getattr(curate, key)}")
+        if not curate.selection_key_idle_seconds >= 0:
+            raise ConfigError(
+                "curate.selection_key_idle_seconds: must be >= 0, got "
+                f"{curate.selection_key_idle_seconds}"
+            )
         if self.limits.max_stream_inflight < 0:
             raise ConfigError(
                 f"limits.max_stream_inflight: must be >= 0, got {self.limits.max_stream_inflight}"
@@ -383,6 +431,18 @@ class Config:
             raise ConfigError(f"align.decoding.{problem}")
 
 
+MIN_TEMPERATURE = 0.01
+"""Lowest sampling temperature. Sampling divides the logits by the temperature before the
+softmax: a denormal temperature (1e-45) makes them infinite in float32 and the draw fails
+(NaN probabilities); vLLM raises anything in (0, 0.01) to 0.01 for the same reason. Below
+0.01 sampling is all but greedy anyway: ask for 0."""
+MAX_TEMPERATURE = 2.0
+"""Highest sampling temperature: vLLM refuses more, and above it the draw approaches
+uniform noise over the vocabulary (``inf`` would be exactly that)."""
+MAX_SEED = 2**64 - 1
+"""Largest seed: the range of the request's uint64 and of a torch generator's seed."""
+
+
 def decoding_problem(
     decoding: DecodingConfig,
     max_new_tokens_limit: int,
@@ -391,16 +451,26 @@ def decoding_problem(
     """What is wrong with ``decoding`` (``field: why``), or None. Shared by the config check
     and the per-call check of Align options, which prefix the field with their own path.
     ``limit_name``: what the message calls the limit (the config key at start-up; a call's
-    error names it as GetServerInfo reports it, ``limits.max_new_tokens``)."""
+    error names it as GetServerInfo reports it, ``limits.max_new_tokens``).
+
+    The ranges are those where every backend's sampler is defined and agrees: temperature 0
+    (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE], top_p in (0, 1], NaN refused
+    everywhere (every comparison below is False for NaN), seed in 0..MAX_SEED."""
     tokens = decoding.max_new_tokens
     if tokens < 1:
         return f"max_new_tokens: {tokens} is less than 1"
     if tokens > max_new_tokens_limit:
         return f"max_new_tokens: {tokens} exceeds {limit_name} {max_new_tokens_limit}"
-    if not decoding.temperature >= 0:  # also refuses NaN
-        return f"temperature: {decoding.temperature} is not >= 0"
+    temperature = decoding.temperature
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        return (
+            f"temperature: {temperature} is neither 0 (greedy) nor in "
+            f"[{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]"
+        )
     if not 0 < decoding.top_p <= 1:
         return f"top_p: {decoding.top_p} is not in (0, 1]"
+    if not 0 <= decoding.seed <= MAX_SEED:
+        return f"seed: {decoding.seed} is not in 0..{MAX_SEED}"
     return None
 
 

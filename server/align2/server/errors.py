@@ -82,6 +82,14 @@ class InvalidArgument(Align2Error):
     code = Code.INVALID_ARGUMENT
 
 
+class MalformedRequest(InvalidArgument):
+    """The request's bytes are not a valid message of its type (corrupt wire format, a
+    ``string`` field that is not UTF-8): the caller's fault, and no field can be named."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field=None)
+
+
 class NotFound(Align2Error):
     """A name in the request (a model, a template set) names nothing the server has:
     ``resource_type`` ("model", "template") and ``resource_name`` say which."""
@@ -115,6 +123,13 @@ class Overloaded(Align2Error):
 
     code = Code.RESOURCE_EXHAUSTED
     retry_after = OVERLOADED_RETRY_SECONDS
+
+
+class TooManySelectionKeys(Align2Error):
+    """A Curate stream names a new selection key while the server already holds its limit
+    of live keys; ``retry_after``: when the longest-idle key expires (None: none is idle)."""
+
+    code = Code.RESOURCE_EXHAUSTED
 
 
 class DeadlineExpired(Align2Error):

@@ -136,7 +136,17 @@ def _pick(
     settings: Sequence[Decoding],
     generators: Sequence[torch.Generator | None],
 ) -> torch.Tensor:
-    """Next token per row [B]: argmax for greedy rows, a seeded top-p draw for the others."""
+    """Next token per row [B]: argmax for greedy rows, a seeded top-p draw for the others.
+
+    Raises ValueError, before any draw, when a sampled row's logits are not finite: its
+    draw would fail, and on CUDA ``multinomial`` fails with a device-side assert, after
+    which the device is unusable (the server would go NOT_SERVING for one row). As a plain
+    error the batch is retried in halves and only that row fails (core/batcher.py). With
+    finite logits and a temperature of at least 0.01 (config.decoding_problem) the draw
+    is always defined. One check per step for all sampled rows."""
+    sampled = [row for row, generator in enumerate(generators) if generator is not None]
+    if sampled and not bool(torch.isfinite(logits[sampled]).all()):
+        raise ValueError("a sampled row's logits are not finite: its draw is undefined")
     picked = logits.argmax(dim=-1)
     for row, (decoding, generator) in enumerate(zip(settings, generators, strict=True)):
         if generator is not None:

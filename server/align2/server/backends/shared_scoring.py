@@ -38,7 +38,7 @@ from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from align2.server.backends.base import ModelDescription, Prepared
-from align2.server.backends.torch_device import resolve_device, torch_dtype
+from align2.server.backends.torch_device import Interrupt, resolve_device, torch_dtype
 from align2.server.backends.transformers_scoring import TransformersScoring, _Inputs
 from align2.server.config import ModelConfig
 from align2.server.models.shared_llava import HeadInputs, SharedLlava, build_shared
@@ -76,6 +76,8 @@ class SharedBase:
         self._layer: int = config.vision_feature_layer
         self._drop_cls = config.vision_feature_select_strategy == "default"
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="device-shared-base")
+        # Stops a running batch when the last head closes (one head closing stops nothing).
+        self._interrupt = Interrupt(self.model, "+".join(shared.heads))
         self._thread: threading.Thread | None = None
         self._active: str | None = None
         self._cache: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
@@ -153,6 +155,7 @@ class SharedBase:
         self._users -= 1
         if self._users > 0:
             return
+        self._interrupt.set()
         self.executor.shutdown(wait=True)
         self._cache.clear()
         del self.model, self.projectors

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import torch
 
-from align2.server.errors import Align2Error, BackendError, DeviceOutOfMemory
+from align2.server.errors import Align2Error, BackendError, DeviceOutOfMemory, Unavailable
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,3 +58,35 @@ def classify_device_error(exc: Exception, model: str) -> Align2Error:
     text = str(exc)
     fatal = any(marker in text for marker in _FATAL_MARKERS)
     return BackendError(f"model {model!r} failed on this batch: {text}", fatal=fatal)
+
+
+class Interrupt:
+    """Stops a running forward pass from another thread, between two layers.
+
+    A forward pass cannot be cancelled, and at shutdown the process waits for its device
+    thread: a batch that started just before the deadline would hold the exit for its whole
+    length (seconds on CPU, for a large batch). Once ``set``, the next layer to start raises
+    Unavailable instead (forward pre-hooks on the model and on each layer of its layer
+    lists: the transformer blocks of every tower), so the batch ends within one layer.
+    The hooks cost one Python call per layer."""
+
+    def __init__(self, model: torch.nn.Module, name: str) -> None:
+        self._name = name
+        self._set = threading.Event()
+        layers = [
+            layer
+            for module in model.modules()
+            if isinstance(module, torch.nn.ModuleList)
+            for layer in module
+        ]
+        for module in [model, *layers]:
+            module.register_forward_pre_hook(self._check)
+
+    def set(self) -> None:
+        self._set.set()
+
+    def _check(self, _module: torch.nn.Module, _args: Any) -> None:
+        if self._set.is_set():
+            raise Unavailable(
+                f"model {self._name!r} stopped mid-batch: the server is shutting down"
+            )

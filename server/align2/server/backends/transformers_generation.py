@@ -36,6 +36,7 @@ from align2.server.backends.chat import Prompts, as_invalid_argument, choice_ids
 from align2.server.backends.checkpoint import folder_revision
 from align2.server.backends.decoding import generate_batch, last_logits
 from align2.server.backends.torch_device import (
+    Interrupt,
     classify_device_error,
     prepare_device,
     resolve_device,
@@ -64,6 +65,7 @@ class TransformersGeneration:
         pad = tokenizer.pad_token_id
         self._pad = pad if pad is not None else min(self._eos)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"device-{description.name}")
+        self._interrupt = Interrupt(model, description.name)
 
     @classmethod
     def load(cls, name: str, config: ModelConfig, path: pathlib.Path) -> TransformersGeneration:
@@ -105,6 +107,8 @@ class TransformersGeneration:
         return await loop.run_in_executor(self._executor, self._choose, list(batch))
 
     def close(self) -> None:
+        """Stop the batch still running (within one layer), then free the device."""
+        self._interrupt.set()
         self._executor.shutdown(wait=True)
         del self._model
         if self._device.type == "cuda":

@@ -27,6 +27,7 @@ from align2.server.backends.base import ModelDescription, Prepared
 from align2.server.backends.checkpoint import read_reward_checkpoint
 from align2.server.backends.preprocess import pad_to_square, reward_ids, text_budget
 from align2.server.backends.torch_device import (
+    Interrupt,
     classify_device_error,
     prepare_device,
     resolve_device,
@@ -59,8 +60,9 @@ class TransformersScoring:
         image_mode: str,
         executor: ThreadPoolExecutor | None = None,
     ) -> None:
-        """``executor``: the one thread that runs this model's forwards; by default its own.
-        Backends over one shared model pass that model's thread (see shared_scoring)."""
+        """``executor``: the one thread that runs this model's forwards; by default its own,
+        which ``close`` stops. Backends over one shared model pass that model's thread and
+        leave stopping it to that model (see shared_scoring)."""
         self.description = description
         self._processor = processor
         self._tokenizer = processor.tokenizer
@@ -79,6 +81,8 @@ class TransformersScoring:
         self._executor = executor or ThreadPoolExecutor(
             1, thread_name_prefix=f"device-{description.name}"
         )
+        # Whoever owns that thread stops its running batch at close.
+        self._interrupt = Interrupt(base, description.name) if executor is None else None
 
     @classmethod
     def load(cls, name: str, config: ModelConfig, path: pathlib.Path) -> TransformersScoring:
@@ -197,6 +201,9 @@ class TransformersScoring:
         return hidden
 
     def close(self) -> None:
+        """Stop the batch still running (within one layer), then free the device."""
+        if self._interrupt is not None:
+            self._interrupt.set()
         self._executor.shutdown(wait=True)
         del self._base
         if self._device.type == "cuda":

@@ -13,8 +13,10 @@ Order of work for one call, cheapest refusal first:
 The review is a constrained choice, never parsed text: the pair is shown in both orders
 (original first, then rewrite first) so that position bias cancels; the margin is the
 mean over the two orders of P(rewrite) - P(original), in [-1, 1]; the rewrite is kept iff
-the margin is positive. The image is never read: the LLM is text-only and sees the texts
-with the ``<image>`` marker removed; a kept rewrite gets the original's marker back.
+the margin is positive. The image's pixels are never read: the LLM is text-only and sees
+the texts with the ``<image>`` marker removed; a kept rewrite gets the original's marker
+back. A sample's image may be empty; one that is sent must pass Score's checks that need
+no decoding (format, bytes, pixels from the header), so that a non-image fails its sample.
 
 Same seed and inputs -> same output on the same backend: every request of a call uses the
 call's decoding and seed, and the review is deterministic. Caveat: batch-mates change the
@@ -54,6 +56,7 @@ from align2.server.core.align_types import (
 )
 from align2.server.core.gather import all_or_first_error
 from align2.server.core.guards import check_rewrite, restore_marker
+from align2.server.core.images import open_image
 from align2.server.core.llm import GenerationRuntime
 from align2.server.core.prompts import TemplateLibrary
 from align2.server.core.templates import clean
@@ -63,6 +66,13 @@ from align2.server.core.validation import (
     sample_error,
 )
 from align2.server.errors import InvalidArgument
+
+CANDIDATES_REFUSED = (
+    "Align rewrites one answer per turn: keep the best candidate first (Score's "
+    "answer_candidates[i].best; Curate keeps it and aligns that)"
+)
+"""Why Align refuses a turn with candidate answers: choosing one needs the answer head,
+which Align does not run (a server may serve Align without reward models)."""
 
 
 class Aligner:
@@ -156,12 +166,31 @@ class Aligner:
         return Decoding(**values)
 
     def _check_sample(self, sample: Sample, parts: Parts) -> InvalidArgument | None:
+        """Structure, and the image when there is one: the LLM never sees it, but an image
+        that is not one (or too large) is refused as Score refuses it, from its header."""
         needed = (
             "answers are rewritten (ask for parts=questions to rewrite questions alone)"
             if parts.answers
             else None
         )
-        return check_turns(sample, self._limits.max_turns, answers_needed=needed)
+        problem = check_turns(
+            sample,
+            self._limits.max_turns,
+            answers_needed=needed,
+            max_candidates=self._limits.max_candidates,
+            candidates_refused=CANDIDATES_REFUSED,
+        )
+        image = sample.image_bytes()
+        if problem is None and image:
+            try:
+                open_image(
+                    image,
+                    max_bytes=self._limits.max_image_bytes,
+                    max_pixels=self._limits.max_image_pixels,
+                )
+            except InvalidArgument as exc:
+                return exc
+        return problem
 
     # -- one sample ----------------------------------------------------------------------
     async def _align_sample(

@@ -6,8 +6,10 @@ are expected: items admitted and still being prepared, or, under closed-loop loa
 callers that were in flight during the last batch sending their next items. An idle server
 runs a lone item at once.
 Cancelled and expired items are dropped before compute; a caller whose deadline passes is
-answered at once, even while its batch-mates run. A device out-of-memory error splits the
-batch and retries the halves.
+answered at once, even while its batch-mates run. A batch that fails (device out of memory,
+or any other error short of a lost device) is split and its halves retried, down to single
+items, so that an error one item causes (its decoding settings, its input) reaches that
+item alone and its batch-mates get their results.
 
 Admission is separate from submission: ``reserve(n)`` claims queue capacity for a call
 before any of its items is decoded or tokenised, and fails at once with Overloaded when the
@@ -283,7 +285,8 @@ class Batcher(Generic[T, R]):
         longest = max(entry.cost, *(e.cost for e in batch))
         return longest * (len(batch) + 1) <= self.max_batch_tokens
 
-    async def _execute(self, batch: list[_Entry[T, R]]) -> None:
+    async def _execute(self, batch: list[_Entry[T, R]], isolating: bool = False) -> None:
+        """Run one batch and resolve its futures. ``isolating``: a half of a failed batch."""
         batch = [e for e in batch if not e.future.done()]
         if not batch:
             return
@@ -296,22 +299,15 @@ class Batcher(Generic[T, R]):
         metrics.observe_batch(self.name, len(batch), max(e.cost for e in batch) * len(batch))
         try:
             results = await self._run_batch([e.item for e in batch])
-        except DeviceOutOfMemory as exc:
-            metrics.BATCH_SPLITS.labels(model=self.name).inc()
-            if len(batch) == 1:
-                _resolve_error(batch[0].future, exc)
-                return
-            log.warning("out of memory on a batch of %d; retrying halves", len(batch))
-            half = len(batch) // 2
-            await self._execute(batch[:half])
-            await self._execute(batch[half:])
-            return
         except asyncio.CancelledError:
             for entry in batch:
                 _resolve_error(entry.future, Cancelled("batch cancelled: server stopping"))
             raise
         except Exception as exc:  # one bad batch must never stop the loop
-            self._fail_batch(batch, exc)
+            if len(batch) > 1 and _may_be_one_items(exc):
+                await self._split(batch, exc, isolating)
+            else:
+                self._fail_batch(batch, exc)
             return
         finished = time.monotonic()
         metrics.COMPUTE_SECONDS.labels(model=self.name).observe(finished - started)
@@ -328,6 +324,26 @@ class Batcher(Generic[T, R]):
                     Outcome(value, started, queued, finished - started, batch_id)
                 )
 
+    async def _split(self, batch: list[_Entry[T, R]], exc: Exception, isolating: bool) -> None:
+        """Retry the halves of a failed batch, down to single items. Out of memory: smaller
+        batches may fit. Any other non-fatal error: it may come from one item (its decoding
+        settings, its input) rather than the device, and that item alone must get it; an
+        error every item causes costs at most 2n - 1 runs, one that a single item causes
+        about 2 log2(n) extra runs. A fatal error is the device's: never retried."""
+        reason = "out_of_memory" if isinstance(exc, DeviceOutOfMemory) else "error"
+        metrics.BATCH_SPLITS.labels(model=self.name, reason=reason).inc()
+        if not isolating:  # once per failed batch, not once per half
+            log.warning(
+                "model %s failed on a batch of %d (%s); retrying halves so that only the "
+                "items at fault fail",
+                self.name,
+                len(batch),
+                exc if isinstance(exc, Align2Error) else type(exc).__name__,
+            )
+        half = len(batch) // 2
+        await self._execute(batch[:half], isolating=True)
+        await self._execute(batch[half:], isolating=True)
+
     def _fail_batch(self, batch: Sequence[_Entry[T, R]], exc: Exception) -> None:
         if not isinstance(exc, Align2Error):
             log.exception("backend %s failed on a batch of %d", self.name, len(batch))
@@ -336,6 +352,14 @@ class Batcher(Generic[T, R]):
             self._on_fatal(exc)
         for entry in batch:
             _resolve_error(entry.future, exc)
+
+
+def _may_be_one_items(exc: Exception) -> bool:
+    """Could one item of a batch have caused ``exc``, or could smaller batches succeed?
+    Not for a lost device (fatal), nor for the server stopping (Unavailable, Cancelled)."""
+    if isinstance(exc, BackendError):
+        return not exc.fatal
+    return not isinstance(exc, (Unavailable, Cancelled, DeadlineExpired))
 
 
 def _resolve_error(future: asyncio.Future[Outcome[R]], exc: BaseException) -> None:

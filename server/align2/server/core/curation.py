@@ -4,7 +4,9 @@ Per sample, cheapest work first:
 1. the question head scores it; it is kept when the score is among the top
    ``question_keep_fraction`` of its task type (see selection.py), else dropped;
 2. only then the answer head scores each turn; the mean answer score must be among the top
-   ``answer_keep_fraction`` of the question-kept samples of its task type;
+   ``answer_keep_fraction`` of the question-kept samples of its task type. A turn with
+   candidate answers scores each; its best counts (``rank_answers.py``'s rule), and a kept
+   sample is the sample with each turn's best candidate as its one answer;
 3. a kept sample is aligned (rewrite, guards, review) when the stream asked for it.
 
 The stream: at most ``limits.max_stream_inflight`` samples are held at once, from being read
@@ -18,8 +20,12 @@ stream that fails as a whole (misplaced options, shutdown) first answers every s
 accepted. A kept sample whose alignment fails stays kept (the original), with the
 alignment's error on ``aligned`` (decision KEPT_ALIGN_FAILED). Each decision carries
 its sample's ``sequence`` (position in the stream), the matching key: ids are the caller's
-and may repeat. Selection state lives in the stream: thresholds come from
-that producer's data only, whichever replica serves it.
+and may repeat.
+
+Selection (selector.py): thresholds the stream gives (calibration), else windows of scores:
+the stream's own, or those every stream naming the same ``selection_key`` on this server
+shares (selection_keys.py; never shared across replicas); decisions wait while a window
+warms up (``min_window``), within the stream's in-flight bound.
 
 With concurrent samples, the order in which scores reach the selector (and so a borderline
 decision) depends on timing; ``max_stream_inflight = 1`` or a single-sample stream makes
@@ -32,13 +38,14 @@ import asyncio
 import dataclasses
 import enum
 import logging
+import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TypeVar
 
-from align2.client.types import Sample
+from align2.client.types import Sample, choose_candidates
 from align2.server import metrics
 from align2.server.config import CurateConfig, LimitsConfig
 from align2.server.core.align_types import AlignCall, SampleAlignment
@@ -46,7 +53,8 @@ from align2.server.core.alignment import Aligner
 from align2.server.core.lifecycle import Lifecycle
 from align2.server.core.priority import Priority
 from align2.server.core.scoring import Head, SampleScore, ScoreCall, Scorer
-from align2.server.core.selection import TaskSelectors
+from align2.server.core.selection_keys import MAX_KEY_LENGTH, SelectionKeys
+from align2.server.core.selector import Holds, SelectorState, StageSelector
 from align2.server.errors import (
     Align2Error,
     BackendError,
@@ -73,12 +81,19 @@ class Decision(enum.Enum):
 
 @dataclass(frozen=True)
 class CurateOptions:
-    """A stream's settings; None takes the configured default."""
+    """A stream's settings; None takes the configured default. Thresholds and seed scores
+    are by task type; ``selection_key`` "" keeps the stream's selection to itself."""
 
     question_keep_fraction: float | None = None
     answer_keep_fraction: float | None = None
     align: AlignCall | None = None  # the Align settings (no samples) when kept ones are aligned
     priority: Priority = Priority.BULK
+    selection_key: str = ""
+    question_thresholds: Mapping[str, float] = field(default_factory=dict)
+    answer_thresholds: Mapping[str, float] = field(default_factory=dict)
+    min_window: int | None = None
+    question_seed_scores: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    answer_seed_scores: Mapping[str, Sequence[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,7 +101,8 @@ class Curated:
     """The decision on one sample. ``sequence``: the sample's position among the stream's
     samples (from 0), the key that matches the decision to its sample. ``scores`` holds what
     was computed (no answer scores when the question stage dropped it); the thresholds are
-    those in force at the decision."""
+    those in force at the decision, ranked among ``*_window_size`` scores (0: a given
+    threshold); ``warm_up``: a stage decided before its window reached ``min_window``."""
 
     id: str
     sequence: int
@@ -94,6 +110,9 @@ class Curated:
     scores: SampleScore
     question_threshold: float | None = None
     answer_threshold: float | None = None
+    question_window_size: int = 0
+    answer_window_size: int = 0
+    warm_up: bool = False
     aligned: SampleAlignment | None = None
     error: Align2Error | None = None
 
@@ -116,9 +135,13 @@ class Curator:
         self._config = config
         self._limits = limits
         self._lifecycle = lifecycle
+        self.selection_keys = SelectionKeys(
+            config.max_selection_keys, config.selection_key_idle_seconds, config.window
+        )
 
-    def session(self, options: CurateOptions) -> Session:
-        """Validated settings and fresh selection state for one stream."""
+    def session(self, options: CurateOptions, holds: Holds) -> Session:
+        """Validated settings and selection state for one stream (its own, or its
+        selection key's); ``holds``: the stream's held decisions. The caller closes it."""
         fractions = {}
         for key in ("question_keep_fraction", "answer_keep_fraction"):
             value = getattr(options, key)
@@ -126,17 +149,67 @@ class Curator:
             if not 0 < value <= 1:
                 raise InvalidArgument(f"options.{key}: {value} is not in (0, 1]")
             fractions[key] = value
+        min_window = self._check_selection(options)
         if options.align is not None:
             if self._aligner is None:
                 raise Unimplemented("options.align: Align is disabled on this server")
             self._aligner.check(options.align)  # once, not as an error on every kept sample
+        key = options.selection_key
+        state = (  # last: nothing may fail once a key is acquired
+            self.selection_keys.acquire(key) if key else SelectorState.fresh(self._config.window)
+        )
+        state.questions.seed(options.question_seed_scores)
+        state.answers.seed(options.answer_seed_scores)
         return Session(
             self._scorer,
             self._aligner if options.align is not None else None,
             options,
-            TaskSelectors(fractions["question_keep_fraction"], self._config.window),
-            TaskSelectors(fractions["answer_keep_fraction"], self._config.window),
+            StageSelector(
+                fractions["question_keep_fraction"],
+                state.questions,
+                options.question_thresholds,
+                min_window,
+                holds,
+            ),
+            StageSelector(
+                fractions["answer_keep_fraction"],
+                state.answers,
+                options.answer_thresholds,
+                min_window,
+                holds,
+            ),
+            (lambda: self.selection_keys.release(key)) if key else None,
         )
+
+    def _check_selection(self, options: CurateOptions) -> int:
+        """The stream's min_window, after checking its selection options."""
+        window = self._config.window
+        if len(options.selection_key) > MAX_KEY_LENGTH:
+            raise InvalidArgument(
+                f"options.selection_key: {len(options.selection_key)} characters exceeds "
+                f"{MAX_KEY_LENGTH}"
+            )
+        for name in ("question_thresholds", "answer_thresholds"):
+            for task, value in getattr(options, name).items():
+                if not math.isfinite(value):
+                    raise InvalidArgument(f"options.{name}: task {task!r}: {value} is not finite")
+        seeds = 0
+        for name in ("question_seed_scores", "answer_seed_scores"):
+            for task, values in getattr(options, name).items():
+                seeds += len(values)
+                if not all(math.isfinite(v) for v in values):
+                    raise InvalidArgument(f"options.{name}: task {task!r}: a score is not finite")
+        if seeds > self._config.max_seed_scores:
+            raise InvalidArgument(
+                f"options.question_seed_scores: {seeds} seed scores (both stages) exceeds "
+                f"limits.max_seed_scores {self._config.max_seed_scores}"
+            )
+        min_window = self._config.min_window if options.min_window is None else options.min_window
+        if not 1 <= min_window <= window:
+            raise InvalidArgument(
+                f"options.min_window: {min_window} is not in 1..limits.selection_window {window}"
+            )
+        return min_window
 
     async def stream(
         self,
@@ -155,28 +228,37 @@ class Curator:
         slots = asyncio.Semaphore(self._limits.max_stream_inflight)  # >= 1: Curate is on
         finished: asyncio.Queue[asyncio.Task[Curated] | None] = asyncio.Queue()
         working: set[asyncio.Task[Curated]] = set()
+        holds = Holds(self._limits.max_stream_inflight, lambda: len(working))
+        opened: list[Session] = []
         accepted = 0
 
         def on_done(task: asyncio.Task[Curated]) -> None:
             working.discard(task)
             metrics.CURATE_INFLIGHT.dec()
             finished.put_nowait(task)
+            holds.check()  # after the input ended, the rest may now all be held
+
+        last_read = time.monotonic()
 
         async def read() -> None:
-            nonlocal accepted
+            nonlocal accepted, last_read
             session: Session | None = None
             position = 0
             async for request in requests:
+                last_read = time.monotonic()
                 if isinstance(request, CurateOptions):
                     if position > 0:
                         raise InvalidArgument(
                             f"options: message {position} carries options; only the first "
                             "message of a stream may"
                         )
-                    session = self.session(request)
+                    session = self.session(request, holds)
+                    opened.append(session)
                     position += 1
                     continue
-                session = session or self.session(CurateOptions(priority=priority))
+                if session is None:
+                    session = self.session(CurateOptions(priority=priority), holds)
+                    opened.append(session)
                 position += 1
                 await slots.acquire()
                 task = asyncio.create_task(session.curate(request, accepted, deadline))
@@ -185,8 +267,22 @@ class Curator:
                 working.add(task)
                 task.add_done_callback(on_done)
 
+        def on_read(_: asyncio.Task[None]) -> None:
+            holds.end()  # no more samples: what waits for a warm-up may be decided now
+            finished.put_nowait(None)
+
+        async def watch_idle(seconds: float) -> None:
+            """Release held decisions when the producer pauses (see warm_up_idle_ms)."""
+            while True:
+                await asyncio.sleep(max(0.0, last_read + seconds - time.monotonic()))
+                if time.monotonic() - last_read >= seconds:
+                    holds.idle()
+                    await asyncio.sleep(seconds)
+
         reader = asyncio.create_task(read())
-        reader.add_done_callback(lambda _: finished.put_nowait(None))
+        reader.add_done_callback(on_read)
+        idle_ms = self._config.warm_up_idle_ms
+        watcher = asyncio.create_task(watch_idle(idle_ms / 1000)) if idle_ms > 0 else None
         unregister = self._lifecycle.on_leaving_serving(reader.cancel)
         answered = 0
         try:
@@ -205,26 +301,38 @@ class Curator:
         finally:
             unregister()
             reader.cancel()
+            if watcher is not None:
+                watcher.cancel()
             for task in list(working):
                 task.cancel()
+            for session in opened:
+                session.close()
 
 
 class Session:
-    """One stream: its settings and its selection state."""
+    """One stream: its settings and its selectors; ``close()`` once, when it ends."""
 
     def __init__(
         self,
         scorer: Scorer,
         aligner: Aligner | None,
         options: CurateOptions,
-        questions: TaskSelectors,
-        answers: TaskSelectors,
+        questions: StageSelector,
+        answers: StageSelector,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self._scorer = scorer
         self._aligner = aligner
         self._options = options
         self._questions = questions
         self._answers = answers
+        self._on_close = on_close
+
+    def close(self) -> None:
+        """Give back the selection key (its windows then live on for their idle TTL)."""
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
     async def curate(self, sample: Sample, sequence: int, deadline: float | None) -> Curated:
         """The decision on the stream's sample number ``sequence``. Never raises for one
@@ -247,17 +355,22 @@ class Session:
         result.scores.question_score = question.question_score
         result.scores.question_truncated = question.question_truncated
         assert question.question_score is not None
-        selected = self._questions.add(sample.task, question.question_score)
+        selected = await self._questions.select(sample.task, question.question_score)
         result.question_threshold = selected.threshold
+        result.question_window_size = selected.window_size
+        result.warm_up = selected.warm_up
         if not selected.kept:
             result.decision = Decision.DROPPED_QUESTION
             return
         answer = await self._score(sample, Head.ANSWER, deadline)
         result.scores.answer_scores = answer.answer_scores
         result.scores.answer_truncated = answer.answer_truncated
+        result.scores.candidates = answer.candidates
         assert answer.answer_score is not None
-        selected = self._answers.add(sample.task, answer.answer_score)
+        selected = await self._answers.select(sample.task, answer.answer_score)
         result.answer_threshold = selected.threshold
+        result.answer_window_size = selected.window_size
+        result.warm_up = result.warm_up or selected.warm_up
         if not selected.kept:
             result.decision = Decision.DROPPED_ANSWER
             return
@@ -265,7 +378,7 @@ class Session:
         if aligner is not None and self._options.align is not None:
             call = dataclasses.replace(
                 self._options.align,
-                samples=[sample],
+                samples=[choose_candidates(sample, answer.best_candidates)],  # as kept
                 priority=self._options.priority,
                 deadline=deadline,
                 sample_field=_SAMPLE,

@@ -3,6 +3,10 @@
 Checks run cheapest first and before decoding: byte size, then format and pixel count from
 the header (a decompression bomb is refused, never decoded), then the full decode.
 Errors are InvalidArgument naming the field ``image`` and the limit.
+
+EXIF orientation is ignored by default, as in the method's reference code (PIL's
+``Image.open`` keeps the stored pixel order): scores match the reward models' training.
+``exif_transpose`` applies it instead (config ``score.image_exif_transpose``).
 """
 
 from __future__ import annotations
@@ -10,15 +14,22 @@ from __future__ import annotations
 import io
 import warnings
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from align2.server.errors import InvalidArgument
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 
 
-def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
-    """Return the image as RGB, or raise InvalidArgument."""
+def open_image(
+    data: bytes, *, max_bytes: int, max_pixels: int, padded: bool = False
+) -> Image.Image:
+    """The image opened from its header, not decoded: the checks that need no pixels.
+    Raises InvalidArgument. Align uses it alone (it never reads the pixels).
+
+    ``padded``: a model will pad it to a square of its longer side (image_mode "pad"), so
+    the limit applies to that square: what is allocated grows with the square of the long
+    side (a 1.5 KB 20x8000 PNG becomes 64 Mpx), not with width x height."""
     if not data:
         raise InvalidArgument("image: empty; send JPEG, PNG or WebP bytes")
     if len(data) > max_bytes:
@@ -34,18 +45,42 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
             raise InvalidArgument(f"image: refused as a decompression bomb ({exc})") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             raise InvalidArgument("image: not a readable JPEG, PNG or WebP image") from None
-        width, height = image.size
-        if width < 1 or height < 1:
-            raise InvalidArgument(f"image: invalid size {width}x{height}")
-        if width * height > max_pixels:
-            raise InvalidArgument(
-                f"image: {width}x{height} = {width * height} pixels exceeds "
-                f"limits.max_image_pixels {max_pixels}"
-            )
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidArgument(f"image: invalid size {width}x{height}")
+    if width * height > max_pixels:
+        raise InvalidArgument(
+            f"image: {width}x{height} = {width * height} pixels exceeds "
+            f"limits.max_image_pixels {max_pixels}"
+        )
+    side = max(width, height)
+    if padded and side * side > max_pixels:
+        raise InvalidArgument(
+            f"image: {width}x{height} pads to a {side}x{side} square = {side * side} pixels "
+            f"(image_mode pad), exceeds limits.max_image_pixels {max_pixels}"
+        )
+    return image
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    exif_transpose: bool = False,
+    padded: bool = False,
+) -> Image.Image:
+    """Return the image as RGB, or raise InvalidArgument. ``exif_transpose``: turn it as
+    its EXIF orientation says (a no-op without one); ``padded``: see :func:`open_image`."""
+    image = open_image(data, max_bytes=max_bytes, max_pixels=max_pixels, padded=padded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image.load()
         except Image.DecompressionBombError as exc:
             raise InvalidArgument(f"image: refused as a decompression bomb ({exc})") from None
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise InvalidArgument(f"image: corrupt {image.format} data ({exc})") from None
+    if exif_transpose:
+        image = ImageOps.exif_transpose(image)
     return image.convert("RGB")

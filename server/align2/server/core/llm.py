@@ -137,7 +137,7 @@ class GenerationRuntime:
             await self._batcher.close()
         if self._gate is not None:
             self._gate.closing = True
-        self.backend.close()
+        await asyncio.to_thread(self.backend.close)  # waits for the device thread: off the loop
 
     @property
     def load(self) -> int:

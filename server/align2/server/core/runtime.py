@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from align2.server.backends.base import ModelDescription, Prepared, ScoringBackend
@@ -38,4 +39,4 @@ class ScoringRuntime:
 
     async def close(self) -> None:
         await self.batcher.close()
-        self.backend.close()
+        await asyncio.to_thread(self.backend.close)  # waits for the device thread: off the loop

@@ -4,11 +4,11 @@ stream whose end is not known.
 The offline method ranks a whole dataset. Online, a sample is kept when its score is among
 the top ``fraction`` of the last ``window`` scores of its task type, itself included: the
 threshold is the k-th highest of those n scores, k = ceil(fraction x n), and a score at or
-above it is kept (so scores tied at the threshold are all kept). Early in a stream the
-window is small and decisions rest on few scores (the first sample of a task is always
-kept); once the window is full the keep rate follows
-``fraction`` for any stationary score distribution, and the window lets thresholds follow a
-generator whose quality drifts.
+above it is kept (so scores tied at the threshold are all kept). Once the window is full
+the keep rate follows ``fraction`` for any stationary score distribution, and the window
+lets thresholds follow a generator whose quality drifts. With few scores in the window a
+decision rests on little (the first score of an empty window is always kept): how a
+stream warms up, and how windows are shared between streams, is selector.py's.
 """
 
 from __future__ import annotations
@@ -16,13 +16,61 @@ from __future__ import annotations
 import bisect
 import collections
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Selection:
+    """One decision. ``threshold``: the score a sample needed at that moment.
+    ``window_size``: how many scores the threshold was ranked among (0: a given threshold,
+    no ranking). ``warm_up``: decided with fewer scores than the stream's ``min_window``
+    (see selector.py)."""
+
     kept: bool
-    threshold: float  # the score a sample needed at that moment
+    threshold: float
+    window_size: int = 0
+    warm_up: bool = False
+
+
+class Window:
+    """The last ``size`` scores of one task type and stage, kept sorted."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"window: {size} is not positive")
+        self.size = size
+        self._arrivals: collections.deque[float] = collections.deque()
+        self._sorted: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self._sorted)
+
+    def add(self, score: float) -> None:
+        """Record ``score``; the oldest score leaves a full window."""
+        if math.isnan(score):
+            raise ValueError("score: NaN cannot be ranked")
+        if len(self._arrivals) == self.size:
+            oldest = self._arrivals.popleft()
+            del self._sorted[bisect.bisect_left(self._sorted, oldest)]
+        self._arrivals.append(score)
+        bisect.insort(self._sorted, score)
+
+    def extend(self, scores: Iterable[float]) -> None:
+        """Record ``scores`` in order, as if they had arrived one by one."""
+        for score in scores:
+            self.add(score)
+
+    def threshold(self, fraction: float) -> float:
+        """The k-th highest score, k = ceil(fraction x n) (at least 1); the window must not
+        be empty."""
+        k = math.ceil(fraction * len(self._sorted) - 1e-9)
+        return self._sorted[-max(k, 1)]
+
+    def select(self, score: float, fraction: float, warm_up: bool = False) -> Selection:
+        """Decide ``score`` (already recorded) against the window as it is now."""
+        threshold = self.threshold(fraction)
+        return Selection(score >= threshold, threshold, len(self), warm_up)
 
 
 class TopFraction:
@@ -31,28 +79,17 @@ class TopFraction:
     def __init__(self, fraction: float, window: int) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction: {fraction} is not in (0, 1]")
-        if window < 1:
-            raise ValueError(f"window: {window} is not positive")
         self.fraction = fraction
         self.window = window
-        self._arrivals: collections.deque[float] = collections.deque()
-        self._sorted: list[float] = []
+        self._scores = Window(window)
 
     def __len__(self) -> int:
-        return len(self._sorted)
+        return len(self._scores)
 
     def add(self, score: float) -> Selection:
         """Record ``score`` and decide it against the window that now includes it."""
-        if math.isnan(score):
-            raise ValueError("score: NaN cannot be ranked")
-        if len(self._arrivals) == self.window:
-            oldest = self._arrivals.popleft()
-            del self._sorted[bisect.bisect_left(self._sorted, oldest)]
-        self._arrivals.append(score)
-        bisect.insort(self._sorted, score)
-        k = math.ceil(self.fraction * len(self._sorted) - 1e-9)
-        threshold = self._sorted[-max(k, 1)]
-        return Selection(kept=score >= threshold, threshold=threshold)
+        self._scores.add(score)
+        return self._scores.select(score, self.fraction)
 
 
 class TaskSelectors:

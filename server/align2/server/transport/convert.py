@@ -6,7 +6,9 @@ become InvalidArgument naming the field and the valid values.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import struct
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -89,11 +91,30 @@ def heads_from_proto(values: list[int]) -> frozenset[Head]:
     return frozenset(heads)
 
 
+def sample_from_request(message: pb.Sample, field: str, where: str = "") -> Sample:
+    """A request's sample (``field``: its path, ``where``: more context, for errors).
+    Unlike the client's lenient reading of responses, an unknown ``image_marker`` is
+    refused: the server would otherwise hand back a marker the caller never sent."""
+    if message.image_marker not in _IMAGE_MARKERS:
+        raise InvalidArgument(
+            f"{field}.image_marker: unknown value {message.image_marker}{where}; valid: "
+            f"{', '.join(pb.ImageMarker.keys())}"
+        )
+    return sample_from_proto(message)
+
+
+def samples_from_request(messages: Sequence[pb.Sample]) -> list[Sample]:
+    return [sample_from_request(m, f"samples[{i}]") for i, m in enumerate(messages)]
+
+
+_IMAGE_MARKERS = frozenset(pb.ImageMarker.values())
+
+
 def score_call_from_proto(
     request: pb.ScoreRequest, deadline: float | None, priority_metadata: str | None = None
 ) -> ScoreCall:
     return ScoreCall(
-        samples=[sample_from_proto(s) for s in request.samples],
+        samples=samples_from_request(request.samples),
         heads=heads_from_proto(list(request.heads)),
         question_model=request.question_model,
         answer_model=request.answer_model,
@@ -125,10 +146,24 @@ def decoding_from_proto(message: pb.DecodingOptions) -> DecodingOptions:
     """Unset fields stay None (the server's defaults apply)."""
     return DecodingOptions(
         max_new_tokens=message.max_new_tokens if message.HasField("max_new_tokens") else None,
-        temperature=message.temperature if message.HasField("temperature") else None,
-        top_p=message.top_p if message.HasField("top_p") else None,
+        temperature=(
+            shortest_float32(message.temperature) if message.HasField("temperature") else None
+        ),
+        top_p=shortest_float32(message.top_p) if message.HasField("top_p") else None,
         seed=message.seed if message.HasField("seed") else None,
     )
+
+
+def shortest_float32(value: float) -> float:
+    """The shortest decimal that a proto ``float`` field's value rounds from: what the caller
+    most likely wrote. A float32 0.01 reads as 0.009999999776482582, which a range check
+    against 0.01 would refuse and an error message would show unlike the sent value."""
+    for digits in range(1, 10):  # 9 significant digits always round-trip a float32
+        candidate = float(f"{value:.{digits}g}")
+        with contextlib.suppress(OverflowError):  # rounded up past the float32 range
+            if struct.unpack("f", struct.pack("f", candidate))[0] == value:
+                return candidate
+    return value  # NaN: equal to nothing
 
 
 def align_call_from_proto(
@@ -136,7 +171,7 @@ def align_call_from_proto(
 ) -> AlignCall:
     return dataclasses.replace(
         align_settings_from_proto(request.options),
-        samples=[sample_from_proto(s) for s in request.samples],
+        samples=samples_from_request(request.samples),
         priority=priority_from_proto(request.priority, priority_metadata),
         deadline=deadline,
     )
@@ -173,6 +208,12 @@ def curate_options_from_proto(
             else None
         ),
         priority=priority_from_proto(message.priority, priority_metadata, "options.priority"),
+        selection_key=message.selection_key,
+        question_thresholds=dict(message.question_thresholds),
+        answer_thresholds=dict(message.answer_thresholds),
+        min_window=message.min_window if message.HasField("min_window") else None,
+        question_seed_scores={t: list(v.scores) for t, v in message.question_seed_scores.items()},
+        answer_seed_scores={t: list(v.scores) for t, v in message.answer_seed_scores.items()},
     )
 
 
@@ -187,7 +228,9 @@ async def curate_requests_from_proto(
         if kind == "options":
             yield curate_options_from_proto(request.options, priority_metadata)
         elif kind == "sample":
-            yield sample_from_proto(request.sample)
+            yield sample_from_request(
+                request.sample, "sample", f" in message {position} of the stream"
+            )
         else:
             raise InvalidArgument(f"item: message {position} carries neither options nor sample")
         position += 1
@@ -210,6 +253,9 @@ def curated_to_proto(curated: Curated) -> pb.CurateResponse:
         scores=sample_score_to_proto(curated.scores),
         question_threshold=curated.question_threshold,
         answer_threshold=curated.answer_threshold,
+        question_window_size=curated.question_window_size,
+        answer_window_size=curated.answer_window_size,
+        warm_up=curated.warm_up,
     )
     if curated.aligned is not None:
         response.aligned.CopyFrom(sample_alignment_to_proto(curated.aligned))
@@ -262,6 +308,10 @@ def sample_score_to_proto(result: SampleScore) -> pb.ScoreResult:
         answer_scores=result.answer_scores,
         answer_score=result.answer_score,
         answer_truncated=result.answer_truncated,
+        answer_candidates=[
+            pb.CandidateScores(scores=c.scores, best=c.best, truncated=c.truncated)
+            for c in result.candidates
+        ],
     )
 
 
@@ -316,6 +366,7 @@ def server_info_to_proto(
             max_image_bytes=limits.max_image_bytes,
             max_image_pixels=limits.max_image_pixels,
             max_turns=limits.max_turns,
+            max_candidates=limits.max_candidates,
             max_text_tokens=limits.max_text_tokens,
             truncation=limits.truncation,
             max_queue_items=batching.max_queue_items,
@@ -323,6 +374,9 @@ def server_info_to_proto(
             max_streams=limits.max_streams,
             max_stream_inflight=limits.max_stream_inflight if config.curate_enabled else 0,
             max_new_tokens=config.align.max_new_tokens_limit,
+            selection_window=config.curate.window,
+            max_selection_keys=config.curate.max_selection_keys,
+            max_seed_scores=config.curate.max_seed_scores,
         ),
         batching=pb.Batching(
             max_batch_size=batching.max_batch_size,

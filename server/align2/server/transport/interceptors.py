@@ -5,6 +5,13 @@ code with its message (which names the field and the limit) and google.rpc detai
 in align2.server.transport.errors); any other exception becomes INTERNAL (logged with its
 traceback); request counts and durations are recorded by code, and each call gets a request
 id for its log lines and its trailers.
+
+Request bytes that do not parse (corrupt wire format, a ``string`` field that is not UTF-8)
+are the caller's fault: INVALID_ARGUMENT (MalformedRequest). grpc runs the deserializer
+outside the servicer, and an exception there answers UNKNOWN (unary) or escapes from the
+request iterator (streams) with an ERROR traceback; so the deserializer is wrapped to hand
+the failure on as a value, which the wrapped behavior raises as MalformedRequest
+(``ParseInterceptor``).
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ from typing import Any
 import grpc
 
 from align2.server import logs, metrics
-from align2.server.errors import Align2Error
+from align2.server.errors import Align2Error, MalformedRequest, Unavailable
 from align2.server.transport.errors import grpc_status
+from align2.server.transport.inflight import InFlightCalls
 
 log = logging.getLogger(__name__)
 
@@ -74,51 +82,138 @@ class _Call:
 
 
 @contextlib.asynccontextmanager
-async def _mapped(rpc: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-    """Run one RPC's behavior: map its errors to a status, record its code and duration."""
+async def _mapped(
+    rpc: str, context: grpc.aio.ServicerContext, calls: InFlightCalls
+) -> AsyncIterator[None]:
+    """Run one RPC's behavior: map its errors to a status, record its code and duration.
+    A call that shutdown ends (``calls.end_all``) is answered UNAVAILABLE with its reason."""
     call = _Call(rpc, context)
+    task = calls.enter()
     try:
         yield
     except grpc.aio.AbortError:
         call.aborted()
         raise
     except asyncio.CancelledError:
-        call.cancelled()
-        raise
+        reason = calls.ended_by_shutdown(task)
+        if reason is None or task is None:
+            call.cancelled()
+            raise
+        task.uncancel()  # our own cancellation, turned into an answer
+        await call.fail(Unavailable(reason))
     except Exception as exc:
         await call.fail(exc)
     finally:
+        calls.leave(task)
         call.finish()
 
 
-def _wrap_unary_response(rpc: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with _mapped(rpc, context):
-            return await behavior(request, context)
+class _Unparsed:
+    """What the wrapped deserializer returns for bytes that are not a message of its type."""
 
-    return wrapped
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
-def _wrap_stream_response(rpc: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async with _mapped(rpc, context):
-            if inspect.isasyncgenfunction(behavior):
-                async for response in behavior(request, context):
-                    yield response
-            else:
-                await behavior(request, context)
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer`` returning an _Unparsed instead of raising (see the module doc)."""
+    if deserializer is None:
+        return None
 
-    return wrapped
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # protobuf's DecodeError, whatever the implementation
+            return _Unparsed(exc)
+
+    return parse
+
+
+def _checked(request: Any) -> Any:
+    """A unary request, or MalformedRequest when its bytes did not parse."""
+    if isinstance(request, _Unparsed):
+        raise MalformedRequest(f"the request could not be parsed ({request.error})")
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A request stream that ends with MalformedRequest at a message that did not parse."""
+    position = 0
+    async for request in requests:
+        if isinstance(request, _Unparsed):
+            raise MalformedRequest(
+                f"message {position} of the stream could not be parsed ({request.error})"
+            )
+        yield request
+        position += 1
+
+
+def _requests(request: Any) -> Any:
+    """The request (unary) or the request iterator (streaming), checked as it is read."""
+    if isinstance(request, _Unparsed) or not hasattr(request, "__aiter__"):
+        return _checked(request)
+    return _checked_stream(request)
+
+
+def _check_unary_response(_rpc: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await behavior(_requests(request), context)
+
+    return checked
+
+
+def _check_stream_response(_rpc: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def checked(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if inspect.isasyncgenfunction(behavior):
+            async for response in behavior(_requests(request), context):
+                yield response
+        else:
+            await behavior(_requests(request), context)
+
+    return checked
 
 
 Wrap = Callable[[str, Callable[..., Any]], Callable[..., Any]]
 
 
+def _wrap_unary_response(calls: InFlightCalls) -> Wrap:
+    def wrap(rpc: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with _mapped(rpc, context, calls):
+                return await behavior(request, context)
+
+        return wrapped
+
+    return wrap
+
+
+def _wrap_stream_response(calls: InFlightCalls) -> Wrap:
+    def wrap(rpc: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with _mapped(rpc, context, calls):
+                if inspect.isasyncgenfunction(behavior):
+                    async for response in behavior(request, context):
+                        yield response
+                else:
+                    await behavior(request, context)
+
+        return wrapped
+
+    return wrap
+
+
 def rewrap(
-    handler: grpc.RpcMethodHandler, rpc: str, unary: Wrap, stream: Wrap
+    handler: grpc.RpcMethodHandler,
+    rpc: str,
+    unary: Wrap,
+    stream: Wrap,
+    deserializer: Callable[[Any], Any] | None = None,
 ) -> grpc.RpcMethodHandler:
     """The same handler with its behavior wrapped by ``unary`` (unary response) or
-    ``stream`` (streaming response)."""
+    ``stream`` (streaming response), and its request deserializer by ``deserializer``."""
+    parse = handler.request_deserializer
+    if deserializer is not None:
+        parse = deserializer(parse)
     kinds = {
         "unary_unary": (unary, grpc.unary_unary_rpc_method_handler),
         "stream_unary": (unary, grpc.stream_unary_rpc_method_handler),
@@ -130,13 +225,21 @@ def rewrap(
         if behavior is not None:
             return make(
                 wrap(rpc, behavior),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=parse,
                 response_serializer=handler.response_serializer,
             )
     return handler
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """Maps errors to statuses and records each call (see the module doc); ``calls``: the
+    registry of running calls that shutdown waits for and ends."""
+
+    def __init__(self, calls: InFlightCalls | None = None) -> None:
+        self.calls = calls if calls is not None else InFlightCalls()
+        self._unary = _wrap_unary_response(self.calls)
+        self._stream = _wrap_stream_response(self.calls)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -147,4 +250,23 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
         rpc = method.rsplit("/", 1)[-1]
-        return rewrap(handler, rpc, _wrap_unary_response, _wrap_stream_response)
+        return rewrap(handler, rpc, self._unary, self._stream)
+
+
+class ParseInterceptor(grpc.aio.ServerInterceptor):
+    """Request bytes that do not parse become MalformedRequest (see the module doc).
+
+    Goes last, next to the servicer: the checks of the interceptors before it (a bearer
+    token) come first, and StatusInterceptor maps the error like any other."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        rpc = method.rsplit("/", 1)[-1]
+        return rewrap(handler, rpc, _check_unary_response, _check_stream_response, _lenient)

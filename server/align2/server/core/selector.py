@@ -1,0 +1,216 @@
+"""A Curate stream's selection: given thresholds, or windows (its own or shared), and the
+warm-up that decides how early a decision may rest on a small window.
+
+Per stage (question, answer) and task type a decision is made:
+
+- against a **given threshold** when the stream's options carry one for the task
+  (calibration): kept iff score >= threshold; no window is read or written;
+- else against the task's **window** (selection.py): the stream's own, or the one shared by
+  every stream of the same selection key on this server (selection_keys.py). A window may
+  start **seeded** with calibration scores: a window takes the seeds of the first stream
+  that brings some, once;
+- **warm-up**: while the window holds fewer than the stream's ``min_window`` scores, a
+  decision is *held*: its score is in the window at once (so it counts for every other
+  decision), and its decision waits until the window reaches ``min_window``, then is made
+  against the window as it is then. So that a stream never waits for itself, the stream's
+  held decisions are all made at once, against what the windows hold, when every sample
+  it has in flight is held and (a) those fill its ``limits.max_stream_inflight`` slots (it
+  cannot read more), or (b) its input has ended (no more samples will come; also when the
+  stream fails as a whole). Such a decision says ``warm_up``.
+
+Scores are ranked as float32, the precision CurateResponse reports them (and thresholds are
+given) in: a client that compares a reported score with a reported or given threshold
+finds the server's decision.
+
+All of it runs on the server's one event loop and is never touched from another thread:
+plain dicts and lists, no locks. A held decision is an ``asyncio.Future`` resolved by
+whichever call makes the window big enough (possibly another stream's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from align2.server import metrics
+from align2.server.core.selection import Selection, Window
+
+
+@dataclass(eq=False)
+class _Held:
+    """A decision waiting for its window to warm up."""
+
+    score: float
+    fraction: float
+    min_window: int
+    holds: Holds
+    future: asyncio.Future[Selection] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class TaskWindow:
+    """The window of one task type and stage, with the decisions waiting for it."""
+
+    def __init__(self, size: int) -> None:
+        self.scores = Window(size)
+        self.seeded = False
+        self._waiting: list[_Held] = []
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def seed(self, scores: Sequence[float]) -> None:
+        """Prefill with calibration scores, once per window (later seeds are ignored: the
+        window already holds a calibration)."""
+        if scores and not self.seeded:
+            self.seeded = True
+            self.scores.extend(scores)
+            self._settle_ready()
+
+    def add(self, score: float) -> None:
+        self.scores.add(score)
+        self._settle_ready()
+
+    def wait(self, held: _Held) -> None:
+        self._waiting.append(held)
+
+    def settle(self, held: _Held, warm_up: bool) -> None:
+        """Make ``held``'s decision now, against the window as it is."""
+        self.forget(held)
+        held.holds.forget(held)
+        if not held.future.done():
+            held.future.set_result(self.scores.select(held.score, held.fraction, warm_up))
+
+    def forget(self, held: _Held) -> None:
+        if held in self._waiting:
+            self._waiting.remove(held)
+
+    def _settle_ready(self) -> None:
+        for held in [h for h in self._waiting if len(self.scores) >= h.min_window]:
+            self.settle(held, warm_up=False)
+
+
+class StageWindows:
+    """The windows of one stage, by task type, created on first use."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._by_task: dict[str, TaskWindow] = {}
+
+    def __getitem__(self, task: str) -> TaskWindow:
+        window = self._by_task.get(task)
+        if window is None:
+            window = self._by_task[task] = TaskWindow(self.size)
+        return window
+
+    def seed(self, scores: Mapping[str, Sequence[float]]) -> None:
+        for task, values in scores.items():
+            self[task].seed(values)
+
+
+@dataclass
+class SelectorState:
+    """What streams of one selection key share: the windows of both stages."""
+
+    questions: StageWindows
+    answers: StageWindows
+
+    @classmethod
+    def fresh(cls, window: int) -> SelectorState:
+        return cls(StageWindows(window), StageWindows(window))
+
+
+class Holds:
+    """One stream's held decisions (both stages). ``bound``: the stream's in-flight limit;
+    ``inflight()``: how many of its samples are being worked on (held ones included). The
+    stream calls :meth:`check` when one of them finishes and :meth:`end` when its input
+    ends."""
+
+    def __init__(self, bound: int, inflight: Callable[[], int]) -> None:
+        self.bound = bound
+        self.ended = False
+        self._inflight = inflight
+        self._held: dict[_Held, TaskWindow] = {}  # in the order they were held
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hold(self, held: _Held, window: TaskWindow) -> None:
+        window.wait(held)
+        self._held[held] = window
+        self.check()
+
+    def forget(self, held: _Held) -> None:
+        self._held.pop(held, None)
+
+    def end(self) -> None:
+        """No more samples will come (input ended, or the stream failed)."""
+        self.ended = True
+        self.check()
+
+    def check(self) -> None:
+        """Decide everything held when nothing of this stream could add a score any more."""
+        if not self._held:
+            return
+        if len(self._held) >= self.bound:  # every slot holds a held sample: no more reads
+            self._release("inflight_bound")
+        elif self.ended and len(self._held) >= self._inflight():  # the rest is all held
+            self._release("stream_end")
+
+    def idle(self) -> None:
+        """The producer has been quiet: if every sample in flight is held, nothing is
+        coming that could fill the windows soon; decide them now."""
+        if self._held and len(self._held) >= self._inflight():
+            self._release("producer_idle")
+
+    def _release(self, reason: str) -> None:
+        metrics.CURATE_WARM_UP_RELEASES.labels(reason=reason).inc(len(self._held))
+        for held, window in list(self._held.items()):
+            window.settle(held, warm_up=True)
+
+
+class StageSelector:
+    """One stage of one stream: its fraction, given thresholds and warm-up over a stage's
+    windows (the stream's own or shared)."""
+
+    def __init__(
+        self,
+        fraction: float,
+        windows: StageWindows,
+        thresholds: Mapping[str, float],
+        min_window: int,
+        holds: Holds,
+    ) -> None:
+        self._fraction = fraction
+        self._windows = windows
+        self._thresholds = thresholds
+        self._min_window = min_window
+        self._holds = holds
+
+    async def select(self, task: str, score: float) -> Selection:
+        """The decision on ``score`` of ``task`` (see the module docstring); waits while
+        the window warms up."""
+        score = as_float32(score)
+        given = self._thresholds.get(task)
+        if given is not None:
+            return Selection(score >= given, given)
+        window = self._windows[task]
+        window.add(score)  # counts now, for this and every other stream's decisions
+        if len(window) >= self._min_window:
+            return window.scores.select(score, self._fraction)
+        held = _Held(score, self._fraction, self._min_window, self._holds)
+        self._holds.hold(held, window)
+        try:
+            return await held.future
+        finally:  # settled, or the sample's work was cancelled
+            window.forget(held)
+            self._holds.forget(held)
+
+
+def as_float32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (as the proto's float fields carry it)."""
+    rounded: float = struct.unpack("<f", struct.pack("<f", value))[0]
+    return rounded
