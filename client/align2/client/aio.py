@@ -54,7 +54,7 @@ class AsyncCurationClient(ClientBase):
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         **options: Unpack[ClientArgs],
