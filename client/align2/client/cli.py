@@ -152,7 +152,11 @@ def _connection_arguments() -> argparse.ArgumentParser:
     group.add_argument("--root-cert", default=None, help="PEM file of the roots to trust")
     group.add_argument("--client-cert", default=None, help="PEM certificate chain (mTLS)")
     group.add_argument("--client-key", default=None, help="PEM private key (mTLS)")
-    group.add_argument("--no-retry", action="store_true", help="don't retry UNAVAILABLE etc.")
+    group.add_argument(
+        "--no-retry",
+        action="store_true",
+        help="don't retry UNAVAILABLE etc., nor resume a Curate stream after a failure",
+    )
     return parser
 
 
@@ -447,6 +451,7 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
             answer_keep_fraction=namespace.answer_keep,
             align=namespace.align,
             priority=namespace.priority,
+            resume=not namespace.no_retry,
             **_rewrite_options(namespace),
         )
         try:

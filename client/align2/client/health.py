@@ -8,6 +8,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SERVICE = "align2.v1.CurationService"
+SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def health_stub(channel: grpc.Channel | grpc.aio.Channel) -> Any:
