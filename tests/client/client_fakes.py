@@ -4,7 +4,7 @@ to fail, block or misbehave (served by the ``fake`` fixture of conftest.py), and
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -41,6 +41,7 @@ class FakeCuration(pb_grpc.CurationServiceServicer):
         # answering them, then fail the stream with curate_abort_code (as a dying server).
         self.curate_abort_after: list[int] = []
         self.curate_abort_code = grpc.StatusCode.UNAVAILABLE
+        self.curate_on_abort: Callable[[], object] | None = None  # called before it fails
         self.curate_streams: list[list[str]] = []  # ids received, per Curate stream
         # Model revisions the server reports (GetServerInfo and Score), by model name.
         self.revisions = {"q": "r1", "a": "r2"}
@@ -101,7 +102,7 @@ class FakeCuration(pb_grpc.CurationServiceServicer):
             received.append(request.sample.id)
             if abort_after is not None and sequence >= abort_after:
                 if sequence >= abort_after + 1:  # two read and left unanswered
-                    context.abort(self.curate_abort_code, "injected stream failure")
+                    self._abort_curate(context)
                 continue
             response = _decision(sequence, request.sample)
             if self.curate_reversed:
@@ -111,8 +112,13 @@ class FakeCuration(pb_grpc.CurationServiceServicer):
             if self.gate is not None:
                 self.gate.wait(timeout=10)
         if abort_after is not None and len(received) > abort_after:
-            context.abort(self.curate_abort_code, "injected stream failure")
+            self._abort_curate(context)
         yield from held
+
+    def _abort_curate(self, context: grpc.ServicerContext) -> None:
+        if self.curate_on_abort is not None:
+            self.curate_on_abort()
+        context.abort(self.curate_abort_code, "injected stream failure")
 
     def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext

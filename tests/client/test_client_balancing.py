@@ -12,13 +12,14 @@ from typing import Any
 
 import grpc
 import pytest
-from client_fakes import FAST_RETRY, FakeCuration
+from client_fakes import FAST_RETRY, FakeCuration, make_samples
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from align2.client import AsyncCurationClient, CurationClient
 from align2.client import cli as client_cli
 from align2.client.balancing import SERVICE, lb_policy, target_string
 from align2.client.channel import ClientOptions, channel_options
+from align2.client.resume import ResumePolicy
 from align2.v1 import curation_pb2_grpc as pb_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -239,3 +240,31 @@ def test_the_health_command_sees_a_replica_that_is_not_serving(
     command = ["health", "--target", replicas[0].address, "--service", SERVICE]
     assert client_cli.main([*command, "--load-balancing", "round_robin"]) == 1
     assert capsys.readouterr().out.strip() == "NOT_SERVING"
+
+
+def test_a_curate_stream_on_a_draining_replica_resumes_on_the_other(
+    replicas: list[Replica],
+) -> None:
+    # Whichever replica gets the stream drains after five decisions: NOT_SERVING, then the
+    # stream ends with UNAVAILABLE (the server's own order). One list for both: only the
+    # first stream fails.
+    first_stream_only, drained = [5], []
+    for replica in replicas:
+        replica.servicer.curate_abort_after = first_stream_only
+
+        def drain(replica: Replica = replica) -> None:
+            replica.set(NOT_SERVING)
+            drained.append(replica)
+
+        replica.servicer.curate_on_abort = drain
+    given = make_samples(30)
+    policy = ResumePolicy(initial_backoff_seconds=0.01, max_backoff_seconds=0.02)
+    with CurationClient([r.address for r in replicas], retry=FAST_RETRY) as client:
+        results = client.curate(given, resume=policy)
+        got = list(results)
+    assert sorted(int(r.id) for r in got) == list(range(30)) and results.streams == 2
+    [gone] = drained
+    [other] = [r for r in replicas if r is not gone]
+    [first] = gone.servicer.curate_streams
+    [second] = other.servicer.curate_streams
+    assert second[:2] == first[5:7]  # read there, never answered: sent again here first

@@ -173,7 +173,7 @@ class AsyncCurationClient(ClientBase):
             **align_settings,
         )
         deadline = self._options.timeout if timeout is None else timeout
-        curate = AsyncCurateCall(self._curate_rpc, self._watch_health, stream, deadline)
+        curate = AsyncCurateCall(self._curate_rpc, self._check_health, stream, deadline)
         return AsyncCurateResults(stream, curate.results(samples), curate.cancel)
 
     async def server_info(
@@ -209,11 +209,10 @@ class AsyncCurationClient(ClientBase):
     ) -> None:
         await self.close()
 
-    def _watch_health(self, timeout: float) -> Any:
-        """The server's health replies (grpc.health.v1 Watch of the Curate service): the call
-        waits for a connection (gRPC's reconnection, with its backoff), at most ``timeout``
-        seconds."""
-        return self._health.Watch(
+    def _check_health(self, timeout: float) -> Any:
+        """A health check of the Curate service that waits for a connection (gRPC's
+        reconnection, with its backoff), at most ``timeout`` seconds: an awaitable call."""
+        return self._health.Check(
             health_request(SERVICE),
             timeout=timeout,
             wait_for_ready=True,

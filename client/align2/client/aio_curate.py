@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from align2.client.curate import CurateStream, Sent
-from align2.client.health import SERVING
+from align2.client.health import HEALTH_CHECK_SECONDS, NOT_SERVING_POLL_SECONDS, SERVING
 from align2.client.results import CurateResult
 from align2.client.resume import status_of
 from align2.client.types import Sample
@@ -28,19 +28,19 @@ class AsyncCurateCall:
     :meth:`cancel` ends it; iterating then raises CANCELLED as ``grpc.RpcError``, as the
     sync client does.
 
-    ``open_stream(timeout)`` starts a Curate stream-stream call; ``watch_health(timeout)``
-    the server's health replies (an async iterable call), waiting for a connection;
+    ``open_stream(timeout)`` starts a Curate stream-stream call; ``check_health(timeout)``
+    an awaitable health check that waits for a connection;
     ``timeout``: the whole call's deadline in seconds."""
 
     def __init__(
         self,
         open_stream: Callable[[float | None], Any],
-        watch_health: Callable[[float], Any],
+        check_health: Callable[[float], Any],
         stream: CurateStream,
         timeout: float | None,
     ) -> None:
         self._open = open_stream
-        self._watch_health = watch_health
+        self._check_health = check_health
         self._stream = stream
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._call: Any = None
@@ -131,22 +131,22 @@ class AsyncCurateCall:
             self._waiting = None
 
     async def _wait_for_serving(self, backoff: float, limit: float) -> bool:
-        """After ``backoff`` seconds: True once the server's health says SERVING (or it has
-        no health service: the next stream will tell), False when ``limit`` seconds pass."""
+        """After ``backoff`` seconds, as the sync twin's: True once a health check says
+        SERVING (or there is no health service), False when ``limit`` seconds pass."""
         await asyncio.sleep(backoff)
         end = time.monotonic() + limit
         while (left := end - time.monotonic()) > 0:
             try:
-                async for reply in self._watch_health(left):
-                    if reply.status == SERVING:
-                        return True
+                reply = await self._check_health(min(left, HEALTH_CHECK_SECONDS))
+                if reply.status == SERVING:
+                    return True
             except grpc.RpcError as failure:
-                code = failure.code()
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    return False
-                if code != grpc.StatusCode.UNAVAILABLE:
+                if failure.code() not in (
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.UNAVAILABLE,
+                ):
                     return True  # no health service, or no access to it: try the stream
-                await asyncio.sleep(0.1)  # the server went away again: watch anew
+            await asyncio.sleep(min(NOT_SERVING_POLL_SECONDS, max(end - time.monotonic(), 0)))
         return False
 
     def _time_left(self) -> float | None:

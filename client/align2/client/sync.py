@@ -175,7 +175,7 @@ class CurationClient(ClientBase):
             **align_settings,
         )
         deadline = self._options.timeout if timeout is None else timeout
-        call = CurateCall(self._curate_rpc, self._watch_health, stream, samples, deadline)
+        call = CurateCall(self._curate_rpc, self._check_health, stream, samples, deadline)
         return CurateResults(stream, call.results(), call.cancel)
 
     def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
@@ -202,11 +202,10 @@ class CurationClient(ClientBase):
     ) -> None:
         self.close()
 
-    def _watch_health(self, timeout: float) -> Any:
-        """The server's health replies (grpc.health.v1 Watch of the Curate service): the call
-        waits for a connection (gRPC's reconnection, with its backoff), at most ``timeout``
-        seconds; cancellable."""
-        return self._health.Watch(
+    def _check_health(self, timeout: float) -> Any:
+        """A health check of the Curate service that waits for a connection (gRPC's
+        reconnection, with its backoff), at most ``timeout`` seconds: a cancellable future."""
+        return self._health.Check.future(
             health_request(SERVICE),
             timeout=timeout,
             wait_for_ready=True,

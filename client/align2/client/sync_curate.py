@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from align2.client.curate import CurateStream
-from align2.client.health import SERVING
+from align2.client.health import HEALTH_CHECK_SECONDS, NOT_SERVING_POLL_SECONDS, SERVING
 from align2.client.results import CurateResult
 from align2.client.resume import status_of
 from align2.client.types import Sample
@@ -25,31 +25,32 @@ OpenStream = Callable[[Iterator[pb.CurateRequest], float | None], Any]
 
 class CurateCall:
     """One ``curate`` call. ``open_stream(requests, timeout)`` starts a Curate stream (its
-    responses, iterable and cancellable); ``watch_health(timeout)`` the server's health
-    replies, waiting for a connection; ``timeout``: the whole call's deadline in seconds.
-    :meth:`cancel` ends it (during a resume too: the failure it resumed from is raised)."""
+    responses, iterable and cancellable); ``check_health(timeout)`` a health check (a
+    cancellable future) that waits for a connection; ``timeout``: the whole call's deadline
+    in seconds. :meth:`cancel` ends it (during a resume too: the failure it resumed from is
+    raised)."""
 
     def __init__(
         self,
         open_stream: OpenStream,
-        watch_health: Callable[[float], Any],
+        check_health: Callable[[float], Any],
         stream: CurateStream,
         samples: Iterable[Sample],
         timeout: float | None,
     ) -> None:
         self._open = open_stream
-        self._watch_health = watch_health
+        self._check_health = check_health
         self._stream = stream
         self._samples = iter(samples)  # one iterator drawn by every stream in turn
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._responses: Any = None  # the current stream's call
-        self._watch: Any = None  # the health watch of a resume
+        self._check: Any = None  # the health check of a resume
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
         self._stream.cancelled = True
         self._cancelled.set()
-        for pending in (self._responses, self._watch):
+        for pending in (self._responses, self._check):
             if pending is not None:
                 pending.cancel()
 
@@ -90,23 +91,27 @@ class CurateCall:
         return self._wait_for_serving(wait if left is None else min(wait, left - backoff))
 
     def _wait_for_serving(self, limit: float) -> bool:
-        """True once the server's health says SERVING (or it has no health service: the next
-        stream will tell), False when ``limit`` seconds pass or the call is cancelled."""
+        """True once a health check says SERVING (or the server has no health service: the
+        next stream will tell), False when ``limit`` seconds pass or the call is cancelled.
+        Each check waits for a connection; while the answer is NOT_SERVING it is asked
+        again, and through a balanced channel another replica may answer."""
         end = time.monotonic() + limit
         while not self._cancelled.is_set() and (left := end - time.monotonic()) > 0:
-            self._watch = self._watch_health(left)
+            self._check = self._check_health(min(left, HEALTH_CHECK_SECONDS))
             try:
-                if any(reply.status == SERVING for reply in self._watch):
+                if self._check.result().status == SERVING:
                     return True
+            except grpc.FutureCancelledError:
+                return False  # cancel()
             except grpc.RpcError as failure:
                 code = failure.code()
-                if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                if code == grpc.StatusCode.CANCELLED:
                     return False
-                if code != grpc.StatusCode.UNAVAILABLE:
+                if code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
                     return True  # no health service, or no access to it: try the stream
-                self._cancelled.wait(0.1)  # the server went away again: watch anew
             finally:
-                self._watch = None
+                self._check = None
+            self._cancelled.wait(min(NOT_SERVING_POLL_SECONDS, max(end - time.monotonic(), 0)))
         return False
 
     def _time_left(self) -> float | None:
