@@ -110,3 +110,40 @@ def test_offline_curation_over_two_replicas_equals_one(
     assert json.loads(alone["kept"])  # type: ignore[arg-type]
     # 40 records in chunks of 4 per task type, then the question-kept ones' answers.
     assert sum(served) >= 10 and min(served) > 0, served
+
+
+def test_a_replica_with_another_model_revision_stops_the_run(
+    replicas: list[ServerProcess],
+    tiny_llava: pathlib.Path,
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Mid-rollout, replicas serve two revisions: the exact selection must not mix their
+    scores. Every Score reply names its revision, and the run stops at the first that is
+    not the one GetServerInfo reported (the scores so far are kept for a rerun)."""
+    config = tmp_path / "rolled.toml"
+    config.write_text(
+        f"""
+[batching]
+max_batch_size = 1
+[models.question]
+path = "{tiny_llava}"
+revision = "next"
+[models.answer]
+path = "{tiny_llava}"
+"""
+    )
+    rolled = serve(config, tmp_path / "rolled.log")
+    try:
+        folder = tmp_path / "run"
+        folder.mkdir()
+        args = [*write_files(folder), "--image-folder", folder, "--out", folder / "out.json"]
+        targets = ["--target", replicas[0].target, "--target", rolled.target]
+        status = cli_main(
+            ["curate", *map(str, args), *targets, "--chunk-size", "4", "--no-progress"]
+        )
+    finally:
+        rolled.stop()
+    assert status == 1
+    assert "question head changed during the run" in capsys.readouterr().err
+    assert not (folder / "out.json").exists()
