@@ -159,6 +159,7 @@ def assert_spread(replicas: list[Replica], total: int) -> None:
 def test_a_list_of_replicas_spreads_the_calls_over_both(replicas: list[Replica]) -> None:
     with CurationClient([r.address for r in replicas], retry=FAST_RETRY) as client:
         assert client.target == f"ipv4:{replicas[0].address},{replicas[1].address}"
+        assert client.load_balancing == "round_robin"
         calls(client, 20)
     assert_spread(replicas, 20)
 
@@ -209,6 +210,12 @@ def test_a_replica_that_stops_serving_gets_no_more_calls(replicas: list[Replica]
         before = draining.calls
         calls(client, 20)
         assert draining.calls == before
+
+
+def test_one_address_keeps_grpc_default_policy(fake: FakeCuration) -> None:
+    with CurationClient(fake.target) as client:
+        assert client.load_balancing == "pick_first"
+        assert client.server_info(timeout=10).version == "9.9.9"
 
 
 def test_without_health_checking_a_not_serving_replica_still_gets_calls(
@@ -268,3 +275,12 @@ def test_a_curate_stream_on_a_draining_replica_resumes_on_the_other(
     [first] = gone.servicer.curate_streams
     [second] = other.servicer.curate_streams
     assert second[:2] == first[5:7]  # read there, never answered: sent again here first
+
+
+def test_a_dns_target_resolves_and_is_balanced(fake: FakeCuration) -> None:
+    port = fake.target.rsplit(":", 1)[1]
+    with CurationClient(f"dns:///localhost:{port}", retry=FAST_RETRY) as client:
+        assert client.load_balancing == "round_robin"
+        for _ in range(5):
+            assert client.server_info(timeout=10).version == "9.9.9"
+    assert fake.attempts == 5

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from align2.client.balancing import target_string
+from align2.client.balancing import PICK_FIRST, target_string
 from align2.client.channel import ClientArgs, ClientOptions, open_channel, service_stub
 from align2.client.health import health_stub
 
@@ -35,6 +35,11 @@ class ClientBase:
     @property
     def target(self) -> str:
         return self._options.target
+
+    @property
+    def load_balancing(self) -> str:
+        """The channel's load-balancing policy: "round_robin" or "pick_first"."""
+        return self._options.policy or PICK_FIRST
 
     @property
     def chunk_size(self) -> int:
