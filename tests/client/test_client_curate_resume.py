@@ -83,6 +83,38 @@ def test_a_sample_drawn_for_a_stream_that_failed_meanwhile_goes_to_the_next() ->
     assert [r.sample.id for r in second[1:]] == ["0", "1", "2"]
 
 
+def test_what_is_sent_again_does_not_wait_for_a_draw_of_the_failed_stream() -> None:
+    given = samples(3)
+    entered, gate = threading.Event(), threading.Event()
+
+    def produce() -> Iterator[Sample]:  # a slow producer: sample 1 comes when gate opens
+        yield given[0]
+        entered.set()
+        gate.wait(timeout=30)
+        yield from given[1:]
+
+    stream = CurateStream.plan(resume=True)
+    produced = produce()
+    first = stream.requests(produced)
+    assert [next(first).WhichOneof("item"), next(first).sample.id] == ["options", "0"]
+    drawing = threading.Thread(target=next, args=(first, None))  # gRPC's thread of stream 1
+    drawing.start()
+    assert entered.wait(timeout=10)  # it waits in the producer
+    stream.restart()  # stream 1 failed meanwhile
+    second = stream.requests(produced)
+    sent: list[pb.CurateRequest] = []
+    sending = threading.Thread(target=lambda: sent.extend([next(second), next(second)]))
+    sending.start()
+    try:
+        sending.join(timeout=5)  # not held up by the draw that waits in the producer
+        assert [sent[0].WhichOneof("item"), sent[1].sample.id] == ["options", "0"]
+    finally:
+        gate.set()
+        drawing.join(timeout=10)
+        sending.join(timeout=10)
+    assert [r.sample.id for r in second] == ["1", "2"]  # 1 was drawn for stream 1
+
+
 def test_only_the_policy_codes_are_resumed_and_not_after_a_cancel() -> None:
     stream = CurateStream.plan(resume=FAST_RESUME)
     assert stream.next_try("INVALID_ARGUMENT") is None

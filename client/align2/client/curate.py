@@ -117,7 +117,12 @@ class CurateStream:
         return generate()
 
     def _next_request(self, number: int, produced: Iterator[Sample]) -> pb.CurateRequest | None:
-        with self._draw:  # a retired stream's thread may still be drawing: one at a time
+        # What is to be sent again goes at once, even while a retired stream's thread still
+        # waits for the caller's next sample (one draw at a time, whichever stream's).
+        queued = self.queued(number)
+        if queued is not None:
+            return queued
+        with self._draw:
             while True:
                 queued = self.queued(number)
                 if queued is not None or self.exhausted or number != self.streams:
