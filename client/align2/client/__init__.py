@@ -43,12 +43,14 @@ if TYPE_CHECKING:
         Timing,
         TokenCounts,
     )
+    from align2.client.resume import ResumePolicy
     from align2.client.sync import CurationClient
 
 _LAZY = {
     "CurationClient": "align2.client.sync",
     "AsyncCurationClient": "align2.client.aio",
     "RetryPolicy": "align2.client.channel",
+    "ResumePolicy": "align2.client.resume",
     "AlignCallInfo": "align2.client.results",
     "AlignedTurn": "align2.client.results",
     "AlignReply": "align2.client.results",
@@ -80,6 +82,7 @@ __all__ = [
     "ItemError",
     "ModelRef",
     "ProtocolError",
+    "ResumePolicy",
     "RetryPolicy",
     "Sample",
     "ScoreReply",
