@@ -17,11 +17,10 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 from reference_selection import reference_curate, reference_curate_examples
-from support import ServerThread, png
+from support import ServerThread, full_config, png
 
 from align2.client import CurationClient, read_llava
 from align2.client.cli import main as cli_main
-from align2.server.config import Config, ModelConfig
 
 TASKS = ("complex_reasoning", "conversation", "detail")
 PER_TASK = 20  # int(0.3 * 20) = 6 survive the question stage, int(0.3 * 6) = 1 the answer
@@ -29,13 +28,7 @@ PER_TASK = 20  # int(0.3 * 20) = 6 survive the question stage, int(0.3 * 6) = 1 
 
 @pytest.fixture(scope="module")
 def server(tiny_llava: pathlib.Path, tiny_llm: pathlib.Path) -> Iterator[ServerThread]:
-    config = Config()
-    config.models = {
-        "question": ModelConfig(path=str(tiny_llava)),
-        "answer": ModelConfig(path=str(tiny_llava)),
-        "llm": ModelConfig(path=str(tiny_llm), max_length=1024),
-    }
-    config.align.decoding.max_new_tokens = 4
+    config = full_config(tiny_llava, tiny_llm, max_new_tokens=4)
     config.limits.max_image_bytes = 200_000
     config.batching.max_batch_size = 1
     server = ServerThread(config).start()

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from support import ServerThread, error_details, png
+from support import ServerThread, error_details, full_config, png
 
 from align2.client import AsyncCurationClient, CurateResult, CurationClient, Sample, Turn
 from align2.client.cli import main as cli_main
@@ -25,13 +25,7 @@ TASKS = ("conversation", "detail")
 
 @pytest.fixture(scope="module")
 def server(tiny_llava: pathlib.Path, tiny_llm: pathlib.Path) -> Iterator[ServerThread]:
-    config = Config()
-    config.models = {
-        "question": ModelConfig(path=str(tiny_llava)),
-        "answer": ModelConfig(path=str(tiny_llava)),
-        "llm": ModelConfig(path=str(tiny_llm), max_length=1024),
-    }
-    config.align.decoding.max_new_tokens = 6
+    config = full_config(tiny_llava, tiny_llm, max_new_tokens=6)
     config.limits.max_image_bytes = 200_000
     # One sample at a time: selection order is input order, so the test can recompute it.
     config.limits.max_stream_inflight = 1
