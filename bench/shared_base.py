@@ -280,25 +280,12 @@ def computed_7b() -> dict[str, float]:
     """Parameter counts of LLaVA-1.5-7B's scoring model (no LM head), its projector and an
     r=128 LoRA on every LLM linear layer, from the architecture built on the meta device."""
     import torch
+    from gpu_score import CLIP_L_336, VICUNA_7B  # the 7B shapes, kept in one place
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaModel
 
-    text = LlamaConfig(
-        vocab_size=32001,  # llava-v1.5-7b's 32000 and the <image> row the conversion adds
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
+    # llava-v1.5-7b's 32000 rows and the <image> row the conversion adds.
+    text = LlamaConfig(**{**VICUNA_7B, "vocab_size": 32001})
+    vision = CLIPVisionConfig(**CLIP_L_336)
     config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2)
     with torch.device("meta"):
         model = LlavaModel(config)
