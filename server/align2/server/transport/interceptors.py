@@ -245,9 +245,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        return await _align2_handler(
-            continuation, handler_call_details, self._unary, self._stream
-        )
+        return await _align2_handler(continuation, handler_call_details, self._unary, self._stream)
 
 
 class ParseInterceptor(grpc.aio.ServerInterceptor):
