@@ -1631,6 +1631,7 @@ class Limits(_message.Message):
     MAX_SELECTION_KEYS_FIELD_NUMBER: _builtins.int
     MAX_SEED_SCORES_FIELD_NUMBER: _builtins.int
     MAX_CANDIDATES_FIELD_NUMBER: _builtins.int
+    MAX_INFLIGHT_BYTES_FIELD_NUMBER: _builtins.int
     max_samples_per_call: _builtins.int
     """Samples in one Score or Align call; more: INVALID_ARGUMENT for the call (split it).
     Config default 64.
@@ -1701,6 +1702,13 @@ class Limits(_message.Message):
     the sample, naming `turns[i].answer_candidates`. Each candidate is one forward pass of
     the answer head, counted against max_queue_items. Config default 16.
     """
+    max_inflight_bytes: _builtins.int
+    """Request bytes (wire size) of the Score and Align calls admitted and not finished (config
+    limits.max_inflight_bytes): a call whose request does not fit the free room is refused
+    with RESOURCE_EXHAUSTED at once, before it is parsed or queued (retry with backoff), and
+    its bytes are free again when it ends. At least max_message_bytes; 0: unbounded. Curate
+    streams are bounded by max_stream_inflight instead. Config default 256 MiB.
+    """
     def __init__(
         self,
         *,
@@ -1720,10 +1728,11 @@ class Limits(_message.Message):
         max_selection_keys: _builtins.int = ...,
         max_seed_scores: _builtins.int = ...,
         max_candidates: _builtins.int = ...,
+        max_inflight_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_candidates", b"max_candidates", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_llm_inflight", b"max_llm_inflight", "max_message_bytes", b"max_message_bytes", "max_new_tokens", b"max_new_tokens", "max_queue_items", b"max_queue_items", "max_samples_per_call", b"max_samples_per_call", "max_seed_scores", b"max_seed_scores", "max_selection_keys", b"max_selection_keys", "max_stream_inflight", b"max_stream_inflight", "max_streams", b"max_streams", "max_text_tokens", b"max_text_tokens", "max_turns", b"max_turns", "selection_window", b"selection_window", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_candidates", b"max_candidates", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_inflight_bytes", b"max_inflight_bytes", "max_llm_inflight", b"max_llm_inflight", "max_message_bytes", b"max_message_bytes", "max_new_tokens", b"max_new_tokens", "max_queue_items", b"max_queue_items", "max_samples_per_call", b"max_samples_per_call", "max_seed_scores", b"max_seed_scores", "max_selection_keys", b"max_selection_keys", "max_stream_inflight", b"max_stream_inflight", "max_streams", b"max_streams", "max_text_tokens", b"max_text_tokens", "max_turns", b"max_turns", "selection_window", b"selection_window", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

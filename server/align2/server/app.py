@@ -21,11 +21,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image
 
 from align2.client.types import Sample, Turn
-from align2.server import backends, metrics
+from align2.server import backends, memory, metrics
 from align2.server.backends.base import GenerationBackend, ModelDescription, ScoringBackend
 from align2.server.config import Config, ModelConfig
 from align2.server.core.align_types import AlignCall, DecodingOptions
 from align2.server.core.alignment import Aligner
+from align2.server.core.budget import ByteBudget
 from align2.server.core.curation import Curator
 from align2.server.core.lifecycle import Lifecycle, Phase
 from align2.server.core.llm import GenerationRuntime
@@ -35,6 +36,7 @@ from align2.server.core.scoring import ScoreCall, Scorer
 from align2.server.errors import ConfigError
 from align2.server.models import embedded
 from align2.server.transport import convert, reflection
+from align2.server.transport.admission import ByteBudgetInterceptor
 from align2.server.transport.interceptors import ParseInterceptor, StatusInterceptor
 from align2.server.transport.security import (
     BearerTokenInterceptor,
@@ -91,6 +93,12 @@ class App:
         )
         self._health = health.aio.HealthServicer()
         self._status = StatusInterceptor()  # holds the calls in flight, for stop()
+        self._trimmer = memory.HeapTrimmer(
+            config.server.trim_idle_seconds, lambda: self.request_bytes.in_flight == 0
+        )
+        self.request_bytes = ByteBudget(
+            config.limits.max_inflight_bytes, on_drained=self._trimmer.drained
+        )
         self._server: grpc.aio.Server | None = None
 
     # -- start ---------------------------------------------------------------------------
@@ -116,6 +124,9 @@ class App:
         tokens = read_tokens(security)
         if tokens:  # inside StatusInterceptor, so refusals are counted and logged
             interceptors.append(BearerTokenInterceptor(tokens, open_health=security.open_health))
+        # Request bytes next: an unauthenticated call is refused first, and the bytes of one
+        # that does not fit are never parsed (ByteBudgetInterceptor wraps Parse's parser).
+        interceptors.append(ByteBudgetInterceptor(self.request_bytes))
         interceptors.append(ParseInterceptor())  # last: after the token check
         credentials = server_credentials(security)
         server = grpc.aio.server(
@@ -330,6 +341,7 @@ class App:
         for llm in self._llms.values():
             await llm.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._trimmer.close()
         if self._metrics is not None:
             self._metrics.close()
         if self.lifecycle.phase is not Phase.FAILED:

@@ -106,6 +106,12 @@ class LimitsConfig:
     max_candidates: int = 16
     """Candidate answers of one turn (best-of-n, Turn.answer_candidates); each is one forward
     pass of the answer head."""
+    max_inflight_bytes: int = 256 * MiB
+    """Request bytes (wire size) of the Score and Align calls admitted and not finished; a
+    call that does not fit is refused at once with RESOURCE_EXHAUSTED before it is
+    converted or queued, and its bytes are given back when it ends. Bounds the memory that
+    requests hold, which max_queue_items (forward passes) does not. 0: unbounded; else at
+    least max_message_bytes, so that a lone call always fits."""
     max_streams: int = 100
     """Concurrent RPCs (HTTP/2 streams) per client connection; more wait in gRPC until one
     ends (gRPC's max_concurrent_streams)."""
@@ -259,6 +265,11 @@ class ServerSection:
     """json: one JSON object per line with a request_id (for log shippers); text: plain."""
     log_payloads: bool = False
     """Log sample text at DEBUG level. Off: sample text and images are never logged."""
+    trim_idle_seconds: float = 1.0
+    """After a burst (the admitted request bytes drained, at least 64 MiB of them since the
+    last time) and this many seconds without a new call, hand freed heap memory back to the
+    operating system (glibc malloc_trim): glibc otherwise keeps it, and the process stays
+    at its peak size (docs/operating.md, "Memory"). -1: never."""
     torch_threads: int = 0
     """Intra-op threads for torch on CPU; 0 leaves torch's default."""
 
@@ -337,6 +348,17 @@ class Config:
             if value < 1:
                 raise ConfigError(f"{key}: must be at least 1, got {value}")
         self._validate_curate()
+        limits = self.limits
+        if limits.max_inflight_bytes < 0:
+            raise ConfigError(
+                f"limits.max_inflight_bytes: must be >= 0, got {limits.max_inflight_bytes}"
+            )
+        if 0 < limits.max_inflight_bytes < limits.max_message_bytes:
+            raise ConfigError(
+                f"limits.max_inflight_bytes: {limits.max_inflight_bytes} is less than "
+                f"limits.max_message_bytes {limits.max_message_bytes} (a lone call of the "
+                f"largest accepted size must fit); 0 turns the bound off"
+            )
         security = self.security
         if bool(security.tls_cert_file) != bool(security.tls_key_file):
             raise ConfigError("security.tls_cert_file and security.tls_key_file go together")

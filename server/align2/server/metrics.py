@@ -46,6 +46,11 @@ QUEUE_DEPTH = prom.Gauge(
     "Items admitted and not finished (reserved, queued or running)",
     ["model"],
 )
+INFLIGHT_REQUEST_BYTES = prom.Gauge(
+    "align2_inflight_request_bytes",
+    "Request bytes of the Score and Align calls admitted and not finished "
+    "(bounded by limits.max_inflight_bytes)",
+)
 REJECTED = prom.Counter(
     "align2_items_rejected",
     "Items not computed, by reason: overloaded, expired, cancelled, invalid",

@@ -372,6 +372,7 @@ def server_info_to_proto(
             max_queue_items=batching.max_queue_items,
             max_llm_inflight=config.align.max_inflight_items,
             max_streams=limits.max_streams,
+            max_inflight_bytes=limits.max_inflight_bytes,
             max_stream_inflight=limits.max_stream_inflight if config.curate_enabled else 0,
             max_new_tokens=config.align.max_new_tokens_limit,
             selection_window=config.curate.window,

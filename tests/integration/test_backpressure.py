@@ -1,0 +1,126 @@
+"""Backpressure end to end: the request-bytes budget (limits.max_inflight_bytes) and the
+retry pushback of a full queue, on a real server with a tiny model, through align2.client."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import pathlib
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from PIL import Image
+from support import ServerThread, error_details
+
+from align2.client import AsyncCurationClient, Sample, Turn
+from align2.server.config import Config, ModelConfig
+
+IMAGE_SIDE = 150  # an incompressible 150 x 150 RGB PNG: about 68 KB
+BUDGET = 200_000  # two such calls fit, a third does not
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llava: pathlib.Path) -> Iterator[ServerThread]:
+    config = Config()
+    config.models = {
+        "question": ModelConfig(path=str(tiny_llava)),
+        "answer": ModelConfig(path=str(tiny_llava)),
+    }
+    config.limits.max_message_bytes = BUDGET
+    config.limits.max_inflight_bytes = BUDGET
+    config.batching.max_queue_items = 16
+    server = ServerThread(config).start()
+    yield server
+    server.stop()
+
+
+def noise_png(seed: int) -> bytes:
+    pixels = random.Random(seed).randbytes(IMAGE_SIDE * IMAGE_SIDE * 3)
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (IMAGE_SIDE, IMAGE_SIDE), pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def big_sample(i: int) -> Sample:
+    return Sample(id=f"big{i}", image=noise_png(i), turns=[Turn("What is it?", "Noise.")])
+
+
+class Gate:
+    """Holds every batch of a runtime until opened (created and opened on the server loop)."""
+
+    def __init__(self, server: ServerThread, runtime: Any) -> None:
+        self.server = server
+        self.batcher = runtime.batcher
+        self.original = self.batcher._run_batch
+        self.event: asyncio.Event = server.call(self._make_event())
+
+        async def gated(items: Any) -> Any:
+            await self.event.wait()
+            return await self.original(items)
+
+        self.batcher._run_batch = gated
+
+    @staticmethod
+    async def _make_event() -> asyncio.Event:
+        return asyncio.Event()
+
+    async def _set(self) -> None:
+        self.event.set()
+
+    def open(self) -> None:
+        self.batcher._run_batch = self.original
+        self.server.call(self._set())
+
+
+async def _in_flight(budget: Any) -> int:
+    return int(budget.in_flight)
+
+
+def test_calls_beyond_the_byte_budget_are_refused_and_the_budget_is_released(
+    server: ServerThread,
+) -> None:
+    budget = server.app.request_bytes
+    samples = [big_sample(i) for i in range(5)]
+    assert 2 * len(samples[0].image) < BUDGET < 3 * len(samples[0].image)
+    gate = Gate(server, server.app._runtimes["question"])
+
+    async def burst() -> tuple[list[BaseException], int, list[Any]]:
+        async with AsyncCurationClient(server.target, retry=False, timeout=60) as client:
+            pending = {asyncio.ensure_future(client.score([s])) for s in samples}
+            refused: list[BaseException] = []
+            # The admitted calls wait at the gate: only refusals can finish before it opens.
+            while len(refused) < 3:
+                done, pending = await asyncio.wait(
+                    pending, timeout=30, return_when=asyncio.FIRST_COMPLETED
+                )
+                assert done, "the calls beyond the budget were not refused"
+                refused += [task.exception() for task in done]
+            held = server.call(_in_flight(budget))
+            gate.open()
+            results = await asyncio.gather(*pending)
+            return refused, held, results
+
+    try:
+        refused, held, results = asyncio.run(burst())
+    finally:
+        gate.open()
+    assert len(results) == 2 and all(r[0].error is None for r in results)
+    assert 2 * len(samples[0].image) < held <= BUDGET
+    for error in refused:
+        assert isinstance(error, grpc.aio.AioRpcError)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limits.max_inflight_bytes 200000" in (error.details() or "")
+        retry = error_details(error)["RetryInfo"]
+        assert isinstance(retry, error_details_pb2.RetryInfo)
+        assert retry.retry_delay.ToTimedelta().total_seconds() > 0
+    assert server.call(_in_flight(budget)) == 0
+
+    async def again() -> Any:
+        async with AsyncCurationClient(server.target, retry=False, timeout=60) as client:
+            return await asyncio.gather(*(client.score([s]) for s in samples[:2]))
+
+    assert all(r[0].error is None for r in asyncio.run(again()))
