@@ -1,6 +1,9 @@
 """A direct transcription of the reference selection, to test ours against:
 DCDmllm/Align2LLaVA reward_model/post_process/rank_questions.py, rank_answers.py and
-merge_final.py (repeat_times=1, one process, so the score files are in input order)."""
+merge_final.py (one process, so the score files are in input order), and the order in which
+reward_model/llava/data/eval_data.py's AnswerEvalDataset emits the answers it scores (per
+turn, a ``gpt`` value that is a list: one line per candidate, in order). ``repeat_times``
+is rank_answers.py's ``--repeat-times``: every turn has that many candidates."""
 
 from __future__ import annotations
 
@@ -30,9 +33,11 @@ def reference_rank_questions(
 
 
 def reference_rank_answers(
-    score_lines: list[dict[str, Any]], anns: list[dict[str, Any]], keep_ratio: float
+    score_lines: list[dict[str, Any]],
+    anns: list[dict[str, Any]],
+    keep_ratio: float,
+    repeat_times: int = 1,
 ) -> list[dict[str, Any]]:
-    repeat_times = 1
     scores = score_lines
     conv_dict = {ann["image"]: ann["conversations"] for ann in anns}
     keep_anns = []
@@ -67,16 +72,26 @@ def reference_rank_answers(
 def reference_merge(stage_2: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     merged = []
     for task in TASKS:
-        merged += stage_2[task]
+        merged += stage_2.get(task, [])  # (here: a task type not curated has none)
     for example in merged:
         example.pop("score", None)
     return merged
 
 
-def reference_curate(data: dict[str, dict[str, Any]], a: float, b: float) -> list[str]:
+def reference_curate(
+    data: dict[str, dict[str, Any]], a: float, b: float, repeat_times: int = 1
+) -> list[str]:
     """The ids the reference keeps. ``data``: per task type, ``records`` (LLaVA records with
     unique images, in input order), ``question`` (their question scores) and ``answers``
-    (their turn scores)."""
+    (their turn scores: per turn a score, or with candidates a list, one per candidate)."""
+    return [example["id"] for example in reference_curate_examples(data, a, b, repeat_times)]
+
+
+def reference_curate_examples(
+    data: dict[str, dict[str, Any]], a: float, b: float, repeat_times: int = 1
+) -> list[dict[str, Any]]:
+    """The examples the reference writes: ``id`` (the image name without ``.jpg``),
+    ``image`` and ``conversations`` with each turn's best candidate as its ``gpt`` value."""
     stage_2 = {}
     for task, d in data.items():
         lines = [
@@ -89,13 +104,17 @@ def reference_curate(data: dict[str, dict[str, Any]], a: float, b: float) -> lis
         for ann in stage_1:
             record, turn_scores = by_image[ann["image"]]
             for t, score in enumerate(turn_scores):
-                answer_lines.append(
-                    {
-                        "image": ann["image"],
-                        "score": score,
-                        "question": record["conversations"][2 * t]["value"],
-                        "answer": record["conversations"][2 * t + 1]["value"],
-                    }
-                )
-        stage_2[task] = reference_rank_answers(answer_lines, stage_1, b)
-    return [example["id"] for example in reference_merge(stage_2)]
+                answers = record["conversations"][2 * t + 1]["value"]
+                if not isinstance(answers, list):  # as AnswerEvalDataset reads a gpt value
+                    answers, score = [answers], [score]
+                for answer, candidate_score in zip(answers, score, strict=True):
+                    answer_lines.append(
+                        {
+                            "image": ann["image"],
+                            "score": candidate_score,
+                            "question": record["conversations"][2 * t]["value"],
+                            "answer": answer,
+                        }
+                    )
+        stage_2[task] = reference_rank_answers(answer_lines, stage_1, b, repeat_times)
+    return reference_merge(stage_2)

@@ -1,8 +1,10 @@
-"""Test helpers: test images, and the real-server runners of align2.server.testing."""
+"""Test helpers: test images, a tiny full server config, and the real-server runners of
+align2.server.testing."""
 
 from __future__ import annotations
 
 import io
+import pathlib
 
 import grpc
 from google.protobuf.message import Message
@@ -10,6 +12,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from PIL import Image
 
+from align2.server.config import Config, ModelConfig
 from align2.server.testing import ServerProcess, ServerThread
 
 __all__ = [
@@ -75,3 +78,15 @@ def vllm_requests_finished(model_name: str) -> float:
         for sample in metric.samples
         if sample.name.endswith("_total") and sample.labels.get("model_name") == model_name
     )
+
+
+def full_config(reward: pathlib.Path, llm: pathlib.Path, max_new_tokens: int) -> Config:
+    """Score, Align and Curate on tiny models: ``reward`` for both heads, ``llm`` inner."""
+    config = Config()
+    config.models = {
+        "question": ModelConfig(path=str(reward)),
+        "answer": ModelConfig(path=str(reward)),
+        "llm": ModelConfig(path=str(llm), max_length=1024),
+    }
+    config.align.decoding.max_new_tokens = max_new_tokens
+    return config

@@ -4,7 +4,7 @@ to fail, block or misbehave (served by the ``fake`` fixture of conftest.py), and
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -19,7 +19,8 @@ FAST_RETRY = RetryPolicy(initial_backoff_seconds=0.05, max_backoff_seconds=0.1)
 
 class FakeCuration(pb_grpc.CurationServiceServicer):
     """Scores are derived from the request so tests can check order and routing:
-    question score = int(id) (ids are digits), answer score of a turn = len(answer).
+    question score = int(id) (ids are digits), answer score of a turn = len(answer); of a
+    turn with candidate answers: each candidate's length, the best the first longest.
     Samples whose id starts with "bad" get a per-item INVALID_ARGUMENT error."""
 
     def __init__(self) -> None:
@@ -37,6 +38,12 @@ class FakeCuration(pb_grpc.CurationServiceServicer):
         self.curate_options: list[pb.CurateOptions] = []
         self.curate_reversed = False  # answer after the stream's end, last sample first
         self.curate_ended = threading.Event()  # set when a Curate RPC terminates
+        # Per Curate stream, in turn: answer this many samples, read up to two more without
+        # answering them, then fail the stream with curate_abort_code (as a dying server).
+        self.curate_abort_after: list[int] = []
+        self.curate_abort_code = grpc.StatusCode.UNAVAILABLE
+        self.curate_on_abort: Callable[[], object] | None = None  # called before it fails
+        self.curate_streams: list[list[str]] = []  # ids received, per Curate stream
         # Model revisions the server reports (GetServerInfo and Score), by model name.
         self.revisions = {"q": "r1", "a": "r2"}
         self.fail_scores_after: int | None = None  # then every further Score: UNAVAILABLE
@@ -87,9 +94,17 @@ class FakeCuration(pb_grpc.CurationServiceServicer):
         self.metadata.append({m.key: m.value for m in context.invocation_metadata()})
         options = next(requests)
         self.curate_options.append(options.options)
+        received: list[str] = []
+        self.curate_streams.append(received)
+        abort_after = self.curate_abort_after.pop(0) if self.curate_abort_after else None
         held: list[pb.CurateResponse] = []
         for sequence, request in enumerate(requests):
             self.curated.append(request.sample.id)
+            received.append(request.sample.id)
+            if abort_after is not None and sequence >= abort_after:
+                if sequence >= abort_after + 1:  # two read and left unanswered
+                    self._abort_curate(context)
+                continue
             response = _decision(sequence, request.sample)
             if self.curate_reversed:
                 held.insert(0, response)
@@ -97,7 +112,14 @@ class FakeCuration(pb_grpc.CurationServiceServicer):
             yield response
             if self.gate is not None:
                 self.gate.wait(timeout=10)
+        if abort_after is not None and len(received) > abort_after:
+            self._abort_curate(context)
         yield from held
+
+    def _abort_curate(self, context: grpc.ServicerContext) -> None:
+        if self.curate_on_abort is not None:
+            self.curate_on_abort()
+        context.abort(self.curate_abort_code, "injected stream failure")
 
     def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
@@ -149,10 +171,17 @@ def _result(sample: pb.Sample, heads: list[int]) -> pb.ScoreResult:
     if not heads or pb.HEAD_QUESTION in heads:
         result.question_score = float(sample.id) if sample.id.isdigit() else 0.0
     if not heads or pb.HEAD_ANSWER in heads:
-        scores = [float(len(t.answer)) for t in sample.turns]
+        turns = [[float(len(a)) for a in t.answer_candidates or [t.answer]] for t in sample.turns]
+        best = [candidates.index(max(candidates)) for candidates in turns]
+        scores = [candidates[b] for candidates, b in zip(turns, best, strict=True)]
         result.answer_scores.extend(scores)
         result.answer_truncated.extend([False] * len(scores))
         result.answer_score = sum(scores) / len(scores) if scores else 0.0
+        if any(t.answer_candidates for t in sample.turns):
+            result.answer_candidates.extend(
+                pb.CandidateScores(scores=c, best=b, truncated=[False] * len(c))
+                for c, b in zip(turns, best, strict=True)
+            )
     return result
 
 

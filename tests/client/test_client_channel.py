@@ -70,6 +70,7 @@ def test_default_options() -> None:
     assert options["grpc.enable_retries"] == 1
     assert options["grpc.max_send_message_length"] == options["grpc.max_receive_message_length"]
     assert options["grpc.keepalive_time_ms"] >= 300_000
+    assert options["grpc.max_reconnect_backoff_ms"] == 10_000  # gRPC's own: 120 s
     assert json.loads(options["grpc.service_config"])["methodConfig"]
 
 

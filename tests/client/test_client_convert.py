@@ -7,14 +7,16 @@ import pathlib
 import grpc
 import pytest
 
-from align2.client import ImageMarker, ItemError, Sample, ScoreResult, Turn
+from align2.client import ImageMarker, ItemError, ProtocolError, Sample, ScoreResult, Turn
 from align2.client.convert import (
     call_info_from_proto,
+    curate_result_from_proto,
     sample_from_proto,
     sample_to_proto,
     score_result_from_proto,
     status_code,
 )
+from align2.client.results import CandidateScores
 from align2.v1 import curation_pb2 as pb
 
 
@@ -38,6 +40,70 @@ def test_sample_round_trip(marker: ImageMarker, value: int) -> None:
     assert message.image_marker == value
     assert [(t.question, t.answer) for t in message.turns] == [("q1", "a1"), ("q2", "")]
     assert sample_from_proto(message) == sample
+
+
+def test_candidate_answers_round_trip() -> None:
+    sample = Sample(
+        id="1",
+        image=b"img",
+        turns=[Turn("q1", candidates=["a", "b"]), Turn("q2", "c")],  # a list is kept as a tuple
+    )
+    message = sample_to_proto(sample)
+    assert [list(t.answer_candidates) for t in message.turns] == [["a", "b"], []]
+    assert [t.answer for t in message.turns] == ["", "c"]
+    assert sample_from_proto(message) == sample
+    assert sample.turns[0].candidates == ("a", "b")
+    with pytest.raises(TypeError, match="not one string"):
+        Turn("q", candidates="ab")  # type: ignore[arg-type]
+
+
+def test_candidate_scores_are_read_and_a_best_outside_them_is_a_protocol_error() -> None:
+    message = pb.ScoreResult(
+        id="1",
+        answer_scores=[2.0, 0.5],
+        answer_score=1.25,
+        answer_truncated=[False, False],
+        answer_candidates=[
+            pb.CandidateScores(scores=[1.0, 2.0, 2.0], best=1, truncated=[False] * 3),
+            pb.CandidateScores(scores=[0.5], best=0, truncated=[False]),
+        ],
+    )
+    result = score_result_from_proto(message)
+    assert result.answer_candidates == (
+        CandidateScores((1.0, 2.0, 2.0), 1, (False, False, False)),
+        CandidateScores((0.5,), 0, (False,)),
+    )
+    assert result.best_candidates == (1, 0)
+    assert result.answer_candidates[0].best_score == 2.0
+    assert result.to_dict()["answer_candidates"][0] == {
+        "scores": [1.0, 2.0, 2.0],
+        "best": 1,
+        "truncated": [False, False, False],
+    }
+    message.answer_candidates[1].best = 1
+    with pytest.raises(ProtocolError, match="best candidate 1 of 1"):
+        score_result_from_proto(message)
+
+
+def test_a_kept_curate_sample_keeps_each_turns_best_candidate() -> None:
+    original = Sample(id="s", image=b"", turns=[Turn("q1", candidates=("a", "b")), Turn("q2", "c")])
+    scores = pb.ScoreResult(
+        id="s",
+        answer_scores=[3.0, 1.0],
+        answer_candidates=[
+            pb.CandidateScores(scores=[2.0, 3.0], best=1),
+            pb.CandidateScores(scores=[1.0], best=0),
+        ],
+    )
+    response = pb.CurateResponse(id="s", decision=pb.DECISION_KEPT, scores=scores)
+    kept = curate_result_from_proto(response, original).sample
+    assert kept is not None and kept.turns == [Turn("q1", "b"), Turn("q2", "c")]
+    dropped = pb.CurateResponse(id="s", decision=pb.DECISION_DROPPED_ANSWER, scores=scores)
+    assert curate_result_from_proto(dropped, original).sample is None
+    del scores.answer_candidates[1]  # the server must say the best of every turn
+    response = pb.CurateResponse(id="s", decision=pb.DECISION_KEPT, scores=scores)
+    with pytest.raises(ProtocolError, match="do not fit its 2 turns"):
+        curate_result_from_proto(response, original)
 
 
 def test_unspecified_or_unknown_marker_reads_as_start() -> None:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from align2.client import ImageMarker, Sample, Turn, read_llava, write_llava
+from align2.client import ImageMarker, Sample, Turn, choose_candidates, read_llava, write_llava
 from align2.client.llava import iter_llava, join_image_marker, split_image_marker
 
 RECORD = {
@@ -136,8 +136,16 @@ def conversation(*messages: tuple[str, Any]) -> list[dict[str, Any]]:
     ("change", "expected"),
     [
         (
-            {"conversations": conversation(("human", "q"), ("gpt", ["a", "b"]))},
-            r"record 1 \(id 'x'\): conversations\[1\]\.value: a list of candidate answers",
+            {"conversations": conversation(("human", "q"), ("gpt", []))},
+            r"record 1 \(id 'x'\): conversations\[1\]\.value: an empty list",
+        ),
+        (
+            {"conversations": conversation(("human", "q"), ("gpt", ["a", 3]))},
+            r"record 1 \(id 'x'\): conversations\[1\]\.value\[1\]: expected a string, got int",
+        ),
+        (
+            {"conversations": conversation(("human", ["q", "r"]), ("gpt", "a"))},
+            r"record 1 \(id 'x'\): conversations\[0\]\.value: expected a string, got list",
         ),
         (
             {"conversations": conversation(("human", "q"), ("gpt", "a"), ("human", "q2"))},
@@ -238,6 +246,46 @@ def test_write_rejects_extra_keys_that_clash(tmp_path: pathlib.Path) -> None:
         write_llava([sample], tmp_path / "out.json")
 
 
+def test_a_list_valued_gpt_is_the_turns_candidates_and_the_kept_best_is_written_alone(
+    tmp_path: pathlib.Path,
+) -> None:
+    record = {
+        "id": "7",
+        "image": "7.jpg",
+        "conversations": conversation(
+            ("human", "<image>\nWhat is it?"),
+            ("gpt", ["A cat.", "A grey cat.", "A dog."]),
+            ("human", "Where?"),
+            ("gpt", "On a sofa."),
+            ("human", "Why?"),
+            ("gpt", ["It is warm."]),  # one candidate is still a list
+        ),
+    }
+    source = write_json(tmp_path / "in.json", [record])
+    [sample] = read_llava(source)
+    assert sample.turns == [
+        Turn("What is it?", candidates=("A cat.", "A grey cat.", "A dog.")),
+        Turn("Where?", "On a sofa."),
+        Turn("Why?", candidates=("It is warm.",)),
+    ]
+    assert sample.has_candidates and sample.turns[0].answers[2] == "A dog."
+    write_llava([sample], tmp_path / "same.json")
+    assert read_records(tmp_path / "same.json") == [record]  # candidates written back as lists
+    kept = choose_candidates(sample, [1, 0, 0])
+    write_llava([kept], tmp_path / "kept.json")
+    [written] = read_records(tmp_path / "kept.json")
+    assert [m["value"] for m in written["conversations"]] == [
+        "<image>\nWhat is it?",
+        "A grey cat.",
+        "Where?",
+        "On a sofa.",
+        "Why?",
+        "It is warm.",
+    ]
+    with pytest.raises(ValueError, match="2 best candidates for 3 turns"):
+        choose_candidates(sample, [0, 0])
+
+
 def test_constructed_samples_write_their_image_path(tmp_path: pathlib.Path) -> None:
     sample = Sample(id="1", image=pathlib.Path("imgs/a.jpg"), turns=[Turn("q", "a")])
     out = tmp_path / "out.jsonl"
@@ -270,7 +318,8 @@ extra_keys = text.filter(lambda key: key not in {"id", "image", "conversations",
 
 @st.composite
 def llava_records(draw: st.DrawFn) -> dict[str, Any]:
-    turns = draw(st.lists(st.tuples(questions, text), min_size=1, max_size=3))
+    answers = text | st.lists(text, min_size=1, max_size=3)  # one answer, or candidates
+    turns = draw(st.lists(st.tuples(questions, answers), min_size=1, max_size=3))
     record: dict[str, Any] = {"id": draw(text)}
     if draw(st.booleans()):
         record["image"] = draw(text.filter(bool))

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from client_fakes import FakeCuration
-from reference_selection import reference_curate
+from reference_selection import reference_curate, reference_curate_examples
 
 from align2.client import cli
 from align2.client.records import load_inputs
@@ -123,6 +123,102 @@ def test_the_files_are_curated_as_the_reference_does(
     assert f"kept {len(written)} " in capsys.readouterr().err
     # One head per request: the question head for all, the answer head for the 22 survivors.
     assert sent(fake, pb.HEAD_QUESTION) == 44 and sent(fake, pb.HEAD_ANSWER) == 22
+
+
+def candidate_files(tmp_path: pathlib.Path) -> dict[str, list[dict[str, Any]]]:
+    """Task files with candidate answers (a list-valued gpt; rank_answers.py's
+    --repeat-times: 3 per turn in conversation, 2 in detail) and one without; the fake
+    scores a candidate by its length, with ties (equal lengths, different texts)."""
+    letters = "pqrstuvw"
+    data = {
+        "complex_reasoning": [record(tmp_path, str(i), ["a" * (1 + i % 3)]) for i in range(6)],
+        "conversation": [
+            record(
+                tmp_path,
+                str(10 + i),
+                [
+                    [letters[j] * (1 + (i * 5 + j * 3 + t) % 4) for j in range(3)]
+                    for t in range(1 + i % 2)
+                ],
+            )
+            for i in range(8)
+        ],
+        "detail": [
+            record(tmp_path, str(20 + i), [[c * (2 + i % 3) for c in "xy"]]) for i in range(5)
+        ],
+    }
+    for task, records in data.items():
+        write(tmp_path / f"{task}_cands.json", records)
+    return data
+
+
+def test_candidate_answers_are_chosen_and_ranked_as_the_reference_does(
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = candidate_files(tmp_path)
+    out, report = tmp_path / "kept.json", tmp_path / "report.json"
+    files = [tmp_path / f"{task}_cands.json" for task in data]
+    args = [*files, "--image-folder", tmp_path, "--out", out, "--report", report]
+    assert curate(fake, *args, "--question-keep", "1", "--answer-keep", "0.5") == 0
+    written = json.loads(out.read_text())
+
+    # The reference, per task type with its --repeat-times, on the scores the fake gives.
+    expected = []
+    for task, repeat in (("complex_reasoning", 1), ("conversation", 3), ("detail", 2)):
+        records = data[task]
+        scores = {
+            task: {
+                "records": [{**r, "image": f"{task}/{n}.jpg"} for n, r in enumerate(records)],
+                "question": [float(r["id"]) for r in records],
+                "answers": [
+                    [
+                        [float(len(a)) for a in m["value"]]
+                        if isinstance(m["value"], list)
+                        else float(len(m["value"]))
+                        for m in r["conversations"][1::2]
+                    ]
+                    for r in records
+                ],
+            }
+        }
+        for example in reference_curate_examples(scores, 1.0, 0.5, repeat):
+            n = int(example["id"].split("/")[1])
+            expected.append({**records[n], "conversations": example["conversations"]})
+    assert written == expected
+    assert all(isinstance(m["value"], str) for r in written for m in r["conversations"])
+
+    # How often each position won: every turn with candidates was answer-scored here.
+    summary = json.loads(report.read_text())
+    for task, repeat in (("conversation", 3), ("detail", 2)):
+        wins, kept_wins = [0] * repeat, [0] * repeat
+        kept_ids = {r["id"] for r in written}
+        for r in data[task]:
+            for m in r["conversations"][1::2]:
+                lengths = [len(a) for a in m["value"]]
+                best = lengths.index(max(lengths))
+                wins[best] += 1
+                kept_wins[best] += r["id"] in kept_ids
+        assert summary["tasks"][task]["answer_candidates"] == {
+            "turns": sum(wins),
+            "wins": wins,
+            "kept_turns": sum(kept_wins),
+            "kept_wins": kept_wins,
+        }
+    assert summary["tasks"]["detail"]["answer_candidates"]["wins"] == [5, 0]  # ties: the first
+    assert summary["tasks"]["complex_reasoning"]["answer_candidates"] == {
+        "turns": 0,
+        "wins": [],
+        "kept_turns": 0,
+        "kept_wins": [],
+    }
+    assert "best_candidate" in summary["procedure"]
+    err = capsys.readouterr().err
+    assert "best candidate answer" in err and "complex_reasoning    0 turns" not in err
+
+    # A rerun takes every score, candidates included, from the scores file.
+    fake.requests.clear()
+    assert curate(fake, *args, "--question-keep", "1", "--answer-keep", "0.5") == 0
+    assert fake.requests == [] and json.loads(out.read_text()) == written
 
 
 def test_default_fractions(fake: FakeCuration, tmp_path: pathlib.Path) -> None:

@@ -26,6 +26,22 @@ def test_scores_are_appended_and_read_back_exactly(tmp_path: pathlib.Path) -> No
         assert store.get(Scorer("question", "r1", "t2").key("1", "d" * 32)) is None
 
 
+def test_candidate_scores_are_stored_per_turn_and_read_back(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "s.jsonl"
+    answer = key("3", head="answer")
+    with ScoreStore(path) as store:
+        store.add([(answer, [[0.5, 1.25, 0.5], -0.25, [2.0]])])
+    line = json.loads(path.read_text())
+    assert line["scores"] == [[0.5, 1.25, 0.5], -0.25, [2.0]]  # a list: the turn's candidates
+    with ScoreStore(path) as store:
+        assert store.loaded == 1
+        assert store.get(answer) == ((0.5, 1.25, 0.5), -0.25, (2.0,))
+    with path.open("a") as f:  # a turn with an empty list of candidates is unreadable
+        f.write(json.dumps({**line, "id": "4", "scores": [[], 1.0]}) + "\n")
+    with ScoreStore(path) as store:
+        assert store.loaded == 1 and store.ignored_lines == 1
+
+
 def test_a_truncated_last_line_is_dropped_and_appending_goes_on(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "s.jsonl"
     with ScoreStore(path) as store:
@@ -90,3 +106,12 @@ def test_the_digest_follows_what_is_scored() -> None:
     assert len({sample_digest(s) for s in (base, other_answer, other_image)}) == 3
     in_memory = Sample(id="1", image=b"png", turns=base.turns)
     assert sample_digest(in_memory) != sample_digest(Sample("1", b"gif", base.turns))
+    # Candidates are part of what is scored; a sample without them hashes as before them
+    # (the digest main computed), so older scores files stay valid.
+    assert sample_digest(base) == "9708bad83f5ddce426ae1c9abdee89ec"
+    with_candidates = [
+        Sample("1", base.image, [Turn("Q?", candidates=c)], image_file="a.jpg")
+        for c in (("A.", "B."), ("B.", "A."), ("A.",))
+    ]
+    digests = {sample_digest(s) for s in (base, *with_candidates)}
+    assert len(digests) == 4

@@ -8,9 +8,13 @@ import random
 from typing import Any
 
 import pytest
-from reference_selection import TASKS, reference_curate
+from reference_selection import TASKS, reference_curate, reference_curate_examples
 
+from align2.client import choose_candidates
+from align2.client.llava import record_from_sample, sample_from_record
 from align2.client.selection import (
+    best_candidate,
+    best_candidates,
     conversation_score,
     describe,
     keep_count,
@@ -60,6 +64,78 @@ def test_the_selection_is_the_reference_on_random_scores_with_ties(seed: int) ->
     data = {task: make_task(rng, task, n) for task, n in zip(TASKS, sizes, strict=True)}
     a, b = rng.choice([(0.3, 0.3), (0.5, 0.5), (0.3, 1.0), (1.0, 0.3), (0.7, 0.2)])
     assert run_ours(data, a, b) == reference_curate(data, a, b)
+
+
+def make_task_with_candidates(rng: random.Random, task: str, n: int, repeat: int) -> dict[str, Any]:
+    """As make_task, with ``repeat`` candidate answers per turn (rank_answers.py's
+    --repeat-times): a list-valued gpt (with one candidate, sometimes a plain string)."""
+    records, question, answers = [], [], []
+    for i in range(n):
+        conversations: list[dict[str, Any]] = []
+        turn_scores: list[Any] = []
+        for t in range(rng.randint(1, 3)):
+            candidates = [f"answer {t}.{j}" for j in range(repeat)]
+            listed = repeat > 1 or rng.random() < 0.5
+            conversations += [
+                {"from": "human", "value": f"{task} {i} question {t}"},
+                {"from": "gpt", "value": candidates if listed else candidates[0]},
+            ]
+            scores = [rng.choice([-0.5, 0.0, 0.5, 1.0]) for _ in range(repeat)]  # ties
+            turn_scores.append(scores if listed else scores[0])
+        # The reference names its output by the image: the id is the image's stem here.
+        records.append(
+            {"id": f"{task}-{i}", "image": f"{task}-{i}.jpg", "conversations": conversations}
+        )
+        question.append(rng.choice([-1.0, 0.0, 0.25, 0.5, 2.0]))
+        answers.append(turn_scores)
+    return {"records": records, "question": question, "answers": answers}
+
+
+def run_ours_with_candidates(data: dict[str, dict[str, Any]], a: float, b: float) -> list[Any]:
+    """Our selection, and each kept record as the offline command writes it: read, each
+    turn's best candidate chosen, written back."""
+    kept = {}
+    for task, d in data.items():
+        selection = select_task(d["question"], dict(enumerate(d["answers"])), a, b)
+        kept[task] = [
+            record_from_sample(
+                choose_candidates(
+                    sample_from_record(d["records"][i], i), best_candidates(d["answers"][i])
+                )
+            )
+            for i in selection.answer_kept
+        ]
+    return [(r["id"], r["conversations"]) for r in merge(kept)]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_candidates_are_chosen_and_ranked_as_the_reference_does(seed: int) -> None:
+    """Best-of-n: the kept conversations, in order, with the best candidate as each turn's
+    answer, are rank_answers.py's (--repeat-times n) on random scores full of ties."""
+    rng = random.Random(1000 + seed)
+    repeat = rng.choice([1, 2, 3, 4])
+    sizes = [rng.choice([0, 1, 4, 7, 10, 20, 37]) for _ in TASKS]
+    data = {
+        task: make_task_with_candidates(rng, task, n, repeat)
+        for task, n in zip(TASKS, sizes, strict=True)
+    }
+    a, b = rng.choice([(0.3, 0.3), (0.5, 0.5), (1.0, 0.3), (0.7, 0.2), (1.0, 1.0)])
+    expected = [
+        (e["id"], e["conversations"]) for e in reference_curate_examples(data, a, b, repeat)
+    ]
+    assert run_ours_with_candidates(data, a, b) == expected
+
+
+def test_the_best_candidate_is_the_highest_and_the_first_of_equal_highest() -> None:
+    assert best_candidate([0.5, 2.0, 1.0]) == 1
+    assert best_candidate([1.0, 2.0, 2.0, -1.0]) == 1  # the reference's stable sort
+    assert best_candidate([3.0]) == 0
+    assert best_candidate([math.nan, 1.0]) == 1 and best_candidate([1.0, math.nan, 1.0]) == 0
+    with pytest.raises(ValueError, match="at least one candidate"):
+        best_candidate([])
+    assert best_candidates([0.5, (1.0, 3.0, 3.0), (2.0,)]) == [0, 1, 0]
+    # A turn's score in the conversation's is its best candidate's.
+    assert conversation_score([0.5, (1.0, 3.0, 3.0), (2.0,)]) == (0.5 + 3.0 + 2.0) / 3
 
 
 def test_the_default_fractions_keep_nothing_below_the_reference_minimum() -> None:

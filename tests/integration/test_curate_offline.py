@@ -16,12 +16,11 @@ from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
-from reference_selection import reference_curate
-from support import ServerThread, png
+from reference_selection import reference_curate, reference_curate_examples
+from support import ServerThread, full_config, png
 
 from align2.client import CurationClient, read_llava
 from align2.client.cli import main as cli_main
-from align2.server.config import Config, ModelConfig
 
 TASKS = ("complex_reasoning", "conversation", "detail")
 PER_TASK = 20  # int(0.3 * 20) = 6 survive the question stage, int(0.3 * 6) = 1 the answer
@@ -29,13 +28,7 @@ PER_TASK = 20  # int(0.3 * 20) = 6 survive the question stage, int(0.3 * 6) = 1 
 
 @pytest.fixture(scope="module")
 def server(tiny_llava: pathlib.Path, tiny_llm: pathlib.Path) -> Iterator[ServerThread]:
-    config = Config()
-    config.models = {
-        "question": ModelConfig(path=str(tiny_llava)),
-        "answer": ModelConfig(path=str(tiny_llava)),
-        "llm": ModelConfig(path=str(tiny_llm), max_length=1024),
-    }
-    config.align.decoding.max_new_tokens = 4
+    config = full_config(tiny_llava, tiny_llm, max_new_tokens=4)
     config.limits.max_image_bytes = 200_000
     config.batching.max_batch_size = 1
     server = ServerThread(config).start()
@@ -123,6 +116,50 @@ def test_the_kept_ids_are_the_reference_selection_of_the_server_scores(
         assert summary["tasks"][task]["question"]["candidates"] == PER_TASK
         assert summary["tasks"][task]["answer"]["candidates"] == 6
     assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_candidate_answers_are_chosen_and_ranked_as_the_reference_on_the_server_scores(
+    server: ServerThread, tmp_path: pathlib.Path
+) -> None:
+    """Best-of-n files (a gpt value lists 3 candidates; rank_answers.py --repeat-times 3):
+    the output is the reference's on the scores of direct Score calls, each turn's answer
+    its best candidate."""
+    records = []
+    for i in range(10):
+        image = f"cand-{i}.png"
+        (tmp_path / image).write_bytes(png(18 + i, 22, (i * 25 % 255, 120, 60)))
+        conversations = []
+        for k in range(1 + i % 2):
+            question = f"What is thing {i} number {k}?"
+            candidates = [f"It is {'a big ' * ((i + j + k) % 4)}thing {j}." for j in range(3)]
+            conversations += [
+                {"from": "human", "value": f"<image>\n{question}" if k == 0 else question},
+                {"from": "gpt", "value": candidates},
+            ]
+        records.append({"id": f"cand{i}", "image": image, "conversations": conversations})
+    path = tmp_path / "conversation_cands.json"
+    path.write_text(json.dumps(records))
+    out = tmp_path / "kept.json"
+    args = [path, "--image-folder", tmp_path, "--out", out]
+    assert curate(server, *args, "--question-keep", "0.5", "--answer-keep", "0.5") == 0
+    written = json.loads(out.read_text())
+
+    samples = read_llava(path, image_folder=tmp_path)
+    with CurationClient(server.target, timeout=120) as client:
+        question = client.score(samples, heads=["question"])
+        answers = client.score(samples, heads=["answer"])
+    data = {
+        "conversation": {
+            "records": [{**r, "image": f"conversation/{n}.jpg"} for n, r in enumerate(records)],
+            "question": [r.question_score for r in question],
+            "answers": [[list(c.scores) for c in r.answer_candidates] for r in answers],
+        }
+    }
+    expected = []
+    for example in reference_curate_examples(data, 0.5, 0.5, repeat_times=3):
+        n = int(example["id"].split("/")[1])
+        expected.append({**records[n], "conversations": example["conversations"]})
+    assert written == expected and len(written) == 2
 
 
 def test_a_rerun_from_a_partial_scores_file_computes_only_the_rest(

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from support import ServerThread, error_details, png
+from support import ServerThread, error_details, full_config, png
 
 from align2.client import AsyncCurationClient, CurateResult, CurationClient, Sample, Turn
 from align2.client.cli import main as cli_main
@@ -25,13 +25,7 @@ TASKS = ("conversation", "detail")
 
 @pytest.fixture(scope="module")
 def server(tiny_llava: pathlib.Path, tiny_llm: pathlib.Path) -> Iterator[ServerThread]:
-    config = Config()
-    config.models = {
-        "question": ModelConfig(path=str(tiny_llava)),
-        "answer": ModelConfig(path=str(tiny_llava)),
-        "llm": ModelConfig(path=str(tiny_llm), max_length=1024),
-    }
-    config.align.decoding.max_new_tokens = 6
+    config = full_config(tiny_llava, tiny_llm, max_new_tokens=6)
     config.limits.max_image_bytes = 200_000
     # One sample at a time: selection order is input order, so the test can recompute it.
     config.limits.max_stream_inflight = 1
@@ -108,6 +102,40 @@ def test_kept_samples_are_aligned_when_asked(client: CurationClient) -> None:
         assert result.sample == result.aligned.sample
         assert result.sample is not None and result.sample.image == given.image
         assert result.sample.turns[0].question.startswith("<image>\n")
+
+
+def test_a_sample_with_candidates_is_ranked_and_kept_with_its_best(
+    client: CurationClient,
+) -> None:
+    """Curate scores every candidate, selects on the mean of each turn's best, and keeps
+    (and aligns) the sample with the best candidate as each turn's answer."""
+    answers = ("Item 9 is a box.", "Item 9 is a red box on a table.", "A thing.")
+    given = Sample(
+        id="c",
+        image=png(25, 20),
+        task="detail",
+        turns=[Turn("<image>\nWhat is item 9?", candidates=answers), Turn("Size?", "5 cm.")],
+    )
+    options = {"question_keep_fraction": 1.0, "answer_keep_fraction": 1.0}
+    [scored] = client.score([given])
+    for align in (False, True):
+        [result] = client.curate([given], align=align, **options)
+        assert result.decision == "kept" and result.sample is not None
+        candidates = result.scores.answer_candidates
+        for got, expected in zip(candidates, scored.answer_candidates, strict=True):
+            assert got.scores == pytest.approx(expected.scores, abs=1e-5)
+        best = result.scores.best_candidates
+        assert best[0] == candidates[0].scores.index(max(candidates[0].scores))
+        assert result.scores.answer_score == pytest.approx(
+            (candidates[0].scores[best[0]] + candidates[1].scores[0]) / 2, abs=1e-6
+        )
+        chosen = [Turn(given.turns[0].question, answers[best[0]]), given.turns[1]]
+        if align:
+            assert result.aligned is not None and result.aligned.error is None
+            assert [t.original for t in result.aligned.turns] == chosen
+            assert result.sample == result.aligned.sample
+        else:
+            assert result.sample.turns == chosen and not result.sample.has_candidates
 
 
 def test_a_bad_sample_is_an_error_decision_and_its_stream_mates_go_on(

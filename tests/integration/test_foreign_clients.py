@@ -24,9 +24,7 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 from grpc_reflection.v1alpha import reflection_pb2
-from support import ServerThread, png
-
-from align2.server.config import Config, ModelConfig
+from support import ServerThread, full_config, png
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NODE = shutil.which("node")
@@ -56,13 +54,7 @@ def node_tools() -> None:
 
 @pytest.fixture(scope="module")
 def server(tiny_llava: pathlib.Path, tiny_llm: pathlib.Path) -> Iterator[ServerThread]:
-    config = Config()
-    config.models = {
-        "question": ModelConfig(path=str(tiny_llava)),
-        "answer": ModelConfig(path=str(tiny_llava)),
-        "llm": ModelConfig(path=str(tiny_llm), max_length=1024),
-    }
-    config.align.decoding.max_new_tokens = 6
+    config = full_config(tiny_llava, tiny_llm, max_new_tokens=6)
     server = ServerThread(config).start()
     yield server
     server.stop()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pathlib
 
 import pytest
-from lora_reference import OriginalSet, Reference, assert_matches_reference, samples
+from lora_reference import REL, OriginalSet, Reference, assert_matches_reference, samples
 from support import ServerThread
 
 from align2.client import CurationClient
@@ -74,3 +74,43 @@ def test_an_adapter_it_cannot_read_fails_the_start_naming_the_model(
         else []
     )
     assert leftovers == []
+
+
+def test_one_shared_base_serves_the_merged_scores(
+    original_llava: OriginalSet, tmp_path: pathlib.Path
+) -> None:
+    """``share_base = true`` on both models: one base in memory, each adapter applied per
+    batch. Through a real server, the scores equal the merged mode's (converted copies),
+    for the whole batch and for each sample alone; nothing is converted; the vision tower
+    runs once per image although both heads score every sample."""
+    o = original_llava
+    batch = samples()
+    replies = {}
+    for mode in ("merged", "shared"):
+        config = config_for(o, tmp_path / mode, question=o.question, answer=o.answer)
+        for model in config.models.values():
+            model.share_base = mode == "shared"
+        server = ServerThread(config).start()
+        try:
+            with CurationClient(server.target, timeout=60) as client:
+                if mode == "shared":
+                    base = server.app.scoring_backend("question")._shared
+                    assert base is server.app.scoring_backend("answer")._shared
+                    warm = base.tower_images  # the warm-up's image
+                together = client.score_with_info(batch)
+                alone = [client.score_with_info([s]).results[0] for s in batch]
+                if mode == "shared":
+                    assert base.tower_images - warm == len(batch)  # not once per input
+        finally:
+            server.stop()
+        replies[mode] = (together, alone)
+    merged, shared = replies["merged"], replies["shared"]
+    for got in (shared[0].results, shared[1]):
+        for mine, theirs in zip(got, merged[0].results, strict=True):
+            assert mine.error is None
+            assert mine.question_score == pytest.approx(theirs.question_score, rel=REL, abs=1e-5)
+            assert mine.answer_scores == pytest.approx(theirs.answer_scores, rel=REL, abs=1e-5)
+    assert not (tmp_path / "shared" / "converted").exists()
+    described = shared[0].question_model, shared[0].answer_model
+    assert [m.model_id for m in described if m is not None] == ["lora-question", "lora-answer"]
+    assert all(m is not None and len(m.revision) == 12 for m in described)

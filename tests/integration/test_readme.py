@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import pathlib
 import re
@@ -60,6 +61,23 @@ def test_score_example_runs_as_written(
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3  # one line for the sample, one per record of examples/
     assert lines[1].startswith("000000000001 ") and lines[1].endswith(" None")
+
+
+def test_candidates_example_runs_as_written(
+    server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = example("candidates").replace("localhost:50051", server.target)
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the example reads examples/ relative to the repo root
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    scores, best = capsys.readouterr().out.splitlines()
+    answers = ("A cat.", "A grey cat on a brown sofa.", "A sofa.")
+    candidates, index, mean = scores.rsplit(" ", 2)  # "(s0, s1, s2) best mean"
+    assert best == answers[int(index)]
+    assert float(mean) == pytest.approx(ast.literal_eval(candidates)[int(index)])
 
 
 def test_align_example_runs_as_written(

@@ -44,6 +44,7 @@ def server(tiny_llava: pathlib.Path) -> Iterator[ServerThread]:
         limits__max_samples_per_call=8,
         limits__max_image_bytes=200_000,
         limits__max_image_pixels=1_000_000,
+        limits__max_candidates=4,
     )
     server = ServerThread(config).start()
     yield server
@@ -99,6 +100,64 @@ def test_question_head_alone_needs_no_answers(client: CurationClient) -> None:
     assert result.error is None
     assert result.question_score is not None
     assert result.answer_scores == () and result.answer_score is None
+
+
+def test_candidates_score_as_if_each_were_the_turns_only_answer(client: CurationClient) -> None:
+    """Each candidate is scored alone, as a turn of its own would be; the turn's score is
+    the best (highest, first among equal highest), the sample's the mean of the bests."""
+    question, other = "<image>\nWhat is object 1 in picture 3?", ("And the other?", "A ball.")
+    answers = ("It is a red box.", "A box, red, number one, on a table.", "No.", "It is a red box.")
+    image = png(33, 26)
+    candidates = Sample(
+        id="c", image=image, turns=[Turn(question, candidates=answers), Turn(*other)]
+    )
+    separate = Sample(
+        id="t", image=image, turns=[*(Turn(question, a) for a in answers), Turn(*other)]
+    )
+    plain = Sample(id="p", image=image, turns=[Turn(question, answers[0]), Turn(*other)])
+    c, t, p = client.score([candidates, separate, plain])
+    assert c.error is None and t.error is None and p.error is None
+    first, second = c.answer_candidates
+    # Scores of the same inputs in other batches: equal to 1e-5 (padding), never the same call.
+    assert first.scores == pytest.approx(t.answer_scores[:4], abs=1e-5)
+    assert second.scores == pytest.approx(t.answer_scores[4:], abs=1e-5)
+    assert first.truncated == (False,) * 4 and second.truncated == (False,)
+    highest = max(first.scores)
+    assert first.best == first.scores.index(highest) and second.best == 0
+    assert c.best_candidates == (first.best, 0)
+    assert c.answer_scores == (highest, second.scores[0])
+    assert c.answer_score == pytest.approx((highest + second.scores[0]) / 2, abs=1e-6)
+    assert c.answer_truncated == (False, False)
+    # The question head reads no answer: candidates or not, the same question score.
+    assert c.question_score == pytest.approx(p.question_score, abs=1e-5)
+    assert t.answer_candidates == () and p.answer_candidates == ()  # none sent, none reported
+
+
+def test_candidates_beyond_the_limit_or_beside_an_answer_fail_alone(
+    client: CurationClient,
+) -> None:
+    samples = [
+        Sample(id="five", image=png(), turns=[Turn("Q?", candidates=tuple("abcde"))]),
+        Sample(id="both", image=png(), turns=[Turn("Q?", "A."), Turn("R?", "A.", ("B.",))]),
+        Sample(id="blank", image=png(), turns=[Turn("Q?", candidates=("B.", " <image> "))]),
+        Sample(id="four", image=png(), turns=[Turn("Q?", candidates=tuple("abcd"))]),
+    ]
+    five, both, blank, four = client.score(samples)
+    assert four.error is None and len(four.answer_candidates[0].scores) == 4
+    for result, message in [
+        (
+            five,
+            "samples[0].turns[0].answer_candidates: 5 candidates exceeds limits.max_candidates 4",
+        ),
+        (both, "samples[1].turns[1].answer: set together with answer_candidates"),
+        (blank, "samples[2].turns[0].answer_candidates[1]: empty, and the answer head needs"),
+    ]:
+        assert result.error is not None and result.error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert result.error.message.startswith(message), result.error.message
+    # The question head alone needs no answers, but the limit holds.
+    five, blank = client.score([samples[0], samples[2]], heads=["question"])
+    assert five.error is not None and "limits.max_candidates 4" in five.error.message
+    assert blank.error is None and blank.answer_candidates == ()
 
 
 def test_scores_do_not_depend_on_batch_mates_or_concurrency(
@@ -286,6 +345,7 @@ def test_server_info_reports_models_limits_batching(client: CurationClient) -> N
     assert info.limits.max_samples_per_call == 8
     assert info.limits.max_image_pixels == 1_000_000
     assert info.limits.max_streams == 100
+    assert info.limits.max_candidates == 4
     assert info.batching.max_batch_size == 32
     assert info.template_version == "align2llava-reward-v1"
     assert "Score" in info.services

@@ -204,6 +204,21 @@ async def test_per_item_errors(pool: ThreadPoolExecutor) -> None:
     assert (await run(FakeLLM(), pool, call)).results[0].error is None
 
 
+async def test_a_turn_with_candidate_answers_is_refused_alone(pool: ThreadPoolExecutor) -> None:
+    """Align does not pick among candidates (that needs the answer head): the sample fails
+    with a message saying what to do; its batch-mates are aligned."""
+    candidates = Turn("Q?", candidates=("A dog.", "Two dogs."))
+    for parts in (Parts.BOTH, Parts.QUESTIONS):
+        call = AlignCall([sample(0), sample(1, Turn("Q0?", "A."), candidates)], parts=parts)
+        results = (await run(FakeLLM(), pool, call)).results
+        assert results[0].error is None and not results[1].turns
+        assert results[1].error is not None and results[1].error.code is Code.INVALID_ARGUMENT
+        assert results[1].error.message.startswith(
+            "samples[1].turns[1].answer_candidates: 2 candidate answers, and Align rewrites "
+            "one answer per turn: keep the best candidate first"
+        )
+
+
 async def test_a_request_that_fails_its_batch_fails_its_sample_alone(
     pool: ThreadPoolExecutor, continuous: bool
 ) -> None:

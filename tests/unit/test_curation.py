@@ -13,11 +13,23 @@ import pytest
 
 from align2.client.types import Sample, Turn
 from align2.server.config import CurateConfig, LimitsConfig
-from align2.server.core.align_types import AlignCall, AlignOutcome, SampleAlignment
+from align2.server.core.align_types import (
+    AlignCall,
+    AlignedTurn,
+    AlignOutcome,
+    Kept,
+    SampleAlignment,
+)
 from align2.server.core.curation import Curated, CurateOptions, Curator, Decision
 from align2.server.core.lifecycle import Lifecycle, Phase
 from align2.server.core.priority import Priority
-from align2.server.core.scoring import Head, SampleScore, ScoreCall, ScoreOutcome
+from align2.server.core.scoring import (
+    Head,
+    SampleScore,
+    ScoreCall,
+    ScoreOutcome,
+    TurnCandidates,
+)
 from align2.server.errors import (
     Code,
     DeadlineExpired,
@@ -329,3 +341,71 @@ async def test_a_kept_sample_whose_align_call_fails_as_a_whole_stays_kept() -> N
     assert result.decision is Decision.KEPT_ALIGN_FAILED and result.error is None
     assert result.aligned is not None and isinstance(result.aligned.error, Overloaded)
     assert result.scores.question_score == 1.0
+
+
+class CandidateScorer(ScriptedScorer):
+    """The answer head scores each answer by its length, each candidate alone; the sample's
+    result is filled as the real Scorer fills it (best per turn, every candidate kept)."""
+
+    async def score(self, call: ScoreCall) -> ScoreOutcome:
+        [head] = call.heads
+        if head is Head.QUESTION:
+            return await super().score(call)
+        [sample] = call.samples
+        result = SampleScore(id=sample.id)
+        for turn in sample.turns:
+            scores = [float(len(a)) for a in turn.answers]
+            candidates = TurnCandidates(scores, [False] * len(scores))
+            result.candidates.append(candidates)
+            result.answer_scores.append(scores[candidates.best])
+            result.answer_truncated.append(False)
+        if not sample.has_candidates:
+            result.candidates = []
+        return ScoreOutcome([result], None, None, "t", 0.0, 0.0)
+
+
+class RecordingAligner(FailingAligner):
+    """Keeps every turn as it came (reason "unchanged") and records the samples it got."""
+
+    def __init__(self) -> None:
+        self.samples: list[Sample] = []
+
+    async def align(self, call: AlignCall) -> AlignOutcome:
+        [sample] = call.samples
+        self.samples.append(sample)
+        turns = [AlignedTurn(t, t, Kept.ORIGINAL, "unchanged") for t in sample.turns]
+        result = SampleAlignment(id=sample.id, turns=turns)
+        return AlignOutcome([result], None, "t", "h", 0, 0, 0.0, 0.0)  # type: ignore[arg-type]
+
+
+async def test_candidates_rank_by_their_best_and_the_kept_sample_is_the_best() -> None:
+    """Best-of-n: a turn counts with its best candidate (here "yyyy", 4.0, not the mean
+    2.33 of all three) in the selection, and a kept sample is aligned with that candidate
+    as its answer."""
+    scorer = CandidateScorer({"s0": 1.0, "s1": 1.0, "s2": 1.0}, {})
+    lifecycle = Lifecycle()
+    lifecycle.phase = Phase.SERVING
+    aligner = RecordingAligner()
+    limits = LimitsConfig(max_stream_inflight=1)  # decisions in input order
+    curate = Curator(scorer, aligner, CurateConfig(), limits, lifecycle)  # type: ignore[arg-type]
+    options = CurateOptions(
+        question_keep_fraction=1.0, answer_keep_fraction=0.5, align=AlignCall(samples=())
+    )
+    best_of_three = Turn("q?", candidates=("x", "yyyy", "zz"))
+    items = [
+        options,
+        Sample(id="s0", image=b"", task="t", turns=[best_of_three, Turn("r?", "bb")]),  # 3.0
+        Sample(id="s1", image=b"", task="t", turns=[Turn("q?", "ccc")]),  # 3.0: kept, tie
+        Sample(id="s2", image=b"", task="t", turns=[Turn("q?", "dd")]),  # 2.0: dropped
+    ]
+    results = await collect(curate.stream(feed(items), None))
+    assert [r.decision for r in results] == [Decision.KEPT, Decision.KEPT, Decision.DROPPED_ANSWER]
+    # The 2nd highest of 3.0, 3.0, 2.0; with the mean of all candidates it would be 2.17.
+    assert results[2].answer_threshold == 3.0
+    first = results[0]
+    assert first.scores.answer_scores == [4.0, 2.0] and first.scores.answer_score == 3.0
+    assert [c.scores for c in first.scores.candidates] == [[1.0, 4.0, 2.0], [2.0]]
+    assert first.scores.best_candidates == [1, 0]
+    assert results[1].scores.candidates == []  # a sample without candidates: none reported
+    assert aligner.samples[0].turns == [Turn("q?", "yyyy"), Turn("r?", "bb")]
+    assert first.aligned is not None and first.aligned.turns[0].original == Turn("q?", "yyyy")

@@ -21,7 +21,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from align2.client.llava import iter_llava, read_llava, write_llava
-from align2.client.types import ImageMarker, Sample, Turn
+from align2.client.types import ImageMarker, Sample, Turn, choose_candidates
 
 if TYPE_CHECKING:
     from align2.client.aio import AsyncCurationClient
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         AlignReply,
         AlignResult,
         CallInfo,
+        CandidateScores,
         CurateResult,
         ItemError,
         ModelRef,
@@ -42,17 +43,20 @@ if TYPE_CHECKING:
         Timing,
         TokenCounts,
     )
+    from align2.client.resume import ResumePolicy
     from align2.client.sync import CurationClient
 
 _LAZY = {
     "CurationClient": "align2.client.sync",
     "AsyncCurationClient": "align2.client.aio",
     "RetryPolicy": "align2.client.channel",
+    "ResumePolicy": "align2.client.resume",
     "AlignCallInfo": "align2.client.results",
     "AlignedTurn": "align2.client.results",
     "AlignReply": "align2.client.results",
     "AlignResult": "align2.client.results",
     "CallInfo": "align2.client.results",
+    "CandidateScores": "align2.client.results",
     "CurateResult": "align2.client.results",
     "ItemError": "align2.client.results",
     "ModelRef": "align2.client.results",
@@ -71,12 +75,14 @@ __all__ = [
     "AlignedTurn",
     "AsyncCurationClient",
     "CallInfo",
+    "CandidateScores",
     "CurateResult",
     "CurationClient",
     "ImageMarker",
     "ItemError",
     "ModelRef",
     "ProtocolError",
+    "ResumePolicy",
     "RetryPolicy",
     "Sample",
     "ScoreReply",
@@ -85,6 +91,7 @@ __all__ = [
     "Timing",
     "TokenCounts",
     "Turn",
+    "choose_candidates",
     "iter_llava",
     "read_llava",
     "write_llava",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import (
     AsyncIterable,
-    AsyncIterator,
     Awaitable,
     Callable,
     Iterable,
@@ -21,20 +20,19 @@ from collections.abc import (
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-import grpc
-
+from align2.client.aio_curate import AsyncCurateCall
 from align2.client.base import ClientBase
 from align2.client.calls import DEFAULT_HEADS, AlignCall, ChunkedCall, ScoreCall
 from align2.client.channel import ClientArgs
 from align2.client.curate import AsyncCurateResults, CurateStream
-from align2.client.health import health_request, health_status
+from align2.client.health import SERVICE, health_request, health_status
 from align2.client.results import (
     AlignReply,
     AlignResult,
-    CurateResult,
     ScoreReply,
     ScoreResult,
 )
+from align2.client.resume import ResumePolicy
 from align2.client.types import Sample
 from align2.v1 import curation_pb2 as pb
 
@@ -62,7 +60,7 @@ class AsyncCurationClient(ClientBase):
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         **options: Unpack[ClientArgs],
@@ -173,11 +171,12 @@ class AsyncCurationClient(ClientBase):
         min_window: int | None = None,
         question_seed_scores: Mapping[str, Sequence[float]] | None = None,
         answer_seed_scores: Mapping[str, Sequence[float]] | None = None,
+        resume: bool | ResumePolicy = True,
         **align_settings: Any,
     ) -> AsyncCurateResults:
         """The asyncio twin of :meth:`CurationClient.curate` (``async for result in
-        client.curate(samples)``); ``samples`` may be an async iterable. Images are read in a
-        worker thread."""
+        client.curate(samples)``), resumed the same way; ``samples`` may be an async
+        iterable. Images are read in a worker thread."""
         stream = CurateStream.plan(
             question_keep_fraction=question_keep_fraction,
             answer_keep_fraction=answer_keep_fraction,
@@ -189,9 +188,11 @@ class AsyncCurationClient(ClientBase):
             min_window=min_window,
             question_seed_scores=question_seed_scores,
             answer_seed_scores=answer_seed_scores,
+            resume=resume,
             **align_settings,
         )
-        curate = _CurateCall(self._rpc(self._stub.Curate, None, timeout), stream)
+        deadline = self._options.timeout if timeout is None else timeout
+        curate = AsyncCurateCall(self._curate_rpc, self._check_health, stream, deadline)
         return AsyncCurateResults(stream, curate.results(samples), curate.cancel)
 
     async def server_info(
@@ -227,6 +228,21 @@ class AsyncCurationClient(ClientBase):
     ) -> None:
         await self.close()
 
+    def _check_health(self, timeout: float) -> Any:
+        """A health check of the Curate service that waits for a connection (gRPC's
+        reconnection, with its backoff), at most ``timeout`` seconds: an awaitable call."""
+        return self._health.Check(
+            health_request(SERVICE),
+            timeout=timeout,
+            wait_for_ready=True,
+            metadata=self._options.metadata,
+        )
+
+    def _curate_rpc(self, timeout: float | None) -> Any:
+        """A new Curate stream (a ``grpc.aio`` stream-stream call). ``timeout``: seconds left
+        of the call's deadline (None: none)."""
+        return self._stub.Curate(timeout=timeout, metadata=self._options.metadata)
+
     async def _send(
         self,
         call: ChunkedCall[Any, Any, ReplyT],
@@ -244,100 +260,6 @@ class AsyncCurationClient(ClientBase):
             return call.decode(chunk, response)
 
         return call.reply(await gather_bounded(len(call.chunks), send, self._max_concurrency))
-
-
-class _CurateCall:
-    """One Curate stream on ``grpc.aio``: a writer task sends the options and then each
-    sample as the caller's iterable produces it (images read in a worker thread), while the
-    caller iterates the decisions. :meth:`cancel` ends both; iterating then raises CANCELLED
-    as ``grpc.RpcError``, as the sync client does."""
-
-    def __init__(self, call: Any, stream: CurateStream) -> None:
-        self._call = call
-        self._stream = stream
-        self._cancelled = False  # by cancel(), not by our caller's task being cancelled
-
-    def cancel(self) -> None:
-        self._cancelled = True
-        self._call.cancel()
-
-    async def results(
-        self, samples: Iterable[Sample] | AsyncIterable[Sample]
-    ) -> AsyncIterator[CurateResult]:
-        """The decisions as they arrive, each after the local failures queued before it; the
-        producer's error, if any, after the last decision."""
-        writer = asyncio.ensure_future(self._write(samples))
-        try:
-            async for response in self._call:
-                for result in self._stream.answer(response):
-                    yield result
-            await writer
-            for result in self._stream.finish():
-                yield result
-        except asyncio.CancelledError:
-            if not self._cancelled or _task_cancelling():
-                raise  # our caller is being cancelled: let it
-            # grpc.aio reports a local cancel() as CancelledError; callers get what the sync
-            # client raises
-            raise _cancelled_error() from None
-        except grpc.RpcError:
-            for result in self._stream.local_results():
-                yield result  # they failed here, before the stream did
-            raise
-        finally:
-            writer.cancel()
-            self._call.cancel()
-        if self._stream.producer_error is not None:  # after every accepted sample's decision
-            raise self._stream.producer_error
-
-    async def _write(self, samples: Iterable[Sample] | AsyncIterable[Sample]) -> None:
-        await self._call.write(pb.CurateRequest(options=self._stream.options))
-        async for request in _requests(self._stream, samples):
-            await self._call.write(request)
-        await self._call.done_writing()
-
-
-async def _requests(
-    stream: CurateStream, samples: Iterable[Sample] | AsyncIterable[Sample]
-) -> AsyncIterator[pb.CurateRequest]:
-    """The asyncio twin of :meth:`CurateStream.requests` without the options: when the
-    producer raises, the requests end normally (the accepted samples are still answered) and
-    the error is kept in ``stream.producer_error``."""
-    produced = _aiter(samples)
-    while True:
-        try:
-            sample = await anext(produced)
-            request = await asyncio.to_thread(stream.encode, sample)
-        except StopAsyncIteration:
-            return
-        except Exception as error:  # the producer's
-            stream.producer_error = error
-            return
-        if request is not None:
-            yield request
-
-
-def _task_cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-def _cancelled_error() -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(
-        grpc.StatusCode.CANCELLED,
-        grpc.aio.Metadata(),
-        grpc.aio.Metadata(),
-        details="cancelled by the client",
-    )
-
-
-async def _aiter(samples: Iterable[Sample] | AsyncIterable[Sample]) -> AsyncIterator[Sample]:
-    if isinstance(samples, AsyncIterable):
-        async for sample in samples:
-            yield sample
-    else:
-        for sample in samples:
-            yield sample
 
 
 async def gather_bounded(count: int, run: Callable[[int], Awaitable[T]], limit: int) -> list[T]:

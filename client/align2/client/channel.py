@@ -1,4 +1,5 @@
-"""How the client connects: channel options, retries, TLS and the bearer token.
+"""How the client connects: channel options, retries, load balancing, TLS and the bearer
+token.
 
 Retries are gRPC's own (a service-config ``retryPolicy``), not a loop of ours: gRPC only
 replays an attempt the server has not answered, honours the call's deadline across attempts
@@ -19,9 +20,10 @@ from typing import Any, TypedDict
 
 import grpc
 
+from align2.client.balancing import balancing_config, lb_policy
 from align2.client.calls import DEFAULT_CHUNK_SIZE
+from align2.client.health import SERVICE
 
-SERVICE = "align2.v1.CurationService"
 # Unary RPCs only: a replayed Curate stream could be decided twice. Score and GetServerInfo
 # have no side effects; Align regenerates, which is what a caller retrying would get too.
 RETRIED_METHODS = ("Score", "Align", "GetServerInfo")
@@ -32,6 +34,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # during long calls earn a GOAWAY "too_many_pings" from servers with default settings.
 KEEPALIVE_TIME_MS = 300_000
 KEEPALIVE_TIMEOUT_MS = 20_000
+# gRPC's reconnection backoff grows 1.6-fold per failed try, up to 120 s by default: the
+# longer a server is down, the longer a client may wait after it is back (a curate stream
+# resumed 10.3 s after a 16 s restart). At most 10 s between tries here.
+MAX_RECONNECT_BACKOFF_MS = 10_000
 # gRPC core can leave a call hanging when a retry timer of about a millisecond races the
 # failed attempt's completion (grpc/grpc#41036, seen with grpcio 1.85): keep backoffs above it.
 MIN_BACKOFF_SECONDS = 0.01
@@ -85,6 +91,11 @@ class RetryPolicy:
 
     def service_config(self) -> str:
         """The ``grpc.service_config`` JSON applying this policy to :data:`RETRIED_METHODS`."""
+        return json.dumps(self.method_config())
+
+    def method_config(self) -> dict[str, Any]:
+        """This policy's part of the service config: its ``methodConfig`` entry and, unless
+        ``throttle_max_tokens`` is 0, ``retryThrottling``."""
         policy = {
             "maxAttempts": self.max_attempts,
             "initialBackoff": _duration(self.initial_backoff_seconds),
@@ -99,7 +110,7 @@ class RetryPolicy:
                 "maxTokens": self.throttle_max_tokens,
                 "tokenRatio": round(self.throttle_token_ratio, 3),
             }
-        return json.dumps(config)
+        return config
 
 
 @dataclass(frozen=True)
@@ -110,7 +121,9 @@ class ClientOptions:
     opened."""
 
     target: str
-    """``host:port`` (any gRPC target string)."""
+    """``host:port``, any gRPC target string (``dns:///NAME:PORT``: every address of the name;
+    ``ipv4:IP:PORT,IP:PORT``: these replicas). The clients also take a list of ``IP:PORT``
+    or one string of them separated by commas (:func:`.balancing.target_string`)."""
     timeout: float | None = None
     """Default deadline of each RPC in seconds (None: no deadline); a call's ``timeout``
     argument overrides it. Retries happen within the deadline."""
@@ -133,6 +146,16 @@ class ClientOptions:
     :class:`RetryPolicy` defaults; False: no retry)."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Send and receive limit of the channel."""
+    load_balancing: str | None = None
+    """gRPC's load-balancing policy: "round_robin" (each call to the next ready replica of all
+    the target resolves to) or "pick_first" (every call to one address). None: round_robin
+    when the target names several replicas (a ``dns:`` name or an address list), else gRPC's
+    default, pick_first."""
+    health_check: bool = True
+    """With round_robin: gRPC's client-side health checking; a replica whose
+    ``align2.v1.CurationService`` is not SERVING gets no calls until it is again. It needs the
+    server's health service open without a token (the server's default): gRPC's health watch
+    carries no call metadata."""
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -140,6 +163,12 @@ class ClientOptions:
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError(f"timeout: {self.timeout} is not positive")
         _wants_tls(self.root_certificates, self.private_key, self.certificate_chain, self.tls)
+        lb_policy(self.target, self.load_balancing)
+
+    @property
+    def policy(self) -> str | None:
+        """The load-balancing policy the channel uses (None: gRPC's default, pick_first)."""
+        return lb_policy(self.target, self.load_balancing)
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -161,6 +190,8 @@ class ClientArgs(TypedDict, total=False):
     options: ChannelOptions | None
     retry: bool | RetryPolicy
     max_message_bytes: int
+    load_balancing: str | None
+    health_check: bool
 
 
 def open_channel(options: ClientOptions, *, aio: bool = False) -> Any:
@@ -168,7 +199,11 @@ def open_channel(options: ClientOptions, *, aio: bool = False) -> Any:
     inside the event loop that will use it). Reads the PEM files."""
     transport = grpc.aio if aio else grpc
     arguments = channel_options(
-        options.options, retry=options.retry, max_message_bytes=options.max_message_bytes
+        options.options,
+        retry=options.retry,
+        max_message_bytes=options.max_message_bytes,
+        load_balancing=options.policy,
+        health_check=options.health_check,
     )
     credentials = channel_credentials(
         options.root_certificates, options.private_key, options.certificate_chain, options.tls
@@ -183,18 +218,25 @@ def channel_options(
     *,
     retry: bool | RetryPolicy = True,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    load_balancing: str | None = None,
+    health_check: bool = True,
 ) -> tuple[tuple[str, Any], ...]:
-    """Our defaults, then ``overrides`` (raw gRPC channel arguments) on top, by key."""
+    """Our defaults, then ``overrides`` (raw gRPC channel arguments) on top, by key. The
+    retry policy and the load balancing (a policy name, None: gRPC's default) go in one
+    ``grpc.service_config``; an override of that key replaces both."""
     merged: dict[str, Any] = {
         "grpc.max_send_message_length": max_message_bytes,
         "grpc.max_receive_message_length": max_message_bytes,
         "grpc.keepalive_time_ms": KEEPALIVE_TIME_MS,
         "grpc.keepalive_timeout_ms": KEEPALIVE_TIMEOUT_MS,
+        "grpc.max_reconnect_backoff_ms": MAX_RECONNECT_BACKOFF_MS,
         "grpc.enable_retries": 1 if retry else 0,
     }
+    config = balancing_config(load_balancing, health_check=health_check)
     if retry:
-        policy = retry if isinstance(retry, RetryPolicy) else RetryPolicy()
-        merged["grpc.service_config"] = policy.service_config()
+        config.update((retry if isinstance(retry, RetryPolicy) else RetryPolicy()).method_config())
+    if config:
+        merged["grpc.service_config"] = json.dumps(config)
     merged.update(dict(overrides or {}))
     return tuple(merged.items())
 

@@ -27,6 +27,7 @@ import grpc
 from google.protobuf import json_format
 
 from align2.client.aio import DEFAULT_MAX_CONCURRENCY
+from align2.client.balancing import POLICIES
 from align2.client.calibration import Calibration
 from align2.client.calls import (
     DEFAULT_CHUNK_SIZE,
@@ -133,15 +134,49 @@ def build_parser() -> argparse.ArgumentParser:
 def _connection_arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("connection")
-    group.add_argument("--target", default=DEFAULT_TARGET, help="server host:port (%(default)s)")
+    group.add_argument(
+        "--target",
+        action=_TargetAction,
+        default=DEFAULT_TARGET,
+        help="server host:port or gRPC target, e.g. dns:///NAME:PORT for every address of a "
+        "name (%(default)s); repeat it, or separate IP:PORT with commas, for several "
+        "replicas (their calls are balanced round_robin)",
+    )
+    group.add_argument(
+        "--load-balancing",
+        choices=POLICIES,
+        default=None,
+        help="gRPC's policy (default: round_robin for several replicas, else pick_first)",
+    )
     group.add_argument("--timeout", type=float, default=None, help="deadline per RPC, seconds")
     group.add_argument("--token", default=None, help=f"bearer token (default: ${TOKEN_ENV} if set)")
     group.add_argument("--tls", action="store_true", help="TLS with the system roots")
     group.add_argument("--root-cert", default=None, help="PEM file of the roots to trust")
     group.add_argument("--client-cert", default=None, help="PEM certificate chain (mTLS)")
     group.add_argument("--client-key", default=None, help="PEM private key (mTLS)")
-    group.add_argument("--no-retry", action="store_true", help="don't retry UNAVAILABLE etc.")
+    group.add_argument(
+        "--no-retry",
+        action="store_true",
+        help="don't retry UNAVAILABLE etc., nor resume a Curate stream after a failure",
+    )
     return parser
+
+
+class _TargetAction(argparse.Action):
+    """``--target`` given again adds a replica: the targets are joined with commas (the
+    clients turn such a list into gRPC's ipv4:/ipv6: target)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        given = getattr(namespace, "_targets", [])
+        given.append(str(values))
+        namespace._targets = given
+        setattr(namespace, self.dest, ",".join(given))
 
 
 def _score_arguments(parser: argparse.ArgumentParser) -> None:
@@ -327,6 +362,7 @@ def _client_options(namespace: argparse.Namespace) -> dict[str, Any]:
         "certificate_chain": namespace.client_cert,
         "tls": True if namespace.tls else None,
         "retry": not namespace.no_retry,
+        "load_balancing": namespace.load_balancing,
     }
 
 
@@ -338,8 +374,10 @@ def run_info(namespace: argparse.Namespace) -> int:
 
 
 def run_health(namespace: argparse.Namespace) -> int:
-    """Print the status; exit 0 when SERVING, 1 otherwise (a Docker HEALTHCHECK)."""
-    with client_from_arguments(namespace) as client:
+    """Print the status; exit 0 when SERVING, 1 otherwise (a Docker HEALTHCHECK). Without
+    client-side health checking, which would hide a replica that is not SERVING."""
+    options = {**_client_options(namespace), "health_check": False}
+    with CurationClient(namespace.target, **options) as client:
         status = client.health(namespace.service)
     print(status)
     return 0 if status == "SERVING" else 1
@@ -451,6 +489,7 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
             align=namespace.align,
             priority=namespace.priority,
             **_selection_options(namespace),
+            resume=not namespace.no_retry,
             **_rewrite_options(namespace),
         )
         try:

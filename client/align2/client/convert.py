@@ -16,6 +16,7 @@ from align2.client.results import (
     AlignedTurn,
     AlignResult,
     CallInfo,
+    CandidateScores,
     CurateResult,
     ItemError,
     ModelRef,
@@ -25,7 +26,7 @@ from align2.client.results import (
     Timing,
     TokenCounts,
 )
-from align2.client.types import ImageMarker, Sample, Turn
+from align2.client.types import ImageMarker, Sample, Turn, choose_candidates
 from align2.v1 import curation_pb2 as pb
 
 _MARKER_TO_PROTO: dict[ImageMarker, pb.ImageMarker.ValueType] = {
@@ -63,7 +64,7 @@ def sample_to_proto(sample: Sample) -> pb.Sample:
 
 
 def turn_to_proto(turn: Turn) -> pb.Turn:
-    return pb.Turn(question=turn.question, answer=turn.answer)
+    return pb.Turn(question=turn.question, answer=turn.answer, answer_candidates=turn.candidates)
 
 
 def sample_from_proto(message: pb.Sample) -> Sample:
@@ -97,6 +98,20 @@ def score_result_from_proto(message: pb.ScoreResult) -> ScoreResult:
         answer_score=message.answer_score if message.HasField("answer_score") else None,
         question_truncated=message.question_truncated,
         answer_truncated=tuple(message.answer_truncated),
+        answer_candidates=tuple(
+            candidate_scores_from_proto(c, message.id) for c in message.answer_candidates
+        ),
+    )
+
+
+def candidate_scores_from_proto(message: pb.CandidateScores, sample_id: str) -> CandidateScores:
+    """ProtocolError when ``best`` is not one of the candidates."""
+    if message.best >= len(message.scores):
+        raise ProtocolError(
+            f"sample {sample_id!r}: best candidate {message.best} of {len(message.scores)}"
+        )
+    return CandidateScores(
+        scores=tuple(message.scores), best=message.best, truncated=tuple(message.truncated)
     )
 
 
@@ -133,7 +148,11 @@ _KEPT_NAMES: dict[int, str] = {pb.KEPT_ORIGINAL: "original", pb.KEPT_REWRITE: "r
 
 
 def turn_from_proto(message: pb.Turn) -> Turn:
-    return Turn(question=message.question, answer=message.answer)
+    return Turn(
+        question=message.question,
+        answer=message.answer,
+        candidates=tuple(message.answer_candidates),
+    )
 
 
 def aligned_turn_from_proto(message: pb.AlignedTurn) -> AlignedTurn:
@@ -192,7 +211,9 @@ def curate_result_from_proto(message: pb.CurateResponse, original: Sample) -> Cu
     """The decision on ``original`` (the sample as the caller gave it, matched by the
     response's sequence number). An unknown decision (a newer server) or
     an error reads as "error": never keep what the server did not say it kept. A kept
-    sample whose alignment failed is kept as the original (``aligned.error`` says why)."""
+    sample whose alignment failed is kept as the original (``aligned.error`` says why). A
+    kept sample with candidate answers is kept with each turn's best candidate (as the
+    server aligned it)."""
     error = item_error_from_proto(message.error) if message.HasField("error") else None
     decision = _DECISION_NAMES.get(message.decision, "error")
     if decision != "error" and error is not None:
@@ -204,13 +225,19 @@ def curate_result_from_proto(message: pb.CurateResponse, original: Sample) -> Cu
         aligned = dataclasses.replace(
             align_result_from_proto(message.aligned, original), id=original.id
         )
+    scores = dataclasses.replace(score_result_from_proto(message.scores), id=original.id)
     kept = None
     if decision == "kept":
-        kept = aligned.sample if aligned is not None and aligned.ok else original
+        if aligned is not None and aligned.sample is not None:
+            kept = aligned.sample  # one answer per turn: the server aligned the best
+        else:
+            kept = original
+            if original.has_candidates:
+                kept = choose_candidates(original, _best(scores, original))
     return CurateResult(
         id=original.id,
         decision=decision,
-        scores=dataclasses.replace(score_result_from_proto(message.scores), id=original.id),
+        scores=scores,
         question_threshold=(
             message.question_threshold if message.HasField("question_threshold") else None
         ),
@@ -222,3 +249,17 @@ def curate_result_from_proto(message: pb.CurateResponse, original: Sample) -> Cu
         answer_window_size=message.answer_window_size,
         warm_up=message.warm_up,
     )
+
+
+def _best(scores: ScoreResult, sample: Sample) -> tuple[int, ...]:
+    """The best candidate of each turn of a kept ``sample``; ProtocolError when the scores
+    do not say, one per turn and within the turn's candidates."""
+    best, turns = scores.best_candidates, sample.turns
+    if len(best) != len(turns) or any(
+        b >= len(t.answers) for b, t in zip(best, turns, strict=True)
+    ):
+        raise ProtocolError(
+            f"sample {sample.id!r}: kept with candidate answers, and best candidates "
+            f"{list(best)} do not fit its {len(turns)} turns"
+        )
+    return best

@@ -5,6 +5,13 @@ per sample; every sample sent is remembered until its decision arrives, so that 
 carries the sample as the caller gave it (to rebuild the kept or restyled sample), and so
 that a stream that ends with samples unanswered is a :class:`ProtocolError`, never a silent
 loss. A sample whose image cannot be read is not sent: it becomes an "error" result here.
+
+A call may run on several gRPC streams in turn: when one fails with a retryable status
+(:mod:`align2.client.resume`), :meth:`CurateStream.restart` starts the next, which sends
+first the samples still without a decision, in their order, then the rest of the caller's
+samples. Sequence numbers are per stream (the server numbers each stream's samples from 0),
+so each stream has its own table of samples by sequence number: a decision always goes to
+the sample that its own stream was sent. The caller sees one decision per sample.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import collections
 import itertools
 import math
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +28,12 @@ from typing import Any
 from align2.client.calls import align_options, encode_chunk, parse_priority
 from align2.client.convert import curate_result_from_proto
 from align2.client.results import CurateResult, ProtocolError, ScoreResult
+from align2.client.resume import Outage, ResumePolicy, resume_policy
 from align2.client.types import Sample
 from align2.v1 import curation_pb2 as pb
+
+LOST_STATUS = "Internal error from Core"
+"""The details of the status grpcio's asyncio client makes up for a failed write."""
 
 
 def _fraction(key: str, value: float | None) -> float | None:
@@ -69,18 +81,37 @@ def selection_options(
     return options
 
 
+@dataclass(frozen=True)
+class Sent:
+    """A sample as given and as encoded (a resent sample is not read or encoded again)."""
+
+    sample: Sample
+    message: pb.Sample
+
+
 @dataclass
 class CurateStream:
-    """One stream's state. Each decision is matched back to its sample by the ``sequence``
-    the server echoes (the sample's position among the stream's samples, from 0), never by
-    id: decisions come out of order, and generated data often repeats ids."""
+    """One ``curate`` call's state. Each decision is matched back to its sample by the
+    ``sequence`` the server echoes (the sample's position among its stream's samples, from
+    0), never by id: decisions come out of order, and generated data often repeats ids.
+
+    Thread-safe: the sync client's requests are drawn by gRPC's own thread while the
+    caller's thread reads the decisions."""
 
     options: pb.CurateOptions
-    _outstanding: dict[int, Sample] = field(default_factory=dict)  # by sequence number
+    resume: ResumePolicy | None = None
+    producer_error: Exception | None = None  # what the caller's sample iterator raised
+    exhausted: bool = False  # the caller's samples are all drawn (or their iterator raised)
+    cancelled: bool = False  # the caller cancelled: no stream is opened again
+    streams: int = 1  # gRPC streams opened so far (1 + resumes)
+    _outstanding: dict[int, Sent] = field(default_factory=dict)  # this stream's, by sequence
+    _resend: collections.deque[Sent] = field(default_factory=collections.deque)
     _local: collections.deque[CurateResult] = field(default_factory=collections.deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _draw: threading.Lock = field(default_factory=threading.Lock)  # one draw at a time
     _numbers: Iterator[int] = field(default_factory=itertools.count)
-    producer_error: Exception | None = None  # what the caller's sample iterator raised
+    _outage: Outage | None = None
+    _decided: int = 0  # decisions on the current stream
 
     @classmethod
     def plan(
@@ -96,11 +127,13 @@ class CurateStream:
         min_window: int | None = None,
         question_seed_scores: Mapping[str, Sequence[float]] | None = None,
         answer_seed_scores: Mapping[str, Sequence[float]] | None = None,
+        resume: bool | ResumePolicy = False,
         **align_settings: Any,
     ) -> CurateStream:
         """Validate everything before any I/O. None leaves a setting to the server;
         the selection settings as :func:`selection_options`; ``align_settings`` as
-        :func:`align2.client.calls.align_options` (used when ``align``)."""
+        :func:`align2.client.calls.align_options` (used when ``align``); ``resume`` as
+        :func:`align2.client.resume.resume_policy`."""
         options = selection_options(
             selection_key=selection_key,
             question_thresholds=question_thresholds,
@@ -120,25 +153,60 @@ class CurateStream:
         )
         if not align:
             options.ClearField("align_options")
-        return cls(options)
+        return cls(options, resume_policy(resume))
 
+    # -- sending ------------------------------------------------------------------------
     def requests(self, samples: Iterable[Sample]) -> Iterator[pb.CurateRequest]:
-        """The stream's messages: the options, then each sample that could be encoded.
+        """The current stream's messages: the options, then the samples to send again, then
+        each sample of ``samples`` that could be encoded (pass the same iterator to every
+        stream of a call). They end when the stream is no longer the current one.
 
-        When ``samples`` raises, the stream ends normally here (so the server still answers
+        When ``samples`` raises, the requests end normally here (so the server still answers
         what it accepted) and the error is kept in :attr:`producer_error` for the caller."""
-        yield pb.CurateRequest(options=self.options)
-        try:
-            for sample in samples:
-                request = self.encode(sample)
-                if request is not None:
-                    yield request
-        except Exception as error:
-            self.producer_error = error
+        number = self.streams
+        produced = iter(samples)
 
-    def encode(self, sample: Sample) -> pb.CurateRequest | None:
-        """The request for ``sample`` (reads a lazy image now), or None when its image can't
-        be read (its error result is then queued for :meth:`local_results`)."""
+        def generate() -> Iterator[pb.CurateRequest]:
+            yield pb.CurateRequest(options=self.options)
+            while (request := self._next_request(number, produced)) is not None:
+                yield request
+
+        return generate()
+
+    def _next_request(self, number: int, produced: Iterator[Sample]) -> pb.CurateRequest | None:
+        # What is to be sent again goes at once, even while a retired stream's thread still
+        # waits for the caller's next sample (one draw at a time, whichever stream's).
+        queued = self.queued(number)
+        if queued is not None:
+            return queued
+        with self._draw:
+            while True:
+                queued = self.queued(number)
+                if queued is not None or self.exhausted or number != self.streams:
+                    return queued
+                try:
+                    sample = next(produced)
+                    sent = self.prepare(sample)
+                except StopIteration:
+                    self.exhausted = True
+                    return None
+                except Exception as error:
+                    self.producer_error, self.exhausted = error, True
+                    return None
+                if sent is not None:
+                    return self.send(number, sent)
+
+    def queued(self, number: int) -> pb.CurateRequest | None:
+        """The next sample to send again on stream ``number``, if any (None also when that
+        stream is no longer the current one)."""
+        with self._lock:
+            if number != self.streams or not self._resend:
+                return None
+            return self._register(self._resend.popleft())
+
+    def prepare(self, sample: Sample) -> Sent | None:
+        """``sample`` encoded (a lazy image is read now), or None when its image can't be
+        read (its error result is then queued for :meth:`local_results`)."""
         encoded = encode_chunk([sample])  # the unary calls' encoding and local-error rule
         [error] = encoded.local_errors
         if error is not None:
@@ -147,21 +215,36 @@ class CurateStream:
                 self._local.append(result)
             return None
         [message] = encoded.sent
-        with self._lock:
-            self._outstanding[next(self._numbers)] = sample
-        return pb.CurateRequest(sample=message)
+        return Sent(sample, message)
 
-    def decode(self, response: pb.CurateResponse) -> CurateResult:
-        """The result for one response; ProtocolError for a sequence number with nothing
-        outstanding."""
+    def send(self, number: int, sent: Sent) -> pb.CurateRequest | None:
+        """The request for ``sent`` on stream ``number``, remembered under its sequence
+        number; None when that stream is no longer current (``sent`` then waits for the
+        next stream)."""
         with self._lock:
-            original = self._outstanding.pop(response.sequence, None)
-        if original is None:
+            if number != self.streams:
+                self._resend.append(sent)
+                return None
+            return self._register(sent)
+
+    def _register(self, sent: Sent) -> pb.CurateRequest:
+        self._outstanding[next(self._numbers)] = sent
+        return pb.CurateRequest(sample=sent.message)
+
+    # -- receiving ----------------------------------------------------------------------
+    def decode(self, response: pb.CurateResponse) -> CurateResult:
+        """The result for one response of the current stream; ProtocolError for a sequence
+        number with nothing outstanding. A decision ends an outage."""
+        with self._lock:
+            sent = self._outstanding.pop(response.sequence, None)
+            self._outage = None
+            self._decided += 1
+        if sent is None:
             raise ProtocolError(
                 f"a result for sequence {response.sequence} (id {response.id!r}), which is "
                 "not outstanding"
             )
-        return curate_result_from_proto(response, original)
+        return curate_result_from_proto(response, sent.sample)
 
     def answer(self, response: pb.CurateResponse) -> Iterator[CurateResult]:
         """The local failures queued since the last call, then the decision of ``response``
@@ -189,10 +272,48 @@ class CurateStream:
 
     @property
     def unanswered(self) -> list[str]:
-        """Ids sent and not yet answered: after a stream fails as a whole, the samples to
-        send again (the server answers every sample it accepted before it fails a stream)."""
+        """Ids sent and not yet answered, in the order sent: after the call fails, the
+        samples to send again (the server answers every sample it accepted before it fails
+        a stream; samples lost with a broken connection are listed too)."""
         with self._lock:
-            return [sample.id for sample in self._outstanding.values()]
+            pending = [self._outstanding[n] for n in sorted(self._outstanding)]
+            return [sent.sample.id for sent in (*pending, *self._resend)]
+
+    # -- resuming -----------------------------------------------------------------------
+    def next_try(self, code: str, details: str = "") -> tuple[float, float] | None:
+        """After the current stream failed with status ``code`` (a name, e.g.
+        "UNAVAILABLE") and ``details``: (seconds to back off, then the longest wait for the
+        server) before opening the next stream, or None when the call fails instead (no
+        resume policy, another code, the outage spent, the caller cancelled)."""
+        policy = self.resume
+        if policy is None or self.cancelled:
+            return None
+        if code not in policy.codes and not self._lost_status(code, details):
+            return None
+        now = time.monotonic()
+        with self._lock:
+            if self._outage is None:
+                self._outage = Outage(policy, now)
+            return self._outage.next_try(now)
+
+    def _lost_status(self, code: str, details: str) -> bool:
+        """grpcio's asyncio client reports a stream that ended while a write was on its way
+        as INTERNAL "Internal error from Core", whatever the real status was (a broken
+        connection, or the server's own; grpc/grpc#36066, grpcio 1.85). Resumed only when
+        the stream had decisions: a server that refuses a stream (bad options, Curate
+        disabled) does so before any, and must not be asked again and again."""
+        return code == "INTERNAL" and details == LOST_STATUS and self._decided > 0
+
+    def restart(self) -> None:
+        """Make the next stream current: what the last one left unanswered goes first, in
+        its order, before any sample not sent yet; sequence numbers start again at 0."""
+        with self._lock:
+            pending = [self._outstanding[n] for n in sorted(self._outstanding)]
+            self._resend.extendleft(reversed(pending))
+            self._outstanding.clear()
+            self._numbers = itertools.count()
+            self._decided = 0
+            self.streams += 1
 
 
 class CurateResults(Iterator[CurateResult]):
@@ -212,6 +333,11 @@ class CurateResults(Iterator[CurateResult]):
     @property
     def unanswered(self) -> list[str]:
         return self._stream.unanswered
+
+    @property
+    def streams(self) -> int:
+        """gRPC streams opened so far: 1, plus one per resume."""
+        return self._stream.streams
 
     def cancel(self) -> None:
         """End the stream now; samples not yet answered stay in :attr:`unanswered`."""
@@ -233,6 +359,11 @@ class AsyncCurateResults(AsyncIterator[CurateResult]):
 
     async def __anext__(self) -> CurateResult:
         return await self._results.__anext__()
+
+    @property
+    def streams(self) -> int:
+        """gRPC streams opened so far: 1, plus one per resume."""
+        return self._stream.streams
 
     async def aclose(self) -> None:
         """End the stream and its producer task (for a consumer that stops early;

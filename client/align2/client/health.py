@@ -8,6 +8,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SERVICE = "align2.v1.CurationService"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+# While a curate call waits to resume: the longest one health check waits for a connection,
+# and how often a server that says NOT_SERVING (warming up) is asked again.
+HEALTH_CHECK_SECONDS = 5.0
+NOT_SERVING_POLL_SECONDS = 0.25
 
 
 def health_stub(channel: grpc.Channel | grpc.aio.Channel) -> Any:

@@ -4,7 +4,10 @@ A LLaVA record is ``{"id", "image", "conversations": [{"from": "human"|"gpt", "v
 with turns alternating human/gpt and an ``<image>`` marker at the start (``"<image>\\n"``) or
 the end (``"\\n<image>"``) of the first question. Reading removes that marker and records
 where it stood; writing puts it back, so a read -> write round trip gives back equal records.
-Everything else in a record is kept in ``Sample.extra`` and written back verbatim.
+Everything else in a record is kept in ``Sample.extra`` and written back verbatim. A ``gpt``
+value that is a list of strings (the reference's inference data for best-of-n) is the
+turn's candidate answers (``Turn.candidates``) and is written back as that list; a sample
+whose best candidates were chosen (``choose_candidates``) writes each best as the value.
 
 Pure Python (no grpc): data-preparation code can use it without a gRPC stack.
 """
@@ -16,7 +19,7 @@ import json
 import os
 import pathlib
 from collections.abc import Iterable, Iterator
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from align2.client.types import ImageMarker, Sample, Turn
 
@@ -44,9 +47,10 @@ def read_llava(
     present, else the ``task`` argument, else inferred from the file name
     (``complex_reasoning*``, ``conversation*``, ``detail*``), else "".
 
-    Raises ValueError naming the file, the record (index and id) and the key for a malformed
-    record: a ``gpt`` value that is a list of candidate answers, turns that do not alternate
-    human/gpt, a missing id, ...
+    A ``gpt`` value that is a list of strings is the turn's candidate answers
+    (``Turn.candidates``; ``answer`` is then empty). Raises ValueError naming the file, the
+    record (index and id) and the key for a malformed record: turns that do not alternate
+    human/gpt, a missing id, an empty list of candidates or one that is not all strings, ...
     """
     return list(iter_llava(path, image_folder=image_folder, task=task))
 
@@ -166,13 +170,19 @@ def _turns(conversations: Any, where: tuple[int, str]) -> tuple[list[Turn], Imag
         problem = f"{len(conversations)} messages; expected human/gpt pairs"
         raise _malformed(*where, "conversations", problem)
     values = [_message_value(m, i, where) for i, m in enumerate(conversations)]
-    first_question, marker = split_image_marker(values[0])
-    values[0] = first_question
-    turns = [Turn(question=q, answer=a) for q, a in zip(values[::2], values[1::2], strict=True)]
+    questions = [cast(str, v) for v in values[::2]]  # only gpt values may be lists
+    questions[0], marker = split_image_marker(questions[0])
+    turns = [_turn(q, a) for q, a in zip(questions, values[1::2], strict=True)]
     return turns, marker
 
 
-def _message_value(message: Any, i: int, where: tuple[int, str]) -> str:
+def _turn(question: str, answer: str | tuple[str, ...]) -> Turn:
+    if isinstance(answer, tuple):
+        return Turn(question=question, candidates=answer)
+    return Turn(question=question, answer=answer)
+
+
+def _message_value(message: Any, i: int, where: tuple[int, str]) -> str | tuple[str, ...]:
     key = f"conversations[{i}]"
     if not isinstance(message, dict):
         raise _malformed(*where, key, f"expected an object, got {_kind(message)}")
@@ -186,11 +196,20 @@ def _message_value(message: Any, i: int, where: tuple[int, str]) -> str:
         raise _malformed(*where, f"{key}.from", problem)
     value = message["value"]
     if isinstance(value, list) and role == "gpt":
-        problem = "a list of candidate answers is not supported; expected one answer string"
-        raise _malformed(*where, f"{key}.value", problem)
+        return _candidates(value, f"{key}.value", where)
     if not isinstance(value, str):
         raise _malformed(*where, f"{key}.value", f"expected a string, got {_kind(value)}")
     return value
+
+
+def _candidates(value: list[Any], key: str, where: tuple[int, str]) -> tuple[str, ...]:
+    """A ``gpt`` value that lists candidate answers."""
+    if not value:
+        raise _malformed(*where, key, "an empty list; expected candidate answer strings")
+    for j, candidate in enumerate(value):
+        if not isinstance(candidate, str):
+            raise _malformed(*where, f"{key}[{j}]", f"expected a string, got {_kind(candidate)}")
+    return tuple(value)
 
 
 def _image(
@@ -286,12 +305,13 @@ def _image_name(sample: Sample) -> str | None:
     return None
 
 
-def _conversations(turns: list[Turn], marker: ImageMarker) -> list[dict[str, str]]:
-    messages = []
+def _conversations(turns: list[Turn], marker: ImageMarker) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
     for i, turn in enumerate(turns):
         question = join_image_marker(turn.question, marker) if i == 0 else turn.question
         messages.append({"from": "human", "value": question})
-        messages.append({"from": "gpt", "value": turn.answer})
+        answer = list(turn.candidates) if turn.candidates else turn.answer
+        messages.append({"from": "gpt", "value": answer})
     return messages
 
 

@@ -3,7 +3,9 @@
 
 Per task type: the question head scores every record and the top ``int(a * N)`` stay; the
 answer head scores the turns of those, a conversation's score is the mean of its turns', and
-the top ``int(b * N1)`` stay; the task types are then merged. Scores go to a
+the top ``int(b * N1)`` stay; the task types are then merged. A turn with candidate answers
+(a list-valued ``gpt``) counts with its best candidate, which a kept record keeps as the
+turn's one answer, as the reference's ``rank_answers.py`` does. Scores go to a
 :class:`~align2.client.scorestore.ScoreStore` as each chunk comes back, so a rerun after an
 interruption scores only what is missing and selects from the same numbers.
 
@@ -14,6 +16,7 @@ records with the same id are two candidates, and the store tells them apart by c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -30,15 +33,17 @@ from align2.client.scorestore import (
     HEAD_QUESTION,
     Scorer,
     ScoreStore,
+    TurnScores,
 )
 from align2.client.selection import (
     DEFAULT_KEEP,
+    best_candidates,
     check_fraction,
     conversation_score,
     merge,
     top_fraction,
 )
-from align2.client.types import Sample
+from align2.client.types import Sample, choose_candidates
 
 # Item errors that mean the sample itself cannot be scored, as opposed to a server that is
 # busy, stopping or failing (those stop the run: a rerun resumes).
@@ -95,11 +100,13 @@ class Stage:
     """One head's stage on one task type. ``candidates``: indices into the task's records,
     in the order the stage ranks them from (input order, then stage 1's rank order);
     ``scores``: one per candidate (the question score, or the mean answer score);
-    ``kept``: indices, best first."""
+    ``kept``: indices, best first; ``best`` (answer stage): per candidate index, each
+    turn's best candidate answer (0 for a turn with one answer)."""
 
     candidates: list[int] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)
+    best: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def kept_scores(self) -> list[float]:
@@ -109,7 +116,8 @@ class Stage:
 
 @dataclass
 class Outcome:
-    """What a run decided: per task type both stages, the merged kept records, and
+    """What a run decided: per task type both stages, the merged kept records (a record
+    with candidate answers with its best candidates chosen: ``choose_candidates``), and
     how many samples each head sent and took from the store."""
 
     inputs: Inputs
@@ -152,8 +160,13 @@ class OfflineCuration:
         for task, stage in outcome.question.items():
             candidates = [i for i in stage.kept if (task, i) in turns]
             means = [conversation_score(turns[task, i]) for i in candidates]
-            outcome.answer[task] = _stage(candidates, means, self._settings.answer_keep)
-        kept = {task: [inputs.tasks[task][i] for i in s.kept] for task, s in outcome.answer.items()}
+            answer = _stage(candidates, means, self._settings.answer_keep)
+            answer.best = {i: best_candidates(turns[task, i]) for i in candidates}
+            outcome.answer[task] = answer
+        kept = {
+            task: [_chosen(inputs.tasks[task][i], s.best[i]) for i in s.kept]
+            for task, s in outcome.answer.items()
+        }
         outcome.kept = merge(kept)
         return outcome
 
@@ -262,6 +275,13 @@ def _stage(candidates: list[int], scores: list[float], keep: float) -> Stage:
     return Stage(candidates, scores, [candidates[j] for j in top_fraction(scores, keep)])
 
 
+def _chosen(record: Record, best: list[int]) -> Record:
+    """The record as kept: each turn's best candidate answer as its one answer."""
+    if not record.sample.has_candidates:
+        return record
+    return dataclasses.replace(record, sample=choose_candidates(record.sample, best))
+
+
 def _identity(head: str, reply: ScoreReply) -> Scorer | None:
     """Who answered: None when no RPC was made (every sample failed locally)."""
     if not reply.calls:
@@ -282,15 +302,37 @@ def _value(head: str, sample: Sample, result: ScoreResult) -> tuple[Any, str]:
         value: Any = result.question_score
         scores: tuple[float, ...] = (value,)
     else:
-        if len(result.answer_scores) != len(sample.turns):
-            raise ProtocolError(
-                f"sample {result.id!r}: {len(result.answer_scores)} answer "
-                f"scores for {len(sample.turns)} turns"
-            )
-        value = scores = tuple(result.answer_scores)
+        value = _turn_scores(sample, result)
+        scores = tuple(x for s in value for x in (s if isinstance(s, tuple) else (s,)))
     if any(math.isnan(s) for s in scores):
         return None, f"{head} score is NaN"
     return value, ""
+
+
+def _turn_scores(sample: Sample, result: ScoreResult) -> TurnScores:
+    """Per turn, its answer's score, or its candidates' scores (the best is chosen here,
+    from the scores, by the reference's rule)."""
+    turns = sample.turns
+    if len(result.answer_scores) != len(turns):
+        raise ProtocolError(
+            f"sample {result.id!r}: {len(result.answer_scores)} answer "
+            f"scores for {len(turns)} turns"
+        )
+    if not sample.has_candidates:
+        return tuple(result.answer_scores)
+    candidates = result.answer_candidates
+    if len(candidates) != len(turns) or any(
+        len(c.scores) != len(t.answers) for c, t in zip(candidates, turns, strict=True)
+    ):
+        counts = [len(c.scores) for c in candidates]
+        raise ProtocolError(
+            f"sample {result.id!r}: candidate scores {counts} for the candidate answers "
+            f"{[len(t.answers) for t in turns]} of its turns"
+        )
+    return tuple(
+        tuple(c.scores) if t.candidates else c.scores[0]
+        for c, t in zip(candidates, turns, strict=True)
+    )
 
 
 def _where(record: Record) -> str:

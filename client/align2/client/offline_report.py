@@ -1,5 +1,6 @@
 """What an offline curation run reports: counts per stage and task type, the score
-distributions with their thresholds (as a dict for JSON, as text), and histograms as a PNG.
+distributions with their thresholds, which candidate answers won (as a dict for JSON, as
+text), and histograms as a PNG.
 
 The PNG needs Pillow, an optional dependency of the client (``pip install pillow``): it is
 imported only when a plot is asked for.
@@ -8,9 +9,11 @@ imported only when a plot is asked for.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Any
 
 from align2.client.offline import Outcome, Stage
+from align2.client.records import Record
 from align2.client.scorestore import HEAD_ANSWER, HEAD_QUESTION
 from align2.client.selection import describe, merge_order
 
@@ -21,6 +24,12 @@ REFERENCE = (
 TIES = (
     "stable: equal question scores keep their input order (files in the order given, then "
     "records); equal answer scores keep the order of the question stage's ranking"
+)
+BEST_CANDIDATE = (
+    "per turn with candidate answers (a list-valued gpt): the highest answer score, and "
+    "among equal highest the first candidate (rank_answers.py's stable sort); the "
+    "conversation's answer score is the mean of its turns' best, and the output keeps the "
+    "best as the turn's answer"
 )
 STAGES = ((HEAD_QUESTION, "question score"), (HEAD_ANSWER, "mean answer score"))
 
@@ -35,6 +44,9 @@ def build_report(
         entry: dict[str, Any] = {"records": len(inputs.tasks[task])}
         for head, stage in ((HEAD_QUESTION, outcome.question), (HEAD_ANSWER, outcome.answer)):
             entry[head] = _stage_report(stage.get(task, Stage()))
+        entry["answer_candidates"] = _candidates_report(
+            inputs.tasks[task], outcome.answer.get(task, Stage())
+        )
         entry["duplicate_ids"] = _duplicates([r.sample.id for r in inputs.tasks[task]])
         tasks[task] = entry
     return {
@@ -44,6 +56,7 @@ def build_report(
             "answer_keep": answer_keep,
             "cut": "int(fraction * candidates) per task type",
             "ties": TIES,
+            "best_candidate": BEST_CANDIDATE,
             "merge": "task types in name order, each best first",
             "one_task": one_task,
         },
@@ -72,6 +85,30 @@ def _stage_report(stage: Stage) -> dict[str, Any]:
         "candidates": len(stage.candidates),
         "kept": len(stage.kept),
         "scores": describe(stage.scores, stage.kept_scores).to_dict(),
+    }
+
+
+def _candidates_report(records: list[Record], stage: Stage) -> dict[str, Any]:
+    """How often each candidate answer position was the best, over the turns with
+    candidates of the conversations the answer head scored (``wins``, ``turns``) and of
+    those kept (``kept_wins``, ``kept_turns``); ``wins[j]``: turns whose best is candidate j,
+    for every position j a turn had."""
+    wins: Counter[int] = Counter()
+    kept_wins: Counter[int] = Counter()
+    kept = set(stage.kept)
+    most = 0  # the most candidates of a turn: the positions reported
+    for index, best in stage.best.items():
+        for turn, winner in zip(records[index].sample.turns, best, strict=True):
+            if turn.candidates:
+                wins[winner] += 1
+                kept_wins[winner] += index in kept
+                most = max(most, len(turn.candidates))
+    positions = range(most)
+    return {
+        "turns": wins.total(),
+        "wins": [wins[j] for j in positions],
+        "kept_turns": kept_wins.total(),
+        "kept_wins": [kept_wins[j] for j in positions],
     }
 
 
@@ -105,6 +142,7 @@ def report_text(report: dict[str, Any]) -> str:
                 f"{_number(scores[k]):>10}" for k in ("min", "q1", "median", "q3", "max")
             )
             lines.append(f"  {task:<20} {values}{_number(scores['threshold']):>10}")
+    lines.extend(_candidates_text(report["tasks"]))
     scoring = report["scoring"]
     lines.append(
         "  scored now: "
@@ -116,6 +154,20 @@ def report_text(report: dict[str, Any]) -> str:
     if len(report["invalid"]) > 10:
         lines.append(f"  ... and {len(report['invalid']) - 10} more skipped (see the report)")
     return "\n".join(lines)
+
+
+def _candidates_text(tasks: dict[str, Any]) -> list[str]:
+    """Wins per candidate position, for the task types that had candidate answers."""
+    with_candidates = {t: e["answer_candidates"] for t, e in tasks.items()}
+    with_candidates = {t: c for t, c in with_candidates.items() if c["turns"]}
+    if not with_candidates:
+        return []
+    lines = ["  best candidate answer (turns it won, by position #0, #1, ...; of the kept)"]
+    for task, c in with_candidates.items():
+        wins = ", ".join(map(str, c["wins"]))
+        kept = ", ".join(map(str, c["kept_wins"]))
+        lines.append(f"  {task:<20} {c['turns']} turns: {wins} (kept {c['kept_turns']}: {kept})")
+    return lines
 
 
 def _of(stage: dict[str, Any]) -> str:

@@ -37,13 +37,37 @@ def _error_dict(error: ItemError | None) -> dict[str, str] | None:
 
 
 @dataclass(frozen=True)
+class CandidateScores:
+    """The answer head's scores of one turn's candidate answers (``Turn.candidates``), in
+    the order sent. ``best``: the index of the highest score, the first among equal
+    highest (as the reference's ``rank_answers.py`` picks it). ``truncated``: per
+    candidate, whether its input was cut to fit the model."""
+
+    scores: tuple[float, ...]
+    best: int
+    truncated: tuple[bool, ...] = ()
+
+    @property
+    def best_score(self) -> float:
+        return self.scores[self.best]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scores": list(self.scores), "best": self.best, "truncated": list(self.truncated)}
+
+
+@dataclass(frozen=True)
 class ScoreResult:
     """Reward-model scores of one sample.
 
     ``question_score`` is set when the question head ran; ``answer_scores`` holds one score
-    per turn and ``answer_score`` their mean when the answer head ran. When ``error`` is set
-    the sample was not scored and every score is empty. Scores are unbounded reals; the two
-    heads are on different scales and are never combined.
+    per turn and ``answer_score`` their mean when the answer head ran. For a sample with
+    candidate answers, ``answer_candidates`` holds every candidate's score per turn (a turn
+    with a plain answer is one candidate) and the best's index; ``answer_scores`` are then
+    the best candidates' scores, ``answer_score`` their mean, and
+    ``choose_candidates(sample, result.best_candidates)`` is the sample with the best
+    answers. When ``error`` is set the sample was not scored and every score is empty.
+    Scores are unbounded reals; the two heads are on different scales and are never
+    combined.
     """
 
     id: str
@@ -53,10 +77,16 @@ class ScoreResult:
     error: ItemError | None = None
     question_truncated: bool = False
     answer_truncated: tuple[bool, ...] = ()
+    answer_candidates: tuple[CandidateScores, ...] = ()
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def best_candidates(self) -> tuple[int, ...]:
+        """Each turn's best candidate; empty when the sample had no candidate answers."""
+        return tuple(c.best for c in self.answer_candidates)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the error code by name (``"INVALID_ARGUMENT"``), None when absent."""
@@ -67,6 +97,7 @@ class ScoreResult:
             "answer_score": self.answer_score,
             "question_truncated": self.question_truncated,
             "answer_truncated": list(self.answer_truncated),
+            "answer_candidates": [c.to_dict() for c in self.answer_candidates],
             "error": _error_dict(self.error),
         }
 
@@ -277,8 +308,8 @@ class CurateResult:
     many scores each was ranked among (0: a threshold the stream gave), and ``warm_up``:
     True when a stage decided before its window held the stream's ``min_window`` scores.
     ``aligned``: set when it was kept and the stream asked to align. ``sample``: for a kept
-    sample, the sample as kept (restyled when aligned), ready for ``write_llava``; None
-    otherwise.
+    sample, the sample as kept (each turn's best candidate as its answer when it had
+    candidates; restyled when aligned), ready for ``write_llava``; None otherwise.
     """
 
     id: str

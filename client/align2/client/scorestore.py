@@ -7,6 +7,9 @@ One line per scored sample and head::
     {"id": "000000215677", "digest": "3f2a...", "head": "answer", "revision": "...",
      "template_version": "...", "scores": [0.5, -0.25]}
 
+An answer entry has one item per turn: the turn's score, or for a turn with candidate
+answers the list of its candidates' scores (``[[0.5, 1.25, 0.5], -0.25]``).
+
 A score is reused only when all of (id, digest, head, revision, template_version) match:
 ``digest`` is a hash of what the sample sends (image file name and texts), so an edited
 record, or another record under the same id, is scored afresh; ``revision`` is the
@@ -37,16 +40,27 @@ HEAD_ANSWER = "answer"
 _HEADS = (HEAD_QUESTION, HEAD_ANSWER)
 
 
+TurnScores = tuple[float | tuple[float, ...], ...]
+"""The answer head's scores of one sample: per turn its score, or its candidates' scores."""
+Stored = float | TurnScores
+
+
 def sample_digest(sample: Sample) -> str:
     """A hash of what a Score request carries for ``sample``: its image file name (its
-    bytes are not read) and its turns. Task and extra keys do not change a score."""
+    bytes are not read) and its turns (with their candidate answers, when they have some:
+    a sample without them hashes as it always did). Task and extra keys do not change a
+    score."""
     if sample.image_file is not None:
         image = sample.image_file
     elif isinstance(sample.image, bytes | bytearray | memoryview):
         image = "sha256:" + hashlib.sha256(bytes(sample.image)).hexdigest()
     else:
         image = os.fspath(sample.image)
-    content = {"image": image, "turns": [[t.question, t.answer] for t in sample.turns]}
+    turns = [
+        [t.question, t.answer, list(t.candidates)] if t.candidates else [t.question, t.answer]
+        for t in sample.turns
+    ]
+    content = {"image": image, "turns": turns}
     text = json.dumps(content, ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
@@ -85,19 +99,24 @@ class ScoreStore:
         self.path = pathlib.Path(path)
         self.loaded = 0  # entries read when opened
         self.ignored_lines = 0  # unreadable lines other than a truncated last one
-        self._scores: dict[ScoreKey, float | tuple[float, ...]] = {}
+        self._scores: dict[ScoreKey, Stored] = {}
         self._drop_truncated_tail()
         self._load()
         self._out: IO[str] = self.path.open("a", encoding="utf-8")
 
-    def get(self, key: ScoreKey) -> float | tuple[float, ...] | None:
+    def get(self, key: ScoreKey) -> Stored | None:
+        """A question score, or an answer entry's per-turn scores (see the module doc)."""
         return self._scores.get(key)
 
-    def add(self, entries: Sequence[tuple[ScoreKey, float | Sequence[float]]]) -> None:
+    def add(
+        self, entries: Sequence[tuple[ScoreKey, float | Sequence[float | Sequence[float]]]]
+    ) -> None:
         """Append and flush (to the disk, not only the OS) one chunk's scores."""
         lines = []
         for key, value in entries:
-            stored = float(value) if isinstance(value, int | float) else tuple(value)
+            stored: Stored = (
+                float(value) if isinstance(value, int | float) else tuple(map(_turn, value))
+            )
             self._scores[key] = stored
             lines.append(json.dumps(_entry(key, stored), ensure_ascii=False) + "\n")
         self._out.write("".join(lines))
@@ -153,7 +172,11 @@ class ScoreStore:
                 self.loaded += 1
 
 
-def _entry(key: ScoreKey, value: float | tuple[float, ...]) -> dict[str, Any]:
+def _turn(value: float | Sequence[float]) -> float | tuple[float, ...]:
+    return float(value) if isinstance(value, int | float) else tuple(map(float, value))
+
+
+def _entry(key: ScoreKey, value: Stored) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "id": key.id,
         "digest": key.digest,
@@ -162,13 +185,13 @@ def _entry(key: ScoreKey, value: float | tuple[float, ...]) -> dict[str, Any]:
         "template_version": key.template_version,
     }
     if isinstance(value, tuple):
-        entry["scores"] = list(value)
+        entry["scores"] = [list(s) if isinstance(s, tuple) else s for s in value]
     else:
         entry["score"] = value
     return entry
 
 
-def _parse(line: str) -> tuple[ScoreKey, float | tuple[float, ...]] | None:
+def _parse(line: str) -> tuple[ScoreKey, Stored] | None:
     try:
         entry = json.loads(line)
         key = ScoreKey(
@@ -184,10 +207,19 @@ def _parse(line: str) -> tuple[ScoreKey, float | tuple[float, ...]] | None:
             scores = entry["scores"]
             if not isinstance(scores, list) or not scores:
                 return None
-            return key, tuple(_number(s) for s in scores)
+            return key, tuple(_turn_scores(s) for s in scores)
     except (ValueError, KeyError, TypeError):
         pass
     return None
+
+
+def _turn_scores(value: Any) -> float | tuple[float, ...]:
+    """One turn's item: a number, or a non-empty list of candidates' numbers."""
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("a turn without candidate scores")
+        return tuple(_number(s) for s in value)
+    return _number(value)
 
 
 def _text(value: Any) -> str:

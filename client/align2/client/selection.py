@@ -9,14 +9,19 @@ its own. The reference is DCDmllm/Align2LLaVA ``reward_model/post_process/``:
 - ``rank_answers.py``: walks the answer scores in the order of that output; a
   conversation's score starts at ``0.``, adds each turn's score in turn order and is
   divided by the number of turns; then ``keep_anns.sort(key=lambda x: x['score'],
-  reverse=True)`` and ``keep_anns[:int(len(keep_anns) * args.keep_ratio)]``.
+  reverse=True)`` and ``keep_anns[:int(len(keep_anns) * args.keep_ratio)]``. With
+  ``--repeat-times`` n, each turn has n scored candidate answers (a ``gpt`` value that is
+  a list); per turn ``turn_scores.sort(key=lambda x: x['score'], reverse=True)``, and
+  ``turn_scores[0]`` is the best: its answer becomes the turn's ``gpt`` value and its
+  score is what the conversation's score adds.
 - ``merge_final.py``: concatenates the task types in the order ``['complex_reasoning',
   'conversation', 'detail']``.
 
 Ties: Python's sort is stable, also with ``reverse=True``, so the reference breaks ties by
 the order of its score file, which for a single-process run is the input order (stage 1)
-and the stage-1 output order (stage 2). The functions here make that explicit: equal
-scores keep their input order. Task types merge in sorted name order, which for
+and the stage-1 output order (stage 2), and within a turn the candidates' order (the best
+of equal highest scores is the first candidate). The functions here make that explicit:
+equal scores keep their input order. Task types merge in sorted name order, which for
 LLaVA-Instruct-158K's three types is the reference's order.
 """
 
@@ -61,13 +66,42 @@ def top_fraction(scores: Sequence[float], fraction: float) -> list[int]:
     return order[:count]
 
 
-def conversation_score(turn_scores: Sequence[float]) -> float:
+TurnScore = float | Sequence[float]
+"""The answer head's score of one turn: its one answer's, or its candidates' (in order)."""
+
+
+def best_candidate(scores: Sequence[float]) -> int:
+    """The index of the best of one turn's candidate scores, as ``rank_answers.py`` picks
+    it (``turn_scores.sort(key=score, reverse=True)``, then ``turn_scores[0]``): the
+    highest score, and among equal highest scores the first (the sort is stable). A NaN
+    score is never the best while another score is not NaN."""
+    if not scores:
+        raise ValueError("a turn has at least one candidate answer")
+    best = 0
+    for index, score in enumerate(scores):
+        if score > scores[best] or (math.isnan(scores[best]) and not math.isnan(score)):
+            best = index
+    return best
+
+
+def best_candidates(turn_scores: Sequence[TurnScore]) -> list[int]:
+    """Each turn's best candidate (0 for a turn with one score)."""
+    return [0 if isinstance(s, int | float) else best_candidate(s) for s in turn_scores]
+
+
+def best_scores(turn_scores: Sequence[TurnScore]) -> list[float]:
+    """Each turn's score: its one score, or its best candidate's."""
+    return [float(s) if isinstance(s, int | float) else s[best_candidate(s)] for s in turn_scores]
+
+
+def conversation_score(turn_scores: Sequence[TurnScore]) -> float:
     """A conversation's answer score as the reference computes it: the sum of its turn
-    scores in turn order, starting from 0.0, divided by the number of turns."""
+    scores (a turn with candidates: its best candidate's) in turn order, starting from 0.0,
+    divided by the number of turns."""
     if not turn_scores:
         raise ValueError("a conversation has at least one turn")
     total = 0.0
-    for score in turn_scores:
+    for score in best_scores(turn_scores):
         total += score
     return total / len(turn_scores)
 
@@ -89,13 +123,13 @@ class TaskSelection:
 
 def select_task(
     question_scores: Sequence[float],
-    answer_scores: Mapping[int, Sequence[float]],
+    answer_scores: Mapping[int, Sequence[TurnScore]],
     question_keep: float = DEFAULT_KEEP,
     answer_keep: float = DEFAULT_KEEP,
 ) -> TaskSelection:
     """Both stages on one task type whose scores are all known: ``question_scores`` of every
-    record in input order, ``answer_scores`` (the turn scores) of at least the records the
-    question stage keeps."""
+    record in input order, ``answer_scores`` (the turn scores, a turn with candidates: the
+    candidates' scores) of at least the records the question stage keeps."""
     question_kept = question_stage(question_scores, question_keep)
     return TaskSelection(question_kept, answer_stage(question_kept, answer_scores, answer_keep))
 
@@ -106,10 +140,10 @@ def question_stage(question_scores: Sequence[float], keep: float) -> list[int]:
 
 
 def answer_stage(
-    candidates: Sequence[int], answer_scores: Mapping[int, Sequence[float]], keep: float
+    candidates: Sequence[int], answer_scores: Mapping[int, Sequence[TurnScore]], keep: float
 ) -> list[int]:
     """Stage 2 (``rank_answers.py``): ``candidates`` (stage 1's kept, in its order) ranked
-    by conversation score; the kept indices, best first."""
+    by conversation score (of each turn's best candidate); the kept indices, best first."""
     scores = [conversation_score(answer_scores[index]) for index in candidates]
     return [candidates[i] for i in top_fraction(scores, keep)]
 

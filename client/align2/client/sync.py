@@ -7,19 +7,18 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-import grpc
-
 from align2.client.base import ClientBase
 from align2.client.calls import DEFAULT_HEADS, AlignCall, ChunkedCall, ScoreCall
 from align2.client.curate import CurateResults, CurateStream
-from align2.client.health import health_request, health_status
+from align2.client.health import SERVICE, health_request, health_status
 from align2.client.results import (
     AlignReply,
     AlignResult,
-    CurateResult,
     ScoreReply,
     ScoreResult,
 )
+from align2.client.resume import ResumePolicy
+from align2.client.sync_curate import CurateCall
 from align2.client.types import Sample
 from align2.v1 import curation_pb2 as pb
 
@@ -149,6 +148,7 @@ class CurationClient(ClientBase):
         min_window: int | None = None,
         question_seed_scores: Mapping[str, Sequence[float]] | None = None,
         answer_seed_scores: Mapping[str, Sequence[float]] | None = None,
+        resume: bool | ResumePolicy = True,
         **align_settings: Any,
     ) -> CurateResults:
         """Curate a stream of samples as they are produced: one result per sample, in the
@@ -172,9 +172,17 @@ class CurationClient(ClientBase):
 
         ``samples`` is read lazily as the server takes them, so a
         generator producing data works; the server reads ahead at most its
-        ``max_stream_inflight``. ``timeout`` is the deadline of the whole stream (None: the
-        client's). A failure of the stream raises ``grpc.RpcError``; the samples it did not
-        answer are then in ``results.unanswered``. ValueError for a bad argument, at once.
+        ``max_stream_inflight``. ``timeout`` is the deadline of the whole call (None: the
+        client's).
+
+        ``resume``: when the stream fails with UNAVAILABLE (the server was killed, restarts or
+        drains), wait until the server (a replica) reports SERVING and open a new stream
+        that sends again only the samples without a decision, then the rest; each sample's
+        decision is still yielded once (:class:`~align2.client.resume.ResumePolicy`: how
+        long and how often; False: fail at once). The server's selection thresholds start
+        afresh on the new stream. A failure that is not resumed raises ``grpc.RpcError``;
+        the samples without a decision are then in ``results.unanswered``. ValueError for a
+        bad argument, at once.
         """
         stream = CurateStream.plan(
             question_keep_fraction=question_keep_fraction,
@@ -187,10 +195,12 @@ class CurationClient(ClientBase):
             min_window=min_window,
             question_seed_scores=question_seed_scores,
             answer_seed_scores=answer_seed_scores,
+            resume=resume,
             **align_settings,
         )
-        responses = self._rpc(self._stub.Curate, stream.requests(samples), timeout)
-        return CurateResults(stream, _results(stream, responses), responses.cancel)
+        deadline = self._options.timeout if timeout is None else timeout
+        call = CurateCall(self._curate_rpc, self._check_health, stream, samples, deadline)
+        return CurateResults(stream, call.results(), call.cancel)
 
     def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
         """What the server runs: models, versions, limits and batching settings."""
@@ -216,6 +226,21 @@ class CurationClient(ClientBase):
     ) -> None:
         self.close()
 
+    def _check_health(self, timeout: float) -> Any:
+        """A health check of the Curate service that waits for a connection (gRPC's
+        reconnection, with its backoff), at most ``timeout`` seconds: a cancellable future."""
+        return self._health.Check.future(
+            health_request(SERVICE),
+            timeout=timeout,
+            wait_for_ready=True,
+            metadata=self._options.metadata,
+        )
+
+    def _curate_rpc(self, requests: Iterator[pb.CurateRequest], timeout: float | None) -> Any:
+        """A Curate stream: its responses, iterable and cancellable. ``timeout``: seconds
+        left of the call's deadline (None: none)."""
+        return self._stub.Curate(requests, timeout=timeout, metadata=self._options.metadata)
+
     def _send(self, call: ChunkedCall[Any, Any, ReplyT], timeout: float | None) -> ReplyT:
         """The chunks of ``call``, one RPC after another."""
         parts = []
@@ -226,19 +251,3 @@ class CurationClient(ClientBase):
                 response = self._rpc(getattr(self._stub, call.method), chunk.request, timeout)
             parts.append(call.decode(chunk, response))
         return call.reply(parts)
-
-
-def _results(stream: CurateStream, responses: Any) -> Iterator[CurateResult]:
-    """The decisions of a Curate call as they arrive, each after the local failures queued
-    before it; the producer's error, if any, after the last decision."""
-    try:
-        for response in responses:
-            yield from stream.answer(response)
-        yield from stream.finish()
-    except grpc.RpcError:
-        yield from stream.local_results()  # they failed here, before the stream did
-        raise
-    finally:
-        responses.cancel()  # a consumer that stops early ends the stream
-    if stream.producer_error is not None:  # after every accepted sample's decision
-        raise stream.producer_error

@@ -5,9 +5,11 @@ Pure Python (no grpc, no torch), so that the server core can use them too.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import pathlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +24,36 @@ class ImageMarker(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Turn:
-    """One question/answer turn. ``answer`` may be empty for question-head-only scoring."""
+    """One question/answer turn. ``answer`` may be empty for question-head-only scoring.
+
+    ``candidates``: several candidate answers to ``question`` (best-of-n), of which the
+    answer head picks the best; ``answer`` is then empty. Empty: the turn's one answer is
+    ``answer``. A list is stored as a tuple.
+    """
 
     question: str
     answer: str = ""
+    candidates: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.candidates, str):
+            raise TypeError("Turn.candidates: a sequence of answers, not one string")
+        if not isinstance(self.candidates, tuple):
+            object.__setattr__(self, "candidates", tuple(self.candidates))
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """What the answer head scores, each alone: the candidates, or the one answer."""
+        return self.candidates or (self.answer,)
+
+    def choose(self, index: int) -> Turn:
+        """This turn with its candidate ``index`` as its one answer; a turn without
+        candidates is returned as it is (its answer is candidate 0)."""
+        if not self.candidates:
+            if index != 0:
+                raise IndexError(f"candidate {index} of a turn with one answer")
+            return self
+        return Turn(self.question, self.candidates[index])
 
 
 @dataclass
@@ -49,3 +77,21 @@ class Sample:
         if isinstance(self.image, bytes | bytearray | memoryview):
             return bytes(self.image)
         return pathlib.Path(self.image).read_bytes()
+
+    @property
+    def has_candidates(self) -> bool:
+        """Whether some turn carries candidate answers (Turn.candidates)."""
+        return any(turn.candidates for turn in self.turns)
+
+
+def choose_candidates(sample: Sample, best: Sequence[int]) -> Sample:
+    """``sample`` with each turn's candidate ``best[i]`` as its one answer (the sample as
+    curation keeps it); a sample without candidates is returned as it is, whatever ``best``."""
+    if not sample.has_candidates:
+        return sample
+    if len(best) != len(sample.turns):
+        raise ValueError(
+            f"sample {sample.id!r}: {len(best)} best candidates for {len(sample.turns)} turns"
+        )
+    turns = [turn.choose(index) for turn, index in zip(sample.turns, best, strict=True)]
+    return dataclasses.replace(sample, turns=turns)

@@ -205,7 +205,9 @@ class _HeadEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Head.ValueType],
     HEAD_QUESTION: _Head.ValueType  # 1
     """f(I, Q): one score for all the questions of the conversation (one forward pass)."""
     HEAD_ANSWER: _Head.ValueType  # 2
-    """g(I, Q, A): one score per turn, each turn alone (one forward pass per turn)."""
+    """g(I, Q, A): one score per turn, each turn alone (one forward pass per turn; a turn with
+    answer_candidates: one per candidate, each alone, and the turn's score is the best).
+    """
 
 class Head(_Head, metaclass=_HeadEnumTypeWrapper):
     """---------------------------------------------------------------------------------------
@@ -220,7 +222,9 @@ HEAD_UNSPECIFIED: Head.ValueType  # 0
 HEAD_QUESTION: Head.ValueType  # 1
 """f(I, Q): one score for all the questions of the conversation (one forward pass)."""
 HEAD_ANSWER: Head.ValueType  # 2
-"""g(I, Q, A): one score per turn, each turn alone (one forward pass per turn)."""
+"""g(I, Q, A): one score per turn, each turn alone (one forward pass per turn; a turn with
+answer_candidates: one per candidate, each alone, and the turn's score is the best).
+"""
 Global___Head: _TypeAlias = Head  # noqa: Y015
 
 class _RewriteParts:
@@ -289,13 +293,18 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     DECISION_UNSPECIFIED: _Decision.ValueType  # 0
     """Never sent (the Python client reads an unknown value as an error)."""
     DECISION_KEPT: _Decision.ValueType  # 1
-    """Kept by both stages; restyled when align was asked (see aligned)."""
+    """Kept by both stages; restyled when align was asked (see aligned). A sample with
+    Turn.answer_candidates is kept with each turn's best candidate as its one answer
+    (scores.answer_candidates[i].best), and that is what Align restyles.
+    """
     DECISION_DROPPED_QUESTION: _Decision.ValueType  # 2
     """Dropped: the question score is below the question threshold of its task type (its
     answers were not scored).
     """
     DECISION_DROPPED_ANSWER: _Decision.ValueType  # 3
-    """Dropped: the mean answer score is below the answer threshold of its task type."""
+    """Dropped: the mean answer score (with candidates: of each turn's best) is below the
+    answer threshold of its task type.
+    """
     DECISION_ERROR: _Decision.ValueType  # 4
     """Not decided: error says why (a bad sample, the deadline, the score queues full until
     the deadline); scores hold what was computed before.
@@ -303,7 +312,8 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     DECISION_KEPT_ALIGN_FAILED: _Decision.ValueType  # 5
     """Kept by both stages; align was asked and the restyle failed (the sample's own error,
     or its Align call's: the LLM queue full until the deadline, shutdown): aligned.error
-    says why, and the original sample, as sent, is the kept one.
+    says why, and the original sample, as sent (with its best candidates, as for
+    DECISION_KEPT), is the kept one.
     """
 
 class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
@@ -312,13 +322,18 @@ class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
 DECISION_UNSPECIFIED: Decision.ValueType  # 0
 """Never sent (the Python client reads an unknown value as an error)."""
 DECISION_KEPT: Decision.ValueType  # 1
-"""Kept by both stages; restyled when align was asked (see aligned)."""
+"""Kept by both stages; restyled when align was asked (see aligned). A sample with
+Turn.answer_candidates is kept with each turn's best candidate as its one answer
+(scores.answer_candidates[i].best), and that is what Align restyles.
+"""
 DECISION_DROPPED_QUESTION: Decision.ValueType  # 2
 """Dropped: the question score is below the question threshold of its task type (its
 answers were not scored).
 """
 DECISION_DROPPED_ANSWER: Decision.ValueType  # 3
-"""Dropped: the mean answer score is below the answer threshold of its task type."""
+"""Dropped: the mean answer score (with candidates: of each turn's best) is below the
+answer threshold of its task type.
+"""
 DECISION_ERROR: Decision.ValueType  # 4
 """Not decided: error says why (a bad sample, the deadline, the score queues full until
 the deadline); scores hold what was computed before.
@@ -326,7 +341,8 @@ the deadline); scores hold what was computed before.
 DECISION_KEPT_ALIGN_FAILED: Decision.ValueType  # 5
 """Kept by both stages; align was asked and the restyle failed (the sample's own error,
 or its Align call's: the LLM queue full until the deadline, shutdown): aligned.error
-says why, and the original sample, as sent, is the kept one.
+says why, and the original sample, as sent (with its best candidates, as for
+DECISION_KEPT), is the kept one.
 """
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
 
@@ -340,25 +356,40 @@ class Turn(_message.Message):
 
     QUESTION_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
+    ANSWER_CANDIDATES_FIELD_NUMBER: _builtins.int
     question: _builtins.str
     """The human turn. In a request it must be non-empty once `<image>` and surrounding
     whitespace are removed, else the sample fails with INVALID_ARGUMENT.
     """
     answer: _builtins.str
     """The model's reply. In a request it may be empty only when no answer is used: Score
-    with heads = [HEAD_QUESTION], Align with parts = REWRITE_PARTS_QUESTIONS; otherwise an
-    empty answer fails the sample with INVALID_ARGUMENT (in Curate: once the sample passes
-    the question stage and its answers are scored).
+    with heads = [HEAD_QUESTION], Align with parts = REWRITE_PARTS_QUESTIONS, or when the
+    turn carries answer_candidates instead; otherwise an empty answer fails the sample with
+    INVALID_ARGUMENT (in Curate: once the sample passes the question stage and its answers
+    are scored).
     """
+    @_builtins.property
+    def answer_candidates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Several candidate answers to `question` (best-of-n: e.g. n samples of a generator), of
+        which the answer head picks the best. Empty (the default): the turn's one answer is
+        `answer`. Set: `answer` must be empty (both set: INVALID_ARGUMENT naming
+        `turns[i].answer`), and the turn has 1 to limits.max_candidates candidates (more:
+        INVALID_ARGUMENT naming `turns[i].answer_candidates`), each non-empty wherever an
+        answer must be (`turns[i].answer_candidates[j]`). Score scores every candidate alone
+        (ScoreResult.answer_candidates); Curate ranks the sample by its best candidates and
+        keeps them; Align refuses a turn with candidates (INVALID_ARGUMENT): pick one first.
+        """
+
     def __init__(
         self,
         *,
         question: _builtins.str = ...,
         answer: _builtins.str = ...,
+        answer_candidates: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "question", b"question"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "answer_candidates", b"answer_candidates", "question", b"question"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -542,8 +573,8 @@ class ScoreRequest(_message.Message):
     def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___Sample]:
         """The samples: at most limits.max_samples_per_call (more: INVALID_ARGUMENT for the call;
         split it). Each needs an image and 1..limits.max_turns turns; its forward passes (one
-        per question head, one per turn for the answer head) count against
-        limits.max_queue_items of their model.
+        per question head, one per turn for the answer head, or one per candidate for a turn
+        with answer_candidates) count against limits.max_queue_items of their model.
         """
 
     @_builtins.property
@@ -582,12 +613,15 @@ class ScoreResult(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     QUESTION_TRUNCATED_FIELD_NUMBER: _builtins.int
     ANSWER_TRUNCATED_FIELD_NUMBER: _builtins.int
+    ANSWER_CANDIDATES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The sample's id, as sent."""
     question_score: _builtins.float
     """The question head's score; set when that head ran and the sample did not fail."""
     answer_score: _builtins.float
-    """The mean of answer_scores; unset when they are empty."""
+    """The mean of answer_scores (with candidates: of the best candidates' scores); unset
+    when they are empty.
+    """
     question_truncated: _builtins.bool
     """True when the question text was cut to fit the model (limits.truncation "truncate":
     longer than limits.max_text_tokens, or than the model's max_length leaves after the
@@ -596,8 +630,9 @@ class ScoreResult(_message.Message):
     """
     @_builtins.property
     def answer_scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """The answer head's score of each turn, one per turn in turn order; empty when that head
-        did not run or the sample failed.
+        """The answer head's score of each turn, one per turn in turn order (for a turn with
+        answer_candidates: its best candidate's score, answer_candidates[i].scores[best]);
+        empty when that head did not run or the sample failed.
         """
 
     @_builtins.property
@@ -607,7 +642,14 @@ class ScoreResult(_message.Message):
     @_builtins.property
     def answer_truncated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
         """The same for each turn's answer input, one per turn in turn order, when the answer head
-        ran.
+        ran (for a turn with answer_candidates: its best candidate's input).
+        """
+
+    @_builtins.property
+    def answer_candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___CandidateScores]:
+        """Every candidate's score, one entry per turn in turn order; set when the answer head ran
+        and some turn of the sample has Turn.answer_candidates (a turn with a plain answer is
+        then one candidate, best 0); empty otherwise.
         """
 
     def __init__(
@@ -620,10 +662,11 @@ class ScoreResult(_message.Message):
         error: Global___ItemError | None = ...,
         question_truncated: _builtins.bool = ...,
         answer_truncated: _abc.Iterable[_builtins.bool] | None = ...,
+        answer_candidates: _abc.Iterable[Global___CandidateScores] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_answer_score", b"_answer_score", "_question_score", b"_question_score", "answer_score", b"answer_score", "error", b"error", "question_score", b"question_score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_score", b"_answer_score", "_question_score", b"_question_score", "answer_score", b"answer_score", "answer_scores", b"answer_scores", "answer_truncated", b"answer_truncated", "error", b"error", "id", b"id", "question_score", b"question_score", "question_truncated", b"question_truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_score", b"_answer_score", "_question_score", b"_question_score", "answer_candidates", b"answer_candidates", "answer_score", b"answer_score", "answer_scores", b"answer_scores", "answer_truncated", b"answer_truncated", "error", b"error", "id", b"id", "question_score", b"question_score", "question_truncated", b"question_truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__answer_score: _TypeAlias = _typing.Literal["answer_score"]  # noqa: Y015
     _WhichOneofArgType__answer_score: _TypeAlias = _typing.Literal["_answer_score", b"_answer_score"]  # noqa: Y015
@@ -635,6 +678,46 @@ class ScoreResult(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__question_score) -> _WhichOneofReturnType__question_score | None: ...
 
 Global___ScoreResult: _TypeAlias = ScoreResult  # noqa: Y015
+
+@_typing.final
+class CandidateScores(_message.Message):
+    """The answer head's scores of the candidate answers of one turn (Turn.answer_candidates)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCORES_FIELD_NUMBER: _builtins.int
+    BEST_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    best: _builtins.int
+    """The 0-based index of the best candidate: the highest score, and among equal highest
+    scores the first (as the reference's stable descending sort picks it).
+    """
+    @_builtins.property
+    def scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """One score per candidate, in the order sent; each is the score that candidate gets as
+        the turn's only answer.
+        """
+
+    @_builtins.property
+    def truncated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Per candidate, in the order sent: whether its input was cut to fit the model (as
+        ScoreResult.answer_truncated).
+        """
+
+    def __init__(
+        self,
+        *,
+        scores: _abc.Iterable[_builtins.float] | None = ...,
+        best: _builtins.int = ...,
+        truncated: _abc.Iterable[_builtins.bool] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best", b"best", "scores", b"scores", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CandidateScores: _TypeAlias = CandidateScores  # noqa: Y015
 
 @_typing.final
 class ScoreResponse(_message.Message):
@@ -815,7 +898,9 @@ class AlignRequest(_message.Message):
     def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___Sample]:
         """The samples: at most limits.max_samples_per_call (more: INVALID_ARGUMENT for the call).
         Each needs 1..limits.max_turns turns with non-empty questions, and answers unless only
-        questions are rewritten; the image is not read. A turn needs up to 4 LLM requests (one
+        questions are rewritten; the image is not read. A turn with answer_candidates fails its
+        sample with INVALID_ARGUMENT (Align rewrites one answer per turn: keep the best
+        candidate first, as Curate does). A turn needs up to 4 LLM requests (one
         rewrite per part, two review choices): a call needing more than limits.max_llm_inflight
         fails with INVALID_ARGUMENT (split it), more than are free now with RESOURCE_EXHAUSTED.
         """
@@ -867,7 +952,7 @@ class AlignedTurn(_message.Message):
     """
     @_builtins.property
     def original(self) -> Global___Turn:
-        """The turn as sent."""
+        """The turn as sent (in Curate: with its best candidate as the answer)."""
 
     @_builtins.property
     def rewrite(self) -> Global___Turn:
@@ -1373,8 +1458,8 @@ class CurateResponse(_message.Message):
     A score at or above it is kept. Set once the question stage ran.
     """
     answer_threshold: _builtins.float
-    """The same for the mean answer score, among the question-kept samples of the task; set
-    once the answer stage ran.
+    """The same for the mean answer score (with candidates: of each turn's best), among the
+    question-kept samples of the task; set once the answer stage ran.
     """
     sequence: _builtins.int
     """The 0-based position of the sample among the stream's sample messages (the options
@@ -1393,8 +1478,9 @@ class CurateResponse(_message.Message):
     """
     @_builtins.property
     def scores(self) -> Global___ScoreResult:
-        """What was scored: question_score once the question stage ran, answer_scores and
-        answer_score once the answer stage ran. Its error is never set (see error).
+        """What was scored: question_score once the question stage ran, answer_scores,
+        answer_score and (for a sample with candidates) answer_candidates once the answer stage
+        ran. Its error is never set (see error).
         """
 
     @_builtins.property
@@ -1544,6 +1630,7 @@ class Limits(_message.Message):
     SELECTION_WINDOW_FIELD_NUMBER: _builtins.int
     MAX_SELECTION_KEYS_FIELD_NUMBER: _builtins.int
     MAX_SEED_SCORES_FIELD_NUMBER: _builtins.int
+    MAX_CANDIDATES_FIELD_NUMBER: _builtins.int
     MAX_INFLIGHT_BYTES_FIELD_NUMBER: _builtins.int
     max_samples_per_call: _builtins.int
     """Samples in one Score or Align call; more: INVALID_ARGUMENT for the call (split it).
@@ -1610,6 +1697,11 @@ class Limits(_message.Message):
     """Seed scores one Curate stream's options may carry, both seed maps together (config
     curate.max_seed_scores); more: INVALID_ARGUMENT. Config default 100,000.
     """
+    max_candidates: _builtins.int
+    """Most candidate answers of one turn (Turn.answer_candidates); more: INVALID_ARGUMENT for
+    the sample, naming `turns[i].answer_candidates`. Each candidate is one forward pass of
+    the answer head, counted against max_queue_items. Config default 16.
+    """
     max_inflight_bytes: _builtins.int
     """Request bytes (wire size) of the Score and Align calls admitted and not finished (config
     limits.max_inflight_bytes): a call whose request does not fit the free room is refused
@@ -1635,11 +1727,12 @@ class Limits(_message.Message):
         selection_window: _builtins.int = ...,
         max_selection_keys: _builtins.int = ...,
         max_seed_scores: _builtins.int = ...,
+        max_candidates: _builtins.int = ...,
         max_inflight_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_inflight_bytes", b"max_inflight_bytes", "max_llm_inflight", b"max_llm_inflight", "max_message_bytes", b"max_message_bytes", "max_new_tokens", b"max_new_tokens", "max_queue_items", b"max_queue_items", "max_samples_per_call", b"max_samples_per_call", "max_seed_scores", b"max_seed_scores", "max_selection_keys", b"max_selection_keys", "max_stream_inflight", b"max_stream_inflight", "max_streams", b"max_streams", "max_text_tokens", b"max_text_tokens", "max_turns", b"max_turns", "selection_window", b"selection_window", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_candidates", b"max_candidates", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_inflight_bytes", b"max_inflight_bytes", "max_llm_inflight", b"max_llm_inflight", "max_message_bytes", b"max_message_bytes", "max_new_tokens", b"max_new_tokens", "max_queue_items", b"max_queue_items", "max_samples_per_call", b"max_samples_per_call", "max_seed_scores", b"max_seed_scores", "max_selection_keys", b"max_selection_keys", "max_stream_inflight", b"max_stream_inflight", "max_streams", b"max_streams", "max_text_tokens", b"max_text_tokens", "max_turns", b"max_turns", "selection_window", b"selection_window", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

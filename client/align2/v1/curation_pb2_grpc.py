@@ -87,8 +87,9 @@ class CurationServiceServicer:
 
     def Score(self, request, context):
         """Reward-model scores for a batch of samples: the question score of each conversation,
-        the answer score of each turn and their mean. One result per sample, in request order;
-        a bad sample gets a per-item error and never fails its batch-mates.
+        the answer score of each turn and their mean; a turn with candidate answers gets the
+        score of each and the best. One result per sample, in request order; a bad sample gets
+        a per-item error and never fails its batch-mates.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,8 +109,9 @@ class CurationServiceServicer:
         out, as it is made (scored, selected against the top-fraction threshold of its task
         type: running over the scores of this stream, or of every stream of the same
         CurateOptions.selection_key on this replica, or given by a calibration; aligned when
-        kept and asked for). The stream's rules: CurateRequest and CurateResponse.
-        UNIMPLEMENTED when limits.max_stream_inflight is 0.
+        kept and asked for). A sample with candidate answers is ranked by the mean of its
+        turns' best scores and kept with its best candidates. The stream's rules:
+        CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

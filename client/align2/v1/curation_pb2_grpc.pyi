@@ -53,8 +53,9 @@ class CurationServiceStub:
     def __new__(cls, channel: _aio.Channel) -> CurationServiceAsyncStub: ...
     Score: _grpc.UnaryUnaryMultiCallable[_curation_pb2.ScoreRequest, _curation_pb2.ScoreResponse]
     """Reward-model scores for a batch of samples: the question score of each conversation,
-    the answer score of each turn and their mean. One result per sample, in request order;
-    a bad sample gets a per-item error and never fails its batch-mates.
+    the answer score of each turn and their mean; a turn with candidate answers gets the
+    score of each and the best. One result per sample, in request order; a bad sample gets
+    a per-item error and never fails its batch-mates.
     """
     Align: _grpc.UnaryUnaryMultiCallable[_curation_pb2.AlignRequest, _curation_pb2.AlignResponse]
     """The inner LLM rewrites each turn's question and/or answer into its own style, guards
@@ -66,8 +67,9 @@ class CurationServiceStub:
     out, as it is made (scored, selected against the top-fraction threshold of its task
     type: running over the scores of this stream, or of every stream of the same
     CurateOptions.selection_key on this replica, or given by a calibration; aligned when
-    kept and asked for). The stream's rules: CurateRequest and CurateResponse.
-    UNIMPLEMENTED when limits.max_stream_inflight is 0.
+    kept and asked for). A sample with candidate answers is ranked by the mean of its
+    turns' best scores and kept with its best candidates. The stream's rules:
+    CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
     """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_curation_pb2.GetServerInfoRequest, _curation_pb2.GetServerInfoResponse]
     """What this server runs: models, backends, versions, limits, batching settings, enabled
@@ -94,8 +96,9 @@ class CurationServiceAsyncStub(CurationServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Score: _aio.UnaryUnaryMultiCallable[_curation_pb2.ScoreRequest, _curation_pb2.ScoreResponse]  # type: ignore[assignment]
     """Reward-model scores for a batch of samples: the question score of each conversation,
-    the answer score of each turn and their mean. One result per sample, in request order;
-    a bad sample gets a per-item error and never fails its batch-mates.
+    the answer score of each turn and their mean; a turn with candidate answers gets the
+    score of each and the best. One result per sample, in request order; a bad sample gets
+    a per-item error and never fails its batch-mates.
     """
     Align: _aio.UnaryUnaryMultiCallable[_curation_pb2.AlignRequest, _curation_pb2.AlignResponse]  # type: ignore[assignment]
     """The inner LLM rewrites each turn's question and/or answer into its own style, guards
@@ -107,8 +110,9 @@ class CurationServiceAsyncStub(CurationServiceStub):
     out, as it is made (scored, selected against the top-fraction threshold of its task
     type: running over the scores of this stream, or of every stream of the same
     CurateOptions.selection_key on this replica, or given by a calibration; aligned when
-    kept and asked for). The stream's rules: CurateRequest and CurateResponse.
-    UNIMPLEMENTED when limits.max_stream_inflight is 0.
+    kept and asked for). A sample with candidate answers is ranked by the mean of its
+    turns' best scores and kept with its best candidates. The stream's rules:
+    CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
     """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_curation_pb2.GetServerInfoRequest, _curation_pb2.GetServerInfoResponse]  # type: ignore[assignment]
     """What this server runs: models, backends, versions, limits, batching settings, enabled
@@ -138,8 +142,9 @@ class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_curation_pb2.ScoreResponse, _abc.Awaitable[_curation_pb2.ScoreResponse]]:
         """Reward-model scores for a batch of samples: the question score of each conversation,
-        the answer score of each turn and their mean. One result per sample, in request order;
-        a bad sample gets a per-item error and never fails its batch-mates.
+        the answer score of each turn and their mean; a turn with candidate answers gets the
+        score of each and the best. One result per sample, in request order; a bad sample gets
+        a per-item error and never fails its batch-mates.
         """
 
     @_abc_1.abstractmethod
@@ -163,8 +168,9 @@ class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
         out, as it is made (scored, selected against the top-fraction threshold of its task
         type: running over the scores of this stream, or of every stream of the same
         CurateOptions.selection_key on this replica, or given by a calibration; aligned when
-        kept and asked for). The stream's rules: CurateRequest and CurateResponse.
-        UNIMPLEMENTED when limits.max_stream_inflight is 0.
+        kept and asked for). A sample with candidate answers is ranked by the mean of its
+        turns' best scores and kept with its best candidates. The stream's rules:
+        CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
         """
 
     @_abc_1.abstractmethod

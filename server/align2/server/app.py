@@ -164,21 +164,32 @@ class App:
         return sorted({score.question_model, score.answer_model}) if score.enabled else []
 
     async def _load_models(self) -> None:
+        models, names = self.config.models, self._scoring_model_names()
+        sharing = {n: models[n] for n in names if models[n].share_base}
+        # One base in memory for the models that share it; each keeps its own batcher.
+        shared = await asyncio.to_thread(backends.load_shared_scoring, sharing) if sharing else {}
         loaded: dict[tuple[object, ...], ScoringRuntime] = {}
-        for name in self._scoring_model_names():
-            model = self.config.models[name]
-            path = await asyncio.to_thread(self._reward_folder, name, model)
-            key = (path.resolve(), *dataclasses.astuple(dataclasses.replace(model, path="")))
-            if key not in loaded:  # two names for the same folder and settings: load once
-                log.info("loading model %s from %s (%s)", name, path, model.backend)
-                backend = await asyncio.to_thread(backends.load_scoring, name, model, path)
-                runtime = ScoringRuntime(backend, self.config.batching, self._on_fatal)
-                runtime.start()
-                loaded[key] = runtime
-            self._runtimes[name] = loaded[key]
-            self._record_model(name, loaded[key].description, model)
+        for name in names:
+            model = models[name]
+            if name in shared:
+                runtime = self._start_runtime(shared[name])
+            else:
+                path = await asyncio.to_thread(self._reward_folder, name, model)
+                key = (path.resolve(), *dataclasses.astuple(dataclasses.replace(model, path="")))
+                if key not in loaded:  # two names for the same folder and settings: load once
+                    log.info("loading model %s from %s (%s)", name, path, model.backend)
+                    backend = await asyncio.to_thread(backends.load_scoring, name, model, path)
+                    loaded[key] = self._start_runtime(backend)
+                runtime = loaded[key]
+            self._runtimes[name] = runtime
+            self._record_model(name, runtime.description, model)
         if self._aligner is not None:
             await self._load_llm(self.config.align.model)
+
+    def _start_runtime(self, backend: ScoringBackend) -> ScoringRuntime:
+        runtime = ScoringRuntime(backend, self.config.batching, self._on_fatal)
+        runtime.start()
+        return runtime
 
     def _reward_folder(self, name: str, model: ModelConfig) -> pathlib.Path:
         """The folder a reward model loads from: its path, or with an adapter, the cached

@@ -8,6 +8,7 @@ Every field has a default, so an empty file (or none) serves the embedded defaul
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import tomllib
 from dataclasses import dataclass, field
@@ -64,11 +65,26 @@ class ModelConfig:
     """A PEFT LoRA reward adapter in the original LLaVA code's format (the paper's released
     reward models); ``path`` is then its original-LLaVA base (llava-v1.5-7b). At start the
     pair is converted once, as ``align2 convert-reward`` does, into ``server.cache_dir``
-    (keyed by the sha256 of every input file) and served from there. Reward models only."""
+    (keyed by the sha256 of every input file) and served from there; with ``share_base``
+    it is applied unmerged to a base shared with the other head instead. Reward models
+    only."""
     vision_tower: str = ""
     """With ``adapter``: the CLIP folder the base's ``mm_vision_tower`` names (e.g.
     clip-vit-large-patch14-336); empty: that name itself, when it is a folder here."""
+    share_base: bool = False
+    """With ``adapter``: keep ONE copy of the base ``path`` in memory for all models that set
+    share_base with the same ``path`` and ``vision_tower`` (the paper's question and answer
+    heads), and apply this model's LoRA adapter, projector and score head to it per batch,
+    unmerged; the vision tower's output for an image is computed once for every head. Memory:
+    one base plus the adapters instead of one merged copy each; nothing is converted or
+    written to the cache. Those models must agree on ``dtype`` and ``device``; transformers
+    backend only. false: the adapter is merged into its own copy (see ``adapter``)."""
     vllm: VllmConfig = field(default_factory=VllmConfig)
+
+    @property
+    def base_key(self) -> tuple[str, str]:
+        """What the models that share one base (``share_base``) have in common."""
+        return (os.path.expanduser(self.path), os.path.expanduser(self.vision_tower))
 
 
 @dataclass
@@ -87,6 +103,9 @@ class LimitsConfig:
     i.e. the longer side squared: what is actually allocated."""
     max_turns: int = 64
     """Question/answer turns in one sample."""
+    max_candidates: int = 16
+    """Candidate answers of one turn (best-of-n, Turn.answer_candidates); each is one forward
+    pass of the answer head."""
     max_inflight_bytes: int = 256 * MiB
     """Request bytes (wire size) of the Score and Align calls admitted and not finished; a
     call that does not fit is refused at once with RESOURCE_EXHAUSTED before it is
@@ -320,6 +339,7 @@ class Config:
         self._validate_adapters()
         positive = {
             "limits.max_samples_per_call": self.limits.max_samples_per_call,
+            "limits.max_candidates": self.limits.max_candidates,
             "batching.max_batch_size": self.batching.max_batch_size,
             "batching.max_queue_items": self.batching.max_queue_items,
             "batching.preprocess_workers": self.batching.preprocess_workers,
@@ -358,6 +378,31 @@ class Config:
                     f"models.{name}.adapter: adapters are reward models (the paper's LoRA "
                     f"reward adapters); {name!r} is not score.question_model or answer_model"
                 )
+        self._validate_shared_bases()
+
+    def _validate_shared_bases(self) -> None:
+        sharing: dict[tuple[str, str], str] = {}  # base -> the first model that shares it
+        for name, model in self.models.items():
+            if not model.share_base:
+                continue
+            if not model.adapter:
+                raise ConfigError(
+                    f"models.{name}.share_base: needs an adapter (a base is shared by the "
+                    "LoRA reward adapters served over it)"
+                )
+            if model.backend != "transformers":
+                raise ConfigError(
+                    f"models.{name}.share_base: the transformers backend only, got "
+                    f"{model.backend!r} (vLLM's LoRA cannot swap each head's projector)"
+                )
+            first = sharing.setdefault(model.base_key, name)
+            for key in ("dtype", "device"):
+                mine, theirs = getattr(model, key), getattr(self.models[first], key)
+                if mine != theirs:
+                    raise ConfigError(
+                        f"models.{name}.{key}: {mine!r} differs from models.{first}.{key} "
+                        f"{theirs!r}, whose base it shares (share_base)"
+                    )
 
     def _validate_curate(self) -> None:
         curate = self.curate

@@ -72,6 +72,37 @@ def load_scoring(name: str, config: ModelConfig, path: pathlib.Path) -> ScoringB
     return SCORING_BACKENDS[config.backend](name, config, path)
 
 
+def load_shared_scoring(models: Mapping[str, ModelConfig]) -> dict[str, ScoringBackend]:
+    """Backends for reward models with ``share_base``: ONE base in memory per
+    ``ModelConfig.base_key``, each model's LoRA adapter, projector and head applied to it per
+    batch (shared_scoring). Raises ConfigError naming the model whose adapter is refused."""
+    from align2.server.backends.shared_scoring import load_shared
+    from align2.server.models.llava_original import ConversionError
+    from align2.server.models.shared_llava import HeadInputs, read_head
+
+    groups: dict[tuple[str, str], dict[str, ModelConfig]] = {}
+    for name, model in models.items():
+        groups.setdefault(model.base_key, {})[name] = model
+    loaded: dict[str, ScoringBackend] = {}
+    for (path, tower), group in groups.items():
+        base = pathlib.Path(path)
+        heads: dict[str, tuple[ModelConfig, HeadInputs]] = {}
+        for name, model in group.items():
+            adapter = pathlib.Path(model.adapter).expanduser()
+            try:
+                heads[name] = (
+                    model,
+                    read_head(base, adapter, pathlib.Path(tower) if tower else None),
+                )
+            except ConversionError as exc:
+                raise ConfigError(f"models.{name}.adapter: {exc}") from exc
+        try:
+            loaded |= load_shared(base, heads)
+        except ConversionError as exc:
+            raise ConfigError(f"models.{', '.join(group)}: share_base: {exc}") from exc
+    return loaded
+
+
 def load_generation(name: str, config: ModelConfig, path: pathlib.Path) -> GenerationBackend:
     """Load the causal LM (the inner LLM) in folder ``path`` with the backend its config names."""
     check_backend(name, config, GENERATION_BACKENDS)

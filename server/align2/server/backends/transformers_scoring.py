@@ -45,6 +45,7 @@ class _Inputs:
 
     input_ids: torch.Tensor  # [L]
     images: dict[str, torch.Tensor]  # e.g. pixel_values [3, H, W] or [N, 3, H, W]
+    image_key: bytes = b""  # a digest of ``images`` where a backend caches image features
 
 
 class TransformersScoring:
@@ -57,7 +58,11 @@ class TransformersScoring:
         base: torch.nn.Module,
         head: torch.Tensor,
         image_mode: str,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
+        """``executor``: the one thread that runs this model's forwards; by default its own,
+        which ``close`` stops. Backends over one shared model pass that model's thread and
+        leave stopping it to that model (see shared_scoring)."""
         self.description = description
         self._processor = processor
         self._tokenizer = processor.tokenizer
@@ -73,8 +78,11 @@ class TransformersScoring:
         self._mean = getattr(processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
         self._around_marker = _around_marker(self._tokenizer)
         # One thread owns the device: batches run one at a time, in order.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"device-{description.name}")
-        self._interrupt = Interrupt(base, description.name)
+        self._executor = executor or ThreadPoolExecutor(
+            1, thread_name_prefix=f"device-{description.name}"
+        )
+        # Whoever owns that thread stops its running batch at close.
+        self._interrupt = Interrupt(base, description.name) if executor is None else None
 
     @classmethod
     def load(cls, name: str, config: ModelConfig, path: pathlib.Path) -> TransformersScoring:
@@ -173,24 +181,29 @@ class TransformersScoring:
         try:
             with torch.inference_mode():
                 ids, mask = _pad_right([x.input_ids for x in inputs], self._pad_id)
-                images = {
-                    key: _stack_padded([x.images[key] for x in inputs]).to(self._device)
-                    for key in inputs[0].images
-                }
-                if "pixel_values" in images:
-                    images["pixel_values"] = images["pixel_values"].to(self._dtype)
-                out = self._base(
-                    input_ids=ids.to(self._device), attention_mask=mask.to(self._device), **images
-                )
-                hidden = out.last_hidden_state
-                last = mask.sum(dim=1).to(self._device) - 1
+                ids, mask = ids.to(self._device), mask.to(self._device)
+                hidden = self._hidden(inputs, ids, mask)
+                last = mask.sum(dim=1) - 1
                 return hidden[torch.arange(len(inputs), device=self._device), last].float()
         except Exception as exc:
             raise classify_device_error(exc, self.description.name) from exc
 
+    def _hidden(self, inputs: list[_Inputs], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The base model's last hidden states ``[B, L, hidden]`` of the padded batch."""
+        images = {
+            key: _stack_padded([x.images[key] for x in inputs]).to(self._device)
+            for key in inputs[0].images
+        }
+        if "pixel_values" in images:
+            images["pixel_values"] = images["pixel_values"].to(self._dtype)
+        out = self._base(input_ids=ids, attention_mask=mask, **images)
+        hidden: torch.Tensor = out.last_hidden_state
+        return hidden
+
     def close(self) -> None:
         """Stop the batch still running (within one layer), then free the device."""
-        self._interrupt.set()
+        if self._interrupt is not None:
+            self._interrupt.set()
         self._executor.shutdown(wait=True)
         del self._base
         if self._device.type == "cuda":

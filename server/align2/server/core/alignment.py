@@ -67,6 +67,13 @@ from align2.server.core.validation import (
 )
 from align2.server.errors import InvalidArgument
 
+CANDIDATES_REFUSED = (
+    "Align rewrites one answer per turn: keep the best candidate first (Score's "
+    "answer_candidates[i].best; Curate keeps it and aligns that)"
+)
+"""Why Align refuses a turn with candidate answers: choosing one needs the answer head,
+which Align does not run (a server may serve Align without reward models)."""
+
 
 class Aligner:
     """Runs Align calls against the inner LLM ``config.model`` of ``runtimes`` (config name
@@ -166,7 +173,13 @@ class Aligner:
             if parts.answers
             else None
         )
-        problem = check_turns(sample, self._limits.max_turns, answers_needed=needed)
+        problem = check_turns(
+            sample,
+            self._limits.max_turns,
+            answers_needed=needed,
+            max_candidates=self._limits.max_candidates,
+            candidates_refused=CANDIDATES_REFUSED,
+        )
         image = sample.image_bytes()
         if problem is None and image:
             try:

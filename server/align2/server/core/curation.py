@@ -4,7 +4,9 @@ Per sample, cheapest work first:
 1. the question head scores it; it is kept when the score is among the top
    ``question_keep_fraction`` of its task type (see selection.py), else dropped;
 2. only then the answer head scores each turn; the mean answer score must be among the top
-   ``answer_keep_fraction`` of the question-kept samples of its task type;
+   ``answer_keep_fraction`` of the question-kept samples of its task type. A turn with
+   candidate answers scores each; its best counts (``rank_answers.py``'s rule), and a kept
+   sample is the sample with each turn's best candidate as its one answer;
 3. a kept sample is aligned (rewrite, guards, review) when the stream asked for it.
 
 The stream: at most ``limits.max_stream_inflight`` samples are held at once, from being read
@@ -43,7 +45,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from align2.client.types import Sample
+from align2.client.types import Sample, choose_candidates
 from align2.server import metrics
 from align2.server.config import CurateConfig, LimitsConfig
 from align2.server.core.align_types import AlignCall, SampleAlignment
@@ -363,6 +365,7 @@ class Session:
         answer = await self._score(sample, Head.ANSWER, deadline)
         result.scores.answer_scores = answer.answer_scores
         result.scores.answer_truncated = answer.answer_truncated
+        result.scores.candidates = answer.candidates
         assert answer.answer_score is not None
         selected = await self._answers.select(sample.task, answer.answer_score)
         result.answer_threshold = selected.threshold
@@ -375,7 +378,7 @@ class Session:
         if aligner is not None and self._options.align is not None:
             call = dataclasses.replace(
                 self._options.align,
-                samples=[sample],
+                samples=[choose_candidates(sample, answer.best_candidates)],  # as kept
                 priority=self._options.priority,
                 deadline=deadline,
                 sample_field=_SAMPLE,

@@ -8,6 +8,11 @@ Order of work for one call, cheapest refusal first:
 4. per sample, in worker threads: decode + check the image, render the templates,
    tokenise -> a bad image or text fails only its sample;
 5. the items join their model's batcher; the sample's result is assembled in order.
+
+A turn with candidate answers is one answer-head item per candidate, each the answer
+template of the question with that candidate, exactly as if it were the turn's only answer;
+the turn's answer score is its best candidate's (highest, first on ties: see
+``align2.client.selection.best_candidate``).
 """
 
 from __future__ import annotations
@@ -19,14 +24,15 @@ import functools
 import logging
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
 from PIL import Image
 
-from align2.client.types import Sample
+from align2.client.selection import best_candidate
+from align2.client.types import Sample, Turn
 from align2.server import metrics
 from align2.server.backends.base import InputTooLong, ModelDescription, Prepared
 from align2.server.config import LimitsConfig, ScoreConfig
@@ -71,8 +77,23 @@ class ScoreCall:
 
 
 @dataclass
+class TurnCandidates:
+    """The answer head's scores of one turn's candidate answers, in the order sent."""
+
+    scores: list[float] = field(default_factory=list)
+    truncated: list[bool] = field(default_factory=list)
+
+    @property
+    def best(self) -> int:
+        """The highest score's index; the first among equal highest."""
+        return best_candidate(self.scores)
+
+
+@dataclass
 class SampleScore:
-    """The scores of one sample, or its error (then no scores)."""
+    """The scores of one sample, or its error (then no scores). ``answer_scores`` and
+    ``answer_truncated``: per turn, its answer's (with candidates: its best candidate's);
+    ``candidates``: per turn, every candidate's, when some turn of the sample has them."""
 
     id: str
     question_score: float | None = None
@@ -80,10 +101,16 @@ class SampleScore:
     answer_scores: list[float] = field(default_factory=list)
     answer_truncated: list[bool] = field(default_factory=list)
     error: Align2Error | None = None
+    candidates: list[TurnCandidates] = field(default_factory=list)
 
     @property
     def answer_score(self) -> float | None:
         return statistics.fmean(self.answer_scores) if self.answer_scores else None
+
+    @property
+    def best_candidates(self) -> list[int]:
+        """Each turn's best candidate (empty when the sample has no candidates)."""
+        return [c.best for c in self.candidates]
 
 
 @dataclass
@@ -105,6 +132,7 @@ class _Item:
     head: Head
     where: str  # the field it comes from, for error messages
     text: str  # the rendered template
+    turn: int = 0  # the answer head's turn
 
 
 @dataclass
@@ -194,7 +222,12 @@ class Scorer:
             if Head.ANSWER in heads
             else None
         )
-        return check_turns(sample, self._limits.max_turns, answers_needed=needed)
+        return check_turns(
+            sample,
+            self._limits.max_turns,
+            answers_needed=needed,
+            max_candidates=self._limits.max_candidates,
+        )
 
     # -- one sample ----------------------------------------------------------------------
     async def _score_sample(
@@ -232,7 +265,7 @@ class Scorer:
         finally:
             for rt, count in submitted.items():
                 reservations[rt].release(len(plan[rt]) - count)
-        _fill(result, done)
+        _fill(result, done, sample)
         return result, [d.outcome for d in done]
 
     async def _score_item(
@@ -278,11 +311,19 @@ def _plan(
         text = templates.question_text(sample.turns)
         plan.setdefault(question, []).append(_Item(Head.QUESTION, "turns (question)", text))
     if answer is not None:
-        plan.setdefault(answer, []).extend(
-            _Item(Head.ANSWER, f"turns[{i}] (answer)", templates.answer_text(t))
-            for i, t in enumerate(sample.turns)
-        )
+        plan.setdefault(answer, []).extend(_answer_items(sample))
     return plan
+
+
+def _answer_items(sample: Sample) -> Iterator[_Item]:
+    """The answer head's inputs, in turn order: a turn's answer, or each of its candidates
+    as if it were the turn's only answer."""
+    for i, turn in enumerate(sample.turns):
+        if not turn.candidates:
+            yield _Item(Head.ANSWER, f"turns[{i}] (answer)", templates.answer_text(turn), i)
+        for j, candidate in enumerate(turn.candidates):
+            text = templates.answer_text(Turn(turn.question, candidate))
+            yield _Item(Head.ANSWER, f"turns[{i}].answer_candidates[{j}]", text, i)
 
 
 def _reserve_all(
@@ -304,12 +345,21 @@ def _reserve_all(
     return reservations
 
 
-def _fill(result: SampleScore, done: list[_ItemDone]) -> None:
-    """Put item results (answers in turn order) into the sample's result."""
+def _fill(result: SampleScore, done: list[_ItemDone], sample: Sample) -> None:
+    """Put item results (answers in turn and candidate order) into the sample's result."""
+    turns: list[TurnCandidates] = []
     for d in done:
         if d.item.head is Head.QUESTION:
             result.question_score = d.score
             result.question_truncated = d.truncated
         else:
-            result.answer_scores.append(d.score)
-            result.answer_truncated.append(d.truncated)
+            if d.item.turn == len(turns):
+                turns.append(TurnCandidates())
+            turns[d.item.turn].scores.append(d.score)
+            turns[d.item.turn].truncated.append(d.truncated)
+    for turn in turns:
+        best = turn.best
+        result.answer_scores.append(turn.scores[best])
+        result.answer_truncated.append(turn.truncated[best])
+    if sample.has_candidates:
+        result.candidates = turns

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from align2.client.types import Sample
+from align2.client.types import Sample, Turn
 from align2.server import metrics
 from align2.server.core.templates import clean
 from align2.server.errors import Align2Error, BackendError, InvalidArgument
@@ -26,13 +26,21 @@ def check_sample_count(count: int, limit: int) -> None:
 
 
 def check_turns(
-    sample: Sample, max_turns: int, *, answers_needed: str | None
+    sample: Sample,
+    max_turns: int,
+    *,
+    answers_needed: str | None,
+    max_candidates: int,
+    candidates_refused: str | None = None,
 ) -> InvalidArgument | None:
     """The first structural problem of ``sample``, or None.
 
     A sample needs 1..``max_turns`` turns and a non-empty question in each (the ``<image>``
     marker alone is empty). ``answers_needed``: None when answers may be empty, else why
-    they may not (it ends the error message, e.g. "the answer head needs answers").
+    they may not (it ends the error message, e.g. "the answer head needs answers"). A turn
+    with candidate answers has an empty ``answer`` and 1..``max_candidates`` candidates,
+    each held to ``answers_needed`` as an answer is; ``candidates_refused``: None when
+    candidates are accepted, else why not (it ends the error message).
     """
     if not sample.turns:
         return InvalidArgument("turns: empty conversation; a sample needs at least one turn")
@@ -43,8 +51,32 @@ def check_turns(
     for i, turn in enumerate(sample.turns):
         if not clean(turn.question):
             return InvalidArgument(f"turns[{i}].question: empty")
-        if answers_needed is not None and not clean(turn.answer):
+        if turn.candidates:
+            problem = _check_candidates(i, turn, answers_needed, max_candidates, candidates_refused)
+            if problem is not None:
+                return problem
+        elif answers_needed is not None and not clean(turn.answer):
             return InvalidArgument(f"turns[{i}].answer: empty, and {answers_needed}")
+    return None
+
+
+def _check_candidates(
+    i: int, turn: Turn, answers_needed: str | None, limit: int, refused: str | None
+) -> InvalidArgument | None:
+    where = f"turns[{i}].answer_candidates"
+    count = len(turn.candidates)
+    if refused is not None:
+        return InvalidArgument(f"{where}: {count} candidate answers, and {refused}")
+    if turn.answer:
+        return InvalidArgument(
+            f"turns[{i}].answer: set together with answer_candidates; send one or the other"
+        )
+    if count > limit:
+        return InvalidArgument(f"{where}: {count} candidates exceeds limits.max_candidates {limit}")
+    if answers_needed is not None:
+        for j, candidate in enumerate(turn.candidates):
+            if not clean(candidate):
+                return InvalidArgument(f"{where}[{j}]: empty, and {answers_needed}")
     return None
 
 

@@ -8,7 +8,8 @@
 - ``tokenizers``: the tiny byte-level BPE tokenizer the random models use.
 - ``convert_reward`` (with ``llava_original``, ``llava_tokenizer``, ``reward_inputs``): the
   paper's released reward models (original-LLaVA base + PEFT LoRA adapter) as align2 reward
-  checkpoints; ``original_builders`` writes tiny inputs in that release format.
+  checkpoints; ``original_builders`` writes tiny inputs in that release format;
+  ``shared_llava`` holds one such base in memory for several adapters (``share_base``).
 """
 
 from align2.server.backends.checkpoint import SCORE_KEY

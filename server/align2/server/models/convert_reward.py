@@ -29,6 +29,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -123,24 +124,47 @@ def _write(inputs: Inputs, out: pathlib.Path, dtype: str, digests: dict[str, Any
     return out
 
 
-def _build(inputs: Inputs, folder: pathlib.Path, dtype_name: str, digests: dict[str, Any]) -> None:
-    adapter = orig.read_adapter(inputs.adapter)
-    dtype = _dtype(dtype_name, inputs.base.files)
+@dataclass
+class Assembled:
+    """A reward model's HF weights in memory, without its head (see :func:`assemble`)."""
+
+    model: LlavaForConditionalGeneration
+    processor: LlavaProcessor
+    tokenizer_note: str
+    """What was changed for LLaVA's split at ``<image>`` (provenance)."""
+    notes: dict[str, Any]
+    """Where the projector and the vision tower came from (provenance)."""
+
+
+def assemble(inputs: Inputs, adapter: orig.Adapter, dtype: torch.dtype) -> Assembled:
+    """The ``LlavaForConditionalGeneration`` of ``adapter`` over the base, on the CPU in
+    ``dtype``: every LoRA of ``adapter.lora`` merged, its projector (the base's where it has
+    none), the CLIP tower; no score head. With ``adapter.lora`` and ``adapter.projector``
+    empty this is the base alone (what a shared base serves, see backends/shared_scoring)."""
     tokenizer, tokenizer_note = reward_tokenizer(inputs.base.folder)
     vision = CLIPVisionConfig.from_pretrained(inputs.tower.folder)
-    config = _llava_config(inputs.model_config, vision, tokenizer)
+    config = llava_config(inputs.model_config, vision, tokenizer)
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     assembly = _Assembly(model, dtype)
     notes = _assemble(assembly, inputs, adapter)
     model.load_state_dict(assembly.state, strict=True, assign=True)
+    processor = _processor(inputs, tokenizer, vision, config)
+    return Assembled(model, processor, tokenizer_note, notes)
+
+
+def _build(inputs: Inputs, folder: pathlib.Path, dtype_name: str, digests: dict[str, Any]) -> None:
+    adapter = orig.read_adapter(inputs.adapter)
+    dtype = _dtype(dtype_name, inputs.base.files)
+    built = assemble(inputs, adapter, dtype)
+    model, config = built.model, built.model.config
     hidden = _int(config.get_text_config().hidden_size, "hidden_size")
     head = torch.nn.Linear(hidden, 1, bias=False, device="meta")
-    head.weight = torch.nn.Parameter(_head(adapter, hidden).to(dtype), requires_grad=False)
+    head.weight = torch.nn.Parameter(adapter_head(adapter, hidden).to(dtype), requires_grad=False)
     model.add_module(SCORE_KEY.removesuffix(".weight"), head)
     model.config.num_labels = 1
     model.save_pretrained(folder, max_shard_size="5GB")
-    _processor(inputs, tokenizer, vision, config).save_pretrained(folder)
+    built.processor.save_pretrained(folder)
     if not splits_like_llava(AutoTokenizer.from_pretrained(folder)):
         raise ConversionError(f"{folder}: the saved tokenizer lost LLaVA's split at <image>")
     provenance = {
@@ -158,8 +182,8 @@ def _build(inputs: Inputs, folder: pathlib.Path, dtype_name: str, digests: dict[
             "modules_merged": len(adapter.lora),
         },
         "score_head_from": adapter.head_source,
-        "tokenizer": tokenizer_note,
-        **notes,
+        "tokenizer": built.tokenizer_note,
+        **built.notes,
         "trained_with": {
             k: inputs.model_config.get(k)
             for k in ("image_aspect_ratio", "tokenizer_model_max_length", "mm_vision_select_layer")
@@ -254,7 +278,7 @@ def _grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([weight, extra.to(weight.dtype)])
 
 
-def _head(adapter: orig.Adapter, hidden: int) -> torch.Tensor:
+def adapter_head(adapter: orig.Adapter, hidden: int) -> torch.Tensor:
     assert adapter.head is not None
     if tuple(adapter.head.shape) != (1, hidden):
         raise ConversionError(
@@ -264,7 +288,7 @@ def _head(adapter: orig.Adapter, hidden: int) -> torch.Tensor:
     return adapter.head
 
 
-def _llava_config(
+def llava_config(
     config: dict[str, Any], vision: CLIPVisionConfig, tokenizer: PreTrainedTokenizerBase
 ) -> LlavaConfig:
     """The HF config equivalent of an original-LLaVA config (defaults: those of the Llama

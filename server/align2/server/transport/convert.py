@@ -308,6 +308,10 @@ def sample_score_to_proto(result: SampleScore) -> pb.ScoreResult:
         answer_scores=result.answer_scores,
         answer_score=result.answer_score,
         answer_truncated=result.answer_truncated,
+        answer_candidates=[
+            pb.CandidateScores(scores=c.scores, best=c.best, truncated=c.truncated)
+            for c in result.candidates
+        ],
     )
 
 
@@ -362,6 +366,7 @@ def server_info_to_proto(
             max_image_bytes=limits.max_image_bytes,
             max_image_pixels=limits.max_image_pixels,
             max_turns=limits.max_turns,
+            max_candidates=limits.max_candidates,
             max_text_tokens=limits.max_text_tokens,
             truncation=limits.truncation,
             max_queue_items=batching.max_queue_items,

@@ -245,12 +245,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or not method.startswith(SERVICE_PREFIX):
-            return handler
-        rpc = method.rsplit("/", 1)[-1]
-        return rewrap(handler, rpc, self._unary, self._stream)
+        return await _align2_handler(continuation, handler_call_details, self._unary, self._stream)
 
 
 class ParseInterceptor(grpc.aio.ServerInterceptor):
@@ -264,9 +259,24 @@ class ParseInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or not method.startswith(SERVICE_PREFIX):
-            return handler
-        rpc = method.rsplit("/", 1)[-1]
-        return rewrap(handler, rpc, _check_unary_response, _check_stream_response, _lenient)
+        return await _align2_handler(
+            continuation,
+            handler_call_details,
+            _check_unary_response,
+            _check_stream_response,
+            _lenient,
+        )
+
+
+async def _align2_handler(
+    continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+    handler_call_details: grpc.HandlerCallDetails,
+    *wrappers: Any,
+) -> grpc.RpcMethodHandler:
+    """The next handler, rewrapped by ``wrappers`` (see :func:`rewrap`) for align2.v1 RPCs;
+    health, reflection and unknown methods pass as they are."""
+    handler = await continuation(handler_call_details)
+    method: str = handler_call_details.method
+    if handler is None or not method.startswith(SERVICE_PREFIX):
+        return handler
+    return rewrap(handler, method.rsplit("/", 1)[-1], *wrappers)
