@@ -112,6 +112,13 @@ def test_grace_is_a_hard_bound_and_every_call_is_answered(server: ServerThread) 
     on_device = slow_down(server)
     callers, outcomes = start_calls(server, 6)
     assert on_device.wait(60), "no batch reached the device"
+    # All six admitted before the drain starts (on a loaded machine a caller can still be
+    # connecting; it would then be refused as "shutting down", not cut at the deadline).
+    batcher = server.app._runtimes["question"].batcher
+    deadline = time.monotonic() + 60
+    while batcher.load < 6:
+        assert time.monotonic() < deadline, f"only {batcher.load} of 6 calls admitted"
+        time.sleep(0.01)
     stopper, stopped = start_stop(server)
     stopper.join(timeout=60)
     for caller in callers:
