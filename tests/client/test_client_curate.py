@@ -3,12 +3,14 @@ failures, and what is left unanswered."""
 
 from __future__ import annotations
 
+import inspect
 import pathlib
 
 import grpc
 import pytest
 
-from align2.client.curate import CurateStream
+from align2.client.calls import align_options
+from align2.client.curate import CurateArgs, CurateStream
 from align2.client.results import ProtocolError
 from align2.client.types import Sample, Turn
 from align2.v1 import curation_pb2 as pb
@@ -86,3 +88,14 @@ def test_a_failing_producer_ends_the_requests_normally_and_is_kept() -> None:
 def test_fractions_outside_zero_one_are_refused(fraction: float) -> None:
     with pytest.raises(ValueError, match=r"answer_keep_fraction: .* not in \(0, 1\]"):
         CurateStream.plan(answer_keep_fraction=fraction)
+
+
+def test_the_typed_curate_arguments_are_the_plans() -> None:
+    # CurateArgs types the clients' **options for type checkers; it must not drift from
+    # CurateStream.plan and align_options, which hold the defaults (annotations as written).
+    plan = inspect.signature(CurateStream.plan).parameters
+    align = inspect.signature(align_options).parameters
+    written = {name: p.annotation for name, p in plan.items() if name != "align_settings"}
+    written |= {name: p.annotation for name, p in align.items()}
+    typed = {k: getattr(v, "__forward_arg__", v) for k, v in CurateArgs.__annotations__.items()}
+    assert typed == written

@@ -121,7 +121,7 @@ def test_only_the_policy_codes_are_resumed_and_not_after_a_cancel() -> None:
     assert stream.next_try("UNAVAILABLE") is not None
     stream.cancelled = True
     assert stream.next_try("UNAVAILABLE") is None
-    assert CurateStream.plan().next_try("UNAVAILABLE") is None  # no policy: no resume
+    assert CurateStream.plan(resume=False).next_try("UNAVAILABLE") is None  # no policy: no resume
 
 
 def test_a_status_lost_by_grpcio_aio_is_resumed_only_after_a_decision() -> None:

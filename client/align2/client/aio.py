@@ -14,7 +14,6 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
-    Mapping,
     Sequence,
 )
 from types import TracebackType
@@ -24,7 +23,7 @@ from align2.client.aio_curate import AsyncCurateCall
 from align2.client.base import ClientBase
 from align2.client.calls import DEFAULT_HEADS, AlignCall, ChunkedCall, ScoreCall
 from align2.client.channel import ClientArgs
-from align2.client.curate import AsyncCurateResults, CurateStream
+from align2.client.curate import AsyncCurateResults, CurateArgs, CurateStream
 from align2.client.health import SERVICE, health_request, health_status
 from align2.client.results import (
     AlignReply,
@@ -32,7 +31,6 @@ from align2.client.results import (
     ScoreReply,
     ScoreResult,
 )
-from align2.client.resume import ResumePolicy
 from align2.client.types import Sample
 from align2.v1 import curation_pb2 as pb
 
@@ -160,37 +158,13 @@ class AsyncCurationClient(ClientBase):
         self,
         samples: Iterable[Sample] | AsyncIterable[Sample],
         *,
-        question_keep_fraction: float | None = None,
-        answer_keep_fraction: float | None = None,
-        align: bool = False,
         timeout: float | None = None,
-        priority: str | None = None,
-        selection_key: str | None = None,
-        question_thresholds: Mapping[str, float] | None = None,
-        answer_thresholds: Mapping[str, float] | None = None,
-        min_window: int | None = None,
-        question_seed_scores: Mapping[str, Sequence[float]] | None = None,
-        answer_seed_scores: Mapping[str, Sequence[float]] | None = None,
-        resume: bool | ResumePolicy = True,
-        **align_settings: Any,
+        **options: Unpack[CurateArgs],
     ) -> AsyncCurateResults:
         """The asyncio twin of :meth:`CurationClient.curate` (``async for result in
         client.curate(samples)``), resumed the same way; ``samples`` may be an async
         iterable. Images are read in a worker thread."""
-        stream = CurateStream.plan(
-            question_keep_fraction=question_keep_fraction,
-            answer_keep_fraction=answer_keep_fraction,
-            align=align,
-            priority=priority,
-            selection_key=selection_key,
-            question_thresholds=question_thresholds,
-            answer_thresholds=answer_thresholds,
-            min_window=min_window,
-            question_seed_scores=question_seed_scores,
-            answer_seed_scores=answer_seed_scores,
-            resume=resume,
-            **align_settings,
-        )
+        stream = CurateStream.plan(**options)
         deadline = self._options.timeout if timeout is None else timeout
         curate = AsyncCurateCall(self._curate_rpc, self._check_health, stream, deadline)
         return AsyncCurateResults(stream, curate.results(samples), curate.cancel)

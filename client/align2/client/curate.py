@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from align2.client.calls import align_options, encode_chunk, parse_priority
 from align2.client.convert import curate_result_from_proto
@@ -81,6 +81,31 @@ def selection_options(
     return options
 
 
+class CurateArgs(TypedDict, total=False):
+    """The clients' ``curate()`` keyword arguments other than ``timeout``: those of
+    :meth:`CurateStream.plan`, its ``align_settings`` spelled out (for type checkers; ``plan``
+    and :func:`~align2.client.calls.align_options` hold the defaults and the checks)."""
+
+    question_keep_fraction: float | None
+    answer_keep_fraction: float | None
+    align: bool
+    priority: str | None
+    selection_key: str | None
+    question_thresholds: Mapping[str, float] | None
+    answer_thresholds: Mapping[str, float] | None
+    min_window: int | None
+    question_seed_scores: Mapping[str, Sequence[float]] | None
+    answer_seed_scores: Mapping[str, Sequence[float]] | None
+    resume: bool | ResumePolicy
+    parts: str
+    review: bool
+    max_new_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+    template: str | None
+
+
 @dataclass(frozen=True)
 class Sent:
     """A sample as given and as encoded (a resent sample is not read or encoded again)."""
@@ -127,11 +152,12 @@ class CurateStream:
         min_window: int | None = None,
         question_seed_scores: Mapping[str, Sequence[float]] | None = None,
         answer_seed_scores: Mapping[str, Sequence[float]] | None = None,
-        resume: bool | ResumePolicy = False,
+        resume: bool | ResumePolicy = True,
         **align_settings: Any,
     ) -> CurateStream:
-        """Validate everything before any I/O. None leaves a setting to the server;
-        the selection settings as :func:`selection_options`; ``align_settings`` as
+        """Validate everything before any I/O (the arguments are ``curate()``'s:
+        :class:`CurateArgs`). None leaves a setting to the server; the selection settings as
+        :func:`selection_options`; ``align_settings`` as
         :func:`align2.client.calls.align_options` (used when ``align``); ``resume`` as
         :func:`align2.client.resume.resume_policy`."""
         options = selection_options(

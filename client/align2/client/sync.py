@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from align2.client.base import ClientBase
 from align2.client.calls import DEFAULT_HEADS, AlignCall, ChunkedCall, ScoreCall
-from align2.client.curate import CurateResults, CurateStream
+from align2.client.curate import CurateArgs, CurateResults, CurateStream
 from align2.client.health import SERVICE, health_request, health_status
 from align2.client.results import (
     AlignReply,
@@ -17,10 +17,12 @@ from align2.client.results import (
     ScoreReply,
     ScoreResult,
 )
-from align2.client.resume import ResumePolicy
 from align2.client.sync_curate import CurateCall
 from align2.client.types import Sample
 from align2.v1 import curation_pb2 as pb
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.12
 
 ReplyT = TypeVar("ReplyT")
 
@@ -137,19 +139,8 @@ class CurationClient(ClientBase):
         self,
         samples: Iterable[Sample],
         *,
-        question_keep_fraction: float | None = None,
-        answer_keep_fraction: float | None = None,
-        align: bool = False,
         timeout: float | None = None,
-        priority: str | None = None,
-        selection_key: str | None = None,
-        question_thresholds: Mapping[str, float] | None = None,
-        answer_thresholds: Mapping[str, float] | None = None,
-        min_window: int | None = None,
-        question_seed_scores: Mapping[str, Sequence[float]] | None = None,
-        answer_seed_scores: Mapping[str, Sequence[float]] | None = None,
-        resume: bool | ResumePolicy = True,
-        **align_settings: Any,
+        **options: Unpack[CurateArgs],
     ) -> CurateResults:
         """Curate a stream of samples as they are produced: one result per sample, in the
         order the server decides them (each carries its sample's ``id``).
@@ -157,8 +148,9 @@ class CurationClient(ClientBase):
         The server keeps a sample when its question score is among the top
         ``question_keep_fraction`` of its task type in this stream, and its mean answer
         score among the top ``answer_keep_fraction`` of those (None: the server's defaults,
-        the method's 0.3 and 0.3); ``align`` restyles the kept ones (``align_settings`` as
-        for :meth:`align`).
+        the method's 0.3 and 0.3); ``align`` restyles the kept ones (``parts``, ``review``
+        and the decoding settings as for :meth:`align`); ``priority`` as in :meth:`score`.
+        The keyword arguments are :class:`~align2.client.curate.CurateArgs`.
 
         Selection: ``selection_key`` shares the score windows with every stream of the same
         key on that server (a pipeline's workers select as one; not across replicas).
@@ -179,25 +171,12 @@ class CurationClient(ClientBase):
         drains), wait until the server (a replica) reports SERVING and open a new stream
         that sends again only the samples without a decision, then the rest; each sample's
         decision is still yielded once (:class:`~align2.client.resume.ResumePolicy`: how
-        long and how often; False: fail at once). The server's selection thresholds start
-        afresh on the new stream. A failure that is not resumed raises ``grpc.RpcError``;
-        the samples without a decision are then in ``results.unanswered``. ValueError for a
-        bad argument, at once.
+        long and how often; True, the default: its defaults; False: fail at once). The
+        server's selection thresholds start afresh on the new stream. A failure that is not
+        resumed raises ``grpc.RpcError``; the samples without a decision are then in
+        ``results.unanswered``. ValueError for a bad argument, at once.
         """
-        stream = CurateStream.plan(
-            question_keep_fraction=question_keep_fraction,
-            answer_keep_fraction=answer_keep_fraction,
-            align=align,
-            priority=priority,
-            selection_key=selection_key,
-            question_thresholds=question_thresholds,
-            answer_thresholds=answer_thresholds,
-            min_window=min_window,
-            question_seed_scores=question_seed_scores,
-            answer_seed_scores=answer_seed_scores,
-            resume=resume,
-            **align_settings,
-        )
+        stream = CurateStream.plan(**options)
         deadline = self._options.timeout if timeout is None else timeout
         call = CurateCall(self._curate_rpc, self._check_health, stream, samples, deadline)
         return CurateResults(stream, call.results(), call.cancel)
