@@ -124,6 +124,18 @@ def test_only_the_policy_codes_are_resumed_and_not_after_a_cancel() -> None:
     assert CurateStream.plan(resume=False).next_try("UNAVAILABLE") is None  # no policy: no resume
 
 
+def test_the_call_deadline_bounds_a_resume() -> None:
+    stream = CurateStream.plan(resume=ResumePolicy(initial_backoff_seconds=1.0))
+    assert stream.next_try("UNAVAILABLE", time_left=0.5) is None  # gone before the backoff
+    plan = stream.next_try("UNAVAILABLE", time_left=10.0)
+    assert plan is not None
+    backoff, wait = plan
+    assert 1.6 <= backoff <= 2.4  # the second try's, jittered
+    assert backoff + wait == pytest.approx(10.0)  # the wait for SERVING ends at the deadline
+    plan = stream.next_try("UNAVAILABLE")
+    assert plan is not None and sum(plan) > 250  # no deadline: the outage's 300 s bound it
+
+
 def test_a_status_lost_by_grpcio_aio_is_resumed_only_after_a_decision() -> None:
     # grpcio's asyncio client turns a stream that ends during a write into this INTERNAL,
     # whatever the server said (grpc/grpc#36066).

@@ -112,15 +112,10 @@ class AsyncCurateCall:
 
     async def _wait_to_resume(self, error: grpc.RpcError) -> bool:
         """Back off, then wait until the server says SERVING; False when the call fails."""
-        plan = self._stream.next_try(*status_of(error))
+        plan = self._stream.next_try(*status_of(error), self._time_left())
         if plan is None:
             return False
-        backoff, wait = plan
-        left = self._time_left()
-        if left is not None and left <= backoff:
-            return False
-        limit = wait if left is None else min(wait, left - backoff)
-        self._waiting = asyncio.ensure_future(self._wait_for_serving(backoff, limit))
+        self._waiting = asyncio.ensure_future(self._wait_for_serving(*plan))
         try:
             return await self._waiting
         except asyncio.CancelledError:

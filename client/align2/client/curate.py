@@ -306,11 +306,14 @@ class CurateStream:
             return [sent.sample.id for sent in (*pending, *self._resend)]
 
     # -- resuming -----------------------------------------------------------------------
-    def next_try(self, code: str, details: str = "") -> tuple[float, float] | None:
+    def next_try(
+        self, code: str, details: str = "", time_left: float | None = None
+    ) -> tuple[float, float] | None:
         """After the current stream failed with status ``code`` (a name, e.g.
         "UNAVAILABLE") and ``details``: (seconds to back off, then the longest wait for the
         server) before opening the next stream, or None when the call fails instead (no
-        resume policy, another code, the outage spent, the caller cancelled)."""
+        resume policy, another code, the outage spent, the caller cancelled, or the call's
+        deadline, ``time_left`` seconds away (None: none), comes before the backoff ends)."""
         policy = self.resume
         if policy is None or self.cancelled:
             return None
@@ -320,7 +323,13 @@ class CurateStream:
         with self._lock:
             if self._outage is None:
                 self._outage = Outage(policy, now)
-            return self._outage.next_try(now)
+            plan = self._outage.next_try(now)
+        if plan is None or time_left is None:
+            return plan
+        backoff, wait = plan
+        if time_left <= backoff:
+            return None
+        return backoff, min(wait, time_left - backoff)
 
     def _lost_status(self, code: str, details: str) -> bool:
         """grpcio's asyncio client reports a stream that ended while a write was on its way

@@ -79,16 +79,13 @@ class CurateCall:
 
     def _wait_to_resume(self, error: grpc.RpcError) -> bool:
         """Back off, then wait until the server says SERVING; False when the call fails."""
-        plan = self._stream.next_try(*status_of(error))
+        plan = self._stream.next_try(*status_of(error), self._time_left())
         if plan is None:
             return False
-        backoff, wait = plan
-        left = self._time_left()
-        if left is not None and left <= backoff:
-            return False
+        backoff, limit = plan
         if self._cancelled.wait(backoff):
             return False
-        return self._wait_for_serving(wait if left is None else min(wait, left - backoff))
+        return self._wait_for_serving(limit)
 
     def _wait_for_serving(self, limit: float) -> bool:
         """True once a health check says SERVING (or the server has no health service: the
