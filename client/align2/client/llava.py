@@ -135,7 +135,8 @@ def sample_from_record(
     image_folder: pathlib.Path | None = None,
     default_task: str = "",
 ) -> Sample:
-    """One LLaVA record as a :class:`Sample`; ValueError naming record and key if malformed."""
+    """One LLaVA record as a :class:`Sample`; :class:`MalformedRecord` (a ValueError) naming
+    record and key if malformed."""
     if not isinstance(record, dict):
         raise _malformed(index, None, "record", f"expected an object, got {_kind(record)}")
     record_id = _record_id(record, index)
@@ -234,9 +235,20 @@ def _record_task(record: dict[str, Any], where: tuple[int, str]) -> str:
     return ""
 
 
-def _malformed(index: int, record_id: str | None, key: str, problem: str) -> ValueError:
-    where = f"record {index}" if record_id is None else f"record {index} (id {record_id!r})"
-    return ValueError(f"{where}: {key}: {problem}")
+class MalformedRecord(ValueError):
+    """A record that is not a valid LLaVA record: the message names the record (its index,
+    and its id when it has a valid one), the key and the problem; ``record_id`` and
+    ``problem`` (key and problem) are those parts, for callers that say where themselves."""
+
+    def __init__(self, index: int, record_id: str | None, problem: str) -> None:
+        where = f"record {index}" if record_id is None else f"record {index} (id {record_id!r})"
+        super().__init__(f"{where}: {problem}")
+        self.record_id = record_id
+        self.problem = problem
+
+
+def _malformed(index: int, record_id: str | None, key: str, problem: str) -> MalformedRecord:
+    return MalformedRecord(index, record_id, f"{key}: {problem}")
 
 
 def _kind(value: Any) -> str:

@@ -12,7 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from align2.client.llava import iter_records, sample_from_record, task_from_filename
+from align2.client.llava import (
+    MalformedRecord,
+    iter_records,
+    sample_from_record,
+    task_from_filename,
+)
 from align2.client.scorestore import sample_digest
 from align2.client.types import Sample
 
@@ -126,16 +131,10 @@ def _read_record(
     default_task: str,
     invalid: list[Invalid],
 ) -> Record | None:
-    record_id = raw.get("id") if isinstance(raw, dict) else None
-    valid_id = isinstance(record_id, str | int) and not isinstance(record_id, bool)
-    shown_id = str(record_id) if valid_id else None
     try:
         sample = sample_from_record(raw, index, image_folder=folder, default_task=default_task)
-    except ValueError as error:
-        problem = str(error)  # "record 3 (id 'x'): key: problem": Invalid says where
-        for where in (f"record {index} (id {shown_id!r}): ", f"record {index}: "):
-            problem = problem.removeprefix(where)
-        invalid.append(Invalid(file, index, shown_id, "read", problem))
+    except MalformedRecord as error:  # Invalid says where itself
+        invalid.append(Invalid(file, index, error.record_id, "read", error.problem))
         return None
     if isinstance(sample.image, os.PathLike) and not os.path.isfile(sample.image):
         problem = f"image: no such file: {os.fspath(sample.image)}"
