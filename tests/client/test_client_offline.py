@@ -421,7 +421,7 @@ def test_invalid_records_stop_the_run_naming_the_record(
 
 
 def test_skip_invalid_leaves_them_out_and_lists_them(
-    fake: FakeCuration, tmp_path: pathlib.Path
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source = invalid_data(tmp_path)
     report = tmp_path / "r.json"
@@ -439,6 +439,12 @@ def test_skip_invalid_leaves_them_out_and_lists_them(
     assert summary["tasks"]["detail"]["question"]["candidates"] == 7  # N without the invalid
     kept = [r["id"] for r in json.loads((tmp_path / "k.json").read_text())]
     assert kept == ["10", "9", "8"]  # the top int(0.5 * 7) question scores
+    err = capsys.readouterr().err
+    skipped = [line.strip() for line in err.splitlines() if line.strip().startswith("skipped:")]
+    assert skipped == [
+        f"skipped: {source}: record {i['index']} (id {i['id']!r}): {i['problem']}"
+        for i in summary["invalid"]
+    ]
 
 
 def test_plot_draws_one_histogram_per_task_and_stage(

@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Any
 
 from align2.client.offline import Outcome, Stage
-from align2.client.records import Record
+from align2.client.records import Invalid, Record
 from align2.client.scorestore import HEAD_ANSWER, HEAD_QUESTION
 from align2.client.selection import describe, merge_order
 
@@ -150,7 +150,7 @@ def report_text(report: dict[str, Any]) -> str:
         + "; taken from the scores file: "
         + ", ".join(f"{head} head {scoring[head]['stored']}" for head in scoring)
     )
-    lines.extend(f"  skipped: {_invalid_text(i)}" for i in report["invalid"][:10])
+    lines.extend(f"  skipped: {Invalid(**i)}" for i in report["invalid"][:10])
     if len(report["invalid"]) > 10:
         lines.append(f"  ... and {len(report['invalid']) - 10} more skipped (see the report)")
     return "\n".join(lines)
@@ -176,11 +176,6 @@ def _of(stage: dict[str, Any]) -> str:
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
-
-
-def _invalid_text(entry: dict[str, Any]) -> str:
-    name = f" (id {entry['id']!r})" if entry["id"] is not None else ""
-    return f"{entry['file']}: record {entry['index']}{name}: {entry['problem']}"
 
 
 # ---------------------------------------------------------------------------------------
