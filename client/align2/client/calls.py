@@ -77,11 +77,11 @@ def parse_priority(priority: str | None) -> pb.Priority.ValueType:
     return PRIORITIES[priority]
 
 
-def split_chunks(samples: Sequence[Sample], size: int) -> list[Sequence[Sample]]:
-    """Consecutive slices of at most ``size``; concatenated they are ``samples``."""
+def split_chunks(items: Sequence[R], size: int) -> list[Sequence[R]]:
+    """Consecutive slices of at most ``size``; concatenated they are ``items``."""
     if size < 1:
         raise ValueError(f"chunk_size: {size} is not positive")
-    return [samples[i : i + size] for i in range(0, len(samples), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 
 from align2.client.aio import AsyncCurationClient, gather_bounded
+from align2.client.calls import split_chunks
 from align2.client.records import Inputs, Invalid, InvalidRecords, Record
 from align2.client.results import AlignResult, ProtocolError, ScoreReply, ScoreResult
 from align2.client.scorestore import (
@@ -213,8 +214,7 @@ class OfflineCuration:
             else:
                 found[item] = stored
         outcome.sent[head], outcome.cached[head] = len(todo), len(items) - len(todo)
-        size = self._client.chunk_size
-        chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+        chunks = split_chunks(todo, self._client.chunk_size)
         with self._progress(f"{head} head", len(todo)) as advance:
 
             async def send(n: int) -> None:
@@ -353,8 +353,7 @@ async def align_kept(
 ) -> list[AlignResult]:
     """Align (restyle) ``samples`` in chunks, at most ``concurrency`` at once: one result
     per sample, same order. ``options`` as for :meth:`AsyncCurationClient.align`."""
-    size = client.chunk_size
-    chunks = [samples[i : i + size] for i in range(0, len(samples), size)]
+    chunks = split_chunks(samples, client.chunk_size)
     with progress("align", len(samples)) as advance:
 
         async def send(n: int) -> list[AlignResult]:
