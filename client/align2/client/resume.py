@@ -3,7 +3,7 @@
 A stream that fails with one of :attr:`ResumePolicy.codes` (UNAVAILABLE: a server that
 drains or warms up says so; grpcio's blocking client reports a connection that breaks
 mid-stream, a killed server, as UNAVAILABLE too) starts an *outage*. Each try waits a
-backoff, then until the server reports SERVING (a grpc.health.v1 Watch that waits for the
+backoff, then until the server reports SERVING (grpc.health.v1 Checks, each waiting for the
 connection with gRPC's own reconnection and backoff), then opens a new stream. The outage
 ends with the first decision on a new stream, and fails after ``max_attempts`` tries or
 ``max_wait_seconds``, whichever comes first; the call's own deadline bounds it too.
