@@ -21,6 +21,7 @@ __all__ = [
     "error_details",
     "jpeg",
     "png",
+    "score_config",
     "unpack_details",
     "vllm_requests_finished",
 ]
@@ -80,13 +81,16 @@ def vllm_requests_finished(model_name: str) -> float:
     )
 
 
+def score_config(reward: pathlib.Path) -> Config:
+    """Score and Curate on a tiny model, ``reward`` for both heads; Align off (no LLM)."""
+    config = Config()
+    config.models = {n: ModelConfig(path=str(reward)) for n in ("question", "answer")}
+    return config
+
+
 def full_config(reward: pathlib.Path, llm: pathlib.Path, max_new_tokens: int) -> Config:
     """Score, Align and Curate on tiny models: ``reward`` for both heads, ``llm`` inner."""
-    config = Config()
-    config.models = {
-        "question": ModelConfig(path=str(reward)),
-        "answer": ModelConfig(path=str(reward)),
-        "llm": ModelConfig(path=str(llm), max_length=1024),
-    }
+    config = score_config(reward)
+    config.models["llm"] = ModelConfig(path=str(llm), max_length=1024)
     config.align.decoding.max_new_tokens = max_new_tokens
     return config

@@ -15,10 +15,9 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from PIL import Image
-from support import ServerThread, error_details
+from support import ServerThread, error_details, score_config
 
 from align2.client import AsyncCurationClient, CurationClient, Sample, Turn
-from align2.server.config import Config, ModelConfig
 from align2.server.core.drain import MAX_RETRY_SECONDS, MIN_RETRY_SECONDS
 
 IMAGE_SIDE = 150  # an incompressible 150 x 150 RGB PNG: about 68 KB
@@ -27,11 +26,7 @@ BUDGET = 200_000  # two such calls fit, a third does not
 
 @pytest.fixture(scope="module")
 def server(tiny_llava: pathlib.Path) -> Iterator[ServerThread]:
-    config = Config()
-    config.models = {
-        "question": ModelConfig(path=str(tiny_llava)),
-        "answer": ModelConfig(path=str(tiny_llava)),
-    }
+    config = score_config(tiny_llava)
     config.limits.max_message_bytes = BUDGET
     config.limits.max_inflight_bytes = BUDGET
     config.batching.max_queue_items = 16

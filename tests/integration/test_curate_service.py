@@ -11,11 +11,10 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from support import ServerThread, error_details, full_config, png
+from support import ServerThread, error_details, full_config, png, score_config
 
 from align2.client import AsyncCurationClient, CurateResult, CurationClient, Sample, Turn
 from align2.client.cli import main as cli_main
-from align2.server.config import Config, ModelConfig
 from align2.server.core.selection import TaskSelectors
 from align2.v1 import curation_pb2 as pb
 from align2.v1 import curation_pb2_grpc as pb_grpc
@@ -252,9 +251,7 @@ def test_async_cancel_raises_cancelled_as_an_rpc_error(server: ServerThread) -> 
 
 
 def test_curate_is_unimplemented_when_disabled(tiny_llava: pathlib.Path) -> None:
-    config = Config()
-    config.models = {"question": ModelConfig(path=str(tiny_llava))}
-    config.score.answer_model = "question"
+    config = score_config(tiny_llava)
     config.limits.max_stream_inflight = 0
     server = ServerThread(config).start()
     try:
@@ -440,9 +437,7 @@ def test_the_cli_calibrates_from_score_output_then_streams_against_it(
 
 
 def test_a_new_selection_key_beyond_the_limit_is_refused(tiny_llava: pathlib.Path) -> None:
-    config = Config()
-    config.models = {"question": ModelConfig(path=str(tiny_llava))}
-    config.score.answer_model = "question"
+    config = score_config(tiny_llava)
     config.curate.max_selection_keys = 1
     server = ServerThread(config).start()
     more = asyncio.Event()

@@ -16,10 +16,9 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import ServerProcess, ServerThread, png
+from support import ServerProcess, ServerThread, png, score_config
 
 from align2.client import CurationClient, Sample, Turn
-from align2.server.config import Config, ModelConfig
 
 SECRET = "zebra-violin-quartz"  # sample text that must never reach the logs
 
@@ -113,8 +112,7 @@ def test_sigterm_drains_in_flight_work_refuses_new_calls_and_exits_zero(
 
 @pytest.fixture
 def server(tiny_llava: pathlib.Path) -> Iterator[ServerThread]:
-    config = Config()
-    config.models = {n: ModelConfig(path=str(tiny_llava)) for n in ("question", "answer")}
+    config = score_config(tiny_llava)
     server = ServerThread(config).start()
     yield server
     server.stop()

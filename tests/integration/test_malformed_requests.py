@@ -13,9 +13,8 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from support import ServerThread, error_details, png
+from support import ServerThread, error_details, png, score_config
 
-from align2.server.config import Config, ModelConfig
 from align2.v1 import curation_pb2 as pb
 
 SERVICE = "/align2.v1.CurationService/"
@@ -45,8 +44,7 @@ GARBAGE = b"\xff\xff\xff\xff"
 
 @pytest.fixture(scope="module")
 def server(tiny_llava: pathlib.Path) -> Iterator[ServerThread]:
-    config = Config()
-    config.models = {n: ModelConfig(path=str(tiny_llava)) for n in ("question", "answer")}
+    config = score_config(tiny_llava)
     server = ServerThread(config).start()  # Score and Curate; Align off (no LLM)
     yield server
     server.stop()

@@ -22,10 +22,9 @@ from collections.abc import Iterator
 import grpc
 import prometheus_client
 import pytest
-from support import ServerThread, png
+from support import ServerThread, png, score_config
 
 from align2.client import CurationClient, Sample, Turn
-from align2.server.config import Config, ModelConfig
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(
@@ -42,11 +41,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_llava: pathlib.Path) -> Iterator[ServerThread]:
-    config = Config()
-    config.models = {
-        "question": ModelConfig(path=str(tiny_llava)),
-        "answer": ModelConfig(path=str(tiny_llava)),
-    }
+    config = score_config(tiny_llava)
     server = ServerThread(config).start()
     yield server
     server.stop()

@@ -13,10 +13,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import ServerThread, png
+from support import ServerThread, png, score_config
 
 from align2.client import CurationClient, Sample, Turn
-from align2.server.config import Config, ModelConfig
 
 SAMPLE = Sample(id="s", image=png(), turns=[Turn("What is it?", "A box.")])
 
@@ -76,8 +75,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
 
 
 def server_with(tiny_llava: pathlib.Path, **security: str) -> ServerThread:
-    config = Config()
-    config.models = {n: ModelConfig(path=str(tiny_llava)) for n in ("question", "answer")}
+    config = score_config(tiny_llava)
     for key, value in security.items():
         setattr(config.security, key, value)
     return ServerThread(config).start()

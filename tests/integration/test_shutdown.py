@@ -17,10 +17,9 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import ServerThread, png
+from support import ServerThread, png, score_config
 
 from align2.client import CurationClient, Sample, Turn
-from align2.server.config import Config, ModelConfig
 from align2.server.core.lifecycle import Phase
 
 LAYER_SECONDS = 1.0
@@ -39,8 +38,7 @@ def slow_llava(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 @pytest.fixture
 def server(slow_llava: pathlib.Path) -> Iterator[ServerThread]:
-    config = Config()
-    config.models = {n: ModelConfig(path=str(slow_llava)) for n in ("question", "answer")}
+    config = score_config(slow_llava)
     config.align.enabled = False
     server = ServerThread(config).start()
     yield server

@@ -405,11 +405,11 @@ async def test_the_wait_for_returning_callers_is_bounded_by_max_delay() -> None:
 
 
 def test_busy_seconds_counts_overlapping_batches_once_and_batch_mates_once() -> None:
-    def outcome(started: float, seconds: float, batch: int) -> Outcome[None]:
-        return Outcome(None, started, 0.0, seconds, batch)
+    def outcome(started: float, seconds: float) -> Outcome[None]:
+        return Outcome(None, started, 0.0, seconds)
 
     # Two batch-mates (one interval), a batch on another model overlapping it, a gap, one more.
-    outcomes = [outcome(0.0, 2.0, 1), outcome(0.0, 2.0, 1), outcome(1.0, 2.0, 2)]
-    outcomes.append(outcome(5.0, 1.0, 3))
+    outcomes = [outcome(0.0, 2.0), outcome(0.0, 2.0), outcome(1.0, 2.0)]
+    outcomes.append(outcome(5.0, 1.0))
     assert busy_seconds(outcomes) == pytest.approx(4.0)  # [0, 3] and [5, 6]; a sum says 7
     assert busy_seconds([]) == 0.0

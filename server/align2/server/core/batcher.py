@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -57,7 +56,6 @@ class Outcome(Generic[R]):
     started: float  # time.monotonic() when its batch started
     queue_seconds: float  # submitted until its batch started
     compute_seconds: float  # wall time of the batch that carried it
-    batch_id: int
 
 
 def busy_seconds(outcomes: Iterable[Outcome[Any]]) -> float:
@@ -131,7 +129,6 @@ class Batcher(Generic[T, R]):
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._batch_ids = itertools.count()
         self._free_since = 0.0  # when the device last finished a batch
         self._high_water = 0  # most items in flight since the current batch started
         self._expected = 0  # batch size the current load suggests
@@ -306,7 +303,6 @@ class Batcher(Generic[T, R]):
         # return with their next items, so the next batch waits (briefly) for them.
         self._expected = min(self.max_batch_size, self._high_water)
         self._high_water = self.load
-        batch_id = next(self._batch_ids)
         started = time.monotonic()
         metrics.observe_batch(self.name, len(batch), max(e.cost for e in batch) * len(batch))
         try:
@@ -333,9 +329,7 @@ class Batcher(Generic[T, R]):
             if not entry.future.done():
                 queued = started - entry.submitted
                 metrics.QUEUE_SECONDS.labels(model=self.name).observe(queued)
-                entry.future.set_result(
-                    Outcome(value, started, queued, finished - started, batch_id)
-                )
+                entry.future.set_result(Outcome(value, started, queued, finished - started))
 
     async def _split(self, batch: list[_Entry[T, R]], exc: Exception, isolating: bool) -> None:
         """Retry the halves of a failed batch, down to single items. Out of memory: smaller

@@ -19,7 +19,6 @@ RESOURCE_EXHAUSTED (Overloaded) when the gate is full, before any work is done.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -122,7 +121,6 @@ class GenerationRuntime:
                 max_queue=max_inflight,
                 on_fatal=on_fatal,
             )
-        self._ids = itertools.count()
 
     @property
     def description(self) -> ModelDescription:
@@ -236,7 +234,7 @@ class GenerationRuntime:
             assert self._gate is not None
             self._gate.give_back(1)
         finished = time.monotonic()
-        return Outcome(value, started, 0.0, finished - started, next(self._ids))
+        return Outcome(value, started, 0.0, finished - started)
 
     async def _run_batch(self, batch: Sequence[LlmRequest]) -> list[LlmResult]:
         """One result per request, in order: generations and choices each in one call."""

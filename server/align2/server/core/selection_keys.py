@@ -30,8 +30,7 @@ MAX_KEY_LENGTH = 256
 class _Entry:
     state: SelectorState
     users: int = 0
-    idle_since: float | None = None  # loop time the last user left
-    expiry: asyncio.TimerHandle | None = None
+    expiry: asyncio.TimerHandle | None = None  # set while idle (no user)
 
 
 class SelectionKeys:
@@ -67,7 +66,7 @@ class SelectionKeys:
         if entry.expiry is not None:
             entry.expiry.cancel()
         entry.users += 1
-        entry.idle_since = entry.expiry = None
+        entry.expiry = None
         return entry.state
 
     def release(self, key: str) -> None:
@@ -75,7 +74,6 @@ class SelectionKeys:
         entry.users -= 1
         if entry.users == 0:
             loop = asyncio.get_running_loop()
-            entry.idle_since = loop.time()
             entry.expiry = loop.call_later(self._idle_seconds, self._expire, key, entry)
 
     def _expire(self, key: str, entry: _Entry) -> None:
@@ -84,8 +82,7 @@ class SelectionKeys:
             metrics.CURATE_SELECTION_KEYS.dec()
 
     def _next_expiry(self) -> float | None:
-        idle = [e.idle_since for e in self._live.values() if e.idle_since is not None]
-        if not idle:
+        expiries = [e.expiry.when() for e in self._live.values() if e.expiry is not None]
+        if not expiries:
             return None
-        now = asyncio.get_running_loop().time()
-        return max(0.0, min(idle) + self._idle_seconds - now)
+        return max(0.0, min(expiries) - asyncio.get_running_loop().time())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import struct
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -28,6 +27,7 @@ from align2.server.core.align_types import (
 from align2.server.core.curation import Curated, CurateOptions, Decision
 from align2.server.core.priority import Priority
 from align2.server.core.scoring import Head, SampleScore, ScoreCall, ScoreOutcome
+from align2.server.core.selector import as_float32
 from align2.server.core.templates import TEMPLATE_VERSION
 from align2.server.errors import Align2Error, InvalidArgument
 from align2.v1 import curation_pb2 as pb
@@ -161,7 +161,7 @@ def shortest_float32(value: float) -> float:
     for digits in range(1, 10):  # 9 significant digits always round-trip a float32
         candidate = float(f"{value:.{digits}g}")
         with contextlib.suppress(OverflowError):  # rounded up past the float32 range
-            if struct.unpack("f", struct.pack("f", candidate))[0] == value:
+            if as_float32(candidate) == value:
                 return candidate
     return value  # NaN: equal to nothing
 
