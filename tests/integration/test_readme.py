@@ -23,9 +23,10 @@ def example(name: str) -> str:
     return match.group(1)
 
 
-def run_in(folder: pathlib.Path, code: str) -> None:
-    """Run an example in ``folder`` (it writes its output file to the working directory),
-    with the repository's examples/ linked in."""
+def run_in(folder: pathlib.Path, name: str, server: ServerThread) -> None:
+    """Run the example ``name`` against ``server`` in ``folder`` (examples write their output
+    files to the working directory), with the repository's examples/ linked in."""
+    code = example(name).replace("localhost:50051", server.target)
     (folder / "examples").symlink_to(ROOT / "examples")
     cwd = os.getcwd()
     os.chdir(folder)
@@ -49,30 +50,18 @@ def server(tiny_llava: pathlib.Path, tiny_llm: pathlib.Path) -> Iterator[ServerT
 
 
 def test_score_example_runs_as_written(
-    server: ServerThread, capsys: pytest.CaptureFixture[str]
+    server: ServerThread, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = example("score").replace("localhost:50051", server.target)
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # the example reads examples/ relative to the repo root
-    try:
-        exec(compile(code, "README.md", "exec"), {})
-    finally:
-        os.chdir(cwd)
+    run_in(tmp_path, "score", server)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3  # one line for the sample, one per record of examples/
     assert lines[1].startswith("000000000001 ") and lines[1].endswith(" None")
 
 
 def test_candidates_example_runs_as_written(
-    server: ServerThread, capsys: pytest.CaptureFixture[str]
+    server: ServerThread, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = example("candidates").replace("localhost:50051", server.target)
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # the example reads examples/ relative to the repo root
-    try:
-        exec(compile(code, "README.md", "exec"), {})
-    finally:
-        os.chdir(cwd)
+    run_in(tmp_path, "candidates", server)
     scores, best = capsys.readouterr().out.splitlines()
     answers = ("A cat.", "A grey cat on a brown sofa.", "A sofa.")
     candidates, index, mean = scores.rsplit(" ", 2)  # "(s0, s1, s2) best mean"
@@ -84,7 +73,7 @@ def test_align_example_runs_as_written(
     server: ServerThread, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The tiny random LLM writes noise; the code path and the written file are what count."""
-    run_in(tmp_path, example("align").replace("localhost:50051", server.target))
+    run_in(tmp_path, "align", server)
     out = capsys.readouterr().out.splitlines()
     verdicts = [line for line in out if line.startswith(("original ", "rewrite "))]
     assert len(verdicts) == 3  # one per turn of examples/conversations.json
@@ -97,7 +86,7 @@ def test_align_example_runs_as_written(
 def test_curate_example_runs_as_written(
     server: ServerThread, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run_in(tmp_path, example("curate").replace("localhost:50051", server.target))
+    run_in(tmp_path, "curate", server)
     lines = capsys.readouterr().out.splitlines()
     assert sorted(line.split()[0] for line in lines) == ["000000000001", "000000000002"]
     decisions = {line.split()[0]: line.split()[1] for line in lines}

@@ -60,6 +60,12 @@ def test_a_tools_release_alone_does_not_make_stubs_stale() -> None:
     assert bumped != stub and _without_stamps(bumped) == _without_stamps(stub)
     edited = stub.replace(b"/align2.v1.CurationService/Score", b"/align2.v1.CurationService/X")
     assert _without_stamps(edited) != _without_stamps(stub)  # a real change still shows
+    # protoc's two stamps in the messages module: the header and the runtime check.
+    messages = (ROOT / "client" / "align2" / "v1" / "curation_pb2.py").read_bytes()
+    bumped, headers = re.subn(rb"(# Protobuf Python Version: )\d+", rb"\g<1>99", messages)
+    bumped, checks = re.subn(rb"(Domain\.PUBLIC,\s*)\d+,\s*\d+", rb"\g<1>99, 0", bumped)
+    assert (headers, checks) == (1, 1)
+    assert _without_stamps(bumped) == _without_stamps(messages)
 
 
 def _floor(requirement: str) -> tuple[int, ...]:
