@@ -51,6 +51,7 @@ class Limits:
     max_message_bytes: int
     max_new_tokens: int
     max_seed_scores: int
+    max_candidates: int
 
 
 @dataclass(frozen=True)
@@ -257,10 +258,14 @@ def profile(limits: Limits, clean: bool) -> Profile:
         "align2.v1.Sample.turns": Field(count=counts(limits.max_turns, 70)),
         "align2.v1.Turn.question": Field(texts(clean), NEEDED),
         "align2.v1.Turn.answer": Field(texts(clean), NEEDED),
+        "align2.v1.Turn.answer_candidates": Field(count=st.just(0)),
         "align2.v1.ScoreRequest.samples": Field(count=counts(limits.max_samples_per_call, 200)),
         "align2.v1.AlignRequest.samples": Field(count=counts(limits.max_samples_per_call, 200)),
         "align2.v1.ScoreList.scores": Field(seeds, seed_count),
     }
+    table["align2.v1.Sample.turns"] = Field(
+        turns(Profile(table, valid=clean), limits), counts(limits.max_turns, 70)
+    )
     if not clean:
         return Profile(table)
     optional = st.sampled_from([0, 0, 1])
@@ -298,6 +303,25 @@ def profile(limits: Limits, clean: bool) -> Profile:
     for name in ("question_seed_scores", "answer_seed_scores"):
         table[f"align2.v1.CurateOptions.{name}"] = Field(count=st.sampled_from([0, 0, 0, 1, 2]))
     return Profile(table, valid=True)
+
+
+def turns(plain: Profile, limits: Limits) -> st.SearchStrategy[bytes]:
+    """Turns with one answer mostly; now and then with candidate answers (best-of-n) and,
+    mostly, no answer beside them."""
+    with_candidates = Profile(
+        {
+            **plain.overrides,
+            "align2.v1.Turn.answer": Field(count=weighted((6, st.just(0)), (1, st.just(1)))),
+            "align2.v1.Turn.answer_candidates": Field(
+                plain.overrides["align2.v1.Turn.answer"].values,
+                counts(limits.max_candidates, 40),
+            ),
+        },
+        plain.valid,
+    )
+    return weighted(
+        (4, message(pb.Turn.DESCRIPTOR, plain)), (1, message(pb.Turn.DESCRIPTOR, with_candidates))
+    )
 
 
 # -- calls ----------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ LIMITS = Limits(
     max_message_bytes=1 << 20,
     max_new_tokens=8,
     max_seed_scores=256,
+    max_candidates=4,
 )
 # What a caller's request may get: OK, or a documented caller's error (the proto's service
 # comment). UNAVAILABLE and UNIMPLEMENTED are documented too, but not for this server: it
@@ -88,6 +89,7 @@ def fuzz_config(llava: pathlib.Path, llm: pathlib.Path) -> Config:
     limits.max_image_bytes = LIMITS.max_image_bytes
     limits.max_image_pixels = LIMITS.max_image_pixels
     limits.max_message_bytes = LIMITS.max_message_bytes
+    limits.max_candidates = LIMITS.max_candidates
     config.align.max_new_tokens_limit = LIMITS.max_new_tokens
     config.align.decoding.max_new_tokens = 4
     config.align.max_inflight_items = 256
@@ -223,20 +225,50 @@ class Checks:
             if pb.HEAD_ANSWER in heads:
                 assert len(result.answer_scores) == len(sample.turns)
                 assert len(result.answer_truncated) == len(sample.turns)
+                self.candidates(sample, result)
+            else:
+                assert not result.answer_candidates
 
-    def aligned(self, rpc: str, sample: pb.Sample, result: pb.AlignResult, where: str) -> None:
+    def candidates(self, sample: pb.Sample, result: pb.ScoreResult) -> None:
+        """Every candidate's score, the best one's index, and the turn's score its best."""
+        if not any(turn.answer_candidates for turn in sample.turns):
+            assert not result.answer_candidates
+            return
+        assert len(result.answer_candidates) == len(sample.turns)
+        for turn, scored, score in zip(
+            sample.turns, result.answer_candidates, result.answer_scores, strict=True
+        ):
+            assert len(scored.scores) == max(1, len(turn.answer_candidates))
+            assert len(scored.truncated) == len(scored.scores)
+            assert finite(*scored.scores)
+            assert scored.best == list(scored.scores).index(max(scored.scores))
+            assert scored.scores[scored.best] == score
+        self.seen["Score scored with candidates"] += 1
+
+    def aligned(
+        self,
+        rpc: str,
+        sample: pb.Sample,
+        result: pb.AlignResult,
+        where: str,
+        best: list[int] | None = None,
+    ) -> None:
+        """``best``: each turn's best candidate (Curate aligns a turn with candidates with
+        its best one as the answer)."""
+        best = best or [0] * len(sample.turns)
+        answers = [
+            t.answer_candidates[b] if t.answer_candidates else t.answer
+            for t, b in zip(sample.turns, best, strict=True)
+        ]
         if result.HasField("error"):
             self.item_error(rpc, result.error, where)
             assert not result.turns
             return
         self.seen[f"{rpc} aligned"] += 1
         assert len(result.turns) == len(sample.turns), where
-        for turn, original in zip(result.turns, sample.turns, strict=True):
+        for turn, original, answer in zip(result.turns, sample.turns, answers, strict=True):
             # the fields, not the messages: the request's unknown fields are not echoed
-            assert (turn.original.question, turn.original.answer) == (
-                original.question,
-                original.answer,
-            )
+            assert (turn.original.question, turn.original.answer) == (original.question, answer)
             assert turn.kept in (pb.KEPT_ORIGINAL, pb.KEPT_REWRITE) and turn.reason
             assert not turn.HasField("margin") or -1 <= turn.margin <= 1
 
@@ -274,7 +306,9 @@ class Checks:
             assert finite(answer.question_threshold, answer.answer_threshold)
             if answer.HasField("aligned"):
                 assert answer.decision in (pb.DECISION_KEPT, pb.DECISION_KEPT_ALIGN_FAILED)
-                self.aligned("Curate", sample, answer.aligned, f"sequence {answer.sequence}")
+                best = [c.best for c in answer.scores.answer_candidates] or None
+                where = f"sequence {answer.sequence}"
+                self.aligned("Curate", sample, answer.aligned, where, best)
 
     def answers(
         self, case: Case, code: grpc.StatusCode, details: str, answers: list[bytes]
