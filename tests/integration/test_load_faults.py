@@ -122,15 +122,16 @@ def burst(channels: list[grpc.Channel], gate: DeviceGate | None = None) -> colle
     strict=True,
     reason="finding: gRPC's overload protection refuses streams past max_concurrent_streams "
     "(RST_STREAM REFUSED_STREAM: UNAVAILABLE) while the client still counts them as closed; "
-    "docs/operating.md says they wait. grpc.http.overload_protection = 0 on the server "
-    "makes them wait (all 200 OK, measured).",
+    "the contract (Limits.max_streams) says they wait. grpc.http.overload_protection = 0 "
+    "on the server makes them wait (all 200 OK, measured).",
 )
 def test_calls_past_max_streams_on_one_connection_wait_rather_than_fail(
     server: ServerThread,
 ) -> None:
     """limits.max_streams (100) bounds the concurrent calls of one connection; "more wait in
-    gRPC until one ends, none is refused" (docs/operating.md). 200 at once on one channel,
-    three times: each call answered OK or RESOURCE_EXHAUSTED (the queue), none UNAVAILABLE."""
+    gRPC until one ends, none is refused" (Limits.max_streams in the proto). 200 at once on
+    one channel, three times: each call answered OK or RESOURCE_EXHAUSTED (the queue), none
+    UNAVAILABLE."""
     with grpc.insecure_channel(server.target) as channel:
         assert outcome(stub(channel).Score.future(score_request(0), timeout=30)) == "OK"
         found: collections.Counter[str] = collections.Counter()
