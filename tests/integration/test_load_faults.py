@@ -119,7 +119,7 @@ def burst(channels: list[grpc.Channel], gate: DeviceGate | None = None) -> colle
 
 
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # a race: most runs refuse some calls, a few (1 in 12 here) none
     reason="finding: gRPC's overload protection refuses streams past max_concurrent_streams "
     "(RST_STREAM REFUSED_STREAM: UNAVAILABLE) while the client still counts them as closed; "
     "the contract (Limits.max_streams) says they wait. grpc.http.overload_protection = 0 "
@@ -130,12 +130,12 @@ def test_calls_past_max_streams_on_one_connection_wait_rather_than_fail(
 ) -> None:
     """limits.max_streams (100) bounds the concurrent calls of one connection; "more wait in
     gRPC until one ends, none is refused" (Limits.max_streams in the proto). 200 at once on
-    one channel, three times: each call answered OK or RESOURCE_EXHAUSTED (the queue), none
+    one channel, five times: each call answered OK or RESOURCE_EXHAUSTED (the queue), none
     UNAVAILABLE."""
     with grpc.insecure_channel(server.target) as channel:
         assert outcome(stub(channel).Score.future(score_request(0), timeout=30)) == "OK"
         found: collections.Counter[str] = collections.Counter()
-        for _ in range(3):
+        for _ in range(5):
             found.update(
                 outcomes(
                     [stub(channel).Score.future(score_request(i), timeout=60) for i in range(BURST)]
