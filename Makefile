@@ -9,7 +9,8 @@ SETUP_STAMP := $(VENV)/.align2-setup
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup lock models serve test lint format protos docs bench-score bench-align bench-select clean
+.PHONY: setup lock models serve test lint format protos docs bench-score bench-align bench-select \
+	fuzz load soak clean
 
 setup: $(SETUP_STAMP)
 
@@ -68,6 +69,24 @@ bench-align: models
 
 bench-select: setup
 	$(BIN)/python bench/online_selection.py
+
+# The long forms of the wire fuzzer, the load and fault tests and the soak, whose short
+# forms run in `make test`; they print their figures (docs/operating.md keeps the latest).
+# The fuzzer draws a new seed each run and prints it: ALIGN2_FUZZ_SEED=N replays that run.
+FUZZ_EXAMPLES ?= 10000
+LOAD_ROUNDS ?= 10
+SOAK_SECONDS ?= 600
+LONG_PYTEST := $(BIN)/pytest -q -s -p no:cacheprovider --timeout=0
+
+fuzz: setup
+	ALIGN2_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(LONG_PYTEST) tests/integration/test_wire_fuzz.py
+
+load: setup
+	ALIGN2_LOAD_ROUNDS=$(LOAD_ROUNDS) $(LONG_PYTEST) \
+		tests/integration/test_load_faults.py tests/integration/test_process_faults.py
+
+soak: setup
+	ALIGN2_SOAK_SECONDS=$(SOAK_SECONDS) $(LONG_PYTEST) tests/integration/test_soak.py
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
