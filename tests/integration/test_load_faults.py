@@ -118,13 +118,6 @@ def burst(channels: list[grpc.Channel], gate: DeviceGate | None = None) -> colle
     return outcomes(calls)
 
 
-@pytest.mark.xfail(
-    strict=False,  # a race: most runs refuse some calls, a few (1 in 12 here) none
-    reason="finding: gRPC's overload protection refuses streams past max_concurrent_streams "
-    "(RST_STREAM REFUSED_STREAM: UNAVAILABLE) while the client still counts them as closed; "
-    "the contract (Limits.max_streams) says they wait. grpc.http.overload_protection = 0 "
-    "on the server makes them wait (all 200 OK, measured).",
-)
 def test_calls_past_max_streams_on_one_connection_wait_rather_than_fail(
     server: ServerThread,
 ) -> None:

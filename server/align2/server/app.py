@@ -135,6 +135,12 @@ class App:
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
                 ("grpc.max_concurrent_streams", self.config.limits.max_streams),
+                # With overload protection (gRPC's default), a stream the client already
+                # counts as closed still counts here until it is freed, so a client at the
+                # limit gets the next call refused (RST_STREAM: UNAVAILABLE) instead of
+                # waiting: off, calls past the limit wait, as Limits.max_streams promises.
+                # Memory stays bounded by limits.max_inflight_bytes and the queues.
+                ("grpc.http.overload_protection", 0),
             ],
         )
         servicer = CurationServicer(
