@@ -186,6 +186,23 @@ async def test_deadline_fires_while_a_batch_runs_and_item_is_never_computed() ->
     assert runner.computed == [1]
 
 
+async def test_an_item_whose_deadline_passed_before_its_timer_ran_is_not_computed() -> None:
+    """The loop is blocked past the deadline: the batch is taken before the item's timer
+    runs (ready callbacks go before due timers), and the batch's own check drops it."""
+    runner = FakeRunner()
+    batcher = make(runner, max_delay=0.0)
+    r = batcher.reserve(1)
+    call = asyncio.create_task(
+        batcher.submit(1, cost=1, reservation=r, deadline=time.monotonic() + 0.02)
+    )
+    await asyncio.sleep(0)  # queued, the batcher woken
+    time.sleep(0.05)  # noqa: ASYNC251 - holds the event loop past the deadline, on purpose
+    with pytest.raises(DeadlineExpired):
+        await call
+    await batcher.close()
+    assert runner.computed == []
+
+
 async def test_already_expired_item_is_refused_before_queueing() -> None:
     runner = FakeRunner()
     batcher = make(runner)

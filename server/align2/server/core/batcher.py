@@ -76,6 +76,7 @@ class _Entry(Generic[T, R]):
     cost: int
     future: asyncio.Future[Outcome[R]]
     priority: Priority
+    deadline: float | None = None
     submitted: float = field(default_factory=time.monotonic)
 
 
@@ -219,7 +220,7 @@ class Batcher(Generic[T, R]):
             self._update_gauge()
             raise Unavailable("server is shutting down")
         future: asyncio.Future[Outcome[R]] = asyncio.get_running_loop().create_future()
-        entry = _Entry(item, cost, future, priority)
+        entry = _Entry(item, cost, future, priority, deadline)
         if deadline is not None and deadline <= time.monotonic():
             self._update_gauge()
             metrics.REJECTED.labels(reason="expired").inc()
@@ -296,6 +297,13 @@ class Batcher(Generic[T, R]):
 
     async def _execute(self, batch: list[_Entry[T, R]], isolating: bool = False) -> None:
         """Run one batch and resolve its futures. ``isolating``: a half of a failed batch."""
+        # An item's timer runs on this loop and may be due but not yet run: its deadline is
+        # read here too, so nothing is handed to the device after it.
+        now = time.monotonic()
+        for entry in batch:
+            if entry.deadline is not None and entry.deadline <= now and not entry.future.done():
+                metrics.REJECTED.labels(reason="expired").inc()
+                entry.future.set_exception(DeadlineExpired("deadline exceeded while queued"))
         batch = [e for e in batch if not e.future.done()]
         if not batch:
             return
