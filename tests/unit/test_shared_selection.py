@@ -318,3 +318,32 @@ async def test_selection_options_out_of_range_name_the_option_and_the_limit() ->
         with pytest.raises(InvalidArgument, match=message):
             await collect(curate.stream(feed([options, sample(0)]), None))
     assert len(curate.selection_keys) == 0  # a refused stream holds no key
+
+
+async def test_task_types_beyond_the_limit_fail_their_sample_or_seeds_naming_the_limit() -> None:
+    """The task is any string: each new one costs a window per stage, so one selection
+    keeps at most curate.max_task_types of them; a sample of one more gets INVALID_ARGUMENT
+    alone, and a stream seeding more is refused without holding its key."""
+    curate = curator(scores(1.0, 2.0, 3.0, 4.0), max_task_types=2)
+    thresholds = {"a": 0.0, "b": 0.0, "c": 0.0}  # scripted answers score 0: all pass
+    options = CurateOptions(selection_key="k", answer_thresholds=thresholds)
+    producer = Producer(options)
+    stream = Stream(curate, producer)
+    producer.send(sample(0, task="a"), sample(1, task="b"), sample(2, task="c"))
+    producer.send(sample(3, task="a"))
+    decided = await stream.finish()
+    assert decided["s2"].decision is Decision.ERROR
+    error = decided["s2"].error
+    assert isinstance(error, InvalidArgument) and error.field == "sample.task"
+    assert "limits.max_task_types 2" in error.message
+    assert [decided[f"s{i}"].decision for i in (0, 1, 3)] == [Decision.KEPT] * 3
+    assert decided["s3"].question_window_size == 2  # task "a" went on as before
+    # Seeds for a third task on key "k", whose windows hold "a" and "b": refused, key freed.
+    seeded = question_stage(selection_key="k", question_seed_scores={"c": [1.0]})
+    with pytest.raises(InvalidArgument, match=r"options\.question_seed_scores: 1 new task"):
+        await collect(curate.stream(feed([seeded, sample(4, task="a")]), None))
+    with pytest.raises(InvalidArgument, match=r"limits\.max_task_types 2"):
+        many = {t: [1.0] for t in "xyz"}
+        await collect(curate.stream(feed([CurateOptions(answer_seed_scores=many)]), None))
+    curate.selection_keys.acquire("k")  # the refused stream gave the key back:
+    curate.selection_keys.release("k")  # one acquire, one release balance (no KeyError)

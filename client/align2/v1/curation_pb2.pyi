@@ -421,7 +421,8 @@ class Sample(_message.Message):
     task: _builtins.str
     """Task type, the selection stratum of Curate (e.g. complex_reasoning, conversation,
     detail): thresholds are kept per distinct string, and "" is a stratum of its own. Any
-    string; Score and Align ignore it.
+    string, at most limits.max_task_types distinct ones in one Curate selection; Score and
+    Align ignore it.
     """
     image_marker: Global___ImageMarker.ValueType
     """Where `<image>` stood in the original record: client bookkeeping (see ImageMarker)."""
@@ -1632,6 +1633,7 @@ class Limits(_message.Message):
     MAX_SEED_SCORES_FIELD_NUMBER: _builtins.int
     MAX_CANDIDATES_FIELD_NUMBER: _builtins.int
     MAX_INFLIGHT_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_TASK_TYPES_FIELD_NUMBER: _builtins.int
     max_samples_per_call: _builtins.int
     """Samples in one Score or Align call; more: INVALID_ARGUMENT for the call (split it).
     Config default 64.
@@ -1709,6 +1711,13 @@ class Limits(_message.Message):
     its bytes are free again when it ends. At least max_message_bytes; 0: unbounded. Curate
     streams are bounded by max_stream_inflight instead. Config default 256 MiB.
     """
+    max_task_types: _builtins.int
+    """Task types (Sample.task) one Curate selection keeps windows for, per stage: a stream's
+    own, or a selection key's (config curate.max_task_types). A sample of a new task type
+    beyond: its decision is ERROR with INVALID_ARGUMENT naming `sample.task`; seeds for
+    more: INVALID_ARGUMENT for the stream. Tasks with a given threshold do not count.
+    Config default 256.
+    """
     def __init__(
         self,
         *,
@@ -1729,10 +1738,11 @@ class Limits(_message.Message):
         max_seed_scores: _builtins.int = ...,
         max_candidates: _builtins.int = ...,
         max_inflight_bytes: _builtins.int = ...,
+        max_task_types: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_candidates", b"max_candidates", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_inflight_bytes", b"max_inflight_bytes", "max_llm_inflight", b"max_llm_inflight", "max_message_bytes", b"max_message_bytes", "max_new_tokens", b"max_new_tokens", "max_queue_items", b"max_queue_items", "max_samples_per_call", b"max_samples_per_call", "max_seed_scores", b"max_seed_scores", "max_selection_keys", b"max_selection_keys", "max_stream_inflight", b"max_stream_inflight", "max_streams", b"max_streams", "max_text_tokens", b"max_text_tokens", "max_turns", b"max_turns", "selection_window", b"selection_window", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_candidates", b"max_candidates", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_inflight_bytes", b"max_inflight_bytes", "max_llm_inflight", b"max_llm_inflight", "max_message_bytes", b"max_message_bytes", "max_new_tokens", b"max_new_tokens", "max_queue_items", b"max_queue_items", "max_samples_per_call", b"max_samples_per_call", "max_seed_scores", b"max_seed_scores", "max_selection_keys", b"max_selection_keys", "max_stream_inflight", b"max_stream_inflight", "max_streams", b"max_streams", "max_task_types", b"max_task_types", "max_text_tokens", b"max_text_tokens", "max_turns", b"max_turns", "selection_window", b"selection_window", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -238,6 +238,12 @@ class CurateConfig:
     max_seed_scores: int = 100_000
     """Most calibration scores one stream's options may seed its windows with (both
     stages, all task types together); more: INVALID_ARGUMENT."""
+    max_task_types: int = 256
+    """Task types one selection (a stream's own, or a selection key's) keeps windows for,
+    per stage: a sample of a new task type beyond gets INVALID_ARGUMENT (decision ERROR),
+    seeds for more: INVALID_ARGUMENT for the stream. The task is any string the caller
+    sends, and each costs a window (up to ``window`` scores), so this bounds the memory
+    of a selection. Given thresholds need no window and do not count."""
 
 
 @dataclass
@@ -420,6 +426,10 @@ class Config:
         for key in ("max_selection_keys", "max_seed_scores", "warm_up_idle_ms"):
             if getattr(curate, key) < 0:
                 raise ConfigError(f"curate.{key}: must be >= 0, got {getattr(curate, key)}")
+        if curate.max_task_types < 1:
+            raise ConfigError(
+                f"curate.max_task_types: must be at least 1, got {curate.max_task_types}"
+            )
         if not curate.selection_key_idle_seconds >= 0:
             raise ConfigError(
                 "curate.selection_key_idle_seconds: must be >= 0, got "

@@ -136,7 +136,10 @@ class Curator:
         self._limits = limits
         self._lifecycle = lifecycle
         self.selection_keys = SelectionKeys(
-            config.max_selection_keys, config.selection_key_idle_seconds, config.window
+            config.max_selection_keys,
+            config.selection_key_idle_seconds,
+            config.window,
+            config.max_task_types,
         )
 
     def session(self, options: CurateOptions, holds: Holds) -> Session:
@@ -155,10 +158,19 @@ class Curator:
                 raise Unimplemented("options.align: Align is disabled on this server")
             self._aligner.check(options.align)  # once, not as an error on every kept sample
         key = options.selection_key
-        state = (  # last: nothing may fail once a key is acquired
-            self.selection_keys.acquire(key) if key else SelectorState.fresh(self._config.window)
+        state = (
+            self.selection_keys.acquire(key)
+            if key
+            else SelectorState.fresh(self._config.window, self._config.max_task_types)
         )
-        state.questions.seed(options.question_seed_scores)
+        try:  # a key's windows may already hold other task types than the seeds'
+            state.questions.check_room(options.question_seed_scores, "options.question_seed_scores")
+            state.answers.check_room(options.answer_seed_scores, "options.answer_seed_scores")
+        except InvalidArgument:
+            if key:
+                self.selection_keys.release(key)
+            raise
+        state.questions.seed(options.question_seed_scores)  # nothing fails from here on
         state.answers.seed(options.answer_seed_scores)
         return Session(
             self._scorer,

@@ -37,10 +37,11 @@ class SelectionKeys:
     """The live selection keys of one server: ``acquire`` when a stream starts,
     ``release`` (exactly once per acquire) when it ends."""
 
-    def __init__(self, max_keys: int, idle_seconds: float, window: int) -> None:
+    def __init__(self, max_keys: int, idle_seconds: float, window: int, max_tasks: int) -> None:
         self._max_keys = max_keys
         self._idle_seconds = idle_seconds
         self._window = window
+        self._max_tasks = max_tasks
         self._live: dict[str, _Entry] = {}
 
     def __len__(self) -> int:
@@ -61,7 +62,7 @@ class SelectionKeys:
                     f"live while a stream uses it and {self._idle_seconds:g} s after)",
                     retry_after=self._next_expiry(),
                 )
-            entry = self._live[key] = _Entry(SelectorState.fresh(self._window))
+            entry = self._live[key] = _Entry(SelectorState.fresh(self._window, self._max_tasks))
             metrics.CURATE_SELECTION_KEYS.inc()
         if entry.expiry is not None:
             entry.expiry.cancel()

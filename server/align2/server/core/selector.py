@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from align2.server import metrics
 from align2.server.core.selection import Selection, Window
+from align2.server.errors import InvalidArgument
 
 
 @dataclass(eq=False)
@@ -94,19 +95,33 @@ class TaskWindow:
 
 
 class StageWindows:
-    """The windows of one stage, by task type, created on first use."""
+    """The windows of one stage, by task type, created on first use; at most ``max_tasks``
+    of them (the task is any string the caller sends: each new one costs a window)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_tasks: int) -> None:
         self.size = size
+        self.max_tasks = max_tasks
         self._by_task: dict[str, TaskWindow] = {}
 
     def __getitem__(self, task: str) -> TaskWindow:
         window = self._by_task.get(task)
         if window is None:
+            self.check_room([task], "sample.task")
             window = self._by_task[task] = TaskWindow(self.size)
         return window
 
+    def check_room(self, tasks: Iterable[str], field: str) -> None:
+        """InvalidArgument naming ``field`` unless windows for ``tasks`` fit."""
+        new = {t for t in tasks if t not in self._by_task}
+        if len(self._by_task) + len(new) > self.max_tasks:
+            raise InvalidArgument(
+                f"{field}: {len(new)} new task type(s) where this selection already keeps "
+                f"windows for {len(self._by_task)}: more than limits.max_task_types "
+                f"{self.max_tasks}"
+            )
+
     def seed(self, scores: Mapping[str, Sequence[float]]) -> None:
+        """Seed the windows of ``scores``' tasks (check_room first: this never fails)."""
         for task, values in scores.items():
             self[task].seed(values)
 
@@ -119,8 +134,8 @@ class SelectorState:
     answers: StageWindows
 
     @classmethod
-    def fresh(cls, window: int) -> SelectorState:
-        return cls(StageWindows(window), StageWindows(window))
+    def fresh(cls, window: int, max_tasks: int) -> SelectorState:
+        return cls(StageWindows(window, max_tasks), StageWindows(window, max_tasks))
 
 
 class Holds:

@@ -378,6 +378,7 @@ def server_info_to_proto(
             selection_window=config.curate.window,
             max_selection_keys=config.curate.max_selection_keys,
             max_seed_scores=config.curate.max_seed_scores,
+            max_task_types=config.curate.max_task_types,
         ),
         batching=pb.Batching(
             max_batch_size=batching.max_batch_size,
