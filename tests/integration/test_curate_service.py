@@ -4,9 +4,11 @@ Llama as the inner LLM), streamed to through align2.client, sync and asyncio."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import pathlib
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -15,6 +17,7 @@ from support import ServerThread, error_details, full_config, png, score_config
 
 from align2.client import AsyncCurationClient, CurateResult, CurationClient, Sample, Turn
 from align2.client.cli import main as cli_main
+from align2.server.core import scoring
 from align2.server.core.selection import TaskSelectors
 from align2.v1 import curation_pb2 as pb
 from align2.v1 import curation_pb2_grpc as pb_grpc
@@ -89,6 +92,33 @@ def test_curate_scores_equal_score(client: CurationClient) -> None:
         assert got.answer_scores == pytest.approx(expected.answer_scores, abs=1e-5)
 
 
+def test_a_kept_sample_is_checked_and_decoded_once_for_both_heads(
+    client: CurationClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Curate scores a sample's two stages on one ScoringSample: its turns are checked once
+    and its image decoded once (the server runs in this process: its calls are counted).
+    A decision that waits for a warm-up drops the decoded image meanwhile, so that sample
+    is decoded again for its answers."""
+    calls: collections.Counter[str] = collections.Counter()
+    for name in ("decode_image", "check_turns"):
+        original = getattr(scoring, name)
+
+        def counted(*args: Any, _name: str = name, _original: Any = original, **kw: Any) -> Any:
+            calls[_name] += 1
+            return _original(*args, **kw)
+
+        monkeypatch.setattr(scoring, name, counted)
+    keep_all = {"question_keep_fraction": 1.0, "answer_keep_fraction": 1.0}
+    results = list(client.curate(iter([sample(i) for i in range(4)]), min_window=1, **keep_all))
+    assert [r.decision for r in results] == ["kept"] * 4
+    assert all(len(r.scores.answer_scores) == len(sample(i).turns) for i, r in enumerate(results))
+    assert calls == {"decode_image": 4, "check_turns": 4}
+    calls.clear()
+    results = list(client.curate(iter([sample(i) for i in range(4)]), min_window=10, **keep_all))
+    assert [(r.decision, r.warm_up) for r in results] == [("kept", True)] * 4
+    assert calls == {"decode_image": 8, "check_turns": 4}
+
+
 def test_kept_samples_are_aligned_when_asked(client: CurationClient) -> None:
     samples = [sample(i) for i in range(3)]
     results = list(
@@ -143,17 +173,21 @@ def test_a_bad_sample_is_an_error_decision_and_its_stream_mates_go_on(
     corrupt = Sample(id="corrupt", image=b"not an image", turns=[Turn("What?", "A box.")])
     empty = Sample(id="empty", image=png(), turns=[])
     unreadable = Sample(id="missing", image=tmp_path / "nope.png", turns=[Turn("What?", "A.")])
-    samples = [sample(0), corrupt, empty, unreadable, sample(1)]
-    results = {r.id: r for r in client.curate(samples)}
-    assert set(results) == {"s0", "corrupt", "empty", "missing", "s1"}
+    # No answer: refused before any head runs, even if its question would be dropped.
+    unanswered = Sample(id="unanswered", image=png(), turns=[Turn("What?", "")])
+    samples = [sample(0), corrupt, empty, unreadable, unanswered, sample(1)]
+    results = {r.id: r for r in client.curate(samples, question_keep_fraction=0.01)}
+    assert set(results) == {"s0", "corrupt", "empty", "missing", "unanswered", "s1"}
     for bad, code, field in [
         ("corrupt", grpc.StatusCode.INVALID_ARGUMENT, "sample.image"),
         ("empty", grpc.StatusCode.INVALID_ARGUMENT, "sample.turns"),
         ("missing", grpc.StatusCode.NOT_FOUND, "image"),
+        ("unanswered", grpc.StatusCode.INVALID_ARGUMENT, "sample.turns[0].answer: empty"),
     ]:
         error = results[bad].error
         assert results[bad].decision == "error" and error is not None
         assert error.code == code and error.message.startswith(field), error.message
+    assert results["unanswered"].scores.question_score is None
     assert results["s0"].ok and results["s1"].ok
 
 

@@ -26,8 +26,7 @@ from align2.server.core.priority import Priority
 from align2.server.core.scoring import (
     Head,
     SampleScore,
-    ScoreCall,
-    ScoreOutcome,
+    ScoringSample,
     TurnCandidates,
 )
 from align2.server.errors import (
@@ -53,9 +52,13 @@ class ScriptedScorer:
         self.most_running = 0
         self.calls: list[tuple[str, Head]] = []
 
-    async def score(self, call: ScoreCall) -> ScoreOutcome:
-        [sample] = call.samples
-        [head] = call.heads
+    def begin(self, sample: Sample, where: str) -> ScoringSample:
+        return ScoringSample(sample, where, None, None, None, SampleScore(id=sample.id))
+
+    async def score_sample(
+        self, work: ScoringSample, head: Head, priority: Priority, deadline: float | None
+    ) -> None:
+        sample = work.sample
         if self.refusals:
             self.refusals -= 1
             raise Overloaded("samples: queue full (batching.max_queue_items 4)")
@@ -68,16 +71,14 @@ class ScriptedScorer:
             await asyncio.sleep(0)
         finally:
             self.running -= 1
-        result = SampleScore(id=sample.id)
+        result = work.result
         if head is Head.QUESTION:
             score = self.questions[sample.id]
-            if score is None:
-                where = call.sample_field.format(index=0)  # as the real Scorer names it
-                result.error = InvalidArgument(f"{where}.image: not an image (corrupt)")
+            if score is None:  # named as the real Scorer names it
+                result.error = InvalidArgument(f"{work.where}.image: not an image (corrupt)")
             result.question_score = score
         else:
             result.answer_scores = self.answers.get(sample.id, [0.0])
-        return ScoreOutcome([result], None, None, "t", 0.0, 0.0)
 
 
 def sample(i: int, task: str = "detail") -> Sample:
@@ -250,13 +251,15 @@ async def test_a_slow_reader_of_decisions_holds_back_the_reading_of_samples() ->
 async def test_the_priority_of_a_stream_without_options_is_the_given_one() -> None:
     scorer = ScriptedScorer({"s0": 1.0}, {})
     priorities: list[Priority] = []
-    original = scorer.score
+    original = scorer.score_sample
 
-    async def spy(call: ScoreCall) -> ScoreOutcome:
-        priorities.append(call.priority)
-        return await original(call)
+    async def spy(
+        work: ScoringSample, head: Head, priority: Priority, deadline: float | None
+    ) -> None:
+        priorities.append(priority)
+        await original(work, head, priority, deadline)
 
-    scorer.score = spy  # type: ignore[method-assign]
+    scorer.score_sample = spy  # type: ignore[method-assign]
     stream = curator(scorer).stream(feed([sample(0)]), None, Priority.INTERACTIVE)
     await collect(stream)
     assert priorities and set(priorities) == {Priority.INTERACTIVE}
@@ -347,12 +350,12 @@ class CandidateScorer(ScriptedScorer):
     """The answer head scores each answer by its length, each candidate alone; the sample's
     result is filled as the real Scorer fills it (best per turn, every candidate kept)."""
 
-    async def score(self, call: ScoreCall) -> ScoreOutcome:
-        [head] = call.heads
+    async def score_sample(
+        self, work: ScoringSample, head: Head, priority: Priority, deadline: float | None
+    ) -> None:
         if head is Head.QUESTION:
-            return await super().score(call)
-        [sample] = call.samples
-        result = SampleScore(id=sample.id)
+            return await super().score_sample(work, head, priority, deadline)
+        sample, result = work.sample, work.result
         for turn in sample.turns:
             scores = [float(len(a)) for a in turn.answers]
             candidates = TurnCandidates(scores, [False] * len(scores))
@@ -361,7 +364,7 @@ class CandidateScorer(ScriptedScorer):
             result.answer_truncated.append(False)
         if not sample.has_candidates:
             result.candidates = []
-        return ScoreOutcome([result], None, None, "t", 0.0, 0.0)
+        return None
 
 
 class RecordingAligner(FailingAligner):

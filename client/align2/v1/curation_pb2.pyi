@@ -1406,7 +1406,8 @@ class CurateRequest(_message.Message):
     @_builtins.property
     def sample(self) -> Global___Sample:
         """A sample to curate. Its decision carries its position among the stream's samples as
-        CurateResponse.sequence.
+        CurateResponse.sequence. Every turn needs an answer (or candidates): one without is
+        an error decision before either head runs.
         """
 
     def __init__(

@@ -1,6 +1,7 @@
 """Curate: the method end to end on a stream of samples, as a generator produces them.
 
-Per sample, cheapest work first:
+Per sample, cheapest work first (its turns checked and its image decoded once for both
+heads: ``Scorer.begin``; a sample without answers is an error decision before any head):
 1. the question head scores it; it is kept when the score is among the top
    ``question_keep_fraction`` of its task type (see selection.py), else dropped;
 2. only then the answer head scores each turn; the mean answer score must be among the top
@@ -52,7 +53,7 @@ from align2.server.core.align_types import AlignCall, SampleAlignment
 from align2.server.core.alignment import Aligner
 from align2.server.core.lifecycle import Lifecycle
 from align2.server.core.priority import Priority
-from align2.server.core.scoring import Head, SampleScore, ScoreCall, Scorer
+from align2.server.core.scoring import Head, SampleScore, Scorer, ScoringSample
 from align2.server.core.selection_keys import MAX_KEY_LENGTH, SelectionKeys
 from align2.server.core.selector import Holds, SelectorState, StageSelector
 from align2.server.errors import (
@@ -363,21 +364,24 @@ class Session:
         return result
 
     async def _decide(self, sample: Sample, deadline: float | None, result: Curated) -> None:
-        question = await self._score(sample, Head.QUESTION, deadline)
-        result.scores.question_score = question.question_score
-        result.scores.question_truncated = question.question_truncated
-        assert question.question_score is not None
-        selected = await self._questions.select(sample.task, question.question_score)
+        # One ScoringSample for both stages: checked once, the image decoded once, the
+        # scores written straight into the decision's.
+        work = self._scorer.begin(sample, _SAMPLE)
+        result.scores = work.result
+        await self._score(work, Head.QUESTION, deadline)
+        assert work.result.question_score is not None
+        if not self._questions.decides_at_once(sample.task):
+            work.forget_image()  # it may wait long for the warm-up: hold the bytes only
+        selected = await self._questions.select(sample.task, work.result.question_score)
         result.question_threshold = selected.threshold
         result.question_window_size = selected.window_size
         result.warm_up = selected.warm_up
         if not selected.kept:
             result.decision = Decision.DROPPED_QUESTION
             return
-        answer = await self._score(sample, Head.ANSWER, deadline)
-        result.scores.answer_scores = answer.answer_scores
-        result.scores.answer_truncated = answer.answer_truncated
-        result.scores.candidates = answer.candidates
+        await self._score(work, Head.ANSWER, deadline)
+        work.forget_image()
+        answer = work.result
         assert answer.answer_score is not None
         selected = await self._answers.select(sample.task, answer.answer_score)
         result.answer_threshold = selected.threshold
@@ -407,18 +411,14 @@ class Session:
                 return
         result.decision = Decision.KEPT
 
-    async def _score(self, sample: Sample, head: Head, deadline: float | None) -> SampleScore:
-        call = ScoreCall(
-            samples=[sample],
-            heads=frozenset({head}),
-            priority=self._options.priority,
-            deadline=deadline,
-            sample_field=_SAMPLE,
+    async def _score(self, work: ScoringSample, head: Head, deadline: float | None) -> None:
+        priority = self._options.priority
+        await _when_admitted(
+            lambda: self._scorer.score_sample(work, head, priority, deadline), deadline
         )
-        scored = (await _when_admitted(lambda: self._scorer.score(call), deadline)).results[0]
-        if scored.error is not None:
-            raise scored.error
-        return scored
+        error, work.result.error = work.result.error, None  # the decision's, not a score's
+        if error is not None:
+            raise error
 
 
 _FIRST_BACKOFF = 0.01

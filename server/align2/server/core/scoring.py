@@ -9,6 +9,11 @@ Order of work for one call, cheapest refusal first:
    tokenise -> a bad image or text fails only its sample;
 5. the items join their model's batcher; the sample's result is assembled in order.
 
+A sample is one ``ScoringSample`` for all of it: checked once, its image decoded once, its
+result filled in place by each head. Curate uses that across its two stages
+(``begin``, then ``score_sample`` per head), so a question-kept sample is not checked or
+decoded again for its answers.
+
 A turn with candidate answers is one answer-head item per candidate, each the answer
 template of the question with that candidate, exactly as if it were the turn's only answer;
 the turn's answer score is its best candidate's (highest, first on ties: see
@@ -145,6 +150,39 @@ class _ItemDone:
 
 Plan = Mapping[ScoringRuntime, list[_Item]]
 
+# Why a sample's answers may not be empty (the end of check_turns' message):
+ANSWERS_FOR_SCORE = (
+    "the answer head needs answers (ask for heads=[question] to score questions alone)"
+)
+ANSWERS_FOR_CURATE = "Curate scores the answers of the question-kept (answer head)"
+
+
+@dataclass(eq=False)
+class ScoringSample:
+    """One sample on its way through the heads that score it: its structural ``problem``
+    (checked once, for every head it may meet), its image (decoded on first need, then
+    kept until ``forget_image``), and its ``result``, which each head fills in place."""
+
+    sample: Sample
+    where: str  # how error messages name it ("samples[3]", "sample")
+    question: ScoringRuntime | None  # the models its heads run on (None: not to be run)
+    answer: ScoringRuntime | None
+    problem: InvalidArgument | None
+    result: SampleScore
+    image: Image.Image | None = None
+
+    @property
+    def padded(self) -> bool:
+        """Is its image padded to a square by either model (see decode_image)?"""
+        return any(
+            rt is not None and rt.backend.description.image_mode == "pad"
+            for rt in (self.question, self.answer)
+        )
+
+    def forget_image(self) -> None:
+        """Drop the decoded image while the sample waits (a later head decodes it again)."""
+        self.image = None
+
 
 class Scorer:
     """Runs Score calls against the loaded reward models (``runtimes``, by config name)."""
@@ -166,27 +204,14 @@ class Scorer:
         self._check_call(call)
         question, question_desc = self._runtime("question_model", call, Head.QUESTION)
         answer, answer_desc = self._runtime("answer_model", call, Head.ANSWER)
-        problems = [self._check_sample(s, call.heads) for s in call.samples]
-        plans: list[Plan] = [
-            {} if problem else _plan(s, question, answer)
-            for s, problem in zip(call.samples, problems, strict=True)
+        needed = ANSWERS_FOR_SCORE if answer is not None else None
+        works = [
+            self._begin(s, call.sample_field.format(index=i), question, answer, needed)
+            for i, s in enumerate(call.samples)
         ]
-        reservations = _reserve_all(plans, call.deadline)
-        try:
-            results = await asyncio.gather(
-                *(
-                    self._score_sample(i, s, problem, plan, reservations, call)
-                    for i, (s, problem, plan) in enumerate(
-                        zip(call.samples, problems, plans, strict=True)
-                    )
-                )
-            )
-        finally:
-            for reservation in reservations.values():
-                reservation.release()
-        outcomes = [o for r in results for o in r[1]]
+        outcomes = await self._run(works, call.heads, call.priority, call.deadline)
         return ScoreOutcome(
-            results=[r[0] for r in results],
+            results=[w.result for w in works],
             question_model=question_desc,
             answer_model=answer_desc,
             template_version=templates.TEMPLATE_VERSION,
@@ -199,6 +224,69 @@ class Scorer:
         check_sample_count(len(call.samples), self._limits.max_samples_per_call)
         if not call.heads:
             raise InvalidArgument("heads: no head to run; valid: question, answer")
+
+    def begin(self, sample: Sample, where: str) -> ScoringSample:
+        """A sample both heads will score, on the configured models, one head at a time
+        (``score_sample``): Curate's, checked here once for both."""
+        every = ScoreCall(samples=[sample])
+        question, _ = self._runtime("question_model", every, Head.QUESTION)
+        answer, _ = self._runtime("answer_model", every, Head.ANSWER)
+        return self._begin(sample, where, question, answer, ANSWERS_FOR_CURATE)
+
+    async def score_sample(
+        self, work: ScoringSample, head: Head, priority: Priority, deadline: float | None
+    ) -> None:
+        """Run ``head`` on a begun sample: admission for its forward passes (Overloaded when
+        they do not fit: nothing is done), then its scores, or its error, in
+        ``work.result``."""
+        await self._run([work], frozenset({head}), priority, deadline)
+
+    def _begin(
+        self,
+        sample: Sample,
+        where: str,
+        question: ScoringRuntime | None,
+        answer: ScoringRuntime | None,
+        answers_needed: str | None,
+    ) -> ScoringSample:
+        problem = check_turns(
+            sample,
+            self._limits.max_turns,
+            answers_needed=answers_needed,
+            max_candidates=self._limits.max_candidates,
+        )
+        return ScoringSample(sample, where, question, answer, problem, SampleScore(id=sample.id))
+
+    async def _run(
+        self,
+        works: Sequence[ScoringSample],
+        heads: frozenset[Head],
+        priority: Priority,
+        deadline: float | None,
+    ) -> list[Outcome[float]]:
+        """``heads`` on every sample of ``works``: admitted all at once, or none."""
+        plans: list[Plan] = [
+            {}
+            if w.problem
+            else _plan(
+                w.sample,
+                w.question if Head.QUESTION in heads else None,
+                w.answer if Head.ANSWER in heads else None,
+            )
+            for w in works
+        ]
+        reservations = _reserve_all(plans, deadline)
+        try:
+            done = await asyncio.gather(
+                *(
+                    self._score_sample(w, plan, reservations, priority, deadline)
+                    for w, plan in zip(works, plans, strict=True)
+                )
+            )
+        finally:
+            for reservation in reservations.values():
+                reservation.release()
+        return [o for outcomes in done for o in outcomes]
 
     def _runtime(
         self, key: str, call: ScoreCall, head: Head
@@ -216,57 +304,44 @@ class Scorer:
             )
         return runtime, dataclasses.replace(runtime.description, name=name)
 
-    def _check_sample(self, sample: Sample, heads: frozenset[Head]) -> InvalidArgument | None:
-        needed = (
-            "the answer head needs answers (ask for heads=[question] to score questions alone)"
-            if Head.ANSWER in heads
-            else None
-        )
-        return check_turns(
-            sample,
-            self._limits.max_turns,
-            answers_needed=needed,
-            max_candidates=self._limits.max_candidates,
-        )
-
     # -- one sample ----------------------------------------------------------------------
     async def _score_sample(
         self,
-        index: int,
-        sample: Sample,
-        problem: InvalidArgument | None,
+        work: ScoringSample,
         plan: Plan,
         reservations: Mapping[ScoringRuntime, Reservation],
-        call: ScoreCall,
-    ) -> tuple[SampleScore, list[Outcome[float]]]:
-        result = SampleScore(id=sample.id)
-        if problem is not None:
+        priority: Priority,
+        deadline: float | None,
+    ) -> list[Outcome[float]]:
+        if work.problem is not None:
             metrics.REJECTED.labels(reason="invalid").inc()
-            result.error = prefixed(call.sample_field.format(index=index), problem)
-            return result, []
+            work.result.error = prefixed(work.where, work.problem)
+            return []
         submitted = dict.fromkeys(plan, 0)
         try:
-            image = await self._in_pool(
-                decode_image,
-                sample.image_bytes(),
-                max_bytes=self._limits.max_image_bytes,
-                max_pixels=self._limits.max_image_pixels,
-                exif_transpose=self._config.image_exif_transpose,
-                padded=any(rt.backend.description.image_mode == "pad" for rt in plan),
-            )
+            if work.image is None:
+                work.image = await self._in_pool(
+                    decode_image,
+                    work.sample.image_bytes(),
+                    max_bytes=self._limits.max_image_bytes,
+                    max_pixels=self._limits.max_image_pixels,
+                    exif_transpose=self._config.image_exif_transpose,
+                    padded=work.padded,
+                )
+            image = work.image
             done = await all_or_first_error(
-                self._score_item(rt, item, image, reservations[rt], submitted, call)
+                self._score_item(rt, item, image, reservations[rt], submitted, priority, deadline)
                 for rt, items in plan.items()
                 for item in items
             )
         except Exception as exc:
-            result.error = sample_error(call.sample_field.format(index=index), exc)
-            return result, []
+            work.result.error = sample_error(work.where, exc)
+            return []
         finally:
             for rt, count in submitted.items():
                 reservations[rt].release(len(plan[rt]) - count)
-        _fill(result, done, sample)
-        return result, [d.outcome for d in done]
+        _fill(work.result, done, work.sample)
+        return [d.outcome for d in done]
 
     async def _score_item(
         self,
@@ -275,7 +350,8 @@ class Scorer:
         image: Image.Image,
         reservation: Reservation,
         submitted: dict[ScoringRuntime, int],
-        call: ScoreCall,
+        priority: Priority,
+        deadline: float | None,
     ) -> _ItemDone:
         try:
             prepared: Prepared = await self._in_pool(
@@ -292,8 +368,8 @@ class Scorer:
             prepared,
             cost=prepared.tokens,
             reservation=reservation,
-            deadline=call.deadline,
-            priority=call.priority,
+            deadline=deadline,
+            priority=priority,
         )
         return _ItemDone(item, outcome.value, prepared.truncated, outcome)
 
