@@ -14,24 +14,11 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from support import ServerThread, error_details, png, score_config
+from wire import length_delimited as field
 
 from align2.v1 import curation_pb2 as pb
 
 SERVICE = "/align2.v1.CurationService/"
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (string, bytes, message): tag, length, payload."""
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
 BAD_UTF8 = b"\xff"
