@@ -44,6 +44,10 @@ WAVE = 10  # storm calls at once while the device is held: within the queue
 # lag, microseconds when idle) a batch being formed can still take it. Measured: 1 item of
 # 67 started 3 us after its deadline.
 LOOP_LAG = 0.02
+# An item computed in time whose answer then takes longer than its deadline's rest to
+# reach the client ends DEADLINE_EXCEEDED there: seen 8 ms before the deadline, with the
+# client's and server's loops busy on 2 cores. Time allowed for that way back:
+DELIVERY = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +147,7 @@ def test_expired_work_is_never_computed(server: ServerThread, channels: list[grp
     nothing else. Under load (4 callers without deadline, each pass 20 ms): no item starts
     on the device later than LOOP_LAG after its deadline, and the passes are at most the
     calls answered OK plus the items whose deadline passed while they were on the device
-    (their batch in flight), plus one batch."""
+    (their batch in flight) or their answer on its way back (DELIVERY), plus one batch."""
     channel = channels[0]
     gate, log = DeviceGate(server), ForwardLog()
     restore = log.install(server)
@@ -185,17 +189,17 @@ def check_storm(log: ForwardLog, answered: collections.Counter[tuple[str, str]])
         if deadline is not None and deadline < batch.started
     ]
     worst = max(late, default=0.0)
-    on_device = sum(
+    on_device = sum(  # expired while computed, or while its answer was on its way back
         1
         for batch in log.batches
         for deadline in batch.deadlines
-        if deadline is not None and batch.started <= deadline < batch.finished
+        if deadline is not None and batch.started <= deadline < batch.finished + DELIVERY
     )
     ok = answered["load", "OK"] + answered["storm", "OK"]
     print(
         f"\ndeadline storm under load: {dict(answered)}; {log.items} forward passes in "
-        f"{len(log.batches)} batches, {on_device} items expired on the device, {len(late)} "
-        f"started after their deadline (at most {worst * 1e3:.3f} ms after)"
+        f"{len(log.batches)} batches, {on_device} items expired on the device or on the way "
+        f"back, {len(late)} started after their deadline (at most {worst * 1e3:.3f} ms after)"
     )
     assert worst < LOOP_LAG, f"items started on the device this long after their deadline: {late}"
     assert answered["storm", "DEADLINE_EXCEEDED"] + answered["storm", "OK, items DEADLINE_EXCEEDED"]
