@@ -55,9 +55,11 @@ class Row:
         )
 
 
-def build_model(folder: pathlib.Path) -> pathlib.Path:
+def build_model(folder: pathlib.Path, size: str) -> pathlib.Path:
     from align2.server.models.builders import build_llava_reward
 
+    if size == "tiny":  # the integration tests' tiny LLaVA: 16 image tokens, a few ms a pass
+        return build_llava_reward(folder / "bench-llava-tiny", image_size=56, patch_size=14)
     path = folder / "bench-llava-38m"
     if not (path / "config.json").exists():
         build_llava_reward(
@@ -143,10 +145,13 @@ class Direct:
 
 
 # -- service --------------------------------------------------------------------------
-def start_server(path: pathlib.Path, max_batch_size: int, folder: pathlib.Path) -> ServerProcess:
+def start_server(
+    path: pathlib.Path, max_batch_size: int, folder: pathlib.Path, torch_threads: int
+) -> ServerProcess:
     config = folder / f"bench-{max_batch_size}.toml"
     config.write_text(
         f'[server]\nport = 0\nmetrics_port = -1\nlog_level = "WARNING"\n'
+        f"torch_threads = {torch_threads}\n"
         f"[batching]\nmax_batch_size = {max_batch_size}\nmax_batch_tokens = 1000000\n"
         f'[models.question]\npath = "{path}"\n[models.answer]\npath = "{path}"\n'
     )
@@ -175,8 +180,14 @@ async def load(target: str, clients: int, per_client: int, name: str) -> Row:
     return Row(name, clients * per_client, seconds, latencies)
 
 
-def service(path: pathlib.Path, max_batch_size: int, runs: list[tuple[int, int]], folder):  # type: ignore[no-untyped-def]
-    server = start_server(path, max_batch_size, folder)
+def service(
+    path: pathlib.Path,
+    max_batch_size: int,
+    runs: list[tuple[int, int]],
+    folder: pathlib.Path,
+    torch_threads: int,
+) -> list[Row]:
+    server = start_server(path, max_batch_size, folder, torch_threads)
     rows = []
     try:
         for clients, per_client in runs:
@@ -218,23 +229,36 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     parser.add_argument("--single", type=int, default=20, help="one-client request pairs")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument(
+        "--size", choices=("38m", "tiny"), default="38m", help="the bench model or a tiny one"
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="the server's server.torch_threads (0: torch's own default)",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="align2-bench-") as tmp:
         folder = pathlib.Path(tmp)
-        path = build_model(folder)
+        path = build_model(folder, args.size)
         n = args.clients * args.rounds
-        print(f"model: {path.name}; {n} samples per measurement; {os.cpu_count()} CPUs")
+        print(
+            f"model: {path.name}; {n} samples per measurement; {os.cpu_count()} CPUs; "
+            f"server.torch_threads {args.torch_threads}"
+        )
         print("direct (decode + prepare + forward, in-process):")
         model = Direct(path)
         sweep = model.sweep(sizes, n)
         a = max(sweep.values(), key=lambda r: r.throughput)
         best = int(a.name.rsplit(" ", 1)[1])
         print(f"service (separate process, gRPC over loopback), max_batch_size {best} = (a)'s:")
-        b = service(path, best, [(args.clients, args.rounds)], folder)[0]
-        c = service(path, 1, [(args.clients, args.rounds)], folder)[0]
+        runs = [(args.clients, args.rounds)]
+        b = service(path, best, runs, folder, args.torch_threads)[0]
+        c = service(path, 1, runs, folder, args.torch_threads)[0]
         print("one client, interleaved with direct calls:")
-        server = start_server(path, best, folder)
+        server = start_server(path, best, folder, args.torch_threads)
         try:
             d1, b1 = one_client(model, server.target, args.single)
         finally:
