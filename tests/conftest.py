@@ -92,3 +92,17 @@ def original_llava(tmp_path_factory: pytest.TempPathFactory):
         safe_serialization=False,
     )
     return OriginalSet(clip=clip, base=base, question=question, answer=answer)
+
+
+@pytest.fixture(scope="session")
+def converted(original_llava, tmp_path_factory: pytest.TempPathFactory):
+    """``original_llava``'s two adapters converted into align2 reward folders (question,
+    answer) by ``align2 convert-reward``'s code; read-only for the tests."""
+    from align2.server.models.convert_reward import convert_reward
+
+    root = tmp_path_factory.mktemp("converted")
+    o = original_llava
+    return (
+        convert_reward(o.base, o.question, root / "question", vision_tower=o.clip),
+        convert_reward(o.base, o.answer, root / "answer", vision_tower=o.clip),
+    )

@@ -76,18 +76,6 @@ def references(original_llava: OriginalSet) -> tuple[Reference, Reference]:
     return refs
 
 
-@pytest.fixture(scope="module")
-def converted(
-    original_llava: OriginalSet, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[pathlib.Path, pathlib.Path]:
-    root = tmp_path_factory.mktemp("converted")
-    o = original_llava
-    return (
-        convert_reward(o.base, o.question, root / "question", vision_tower=o.clip),
-        convert_reward(o.base, o.answer, root / "answer", vision_tower=o.clip),
-    )
-
-
 def load(folder: pathlib.Path) -> TransformersScoring:
     config = ModelConfig(path=str(folder), image_mode="square")
     return TransformersScoring.load(folder.name, config, folder)

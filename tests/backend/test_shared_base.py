@@ -39,7 +39,6 @@ from align2.server.config import BatchingConfig, LimitsConfig, ModelConfig, Scor
 from align2.server.core.runtime import ScoringRuntime
 from align2.server.core.scoring import SampleScore, ScoreCall, Scorer
 from align2.server.errors import ConfigError
-from align2.server.models.convert_reward import convert_reward
 from align2.server.models.llava_original import read_adapter
 
 
@@ -98,18 +97,6 @@ def assert_same_scores(got: list[SampleScore], want: list[SampleScore]) -> None:
         assert mine.error is None and theirs.error is None
         assert mine.question_score == pytest.approx(theirs.question_score, rel=REL, abs=1e-5)
         assert mine.answer_scores == pytest.approx(theirs.answer_scores, rel=REL, abs=1e-5)
-
-
-@pytest.fixture(scope="module")
-def converted(
-    original_llava: OriginalSet, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[pathlib.Path, pathlib.Path]:
-    root = tmp_path_factory.mktemp("converted")
-    o = original_llava
-    return (
-        convert_reward(o.base, o.question, root / "question", vision_tower=o.clip),
-        convert_reward(o.base, o.answer, root / "answer", vision_tower=o.clip),
-    )
 
 
 @pytest.mark.parametrize("image_mode", ["square", "pad"])
