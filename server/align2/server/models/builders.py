@@ -118,7 +118,7 @@ def build_llava_reward(
         raise ValueError("vision_layers must be at least 2 (features come from layer -2)")
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-    folder = _empty_dir(path)
+    folder = empty_dir(path)
     if tokenizer is None:
         tokenizer = build_tokenizer(
             LLAVA_SPECIAL_TOKENS, vocab_size=vocab_size, model_max_length=max_length
@@ -136,7 +136,7 @@ def build_llava_reward(
     )
     config = LlavaConfig(
         vision_config=vision,
-        text_config=_llama_config(
+        text_config=llama_config(
             tokenizer, text_hidden, text_layers, text_heads, text_intermediate, max_length
         ),
         image_token_index=_token_id(tokenizer, "<image>"),
@@ -207,7 +207,7 @@ def build_idefics3_reward(
             f"image_size/patch_size ({image_size}/{patch_size}) must be a whole number "
             f"divisible by scale_factor {scale_factor}"
         )
-    folder = _empty_dir(path)
+    folder = empty_dir(path)
     source: PreTrainedModel | None = None
     tokenizer: PreTrainedTokenizerBase
     text: PreTrainedConfig
@@ -215,7 +215,7 @@ def build_idefics3_reward(
         tokenizer = build_tokenizer(
             IDEFICS3_SPECIAL_TOKENS, vocab_size=vocab_size, model_max_length=max_length
         )
-        text = _llama_config(
+        text = llama_config(
             tokenizer, text_hidden, text_layers, text_heads, text_intermediate, max_length
         )
     else:
@@ -269,11 +269,11 @@ def build_llama_causal_lm(
     ``chat_template=False`` saves none, as Vicuna checkpoints do. ``path`` must be missing
     or empty. Returns ``path``.
     """
-    folder = _empty_dir(path)
+    folder = empty_dir(path)
     tokenizer = build_tokenizer((), vocab_size=vocab_size, model_max_length=max_length)
     if not chat_template:
         tokenizer.chat_template = None
-    config = _llama_config(tokenizer, hidden, layers, heads, intermediate, max_length)
+    config = llama_config(tokenizer, hidden, layers, heads, intermediate, max_length)
     model = _seeded_model(LlamaForCausalLM, config, seed, dtype)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -295,7 +295,7 @@ def _idefics3_image_processor(
     )
 
 
-def _empty_dir(path: str | pathlib.Path) -> pathlib.Path:
+def empty_dir(path: str | pathlib.Path) -> pathlib.Path:
     """Create ``path`` if needed; refuse one with files (stale files would mix in)."""
     folder = pathlib.Path(path)
     if folder.exists() and any(folder.iterdir()):
@@ -304,7 +304,7 @@ def _empty_dir(path: str | pathlib.Path) -> pathlib.Path:
     return folder
 
 
-def _llama_config(
+def llama_config(
     tokenizer: PreTrainedTokenizerBase,
     hidden: int,
     layers: int,
@@ -332,7 +332,7 @@ def _llama_config(
 
 
 @contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int) -> Iterator[None]:
     """Seed torch's global CPU RNG for the block, restoring the caller's RNG state after."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -341,7 +341,7 @@ def _seeded(seed: int) -> Iterator[None]:
 
 def _seeded_model(cls: type[_M], config: PreTrainedConfig, seed: int, dtype: torch.dtype) -> _M:
     """Instantiate ``cls`` on CPU with weights drawn from ``seed``, cast to ``dtype``."""
-    with _seeded(seed):
+    with seeded(seed):
         model = cls(config)
     # transformers wraps ``to`` with functools.wraps, which hides the bound self from mypy.
     torch.nn.Module.to(model, dtype)

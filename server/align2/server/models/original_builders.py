@@ -40,8 +40,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from align2.server.models.builders import _empty_dir, _llama_config, _seeded
-from align2.server.models.tokenizers import _CORPUS, build_tokenizer
+from align2.server.models.builders import empty_dir, llama_config, seeded
+from align2.server.models.tokenizers import CORPUS, build_tokenizer
 
 LLM_LINEAR: tuple[str, ...] = (
     "q_proj",
@@ -85,7 +85,7 @@ def build_clip_tower(
 ) -> pathlib.Path:
     """A tiny CLIP folder (``model.safetensors`` unless ``with_weights`` is False: then the
     base must hold the tower). ``path`` must be missing or empty. Returns ``path``."""
-    folder = _empty_dir(path)
+    folder = empty_dir(path)
     vision = {
         "hidden_size": hidden,
         "intermediate_size": 4 * hidden,
@@ -118,7 +118,7 @@ def build_clip_tower(
 
 def clip_state(config: CLIPConfig, seed: int) -> dict[str, torch.Tensor]:
     """A random CLIPModel's weights (``vision_model.*``, ``text_model.*``, projections)."""
-    with _seeded(seed):
+    with seeded(seed):
         model = CLIPModel(config)
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
@@ -154,7 +154,7 @@ def build_original_base(
     ``rotary_buffers``: also store ``rotary_emb.inv_freq`` buffers, as older checkpoints do.
     ``path`` must be missing or empty. Returns ``path``.
     """
-    folder = _empty_dir(path)
+    folder = empty_dir(path)
     clip_config = CLIPConfig.from_pretrained(clip)
     mm_hidden = int(CLIPVisionConfig.from_pretrained(clip).hidden_size)
     if tokenizer == "sentencepiece":
@@ -163,8 +163,8 @@ def build_original_base(
         text_tokenizer = build_tokenizer((), vocab_size=vocab_size, model_max_length=2048)
         text_tokenizer.chat_template = None
         text_tokenizer.save_pretrained(folder)
-    llama = _llama_config(text_tokenizer, text_hidden, text_layers, text_heads, None, 4096)
-    with _seeded(seed):
+    llama = llama_config(text_tokenizer, text_hidden, text_layers, text_heads, None, 4096)
+    with seeded(seed):
         model = LlamaForCausalLM(llama)
         model.model.add_module("mm_projector", _projector(mm_hidden, text_hidden))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -191,7 +191,7 @@ def sentencepiece_tokenizer(folder: pathlib.Path, vocab_size: int) -> PreTrained
 
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS.strip().splitlines()),
+        sentence_iterator=iter(CORPUS.strip().splitlines()),
         model_writer=model,
         vocab_size=vocab_size,
         hard_vocab_limit=False,
@@ -280,11 +280,11 @@ def build_reward_adapter(
     """
     from peft import LoraConfig, get_peft_model
 
-    folder = _empty_dir(path)
+    folder = empty_dir(path)
     config = json.loads((base / "config.json").read_text())
     llama = LlamaConfig(**{k: config[k] for k in _LLAMA_KEYS})
     llama.num_labels = 1
-    with _seeded(seed):
+    with seeded(seed):
         model = LlamaForSequenceClassification(llama)
         model.model.add_module(
             "mm_projector", _projector(config["mm_hidden_size"], config["hidden_size"])

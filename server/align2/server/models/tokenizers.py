@@ -54,7 +54,7 @@ CHAT_TEMPLATE = (
 )
 
 # Enough varied English for a few hundred merges; fixed so that training is reproducible.
-_CORPUS = """
+CORPUS = """
 The quick brown fox jumps over the lazy dog. A man is riding a bicycle down the street.
 What is the color of the bus in the image? The bus is red and white, and it is parked
 next to the sidewalk. How many people are sitting on the bench? There are two people
@@ -120,7 +120,7 @@ def _train(specials: list[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS.strip().splitlines(), trainer=trainer)
+    tokenizer.train_from_iterator(CORPUS.strip().splitlines(), trainer=trainer)
     bos_id = tokenizer.token_to_id(BOS)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A",
