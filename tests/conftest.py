@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
+from collections.abc import Iterator
 
 import pytest
 
@@ -18,6 +20,20 @@ for _key, _value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_key, _value)
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A command run in-process (``cli.main``: convert-reward, train-heads) configures the
+    root logger for the whole process, with a handler on that test's captured stderr; a
+    later test's in-process server would log to it after pytest closed it ("Logging
+    error ... I/O operation on closed file"). Each test gets the root logger back as it
+    found it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
