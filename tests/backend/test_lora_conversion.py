@@ -251,6 +251,15 @@ def refuse(o: OriginalSet, adapter: pathlib.Path, out: pathlib.Path, match: str)
     assert_nothing_left(out.parent, out.name)
 
 
+def refuse_edited(
+    o: OriginalSet, tmp_path: pathlib.Path, name: str, edit: dict[str, object], match: str
+) -> None:
+    """A copy of the question adapter whose JSON file ``name`` takes ``edit`` is refused."""
+    adapter = copy_adapter(o.question, tmp_path / "adapter")
+    (adapter / name).write_text(json.dumps(json.loads((adapter / name).read_text()) | edit))
+    refuse(o, adapter, tmp_path / "out", match)
+
+
 def test_refuses_an_unknown_key(original_llava: OriginalSet, tmp_path: pathlib.Path) -> None:
     adapter = copy_adapter(original_llava.question, tmp_path / "adapter")
     non_lora = torch.load(adapter / "non_lora_trainables.bin", weights_only=True)
@@ -324,10 +333,7 @@ def test_refuses_lora_it_cannot_map(original_llava: OriginalSet, tmp_path: pathl
 def test_refuses_an_unsupported_model_config(
     original_llava: OriginalSet, tmp_path: pathlib.Path, edit: dict[str, object], match: str
 ) -> None:
-    adapter = copy_adapter(original_llava.question, tmp_path / "adapter")
-    config = json.loads((adapter / "config.json").read_text()) | edit
-    (adapter / "config.json").write_text(json.dumps(config))
-    refuse(original_llava, adapter, tmp_path / "out", match)
+    refuse_edited(original_llava, tmp_path, "config.json", edit, match)
 
 
 @pytest.mark.parametrize(
@@ -337,10 +343,7 @@ def test_refuses_an_unsupported_model_config(
 def test_refuses_lora_variants_it_does_not_merge(
     original_llava: OriginalSet, tmp_path: pathlib.Path, edit: dict[str, object], match: str
 ) -> None:
-    adapter = copy_adapter(original_llava.question, tmp_path / "adapter")
-    config = json.loads((adapter / "adapter_config.json").read_text()) | edit
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
-    refuse(original_llava, adapter, tmp_path / "out", match)
+    refuse_edited(original_llava, tmp_path, "adapter_config.json", edit, match)
 
 
 def test_refuses_an_adapter_without_a_head(
