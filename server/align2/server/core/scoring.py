@@ -202,8 +202,12 @@ class Scorer:
     async def score(self, call: ScoreCall) -> ScoreOutcome:
         started = time.monotonic()
         self._check_call(call)
-        question, question_desc = self._runtime("question_model", call, Head.QUESTION)
-        answer, answer_desc = self._runtime("answer_model", call, Head.ANSWER)
+        question, question_desc = self._runtime(
+            "question_model", call.question_model, Head.QUESTION in call.heads
+        )
+        answer, answer_desc = self._runtime(
+            "answer_model", call.answer_model, Head.ANSWER in call.heads
+        )
         needed = ANSWERS_FOR_SCORE if answer is not None else None
         works = [
             self._begin(s, call.sample_field.format(index=i), question, answer, needed)
@@ -228,9 +232,8 @@ class Scorer:
     def begin(self, sample: Sample, where: str) -> ScoringSample:
         """A sample both heads will score, on the configured models, one head at a time
         (``score_sample``): Curate's, checked here once for both."""
-        every = ScoreCall(samples=[sample])
-        question, _ = self._runtime("question_model", every, Head.QUESTION)
-        answer, _ = self._runtime("answer_model", every, Head.ANSWER)
+        question, _ = self._runtime("question_model", "")
+        answer, _ = self._runtime("answer_model", "")
         return self._begin(sample, where, question, answer, ANSWERS_FOR_CURATE)
 
     async def score_sample(
@@ -289,12 +292,13 @@ class Scorer:
         return [o for outcomes in done for o in outcomes]
 
     def _runtime(
-        self, key: str, call: ScoreCall, head: Head
+        self, key: str, name: str, wanted: bool = True
     ) -> tuple[ScoringRuntime | None, ModelDescription | None]:
-        """The runtime for a head (None when not asked for) and its description by name."""
-        if head not in call.heads:
+        """The runtime of model ``name`` (empty: config ``key``'s) and its description;
+        None for a head not ``wanted`` (its model is not looked up)."""
+        if not wanted:
             return None, None
-        name = getattr(call, key) or getattr(self._config, key)
+        name = name or getattr(self._config, key)
         runtime = self._runtimes.get(name)
         if runtime is None:
             raise NotFound(
