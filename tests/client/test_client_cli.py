@@ -21,7 +21,7 @@ def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None
     assert raised.value.code == 0
     out = capsys.readouterr().out
     commands = ("info", "score", "align", "curate", "serve", "build-models", "train-heads")
-    for command in (*commands, "convert-reward"):
+    for command in (*commands, "train-lora", "convert-reward"):
         assert command in out
 
 
@@ -76,7 +76,9 @@ def test_unknown_head_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> No
     assert "valid heads are ['answer', 'question']" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["serve", "build-models", "train-heads", "convert-reward"])
+@pytest.mark.parametrize(
+    "command", ["serve", "build-models", "train-heads", "train-lora", "convert-reward"]
+)
 def test_server_commands_are_forwarded(monkeypatch: pytest.MonkeyPatch, command: str) -> None:
     received: list[list[str]] = []
     fake_module = types.ModuleType("align2.server.cli")

@@ -2,7 +2,7 @@
 
 Client subcommands (``info``, ``health``, ``score``, ``align``, ``curate``) need only the
 light client.
-Server subcommands (``serve``, ``build-models``, ``train-heads``) are forwarded to
+Server subcommands (``serve``, ``build-models``, ``train-heads``, ``train-lora``) are forwarded to
 ``align2.server.cli.main``, which is imported only when one of them runs: the client
 command never imports server code.
 
@@ -47,6 +47,7 @@ SERVER_COMMANDS: dict[str, str] = {
     "serve": "run the align2 server (server extras)",
     "build-models": "build the embedded default models (server extras)",
     "train-heads": "train the reward-model heads (server extras)",
+    "train-lora": "train the LoRA reward adapters the method's way (server extras)",
     "convert-reward": "convert the paper's LoRA reward adapters to a checkpoint (server extras)",
 }
 DEFAULT_TARGET = "localhost:50051"

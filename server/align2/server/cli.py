@@ -1,5 +1,5 @@
 """Server-side subcommands of the ``align2`` command: serve, build-models, train-heads,
-convert-reward.
+train-lora, convert-reward.
 
 Argument parsing and the environment are read here only, then typed config is passed down.
 """
@@ -17,6 +17,7 @@ from align2.server import config as config_module
 from align2.server import logs
 from align2.server.errors import ConfigError
 from align2.server.training import command as train_heads
+from align2.server.training import lora_command as train_lora
 
 log = logging.getLogger("align2.server")
 
@@ -86,6 +87,7 @@ def parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _build_parser(sub)
     train_heads.add_parser(sub)
+    train_lora.add_parser(sub)
     _convert_parser(sub)
     return root
 
@@ -159,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train-heads":
         data_env = os.environ.get(train_heads.DATA_ENV)
         return train_heads.run(train_heads.to_config(args, config.cache_path, data_env))
+    if args.command == "train-lora":
+        data_env = os.environ.get(train_heads.DATA_ENV)
+        return train_lora.run(train_lora.to_config(args, config.cache_path, data_env))
     try:
         return asyncio.run(serve(config))
     except ConfigError as exc:

@@ -191,6 +191,11 @@ class SharedHeadScoring(TransformersScoring):
         payload.image_key = image_digest(payload.images)
         return prepared
 
+    @property
+    def shared_base(self) -> SharedBase:
+        """The base this head runs on (the training tool hooks its layers)."""
+        return self._shared
+
     def _hidden(self, inputs: list[_Inputs], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self._shared.hidden(self._head_name, inputs, ids, mask)
 

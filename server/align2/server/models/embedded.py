@@ -10,6 +10,12 @@ The server's defaults (``embedded:NAME`` paths) must work without a model hub:
   vision tower each and the score head trained on the method's human preference data
   (``align2 train-heads``), shipped in align2.server.models.heads and written in after the
   build. The vision tower is random, so they judge the text only.
+- ``reward-base``, ``reward-vision``, ``reward-question-lora``, ``reward-answer-lora``: the
+  DEFAULT reward models, in the paper's release format so that they are served exactly as
+  the released adapters are (one shared base, two PEFT LoRA adapters): an original-LLaVA
+  base whose language model is that SmolLM2 (its projector maps every image to zeros: text
+  only), its small CLIP folder, and the two adapters ``align2 train-lora`` trained on the
+  human preference data, shipped in align2/server/models/adapters and read in place.
 
 Contract: ``ensure`` returns a complete folder or raises; a folder is built in a temporary
 sibling and renamed into place, so a crash or a concurrent build never exposes a partial
@@ -33,6 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from align2.server.models import heads
 from align2.server.models.builders import build_idefics3_reward
+from align2.server.models.original_builders import build_base_over_llama, build_clip_tower
 from align2.server.models.tokenizers import strip_load_options
 
 log = logging.getLogger(__name__)
@@ -101,19 +108,55 @@ def _reward_builder(name: str, head: str) -> Builder:
     return build
 
 
+REWARD_VISION = "reward-vision"
+REWARD_BASE = "reward-base"
+LORA_ADAPTERS: dict[str, str] = {
+    "question": "reward-question-lora",
+    "answer": "reward-answer-lora",
+}
+"""The LoRA reward adapter of each head over ``reward-base`` (``align2 train-lora``)."""
+ADAPTERS_DIR = pathlib.Path(__file__).parent / "adapters"
+"""The shipped adapters, one folder per head named as its model (the files the release's adapters have, but
+``non_lora_trainables.bin``: the projector is not trained, so the base's serves). They are
+read in place (:func:`ensure` returns their folder)."""
+
+
+def _build_reward_vision(target: pathlib.Path, cache_dir: pathlib.Path) -> None:
+    """A small random CLIP tower at 64 px (16 patches): its output is multiplied by the
+    base's zero projector, so its only job is to be a CLIP folder the original layout names."""
+    build_clip_tower(target, seed=3, hidden=64, layers=2, heads=2, image_size=64, patch_size=16)
+
+
+def _build_reward_base(target: pathlib.Path, cache_dir: pathlib.Path) -> None:
+    """The original-LLaVA base of the LoRA reward adapters: the embedded SmolLM2 (bf16) as
+    its language model, over ``reward-vision``, images projected to zeros (text only)."""
+    build_base_over_llama(
+        target, ensure(SMOLLM2, cache_dir), ensure(REWARD_VISION, cache_dir), seed=4
+    )
+
+
 _BUILDERS: dict[str, Builder] = {
     SMOLLM2: _build_smollm2,
     "reward-question": _reward_builder("reward-question", "question"),
     "reward-answer": _reward_builder("reward-answer", "answer"),
+    REWARD_VISION: _build_reward_vision,
+    REWARD_BASE: _build_reward_base,
 }
 
-EMBEDDED_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+_SHIPPED: dict[str, pathlib.Path] = {name: ADAPTERS_DIR / name for name in LORA_ADAPTERS.values()}
+"""Models that are package files, not builds: the adapters (read in place, never copied, so
+a retrained adapter is what the next start reads)."""
+
+EMBEDDED_NAMES: tuple[str, ...] = (*_BUILDERS, *_SHIPPED)
 """Valid NAMEs of ``embedded:NAME`` model paths."""
 
 
 def model_dir(name: str, cache_dir: pathlib.Path) -> pathlib.Path:
-    """Where ``name`` is cached (whether or not it is built yet); the folder is the name."""
+    """Where ``name`` is cached (whether or not it is built yet); the folder is the name.
+    A shipped adapter's folder is in the package."""
     _check_name(name)
+    if name in _SHIPPED:
+        return _SHIPPED[name]
     return cache_dir / "embedded" / f"v{RECIPE_VERSION}" / name
 
 
@@ -124,6 +167,10 @@ def ensure(name: str, cache_dir: pathlib.Path) -> pathlib.Path:
     about 20 s, each reward model a few seconds more.
     """
     target = model_dir(name, cache_dir)
+    if name in _SHIPPED:
+        if not (target / "adapter_config.json").is_file():
+            raise RuntimeError(f"no shipped adapter in {target} (align2 train-lora --out)")
+        return target
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +208,7 @@ def _publish(scratch: pathlib.Path, target: pathlib.Path) -> None:
 
 
 def _check_name(name: str) -> None:
-    if name not in _BUILDERS:
+    if name not in _BUILDERS and name not in _SHIPPED:
         raise ValueError(f"unknown embedded model {name!r}; valid: {', '.join(EMBEDDED_NAMES)}")
 
 

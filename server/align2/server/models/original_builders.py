@@ -25,7 +25,7 @@ import io
 import json
 import pathlib
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -372,3 +372,49 @@ def _save_bin_shards(state: dict[str, torch.Tensor], folder: pathlib.Path, shard
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def build_base_over_llama(
+    path: str | pathlib.Path,
+    llama: pathlib.Path,
+    clip: pathlib.Path,
+    *,
+    seed: int,
+    select_layer: int = -2,
+    vision_tower_name: str = "align2-embedded/clip-vision",
+) -> pathlib.Path:
+    """An original-LLaVA base whose language model is the Llama checkpoint in ``llama`` (its
+    weights and tokenizer as they are, the LM head untied into its own copy as llava-v1.5-7b
+    stores it) over the CLIP folder ``clip``.
+
+    The projector's first layer is drawn from ``seed``; its second layer is all zeros, so
+    every image becomes the same zero embeddings: a model built this way judges the text
+    only, and gives the same score whatever the image (no vision weights exist offline, and
+    a random tower would only add noise that training never saw). ``path`` must be missing
+    or empty. Returns ``path``.
+    """
+    folder = empty_dir(path)
+    tokenizer = AutoTokenizer.from_pretrained(llama, local_files_only=True)
+    tokenizer.save_pretrained(folder)
+    model = LlamaForCausalLM.from_pretrained(llama, local_files_only=True)
+    dtype = next(model.parameters()).dtype
+    mm_hidden = int(CLIPVisionConfig.from_pretrained(clip).hidden_size)
+    hidden = int(model.config.hidden_size)
+    with seeded(seed):
+        projector = _projector(mm_hidden, hidden)
+    last = cast(torch.nn.Linear, projector[2])
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["lm_head.weight"] = state["lm_head.weight"].clone()  # untied: its own tensor
+    for key, value in projector.state_dict().items():
+        state[f"model.mm_projector.{key}"] = value.to(dtype).contiguous()
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = original_config(model.config, mm_hidden, select_layer, vision_tower_name)
+    rope = model.config.rope_parameters or {}
+    config |= {
+        "rope_theta": rope.get("rope_theta", 1e4),
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder

@@ -124,6 +124,14 @@ class FeatureCache:
 
     def load(self, key: dict[str, str]) -> tuple[torch.Tensor, int] | None:
         """(features, truncated count) stored under ``key``, or None."""
+        found = self.load_tensors(key)
+        return None if found is None else (found[0][_TENSOR], found[1])
+
+    def save(self, key: dict[str, str], features: torch.Tensor, truncated: int) -> None:
+        self.save_tensors(key, {_TENSOR: features}, truncated)
+
+    def load_tensors(self, key: dict[str, str]) -> tuple[dict[str, torch.Tensor], int] | None:
+        """(tensors by name, truncated count) stored under ``key``, or None."""
         path = self.path(key)
         if not path.is_file():
             return None
@@ -131,14 +139,17 @@ class FeatureCache:
             metadata = handle.metadata()
             if {k: metadata.get(k) for k in key} != key:
                 return None  # a hash collision or a stale file: recompute
-            return handle.get_tensor(_TENSOR), int(metadata["truncated"])
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+            return tensors, int(metadata["truncated"])
 
-    def save(self, key: dict[str, str], features: torch.Tensor, truncated: int) -> None:
+    def save_tensors(
+        self, key: dict[str, str], tensors: dict[str, torch.Tensor], truncated: int
+    ) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
         scratch = path.with_name(f".{path.name}.{os.getpid()}")
         metadata = {**key, "truncated": str(truncated)}
-        save_file({_TENSOR: features.contiguous()}, scratch, metadata=metadata)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, scratch, metadata=metadata)
         os.replace(scratch, path)
 
 

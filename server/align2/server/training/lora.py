@@ -1,0 +1,214 @@
+"""LoRA + score head, Bradley-Terry, on the top decoder layers of a served reward model.
+
+The method trains its reward models as LoRA adapters on every linear layer of the language
+model plus a scalar head, with the Bradley-Terry loss over human-ranked pairs. Here the
+same adapter and loss are trained on the TOP ``layers`` decoder layers only (a budget: a
+full pass of backpropagation through a 135M model over the data takes this CPU hours, the
+top layers minutes). Below the adapted layers nothing trains, so the hidden states that
+enter the first adapted layer are fixed: they are computed ONCE by the server's own
+forward (a hook on that layer while :meth:`ScoringBackend.features` runs, exactly the
+inputs a served score starts from) and training runs the top layers on them.
+
+:class:`Tail` is that upper part of the language model: the server's own modules (the
+decoder layers with the PEFT adapter injected, the final norm, the rotary embedding), run
+as ``LlamaModel.forward`` runs them, then the head at the last non-padding position. Its
+scores equal the server's for the same adapter and head (checked on the first batch of
+every run, and by tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.masking_utils import create_causal_mask
+
+from align2.server.training.data import Group, pairs
+from align2.server.training.evaluate import pairwise_accuracy
+
+log = logging.getLogger(__name__)
+
+
+class Tail:
+    """Decoder layers ``first..`` of ``language_model`` + norm + head, on cached inputs."""
+
+    def __init__(self, language_model: Any, first: int) -> None:
+        self.model = language_model
+        self.first = first
+        self.layers = list(language_model.layers)[first:]
+
+    def pooled(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Final hidden state ``[B, hidden]`` at each input's last position; ``states``: the
+        inputs of layer ``first``, ``[L_i, hidden]`` each (no padding)."""
+        lengths = torch.tensor([len(s) for s in states])
+        longest = int(lengths.max())
+        hidden = states[0].new_zeros(len(states), longest, states[0].shape[-1])
+        mask = torch.zeros(len(states), longest, dtype=torch.long)
+        for row, s in enumerate(states):
+            hidden[row, : len(s)] = s
+            mask[row, : len(s)] = 1
+        position_ids = torch.arange(longest).unsqueeze(0)
+        causal = create_causal_mask(
+            config=self.model.config,
+            inputs_embeds=hidden,
+            attention_mask=mask,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
+        embeddings = self.model.rotary_emb(hidden, position_ids=position_ids)
+        for layer in self.layers:
+            hidden = layer(
+                hidden,
+                attention_mask=causal,
+                position_embeddings=embeddings,
+                position_ids=position_ids,
+            )
+        hidden = self.model.norm(hidden)
+        return hidden[torch.arange(len(states)), lengths - 1].float()
+
+
+@dataclass(frozen=True)
+class LoraTrainConfig:
+    """Hyperparameters of one training run (chosen on validation, never on test)."""
+
+    lr: float = 5e-4
+    epochs: int = 3
+    groups_per_step: int = 4
+    """Groups (an image's candidates, or a turn's) per optimiser step: the pairs of a group
+    are always in the same step."""
+    seed: int = 0
+    bf16: bool = True
+    """Training steps under bfloat16 autocast (about 2x faster on a CPU with AMX, measured on
+    this machine); validation, the reports and the served check are float32."""
+
+
+@dataclass
+class Epoch:
+    epoch: int
+    loss: float
+    validation: float
+    seconds: float
+
+
+@dataclass
+class Trained:
+    """The parameters after the best epoch (by validation accuracy) and every epoch's log."""
+
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    head: torch.Tensor
+    best_epoch: int
+    best_accuracy: float
+    lr: float
+    epochs: list[Epoch]
+
+
+Params = dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]
+"""Original module name -> the LoRA A and B parameters trained in place."""
+
+
+def train(
+    tail: Tail,
+    params: Params,
+    head: torch.nn.Parameter,
+    states: Sequence[torch.Tensor],
+    train_groups: Sequence[Group],
+    val_groups: Sequence[Group],
+    config: LoraTrainConfig,
+    progress: Callable[[str], None] = log.info,
+) -> Trained:
+    """Bradley-Terry over the pairs of ``train_groups`` (rows index ``states``); keep the
+    epoch with the best validation accuracy (epoch 0: the untrained adapter)."""
+    trainable = [p for pair in params.values() for p in pair] + [head]
+    for p in trainable:
+        p.requires_grad_(True)
+    optimiser = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    order = list(range(len(train_groups)))
+    rng = random.Random(config.seed)
+    val_pairs = pairs(val_groups)
+
+    def snapshot() -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        lora = {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in params.items()}
+        return lora, head.detach().clone()
+
+    best = snapshot()
+    best_accuracy = _accuracy(tail, head, states, val_groups, val_pairs)
+    log_epochs = [Epoch(0, float("nan"), best_accuracy, 0.0)]
+    progress(f"epoch 0: validation {best_accuracy:.3f}")
+    best_epoch = 0
+    for epoch in range(1, config.epochs + 1):
+        started = time.monotonic()
+        rng.shuffle(order)
+        total, steps = 0.0, 0
+        for start in range(0, len(order), config.groups_per_step):
+            chosen = [train_groups[i] for i in order[start : start + config.groups_per_step]]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                loss = _step_loss(tail, head, states, chosen)
+            if loss is None:
+                continue
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total, steps = total + float(loss.detach()), steps + 1
+        accuracy = _accuracy(tail, head, states, val_groups, val_pairs)
+        seconds = time.monotonic() - started
+        log_epochs.append(Epoch(epoch, total / max(steps, 1), accuracy, seconds))
+        progress(
+            f"epoch {epoch}: loss {total / max(steps, 1):.4f}, validation {accuracy:.3f}, "
+            f"{seconds:.0f} s"
+        )
+        if accuracy > best_accuracy:
+            best, best_accuracy, best_epoch = snapshot(), accuracy, epoch
+    for p in trainable:
+        p.requires_grad_(False)
+    return Trained(best[0], best[1], best_epoch, best_accuracy, config.lr, log_epochs)
+
+
+def _step_loss(
+    tail: Tail, head: torch.Tensor, states: Sequence[torch.Tensor], groups: Sequence[Group]
+) -> torch.Tensor | None:
+    """Mean Bradley-Terry loss ``-log sigmoid(s_better - s_worse)`` over the groups' pairs;
+    every candidate is forwarded once however many pairs it is in."""
+    rows = sorted({r for g in groups for r in g.rows})
+    where = {r: i for i, r in enumerate(rows)}
+    found = pairs(groups)
+    if len(found) == 0:
+        return None
+    scores = (tail.pooled([states[r] for r in rows]) @ head.T)[:, 0]
+    better = scores[[where[int(r)] for r in found[:, 0]]]
+    worse = scores[[where[int(r)] for r in found[:, 1]]]
+    return -F.logsigmoid(better - worse).mean()
+
+
+def scores_of(
+    tail: Tail, head: torch.Tensor, states: Sequence[torch.Tensor], rows: Sequence[int]
+) -> dict[int, float]:
+    """Scores of ``rows`` (no gradients), a few at a time, longest first."""
+    out: dict[int, float] = {}
+    ordered = sorted(rows, key=lambda r: -len(states[r]))
+    with torch.no_grad():
+        for start in range(0, len(ordered), 16):
+            chosen = ordered[start : start + 16]
+            values = (tail.pooled([states[r] for r in chosen]) @ head.float().T)[:, 0]
+            out.update(zip(chosen, values.tolist(), strict=True))
+    return out
+
+
+def _accuracy(
+    tail: Tail,
+    head: torch.Tensor,
+    states: Sequence[torch.Tensor],
+    groups: Sequence[Group],
+    found: torch.Tensor,
+) -> float:
+    rows = sorted({r for g in groups for r in g.rows})
+    scores = scores_of(tail, head, states, rows)
+    dense = torch.zeros(len(states))
+    for r, s in scores.items():
+        dense[r] = s
+    return pairwise_accuracy(dense, found)

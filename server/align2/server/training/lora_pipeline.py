@@ -1,0 +1,381 @@
+"""``align2 train-lora`` end to end: the method's reward models, LoRA + head, Bradley-Terry.
+
+Per head: an untrained adapter in the release layout (LoRA on the top ``layers`` decoder
+layers, PEFT's initialisation: the base exactly; a head drawn as the reference's model draws
+it) is loaded by the server's shared-base backend over the base, the exact path ``make
+serve`` takes. The hidden states entering the first adapted layer are captured from that
+backend (cached), the top layers are trained on them (training.lora), and the epoch with the
+best validation accuracy (images held out, never candidates) is written as the release
+writes an adapter (training.adapter_files). Finally the written adapter is loaded by the
+server's backend again and scores a few validation inputs: the report gives the largest
+difference from the tool's scores. The test file is read only with ``evaluate_test``, and
+nothing is chosen by it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from align2.server.backends.shared_scoring import SharedHeadScoring, load_shared
+from align2.server.config import LimitsConfig, ModelConfig
+from align2.server.core.templates import TEMPLATE_VERSION
+from align2.server.models import embedded
+from align2.server.models.shared_llava import read_head
+from align2.server.training import data, features, lora
+from align2.server.training.adapter_files import (
+    LoraShape,
+    initial_head,
+    initial_lora,
+    write_adapter,
+)
+from align2.server.training.evaluate import length_scores, pairwise_accuracy
+from align2.server.training.layer_inputs import cached_layer_inputs
+from align2.server.training.pipeline import FILES
+from align2.server.training.report import SplitResult
+
+log = logging.getLogger(__name__)
+
+SEEDS: dict[str, int] = {"question": 1, "answer": 2}
+"""Seed of each head's initial LoRA A and head (and of its training order)."""
+
+
+@dataclass(frozen=True)
+class TrainLoraConfig:
+    """Typed options of ``align2 train-lora`` (argv and environment are read in main)."""
+
+    data_dir: pathlib.Path
+    cache_dir: pathlib.Path
+    heads: tuple[str, ...] = ("question", "answer")
+    base: str = embedded.PREFIX + embedded.REWARD_BASE
+    vision_tower: str = embedded.PREFIX + embedded.REWARD_VISION
+    out: pathlib.Path | None = None
+    """Write the adapters here as ``reward-{head}-lora/`` (the shipped ones:
+    align2/server/models/adapters)."""
+    evaluate_test: bool = False
+    layers: int = 4
+    """Top decoder layers that get LoRA."""
+    r: int = 8
+    alpha: int = 16
+    train: lora.LoraTrainConfig = field(default_factory=lora.LoraTrainConfig)
+    learning_rates: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    """The grid: each is trained from the same start for ``train.epochs``; the (rate, epoch)
+    with the best validation accuracy is kept (the earlier on a tie)."""
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    batch_size: int = 16
+    max_text_tokens: int = LimitsConfig.max_text_tokens
+
+
+@dataclass(frozen=True)
+class LoraReport:
+    head: str
+    shape: LoraShape
+    train_groups: int
+    train_pairs: int
+    best_epoch: int
+    lr: float
+    learning_rates: tuple[float, ...]
+    epochs: tuple[lora.Epoch, ...]
+    """Of the kept learning rate."""
+    splits: tuple[SplitResult, ...]
+    capture_seconds: float
+    layer_inputs_cached: bool
+    """Every layer input was read from the cache (nothing computed)."""
+    train_seconds: float
+    served_difference: float
+    """Largest |server score - tool score| over the checked validation inputs."""
+
+
+async def run(config: TrainLoraConfig) -> list[LoraReport]:
+    unknown = sorted(set(config.heads) - set(FILES))
+    if unknown:
+        raise ValueError(f"unknown heads {unknown}; valid: {', '.join(FILES)}")
+    return [await _run_head(head, config) for head in config.heads]
+
+
+def _model_config(base: pathlib.Path, adapter: pathlib.Path, tower: pathlib.Path) -> ModelConfig:
+    return ModelConfig(
+        path=str(base),
+        adapter=str(adapter),
+        vision_tower=str(tower),
+        share_base=True,
+        dtype="float32",
+        device="cpu",
+    )
+
+
+def load_head(
+    head: str, base: pathlib.Path, adapter: pathlib.Path, tower: pathlib.Path
+) -> SharedHeadScoring:
+    """The server's backend for one adapter over ``base`` (shared-base mode)."""
+    inputs = read_head(base, adapter, tower)
+    loaded = load_shared(base, {head: (_model_config(base, adapter, tower), inputs)})
+    return loaded[head]
+
+
+def lora_sizes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(in, out) of each adapted Linear of a Llama layer, from an original-LLaVA config."""
+    hidden, inter = int(config["hidden_size"]), int(config["intermediate_size"])
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    return {
+        "q_proj": (hidden, heads * head_dim),
+        "k_proj": (hidden, kv * head_dim),
+        "v_proj": (hidden, kv * head_dim),
+        "o_proj": (heads * head_dim, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
+
+
+async def _run_head(head: str, config: TrainLoraConfig) -> LoraReport:
+    base = embedded.resolve(config.base, config.cache_dir)
+    tower = embedded.resolve(config.vision_tower, config.cache_dir)
+    base_config = json.loads((base / "config.json").read_text())
+    total = int(base_config["num_hidden_layers"])
+    first = total - config.layers
+    shape = LoraShape(tuple(range(first, total)), config.r, config.alpha)
+    seed = SEEDS[head] + config.train.seed
+    lora0 = initial_lora(shape, lora_sizes(base_config), seed)
+    head0 = initial_head(int(base_config["hidden_size"]), seed)
+    train_name, test_name = FILES[head]
+    sets = [data.load(config.data_dir / train_name, head)]
+    if config.evaluate_test:
+        sets.append(data.load(config.data_dir / test_name, head))
+    cache = features.FeatureCache(config.cache_dir / "features")
+    with tempfile.TemporaryDirectory(prefix="align2-lora-") as scratch:
+        initial = write_adapter(pathlib.Path(scratch) / "initial", shape, lora0, head0, base_config)
+        backend = load_head(head, base, initial, tower)
+        try:
+            language_model = backend.shared_base.model.language_model
+            revision = backend.description.revision
+            started = time.monotonic()
+            captured = [
+                await cached_layer_inputs(
+                    backend,
+                    language_model.layers,
+                    first,
+                    revision,
+                    s,
+                    cache,
+                    batch_size=config.batch_size,
+                    max_text_tokens=config.max_text_tokens,
+                )
+                for s in sets
+            ]
+            capture_seconds = time.monotonic() - started
+            tail = lora.Tail(language_model, first)
+            _check_tail(tail, head0, captured[0])
+            params = _parameters(
+                language_model, backend.shared_base.heads[head].adapter_name, shape
+            )
+            head_param = torch.nn.Parameter(head0.clone())
+            train_groups, val_groups = data.split_by_image(
+                sets[0].groups, config.val_fraction, config.split_seed
+            )
+            started = time.monotonic()
+            trained = _search(
+                tail,
+                params,
+                head_param,
+                (lora0, head0),
+                captured[0].states,
+                train_groups,
+                val_groups,
+                config,
+                seed,
+            )
+            train_seconds = time.monotonic() - started
+            _load(params, trained.lora)
+            splits = [
+                _evaluate(
+                    "validation", sets[0].subset(val_groups), captured[0], tail, trained.head, head0
+                )
+            ]
+            if len(sets) > 1:
+                splits.append(_evaluate("test", sets[1], captured[1], tail, trained.head, head0))
+            val_rows = sorted({r for g in val_groups for r in g.rows})[:8]
+            tool_scores = lora.scores_of(tail, trained.head, captured[0].states, val_rows)
+        finally:
+            backend.close()
+        written = write_adapter(
+            pathlib.Path(scratch) / "trained",
+            shape,
+            trained.lora,
+            trained.head,
+            base_config,
+            extra_files=[("align2_training.json", _provenance(head, config, sets[0], trained))],
+        )
+        difference = await _served_difference(
+            head, base, written, tower, sets[0], val_rows, tool_scores, config
+        )
+        if config.out is not None:
+            target = write_adapter(
+                config.out / embedded.LORA_ADAPTERS[head],
+                shape,
+                trained.lora,
+                trained.head,
+                base_config,
+                extra_files=[("align2_training.json", _provenance(head, config, sets[0], trained))],
+            )
+            log.info("wrote %s", target)
+    return LoraReport(
+        head=head,
+        shape=shape,
+        train_groups=len(train_groups),
+        train_pairs=len(data.pairs(train_groups)),
+        best_epoch=trained.best_epoch,
+        lr=trained.lr,
+        learning_rates=config.learning_rates,
+        epochs=tuple(trained.epochs),
+        splits=tuple(splits),
+        capture_seconds=capture_seconds,
+        layer_inputs_cached=all(c.cached for c in captured),
+        train_seconds=train_seconds,
+        served_difference=difference,
+    )
+
+
+def _search(
+    tail: lora.Tail,
+    params: lora.Params,
+    head: torch.nn.Parameter,
+    start: tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor],
+    states: list[torch.Tensor],
+    train_groups: list[data.Group],
+    val_groups: list[data.Group],
+    config: TrainLoraConfig,
+    seed: int,
+) -> lora.Trained:
+    """Train every learning rate of the grid from ``start``; the best on validation."""
+    best: lora.Trained | None = None
+    for rate in config.learning_rates:
+        _load(params, start[0])
+        with torch.no_grad():
+            head.copy_(start[1])
+        log.info("learning rate %g", rate)
+        settings = dataclasses.replace(config.train, lr=rate, seed=seed)
+        trained = lora.train(tail, params, head, states, train_groups, val_groups, settings)
+        if best is None or trained.best_accuracy > best.best_accuracy:
+            best = trained
+    assert best is not None
+    return best
+
+
+def _parameters(language_model: Any, adapter_name: str, shape: LoraShape) -> lora.Params:
+    """The injected LoRA A and B of every adapted module, as trainable parameters."""
+    params: lora.Params = {}
+    for name in shape.module_names():
+        layer = language_model.get_submodule(name.removeprefix("model."))
+        params[name] = (
+            layer.lora_A[adapter_name].weight,
+            layer.lora_B[adapter_name].weight,
+        )
+    return params
+
+
+def _load(params: lora.Params, values: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for name, (a, b) in params.items():
+            a.copy_(values[name][0])
+            b.copy_(values[name][1])
+
+
+def _check_tail(tail: lora.Tail, head: torch.Tensor, captured: Any) -> None:
+    """The tail on the captured inputs gives the server's pooled features (before any
+    training, when both run the same adapter)."""
+    rows = list(range(min(8, len(captured.states))))
+    with torch.no_grad():
+        mine = tail.pooled([captured.states[r] for r in rows])
+    served = captured.pooled[rows]
+    worst = float((mine - served).abs().max())
+    scale = float(served.abs().max())
+    if worst > 1e-4 * max(scale, 1.0):
+        raise RuntimeError(f"internal: the training forward differs from the server's by {worst:g}")
+
+
+def _evaluate(
+    split: str,
+    subset: data.PreferenceSet,
+    captured: Any,
+    tail: lora.Tail,
+    trained_head: torch.Tensor,
+    untrained_head: torch.Tensor,
+) -> SplitResult:
+    found = data.pairs(subset.groups)
+    rows = sorted({r for g in subset.groups for r in g.rows})
+    scores = lora.scores_of(tail, trained_head, captured.states, rows)
+    dense = torch.zeros(len(subset.texts))
+    for r, s in scores.items():
+        dense[r] = s
+    untrained = (captured.pooled.float() @ untrained_head.float().T)[:, 0]
+    return SplitResult(
+        split=split,
+        file=subset.name,
+        groups=len(subset.groups),
+        pairs=len(found),
+        trained=pairwise_accuracy(dense, found),
+        untrained=pairwise_accuracy(untrained, found),
+        longer=pairwise_accuracy(length_scores(subset.texts), found),
+    )
+
+
+async def _served_difference(
+    head: str,
+    base: pathlib.Path,
+    adapter: pathlib.Path,
+    tower: pathlib.Path,
+    subset: data.PreferenceSet,
+    rows: list[int],
+    tool: dict[int, float],
+    config: TrainLoraConfig,
+) -> float:
+    """Load the written adapter as the server does and score ``rows`` with it."""
+    backend = load_head(head, base, adapter, tower)
+    try:
+        image = features.placeholder_image()
+        batch = [
+            backend.prepare(
+                subset.texts[r], image, max_text_tokens=config.max_text_tokens, truncate=True
+            )
+            for r in rows
+        ]
+        served = await backend.score(batch)
+    finally:
+        backend.close()
+    return max((abs(s - tool[r]) for r, s in zip(rows, served, strict=True)), default=0.0)
+
+
+def _provenance(
+    head: str, config: TrainLoraConfig, train_set: data.PreferenceSet, trained: lora.Trained
+) -> str:
+    record = {
+        "tool": "align2 train-lora",
+        "head": head,
+        "train_file": train_set.name,
+        "train_sha256": train_set.sha256,
+        "template_version": TEMPLATE_VERSION,
+        "validation": {"fraction_of_images": config.val_fraction, "split_seed": config.split_seed},
+        "layers": config.layers,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "hyperparameters": {**config.train.__dict__, "lr": trained.lr},
+        "learning_rates_tried": list(config.learning_rates),
+        "best_epoch": trained.best_epoch,
+        # Without the seconds: the file is the same on every rerun.
+        "validation_by_epoch": [e.validation for e in trained.epochs],
+        "loss_by_epoch": [e.loss for e in trained.epochs[1:]],
+        "placeholder_image": features.PLACEHOLDER,
+    }
+    return json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
