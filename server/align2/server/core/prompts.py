@@ -34,6 +34,7 @@ from importlib.resources.abc import Traversable
 
 from align2.client.types import Turn
 from align2.server.backends.base import Message
+from align2.server.core.templates import clean
 from align2.server.errors import NotFound
 
 REWRITE_QUESTION = "rewrite-question"
@@ -79,6 +80,19 @@ class TemplateSet:
 
     def answer_messages(self, question: str, answer: str) -> list[Message]:
         return self.rewrite_answer.render(question=question, answer=answer)
+
+    def rewrite_requests(
+        self, turn: Turn, *, questions: bool = True, answers: bool = True
+    ) -> list[tuple[str, list[Message]]]:
+        """What Align asks the inner LLM for one turn: ("question" | "answer", messages),
+        the texts cleaned (marker removed, stripped) as the prompts expect them."""
+        question, answer = clean(turn.question), clean(turn.answer)
+        requests: list[tuple[str, list[Message]]] = []
+        if questions:
+            requests.append(("question", self.question_messages(question)))
+        if answers:
+            requests.append(("answer", self.answer_messages(question, answer)))
+        return requests
 
     def review_messages(self, first: Turn, second: Turn) -> list[Message]:
         return self.review.render(
