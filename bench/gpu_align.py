@@ -288,11 +288,13 @@ def served(
 ) -> tuple[Rate, list[int]]:
     """The backend behind align2 in-process (which closes it at the end) under ``load``;
     the rate and the sizes of the batches the server's batcher formed meanwhile."""
-    backends.GENERATION_BACKENDS[BACKEND_NAME] = lambda name, config, path: backend
+    registry = backends.Registry().adding(
+        generation={BACKEND_NAME: lambda name, config, path: backend}
+    )
     config = serve_config(args.clients, max_delay_ms, args.new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         config.server.cache_dir = tmp
-        server = ServerThread(config).start()
+        server = ServerThread(config, registry).start()
         try:
             before = len(backend.batch_sizes)  # the server's warm-up ran batches too
             seconds, tokens = asyncio.run(drive(server.target, load, args.new_tokens))

@@ -168,7 +168,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         backend = build_backend(args.tiny, pathlib.Path(tmp), device)
         params = sum(p.numel() for p in backend._base.parameters())
-        backends.SCORING_BACKENDS["bench-7b"] = lambda name, config, path: backend
+        registry = backends.Registry().adding(
+            scoring={"bench-7b": lambda name, config, path: backend}
+        )
         config = Config()
         config.batching.max_batch_size = args.max_batch_size
         config.batching.max_batch_tokens = 1 << 20
@@ -176,7 +178,7 @@ def main() -> None:
         config.models = {
             n: ModelConfig(path=tmp, backend="bench-7b") for n in ("question", "answer")
         }
-        server = ServerThread(config).start()
+        server = ServerThread(config, registry).start()
         try:
             probe = backend.prepare(
                 "<image>\nWhat is unusual about this image? Describe the "

@@ -54,6 +54,9 @@ SIZES: dict[str, dict[str, int]] = {
     # Memory only: parameters dominate the process's fixed costs (tokenizer, processor,
     # Python objects), which they do not at the small size.
     "large": {"text_hidden": 1024, "text_layers": 8, "text_heads": 8, "r": 32},
+    # The embedded defaults (what `make serve` serves): the SmolLM2-135M base (576 x 30
+    # layers, bf16 weights loaded as float32) and the two shipped adapters (r=8, top 4 layers).
+    "embedded": {},
 }
 
 
@@ -63,6 +66,8 @@ def build_inputs(root: pathlib.Path, size: str) -> dict[str, pathlib.Path]:
     from align2.server.models.convert_reward import convert_reward
 
     root = root / size
+    if size == "embedded":
+        return _embedded_inputs(root)
     shape = dict(SIZES[size])
     rank = shape.pop("r")
     paths = {name: root / name for name in ("clip", "base", "question", "answer")}
@@ -75,6 +80,26 @@ def build_inputs(root: pathlib.Path, size: str) -> dict[str, pathlib.Path]:
         paths[f"merged-{head}"] = convert_reward(
             base, paths[head], root / f"merged-{head}", vision_tower=clip
         )
+    return paths
+
+
+def _embedded_inputs(root: pathlib.Path) -> dict[str, pathlib.Path]:
+    """The embedded base, tower and shipped adapters (built in ``root``/cache), and each
+    adapter merged into its own copy as convert-reward does."""
+    from align2.server.models import embedded
+    from align2.server.models.convert_reward import convert_reward
+
+    cache = root / "cache"
+    paths = {
+        "clip": embedded.ensure(embedded.REWARD_VISION, cache),
+        "base": embedded.ensure(embedded.REWARD_BASE, cache),
+        **{h: embedded.ensure(name, cache) for h, name in embedded.LORA_ADAPTERS.items()},
+    }
+    for head in ("question", "answer"):
+        merged = root / f"merged-{head}"
+        if not (merged / "config.json").exists():
+            convert_reward(paths["base"], paths[head], merged, vision_tower=paths["clip"])
+        paths[f"merged-{head}"] = merged
     return paths
 
 
@@ -124,8 +149,8 @@ def load(mode: str, paths: dict[str, pathlib.Path]) -> tuple[dict[str, Any], int
         )
         for head in ("question", "answer")
     }
-    shared = load_shared_scoring(configs)
-    base = shared["question"]._shared  # type: ignore[attr-defined]
+    shared = load_shared_scoring(configs, paths["base"].parent)
+    base = shared["question"].shared_base  # type: ignore[attr-defined]
     owned = [*tensors(base.model), *(h._head for h in shared.values())]  # type: ignore[attr-defined]
     owned += [t for p in base.projectors.values() for t in tensors(p)]
     return shared, storage_bytes(owned), TowerCounter([base.model.vision_tower])
@@ -316,7 +341,7 @@ def main() -> None:
         choices=sorted(SIZES),
         default="small",
         help="small: memory and throughput (default); large: memory only, a text half "
-        "1024 x 8 layers (r=32)",
+        "1024 x 8 layers (r=32); embedded: memory and throughput of the embedded defaults",
     )
     args = parser.parse_args()
     if args.child:
@@ -325,7 +350,7 @@ def main() -> None:
         print(json.dumps(run.get(kind, lambda: speed(args.dir, args.size, args.breakdown))()))
         return
     started = time.perf_counter()
-    children = ["memory:merged", "memory:shared"] + (["speed"] if args.size == "small" else [])
+    children = ["memory:merged", "memory:shared"] + (["speed"] if args.size != "large" else [])
     with tempfile.TemporaryDirectory(prefix="align2-shared-") as scratch:
         root = args.dir or pathlib.Path(scratch)
         build_inputs(root, args.size)

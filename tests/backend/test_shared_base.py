@@ -53,7 +53,7 @@ def shared_heads(o: OriginalSet, image_mode: str = "square") -> dict[str, Shared
         )
         for name, adapter in (("question", o.question), ("answer", o.answer))
     }
-    backends = load_shared_scoring(models)
+    backends = load_shared_scoring(models, o.base.parent)
     assert all(isinstance(b, SharedHeadScoring) for b in backends.values())
     return backends
 
@@ -286,7 +286,7 @@ def test_adapters_that_describe_different_models_cannot_share_a_base(
         for name, adapter in (("question", o.question), ("answer", other))
     }
     with pytest.raises(ConfigError, match=r"share_base: .*vision_feature_layer"):
-        load_shared_scoring(models)
+        load_shared_scoring(models, tmp_path)
     models["answer"].adapter = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match=r"models\.answer\.adapter: adapter .* not a folder"):
-        load_shared_scoring(models)
+        load_shared_scoring(models, tmp_path)

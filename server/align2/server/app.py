@@ -64,8 +64,10 @@ def version() -> str:
 
 
 class App:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, registry: backends.Registry | None = None) -> None:
+        """``registry``: the backend factories (default: the built-in backends)."""
         self.config = config
+        self.registry = registry or backends.Registry()
         self.lifecycle = Lifecycle()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -104,7 +106,7 @@ class App:
     # -- start ---------------------------------------------------------------------------
     async def start(self) -> None:
         for name in self._scoring_model_names():
-            backends.check_backend(name, self.config.models[name])
+            backends.check_backend(name, self.config.models[name], self.registry.scoring)
         self._check_align()
         await self._bind()
         try:
@@ -173,7 +175,11 @@ class App:
         models, names = self.config.models, self._scoring_model_names()
         sharing = {n: models[n] for n in names if models[n].share_base}
         # One base in memory for the models that share it; each keeps its own batcher.
-        shared = await asyncio.to_thread(backends.load_shared_scoring, sharing) if sharing else {}
+        shared = (
+            await asyncio.to_thread(backends.load_shared_scoring, sharing, self.config.cache_path)
+            if sharing
+            else {}
+        )
         loaded: dict[tuple[object, ...], ScoringRuntime] = {}
         for name in names:
             model = models[name]
@@ -184,7 +190,9 @@ class App:
                 key = (path.resolve(), *dataclasses.astuple(dataclasses.replace(model, path="")))
                 if key not in loaded:  # two names for the same folder and settings: load once
                     log.info("loading model %s from %s (%s)", name, path, model.backend)
-                    backend = await asyncio.to_thread(backends.load_scoring, name, model, path)
+                    backend = await asyncio.to_thread(
+                        backends.load_scoring, name, model, path, self.registry.scoring
+                    )
                     loaded[key] = self._start_runtime(backend)
                 runtime = loaded[key]
             self._runtimes[name] = runtime
@@ -205,11 +213,10 @@ class App:
             return path
         from align2.server.models.convert_reward import ConversionError, ensure_converted
 
-        tower = pathlib.Path(model.vision_tower).expanduser() if model.vision_tower else None
+        cache = self.config.cache_path
+        tower = embedded.resolve(model.vision_tower, cache) if model.vision_tower else None
         try:
-            return ensure_converted(
-                path, pathlib.Path(model.adapter).expanduser(), tower, self.config.cache_path
-            )
+            return ensure_converted(path, embedded.resolve(model.adapter, cache), tower, cache)
         except ConversionError as exc:
             raise ConfigError(f"models.{name}.adapter: {exc}") from exc
 
@@ -219,7 +226,7 @@ class App:
             return
         align = self.config.align
         backends.check_backend(
-            align.model, self.config.models[align.model], backends.GENERATION_BACKENDS
+            align.model, self.config.models[align.model], self.registry.generation
         )
         if align.template not in self._templates.names:
             raise ConfigError(
@@ -231,7 +238,9 @@ class App:
         model = self.config.models[name]
         path = await asyncio.to_thread(embedded.resolve, model.path, self.config.cache_path)
         log.info("loading inner LLM %s from %s (%s)", name, path, model.backend)
-        backend = await asyncio.to_thread(backends.load_generation, name, model, path)
+        backend = await asyncio.to_thread(
+            backends.load_generation, name, model, path, self.registry.generation
+        )
         align = self.config.align
         batching = dataclasses.replace(self.config.batching, max_delay_ms=align.max_delay_ms)
         runtime = GenerationRuntime(backend, batching, align.max_inflight_items, self._on_fatal)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+from align2.server import backends
 from align2.server.app import App
 from align2.server.config import Config
 
@@ -29,11 +30,11 @@ class ServerThread:
     Sync and async clients in this process both reach it over loopback gRPC.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, registry: backends.Registry | None = None) -> None:
         config.server.host = "127.0.0.1"
         config.server.port = 0
         config.server.metrics_port = 0  # a free port: several servers may run at once
-        self.app = App(config)
+        self.app = App(config, registry)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="align2-server", daemon=True)
         self._started = threading.Event()

@@ -1,13 +1,16 @@
 """Model runtimes behind the backend seam (see base.py), chosen per model in config.
 
 The registry is a dict of factories; each imports its runtime only when used, so a server
-that runs transformers never imports vLLM.
+that runs transformers never imports vLLM. An App takes a :class:`Registry` (by default
+these two dicts): benchmarks and tests that serve a backend of their own pass one with it
+added, and never edit the module's dicts.
 """
 
 from __future__ import annotations
 
 import pathlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from align2.server.backends.base import GenerationBackend, ScoringBackend
 from align2.server.config import ModelConfig
@@ -55,6 +58,27 @@ GENERATION_BACKENDS: dict[str, GenerationFactory] = {
 }
 
 
+@dataclass(frozen=True)
+class Registry:
+    """The factories an App loads its models with, by backend name."""
+
+    scoring: Mapping[str, ScoringFactory] = field(default_factory=lambda: dict(SCORING_BACKENDS))
+    generation: Mapping[str, GenerationFactory] = field(
+        default_factory=lambda: dict(GENERATION_BACKENDS)
+    )
+
+    def adding(
+        self,
+        *,
+        scoring: Mapping[str, ScoringFactory] | None = None,
+        generation: Mapping[str, GenerationFactory] | None = None,
+    ) -> Registry:
+        """This registry with more backends (e.g. one a benchmark built in memory)."""
+        return Registry(
+            {**self.scoring, **(scoring or {})}, {**self.generation, **(generation or {})}
+        )
+
+
 def check_backend(
     name: str, config: ModelConfig, registry: Mapping[str, object] = SCORING_BACKENDS
 ) -> None:
@@ -66,17 +90,26 @@ def check_backend(
         )
 
 
-def load_scoring(name: str, config: ModelConfig, path: pathlib.Path) -> ScoringBackend:
+def load_scoring(
+    name: str,
+    config: ModelConfig,
+    path: pathlib.Path,
+    factories: Mapping[str, ScoringFactory] = SCORING_BACKENDS,
+) -> ScoringBackend:
     """Load the reward model in folder ``path`` with the backend its config names."""
-    check_backend(name, config)
-    return SCORING_BACKENDS[config.backend](name, config, path)
+    check_backend(name, config, factories)
+    return factories[config.backend](name, config, path)
 
 
-def load_shared_scoring(models: Mapping[str, ModelConfig]) -> dict[str, ScoringBackend]:
+def load_shared_scoring(
+    models: Mapping[str, ModelConfig], cache_dir: pathlib.Path
+) -> dict[str, ScoringBackend]:
     """Backends for reward models with ``share_base``: ONE base in memory per
     ``ModelConfig.base_key``, each model's LoRA adapter, projector and head applied to it per
-    batch (shared_scoring). Raises ConfigError naming the model whose adapter is refused."""
+    batch (shared_scoring). ``embedded:NAME`` paths are built in ``cache_dir`` first. Raises
+    ConfigError naming the model whose adapter is refused."""
     from align2.server.backends.shared_scoring import load_shared
+    from align2.server.models import embedded
     from align2.server.models.llava_original import ConversionError
     from align2.server.models.shared_llava import HeadInputs, read_head
 
@@ -85,15 +118,13 @@ def load_shared_scoring(models: Mapping[str, ModelConfig]) -> dict[str, ScoringB
         groups.setdefault(model.base_key, {})[name] = model
     loaded: dict[str, ScoringBackend] = {}
     for (path, tower), group in groups.items():
-        base = pathlib.Path(path)
+        base = embedded.resolve(path, cache_dir)
+        tower_folder = embedded.resolve(tower, cache_dir) if tower else None
         heads: dict[str, tuple[ModelConfig, HeadInputs]] = {}
         for name, model in group.items():
-            adapter = pathlib.Path(model.adapter).expanduser()
+            adapter = embedded.resolve(model.adapter, cache_dir)
             try:
-                heads[name] = (
-                    model,
-                    read_head(base, adapter, pathlib.Path(tower) if tower else None),
-                )
+                heads[name] = (model, read_head(base, adapter, tower_folder))
             except ConversionError as exc:
                 raise ConfigError(f"models.{name}.adapter: {exc}") from exc
         try:
@@ -103,7 +134,12 @@ def load_shared_scoring(models: Mapping[str, ModelConfig]) -> dict[str, ScoringB
     return loaded
 
 
-def load_generation(name: str, config: ModelConfig, path: pathlib.Path) -> GenerationBackend:
+def load_generation(
+    name: str,
+    config: ModelConfig,
+    path: pathlib.Path,
+    factories: Mapping[str, GenerationFactory] = GENERATION_BACKENDS,
+) -> GenerationBackend:
     """Load the causal LM (the inner LLM) in folder ``path`` with the backend its config names."""
-    check_backend(name, config, GENERATION_BACKENDS)
-    return GENERATION_BACKENDS[config.backend](name, config, path)
+    check_backend(name, config, factories)
+    return factories[config.backend](name, config, path)
