@@ -116,9 +116,9 @@ LORA_ADAPTERS: dict[str, str] = {
 }
 """The LoRA reward adapter of each head over ``reward-base`` (``align2 train-lora``)."""
 ADAPTERS_DIR = pathlib.Path(__file__).parent / "adapters"
-"""The shipped adapters, one folder per head named as its model (the files the release's adapters have, but
-``non_lora_trainables.bin``: the projector is not trained, so the base's serves). They are
-read in place (:func:`ensure` returns their folder)."""
+"""The shipped adapters, one folder per head named as its model, with the files the
+release's adapters have but ``non_lora_trainables.bin`` (the projector is not trained, so
+the base's serves). They are read in place (:func:`ensure` returns their folder)."""
 
 
 def _build_reward_vision(target: pathlib.Path, cache_dir: pathlib.Path) -> None:

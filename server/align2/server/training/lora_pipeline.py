@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from align2.server.backends.checkpoint import folder_revision
 from align2.server.backends.shared_scoring import SharedHeadScoring, load_shared
 from align2.server.config import LimitsConfig, ModelConfig
 from align2.server.core.templates import TEMPLATE_VERSION
@@ -38,7 +39,7 @@ from align2.server.training.adapter_files import (
     write_adapter,
 )
 from align2.server.training.evaluate import length_scores, pairwise_accuracy
-from align2.server.training.layer_inputs import cached_layer_inputs
+from align2.server.training.layer_inputs import LayerInputs, cached_layer_inputs
 from align2.server.training.pipeline import FILES
 from align2.server.training.report import SplitResult
 
@@ -66,7 +67,7 @@ class TrainLoraConfig:
     r: int = 8
     alpha: int = 16
     train: lora.LoraTrainConfig = field(default_factory=lora.LoraTrainConfig)
-    learning_rates: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    learning_rates: tuple[float, ...] = (3e-4, 1e-3)
     """The grid: each is trained from the same start for ``train.epochs``; the (rate, epoch)
     with the best validation accuracy is kept (the earlier on a tie)."""
     val_fraction: float = 0.2
@@ -139,111 +140,156 @@ def lora_sizes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
     }
 
 
-async def _run_head(head: str, config: TrainLoraConfig) -> LoraReport:
+@dataclass(frozen=True)
+class _Setup:
+    """One head's inputs: the base, its tower, where the LoRA goes, the untrained start."""
+
+    base: pathlib.Path
+    tower: pathlib.Path
+    base_config: dict[str, Any]
+    shape: LoraShape
+    seed: int
+    start: tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+    sets: list[data.PreferenceSet]
+    """The training file, then the test file when asked."""
+
+
+def _setup(head: str, config: TrainLoraConfig) -> _Setup:
     base = embedded.resolve(config.base, config.cache_dir)
     tower = embedded.resolve(config.vision_tower, config.cache_dir)
     base_config = json.loads((base / "config.json").read_text())
     total = int(base_config["num_hidden_layers"])
-    first = total - config.layers
-    shape = LoraShape(tuple(range(first, total)), config.r, config.alpha)
+    shape = LoraShape(tuple(range(total - config.layers, total)), config.r, config.alpha)
     seed = SEEDS[head] + config.train.seed
-    lora0 = initial_lora(shape, lora_sizes(base_config), seed)
-    head0 = initial_head(int(base_config["hidden_size"]), seed)
+    start = (
+        initial_lora(shape, lora_sizes(base_config), seed),
+        initial_head(int(base_config["hidden_size"]), seed),
+    )
     train_name, test_name = FILES[head]
-    sets = [data.load(config.data_dir / train_name, head)]
-    if config.evaluate_test:
-        sets.append(data.load(config.data_dir / test_name, head))
-    cache = features.FeatureCache(config.cache_dir / "features")
+    names = [train_name, test_name] if config.evaluate_test else [train_name]
+    sets = [data.load(config.data_dir / name, head) for name in names]
+    return _Setup(base, tower, base_config, shape, seed, start, sets)
+
+
+@dataclass
+class _Trained:
+    trained: lora.Trained
+    splits: list[SplitResult]
+    checked: dict[int, float]
+    """The tool's scores of a few validation rows (the served check compares them)."""
+    train_groups: list[data.Group]
+    capture_seconds: float
+    cached: bool
+    train_seconds: float
+
+
+async def _run_head(head: str, config: TrainLoraConfig) -> LoraReport:
+    setup = _setup(head, config)
     with tempfile.TemporaryDirectory(prefix="align2-lora-") as scratch:
-        initial = write_adapter(pathlib.Path(scratch) / "initial", shape, lora0, head0, base_config)
-        backend = load_head(head, base, initial, tower)
+        initial = write_adapter(
+            pathlib.Path(scratch) / "initial", setup.shape, *setup.start, setup.base_config
+        )
+        backend = load_head(head, setup.base, initial, setup.tower)
         try:
-            language_model = backend.shared_base.model.language_model
-            revision = backend.description.revision
-            started = time.monotonic()
-            captured = [
-                await cached_layer_inputs(
-                    backend,
-                    language_model.layers,
-                    first,
-                    revision,
-                    s,
-                    cache,
-                    batch_size=config.batch_size,
-                    max_text_tokens=config.max_text_tokens,
-                )
-                for s in sets
-            ]
-            capture_seconds = time.monotonic() - started
-            tail = lora.Tail(language_model, first)
-            _check_tail(tail, head0, captured[0])
-            params = _parameters(
-                language_model, backend.shared_base.heads[head].adapter_name, shape
-            )
-            head_param = torch.nn.Parameter(head0.clone())
-            train_groups, val_groups = data.split_by_image(
-                sets[0].groups, config.val_fraction, config.split_seed
-            )
-            started = time.monotonic()
-            trained = _search(
-                tail,
-                params,
-                head_param,
-                (lora0, head0),
-                captured[0].states,
-                train_groups,
-                val_groups,
-                config,
-                seed,
-            )
-            train_seconds = time.monotonic() - started
-            _load(params, trained.lora)
-            splits = [
-                _evaluate(
-                    "validation", sets[0].subset(val_groups), captured[0], tail, trained.head, head0
-                )
-            ]
-            if len(sets) > 1:
-                splits.append(_evaluate("test", sets[1], captured[1], tail, trained.head, head0))
-            val_rows = sorted({r for g in val_groups for r in g.rows})[:8]
-            tool_scores = lora.scores_of(tail, trained.head, captured[0].states, val_rows)
+            done = await _train(head, backend, setup, config)
         finally:
             backend.close()
-        written = write_adapter(
-            pathlib.Path(scratch) / "trained",
-            shape,
-            trained.lora,
-            trained.head,
-            base_config,
-            extra_files=[("align2_training.json", _provenance(head, config, sets[0], trained))],
-        )
-        difference = await _served_difference(
-            head, base, written, tower, sets[0], val_rows, tool_scores, config
-        )
-        if config.out is not None:
-            target = write_adapter(
-                config.out / embedded.LORA_ADAPTERS[head],
-                shape,
+        extra = [("align2_training.json", _provenance(head, config, setup.sets[0], done.trained))]
+
+        def write(folder: pathlib.Path) -> pathlib.Path:
+            trained = done.trained
+            return write_adapter(
+                folder,
+                setup.shape,
                 trained.lora,
                 trained.head,
-                base_config,
-                extra_files=[("align2_training.json", _provenance(head, config, sets[0], trained))],
+                setup.base_config,
+                extra_files=extra,
             )
-            log.info("wrote %s", target)
+
+        written = write(pathlib.Path(scratch) / "trained")
+        difference = await _served_difference(head, setup, written, done.checked, config)
+        if config.out is not None:
+            log.info("wrote %s", write(config.out / embedded.LORA_ADAPTERS[head]))
     return LoraReport(
         head=head,
-        shape=shape,
-        train_groups=len(train_groups),
-        train_pairs=len(data.pairs(train_groups)),
-        best_epoch=trained.best_epoch,
-        lr=trained.lr,
+        shape=setup.shape,
+        train_groups=len(done.train_groups),
+        train_pairs=len(data.pairs(done.train_groups)),
+        best_epoch=done.trained.best_epoch,
+        lr=done.trained.lr,
         learning_rates=config.learning_rates,
-        epochs=tuple(trained.epochs),
-        splits=tuple(splits),
-        capture_seconds=capture_seconds,
-        layer_inputs_cached=all(c.cached for c in captured),
-        train_seconds=train_seconds,
+        epochs=tuple(done.trained.epochs),
+        splits=tuple(done.splits),
+        capture_seconds=done.capture_seconds,
+        layer_inputs_cached=done.cached,
+        train_seconds=done.train_seconds,
         served_difference=difference,
+    )
+
+
+async def _train(
+    head: str, backend: SharedHeadScoring, setup: _Setup, config: TrainLoraConfig
+) -> _Trained:
+    """Capture the layer inputs, train the grid, evaluate the kept adapter."""
+    language_model = backend.shared_base.model.language_model
+    first = setup.shape.layers[0]
+    # What the layer inputs depend on: the base and the tower, not the adapter.
+    revision = f"{folder_revision(setup.base)}+{folder_revision(setup.tower)}"
+    cache = features.FeatureCache(config.cache_dir / "features")
+    started = time.monotonic()
+    captured = [
+        await cached_layer_inputs(
+            backend,
+            language_model.layers,
+            first,
+            revision,
+            s,
+            cache,
+            batch_size=config.batch_size,
+            max_text_tokens=config.max_text_tokens,
+        )
+        for s in setup.sets
+    ]
+    capture_seconds = time.monotonic() - started
+    tail = lora.Tail(language_model, first)
+    _check_tail(tail, captured[0])
+    adapter_name = backend.shared_base.heads[head].adapter_name
+    params = _parameters(language_model, adapter_name, setup.shape)
+    head_param = torch.nn.Parameter(setup.start[1].clone())
+    train_groups, val_groups = data.split_by_image(
+        setup.sets[0].groups, config.val_fraction, config.split_seed
+    )
+    started = time.monotonic()
+    trained = _search(
+        tail,
+        params,
+        head_param,
+        setup.start,
+        captured[0].states,
+        train_groups,
+        val_groups,
+        config,
+        setup.seed,
+    )
+    train_seconds = time.monotonic() - started
+    _load(params, trained.lora)
+    evaluated = [("validation", setup.sets[0].subset(val_groups), captured[0])]
+    if len(setup.sets) > 1:
+        evaluated.append(("test", setup.sets[1], captured[1]))
+    splits = [
+        _evaluate(split, subset, inputs, tail, trained.head, setup.start[1])
+        for split, subset, inputs in evaluated
+    ]
+    val_rows = sorted({r for g in val_groups for r in g.rows})[:8]
+    return _Trained(
+        trained=trained,
+        splits=splits,
+        checked=lora.scores_of(tail, trained.head, captured[0].states, val_rows),
+        train_groups=train_groups,
+        capture_seconds=capture_seconds,
+        cached=all(c.cached for c in captured),
+        train_seconds=train_seconds,
     )
 
 
@@ -292,7 +338,7 @@ def _load(params: lora.Params, values: dict[str, tuple[torch.Tensor, torch.Tenso
             b.copy_(values[name][1])
 
 
-def _check_tail(tail: lora.Tail, head: torch.Tensor, captured: Any) -> None:
+def _check_tail(tail: lora.Tail, captured: LayerInputs) -> None:
     """The tail on the captured inputs gives the server's pooled features (before any
     training, when both run the same adapter)."""
     rows = list(range(min(8, len(captured.states))))
@@ -308,7 +354,7 @@ def _check_tail(tail: lora.Tail, head: torch.Tensor, captured: Any) -> None:
 def _evaluate(
     split: str,
     subset: data.PreferenceSet,
-    captured: Any,
+    captured: LayerInputs,
     tail: lora.Tail,
     trained_head: torch.Tensor,
     untrained_head: torch.Tensor,
@@ -333,23 +379,21 @@ def _evaluate(
 
 async def _served_difference(
     head: str,
-    base: pathlib.Path,
+    setup: _Setup,
     adapter: pathlib.Path,
-    tower: pathlib.Path,
-    subset: data.PreferenceSet,
-    rows: list[int],
     tool: dict[int, float],
     config: TrainLoraConfig,
 ) -> float:
-    """Load the written adapter as the server does and score ``rows`` with it."""
-    backend = load_head(head, base, adapter, tower)
+    """Load the written adapter as the server does and score the rows of ``tool`` with it:
+    the largest difference from the tool's scores."""
+    backend = load_head(head, setup.base, adapter, setup.tower)
+    rows = list(tool)
     try:
         image = features.placeholder_image()
+        texts = [setup.sets[0].texts[r] for r in rows]
         batch = [
-            backend.prepare(
-                subset.texts[r], image, max_text_tokens=config.max_text_tokens, truncate=True
-            )
-            for r in rows
+            backend.prepare(t, image, max_text_tokens=config.max_text_tokens, truncate=True)
+            for t in texts
         ]
         served = await backend.score(batch)
     finally:
