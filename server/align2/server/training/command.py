@@ -23,19 +23,24 @@ def add_parser(sub: Any) -> None:
         "train-heads",
         help="train the reward models' score heads on the human preference data",
     )
+    add_data_arguments(p, "write the trained heads here as question.json/answer.json")
+    p.add_argument("--question-model", help="reward checkpoint folder or embedded:NAME")
+    p.add_argument("--answer-model", help="reward checkpoint folder or embedded:NAME")
+    p.add_argument("--batch-size", type=int, default=16, help="inputs per forward (16)")
+
+
+def add_data_arguments(p: Any, out_help: str) -> None:
+    """The arguments every training command takes: data, cache, output, heads, split."""
     p.add_argument("--data", help=f"folder of the preference files (default: ${DATA_ENV})")
-    p.add_argument("--cache-dir", help="embedded models and cached features (~/.cache/align2)")
-    p.add_argument("--out", help="write the trained heads here as question.json/answer.json")
+    p.add_argument("--cache-dir", help="embedded models and cached inputs (~/.cache/align2)")
+    p.add_argument("--out", help=out_help)
     p.add_argument(
         "--evaluate-test",
         action="store_true",
         help="also evaluate on the *-test.json files (the final report only)",
     )
     p.add_argument("--heads", default="question,answer", help="which (default: both)")
-    p.add_argument("--question-model", help="reward checkpoint folder or embedded:NAME")
-    p.add_argument("--answer-model", help="reward checkpoint folder or embedded:NAME")
     p.add_argument("--val-fraction", type=float, default=0.2, help="images held out (0.2)")
-    p.add_argument("--batch-size", type=int, default=16, help="inputs per forward (16)")
 
 
 def to_config(

@@ -24,7 +24,7 @@ import logging
 import os
 import pathlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -184,8 +184,11 @@ async def extract(
     *,
     batch_size: int,
     max_text_tokens: int,
+    after_batch: Callable[[list[int], list[Prepared]], None] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Features of ``texts`` (rows in ``texts`` order) and how many were truncated.
+    ``after_batch(rows, prepared)``: called after each batch's forward (what a hook on the
+    model saw during it belongs to those rows of ``texts``).
 
     Inputs are batched in order of length (less padding); the backend's contract makes a
     row independent of its batch-mates. Inputs are prepared a batch at a time because each
@@ -206,6 +209,8 @@ async def extract(
         pooled = await backend.features(batch)
         for i, row in zip(chosen, pooled, strict=True):
             rows[i] = row
+        if after_batch is not None:
+            after_batch(chosen, batch)
         _progress(start, start + len(chosen), len(order), started)
     if not texts:
         return torch.empty(0, 0), 0

@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
-from align2.server.backends.base import ModelDescription
+from align2.server.backends.base import ModelDescription, Prepared
 from align2.server.training.data import PreferenceSet
 from align2.server.training.features import (
     FeatureBackend,
     FeatureCache,
+    extract,
     feature_key,
-    placeholder_image,
 )
 
 log = logging.getLogger(__name__)
@@ -105,43 +105,33 @@ async def capture(
 ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
     """(states entering ``module`` per text, pooled features ``[N, hidden]``, truncated).
 
-    Batches in order of length; each row is cut to its own tokens (right padding: the
-    backend's), which the causal mask makes independent of the padding."""
-    image = placeholder_image()
+    The extraction of the pooled features (training.features.extract: batches in order of
+    length, the placeholder image), with a pre-hook on ``module``; each row is cut to its
+    own tokens (right padding: the backend's), which the causal mask makes independent of
+    the padding."""
     seen: list[torch.Tensor] = []
+    states: list[torch.Tensor] = [torch.empty(0)] * len(texts)
 
     def take(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
         seen.append(hidden.detach().float().cpu())
 
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    states: list[torch.Tensor] = [torch.empty(0)] * len(texts)
-    pooled_rows: list[torch.Tensor] = [torch.empty(0)] * len(texts)
-    truncated = 0
+    def keep(rows: list[int], batch: list[Prepared]) -> None:
+        hidden = seen.pop()
+        if seen:
+            raise RuntimeError("the hooked layer ran more than once in one forward")
+        for row, (i, prepared) in enumerate(zip(rows, batch, strict=True)):
+            states[i] = hidden[row, : prepared.tokens].clone()
+
     handle = module.register_forward_pre_hook(take, with_kwargs=True)
     try:
-        started = time.monotonic()
-        for start in range(0, len(order), batch_size):
-            chosen = order[start : start + batch_size]
-            batch = [
-                backend.prepare(texts[i], image, max_text_tokens=max_text_tokens, truncate=True)
-                for i in chosen
-            ]
-            truncated += sum(p.truncated for p in batch)
-            pooled = await backend.features(batch)
-            hidden = seen.pop()
-            if seen:
-                raise RuntimeError("the hooked layer ran more than once in one forward")
-            for row, (i, prepared) in enumerate(zip(chosen, batch, strict=True)):
-                states[i] = hidden[row, : prepared.tokens].clone()
-                pooled_rows[i] = pooled[row]
-            done = start + len(chosen)
-            if done == len(order) or (start // batch_size) % 20 == 0:
-                log.info(
-                    "layer inputs: %d/%d, %.0f s", done, len(order), time.monotonic() - started
-                )
+        pooled, truncated = await extract(
+            backend,
+            texts,
+            batch_size=batch_size,
+            max_text_tokens=max_text_tokens,
+            after_batch=keep,
+        )
     finally:
         handle.remove()
-    if not texts:
-        return [], torch.empty(0, 0), 0
-    return states, torch.stack(pooled_rows), truncated
+    return states, pooled, truncated

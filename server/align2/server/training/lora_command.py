@@ -12,7 +12,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from align2.server.training.command import DATA_ENV
+from align2.server.training.command import DATA_ENV, add_data_arguments
 
 if TYPE_CHECKING:
     from align2.server.training.lora_pipeline import LoraReport, TrainLoraConfig
@@ -23,20 +23,9 @@ def add_parser(sub: Any) -> None:
         "train-lora",
         help="train the embedded reward models the method's way (LoRA + head, Bradley-Terry)",
     )
-    p.add_argument("--data", help=f"folder of the preference files (default: ${DATA_ENV})")
-    p.add_argument("--cache-dir", help="embedded models and cached layer inputs (~/.cache/align2)")
-    p.add_argument(
-        "--out", help="write the adapters here (reward-question-lora/, reward-answer-lora/)"
-    )
-    p.add_argument(
-        "--evaluate-test",
-        action="store_true",
-        help="also evaluate on the *-test.json files (the final report only)",
-    )
-    p.add_argument("--heads", default="question,answer", help="which (default: both)")
+    add_data_arguments(p, "write the adapters here (reward-question-lora/, reward-answer-lora/)")
     p.add_argument("--base", help="original-LLaVA base folder or embedded:NAME (reward-base)")
     p.add_argument("--vision-tower", help="its CLIP folder or embedded:NAME (reward-vision)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="images held out (0.2)")
     p.add_argument("--layers", type=int, default=None, help="top decoder layers with LoRA")
     p.add_argument("--epochs", type=int, default=None, help="epochs (the best one is kept)")
 
@@ -86,16 +75,9 @@ def run(config: TrainLoraConfig) -> int:
 
 def format_report(reports: Sequence[LoraReport]) -> str:
     """A Markdown table (one row per head and split), then one paragraph per head."""
-    lines = [
-        "| head | split | file | groups | pairs | trained | untrained | longer is better |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    lines += [
-        f"| {r.head} | {s.split} | {s.file} | {s.groups} | {s.pairs} | {s.trained:.3f} "
-        f"| {s.untrained:.3f} | {s.longer:.3f} |"
-        for r in reports
-        for s in r.splits
-    ]
+    from align2.server.training.report import split_table
+
+    lines = split_table([(r.head, s) for r in reports for s in r.splits], "trained adapter")
     for r in reports:
         epochs = ", ".join(
             f"{e.epoch}: {e.validation:.3f}" + ("" if e.epoch == 0 else f" ({e.seconds:.0f} s)")

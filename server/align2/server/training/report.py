@@ -51,19 +51,23 @@ class HeadReport:
     """Training the chosen configuration once more (the shipped head)."""
 
 
-def format_report(reports: Sequence[HeadReport]) -> str:
-    """A Markdown table (one row per head and split) and one paragraph per head."""
+def split_table(rows: Sequence[tuple[str, SplitResult]], trained: str) -> list[str]:
+    """A Markdown table of (head, split) results; ``trained`` names the trained column."""
     lines = [
-        "| head | split | file | groups | pairs | trained head | untrained head "
-        "| longer is better |",
+        f"| head | split | file | groups | pairs | {trained} | untrained head | longer is better |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     lines += [
-        f"| {r.head} | {s.split} | {s.file} | {s.groups} | {s.pairs} | {s.trained:.3f} "
+        f"| {head} | {s.split} | {s.file} | {s.groups} | {s.pairs} | {s.trained:.3f} "
         f"| {s.untrained:.3f} | {s.longer:.3f} |"
-        for r in reports
-        for s in r.splits
+        for head, s in rows
     ]
+    return lines
+
+
+def format_report(reports: Sequence[HeadReport]) -> str:
+    """A Markdown table (one row per head and split) and one paragraph per head."""
+    lines = split_table([(r.head, s) for r in reports for s in r.splits], "trained head")
     for r in reports:
         lines += ["", *_describe(r)]
     return "\n".join(lines)
