@@ -28,8 +28,11 @@ start with the key named. Flags override the file: `--host`, `--port`, `--metric
 `--tls-cert-file`, `--tls-key-file`, `--tls-client-ca-file`.
 
 Models are named tables, `[models.NAME]`; the defaults are `question` and `answer` (the
-embedded reward models) and `llm` (the embedded SmolLM2). Setting `[models]` in a file
-replaces the defaults as a whole.
+embedded reward models: `path = "embedded:reward-base"`, `adapter =
+"embedded:reward-question-lora"` or `"embedded:reward-answer-lora"`, `vision_tower =
+"embedded:reward-vision"`, `share_base = true`) and `llm` (the embedded SmolLM2). Setting
+`[models]` in a file replaces the defaults as a whole; the table below gives the default
+of each key in a model you write (`path` is required).
 
 This file is generated from `server/align2/server/config.py` by
 `python scripts/gen_config_docs.py`.
@@ -94,7 +97,7 @@ def render() -> str:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if f.name == "models":
-            lines += table("models.NAME", config_module.ModelConfig, value["question"])
+            lines += table("models.NAME", config_module.ModelConfig, config_module.ModelConfig(""))
         else:
             lines += table(f.name, type(value), value)
     return "\n".join(lines).rstrip() + "\n"

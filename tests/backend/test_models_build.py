@@ -8,6 +8,7 @@ temporary cache, or reused from ``ALIGN2_TEST_CACHE`` when that is set.
 
 from __future__ import annotations
 
+import json
 import pathlib
 from collections.abc import Callable
 
@@ -23,6 +24,7 @@ from transformers import (
 
 from align2.server.backends.checkpoint import folder_revision, read_reward_checkpoint
 from align2.server.models import embedded
+from align2.server.models import llava_original as orig
 from align2.server.models.builders import (
     build_idefics3_reward,
     build_llava_reward,
@@ -255,6 +257,27 @@ def test_embedded_reward_models(embedded_cache: pathlib.Path) -> None:
     ids = processor(text=QUESTION, images=_image()).input_ids[0]
     assert ids.count(processor.image_token_id) == 64  # SmolVLM geometry: 512 px, 16 px, 4
     assert abs(_transformers_score(question.path, QUESTION, _image())) < 20
+
+
+@pytest.mark.slow
+def test_embedded_lora_defaults_are_in_the_release_format(embedded_cache: pathlib.Path) -> None:
+    base = embedded.ensure("reward-base", embedded_cache)
+    config = json.loads((base / "config.json").read_text())
+    orig.check_supported(config, base)  # raises on what the release reader refuses
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (576, 30)  # SmolLM2-135M
+    assert config["rope_theta"] == 100000.0  # SmolLM2's, not Llama's default
+    weights = dict(orig.iter_tensors(orig.weight_files(base)))
+    assert not weights["model.mm_projector.2.weight"].any()  # every image -> zeros
+    assert not weights["model.mm_projector.2.bias"].any()
+    lm_head, embed = weights["lm_head.weight"], weights["model.embed_tokens.weight"]
+    assert torch.equal(lm_head, embed) and lm_head.data_ptr() != embed.data_ptr()  # untied
+    for name in ("reward-question-lora", "reward-answer-lora"):
+        folder = embedded.ensure(name, embedded_cache)
+        assert folder.parent == embedded.ADAPTERS_DIR  # read in place, never copied
+        adapter = orig.read_adapter(folder)
+        layers = {int(module.split(".")[2]) for module in adapter.lora}
+        assert layers == {26, 27, 28, 29} and len(adapter.lora) == 4 * 7
+        assert any(b.abs().sum() > 0 for _, b in adapter.lora.values())  # trained
 
 
 @pytest.mark.slow

@@ -126,10 +126,13 @@ def test_embedded_defaults_carry_the_shipped_heads(embedded_cache: pathlib.Path,
 
 
 @pytest.mark.slow
-def test_server_scores_equal_the_training_tool_on_the_embedded_defaults(
+def test_server_scores_equal_the_training_tool_on_the_embedded_idefics3_pair(
     embedded_cache: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
     config = Config()
     config.server.cache_dir = str(embedded_cache)
+    # The Idefics3 pair with the train-heads heads (the defaults are the LoRA adapters:
+    # tests/training/test_lora_training.py and tests/integration/test_embedded_defaults.py).
+    config.models = {h: ModelConfig(path=f"embedded:reward-{h}") for h in ("question", "answer")}
     folders = {h: embedded.ensure(f"reward-{h}", embedded_cache) for h in ("question", "answer")}
     assert_parity(config, folders, tmp_path)

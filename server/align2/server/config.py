@@ -301,10 +301,21 @@ class SecurityConfig:
         return bool(self.tls_cert_file or self.tls_key_file)
 
 
+def _embedded_reward(head: str) -> ModelConfig:
+    """The embedded default reward model of ``head``: its LoRA adapter over the shared
+    embedded base, as the paper's released adapters are served (README)."""
+    return ModelConfig(
+        path="embedded:reward-base",
+        adapter=f"embedded:reward-{head}-lora",
+        vision_tower="embedded:reward-vision",
+        share_base=True,
+    )
+
+
 def _default_models() -> dict[str, ModelConfig]:
     return {
-        "question": ModelConfig(path="embedded:reward-question"),
-        "answer": ModelConfig(path="embedded:reward-answer"),
+        "question": _embedded_reward("question"),
+        "answer": _embedded_reward("answer"),
         "llm": ModelConfig(path="embedded:smollm2-135m-instruct"),
     }
 
@@ -379,10 +390,11 @@ class Config:
         for name, model in self.models.items():
             if model.vision_tower and not model.adapter:
                 raise ConfigError(f"models.{name}.vision_tower: only used with an adapter")
-            if model.adapter and name not in scoring:
+            # A reward model may sit unused (Score off); the inner LLM cannot be an adapter.
+            if model.adapter and name == self.align.model and name not in scoring:
                 raise ConfigError(
                     f"models.{name}.adapter: adapters are reward models (the paper's LoRA "
-                    f"reward adapters); {name!r} is not score.question_model or answer_model"
+                    f"reward adapters); {name!r} is align.model, the inner LLM"
                 )
         self._validate_shared_bases()
 
