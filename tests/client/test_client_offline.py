@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any
 
+import grpc
 import pytest
 from client_fakes import FakeCuration
 from reference_selection import reference_curate, reference_curate_examples
@@ -315,12 +316,17 @@ def test_a_real_ctrl_c_stops_the_command_and_the_rerun_resumes(
     command = [sys.executable, "-m", "align2.client", "curate", *map(str, common)]
     command += ["--out", str(out), "--target", fake.target]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as process:
+    # stderr to a file, not a pipe: a process forked meanwhile by another thread of this
+    # test session could hold a pipe open and make reading it to the end hang.
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as sink, subprocess.Popen(command, env=env, stderr=sink) as process:
         deadline = time.monotonic() + 30
         while len(fake.requests) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)  # polling a subprocess: no event to wait on
+        assert len(fake.requests) == 4, log.read_text()
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=30)
+        process.wait(timeout=30)
+    err = log.read_text()
     assert process.returncode == 130, err
     assert "interrupted; every score so far is in" in err
     fake.gate.set()
@@ -529,3 +535,16 @@ def test_read_problems_name_the_record_once(tmp_path: pathlib.Path) -> None:
     ]
     assert [r.sample.id for r in inputs.tasks["detail"]] == ["1"]
     assert inputs.files == {str(source): 4}
+
+
+def test_a_call_cancelled_under_it_is_an_interruption_not_a_failure(
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C may surface as a locally cancelled RPC rather than KeyboardInterrupt,
+    depending on where it lands: either way the command says interrupted, exits 130."""
+    task_files(tmp_path)
+    files = sorted(tmp_path.glob("*_test.json"))
+    fake.fail_next = [grpc.StatusCode.CANCELLED] * 50
+    code = curate(fake, *files, "--image-folder", tmp_path, "--out", tmp_path / "k.json")
+    assert code == 130
+    assert "interrupted; every score so far is in" in capsys.readouterr().err

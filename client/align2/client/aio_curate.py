@@ -95,7 +95,8 @@ class AsyncCurateCall:
 
     async def _write(self, call: Any, producer: _Producer, number: int) -> None:
         stream = self._stream
-        await call.write(pb.CurateRequest(options=stream.options))
+        if not await _send(call, pb.CurateRequest(options=stream.options)):
+            return
         while True:
             request = stream.queued(number)
             if request is None:
@@ -107,7 +108,8 @@ class AsyncCurateCall:
                 request = stream.send(number, sent)
                 if request is None:
                     break  # a later stream sends it
-            await call.write(request)
+            if not await _send(call, request):
+                return
         await call.done_writing()
 
     async def _wait_to_resume(self, error: grpc.RpcError) -> bool:
@@ -146,6 +148,20 @@ class AsyncCurateCall:
 
     def _time_left(self) -> float | None:
         return None if self._deadline is None else self._deadline - time.monotonic()
+
+
+async def _send(call: Any, request: pb.CurateRequest) -> bool:
+    """Write ``request``; False when the server has already ended the call. grpc.aio then
+    fails the write with its own error (INTERNAL, "Failed execute_batch"), which would hide
+    the call's status (e.g. RESOURCE_EXHAUSTED for a refused stream): the reader gets that
+    status instead, and samples written to no one are sent again on a resumed stream."""
+    try:
+        await call.write(request)
+    except (grpc.RpcError, asyncio.InvalidStateError):
+        if call.done():
+            return False
+        raise
+    return True
 
 
 class _Producer:
