@@ -303,6 +303,14 @@ def test_ctrl_c_keeps_the_scores_of_finished_chunks(
     assert out.read_text() == (tmp_path / "whole.json").read_text()
 
 
+def _ctrl_c_works() -> None:
+    """In the child before it runs: SIGINT delivered and not ignored. Both are inherited
+    (a blocked mask or SIG_IGN survives exec), and some library of this test session left
+    one of them set: in a full run the child ignored the signal and finished normally."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_a_real_ctrl_c_stops_the_command_and_the_rerun_resumes(
     fake: FakeCuration, tmp_path: pathlib.Path
 ) -> None:
@@ -319,7 +327,10 @@ def test_a_real_ctrl_c_stops_the_command_and_the_rerun_resumes(
     # stderr to a file, not a pipe: a process forked meanwhile by another thread of this
     # test session could hold a pipe open and make reading it to the end hang.
     log = tmp_path / "stderr.txt"
-    with log.open("w") as sink, subprocess.Popen(command, env=env, stderr=sink) as process:
+    with (
+        log.open("w") as sink,
+        subprocess.Popen(command, env=env, stderr=sink, preexec_fn=_ctrl_c_works) as process,
+    ):
         deadline = time.monotonic() + 30
         while len(fake.requests) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)  # polling a subprocess: no event to wait on
