@@ -101,11 +101,6 @@ def run_offline(
             _say(f"stopped: {error}; {resume}")
             return 1
         except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.CANCELLED:
-                # Ctrl-C cancels the run; a call it cancelled mid-flight may surface as a
-                # locally cancelled RPC instead of KeyboardInterrupt, depending on timing.
-                _say(f"interrupted; {resume}")
-                return EXIT_INTERRUPTED
             _say(f"{describe_error(error)}; {resume}")
             return 1
     samples = [record.sample for record in outcome.kept]
