@@ -158,7 +158,8 @@ async def _send(call: Any, request: pb.CurateRequest) -> bool:
     try:
         await call.write(request)
     except (grpc.RpcError, asyncio.InvalidStateError):
-        if call.done():
+        # The write may fail before the call's status has arrived: wait for it.
+        if await call.code() != grpc.StatusCode.OK:
             return False
         raise
     return True
