@@ -78,8 +78,8 @@ def initial_lora(
     lora = {}
     for name in shape.module_names():
         fan_in, fan_out = sizes[name.rsplit(".", 1)[-1]]
-        bound = math.sqrt(6.0 / ((1 + 5.0) * fan_in))  # kaiming_uniform_(a=sqrt(5))
-        a = (torch.rand(shape.r, fan_in, generator=generator) * 2 - 1) * bound
+        a = torch.empty(shape.r, fan_in)
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # as PEFT
         lora[name] = (a, torch.zeros(fan_out, shape.r))
     return lora
 
