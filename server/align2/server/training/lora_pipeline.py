@@ -194,23 +194,22 @@ async def _run_head(head: str, config: TrainLoraConfig) -> LoraReport:
             done = await _train(head, backend, setup, config)
         finally:
             backend.close()
-        extra = [("align2_training.json", _provenance(head, config, setup.sets[0], done.trained))]
-
-        def write(folder: pathlib.Path) -> pathlib.Path:
-            trained = done.trained
-            return write_adapter(
-                folder,
-                setup.shape,
-                trained.lora,
-                trained.head,
-                setup.base_config,
-                extra_files=extra,
-            )
-
-        written = write(pathlib.Path(scratch) / "trained")
-        difference = await _served_difference(head, setup, written, done.checked, config)
+        provenance = _provenance(head, config, setup.sets[0], done.trained, setup.seed)
+        # Written once, where it is wanted; the server's backend then scores from there.
+        target = pathlib.Path(scratch) / "trained"
         if config.out is not None:
-            log.info("wrote %s", write(config.out / embedded.LORA_ADAPTERS[head]))
+            target = config.out / embedded.LORA_ADAPTERS[head]
+        written = write_adapter(
+            target,
+            setup.shape,
+            done.trained.lora,
+            done.trained.head,
+            setup.base_config,
+            extra_files=[("align2_training.json", provenance)],
+        )
+        if config.out is not None:
+            log.info("wrote %s", written)
+        difference = await _served_difference(head, setup, written, done.checked, config)
     return LoraReport(
         head=head,
         shape=setup.shape,
@@ -360,18 +359,13 @@ def _evaluate(
     untrained_head: torch.Tensor,
 ) -> SplitResult:
     found = data.pairs(subset.groups)
-    rows = sorted({r for g in subset.groups for r in g.rows})
-    scores = lora.scores_of(tail, trained_head, captured.states, rows)
-    dense = torch.zeros(len(subset.texts))
-    for r, s in scores.items():
-        dense[r] = s
     untrained = (captured.pooled.float() @ untrained_head.float().T)[:, 0]
     return SplitResult(
         split=split,
         file=subset.name,
         groups=len(subset.groups),
         pairs=len(found),
-        trained=pairwise_accuracy(dense, found),
+        trained=lora.accuracy(tail, trained_head, captured.states, subset.groups),
         untrained=pairwise_accuracy(untrained, found),
         longer=pairwise_accuracy(length_scores(subset.texts), found),
     )
@@ -402,7 +396,11 @@ async def _served_difference(
 
 
 def _provenance(
-    head: str, config: TrainLoraConfig, train_set: data.PreferenceSet, trained: lora.Trained
+    head: str,
+    config: TrainLoraConfig,
+    train_set: data.PreferenceSet,
+    trained: lora.Trained,
+    seed: int,
 ) -> str:
     record = {
         "tool": "align2 train-lora",
@@ -414,7 +412,8 @@ def _provenance(
         "layers": config.layers,
         "r": config.r,
         "lora_alpha": config.alpha,
-        "hyperparameters": {**config.train.__dict__, "lr": trained.lr},
+        # The rate kept from the grid and the seed used (the head's, plus train.seed).
+        "hyperparameters": {**config.train.__dict__, "lr": trained.lr, "seed": seed},
         "learning_rates_tried": list(config.learning_rates),
         "best_epoch": trained.best_epoch,
         # Without the seconds: the file is the same on every rerun.
