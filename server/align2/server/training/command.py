@@ -49,24 +49,30 @@ def to_config(
     """Typed config from parsed arguments; SystemExit when no data folder is given."""
     from align2.server.training.pipeline import TrainHeadsConfig
 
-    data_dir = args.data or data_env
-    if not data_dir:
-        raise SystemExit(f"align2 train-heads: give --data DIR or set ${DATA_ENV}")
-    defaults = TrainHeadsConfig(data_dir=pathlib.Path(data_dir), cache_dir=cache_dir)
+    common = data_arguments(args, data_env, "train-heads")
+    defaults = TrainHeadsConfig(data_dir=common["data_dir"], cache_dir=cache_dir)
     models = dict(defaults.models)
     for head, path in (("question", args.question_model), ("answer", args.answer_model)):
         if path:
             models[head] = path
     return TrainHeadsConfig(
-        data_dir=defaults.data_dir,
-        cache_dir=cache_dir,
-        heads=tuple(h.strip() for h in args.heads.split(",") if h.strip()),
-        models=models,
-        out=pathlib.Path(args.out) if args.out else None,
-        evaluate_test=args.evaluate_test,
-        val_fraction=args.val_fraction,
-        batch_size=args.batch_size,
+        **common, cache_dir=cache_dir, models=models, batch_size=args.batch_size
     )
+
+
+def data_arguments(args: argparse.Namespace, data_env: str | None, command: str) -> dict[str, Any]:
+    """The typed values of :func:`add_data_arguments`' arguments, named as both training
+    configs name them; SystemExit when no data folder is given."""
+    data_dir = args.data or data_env
+    if not data_dir:
+        raise SystemExit(f"align2 {command}: give --data DIR or set ${DATA_ENV}")
+    return {
+        "data_dir": pathlib.Path(data_dir),
+        "heads": tuple(h.strip() for h in args.heads.split(",") if h.strip()),
+        "out": pathlib.Path(args.out) if args.out else None,
+        "evaluate_test": args.evaluate_test,
+        "val_fraction": args.val_fraction,
+    }
 
 
 def run(config: TrainHeadsConfig) -> int:

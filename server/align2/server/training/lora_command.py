@@ -12,7 +12,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from align2.server.training.command import DATA_ENV, add_data_arguments
+from align2.server.training.command import add_data_arguments, data_arguments
 
 if TYPE_CHECKING:
     from align2.server.training.lora_pipeline import LoraReport, TrainLoraConfig
@@ -38,17 +38,7 @@ def to_config(
 
     from align2.server.training.lora_pipeline import TrainLoraConfig
 
-    data_dir = args.data or data_env
-    if not data_dir:
-        raise SystemExit(f"align2 train-lora: give --data DIR or set ${DATA_ENV}")
-    config = TrainLoraConfig(
-        data_dir=pathlib.Path(data_dir),
-        cache_dir=cache_dir,
-        heads=tuple(h.strip() for h in args.heads.split(",") if h.strip()),
-        out=pathlib.Path(args.out) if args.out else None,
-        evaluate_test=args.evaluate_test,
-        val_fraction=args.val_fraction,
-    )
+    config = TrainLoraConfig(**data_arguments(args, data_env, "train-lora"), cache_dir=cache_dir)
     for key in ("base", "vision_tower"):
         if getattr(args, key):
             config = dataclasses.replace(config, **{key: getattr(args, key)})
