@@ -145,18 +145,40 @@ class Direct:
 
 
 # -- service --------------------------------------------------------------------------
+@dataclass
+class Threads:
+    """The server's thread settings (0: its default, sized from the machine)."""
+
+    torch_threads: int = 0
+    preprocess_workers: int = 0
+    wait_policy: str = ""
+    """OMP_WAIT_POLICY of the server: "" align2 serve's own choice; "unset" the OpenMP
+    runtime's default (align2 before it chose one); else the value."""
+
+    extra_env: tuple[str, ...] = ()
+    """KEY=VALUE pairs for the server process (e.g. GOMP_SPINCOUNT=10000)."""
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ) | dict(kv.split("=", 1) for kv in self.extra_env)
+        if self.wait_policy:
+            env["OMP_WAIT_POLICY"] = "" if self.wait_policy == "unset" else self.wait_policy
+        return env
+
+
 def start_server(
-    path: pathlib.Path, max_batch_size: int, folder: pathlib.Path, torch_threads: int
+    path: pathlib.Path, max_batch_size: int, folder: pathlib.Path, threads: Threads
 ) -> ServerProcess:
     config = folder / f"bench-{max_batch_size}.toml"
     config.write_text(
         f'[server]\nport = 0\nmetrics_port = -1\nlog_level = "WARNING"\n'
-        f"torch_threads = {torch_threads}\n"
+        f"torch_threads = {threads.torch_threads}\n"
         f"[batching]\nmax_batch_size = {max_batch_size}\nmax_batch_tokens = 1000000\n"
+        f"preprocess_workers = {threads.preprocess_workers}\n"
         f'[models.question]\npath = "{path}"\n[models.answer]\npath = "{path}"\n'
     )
     args = ["--config", str(config), "--log-level", "INFO"]
-    return ServerProcess(args, folder / f"server-{max_batch_size}.log").start()
+    log = folder / f"server-{max_batch_size}.log"
+    return ServerProcess(args, log, env=threads.env()).start()
 
 
 async def load(target: str, clients: int, per_client: int, name: str) -> Row:
@@ -185,9 +207,9 @@ def service(
     max_batch_size: int,
     runs: list[tuple[int, int]],
     folder: pathlib.Path,
-    torch_threads: int,
+    threads: Threads,
 ) -> list[Row]:
-    server = start_server(path, max_batch_size, folder, torch_threads)
+    server = start_server(path, max_batch_size, folder, threads)
     rows = []
     try:
         for clients, per_client in runs:
@@ -233,20 +255,34 @@ def main() -> None:
         "--size", choices=("38m", "tiny"), default="38m", help="the bench model or a tiny one"
     )
     parser.add_argument(
-        "--torch-threads",
+        "--torch-threads", type=int, default=0, help="server.torch_threads (0: its default)"
+    )
+    parser.add_argument(
+        "--preprocess-workers",
         type=int,
         default=0,
-        help="the server's server.torch_threads (0: torch's own default)",
+        help="batching.preprocess_workers (0: its default)",
+    )
+    parser.add_argument(
+        "--wait-policy",
+        default="",
+        help="OMP_WAIT_POLICY of the server process ('unset': the runtime's default)",
+    )
+    parser.add_argument(
+        "--server-env", action="append", default=[], help="KEY=VALUE for the server process"
     )
     args = parser.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
+    threads = Threads(
+        args.torch_threads, args.preprocess_workers, args.wait_policy, tuple(args.server_env)
+    )
     with tempfile.TemporaryDirectory(prefix="align2-bench-") as tmp:
         folder = pathlib.Path(tmp)
         path = build_model(folder, args.size)
         n = args.clients * args.rounds
         print(
             f"model: {path.name}; {n} samples per measurement; {os.cpu_count()} CPUs; "
-            f"server.torch_threads {args.torch_threads}"
+            f"server threads {threads}"
         )
         print("direct (decode + prepare + forward, in-process):")
         model = Direct(path)
@@ -255,10 +291,10 @@ def main() -> None:
         best = int(a.name.rsplit(" ", 1)[1])
         print(f"service (separate process, gRPC over loopback), max_batch_size {best} = (a)'s:")
         runs = [(args.clients, args.rounds)]
-        b = service(path, best, runs, folder, args.torch_threads)[0]
-        c = service(path, 1, runs, folder, args.torch_threads)[0]
+        b = service(path, best, runs, folder, threads)[0]
+        c = service(path, 1, runs, folder, threads)[0]
         print("one client, interleaved with direct calls:")
-        server = start_server(path, best, folder, args.torch_threads)
+        server = start_server(path, best, folder, threads)
         try:
             d1, b1 = one_client(model, server.target, args.single)
         finally:

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image
 
 from align2.client.types import Sample, Turn
-from align2.server import backends, memory, metrics
+from align2.server import backends, memory, metrics, threads
 from align2.server.backends.base import GenerationBackend, ModelDescription, ScoringBackend
 from align2.server.config import Config, ModelConfig
 from align2.server.core.align_types import AlignCall, DecodingOptions
@@ -72,8 +72,9 @@ class App:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics: metrics.MetricsServer | None = None
+        self.threads = threads.plan(config.server.torch_threads, config.batching.preprocess_workers)
         self._pool = ThreadPoolExecutor(
-            config.batching.preprocess_workers, thread_name_prefix="align2-prepare"
+            self.threads.preprocess_workers, thread_name_prefix="align2-prepare"
         )
         self._runtimes: dict[str, ScoringRuntime] = {}  # by config name; shared folders share
         self._scorer = (

@@ -14,7 +14,7 @@ import signal
 from typing import Any
 
 from align2.server import config as config_module
-from align2.server import logs
+from align2.server import logs, threads
 from align2.server.errors import ConfigError
 from align2.server.training import command as train_heads
 from align2.server.training import lora_command as train_lora
@@ -119,10 +119,7 @@ async def serve(config: config_module.Config) -> int:
     """Run until SIGTERM/SIGINT, then drain within the grace period. Returns the exit code."""
     from align2.server.app import App
 
-    if config.server.torch_threads:
-        import torch
-
-        torch.set_num_threads(config.server.torch_threads)
+    threads.apply(threads.plan(config.server.torch_threads, config.batching.preprocess_workers))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -151,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         raise SystemExit(f"align2: {exc}") from None
     logs.setup(config.server.log_level, config.server.log_format)
+    if args.command == "serve":
+        threads.prefer_passive_wait()  # before torch is imported (by the next line)
     _no_progress_bars()
     if args.command == "build-models":
         from align2.server.models import embedded

@@ -140,8 +140,9 @@ class BatchingConfig:
     waits; under load, batches fill while the device is busy."""
     max_queue_items: int = 1024
     """Items (one forward pass each) admitted and not yet finished; beyond: RESOURCE_EXHAUSTED."""
-    preprocess_workers: int = 2
-    """Threads decoding images and tokenising, off the event loop."""
+    preprocess_workers: int = 0
+    """Threads decoding images and tokenising, off the event loop. 0: half the CPUs this
+    process may use, 2 to 8 (docs/operating.md, "Threads")."""
 
 
 @dataclass
@@ -277,7 +278,9 @@ class ServerSection:
     operating system (glibc malloc_trim): glibc otherwise keeps it, and the process stays
     at its peak size (docs/operating.md, "Memory"). -1: never."""
     torch_threads: int = 0
-    """Intra-op threads for torch on CPU; 0 leaves torch's default."""
+    """Intra-op threads for torch. 0: the CPUs this process may use (its affinity, capped by
+    a cgroup CPU quota). Unless OMP_WAIT_POLICY is set, `align2 serve` sets it to PASSIVE
+    so that idle torch threads do not spin on CPUs that preparation needs."""
 
 
 @dataclass
@@ -359,11 +362,17 @@ class Config:
             "limits.max_candidates": self.limits.max_candidates,
             "batching.max_batch_size": self.batching.max_batch_size,
             "batching.max_queue_items": self.batching.max_queue_items,
-            "batching.preprocess_workers": self.batching.preprocess_workers,
         }
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key}: must be at least 1, got {value}")
+        counts = {
+            "batching.preprocess_workers": self.batching.preprocess_workers,
+            "server.torch_threads": self.server.torch_threads,
+        }
+        for key, value in counts.items():
+            if value < 0:
+                raise ConfigError(f"{key}: must be >= 0 (0: sized from the machine), got {value}")
         self._validate_curate()
         limits = self.limits
         if limits.max_inflight_bytes < 0:
