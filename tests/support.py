@@ -67,6 +67,20 @@ def jpeg(width: int = 40, height: int = 30, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
+def vllm_counter(name: str, model_name: str) -> float:
+    """A vLLM engine's counter ``name`` (its ``_total`` samples) for ``model_name``, from the
+    default Prometheus registry."""
+    from prometheus_client import REGISTRY
+
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == name
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels.get("model_name") == model_name
+    )
+
+
 def vllm_requests_finished(model_name: str) -> float:
     """Requests a vLLM engine finished by itself (stop, length, ...; aborts not counted), as
     its ``vllm:request_success`` series in the default Prometheus registry report them."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from support import vllm_requests_finished
+from support import vllm_counter, vllm_requests_finished
 
 from align2.server.backends import load_scoring
 from align2.server.backends.base import InputTooLong, Prepared, ScoringBackend
@@ -130,6 +130,24 @@ def test_batch_of_32_mixed_lengths_equals_each_alone(engine: VllmScoring) -> Non
     # float32 and the same kernels whatever the batch: measured identical on CPU.
     assert together == pytest.approx(alone, abs=1e-5)
     assert len(set(together)) == 32
+
+
+def test_turns_of_one_image_reuse_the_engine_s_prefix_cache(engine: VllmScoring) -> None:
+    """vLLM's pooling runner caches prefixes for causal models with LAST pooling (its
+    ModelConfig.is_prefix_caching_supported): on by default here, as the transformers
+    backend's shared prefixes. The answers of one image share BOS, the image and the
+    question; scored one after the other, the later ones hit the cache (its block-sized
+    pieces), and the scores are those of each input alone in a fresh batch."""
+    config = engine._llm.llm_engine.vllm_config.cache_config  # type: ignore[union-attr]
+    assert config.enable_prefix_caching
+    image = noise(40, 30, seed=7)
+    question = "<image>\nQuestion: " + "what is on the table near the window " * 12
+    items = [(f"{question}?\nAnswer: {a}", image) for a in ("a cup", "two plates", "nothing")]
+    before = vllm_counter("vllm:prefix_cache_hits", "m")
+    first = [score(engine, [p])[0] for p in prepare_all(engine, items)]
+    hits = vllm_counter("vllm:prefix_cache_hits", "m") - before
+    assert hits >= config.block_size  # at least one whole block, for each later answer
+    assert score(engine, prepare_all(engine, items)) == pytest.approx(first, abs=1e-5)
 
 
 def test_the_engine_exports_its_own_metrics_under_the_model_name(engine: VllmScoring) -> None:

@@ -23,7 +23,6 @@ only the projector, which differs per head, runs per head.
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import pathlib
 import threading
@@ -39,7 +38,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from align2.server.backends.base import ModelDescription, Prepared
 from align2.server.backends.torch_device import Interrupt, resolve_device, torch_dtype
-from align2.server.backends.transformers_scoring import TransformersScoring, _Inputs
+from align2.server.backends.transformers_scoring import (
+    TransformersScoring,
+    _Inputs,
+    image_digest,
+)
 from align2.server.config import ModelConfig
 from align2.server.models.shared_llava import HeadInputs, SharedLlava, build_shared
 
@@ -90,21 +93,28 @@ class SharedBase:
         self._users += 1
 
     # -- the device thread ---------------------------------------------------------------
-    def hidden(
-        self, head: str, inputs: list[_Inputs], ids: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Last hidden states ``[B, L, hidden]`` of ``head``'s model for a padded batch."""
+    def run(
+        self,
+        head: str,
+        inputs: list[_Inputs] | None,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        **kwargs: Any,
+    ) -> Any:
+        """The output of ``head``'s model for a padded batch, with the images of ``inputs``
+        or text only (``None``: remainders after a cached prefix; ``kwargs`` hold its cache)."""
         self._check_thread()
         if self._active != head:
             set_adapter(self.model.language_model, self.heads[head].adapter_name, True)
             self._active = head
+        if inputs is None:
+            return self.model(input_ids=ids, attention_mask=mask, **kwargs)
         features = self._tower_features(inputs)
         projected = self.projectors[head](features)
         # One [patches, hidden] tensor per image, as LlavaModel.get_image_features returns.
         image = BaseModelOutputWithPooling(pooler_output=cast(Any, list(projected)))
-        out = self.model(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": image})
-        hidden: torch.Tensor = out.last_hidden_state
-        return hidden
+        encoded = {"image": image}
+        return self.model(input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded, **kwargs)
 
     def _tower_features(self, inputs: list[_Inputs]) -> torch.Tensor:
         """The selected tower layer ``[B, patches, vision_hidden]``: from the cache, or one
@@ -168,7 +178,12 @@ class SharedHeadScoring(TransformersScoring):
     description, prepare and batcher); its forwards run on the shared base's thread."""
 
     def __init__(
-        self, description: ModelDescription, shared: SharedBase, head: str, image_mode: str
+        self,
+        description: ModelDescription,
+        shared: SharedBase,
+        head: str,
+        image_mode: str,
+        share_prefixes: bool = True,
     ) -> None:
         weight = shared.heads[head].weight.to(shared.device, torch.float32, copy=True)
         super().__init__(
@@ -178,6 +193,7 @@ class SharedHeadScoring(TransformersScoring):
             weight,
             image_mode,
             executor=shared.executor,
+            share_prefixes=share_prefixes,
         )
         self._shared = shared
         self._head_name = head
@@ -188,7 +204,8 @@ class SharedHeadScoring(TransformersScoring):
     ) -> Prepared:
         prepared = super().prepare(text, image, max_text_tokens=max_text_tokens, truncate=truncate)
         payload: _Inputs = prepared.payload
-        payload.image_key = image_digest(payload.images)
+        if not payload.image_key:  # the tower's features are cached by it
+            payload.image_key = image_digest(payload.images)
         return prepared
 
     @property
@@ -196,22 +213,14 @@ class SharedHeadScoring(TransformersScoring):
         """The base this head runs on (the training tool hooks its layers)."""
         return self._shared
 
-    def _hidden(self, inputs: list[_Inputs], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self._shared.hidden(self._head_name, inputs, ids, mask)
+    def _run(
+        self, inputs: list[_Inputs] | None, ids: torch.Tensor, mask: torch.Tensor, **kwargs: Any
+    ) -> Any:
+        return self._shared.run(self._head_name, inputs, ids, mask, **kwargs)
 
     def close(self) -> None:
         del self._base  # this head's reference: the last head's release frees the model
         self._shared.release()
-
-
-def image_digest(images: Mapping[str, torch.Tensor]) -> bytes:
-    """A digest of the tensors an image became (names, shapes, dtypes and values)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in sorted(images):
-        tensor = images[name].contiguous()
-        digest.update(f"{name}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.digest()
 
 
 def load_shared(
@@ -239,7 +248,9 @@ def load_shared(
             image_tokens=0,
             image_mode=config.image_mode,
         )
-        backend = SharedHeadScoring(description, shared, name, config.image_mode)
+        backend = SharedHeadScoring(
+            description, shared, name, config.image_mode, config.share_prefixes
+        )
         backend.description = replace(description, image_tokens=backend.image_tokens())
         backends[name] = backend
     return backends

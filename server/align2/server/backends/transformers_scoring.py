@@ -6,15 +6,18 @@ Contract (the method's definition of a score): the ids are the reference's
 ``score.weight @ h`` where ``h`` is the base model's final hidden state at the last
 non-padding position. Inputs are prepared one at a time and right-padded only when
 batched, so a score does not depend on its batch-mates (position ids are unchanged by
-right padding, padded keys are masked).
+right padding, padded keys are masked). Inputs of one batch that carry the same image and
+begin with the same ids run that prefix once (:mod:`.prefixes`; ``share_prefixes``): the
+same scores within float rounding.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,6 +26,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from align2.server.backends import prefixes
 from align2.server.backends.base import ModelDescription, Prepared
 from align2.server.backends.checkpoint import read_reward_checkpoint
 from align2.server.backends.preprocess import pad_to_square, reward_ids, text_budget
@@ -45,7 +49,8 @@ class _Inputs:
 
     input_ids: torch.Tensor  # [L]
     images: dict[str, torch.Tensor]  # e.g. pixel_values [3, H, W] or [N, 3, H, W]
-    image_key: bytes = b""  # a digest of ``images`` where a backend caches image features
+    image_key: bytes = b""  # a digest of ``images``: shared prefixes, cached image features
+    image_end: int = 0  # ids before it are BOS and the image expansion
 
 
 class TransformersScoring:
@@ -59,16 +64,21 @@ class TransformersScoring:
         head: torch.Tensor,
         image_mode: str,
         executor: ThreadPoolExecutor | None = None,
+        share_prefixes: bool = True,
     ) -> None:
         """``executor``: the one thread that runs this model's forwards; by default its own,
         which ``close`` stops. Backends over one shared model pass that model's thread and
-        leave stopping it to that model (see shared_scoring)."""
+        leave stopping it to that model (see shared_scoring). ``share_prefixes``: run a
+        prefix that inputs of a batch share once (see the module docstring)."""
         self.description = description
         self._processor = processor
         self._tokenizer = processor.tokenizer
         self._base = base
         self._head = head  # [1, hidden], float32 on the device
         self._image_mode = image_mode
+        self._share_prefixes = share_prefixes
+        self.prefix_tokens_saved = 0
+        """Ids not run again thanks to shared prefixes, so far (tests and benchmarks)."""
         self._device = torch.device(description.device)
         prepare_device(self._device)
         self._dtype = next(base.parameters()).dtype
@@ -108,7 +118,14 @@ class TransformersScoring:
             image_tokens=0,
             image_mode=config.image_mode,
         )
-        backend = cls(description, processor, base, head, config.image_mode)
+        backend = cls(
+            description,
+            processor,
+            base,
+            head,
+            config.image_mode,
+            share_prefixes=config.share_prefixes,
+        )
         backend.description = replace(description, image_tokens=backend.image_tokens())
         return backend
 
@@ -127,6 +144,10 @@ class TransformersScoring:
         expansion, images = self._encode(image)
         ids = torch.tensor(reward_ids(self._tokenizer, text, expansion), dtype=torch.long)
         image_tokens = len(expansion)
+        payload = _Inputs(ids, images)
+        if self._share_prefixes:
+            payload.image_key = image_digest(images)
+            payload.image_end = _span_end(ids, expansion)
         text_tokens = len(ids) - image_tokens  # BOS and the text
         keep = text_budget(
             text_tokens=text_tokens,
@@ -137,8 +158,8 @@ class TransformersScoring:
             truncate=truncate,
         )
         if keep < text_tokens:
-            ids = ids[: image_tokens + keep]  # the image comes right after BOS: cut text only
-        return Prepared(len(ids), keep < text_tokens, _Inputs(ids, images))
+            payload.input_ids = ids[: image_tokens + keep]  # the image comes right after BOS
+        return Prepared(len(payload.input_ids), keep < text_tokens, payload)
 
     def _encode(self, image: Image.Image) -> tuple[list[int], dict[str, torch.Tensor]]:
         """The ids the processor expands ``<image>`` into for ``image``, and its image
@@ -165,40 +186,72 @@ class TransformersScoring:
 
         Contract: ``score(batch)[i] == features(batch)[i] @ head`` (the head as float32), up
         to float32 rounding; the head is not applied. Heads are trained on these
-        (align2.server.training), so they must come from the very forward that scores.
+        (align2.server.training), so they must come from the very forward that scores; each
+        input runs whole (no shared prefixes), so that hooks see every input's full sequence.
         """
         loop = asyncio.get_running_loop()
         inputs = [p.payload for p in batch]
-        pooled = await loop.run_in_executor(self._executor, self._pooled, inputs)
+        pooled = await loop.run_in_executor(self._executor, self._pooled, inputs, False)
         return pooled.cpu()
 
     def _forward(self, inputs: list[_Inputs]) -> list[float]:
-        scores = self._pooled(inputs) @ self._head.T
+        scores = self._pooled(inputs, self._share_prefixes) @ self._head.T
         return [float(s) for s in scores[:, 0].cpu()]
 
-    def _pooled(self, inputs: list[_Inputs]) -> torch.Tensor:
+    def _pooled(self, inputs: list[_Inputs], share: bool) -> torch.Tensor:
         """Final hidden state at each input's last non-padding token, float32 on the device."""
         try:
             with torch.inference_mode():
-                ids, mask = _pad_right([x.input_ids for x in inputs], self._pad_id)
-                ids, mask = ids.to(self._device), mask.to(self._device)
-                hidden = self._hidden(inputs, ids, mask)
-                last = mask.sum(dim=1) - 1
-                return hidden[torch.arange(len(inputs), device=self._device), last].float()
+                if not share:
+                    return self._pooled_whole(inputs)
+                groups = prefixes.plan(inputs)
+                parts = [
+                    self._pooled_shared([inputs[i] for i in g.members], g.prefix)
+                    if g.prefix
+                    else self._pooled_whole([inputs[i] for i in g.members])
+                    for g in groups
+                ]
+                order = torch.tensor([i for g in groups for i in g.members], device=self._device)
+                rows = torch.cat(parts)
+                return rows.index_copy(0, order, rows)
         except Exception as exc:
             raise classify_device_error(exc, self.description.name) from exc
 
-    def _hidden(self, inputs: list[_Inputs], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The base model's last hidden states ``[B, L, hidden]`` of the padded batch."""
-        images = {
-            key: _stack_padded([x.images[key] for x in inputs]).to(self._device)
-            for key in inputs[0].images
-        }
-        if "pixel_values" in images:
-            images["pixel_values"] = images["pixel_values"].to(self._dtype)
-        out = self._base(input_ids=ids, attention_mask=mask, **images)
-        hidden: torch.Tensor = out.last_hidden_state
-        return hidden
+    def _pooled_whole(self, inputs: list[_Inputs]) -> torch.Tensor:
+        ids, mask = _pad_right([x.input_ids for x in inputs], self._pad_id)
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        hidden = self._run(inputs, ids, mask).last_hidden_state
+        last = mask.sum(dim=1) - 1
+        return hidden[torch.arange(len(inputs), device=self._device), last].float()
+
+    def _pooled_shared(self, inputs: list[_Inputs], prefix: int) -> torch.Tensor:
+        """Inputs that share their first ``prefix`` ids (the image among them): the prefix
+        runs once, its cache is repeated over the group, each remainder runs against it."""
+        ids = inputs[0].input_ids[:prefix][None].to(self._device)
+        cache = self._run(inputs[:1], ids, torch.ones_like(ids), use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(inputs))
+        rest, rest_mask = _pad_right([x.input_ids[prefix:] for x in inputs], self._pad_id)
+        rest, rest_mask = rest.to(self._device), rest_mask.to(self._device)
+        mask = torch.cat([rest_mask.new_ones((len(inputs), prefix)), rest_mask], dim=1)
+        hidden = self._run(None, rest, mask, past_key_values=cache).last_hidden_state
+        self.prefix_tokens_saved += prefix * (len(inputs) - 1)
+        last = rest_mask.sum(dim=1) - 1
+        return hidden[torch.arange(len(inputs), device=self._device), last].float()
+
+    def _run(
+        self, inputs: list[_Inputs] | None, ids: torch.Tensor, mask: torch.Tensor, **kwargs: Any
+    ) -> Any:
+        """The base model's output for a padded batch: with the image tensors of ``inputs``,
+        or text only (``None``: the remainders after a cached prefix)."""
+        images: dict[str, torch.Tensor] = {}
+        if inputs is not None:
+            images = {
+                key: _stack_padded([x.images[key] for x in inputs]).to(self._device)
+                for key in inputs[0].images
+            }
+            if "pixel_values" in images:
+                images["pixel_values"] = images["pixel_values"].to(self._dtype)
+        return self._base(input_ids=ids, attention_mask=mask, **images, **kwargs)
 
     def close(self) -> None:
         """Stop the batch still running (within one layer), then free the device."""
@@ -208,6 +261,27 @@ class TransformersScoring:
         del self._base
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def image_digest(images: Mapping[str, torch.Tensor]) -> bytes:
+    """A digest of the tensors an image became (names, shapes, dtypes and values)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(images):
+        tensor = images[name].contiguous()
+        digest.update(f"{name}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.digest()
+
+
+def _span_end(ids: torch.Tensor, expansion: Sequence[int]) -> int:
+    """The index after the image expansion in ``ids`` (it follows BOS in the method's
+    templates; a text may put the marker elsewhere)."""
+    values, wanted = ids.tolist(), list(expansion)
+    width = len(wanted)
+    for start in range(len(values) - width + 1):
+        if values[start] == wanted[0] and values[start : start + width] == wanted:
+            return start + width
+    raise ValueError("the image expansion is missing from the reward ids")
 
 
 def _around_marker(tokenizer: Any) -> tuple[int, int]:
