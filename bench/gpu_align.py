@@ -52,7 +52,10 @@ from align2.server.backends.base import (
     GenerationRequest,
     ModelDescription,
 )
-from align2.server.backends.transformers_generation import TransformersGeneration
+from align2.server.backends.transformers_generation import (
+    ContinuousGeneration,
+    TransformersGeneration,
+)
 from align2.server.config import Config, ModelConfig
 from align2.server.core.prompts import TemplateLibrary
 from align2.server.models.tokenizers import build_tokenizer
@@ -136,9 +139,15 @@ class RecordingBackend(TransformersGeneration):
 
 
 def make_backend(
-    tokenizer: PreTrainedTokenizerBase, model: Any, device: torch.device, tiny: bool
-) -> RecordingBackend:
-    """The transformers generation backend around in-memory objects (nothing loaded)."""
+    tokenizer: PreTrainedTokenizerBase,
+    model: Any,
+    device: torch.device,
+    tiny: bool,
+    continuous_rows: int = 0,
+) -> TransformersGeneration:
+    """The transformers generation backend around in-memory objects (nothing loaded):
+    batched by the core (recording its batch sizes), or continuously batched with at most
+    ``continuous_rows`` rows (models.NAME.continuous_rows)."""
     description = ModelDescription(
         name=MODEL_NAME,
         model_id="tiny-llama-random" if tiny else "vicuna-7b-shaped-random",
@@ -150,6 +159,8 @@ def make_backend(
         max_length=MAX_LENGTH,
         image_tokens=0,
     )
+    if continuous_rows > 0:
+        return ContinuousGeneration(description, tokenizer, model, continuous_rows)
     return RecordingBackend(description, tokenizer, model)
 
 
@@ -284,10 +295,12 @@ def question(index: int) -> str:
 
 
 def served(
-    backend: RecordingBackend, args: argparse.Namespace, load: Load, max_delay_ms: float
+    backend: TransformersGeneration, args: argparse.Namespace, load: Load, max_delay_ms: float
 ) -> tuple[Rate, list[int]]:
     """The backend behind align2 in-process (which closes it at the end) under ``load``;
-    the rate and the sizes of the batches the server's batcher formed meanwhile."""
+    the rate and the sizes of the batches the server's batcher formed meanwhile (none when
+    the backend batches continuously)."""
+    recorded = backend.batch_sizes if isinstance(backend, RecordingBackend) else []
     registry = backends.Registry().adding(
         generation={BACKEND_NAME: lambda name, config, path: backend}
     )
@@ -296,12 +309,13 @@ def served(
         config.server.cache_dir = tmp
         server = ServerThread(config, registry).start()
         try:
-            before = len(backend.batch_sizes)  # the server's warm-up ran batches too
+            before = len(recorded)  # the server's warm-up ran batches too
             seconds, tokens = asyncio.run(drive(server.target, load, args.new_tokens))
-            sizes = backend.batch_sizes[before:]
+            sizes = recorded[before:]
         finally:
             server.stop()
-    name = f"served: {load.name}, delay {max_delay_ms:g} ms"
+    how = "continuous" if backend.continuous else f"delay {max_delay_ms:g} ms"
+    name = f"served: {load.name}, {how}"
     return Rate(name, load.rewrites, tokens, seconds), sizes
 
 
@@ -313,6 +327,12 @@ def parse_args() -> argparse.Namespace:
     add("--new-tokens", type=int, default=256, help="exact new tokens per rewrite")
     add("--rounds", type=int, default=2, help="Align calls per served client")
     add(
+        "--continuous-rows",
+        type=int,
+        default=0,
+        help="served runs batch continuously with at most N rows (0: the core's batcher)",
+    )
+    add(
         "--max-delay-ms",
         default="50",
         help="align.max_delay_ms of the served runs, comma-separated (50: the default)",
@@ -320,7 +340,9 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def describe(device: torch.device, model: Any, backend: RecordingBackend, clients: int) -> float:
+def describe(
+    device: torch.device, model: Any, backend: TransformersGeneration, clients: int
+) -> float:
     """Print the device, model and prompts; return the weight-streaming bound (tok/s)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}")
@@ -347,8 +369,8 @@ def main() -> None:
     tokenizer, model = build_model(args.tiny, device)
     print(f"built the model on {device} in {time.perf_counter() - started:.1f} s")
 
-    def backend() -> RecordingBackend:  # one per use: closing drops its model reference
-        return make_backend(tokenizer, model, device, args.tiny)
+    def backend(rows: int = 0) -> TransformersGeneration:  # one per use: closing drops it
+        return make_backend(tokenizer, model, device, args.tiny, rows)
 
     with contextlib.closing(backend()) as probe:
         bound = describe(device, model, probe, args.clients)
@@ -365,7 +387,7 @@ def main() -> None:
     )
     delays = [float(d) for d in args.max_delay_ms.split(",")]
     for delay, load in itertools.product(delays, loads):
-        rate, sizes = served(backend(), args, load, delay)
+        rate, sizes = served(backend(args.continuous_rows), args, load, delay)
         print(rate.line(bound))
         ratio = rate.tokens_per_s / reference.tokens_per_s
         print(f"  served/direct = {ratio:.3f}; batches while serving: {sizes}", flush=True)

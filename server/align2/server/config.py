@@ -79,6 +79,12 @@ class ModelConfig:
     one base plus the adapters instead of one merged copy each; nothing is converted or
     written to the cache. Those models must agree on ``dtype`` and ``device``; transformers
     backend only. false: the adapter is merged into its own copy (see ``adapter``)."""
+    continuous_rows: int = 0
+    """Inner LLM on transformers: 0 batches generations with the core's batcher (a batch
+    decodes to its end; requests arriving meanwhile wait for the next batch); N > 0 batches
+    continuously: a request joins the running batch at the next decoding step and a
+    finished one leaves at once, at most N decoding together (the rest wait in order).
+    Needs a full-attention model (Llama, SmolLM2, ...). vLLM always batches continuously."""
     share_prefixes: bool = True
     """Reward models on transformers: inputs of one batch that carry the same image and
     begin with the same ids (the turns of a conversation, the candidates of a turn under
@@ -405,6 +411,11 @@ class Config:
         for name, model in self.models.items():
             if model.vision_tower and not model.adapter:
                 raise ConfigError(f"models.{name}.vision_tower: only used with an adapter")
+            if model.continuous_rows < 0:
+                raise ConfigError(
+                    f"models.{name}.continuous_rows: must be >= 0 (0: batched by the "
+                    f"core's batcher), got {model.continuous_rows}"
+                )
             # A reward model may sit unused (Score off); the inner LLM cannot be an adapter.
             if model.adapter and name == self.align.model and name not in scoring:
                 raise ConfigError(

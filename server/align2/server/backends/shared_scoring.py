@@ -167,6 +167,7 @@ class SharedBase:
             return
         self._interrupt.set()
         self.executor.shutdown(wait=True)
+        self._interrupt.release()
         self._cache.clear()
         del self.model, self.projectors
         if self.device.type == "cuda":

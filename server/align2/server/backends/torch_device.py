@@ -79,11 +79,17 @@ class Interrupt:
             if isinstance(module, torch.nn.ModuleList)
             for layer in module
         ]
-        for module in [model, *layers]:
-            module.register_forward_pre_hook(self._check)
+        self._hooks = [module.register_forward_pre_hook(self._check) for module in [model, *layers]]
 
     def set(self) -> None:
         self._set.set()
+
+    def release(self) -> None:
+        """Take the hooks off the model, once nothing runs on it any more: a model that
+        outlives its backend (a benchmark's, reused by the next backend) runs again."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def _check(self, _module: torch.nn.Module, _args: Any) -> None:
         if self._set.is_set():

@@ -1,5 +1,8 @@
 """The inner LLM on transformers: a causal LM (AutoModelForCausalLM), CPU or CUDA,
-fp32/bf16/fp16, batched by the core's Batcher (``continuous`` is False).
+fp32/bf16/fp16. Two ways to batch (``models.NAME.continuous_rows``): by the core's Batcher
+(0, :class:`TransformersGeneration`, ``continuous`` False: a batch decodes to its end before
+the next starts), or continuously (:class:`ContinuousGeneration`: a request joins the
+running batch at the next decoding step, :mod:`.continuous`).
 
 Contract (shared with the vLLM backend): the prompt is the messages rendered by
 :mod:`align2.server.backends.chat` (the tokenizer's chat template, or Vicuna v1.1 for a
@@ -9,7 +12,7 @@ sampling is seeded per request; ``finished`` is False only when generation stopp
 next-token probability renormalised over the labels (the softmax of the label logits).
 Decoding details and their batch-composition caveats: :mod:`.decoding`.
 
-One thread owns the device: batches run one at a time, in order.
+One thread owns the device: batches (or decoding steps) run one at a time, in order.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import pathlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,6 +37,7 @@ from align2.server.backends.base import (
 )
 from align2.server.backends.chat import Prompts, as_invalid_argument, choice_ids
 from align2.server.backends.checkpoint import folder_revision
+from align2.server.backends.continuous import Choice, DecodeLoop, Row
 from align2.server.backends.decoding import generate_batch, last_logits
 from align2.server.backends.torch_device import (
     Interrupt,
@@ -69,7 +73,8 @@ class TransformersGeneration:
 
     @classmethod
     def load(cls, name: str, config: ModelConfig, path: pathlib.Path) -> TransformersGeneration:
-        """Load the causal LM in folder ``path`` (config.json, weights, tokenizer)."""
+        """Load the causal LM in folder ``path`` (config.json, weights, tokenizer); batched
+        continuously when ``config.continuous_rows`` is above 0."""
         device = resolve_device(config.device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(config.dtype))
@@ -87,6 +92,8 @@ class TransformersGeneration:
             max_length=config.max_length,
             image_tokens=0,
         )
+        if config.continuous_rows > 0:
+            return ContinuousGeneration(description, tokenizer, model, config.continuous_rows)
         return cls(description, tokenizer, model)
 
     def prompt_tokens(self, messages: Sequence[Message]) -> int:
@@ -110,6 +117,7 @@ class TransformersGeneration:
         """Stop the batch still running (within one layer), then free the device."""
         self._interrupt.set()
         self._executor.shutdown(wait=True)
+        self._interrupt.release()
         del self._model
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
@@ -163,6 +171,104 @@ class TransformersGeneration:
                 yield
         except Exception as exc:
             raise classify_device_error(exc, self.description.name) from exc
+
+
+class ContinuousGeneration(TransformersGeneration):
+    """The same model, contract and results, batched continuously: the core sends each
+    request on its own (``continuous``), and :class:`.continuous.DecodeLoop` decodes every
+    running request one step at a time on the device thread, at most ``max_rows`` at once.
+    Cancelling an awaiting ``generate`` stops its row at the next step."""
+
+    continuous = True
+
+    def __init__(
+        self,
+        description: ModelDescription,
+        tokenizer: PreTrainedTokenizerBase,
+        model: Any,
+        max_rows: int,
+    ) -> None:
+        super().__init__(description, tokenizer, model)
+        self._loop = DecodeLoop(
+            model,
+            eos_ids=self._eos,
+            pad_id=self._pad,
+            device=self._device,
+            max_rows=max_rows,
+            run_on_device=self._call,
+            name=description.name,
+        )
+
+    async def generate(self, batch: Sequence[GenerationRequest]) -> list[Generation]:
+        return list(await asyncio.gather(*(self._generate_one(r) for r in batch)))
+
+    async def choose(self, batch: Sequence[ChoiceRequest]) -> list[list[float]]:
+        return list(await asyncio.gather(*(self._choose_one(r) for r in batch)))
+
+    def close(self) -> None:
+        if self._loop.closed:
+            return
+        self._interrupt.set()
+        self._loop.close()
+        super().close()
+
+    async def _generate_one(self, request: GenerationRequest) -> Generation:
+        with as_invalid_argument():
+            prompt = self._prompts.ids(request.messages)
+        limit = self.description.max_length
+        budget = max(0, min(request.decoding.max_new_tokens, limit - len(prompt)))
+        future, done = _future()
+        row = Row(prompt, request.decoding, budget, done)
+        if request.abandoned is not None and request.abandoned.is_set():
+            row.abandoned.set()
+        self._loop.submit(row)
+        try:
+            decoded = await future
+        except asyncio.CancelledError:
+            row.abandoned.set()  # its row leaves at the next step
+            raise
+        return Generation(
+            text=str(self._tokenizer.decode(decoded.tokens, skip_special_tokens=True)).strip(),
+            prompt_tokens=len(prompt),
+            generated_tokens=len(decoded.tokens) + decoded.finished,
+            finished=decoded.finished,
+        )
+
+    async def _choose_one(self, request: ChoiceRequest) -> list[float]:
+        with as_invalid_argument():
+            prompt = self._prompts.ids(request.messages)
+            labels = choice_ids(self._tokenizer, request.choices)
+        future, done = _future()
+        self._loop.submit(Choice(prompt, done))
+        logits = await future
+        return torch.softmax(logits[labels], dim=-1).tolist()
+
+    def _call(self, forward: Callable[[], Any]) -> Any:
+        """One model call on the loop's thread; a device failure becomes the core's error."""
+        try:
+            return forward()
+        except Exception as exc:
+            raise classify_device_error(exc, self.description.name) from exc
+
+
+def _future() -> tuple[asyncio.Future[Any], Callable[[Any], None]]:
+    """A future on the running event loop and a callback that settles it from any thread
+    (an exception value sets the exception)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(value: Any) -> None:
+        if future.done():
+            return
+        if isinstance(value, BaseException):
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+
+    def done(value: Any) -> None:
+        loop.call_soon_threadsafe(settle, value)
+
+    return future, done
 
 
 def _eos_ids(tokenizer: PreTrainedTokenizerBase, model: Any) -> frozenset[int]:

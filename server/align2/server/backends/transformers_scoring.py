@@ -258,6 +258,8 @@ class TransformersScoring:
         if self._interrupt is not None:
             self._interrupt.set()
         self._executor.shutdown(wait=True)
+        if self._interrupt is not None:
+            self._interrupt.release()
         del self._base
         if self._device.type == "cuda":
             torch.cuda.empty_cache()

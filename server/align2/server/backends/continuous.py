@@ -1,0 +1,344 @@
+"""Continuous batching for a transformers causal LM: one decoding loop on the device thread.
+
+A generation that arrives while others run is prefilled and joins the running batch at the
+next step; a row that stops leaves at once; nothing waits for a batch to fill or to finish.
+Review choices that arrive meanwhile run as one forward pass between two steps.
+
+Why not transformers' own continuous batching (``model.init_continuous_batching``, 5.19):
+its sampling draws from one global generator and ``do_sample`` is one setting for the whole
+manager, while align2's contract gives each request its own temperature (0: greedy), top-p
+and seed (:mod:`.decoding`). This loop keeps that contract: each row is decoded as in
+:func:`.decoding.generate_batch` (left-padded, masked, positions from its first real token,
+its own generator), so a row computes what it would alone, up to float rounding between
+batch shapes.
+
+How rows of different lengths share one KV cache: when rows join, the running cache and
+theirs are left-padded (zeros, masked) to one length and concatenated along the batch;
+columns that every row masks are cut from the left after rows leave. Only plain
+``DynamicLayer`` caches are merged (full attention: Llama, SmolLM2, Mistral without a
+sliding window, ...); :func:`mergeable` says whether a model's cache is one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from align2.server.backends.base import Decoding
+from align2.server.backends.decoding import (
+    Decoded,
+    _generator,
+    _sample,
+    last_logits,
+    left_pad,
+    positions,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Row:
+    """One generation: its prompt ids, settings, budget (most new tokens), and ``done``,
+    called once from the loop's thread with the result or the exception that ended it."""
+
+    prompt: Sequence[int]
+    decoding: Decoding
+    budget: int
+    done: Callable[[Decoded | BaseException], None]
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    result: Decoded = field(default_factory=lambda: Decoded([], finished=False))
+    generator: torch.Generator | None = None
+    delivered: bool = False
+
+    def finish(self, value: Decoded | BaseException | None = None) -> None:
+        """Hand over the result (or ``value``) once; later calls do nothing."""
+        if not self.delivered:
+            self.delivered = True
+            _deliver(self.done, self.result if value is None else value)
+
+
+@dataclass
+class Choice:
+    """One review choice: the prompt whose next-token logits it wants."""
+
+    prompt: Sequence[int]
+    done: Callable[[torch.Tensor | BaseException], None]
+
+
+@dataclass
+class _Batch:
+    """The running rows and their state: cache, mask [B, L], last positions [B, 1] and the
+    logits [B, vocab] of each row's next token."""
+
+    rows: list[Row]
+    cache: Any
+    mask: torch.Tensor
+    place: torch.Tensor
+    logits: torch.Tensor
+
+
+class DecodeLoop:
+    """The loop (see the module docstring). ``run_on_device`` wraps each model call (the
+    backend's inference mode and device-error classification); ``max_rows`` caps the
+    running batch (more wait in the inbox, in arrival order)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        eos_ids: frozenset[int],
+        pad_id: int,
+        device: torch.device,
+        max_rows: int,
+        run_on_device: Callable[[Callable[[], Any]], Any],
+        name: str,
+    ) -> None:
+        self._model = model
+        self._eos = eos_ids
+        self._pad = pad_id
+        self._device = device
+        self._max_rows = max_rows
+        self._on_device = run_on_device
+        self._lock = threading.Condition()
+        self._inbox: list[Row] = []
+        self._choices: list[Choice] = []
+        self._closed = False
+        self.steps = 0
+        """Decoding steps run so far (tests read it)."""
+        self.joined_running = 0
+        """Rows that joined a batch already decoding (tests read it)."""
+        self._thread = threading.Thread(target=self._run, name=f"device-{name}", daemon=True)
+        self._thread.start()
+
+    # -- any thread ----------------------------------------------------------------------
+    def submit(self, item: Row | Choice) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the decoding loop is closed")
+            if isinstance(item, Row):
+                self._inbox.append(item)
+            else:
+                self._choices.append(item)
+            self._lock.notify()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop after the current step; rows still running or waiting fail."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        self._thread.join()
+
+    # -- the loop's thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():  # the cache lives across calls: all of them inside
+            self._serve()
+
+    def _serve(self) -> None:
+        batch: _Batch | None = None
+        while True:
+            with self._lock:
+                while not self._closed and batch is None and not self._inbox and not self._choices:
+                    self._lock.wait()
+                if self._closed:
+                    waiting, self._inbox, self._choices = self._inbox, [], []
+                    break
+                room = self._max_rows - (len(batch.rows) if batch else 0)
+                joining, self._inbox = self._inbox[:room], self._inbox[room:]
+                choices, self._choices = self._choices, []
+            if choices:
+                self._choose(choices)
+            try:
+                batch = self._step(batch, joining)
+            except Exception as exc:  # the step's rows fail; the loop goes on
+                for row in (batch.rows if batch else []) + joining:
+                    row.finish(exc)
+                batch = None
+        closed = RuntimeError("the decoding loop closed")
+        for row in (batch.rows if batch else []) + waiting:
+            row.finish(closed)
+        for choice in self._choices:
+            _deliver(choice.done, closed)
+
+    def _choose(self, choices: list[Choice]) -> None:
+        try:
+            logits = self._on_device(
+                lambda: last_logits(
+                    self._model, [c.prompt for c in choices], self._pad, self._device
+                )
+            )
+        except Exception as exc:
+            for choice in choices:
+                _deliver(choice.done, exc)
+            return
+        for choice, row in zip(choices, logits.cpu(), strict=True):
+            _deliver(choice.done, row)
+
+    def _step(self, batch: _Batch | None, joining: list[Row]) -> _Batch | None:
+        """Admit ``joining``, pick every row's next token, let finished rows go, run one
+        forward pass for the rest. Returns the batch that goes on (None: nothing runs)."""
+        joining = [row for row in joining if self._wanted(row, finish_now=True)]
+        if joining:
+            new = self._prefill(joining)
+            if batch is not None:
+                self.joined_running += len(joining)
+            batch = new if batch is None else _merge(batch, new)
+        if batch is None:
+            return None
+        picked = self._pick(batch)
+        keep: list[int] = []
+        for slot, (row, token) in enumerate(zip(batch.rows, picked.tolist(), strict=True)):
+            if row.delivered:  # failed while picking
+                continue
+            if token in self._eos:
+                row.result.finished = True
+                row.finish()
+                continue
+            row.result.tokens.append(token)
+            if len(row.result.tokens) < row.budget and self._wanted(row, finish_now=False):
+                keep.append(slot)
+            else:
+                row.finish()
+        if not keep:
+            return None
+        if len(keep) < len(batch.rows):
+            batch = _select(batch, keep, self._device)
+            picked = picked[torch.tensor(keep, device=self._device)]
+        return self._advance(batch, picked)
+
+    def _wanted(self, row: Row, finish_now: bool) -> bool:
+        """Still wanted; ``finish_now``: a row not wanted (or with no budget) ends here."""
+        if row.budget > 0 and not row.abandoned.is_set():
+            return True
+        if finish_now:
+            row.finish()
+        return False
+
+    def _prefill(self, rows: list[Row]) -> _Batch:
+        for row in rows:
+            row.generator = _generator(row.decoding, self._device)
+        ids, mask = left_pad([row.prompt for row in rows], self._pad, self._device)
+        place = positions(mask)
+
+        def forward() -> Any:
+            return self._model(
+                input_ids=ids, attention_mask=mask, position_ids=place, use_cache=True
+            )
+
+        out = self._on_device(forward)
+        if not mergeable(out.past_key_values):
+            raise ValueError("continuous batching needs a plain DynamicCache (full attention)")
+        return _Batch(rows, out.past_key_values, mask, place[:, -1:], out.logits[:, -1, :].float())
+
+    def _pick(self, batch: _Batch) -> torch.Tensor:
+        """Next token per row: argmax, or the row's own seeded top-p draw. A sampled row
+        whose draw cannot be made (logits not finite: on CUDA a device assert; a
+        temperature that makes the probabilities NaN) fails alone and leaves; the others
+        go on."""
+        picked = batch.logits.argmax(dim=-1)
+        for slot, row in enumerate(batch.rows):
+            generator = row.generator
+            if generator is None:
+                continue
+            logits = batch.logits[slot]
+            try:
+                if not bool(torch.isfinite(logits).all()):
+                    raise ValueError("a sampled row's logits are not finite: its draw is undefined")
+                draw = functools.partial(_sample, logits, row.decoding, generator)
+                picked[slot] = self._on_device(draw)
+            except Exception as exc:  # one row fails, the others go on
+                row.finish(exc)
+        return picked
+
+    def _advance(self, batch: _Batch, picked: torch.Tensor) -> _Batch:
+        mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+        place = batch.place + 1
+
+        def forward() -> Any:
+            return self._model(
+                input_ids=picked[:, None],
+                attention_mask=mask,
+                position_ids=place,
+                past_key_values=batch.cache,
+                use_cache=True,
+            )
+
+        out = self._on_device(forward)
+        self.steps += 1
+        return _trim(
+            _Batch(batch.rows, out.past_key_values, mask, place, out.logits[:, -1, :].float())
+        )
+
+
+def mergeable(cache: Any) -> bool:
+    """Is ``cache`` a DynamicCache of plain full-attention layers (which :func:`_merge`
+    may pad and concatenate)?"""
+    return isinstance(cache, DynamicCache) and all(type(x) is DynamicLayer for x in cache.layers)
+
+
+def _merge(a: _Batch, b: _Batch) -> _Batch:
+    """One batch of ``a``'s rows then ``b``'s: caches and masks left-padded to one length."""
+    length = max(a.mask.shape[1], b.mask.shape[1])
+    for x, y in zip(a.cache.layers, b.cache.layers, strict=True):
+        x.keys = torch.cat([_pad_left(x.keys, length, 2), _pad_left(y.keys, length, 2)])
+        x.values = torch.cat([_pad_left(x.values, length, 2), _pad_left(y.values, length, 2)])
+    mask = torch.cat([_pad_left(a.mask, length, 1), _pad_left(b.mask, length, 1)])
+    return _Batch(
+        a.rows + b.rows,
+        a.cache,
+        mask,
+        torch.cat([a.place, b.place]),
+        torch.cat([a.logits, b.logits]),
+    )
+
+
+def _select(batch: _Batch, keep: list[int], device: torch.device) -> _Batch:
+    index = torch.tensor(keep, device=device)
+    batch.cache.batch_select_indices(index)
+    return _Batch(
+        [batch.rows[i] for i in keep],
+        batch.cache,
+        batch.mask[index],
+        batch.place[index],
+        batch.logits[index],
+    )
+
+
+def _trim(batch: _Batch) -> _Batch:
+    """Cut the leading columns that every row masks (left after longer rows left)."""
+    used = batch.mask.any(dim=0).nonzero()
+    first = int(used[0]) if len(used) else 0
+    if first == 0:
+        return batch
+    for layer in batch.cache.layers:
+        layer.keys = layer.keys[:, :, first:]
+        layer.values = layer.values[:, :, first:]
+    batch.mask = batch.mask[:, first:]
+    return batch
+
+
+def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _deliver(done: Callable[[Any], None], value: Any) -> None:
+    try:
+        done(value)
+    except Exception:  # a caller's callback must not stop the loop
+        log.exception("a generation's callback failed")

@@ -1,0 +1,227 @@
+"""Continuous batching on transformers (``models.NAME.continuous_rows``): a request joins the
+running batch at the next step, a finished one leaves, and every request gets what the
+batched backend gives it alone, on a tiny random Llama.
+
+Where a test needs a generation that runs its whole budget, the LM head's EOS row is zeroed
+(bench/gpu_align.py does the same): the EOS logit is then exactly 0, below the largest of
+the other random logits, so greedy decoding never stops early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from align2.server.backends.base import ChoiceRequest, Decoding, GenerationRequest, Message
+from align2.server.backends.transformers_generation import (
+    ContinuousGeneration,
+    TransformersGeneration,
+)
+from align2.server.config import BatchingConfig, ModelConfig
+from align2.server.core.llm import GenerationRuntime
+from align2.server.core.priority import Priority
+from align2.server.errors import BackendError
+
+GREEDY = Decoding(max_new_tokens=12)
+
+
+def user(text: str) -> list[Message]:
+    return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+
+
+PROMPTS = [
+    user("hi"),
+    user("What is the colour of the bus in the picture?"),
+    user("Two dogs."),
+    user("Describe the kitchen, the table and everything on it, in one sentence."),
+]
+
+
+def load(folder: pathlib.Path, rows: int = 0) -> Any:
+    config = ModelConfig(path=str(folder), continuous_rows=rows)
+    return TransformersGeneration.load("llm", config, folder)
+
+
+@pytest.fixture(scope="module")
+def batched(tiny_llm: pathlib.Path) -> TransformersGeneration:
+    return load(tiny_llm)
+
+
+@pytest.fixture
+def continuous(tiny_llm: pathlib.Path) -> Iterator[ContinuousGeneration]:
+    backend = load(tiny_llm, rows=8)
+    assert isinstance(backend, ContinuousGeneration) and backend.continuous
+    yield backend
+    backend.close()
+
+
+def never_ends(backend: TransformersGeneration) -> None:
+    eos = backend._tokenizer.eos_token_id
+    with torch.no_grad():
+        backend._model.lm_head.weight[eos].zero_()
+
+
+def alone(backend: TransformersGeneration, request: GenerationRequest) -> Any:
+    return asyncio.run(backend.generate([request]))[0]
+
+
+def test_together_and_staggered_each_gets_what_it_gets_alone(
+    batched: TransformersGeneration, continuous: ContinuousGeneration
+) -> None:
+    decodings = [
+        GREEDY,
+        Decoding(max_new_tokens=5),
+        Decoding(max_new_tokens=16, temperature=1.0, seed=3),
+        Decoding(max_new_tokens=9, temperature=0.7, top_p=0.8, seed=11),
+    ]
+    requests = [GenerationRequest(p, d) for p, d in zip(PROMPTS, decodings, strict=True)]
+    want = [alone(batched, r) for r in requests]
+    assert asyncio.run(continuous.generate(requests)) == want
+
+    async def staggered() -> list[Any]:
+        tasks = []
+        for request in requests:  # each arrives while the earlier ones decode
+            tasks.append(asyncio.ensure_future(continuous.generate([request])))
+            await asyncio.sleep(0.01)
+        return [made for [made] in await asyncio.gather(*tasks)]
+
+    assert asyncio.run(staggered()) == want
+
+
+def test_a_request_joins_the_running_batch_and_leaves_before_it_ends(
+    tiny_llm: pathlib.Path,
+) -> None:
+    backend = load(tiny_llm, rows=8)
+    never_ends(backend)
+    long = GenerationRequest(PROMPTS[3], Decoding(max_new_tokens=400))
+    short = GenerationRequest(PROMPTS[0], Decoding(max_new_tokens=3))
+
+    async def run() -> tuple[Any, Any, bool]:
+        running = asyncio.ensure_future(backend.generate([long]))
+        while backend._loop.steps < 5:  # noqa: ASYNC110 - the long one is decoding
+            await asyncio.sleep(0.005)
+        [made] = await backend.generate([short])
+        long_still_running = not running.done()
+        [long_made] = await running
+        return made, long_made, long_still_running
+
+    try:
+        made, long_made, long_still_running = asyncio.run(run())
+    finally:
+        backend.close()
+    assert long_still_running  # the short one did not wait for the long one to end
+    assert backend._loop.joined_running == 1
+    assert made.generated_tokens == 3 and long_made.generated_tokens == 400
+    batched = load(tiny_llm)
+    never_ends(batched)
+    assert [made, long_made] == [alone(batched, short), alone(batched, long)]
+
+
+def test_cancelling_a_caller_stops_its_row(tiny_llm: pathlib.Path) -> None:
+    backend = load(tiny_llm, rows=8)
+    never_ends(backend)
+
+    async def run() -> int:
+        task = asyncio.ensure_future(
+            backend.generate([GenerationRequest(PROMPTS[1], Decoding(max_new_tokens=2000))])
+        )
+        while backend._loop.steps < 3:  # noqa: ASYNC110 - a counter of the loop's thread
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.2)
+        return backend._loop.steps
+
+    try:
+        steps = asyncio.run(run())
+        time.sleep(0.2)
+        assert backend._loop.steps == steps < 2000  # idle: the row left
+    finally:
+        backend.close()
+
+
+def test_at_most_max_rows_decode_together_and_the_rest_wait_in_order(
+    tiny_llm: pathlib.Path, batched: TransformersGeneration
+) -> None:
+    backend = load(tiny_llm, rows=2)
+    widths: list[int] = []
+    model = backend._model
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: widths.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    requests = [GenerationRequest(p, GREEDY) for p in PROMPTS]
+    try:
+        made = asyncio.run(backend.generate(requests))
+    finally:
+        hook.remove()
+        backend.close()
+    assert max(widths) == 2
+    assert made == [alone(batched, r) for r in requests]
+
+
+def test_review_choices_run_between_steps_as_the_batched_backend_gives_them(
+    batched: TransformersGeneration, continuous: ContinuousGeneration
+) -> None:
+    choice = ChoiceRequest(user("Which is better, A or B?"), ("A", "B"))
+
+    async def run() -> tuple[Any, Any]:
+        generating = asyncio.ensure_future(
+            continuous.generate([GenerationRequest(PROMPTS[3], Decoding(max_new_tokens=30))])
+        )
+        chosen = await continuous.choose([choice, choice])
+        await generating
+        return chosen, generating.result()
+
+    chosen, _ = asyncio.run(run())
+    [want] = asyncio.run(batched.choose([choice]))
+    assert chosen == [pytest.approx(want, abs=1e-6)] * 2
+
+
+def test_a_row_whose_draw_fails_fails_alone(
+    batched: TransformersGeneration, continuous: ContinuousGeneration
+) -> None:
+    """A denormal temperature makes the probabilities NaN (the server refuses it; forced
+    here at the backend seam): that row fails, its batch-mates get their text."""
+    bad = GenerationRequest(PROMPTS[1], Decoding(max_new_tokens=8, temperature=1e-45, seed=1))
+    greedy = [GenerationRequest(p, GREEDY) for p in (PROMPTS[0], PROMPTS[2])]
+
+    async def run() -> list[Any]:
+        return await asyncio.gather(
+            *(continuous.generate([r]) for r in (greedy[0], bad, greedy[1])),
+            return_exceptions=True,
+        )
+
+    first, failed, last = asyncio.run(run())
+    assert isinstance(failed, BackendError) and "probability tensor contains" in failed.message
+    assert [first[0], last[0]] == [alone(batched, r) for r in greedy]
+
+
+def test_the_core_sends_each_request_straight_to_the_loop(
+    continuous: ContinuousGeneration, batched: TransformersGeneration
+) -> None:
+    """Through GenerationRuntime: no batcher in front (continuous), results as alone."""
+    requests = [GenerationRequest(p, GREEDY) for p in PROMPTS]
+
+    async def run() -> list[Any]:
+        runtime = GenerationRuntime(continuous, BatchingConfig(), max_inflight=8)
+        runtime.start()
+        try:
+            slots = runtime.reserve(len(requests))
+            outcomes = await asyncio.gather(
+                *(
+                    runtime.generate(r, 64, slots, deadline=None, priority=Priority.BULK)
+                    for r in requests
+                )
+            )
+            return [o.value for o in outcomes]
+        finally:
+            await runtime.close()
+
+    assert asyncio.run(run()) == [alone(batched, r) for r in requests]
