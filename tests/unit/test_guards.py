@@ -25,6 +25,18 @@ def test_marker_split_and_restore() -> None:
     assert restore_marker("What?", "Which?") == "Which?"
 
 
+def test_a_text_of_several_lines_is_one_part() -> None:
+    """Answers have paragraphs: Align failed them with INTERNAL (the split did not match)."""
+    answer = "First, the sink.\n\nSecond, the light.\nThird."
+    assert split_marker(answer) == ("", answer, "")
+    assert split_marker(f"<image>\n{answer}\n") == ("<image>\n", answer, "")
+    assert split_marker(f"{answer}\n<image>") == ("", answer, "\n<image>")
+    assert split_marker("One.\n<image>\nTwo.") is None
+    assert restore_marker(answer, "Firstly the sink.\nThen the light.") == (
+        "Firstly the sink.\nThen the light."
+    )
+
+
 @pytest.mark.parametrize(
     ("original", "rewrite", "finished", "guard"),
     [

@@ -37,7 +37,10 @@ NUMBERS_CHANGED = "numbers_changed"
 ENTITIES_CHANGED = "entities_changed"
 GUARDS = (IMAGE_MARKER, TRUNCATED, EMPTY, NUMBERS_CHANGED, ENTITIES_CHANGED)
 
-_MARKED = re.compile(rf"(\s*{re.escape(IMAGE_TOKEN)}\s*)?(.*?)(\s*{re.escape(IMAGE_TOKEN)}\s*)?")
+# DOTALL: a text of several lines (an answer's paragraphs) is one middle part.
+_MARKED = re.compile(
+    rf"(\s*{re.escape(IMAGE_TOKEN)}\s*)?(.*?)(\s*{re.escape(IMAGE_TOKEN)}\s*)?", re.DOTALL
+)
 _DIGITS = re.compile(r"\d[\d,]*(?:\.\d+)?")
 _GROUPED = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _UNITS = (
