@@ -1,0 +1,201 @@
+"""align2 against LitServe serving the same reward model through align2's own backend.
+
+    pip install --no-deps litserve==0.2.19   # bench only; its dependencies are in the lock
+    python bench/litserve_score.py [--size tiny|38m] [--clients 32] [--rounds 3]
+
+The model (bench/score.py's tiny LLaVA or ~38M bench model) is served three ways, each
+with 32 concurrent clients sending one sample per call over loopback, on the same CPUs:
+  direct    in-process, the best batch size of a sweep (bench/score.py's "(a)");
+  align2    `python -m align2.server`, gRPC, max_batch_size = direct's best batch, its
+            default delay (batching.max_delay_ms 2) and thread budget;
+  LitServe  a LitAPI whose decode_request runs align2's ``backend.prepare`` and whose
+            predict runs ``backend.score`` on the batch (so the model code is the same),
+            HTTP/JSON with the image base64-encoded, the same max_batch_size and a
+            batch_timeout of 2 ms, one worker.
+Every LitServe score is checked against align2's for the same sample (the same forward, so
+they agree to float rounding). Prints samples/s and the ratios. One run: this machine is
+noisy, compare within a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from score import Direct, Threads, build_model, load, samples, start_server
+
+SERVE_FLAG = "--serve-litserve"
+
+
+# -- the LitServe side (runs in its own process) -----------------------------------------
+try:  # bench only: `pip install --no-deps litserve==0.2.19`
+    import litserve as ls
+except ImportError:
+    ls = None
+
+if ls is not None:
+    # At module level: LitServe starts its worker by spawning, which pickles the API.
+
+    class RewardAPI(ls.LitAPI):  # type: ignore[misc]
+        def __init__(self, path: str, **kwargs: object) -> None:
+            super().__init__(**kwargs)
+            self.path = path
+
+        def setup(self, device: str) -> None:
+            from align2.server.backends.transformers_scoring import TransformersScoring
+            from align2.server.config import ModelConfig
+
+            config = ModelConfig(path=self.path)
+            self.backend = TransformersScoring.load("bench", config, pathlib.Path(self.path))
+
+        def decode_request(self, request: dict) -> object:  # type: ignore[type-arg]
+            from align2.server.core.images import decode_image
+
+            image = decode_image(
+                base64.b64decode(request["image"]), max_bytes=1 << 26, max_pixels=1 << 26
+            )
+            return self.backend.prepare(
+                request["text"], image, max_text_tokens=2048, truncate=False
+            )
+
+        def predict(self, batch: list) -> list[float]:  # type: ignore[type-arg]
+            return asyncio.run(self.backend.score(batch))
+
+        def encode_response(self, score: float) -> dict:  # type: ignore[type-arg]
+            return {"score": score}
+
+
+def serve_litserve(path: str, port: int, max_batch_size: int) -> None:
+    # litserve 0.2.19 turns its MCP endpoint on when `mcp` is installed (vLLM brings it) but
+    # defines it only when `fastmcp` is: off, as it is without mcp.
+    import litserve.server
+
+    litserve.server._MCP_AVAILABLE = False
+    api = RewardAPI(path, max_batch_size=max_batch_size, batch_timeout=0.002)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=600)
+    server.run(port=port, generate_client_file=False)
+
+
+# -- the bench --------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_litserve(path: pathlib.Path, max_batch_size: int, log: pathlib.Path):  # -> Popen
+    port = free_port()
+    command = [sys.executable, __file__, SERVE_FLAG, str(path), str(port), str(max_batch_size)]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    import urllib.request
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return process, port
+        except OSError:
+            time.sleep(0.5)
+        if process.poll() is not None:
+            raise RuntimeError(f"LitServe exited:\n{log.read_text()}")
+    process.kill()
+    raise RuntimeError(f"LitServe did not start:\n{log.read_text()}")
+
+
+async def drive_litserve(port: int, data: list, clients: int) -> tuple[float, list[float]]:  # type: ignore[type-arg]
+    import aiohttp
+
+    from align2.server.core import templates
+
+    bodies = [
+        {"image": base64.b64encode(s.image).decode(), "text": templates.question_text(s.turns)}
+        for s in data
+    ]
+    scores: list[float] = [0.0] * len(data)
+    url = f"http://127.0.0.1:{port}/predict"
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.post(url, json=bodies[0]) as r:  # warm
+            r.raise_for_status()
+        pending = iter(range(len(data)))
+
+        async def worker() -> None:
+            for i in pending:
+                async with session.post(url, json=bodies[i]) as r:
+                    r.raise_for_status()
+                    scores[i] = float((await r.json())["score"])
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return time.perf_counter() - started, scores
+
+
+async def align2_scores(target: str, data: list) -> list[float]:  # type: ignore[type-arg]
+    from align2.client import AsyncCurationClient
+
+    async with AsyncCurationClient(target, timeout=600) as client:
+        results = await client.score(data, heads=["question"])
+    return [float(r.question_score) for r in results]
+
+
+def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == SERVE_FLAG:
+        serve_litserve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=("38m", "tiny"), default="tiny")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="requests per client")
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16,32")
+    args = parser.parse_args()
+    if ls is None:
+        raise SystemExit("pip install --no-deps litserve==0.2.19 (bench only)")
+    n = args.clients * args.rounds
+    with tempfile.TemporaryDirectory(prefix="align2-litserve-") as tmp:
+        folder = pathlib.Path(tmp)
+        path = build_model(folder, args.size)
+        print(
+            f"model {path.name}; {n} samples per measurement; {os.cpu_count()} CPUs; "
+            f"litserve {ls.__version__}"
+        )
+        sweep = Direct(path).sweep([int(b) for b in args.batch_sizes.split(",")], n)
+        direct = max(sweep.values(), key=lambda r: r.throughput)
+        best = int(direct.name.rsplit(" ", 1)[1])
+        data = samples(n)
+        server = start_server(path, best, folder, Threads())
+        try:
+            ours = asyncio.run(load(server.target, args.clients, args.rounds, "align2"))
+            reference = asyncio.run(align2_scores(server.target, data))
+        finally:
+            server.stop()
+        process, port = start_litserve(path, best, folder / "litserve.log")
+        try:
+            seconds, theirs = asyncio.run(drive_litserve(port, data, args.clients))
+        finally:
+            process.terminate()
+            process.wait(30)
+    worst = max(abs(a - b) for a, b in zip(theirs, reference, strict=True))
+    lit = n / seconds
+    print(f"\ndirect best (batch {best})  {direct.throughput:8.2f} samples/s")
+    print(f"align2 (gRPC)           {ours.throughput:8.2f} samples/s")
+    print(f"LitServe (HTTP)         {lit:8.2f} samples/s")
+    print(
+        f"align2/direct {ours.throughput / direct.throughput:.3f}   LitServe/direct "
+        f"{lit / direct.throughput:.3f}   align2/LitServe {ours.throughput / lit:.3f}   "
+        f"largest score difference {worst:.1e}"
+    )
+
+
+if __name__ == "__main__":
+    main()
