@@ -34,11 +34,11 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from align2.server.backends.base import Decoding
 from align2.server.backends.decoding import (
     Decoded,
-    _generator,
-    _sample,
+    draw_token,
     last_logits,
     left_pad,
     positions,
+    row_generator,
 )
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ class DecodeLoop:
 
     def _prefill(self, rows: list[Row]) -> _Batch:
         for row in rows:
-            row.generator = _generator(row.decoding, self._device)
+            row.generator = row_generator(row.decoding, self._device)
         ids, mask = left_pad([row.prompt for row in rows], self._pad, self._device)
         place = positions(mask)
 
@@ -255,7 +255,7 @@ class DecodeLoop:
             try:
                 if not bool(torch.isfinite(logits).all()):
                     raise ValueError("a sampled row's logits are not finite: its draw is undefined")
-                draw = functools.partial(_sample, logits, row.decoding, generator)
+                draw = functools.partial(draw_token, logits, row.decoding, generator)
                 picked[slot] = self._on_device(draw)
             except Exception as exc:  # one row fails, the others go on
                 row.finish(exc)

@@ -91,7 +91,7 @@ def generate_batch(
     live = [row for row, budget in enumerate(budgets) if budget > 0 and wanted(row)]
     if not live:
         return results
-    generators = [_generator(settings[row], device) for row in range(len(prompts))]
+    generators = [row_generator(settings[row], device) for row in range(len(prompts))]
     ids, mask = left_pad([prompts[row] for row in live], pad_id, device)
     place = positions(mask)
     out = model(input_ids=ids, attention_mask=mask, position_ids=place, use_cache=True)
@@ -125,7 +125,8 @@ def generate_batch(
         cache, logits = out.past_key_values, out.logits[:, -1, :].float()
 
 
-def _generator(decoding: Decoding, device: torch.device) -> torch.Generator | None:
+def row_generator(decoding: Decoding, device: torch.device) -> torch.Generator | None:
+    """A row's own generator, seeded from its ``seed``; None for a greedy row."""
     if decoding.temperature <= 0:
         return None
     return torch.Generator(device=device).manual_seed(decoding.seed)
@@ -150,11 +151,13 @@ def _pick(
     picked = logits.argmax(dim=-1)
     for row, (decoding, generator) in enumerate(zip(settings, generators, strict=True)):
         if generator is not None:
-            picked[row] = _sample(logits[row], decoding, generator)
+            picked[row] = draw_token(logits[row], decoding, generator)
     return picked
 
 
-def _sample(logits: torch.Tensor, decoding: Decoding, generator: torch.Generator) -> torch.Tensor:
+def draw_token(
+    logits: torch.Tensor, decoding: Decoding, generator: torch.Generator
+) -> torch.Tensor:
     """One draw from softmax(logits / temperature), restricted to the top-p nucleus."""
     probs = torch.softmax(logits / decoding.temperature, dim=-1)
     if decoding.top_p < 1.0:
