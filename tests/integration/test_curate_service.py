@@ -31,6 +31,12 @@ def server(tiny_llava: pathlib.Path, tiny_llm: pathlib.Path) -> Iterator[ServerT
     config.limits.max_image_bytes = 200_000
     # One sample at a time: selection order is input order, so the test can recompute it.
     config.limits.max_stream_inflight = 1
+    # And one sample's inputs in one batch, however long its preparation takes on a busy
+    # machine (the batcher waits for admitted inputs up to this delay): the calibration test
+    # needs Score and Curate to form the same batches, so that scores agree to the last bit
+    # (a turn split from its conversation's other turn runs without the shared prefix; a
+    # fresh-clone CI run once kept one sample fewer).
+    config.batching.max_delay_ms = 50
     server = ServerThread(config).start()
     yield server
     server.stop()
