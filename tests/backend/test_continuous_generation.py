@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import threading
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from align2.server.backends.base import ChoiceRequest, Decoding, GenerationRequest, Message
+from align2.server.backends.continuous import Choice, DecodeLoop, Row
 from align2.server.backends.transformers_generation import (
     ContinuousGeneration,
     TransformersGeneration,
@@ -225,3 +229,39 @@ def test_the_core_sends_each_request_straight_to_the_loop(
             await runtime.close()
 
     assert asyncio.run(run()) == [alone(batched, r) for r in requests]
+
+
+def test_closing_fails_everything_still_waiting_choices_included() -> None:
+    """A generation running, another and a review choice waiting behind it: close ends all
+    three with an error (none is left without an answer)."""
+    gate, entered = threading.Event(), threading.Event()
+
+    class Blocking(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, **_: Any) -> SimpleNamespace:
+            entered.set()
+            gate.wait(5)
+            logits = torch.zeros(*input_ids.shape, 8)
+            return SimpleNamespace(logits=logits, past_key_values=DynamicCache())
+
+    answers: list[Any] = []
+    loop = DecodeLoop(
+        Blocking(),
+        eos_ids=frozenset({7}),
+        pad_id=0,
+        device=torch.device("cpu"),
+        max_rows=4,
+        run_on_device=lambda forward: forward(),
+        name="t",
+    )
+    loop.submit(Row([1, 2], GREEDY, 50, answers.append))
+    assert entered.wait(5)  # its prefill runs (and waits at the gate)
+    loop.submit(Choice([3], answers.append))
+    loop.submit(Row([4], GREEDY, 5, answers.append))
+    closer = threading.Thread(target=loop.close)
+    closer.start()
+    time.sleep(0.1)
+    gate.set()
+    closer.join(5)
+    assert not closer.is_alive()
+    assert len(answers) == 3
+    assert all(isinstance(a, RuntimeError) and "closed" in str(a) for a in answers)

@@ -152,7 +152,8 @@ class DecodeLoop:
                 while not self._closed and batch is None and not self._inbox and not self._choices:
                     self._lock.wait()
                 if self._closed:
-                    waiting, self._inbox, self._choices = self._inbox, [], []
+                    waiting, self._inbox = self._inbox, []
+                    unchosen, self._choices = self._choices, []
                     break
                 room = self._max_rows - (len(batch.rows) if batch else 0)
                 joining, self._inbox = self._inbox[:room], self._inbox[room:]
@@ -168,7 +169,7 @@ class DecodeLoop:
         closed = RuntimeError("the decoding loop closed")
         for row in (batch.rows if batch else []) + waiting:
             row.finish(closed)
-        for choice in self._choices:
+        for choice in unchosen:
             _deliver(choice.done, closed)
 
     def _choose(self, choices: list[Choice]) -> None:
