@@ -119,12 +119,12 @@ async def serve(config: config_module.Config) -> int:
     """Run until SIGTERM/SIGINT, then drain within the grace period. Returns the exit code."""
     from align2.server.app import App
 
-    threads.apply(threads.plan(config.server.torch_threads, config.batching.preprocess_workers))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app = App(config)
+    threads.apply(app.threads)  # before any model loads (app.start)
     starting = asyncio.create_task(app.start())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)

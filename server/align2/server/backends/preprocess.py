@@ -51,6 +51,14 @@ def reward_ids(tokenizer: Any, text: str, image_ids: Sequence[int]) -> list[int]
     Llama ``legacy``). A byte-level BPE (SmolVLM's) gives the same ids either way.
     Raises ValueError unless ``text`` holds exactly one marker.
     """
+    return reward_ids_and_image_end(tokenizer, text, image_ids)[0]
+
+
+def reward_ids_and_image_end(
+    tokenizer: Any, text: str, image_ids: Sequence[int]
+) -> tuple[list[int], int]:
+    """:func:`reward_ids`, and the index after ``image_ids`` in them (where the image ends:
+    what a shared prefix must cover, backends/prefixes.py)."""
     parts = text.split(IMAGE_TOKEN)
     if len(parts) != 2:
         raise ValueError(
@@ -59,7 +67,7 @@ def reward_ids(tokenizer: Any, text: str, image_ids: Sequence[int]) -> list[int]
     before, after = (list(tokenizer(part)["input_ids"]) for part in parts)
     bos = tokenizer.bos_token_id
     skip = 1 if bos is not None and before[:1] == [bos] else 0
-    return [*before, *image_ids, *after[skip:]]
+    return [*before, *image_ids, *after[skip:]], len(before) + len(image_ids)
 
 
 def text_budget(

@@ -29,7 +29,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from align2.server.backends import prefixes
 from align2.server.backends.base import ModelDescription, Prepared
 from align2.server.backends.checkpoint import read_reward_checkpoint
-from align2.server.backends.preprocess import pad_to_square, reward_ids, text_budget
+from align2.server.backends.preprocess import (
+    pad_to_square,
+    reward_ids_and_image_end,
+    text_budget,
+)
 from align2.server.backends.torch_device import (
     Interrupt,
     classify_device_error,
@@ -142,12 +146,13 @@ class TransformersScoring:
         if self._image_mode == "pad":
             image = pad_to_square(image, self._mean)
         expansion, images = self._encode(image)
-        ids = torch.tensor(reward_ids(self._tokenizer, text, expansion), dtype=torch.long)
+        listed, image_end = reward_ids_and_image_end(self._tokenizer, text, expansion)
+        ids = torch.tensor(listed, dtype=torch.long)
         image_tokens = len(expansion)
         payload = _Inputs(ids, images)
         if self._share_prefixes:
             payload.image_key = image_digest(images)
-            payload.image_end = _span_end(ids, expansion)
+            payload.image_end = image_end
         text_tokens = len(ids) - image_tokens  # BOS and the text
         keep = text_budget(
             text_tokens=text_tokens,
@@ -273,17 +278,6 @@ def image_digest(images: Mapping[str, torch.Tensor]) -> bytes:
         digest.update(f"{name}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode())
         digest.update(tensor.numpy().tobytes())
     return digest.digest()
-
-
-def _span_end(ids: torch.Tensor, expansion: Sequence[int]) -> int:
-    """The index after the image expansion in ``ids`` (it follows BOS in the method's
-    templates; a text may put the marker elsewhere)."""
-    values, wanted = ids.tolist(), list(expansion)
-    width = len(wanted)
-    for start in range(len(values) - width + 1):
-        if values[start] == wanted[0] and values[start : start + width] == wanted:
-            return start + width
-    raise ValueError("the image expansion is missing from the reward ids")
 
 
 def _around_marker(tokenizer: Any) -> tuple[int, int]:
