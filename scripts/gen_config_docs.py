@@ -28,9 +28,9 @@ start with the key named. Flags override the file: `--host`, `--port`, `--metric
 `--tls-cert-file`, `--tls-key-file`, `--tls-client-ca-file`.
 
 Models are named tables, `[models.NAME]`; the defaults are `question` and `answer` (the
-embedded reward models: `path = "embedded:reward-base"`, `adapter =
-"embedded:reward-question-lora"` or `"embedded:reward-answer-lora"`, `vision_tower =
-"embedded:reward-vision"`, `share_base = true`) and `llm` (the embedded SmolLM2). Setting
+embedded reward models: `path = "{path}"`, `adapter =
+"{question_adapter}"` or `"{answer_adapter}"`, `vision_tower =
+"{tower}"`, `share_base = {share}`) and `llm` (the embedded SmolLM2). Setting
 `[models]` in a file replaces the defaults as a whole; the table below gives the default
 of each key in a model you write (`path` is required).
 
@@ -93,7 +93,15 @@ def table(prefix: str, cls: type, instance: Any) -> list[str]:
 
 def render() -> str:
     config = config_module.Config()
-    lines = [HEADER]
+    question, answer = config.models["question"], config.models["answer"]
+    header = HEADER.format(
+        path=question.path,
+        question_adapter=question.adapter,
+        answer_adapter=answer.adapter,
+        tower=question.vision_tower,
+        share=str(question.share_base).lower(),
+    )
+    lines = [header]
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if f.name == "models":

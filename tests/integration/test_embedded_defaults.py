@@ -22,13 +22,13 @@ def _png(colour: tuple[int, int, int], size: tuple[int, int]) -> bytes:
 
 def test_defaults_name_the_shared_base_and_the_two_adapters() -> None:
     models = Config().models
+    assert models["question"].base_key == models["answer"].base_key  # one base for both
     for head in ("question", "answer"):
         model = models[head]
         assert model.path == "embedded:reward-base"
         assert model.adapter == f"embedded:reward-{head}-lora"
         assert model.vision_tower == "embedded:reward-vision"
         assert model.share_base and model.backend == "transformers"
-    assert models["question"].base_key == models["answer"].base_key
 
 
 @pytest.mark.slow
