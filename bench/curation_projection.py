@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import pathlib
@@ -42,6 +41,9 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from align2.client import AsyncCurationClient, Sample, Turn
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from score import images  # COCO-sized (640x480) JPEGs, distinct content
 
 TASKS = {
     "complex_reasoning": (77_000, 1.0),
@@ -73,21 +75,13 @@ def job_counts(conversation_turns: float) -> dict[str, float]:
     }
 
 
-def jpeg(seed: int) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.effect_noise((640, 480), 20 + seed % 50).convert("RGB").save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
 def conversations(data: pathlib.Path, count: int) -> list[Sample]:
     """``count`` conversations from answer-dev.json, the first candidate answer of each turn
     (its records carry human scores, which the LLaVA reader refuses). The file lists its
     1-turn records first: taken with a stride of 7 (prime to its 112 records), any 16 or
     more in a row mix 1-, 4- and 5-turn conversations about as the file does (70/23/19)."""
     records = json.loads((data / "answer-dev.json").read_text())
-    pictures = [jpeg(i) for i in range(16)]
+    pictures = images(16)
     out = []
     for i in range(count):
         record = records[(7 * i) % len(records)]
@@ -187,13 +181,11 @@ def embedded_server(folder: pathlib.Path, continuous_rows: int):  # -> ServerPro
     return ServerProcess(args, folder / "server.log").start(timeout=900)
 
 
-def gpu_server(tiny: bool, folder: pathlib.Path):  # -> (ServerThread, device name)
+def gpu_server(tiny: bool, folder: pathlib.Path, continuous_rows: int):  # -> (ServerThread, name)
     """The 7B-shaped reward model and inner LLM, in-process (random weights, on the device)."""
-    import torch
-
-    sys.path.insert(0, str(pathlib.Path(__file__).parent))
     import gpu_align
     import gpu_score
+    import torch
 
     from align2.server import backends
     from align2.server.config import Config, ModelConfig
@@ -202,7 +194,7 @@ def gpu_server(tiny: bool, folder: pathlib.Path):  # -> (ServerThread, device na
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     scorer = gpu_score.build_backend(tiny, folder, device)
     tokenizer, model = gpu_align.build_model(tiny, device)
-    llm = gpu_align.make_backend(tokenizer, model, device, tiny)
+    llm = gpu_align.make_backend(tokenizer, model, device, tiny, continuous_rows)
     registry = backends.Registry().adding(
         scoring={"projection-rm": lambda name, config, path: scorer},
         generation={gpu_align.BACKEND_NAME: lambda name, config, path: llm},
@@ -235,14 +227,14 @@ def main() -> None:
     add("--clients", type=int, default=16)
     add("--per-call", type=int, default=4, help="samples per call")
     add("--conversation-turns", type=float, default=4.5)
-    add("--continuous-rows", type=int, default=0, help="embedded: models.llm.continuous_rows")
+    add("--continuous-rows", type=int, default=0, help="models.llm.continuous_rows")
     args = parser.parse_args()
     if args.data is None:
         parser.error("--data (or ALIGN2_PREFERENCE_DATA): the preference data folder")
     with tempfile.TemporaryDirectory(prefix="align2-projection-") as tmp:
         folder = pathlib.Path(tmp)
         if args.gpu:
-            server, device = gpu_server(args.tiny, folder)
+            server, device = gpu_server(args.tiny, folder, args.continuous_rows)
         else:
             server = embedded_server(folder, args.continuous_rows)
             device = f"this machine ({os.cpu_count()} CPUs)"

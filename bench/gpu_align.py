@@ -385,7 +385,8 @@ def main() -> None:
         Load(f"{args.clients} clients x {args.rounds} calls of 1", args.clients, 1, args.rounds),
         Load(f"1 client x {args.rounds} calls of {args.clients}", 1, args.clients, args.rounds),
     )
-    delays = [float(d) for d in args.max_delay_ms.split(",")]
+    # A continuous backend has no batcher in front: the delay does not apply, run once.
+    delays = [0.0] if args.continuous_rows else [float(d) for d in args.max_delay_ms.split(",")]
     for delay, load in itertools.product(delays, loads):
         rate, sizes = served(backend(args.continuous_rows), args, load, delay)
         print(rate.line(bound))

@@ -27,7 +27,6 @@ KEEP = (
     "served",
     "FLOP bound",
     "direct:",
-    "served/direct",
     "total",
     "question ",
     "answer ",
@@ -81,7 +80,10 @@ def main() -> None:
                 )
                 output, status = done.stdout + done.stderr, f"exit {done.returncode}"
             except subprocess.TimeoutExpired as exc:
-                output = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else ""
+                output = "".join(
+                    part.decode() if isinstance(part, bytes) else (part or "")
+                    for part in (exc.stdout, exc.stderr)
+                )
                 status = f"timed out after {limit} s"
             seconds = time.perf_counter() - started
             log.write(f"== {name}: {' '.join(command)} ({status}, {seconds:.0f} s)\n{output}\n")

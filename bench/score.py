@@ -113,19 +113,18 @@ class Direct:
 
         self.backend = TransformersScoring.load("bench", ModelConfig(path=str(path)), path)
 
-    def run(self, batch: list) -> list[float]:  # type: ignore[type-arg]
-        from align2.server.core import templates
+    def prepare(self, text: str, image: bytes):  # -> Prepared
+        """One input as a user would prepare it: decode the image, then the backend's own
+        preparation (padding, tokenising, the image processor)."""
         from align2.server.core.images import decode_image
 
-        prepared = [
-            self.backend.prepare(
-                templates.question_text(s.turns),
-                decode_image(s.image, max_bytes=1 << 26, max_pixels=1 << 26),
-                max_text_tokens=2048,
-                truncate=False,
-            )
-            for s in batch
-        ]
+        decoded = decode_image(image, max_bytes=1 << 26, max_pixels=1 << 26)
+        return self.backend.prepare(text, decoded, max_text_tokens=2048, truncate=False)
+
+    def run(self, batch: list) -> list[float]:  # type: ignore[type-arg]
+        from align2.server.core import templates
+
+        prepared = [self.prepare(templates.question_text(s.turns), s.image) for s in batch]
         return asyncio.run(self.backend.score(prepared))
 
     def sweep(self, batch_sizes: list[int], items: int) -> dict[int, Row]:
