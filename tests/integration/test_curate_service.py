@@ -513,3 +513,42 @@ def test_a_new_selection_key_beyond_the_limit_is_refused(tiny_llava: pathlib.Pat
     info = error_details(error)["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo)
     assert info.reason == "TOO_MANY_SELECTION_KEYS"
+
+
+def test_a_refused_stream_reports_its_status_while_the_client_still_writes(
+    tiny_llava: pathlib.Path,
+) -> None:
+    """grpc.aio fails a write that is in flight when the call ends and overwrites the call's
+    status with its own INTERNAL; the server reads what the client is still sending before it
+    refuses, so that every refusal reaches the caller as itself. Many tries: a race."""
+    config = score_config(tiny_llava)
+    config.curate.max_selection_keys = 1
+    server = ServerThread(config).start()
+    more = asyncio.Event()
+
+    async def held_open() -> AsyncIterator[Sample]:
+        yield sample(0)
+        await more.wait()
+
+    async def run() -> list[grpc.StatusCode]:
+        codes = []
+        async with AsyncCurationClient(server.target, timeout=60, retry=False) as client:
+            a = client.curate(held_open(), selection_key="a", min_window=1)
+            await anext(a)
+            try:
+                for attempt in range(30):
+                    samples = [sample(i) for i in range(8)]
+                    try:
+                        _ = [r async for r in client.curate(samples, selection_key=f"b{attempt}")]
+                    except grpc.RpcError as error:
+                        codes.append(error.code())
+            finally:
+                more.set()
+                _ = [r async for r in a]
+        return codes
+
+    try:
+        codes = asyncio.run(run())
+    finally:
+        server.stop()
+    assert collections.Counter(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED: 30}

@@ -154,7 +154,10 @@ async def _send(call: Any, request: pb.CurateRequest) -> bool:
     """Write ``request``; False when the server has already ended the call. grpc.aio then
     fails the write with its own error (INTERNAL, "Failed execute_batch"), which would hide
     the call's status (e.g. RESOURCE_EXHAUSTED for a refused stream): the reader gets that
-    status instead, and samples written to no one are sent again on a resumed stream."""
+    status instead, and samples written to no one are sent again on a resumed stream.
+    (grpc.aio then also overwrites the call's status with that INTERNAL: align2 servers
+    read what a client still sends before a failing stream's status goes out, so that the
+    write completes; see the Curate rpc in the proto.)"""
     try:
         await call.write(request)
     except (grpc.RpcError, asyncio.InvalidStateError):

@@ -6,6 +6,8 @@ Errors raised by the core travel up to StatusInterceptor, which maps them to sta
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -65,13 +67,38 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
         deadline, metadata_priority = _call_context(context)
         requests = convert.curate_requests_from_proto(request_iterator, metadata_priority)
         priority = convert.priority_from_proto(pb.PRIORITY_UNSPECIFIED, metadata_priority)
-        async for curated in self._curator.stream(requests, deadline, priority):
-            yield convert.curated_to_proto(curated)
+        try:
+            async for curated in self._curator.stream(requests, deadline, priority):
+                yield convert.curated_to_proto(curated)
+        except Exception:
+            await _linger(request_iterator)
+            raise
 
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetServerInfoResponse:
         return self._server_info()
+
+
+LINGER_SECONDS = 0.5
+"""How long a failing Curate stream goes on reading (and dropping) what its client still
+sends before its status goes out."""
+
+
+async def _linger(requests: AsyncIterator[pb.CurateRequest]) -> None:
+    """Read and drop the client's messages until it half-closes, at most LINGER_SECONDS.
+
+    grpc.aio (1.85) fails a client's write that is in flight when the call ends, and then
+    overwrites the call's status with its own INTERNAL ("Failed execute_batch"): a stream
+    refused at its options (RESOURCE_EXHAUSTED, INVALID_ARGUMENT) reached about one in six
+    refused callers as INTERNAL when they sent samples right behind the options. Reading
+    the rest first lets those writes complete; a client that keeps sending past the bound
+    gets the status anyway. What is read here was never accepted (the stream failed first)
+    and is held one message at a time."""
+    with contextlib.suppress(Exception):  # a deadline, a cancelled or broken call
+        async with asyncio.timeout(LINGER_SECONDS):
+            async for _ in requests:
+                pass
 
 
 def _call_context(context: grpc.aio.ServicerContext) -> tuple[float | None, str | None]:
