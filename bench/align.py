@@ -63,14 +63,12 @@ import pathlib
 import random
 import re
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any
@@ -90,7 +88,7 @@ from align2.server.config import Dtype, ModelConfig, VllmConfig
 from align2.server.core.prompts import TemplateLibrary
 from align2.server.core.templates import clean
 from align2.server.models import embedded
-from align2.server.testing import ServerProcess
+from align2.server.testing import ChildProcess, ServerProcess, free_port, http_ok
 
 MODEL_NAME = "llm"
 """The model's name everywhere: align2's [models] key and vLLM's served_model_name."""
@@ -360,39 +358,7 @@ class Row:
         return numbers | rates | {"steady_per_s": self.steady_per_s}
 
 
-# -- child processes ------------------------------------------------------------------------
-class Child:
-    """A child process and every descendant seen, stopped together, by pid.
-
-    Descendants are recorded whenever ``snapshot`` runs (after start, while waiting, before
-    stopping): an engine process whose parent died is still found and stopped. psutil
-    remembers each process's start time, so a reused pid is never signalled.
-    """
-
-    def __init__(self, pid: int) -> None:
-        self.root = psutil.Process(pid)
-        self._seen: dict[int, psutil.Process] = {}
-
-    def snapshot(self) -> None:
-        with suppress(psutil.NoSuchProcess):
-            for process in self.root.children(recursive=True):
-                self._seen.setdefault(process.pid, process)
-
-    def stop(self, grace: float = 60.0) -> None:
-        """SIGTERM the root and wait up to ``grace`` (it stops its engine itself); then
-        SIGTERM, and after 10 s SIGKILL, whatever is left of the tree."""
-        self.snapshot()
-        with suppress(psutil.NoSuchProcess):
-            self.root.terminate()
-        psutil.wait_procs([self.root], timeout=grace)
-        left = [p for p in (self.root, *self._seen.values()) if _alive(p)]
-        for signal_name in ("terminate", "kill"):
-            for process in left:
-                with suppress(psutil.NoSuchProcess):
-                    getattr(process, signal_name)()
-            _, left = psutil.wait_procs(left, timeout=10)
-
-
+# -- metering -------------------------------------------------------------------------------
 class Meter:
     """Over a span: the CPU seconds (user + system, all threads) that named processes
     spend and, given a server's /metrics address, what its engine did meanwhile."""
@@ -445,36 +411,6 @@ def engine_counters(url: str) -> dict[str, float]:
 def _cpu(process: psutil.Process) -> float:
     times = process.cpu_times()
     return float(times.user + times.system)
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-@contextmanager
-def stopping(child: Child) -> Iterator[Child]:
-    """Stop ``child`` and its tree when the block ends, however it ends."""
-    try:
-        child.snapshot()
-        yield child
-    finally:
-        child.stop()
-
-
-def spawn(command: list[str], log: pathlib.Path) -> subprocess.Popen[bytes]:
-    """Start ``command`` in its own session (a terminal's Ctrl-C reaches only this script,
-    which then stops it in order), stdout and stderr to ``log``."""
-    with log.open("w") as sink:
-        return subprocess.Popen(
-            command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def tail(path: pathlib.Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 ENGINE_FACTS = {
@@ -551,13 +487,15 @@ def run_offline(
     spec, out, log = folder / "offline.json", folder / "offline-result.json", folder / "offline.log"
     job = {"engine": engine.vllm_kwargs(), "decoding": decoding, "warmup": warmup}
     spec.write_text(json.dumps(job | {"rounds": rounds}))
-    proc = spawn([sys.executable, __file__, "--offline-worker", str(spec), str(out)], log)
-    with stopping(Child(proc.pid)) as child:
-        while proc.poll() is None:
-            child.snapshot()
-            time.sleep(0.5)
-    if proc.returncode != 0:
-        raise RuntimeError(f"(a) offline worker exited {proc.returncode}:\n{tail(log)}")
+    command = [sys.executable, __file__, "--offline-worker", str(spec), str(out)]
+    worker = ChildProcess(command, log).start()
+    assert worker.proc is not None
+    try:
+        code = worker.proc.wait()
+    finally:
+        worker.stop()  # its engine's processes too, however this ends
+    if code != 0:
+        raise RuntimeError(f"(a) offline worker exited {code}:\n{worker.tail()}")
     rows = []
     for data, prompts in zip(json.loads(out.read_text()), rounds, strict=True):
         name = "(a) vLLM LLM.generate, all prompts at once"
@@ -624,7 +562,7 @@ class Tally:
 def front_ends(served: Served) -> Meter:
     """A meter over the server's own process (not its engine's), this client process, and
     the server's engine counters."""
-    return Meter({"server": served.child.root, "client": psutil.Process()}, served.metrics)
+    return Meter({"server": served.process, "client": psutil.Process()}, served.metrics)
 
 
 # -- (b) align2 ------------------------------------------------------------------------------
@@ -670,11 +608,11 @@ def align_options(max_new_tokens: int, review: bool) -> dict[str, Any]:
 
 @dataclass
 class Served:
-    """A server of (b) or (c), running for every round: where to reach it, the process
-    tree whose front-end CPU is metered, its log, and its /metrics address."""
+    """A server of (b) or (c), running for every round: where to reach it, its front-end
+    process (whose CPU is metered), its log, and its /metrics address."""
 
     target: str
-    child: Child
+    process: psutil.Process
     log: pathlib.Path
     metrics: str
 
@@ -689,20 +627,13 @@ def align_server(
     config.write_text(engine.server_toml(pathlib.Path(args.cache_dir).expanduser()))
     log = folder / "align2.log"
     server = ServerProcess(["--config", str(config)], log)
-    child = None
     try:
         server.start(timeout=600)
         assert server.proc is not None
-        child = Child(server.proc.pid)
-        child.snapshot()
         metrics = f"http://127.0.0.1:{server.metrics_port}/metrics"
-        yield Served(server.target, child, log, metrics)
+        yield Served(server.target, psutil.Process(server.proc.pid), log, metrics)
     finally:
-        # Also when start() was interrupted: the server and its engine may be running.
-        if child is None and server.proc is not None and server.proc.poll() is None:
-            child = Child(server.proc.pid)
-        if child is not None:
-            child.stop()
+        server.stop()  # with its engine, also when start() was interrupted
 
 
 def measure_align(
@@ -722,12 +653,6 @@ def measure_align(
 
 
 # -- (c) vllm serve ---------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def serve_command(engine: Engine, port: int) -> list[str]:
     """vLLM's OpenAI-compatible server with the shared engine flags, on loopback, logging
     as it does by default. The ``api_server`` module runs the server ``vllm serve`` runs;
@@ -745,20 +670,6 @@ def serve_command(engine: Engine, port: int) -> list[str]:
         "--port",
         str(port),
     ]
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], log: pathlib.Path, timeout: float) -> None:
-    """Poll ``url`` (the health endpoint) until it answers 200; RuntimeError if the server
-    exits or is not ready in ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited {proc.returncode}:\n{tail(log)}")
-        with suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
-            if response.status == 200:
-                return
-        time.sleep(0.5)
-    raise RuntimeError(f"vllm serve was not ready in {timeout} s:\n{tail(log)}")
 
 
 async def openai_load(
@@ -812,12 +723,14 @@ def openai_server(engine: Engine, folder: pathlib.Path) -> Iterator[Served]:
     """(c)'s server, vLLM's OpenAI-compatible server as a child process, stopped with its
     engine when the block ends."""
     port, log = free_port(), folder / "vllm-serve.log"
-    proc = spawn(serve_command(engine, port), log)
+    server = ChildProcess(serve_command(engine, port), log).start()
+    assert server.proc is not None
     base = f"http://127.0.0.1:{port}"
-    with stopping(Child(proc.pid)) as child:
-        wait_ready(f"{base}/health", proc, log, timeout=600)
-        child.snapshot()
-        yield Served(base, child, log, f"{base}/metrics")
+    try:
+        server.wait_until(lambda: http_ok(f"{base}/health"), timeout=600, what="vllm serve")
+        yield Served(base, psutil.Process(server.proc.pid), log, f"{base}/metrics")
+    finally:
+        server.stop(grace=60)
 
 
 def measure_openai(

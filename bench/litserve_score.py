@@ -24,14 +24,14 @@ import asyncio
 import base64
 import os
 import pathlib
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from score import Direct, Threads, build_model, load, samples, start_server
+
+from align2.server.testing import ChildProcess, free_port, http_ok
 
 SERVE_FLAG = "--serve-litserve"
 
@@ -75,31 +75,14 @@ def serve_litserve(path: str, port: int, max_batch_size: int) -> None:
 
 
 # -- the bench --------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_litserve(path: pathlib.Path, max_batch_size: int, log: pathlib.Path):  # -> Popen
+def start_litserve(
+    path: pathlib.Path, max_batch_size: int, log: pathlib.Path
+) -> tuple[ChildProcess, int]:
     port = free_port()
     command = [sys.executable, __file__, SERVE_FLAG, str(path), str(port), str(max_batch_size)]
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    import urllib.request
-
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return process, port
-        except OSError:
-            time.sleep(0.5)
-        if process.poll() is not None:
-            raise RuntimeError(f"LitServe exited:\n{log.read_text()}")
-    process.kill()
-    raise RuntimeError(f"LitServe did not start:\n{log.read_text()}")
+    server = ChildProcess(command, log).start()
+    server.wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 300, "LitServe")
+    return server, port
 
 
 async def drive_litserve(port: int, data: list, clients: int) -> tuple[float, list[float]]:  # type: ignore[type-arg]
@@ -168,12 +151,11 @@ def main() -> None:
             reference = asyncio.run(align2_scores(server.target, data))
         finally:
             server.stop()
-        process, port = start_litserve(path, best, folder / "litserve.log")
+        litserve, port = start_litserve(path, best, folder / "litserve.log")
         try:
             seconds, theirs = asyncio.run(drive_litserve(port, data, args.clients))
         finally:
-            process.terminate()
-            process.wait(30)
+            litserve.stop(grace=30)  # with its worker processes
     worst = max(abs(a - b) for a, b in zip(theirs, reference, strict=True))
     if worst > 1e-4:
         raise SystemExit(f"LitServe and align2 scores differ by {worst:.1e} (> 1e-4)")

@@ -32,7 +32,7 @@ path = "{tiny_llava}"
     server = ServerProcess(
         ["--config", str(config), "--port", "0", "--metrics-port", "-1"], tmp_path / "log"
     )
-    server.args[1:3] = entry  # python -m align2.server | python -m align2.client serve
+    server.command[1:3] = entry  # python -m align2.server | python -m align2.client serve
     server.start()
     try:
         with CurationClient(server.target, timeout=30) as client:

@@ -12,8 +12,6 @@ import json
 import os
 import pathlib
 import shutil
-import socket
-import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -25,18 +23,13 @@ import pytest
 from support import ServerThread, png, score_config
 
 from align2.client import CurationClient, Sample, Turn
+from align2.server.testing import ChildProcess, free_port, http_ok
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(
     PROMETHEUS is None and not os.environ.get("ALIGN2_REQUIRE_PROMETHEUS"),
     reason="needs Debian's prometheus package (.ci/run installs it)",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +50,19 @@ def prometheus(server: ServerThread, tmp_path_factory: pytest.TempPathFactory) -
         f"      - targets: ['127.0.0.1:{server.app.metrics_port}']\n"
     )
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            PROMETHEUS,
-            f"--config.file={folder / 'prometheus.yml'}",
-            f"--storage.tsdb.path={folder / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(folder / "log").open("w"),
-    )
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=30)
+    command = [
+        PROMETHEUS,
+        f"--config.file={folder / 'prometheus.yml'}",
+        f"--storage.tsdb.path={folder / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    prometheus = ChildProcess(command, folder / "log").start()
+    try:
+        ready = f"http://127.0.0.1:{port}/-/ready"
+        prometheus.wait_until(lambda: http_ok(ready), timeout=60, what="prometheus")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        prometheus.stop(grace=30)
 
 
 def query(base: str, expr: str) -> float | None:

@@ -1,7 +1,10 @@
 """Running a real align2 server for tests and benchmarks.
 
 ServerThread: an App on its own event loop in a background thread of this process.
-ServerProcess: ``python -m align2.server`` as a child process, its ports read from its log.
+ChildProcess: any command as a child process in its own session, stopped with all it started.
+ServerProcess: ``python -m align2.server`` as a ChildProcess, its ports read from its log.
+free_port, http_ok: a free loopback port for a child that needs one named; whether an
+HTTP endpoint (a child's health check) answers 200.
 """
 
 from __future__ import annotations
@@ -10,11 +13,15 @@ import asyncio
 import os
 import pathlib
 import re
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+import urllib.request
+from collections.abc import Callable, Coroutine, Sequence
+from contextlib import suppress
 from typing import Any
 
 from align2.server import backends
@@ -73,17 +80,103 @@ class ServerThread:
         self._thread.join(timeout=60)
 
 
-class ServerProcess:
+def free_port() -> int:
+    """A loopback port free now (for a child that cannot be given port 0)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_ok(url: str) -> bool:
+    """Whether ``url`` answers HTTP 200 now (a child's health or readiness endpoint)."""
+    with suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+        return bool(response.status == 200)
+    return False
+
+
+class ChildProcess:
+    """``command`` as a child process, stdout and stderr in ``log``, in its own session.
+
+    Its own session (and so its own process group): a terminal's Ctrl-C reaches only this
+    process, which then stops the child in order, and ``stop()`` also reaches whatever the
+    child started (an inference engine's worker processes), even those whose parent died.
+    """
+
+    def __init__(
+        self, command: Sequence[str], log: pathlib.Path, env: dict[str, str] | None = None
+    ) -> None:
+        self.command = list(command)
+        self.log = log
+        self.env = dict(os.environ if env is None else env)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ChildProcess:
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(
+                self.command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+        return self
+
+    def wait_until(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        """Poll ``ready()`` until it holds; RuntimeError naming ``what``, with the log's
+        tail, when the child exits first or ``timeout`` seconds pass (then it is stopped)."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{what} exited {self.proc.returncode}:\n{self.tail()}")
+            time.sleep(0.1)
+        self.stop(grace=10)
+        raise RuntimeError(f"{what} was not ready in {timeout} s:\n{self.tail()}")
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, grace: float = 120) -> int:
+        """SIGTERM the child and wait up to ``grace`` seconds (it stops what it started
+        itself); then SIGTERM, and after 10 s SIGKILL, whatever is left of its process
+        group. Returns the child's exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            code = self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if not self._group_alive():
+                break
+            with suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            deadline = time.monotonic() + 10
+            while self._group_alive() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        return code
+
+    def _group_alive(self) -> bool:
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+
+class ServerProcess(ChildProcess):
     """``python -m align2.server ARGS`` with stdout and stderr in ``log``.
 
     ``start()`` waits for the "align2 serving" line and reads the gRPC and metrics ports.
     """
 
     def __init__(self, args: Sequence[str], log: pathlib.Path, env: dict[str, str] | None = None):
-        self.args = [sys.executable, "-m", "align2.server", *args]
-        self.log = log
-        self.env = dict(os.environ if env is None else env)
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__([sys.executable, "-m", "align2.server", *args], log, env)
         self.port = 0
         self.metrics_port: int | None = None
 
@@ -92,30 +185,13 @@ class ServerProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 300) -> ServerProcess:
-        with self.log.open("w") as out:
-            self.proc = subprocess.Popen(
-                self.args, stdout=out, stderr=subprocess.STDOUT, env=self.env
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = _READY.search(self.log.read_text())
-            if match:
-                self.port = int(match.group(1))
-                self.metrics_port = int(match.group(2)) if match.group(2).isdigit() else None
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log.read_text()}")
-            time.sleep(0.1)
-        self.proc.kill()
-        raise RuntimeError(f"server did not start in {timeout} s:\n{self.log.read_text()}")
+        super().start()
+        self.wait_until(self._ready, timeout, "server")
+        return self
 
-    def stop(self, timeout: float = 120) -> int:
-        """SIGTERM, then wait; returns the exit status (killed after ``timeout``)."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+    def _ready(self) -> bool:
+        match = _READY.search(self.log.read_text(errors="replace"))
+        if match:
+            self.port = int(match.group(1))
+            self.metrics_port = int(match.group(2)) if match.group(2).isdigit() else None
+        return match is not None
