@@ -49,7 +49,7 @@ def test_wait_until_names_a_child_that_exits_before_it_is_ready(tmp_path: pathli
 def test_wait_until_stops_a_child_that_is_not_ready_in_time(tmp_path: pathlib.Path) -> None:
     child = ChildProcess([sys.executable, "-c", "import time; time.sleep(300)"], tmp_path / "l")
     child.start()
-    with pytest.raises(RuntimeError, match="engine was not ready in 0.5 s"):
+    with pytest.raises(RuntimeError, match=r"engine was not ready in 0\.5 s"):
         child.wait_until(lambda: False, timeout=0.5, what="engine")
     assert child.proc is not None and child.proc.poll() is not None
 

@@ -185,6 +185,7 @@ class SharedHeadScoring(TransformersScoring):
         head: str,
         image_mode: str,
         share_prefixes: bool = True,
+        length_split_tokens: int = 0,
     ) -> None:
         weight = shared.heads[head].weight.to(shared.device, torch.float32, copy=True)
         super().__init__(
@@ -195,6 +196,7 @@ class SharedHeadScoring(TransformersScoring):
             image_mode,
             executor=shared.executor,
             share_prefixes=share_prefixes,
+            length_split_tokens=length_split_tokens,
         )
         self._shared = shared
         self._head_name = head
@@ -250,7 +252,12 @@ def load_shared(
             image_mode=config.image_mode,
         )
         backend = SharedHeadScoring(
-            description, shared, name, config.image_mode, config.share_prefixes
+            description,
+            shared,
+            name,
+            config.image_mode,
+            config.share_prefixes,
+            config.length_split_tokens,
         )
         backend.description = replace(description, image_tokens=backend.image_tokens())
         backends[name] = backend

@@ -8,7 +8,9 @@ non-padding position. Inputs are prepared one at a time and right-padded only wh
 batched, so a score does not depend on its batch-mates (position ids are unchanged by
 right padding, padded keys are masked). Inputs of one batch that carry the same image and
 begin with the same ids run that prefix once (:mod:`.prefixes`; ``share_prefixes``): the
-same scores within float rounding.
+same scores within float rounding. A batch of very different lengths runs as a few forwards
+of neighbouring lengths (:mod:`.length_groups`; ``length_split_tokens``): less padding, the
+same scores.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from align2.server.backends import prefixes
+from align2.server.backends import length_groups, prefixes
 from align2.server.backends.base import ModelDescription, Prepared
 from align2.server.backends.checkpoint import read_reward_checkpoint
 from align2.server.backends.preprocess import (
@@ -69,11 +71,14 @@ class TransformersScoring:
         image_mode: str,
         executor: ThreadPoolExecutor | None = None,
         share_prefixes: bool = True,
+        length_split_tokens: int = 0,
     ) -> None:
         """``executor``: the one thread that runs this model's forwards; by default its own,
         which ``close`` stops. Backends over one shared model pass that model's thread and
         leave stopping it to that model (see shared_scoring). ``share_prefixes``: run a
-        prefix that inputs of a batch share once (see the module docstring)."""
+        prefix that inputs of a batch share once; ``length_split_tokens``: split a batch by
+        length when each extra forward saves that many padded tokens, 0 never (see the
+        module docstring)."""
         self.description = description
         self._processor = processor
         self._tokenizer = processor.tokenizer
@@ -81,8 +86,11 @@ class TransformersScoring:
         self._head = head  # [1, hidden], float32 on the device
         self._image_mode = image_mode
         self._share_prefixes = share_prefixes
+        self._length_split_tokens = length_split_tokens
         self.prefix_tokens_saved = 0
         """Ids not run again thanks to shared prefixes, so far (tests and benchmarks)."""
+        self.padded_tokens_saved = 0
+        """Padding not computed thanks to length-aware splits, so far (tests, benchmarks)."""
         self._device = torch.device(description.device)
         prepare_device(self._device)
         self._dtype = next(base.parameters()).dtype
@@ -129,6 +137,7 @@ class TransformersScoring:
             head,
             config.image_mode,
             share_prefixes=config.share_prefixes,
+            length_split_tokens=config.length_split_tokens,
         )
         backend.description = replace(description, image_tokens=backend.image_tokens())
         return backend
@@ -192,21 +201,25 @@ class TransformersScoring:
         Contract: ``score(batch)[i] == features(batch)[i] @ head`` (the head as float32), up
         to float32 rounding; the head is not applied. Heads are trained on these
         (align2.server.training), so they must come from the very forward that scores; each
-        input runs whole (no shared prefixes), so that hooks see every input's full sequence.
+        input runs whole (no shared prefixes) and the batch in one forward (no length
+        split), so that hooks see every input's full sequence, once per batch.
         """
         loop = asyncio.get_running_loop()
         inputs = [p.payload for p in batch]
-        pooled = await loop.run_in_executor(self._executor, self._pooled, inputs, False)
+        pooled = await loop.run_in_executor(self._executor, self._pooled, inputs, False, False)
         return pooled.cpu()
 
     def _forward(self, inputs: list[_Inputs]) -> list[float]:
         scores = self._pooled(inputs, self._share_prefixes) @ self._head.T
         return [float(s) for s in scores[:, 0].cpu()]
 
-    def _pooled(self, inputs: list[_Inputs], share: bool) -> torch.Tensor:
-        """Final hidden state at each input's last non-padding token, float32 on the device."""
+    def _pooled(self, inputs: list[_Inputs], share: bool, split: bool = True) -> torch.Tensor:
+        """Final hidden state at each input's last non-padding token, float32 on the device.
+        ``share``: shared prefixes; ``split``: length-aware forwards (else one forward)."""
         try:
             with torch.inference_mode():
+                if not split:
+                    return self._pooled_padded(inputs)
                 if not share:
                     return self._pooled_whole(inputs)
                 groups = prefixes.plan(inputs)
@@ -223,6 +236,20 @@ class TransformersScoring:
             raise classify_device_error(exc, self.description.name) from exc
 
     def _pooled_whole(self, inputs: list[_Inputs]) -> torch.Tensor:
+        """Each input whole: one padded forward, or one per group of neighbouring lengths."""
+        lengths = [len(x.input_ids) for x in inputs]
+        groups = length_groups.split(lengths, self._length_split_tokens)
+        if len(groups) == 1:
+            return self._pooled_padded(inputs)
+        self.padded_tokens_saved += len(inputs) * max(lengths) - length_groups.padded_tokens(
+            lengths, groups
+        )
+        parts = [self._pooled_padded([inputs[i] for i in g]) for g in groups]
+        order = torch.tensor([i for g in groups for i in g], device=self._device)
+        rows = torch.cat(parts)
+        return rows.index_copy(0, order, rows)
+
+    def _pooled_padded(self, inputs: list[_Inputs]) -> torch.Tensor:
         ids, mask = _pad_right([x.input_ids for x in inputs], self._pad_id)
         ids, mask = ids.to(self._device), mask.to(self._device)
         hidden = self._run(inputs, ids, mask).last_hidden_state

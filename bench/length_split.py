@@ -1,0 +1,127 @@
+"""Question and answer stages with and without length-aware batches
+(`models.NAME.length_split_tokens`).
+
+The bench model of bench/score.py (LLaVA-1.5-shaped, ~38M parameters, 576 image tokens)
+serves both heads of a real server (`python -m align2.server`, a separate process). The
+texts are the preference data's conversations (bench/curation_projection.py: 1-, 4- and
+5-turn, first candidate per turn), each on its own COCO-sized image, so that a batch mixes
+one-question and five-question inputs under the question head and short and long answers
+under the answer head (its shared prefixes stay on). Each stage is timed on a server per
+setting of ``--splits`` (0: one forward per batch); the run fails when scores differ from
+the unsplit ones by more than 1e-4 (relative), and prints each setting's time over the
+unsplit one. One run; the machine is noisy.
+
+    python bench/length_split.py --data ../shared/data/align2llava-preference
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import pathlib
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from curation_projection import conversations
+from score import build_model
+
+from align2.client import AsyncCurationClient, Sample
+from align2.server.testing import ServerProcess
+
+HEADS = ("question", "answer")
+
+
+def start(path: pathlib.Path, folder: pathlib.Path, split: int, batch: int) -> ServerProcess:
+    config = folder / f"split-{split}.toml"
+    model = f'path = "{path}"\nlength_split_tokens = {split}\n'
+    config.write_text(
+        '[server]\nport = 0\nmetrics_port = -1\nlog_level = "WARNING"\n'
+        f"[batching]\nmax_batch_size = {batch}\nmax_batch_tokens = 1000000\n"
+        f"[models.question]\n{model}[models.answer]\n{model}"
+    )
+    args = ["--config", str(config), "--log-level", "INFO"]  # INFO: the ready line
+    return ServerProcess(args, folder / f"server-{split}.log").start()
+
+
+async def run(
+    target: str, samples: list[Sample], head: str, clients: int, per_call: int
+) -> tuple[float, list[float]]:
+    """Seconds for ``clients`` callers to score ``samples`` under ``head``, and the scores."""
+    calls = [samples[i : i + per_call] for i in range(0, len(samples), per_call)]
+    replies: list[list] = [[] for _ in calls]  # type: ignore[type-arg]
+    async with AsyncCurationClient(target, timeout=3600) as client:
+        await client.score(samples[:1], heads=[head])  # connect, warm
+        pending = iter(range(len(calls)))
+
+        async def worker() -> None:
+            for i in pending:
+                replies[i] = await client.score(calls[i], heads=[head])
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        seconds = time.perf_counter() - started
+    results = [r for reply in replies for r in reply]
+    assert all(r.error is None for r in results), [r.error for r in results if r.error]
+    if head == "question":
+        return seconds, [float(r.question_score) for r in results]
+    return seconds, [float(s) for r in results for s in r.answer_scores]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=pathlib.Path, required=True)
+    parser.add_argument("--conversations", type=int, default=48)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--per-call", type=int, default=2, help="conversations per call")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--splits", default="0,512,64", help="length_split_tokens values")
+    parser.add_argument("--size", choices=("38m", "tiny"), default="38m")
+    args = parser.parse_args()
+    splits = [int(s) for s in args.splits.split(",")]
+    if splits[0] != 0:
+        splits.insert(0, 0)  # the reference: one forward per batch
+    samples = conversations(args.data, args.conversations)  # made once (C rand in images)
+    inputs = {"question": len(samples), "answer": sum(len(s.turns) for s in samples)}
+    times: dict[tuple[str, int], float] = {}
+    scores: dict[tuple[str, int], list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="align2-split-") as tmp:
+        folder = pathlib.Path(tmp)
+        path = build_model(folder, args.size)
+        for split in splits:
+            server = start(path, folder, split, args.max_batch_size)
+            try:
+                for head in HEADS:
+                    seconds, got = asyncio.run(
+                        run(server.target, samples, head, args.clients, args.per_call)
+                    )
+                    times[head, split], scores[head, split] = seconds, got
+                    print(
+                        f"  length_split_tokens {split:4d}  {head:<8} {inputs[head]:4d} inputs "
+                        f"{seconds:8.2f} s",
+                        flush=True,
+                    )
+            finally:
+                server.stop()
+    print(
+        f"\n{args.size} model, {args.conversations} conversations, {args.clients} clients x "
+        f"{args.per_call} per call, max_batch_size {args.max_batch_size}:"
+    )
+    for head in HEADS:
+        for split in splits[1:]:
+            worst = max(
+                abs(a - b) / max(1.0, abs(b))
+                for a, b in zip(scores[head, split], scores[head, 0], strict=True)
+            )
+            if worst > 1e-4:
+                raise SystemExit(f"{head}, split {split}: scores differ by {worst:.1e}")
+            base, now = times[head, 0], times[head, split]
+            print(
+                f"{head:<8} length_split_tokens {split:4d}: {now:7.2f} s vs {base:7.2f} s "
+                f"unsplit, speed-up {base / now:5.2f}x, largest score difference {worst:.1e}"
+            )
+
+
+if __name__ == "__main__":
+    main()
