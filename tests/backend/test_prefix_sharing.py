@@ -3,7 +3,8 @@ turn run their common prefix (BOS, the image, the template's start) once.
 
 Scores with sharing equal each input run whole and alone, within fp32 rounding, on tiny
 real models of both families and on the shared-base path of the paper's adapters, where
-they are also checked against the independent reference (peft, unmerged).
+they are also checked against the independent reference (peft, unmerged). So do the scores
+of length-aware batches: a batch of very different lengths run as several forwards.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from PIL import Image
 from align2.server.backends import load_shared_scoring
 from align2.server.backends.base import Prepared
 from align2.server.backends.transformers_scoring import TransformersScoring
-from align2.server.config import ModelConfig
+from align2.server.config import Config, ModelConfig
+from align2.server.errors import ConfigError
 
+SHORT = "<image>\nWhat is it?"
+LONG = "<image>\n" + " ".join(f"Question {i}: what else is on the left?" for i in range(12))
 QUESTIONS = ["<image>\nWhat is on the table?", "Why is it there?", "What colour is it?", "Who?"]
 CANDIDATES = ["A cup.", "It is a red cup with a chipped handle.", "A plate of toast and jam."]
 
@@ -102,3 +106,40 @@ def test_the_shared_base_shares_prefixes_as_the_reference_scores(
         assert got == pytest.approx(reference.score(text, image), rel=REL, abs=1e-5)
     for head in heads.values():
         head.close()
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_idefics3"])
+def test_a_split_batch_scores_as_each_input_alone(
+    request: pytest.FixtureRequest, family: str
+) -> None:
+    folder: pathlib.Path = request.getfixturevalue(family)
+    split = TransformersScoring.load(
+        "q", ModelConfig(path=str(folder), length_split_tokens=1), folder
+    )
+    whole = TransformersScoring.load(
+        "q", ModelConfig(path=str(folder), length_split_tokens=0), folder
+    )
+    # Six short inputs and two long ones, each on its own image, interleaved.
+    texts = [SHORT, SHORT, LONG, SHORT, SHORT, LONG, SHORT, SHORT]
+    batch = [
+        split.prepare(text, picture(10 + i, (36, 28)), max_text_tokens=2048, truncate=False)
+        for i, text in enumerate(texts)
+    ]
+    lengths = [p.tokens for p in batch]
+    assert max(lengths) > min(lengths) + 50  # a real spread to split
+
+    got = score(split, batch)
+    assert split.padded_tokens_saved > 0  # it did split
+    assert score(whole, batch) == pytest.approx(got, rel=1e-5, abs=1e-5)
+    assert whole.padded_tokens_saved == 0
+    alone = [score(whole, [p])[0] for p in batch]
+    assert got == pytest.approx(alone, rel=1e-5, abs=1e-5)  # in the batch's order
+    split.close()
+    whole.close()
+
+
+def test_a_negative_split_is_refused_naming_the_field(tiny_llava: pathlib.Path) -> None:
+    config = Config()
+    config.models["question"] = ModelConfig(path=str(tiny_llava), length_split_tokens=-2)
+    with pytest.raises(ConfigError, match=r"models\.question\.length_split_tokens: must be >= -1"):
+        config.validate()

@@ -33,7 +33,8 @@ def test_stop_ends_the_child_and_what_it_started(tmp_path: pathlib.Path) -> None
     child.wait_until(lambda: child.tail().strip().isdigit(), timeout=30, what="parent")
     grandchild = int(child.tail())
     assert alive(grandchild)
-    assert child.proc is not None and child.proc.pid != os.getpgid(0)  # its own group
+    assert child.proc is not None
+    assert os.getpgid(child.proc.pid) == child.proc.pid != os.getpgid(0)  # its own group
     code = child.stop(grace=10)
     assert code == -15  # the parent ended by SIGTERM
     assert not alive(grandchild)  # reached through the child's process group
@@ -52,6 +53,24 @@ def test_wait_until_stops_a_child_that_is_not_ready_in_time(tmp_path: pathlib.Pa
     with pytest.raises(RuntimeError, match=r"engine was not ready in 0\.5 s"):
         child.wait_until(lambda: False, timeout=0.5, what="engine")
     assert child.proc is not None and child.proc.poll() is not None
+
+
+def test_a_failed_start_stops_what_the_child_started(tmp_path: pathlib.Path) -> None:
+    child = ChildProcess([sys.executable, "-c", PARENT], tmp_path / "log").start()
+    child.wait_until(lambda: child.tail().strip().isdigit(), timeout=30, what="parent")
+    grandchild = int(child.tail())
+
+    def interrupted() -> bool:
+        raise KeyboardInterrupt  # Ctrl-C while waiting: it reaches this process only
+
+    with pytest.raises(KeyboardInterrupt):
+        child.wait_until(interrupted, timeout=30, what="parent")
+    assert child.proc is not None and child.proc.poll() is not None
+    assert not alive(grandchild)
+
+
+def test_stop_before_start_is_a_no_op(tmp_path: pathlib.Path) -> None:
+    assert ChildProcess(["true"], tmp_path / "log").stop() is None
 
 
 def test_a_free_port_answers_nothing_yet() -> None:

@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from align2.server.backends.length_groups import padded_tokens, split
+from align2.server.backends.length_groups import overhead, padded_tokens, split
 
 lengths_lists = st.lists(st.integers(1, 3000), min_size=1, max_size=9)
 
@@ -57,3 +57,10 @@ def test_a_mixed_batch_splits_where_the_padding_is() -> None:
     groups = split(lengths, 512)
     assert groups == [[0, 1, 2, 3, 6, 7, 9, 5], [8, 4]]
     assert padded_tokens(lengths, groups) == 8 * 610 + 2 * 1400  # 7680 instead of 14000
+
+
+def test_the_default_threshold_follows_the_device() -> None:
+    assert overhead(-1, "cpu") == 64
+    assert overhead(-1, "cuda") == 512
+    assert overhead(0, "cuda") == 0  # off stays off
+    assert overhead(200, "cpu") == 200

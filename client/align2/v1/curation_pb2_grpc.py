@@ -112,9 +112,10 @@ class CurationServiceServicer:
         kept and asked for). A sample with candidate answers is ranked by the mean of its
         turns' best scores and kept with its best candidates. The stream's rules:
         CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
-        A stream that fails as a whole first reads and drops what its client still sends, until
-        the client half-closes or for at most 0.5 s, then sends its status (so that a write in
-        flight does not hide it; nothing read then was accepted).
+        A stream refused as a whole (UNAVAILABLE, UNIMPLEMENTED, or its options: INVALID_ARGUMENT,
+        RESOURCE_EXHAUSTED) first reads and drops what its client still sends, until the client
+        half-closes or for at most 0.5 s, then sends its status (so that a write in flight does
+        not hide it; nothing read then was accepted).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -70,9 +70,10 @@ class CurationServiceStub:
     kept and asked for). A sample with candidate answers is ranked by the mean of its
     turns' best scores and kept with its best candidates. The stream's rules:
     CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
-    A stream that fails as a whole first reads and drops what its client still sends, until
-    the client half-closes or for at most 0.5 s, then sends its status (so that a write in
-    flight does not hide it; nothing read then was accepted).
+    A stream refused as a whole (UNAVAILABLE, UNIMPLEMENTED, or its options: INVALID_ARGUMENT,
+    RESOURCE_EXHAUSTED) first reads and drops what its client still sends, until the client
+    half-closes or for at most 0.5 s, then sends its status (so that a write in flight does
+    not hide it; nothing read then was accepted).
     """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_curation_pb2.GetServerInfoRequest, _curation_pb2.GetServerInfoResponse]
     """What this server runs: models, backends, versions, limits, batching settings, enabled
@@ -116,9 +117,10 @@ class CurationServiceAsyncStub(CurationServiceStub):
     kept and asked for). A sample with candidate answers is ranked by the mean of its
     turns' best scores and kept with its best candidates. The stream's rules:
     CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
-    A stream that fails as a whole first reads and drops what its client still sends, until
-    the client half-closes or for at most 0.5 s, then sends its status (so that a write in
-    flight does not hide it; nothing read then was accepted).
+    A stream refused as a whole (UNAVAILABLE, UNIMPLEMENTED, or its options: INVALID_ARGUMENT,
+    RESOURCE_EXHAUSTED) first reads and drops what its client still sends, until the client
+    half-closes or for at most 0.5 s, then sends its status (so that a write in flight does
+    not hide it; nothing read then was accepted).
     """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_curation_pb2.GetServerInfoRequest, _curation_pb2.GetServerInfoResponse]  # type: ignore[assignment]
     """What this server runs: models, backends, versions, limits, batching settings, enabled
@@ -177,9 +179,10 @@ class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
         kept and asked for). A sample with candidate answers is ranked by the mean of its
         turns' best scores and kept with its best candidates. The stream's rules:
         CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
-        A stream that fails as a whole first reads and drops what its client still sends, until
-        the client half-closes or for at most 0.5 s, then sends its status (so that a write in
-        flight does not hide it; nothing read then was accepted).
+        A stream refused as a whole (UNAVAILABLE, UNIMPLEMENTED, or its options: INVALID_ARGUMENT,
+        RESOURCE_EXHAUSTED) first reads and drops what its client still sends, until the client
+        half-closes or for at most 0.5 s, then sends its status (so that a write in flight does
+        not hide it; nothing read then was accepted).
         """
 
     @_abc_1.abstractmethod

@@ -91,13 +91,13 @@ class ModelConfig:
     the answer head) run that prefix, image included, once, and only their remainders
     after it; scores equal running each input whole within float rounding (1e-5 relative
     in the tests). false: every input runs whole."""
-    length_split_tokens: int = 64
+    length_split_tokens: int = -1
     """Reward models on transformers: a batch whose inputs differ in length runs as several
-    forwards of neighbouring lengths when each extra forward saves at least this many
-    padded tokens (backends/length_groups.py); scores do not change. 64 was measured on a
-    CPU (bench/length_split.py: 1.03-1.12x); on a GPU one more forward costs more (launch,
-    weight reads) and a larger value may suit: not measured there. 0: one forward per
-    batch."""
+    forwards of neighbouring lengths when each extra forward saves more than this many
+    padded tokens (backends/length_groups.py); scores stay the same within float rounding.
+    -1: by device, 64 on a CPU (measured, bench/length_split.py: 1.03-1.12x) and 512 on a
+    GPU, where one more forward costs more (launches, reading the weights again; 512 is an
+    estimate, not measured). 0: one forward per batch."""
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
     @property
@@ -418,10 +418,10 @@ class Config:
         for name, model in self.models.items():
             if model.vision_tower and not model.adapter:
                 raise ConfigError(f"models.{name}.vision_tower: only used with an adapter")
-            if model.length_split_tokens < 0:
+            if model.length_split_tokens < -1:
                 raise ConfigError(
-                    f"models.{name}.length_split_tokens: must be >= 0 (0: one forward per "
-                    f"batch), got {model.length_split_tokens}"
+                    f"models.{name}.length_split_tokens: must be >= -1 (-1: by device, 0: "
+                    f"one forward per batch), got {model.length_split_tokens}"
                 )
             if model.continuous_rows < 0:
                 raise ConfigError(

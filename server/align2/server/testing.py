@@ -98,8 +98,10 @@ class ChildProcess:
     """``command`` as a child process, stdout and stderr in ``log``, in its own session.
 
     Its own session (and so its own process group): a terminal's Ctrl-C reaches only this
-    process, which then stops the child in order, and ``stop()`` also reaches whatever the
-    child started (an inference engine's worker processes), even those whose parent died.
+    process, which then stops the child in order (``wait_until`` does on a failed start;
+    after it, the caller's ``finally``), and ``stop()`` also reaches whatever the child
+    started and left in its group (an inference engine's worker processes), even those
+    whose parent died.
     """
 
     def __init__(
@@ -123,26 +125,32 @@ class ChildProcess:
 
     def wait_until(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
         """Poll ``ready()`` until it holds; RuntimeError naming ``what``, with the log's
-        tail, when the child exits first or ``timeout`` seconds pass (then it is stopped)."""
+        tail, when the child exits first or ``timeout`` seconds pass. However the wait
+        fails (Ctrl-C included: it reaches only this process), the child and what it
+        started are stopped first."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if ready():
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{what} exited {self.proc.returncode}:\n{self.tail()}")
-            time.sleep(0.1)
-        self.stop(grace=10)
-        raise RuntimeError(f"{what} was not ready in {timeout} s:\n{self.tail()}")
+        try:
+            while time.monotonic() < deadline:
+                if ready():
+                    return
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{what} exited {self.proc.returncode}:\n{self.tail()}")
+                time.sleep(0.1)
+            raise RuntimeError(f"{what} was not ready in {timeout} s:\n{self.tail()}")
+        except BaseException:
+            self.stop(grace=10)
+            raise
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self, grace: float = 120) -> int:
+    def stop(self, grace: float = 120) -> int | None:
         """SIGTERM the child and wait up to ``grace`` seconds (it stops what it started
         itself); then SIGTERM, and after 10 s SIGKILL, whatever is left of its process
-        group. Returns the child's exit status."""
-        assert self.proc is not None
+        group. Returns the child's exit status (None: it never started)."""
+        if self.proc is None:
+            return None
         if self.proc.poll() is None:
             self.proc.terminate()
         try:
@@ -161,12 +169,25 @@ class ChildProcess:
         return code
 
     def _group_alive(self) -> bool:
+        """Whether a process of the child's group still runs (zombies left out: where
+        nothing reaps orphans, one would otherwise hold every stop for 20 s)."""
         assert self.proc is not None
-        try:
-            os.killpg(self.proc.pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
+        group = self.proc.pid
+        proc = pathlib.Path("/proc")
+        if not proc.is_dir():  # not Linux: ask the kernel, zombies counted
+            try:
+                os.killpg(group, 0)
+            except (ProcessLookupError, PermissionError):
+                return False
+            return True
+        for stat in proc.glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            if fields[2] == str(group) and fields[0] != "Z":  # pgrp, state
+                return True
+        return False
 
 
 class ServerProcess(ChildProcess):

@@ -6,13 +6,24 @@ mixes a one-question conversation with a ten-question one pays for the padding o
 short row. Splitting costs one more forward each time (launch and weight-reading time that
 does not shrink with the rows). This module only plans: it sorts the lengths and cuts them
 into contiguous groups that minimise the padded tokens plus ``overhead`` tokens per group
-(a dynamic programme over the sorted lengths, exact for this cost). Scores do not change:
-each input's score depends on its own ids only (the backend's contract).
+(a dynamic programme over the sorted lengths, exact for this cost). Scores stay the same
+within float rounding: each input's score depends on its own ids only (the backend's
+contract); only the padded width of its forward changes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+BY_DEVICE = {"cpu": 64, "cuda": 512}
+"""``length_split_tokens = -1``: 64 measured on a CPU (bench/length_split.py); 512 on a GPU
+is an estimate (one more forward of a 7B model re-reads 14 GB of weights and launches
+every layer's kernels again), not measured."""
+
+
+def overhead(setting: int, device_type: str) -> int:
+    """The tokens one more forward must save: ``setting``, or by device when it is -1."""
+    return setting if setting >= 0 else BY_DEVICE.get(device_type, BY_DEVICE["cuda"])
 
 
 def split(lengths: Sequence[int], overhead: int) -> list[list[int]]:

@@ -185,7 +185,7 @@ class SharedHeadScoring(TransformersScoring):
         head: str,
         image_mode: str,
         share_prefixes: bool = True,
-        length_split_tokens: int = 0,
+        length_split_tokens: int = -1,
     ) -> None:
         weight = shared.heads[head].weight.to(shared.device, torch.float32, copy=True)
         super().__init__(

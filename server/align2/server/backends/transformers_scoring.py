@@ -10,7 +10,7 @@ right padding, padded keys are masked). Inputs of one batch that carry the same 
 begin with the same ids run that prefix once (:mod:`.prefixes`; ``share_prefixes``): the
 same scores within float rounding. A batch of very different lengths runs as a few forwards
 of neighbouring lengths (:mod:`.length_groups`; ``length_split_tokens``): less padding, the
-same scores.
+same scores within float rounding.
 """
 
 from __future__ import annotations
@@ -71,14 +71,14 @@ class TransformersScoring:
         image_mode: str,
         executor: ThreadPoolExecutor | None = None,
         share_prefixes: bool = True,
-        length_split_tokens: int = 0,
+        length_split_tokens: int = -1,
     ) -> None:
         """``executor``: the one thread that runs this model's forwards; by default its own,
         which ``close`` stops. Backends over one shared model pass that model's thread and
         leave stopping it to that model (see shared_scoring). ``share_prefixes``: run a
         prefix that inputs of a batch share once; ``length_split_tokens``: split a batch by
-        length when each extra forward saves that many padded tokens, 0 never (see the
-        module docstring)."""
+        length when each extra forward saves more than that many padded tokens, 0 never, -1
+        by device (see the module docstring)."""
         self.description = description
         self._processor = processor
         self._tokenizer = processor.tokenizer
@@ -86,12 +86,12 @@ class TransformersScoring:
         self._head = head  # [1, hidden], float32 on the device
         self._image_mode = image_mode
         self._share_prefixes = share_prefixes
-        self._length_split_tokens = length_split_tokens
         self.prefix_tokens_saved = 0
         """Ids not run again thanks to shared prefixes, so far (tests and benchmarks)."""
         self.padded_tokens_saved = 0
         """Padding not computed thanks to length-aware splits, so far (tests, benchmarks)."""
         self._device = torch.device(description.device)
+        self._length_split_tokens = length_groups.overhead(length_split_tokens, self._device.type)
         prepare_device(self._device)
         self._dtype = next(base.parameters()).dtype
         self._pad_id = self._tokenizer.pad_token_id

@@ -58,16 +58,16 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
     async def Curate(
         self, request_iterator: AsyncIterator[pb.CurateRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CurateResponse]:
-        self._lifecycle.check_serving()
-        if self._curator is None:
-            raise Unimplemented(
-                "Curate is disabled on this server (needs score.enabled and "
-                "limits.max_stream_inflight > 0)"
-            )
-        deadline, metadata_priority = _call_context(context)
-        requests = convert.curate_requests_from_proto(request_iterator, metadata_priority)
-        priority = convert.priority_from_proto(pb.PRIORITY_UNSPECIFIED, metadata_priority)
         try:
+            self._lifecycle.check_serving()
+            if self._curator is None:
+                raise Unimplemented(
+                    "Curate is disabled on this server (needs score.enabled and "
+                    "limits.max_stream_inflight > 0)"
+                )
+            deadline, metadata_priority = _call_context(context)
+            requests = convert.curate_requests_from_proto(request_iterator, metadata_priority)
+            priority = convert.priority_from_proto(pb.PRIORITY_UNSPECIFIED, metadata_priority)
             async for curated in self._curator.stream(requests, deadline, priority):
                 yield convert.curated_to_proto(curated)
         except Exception:
@@ -94,7 +94,10 @@ async def _linger(requests: AsyncIterator[pb.CurateRequest]) -> None:
     refused callers as INTERNAL when they sent samples right behind the options. Reading
     the rest first lets those writes complete; a client that keeps sending past the bound
     gets the status anyway. What is read here was never accepted (the stream failed first)
-    and is held one message at a time."""
+    and is held one message at a time. Not covered: a stream whose reading was cancelled
+    (the server leaving SERVING) cannot be read on; its accepted samples were answered
+    first, and align2's client resumes a stream that had decisions when it sees the lost
+    status."""
     with contextlib.suppress(Exception):  # a deadline, a cancelled or broken call
         async with asyncio.timeout(LINGER_SECONDS):
             async for _ in requests:
