@@ -5,7 +5,8 @@
 
 Runs, one after the other, each in its own process with its own time limit (a step that
 fails or runs out of time is reported and the next one runs):
-  score       bench/gpu_score.py: LLaVA-1.5-7B-shaped reward model, share of the FLOP bound;
+  score       bench/gpu_score.py: LLaVA-1.5-7B-shaped reward model, share of the FLOP bound,
+              the model called directly, and a profile of a served window;
   align       bench/gpu_align.py: 64 one-sample clients vs direct batched generation,
               batched by the core (static batches);
   continuous  the same with continuous batching (models.NAME.continuous_rows = 64);
@@ -33,6 +34,7 @@ KEEP = (
     "align ",
     "projection",
     "model:",
+    "profile",
 )
 
 

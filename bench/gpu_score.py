@@ -1,7 +1,11 @@
 """GPU check for Score: a LLaVA-1.5-7B-shaped reward model, random bf16 weights, served
 in-process (transformers backend, dynamic batching, real gRPC over loopback), 64 concurrent
 clients. Prints samples/s and the ratio to the FLOP bound:
-    bound = measured bf16 matmul rate / (2 x parameters x tokens per sample).
+    bound = measured bf16 matmul rate / (2 x parameters x tokens per sample),
+the same model's forward called directly at the server's batch size on inputs prepared
+beforehand (the gap to served is what serving, image preparation included, costs), and a
+profile of a short served window (``--profile-samples``, 0: none): the share of the wall
+time the device ran kernels, and the kernels that took the most of it.
 
     python bench/gpu_score.py            # on a CUDA machine
     python bench/gpu_score.py --tiny     # the same code path on CPU with tiny shapes
@@ -131,17 +135,22 @@ def jpeg(seed: int) -> bytes:
     return buffer.getvalue()
 
 
+QUESTION = "What is unusual about this image? Describe the scene and explain what stands out."
+
+
 async def drive(target: str, clients: int, per_client: int) -> tuple[float, list[float]]:
-    images = [jpeg(i) for i in range(8)]
-    question = "What is unusual about this image? Describe the scene and explain what stands out."
+    """Every sample on its own image, as the question stage sees them: batch-mates share
+    no prefix past BOS (with one image reused, shared prefixes would skip nearly all)."""
+    images = [jpeg(i) for i in range(clients * per_client + 1)]
     latencies: list[float] = []
     async with AsyncCurationClient(target, timeout=600) as client:
-        warm = Sample(id="w", image=images[0], turns=[Turn(question)])
+        warm = Sample(id="w", image=images[-1], turns=[Turn(QUESTION)])
         await client.score([warm], heads=["question"])
 
         async def worker(k: int) -> None:
             for j in range(per_client):
-                sample = Sample(id=f"{k}-{j}", image=images[(k + j) % 8], turns=[Turn(question)])
+                image = images[k * per_client + j]
+                sample = Sample(id=f"{k}-{j}", image=image, turns=[Turn(QUESTION)])
                 t0 = time.perf_counter()
                 [result] = await client.score([sample], heads=["question"])
                 assert result.error is None, result.error
@@ -152,12 +161,66 @@ async def drive(target: str, clients: int, per_client: int) -> tuple[float, list
         return time.perf_counter() - started, latencies
 
 
+def direct_rate(backend: TransformersScoring, batch: int, repeats: int) -> float:
+    """Samples/s of ``backend.score`` on ``batch`` inputs, each on its own image, called
+    directly (no server): the model's own rate at the server's batch size."""
+    prepared = [
+        backend.prepare(
+            f"<image>\n{QUESTION}",
+            Image.open(io.BytesIO(jpeg(1000 + i))).convert("RGB"),
+            max_text_tokens=2048,
+            truncate=False,
+        )
+        for i in range(batch)
+    ]
+
+    async def run(times: int) -> None:
+        for _ in range(times):
+            await backend.score(prepared)  # returns floats: the device has finished
+
+    asyncio.run(run(2))  # warm: kernels chosen, memory pooled
+    started = time.perf_counter()
+    asyncio.run(run(repeats))
+    return batch * repeats / (time.perf_counter() - started)
+
+
+def profile_served(target: str, clients: int, samples: int) -> list[str]:
+    """Summary lines of torch.profiler over ``samples`` served samples: the share of the
+    wall time the device ran kernels, and the top kernels by device time (CUPTI sees the
+    kernels of every thread; CPU operators of the server's threads are not recorded, so
+    none are listed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    per_client = max(1, samples // clients)
+    with profile(activities=activities) as prof:
+        seconds, _ = asyncio.run(drive(target, clients, per_client))
+    averages = prof.key_averages()
+    kernels = sorted(
+        (e for e in averages if e.device_type.name == "CUDA" and e.self_device_time_total > 0),
+        key=lambda e: e.self_device_time_total,
+        reverse=True,
+    )
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6  # microseconds
+    lines = [
+        f"profile: {clients * per_client} samples in {seconds:.2f} s, device kernels "
+        f"{busy:.2f} s = {busy / seconds:.1%} of the wall time"
+    ]
+    for event in kernels[:8]:
+        share = event.self_device_time_total / 1e6 / max(busy, 1e-9)
+        lines.append(f"profile kernel {share:6.1%}  x{event.count:<6d} {event.key[:90]}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (a dry run)")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--per-client", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--profile-samples", type=int, default=128, help="0: no profile")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
@@ -181,13 +244,19 @@ def main() -> None:
         server = ServerThread(config, registry).start()
         try:
             probe = backend.prepare(
-                "<image>\nWhat is unusual about this image? Describe the "
-                "scene and explain what stands out.",
+                f"<image>\n{QUESTION}",
                 Image.new("RGB", (640, 480)),
                 max_text_tokens=2048,
                 truncate=False,
             )
             seconds, latencies = asyncio.run(drive(server.target, args.clients, args.per_client))
+            profiled = (
+                profile_served(server.target, args.clients, args.profile_samples)
+                if args.profile_samples
+                else []
+            )
+            # The server idle, before it closes the backend: the model's own rate.
+            direct = direct_rate(backend, args.max_batch_size, 2 if args.tiny else 4)
         finally:
             server.stop()
     samples = args.clients * args.per_client
@@ -200,6 +269,13 @@ def main() -> None:
         f"(p50 {statistics.median(latencies) * 1000:.0f} ms)"
     )
     print(f"FLOP bound: {bound:.2f} samples/s -> {throughput / bound:.1%} of the bound")
+    print(
+        f"direct: forwards of {args.max_batch_size} prepared inputs, no server: "
+        f"{direct:.2f} samples/s = "
+        f"{direct / bound:.1%} of the bound; served/direct {throughput / direct:.3f}"
+    )
+    for line in profiled:
+        print(line)
 
 
 if __name__ == "__main__":
