@@ -79,9 +79,12 @@ def conversations(data: pathlib.Path, count: int) -> list[Sample]:
     """``count`` conversations from answer-dev.json, the first candidate answer of each turn
     (its records carry human scores, which the LLaVA reader refuses). The file lists its
     1-turn records first: taken with a stride of 7 (prime to its 112 records), any 16 or
-    more in a row mix 1-, 4- and 5-turn conversations about as the file does (70/23/19)."""
+    more in a row mix 1-, 4- and 5-turn conversations about as the file does (70/23/19).
+    Each conversation has its own image: with one image reused, conversations would share
+    the image's prefix in a batch (models.NAME.share_prefixes) as the paper's data, about
+    two conversations per COCO image spread over the whole set, mostly would not."""
     records = json.loads((data / "answer-dev.json").read_text())
-    pictures = images(16)
+    pictures = images(count)
     out = []
     for i in range(count):
         record = records[(7 * i) % len(records)]
@@ -89,7 +92,7 @@ def conversations(data: pathlib.Path, count: int) -> list[Sample]:
         turns = [
             Turn(h["value"], g["value"][0]) for h, g in zip(talk[::2], talk[1::2], strict=True)
         ]
-        out.append(Sample(id=f"{record['id']}-{i}", image=pictures[i % 16], turns=turns))
+        out.append(Sample(id=f"{record['id']}-{i}", image=pictures[i], turns=turns))
     return out
 
 
