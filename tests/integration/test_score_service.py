@@ -441,3 +441,35 @@ def test_health_command_and_client_method(
             return await aclient.health()
 
     assert asyncio.run(check()) == "SERVING"
+
+
+def test_tokens_a_reward_model_skips_are_counted(
+    server: ServerThread, client: CurationClient
+) -> None:
+    """align2_skipped_tokens_total: the turns of one conversation share the image prefix
+    (shared_prefix), and a batch of a short and a very long question (length-aware
+    forwards, the tiny model's 16 image tokens) skips padding. Equal to what the backends
+    counted themselves."""
+    from prometheus_client import REGISTRY
+
+    def skipped(model: str, reason: str) -> float:
+        labels = {"model": model, "reason": reason}
+        return REGISTRY.get_sample_value("align2_skipped_tokens_total", labels) or 0.0
+
+    # Both heads are the same folder here: one backend, labelled with the name it loaded as.
+    backend = server.app._runtimes["answer"].backend
+    assert backend is server.app._runtimes["question"].backend
+    model = backend.description.name
+    before = {reason: skipped(model, reason) for reason in ("shared_prefix", "padding")}
+    prefix, padding = backend.prefix_tokens_saved, backend.padded_tokens_saved
+    long_question = " ".join(f"What is thing {j} on the left side?" for j in range(40))
+    short, long = sample(1, turns=1), Sample(id="l", image=png(41, 33), turns=[Turn(long_question)])
+    [talk] = client.score([sample(2, turns=6)], heads=["answer"])
+    assert talk.error is None
+    results = client.score([short, long], heads=["question"])
+    assert all(r.error is None for r in results)
+
+    shared = skipped(model, "shared_prefix") - before["shared_prefix"]
+    padded = skipped(model, "padding") - before["padding"]
+    assert shared == backend.prefix_tokens_saved - prefix > 0
+    assert padded == backend.padded_tokens_saved - padding > 0

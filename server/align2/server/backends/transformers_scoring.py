@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from align2.server import metrics
 from align2.server.backends import length_groups, prefixes
 from align2.server.backends.base import ModelDescription, Prepared
 from align2.server.backends.checkpoint import read_reward_checkpoint
@@ -241,9 +242,9 @@ class TransformersScoring:
         groups = length_groups.split(lengths, self._length_split_tokens)
         if len(groups) == 1:
             return self._pooled_padded(inputs)
-        self.padded_tokens_saved += len(inputs) * max(lengths) - length_groups.padded_tokens(
-            lengths, groups
-        )
+        saved = len(inputs) * max(lengths) - length_groups.padded_tokens(lengths, groups)
+        self.padded_tokens_saved += saved
+        metrics.SKIPPED_TOKENS.labels(model=self.description.name, reason="padding").inc(saved)
         parts = [self._pooled_padded([inputs[i] for i in g]) for g in groups]
         order = torch.tensor([i for g in groups for i in g], device=self._device)
         rows = torch.cat(parts)
@@ -266,7 +267,11 @@ class TransformersScoring:
         rest, rest_mask = rest.to(self._device), rest_mask.to(self._device)
         mask = torch.cat([rest_mask.new_ones((len(inputs), prefix)), rest_mask], dim=1)
         hidden = self._run(None, rest, mask, past_key_values=cache).last_hidden_state
-        self.prefix_tokens_saved += prefix * (len(inputs) - 1)
+        saved = prefix * (len(inputs) - 1)
+        self.prefix_tokens_saved += saved
+        metrics.SKIPPED_TOKENS.labels(model=self.description.name, reason="shared_prefix").inc(
+            saved
+        )
         last = rest_mask.sum(dim=1) - 1
         return hidden[torch.arange(len(inputs), device=self._device), last].float()
 
