@@ -90,13 +90,17 @@ def images(count: int) -> list[bytes]:
 
 
 def samples(count: int):  # -> list[Sample]
+    """Question-head samples, each on its own image: with images reused, batch-mates of one
+    image would share its prefix (models.NAME.share_prefixes) in the service and not in
+    the direct batches of consecutive samples, and the comparison would be of work, not of
+    serving."""
     from align2.client import Sample, Turn
 
-    pics = images(min(count, 16))
+    pics = images(count)
     return [
         Sample(
             id=str(i),
-            image=pics[i % len(pics)],
+            image=pics[i],
             turns=[Turn(f"What is happening in region {i % 7} of the picture?", "")],
         )
         for i in range(count)
