@@ -52,37 +52,38 @@ def test_a_negative_count_is_refused_by_name(key: str) -> None:
     assert getattr(getattr(config_module.load(None, {key: 0}), section), name) == 0
 
 
-def test_serve_sets_a_passive_wait_policy_before_torch_loads() -> None:
-    """The OpenMP runtime reads OMP_WAIT_POLICY once, when torch is imported: the command
-    must set it before anything imports torch, and keep what the operator set."""
+def test_serve_bounds_the_spinning_before_torch_loads() -> None:
+    """The OpenMP runtime reads GOMP_SPINCOUNT and OMP_WAIT_POLICY once, when torch is
+    imported: the command must set the spin count before anything imports torch, and keep
+    what the operator set."""
     probe = (
         "import os, sys\n"
         "from align2.server import cli, threads\n"
         "seen = []\n"
-        "real = threads.prefer_passive_wait\n"
+        "real = threads.bound_spinning\n"
         "def spy():\n"
         "    seen.append('torch' in sys.modules)\n"
         "    real()\n"
-        "threads.prefer_passive_wait = spy\n"
+        "threads.bound_spinning = spy\n"
         "cli._no_progress_bars = lambda: None\n"
         "cli.serve = lambda config: None\n"
         "cli.asyncio.run = lambda coro: 0\n"
         "cli.main(['serve', '--port', '0'])\n"
-        "print(seen, os.environ.get('OMP_WAIT_POLICY'))\n"
+        "print(seen, os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
     )
-    assert out.stdout.split() == ["[False]", "PASSIVE"]
+    assert out.stdout.split() == ["[False]", "None", "30000"]
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     out = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
     )
-    assert out.stdout.split() == ["[False]", "ACTIVE"]
+    assert out.stdout.split() == ["[False]", "ACTIVE", "None"]
     del env["OMP_WAIT_POLICY"]
-    env["GOMP_SPINCOUNT"] = "30000"  # a spin count of the operator's: no policy added
+    env["GOMP_SPINCOUNT"] = "1000"  # a spin count of the operator's: kept, no policy added
     out = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
     )
-    assert out.stdout.split() == ["[False]", "None"]
+    assert out.stdout.split() == ["[False]", "None", "1000"]

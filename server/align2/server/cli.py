@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"align2: {exc}") from None
     logs.setup(config.server.log_level, config.server.log_format)
     if args.command == "serve":
-        threads.prefer_passive_wait()  # before torch is imported (by the next line)
+        threads.bound_spinning()  # before torch is imported (by the next line)
     _no_progress_bars()
     if args.command == "build-models":
         from align2.server.models import embedded

@@ -298,8 +298,9 @@ class ServerSection:
     at its peak size (docs/operating.md, "Memory"). -1: never."""
     torch_threads: int = 0
     """Intra-op threads for torch. 0: the CPUs this process may use (its affinity, capped by
-    a cgroup CPU quota). Unless OMP_WAIT_POLICY is set, `align2 serve` sets it to PASSIVE
-    so that idle torch threads do not spin on CPUs that preparation needs."""
+    a cgroup CPU quota). Unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set, `align2 serve`
+    sets GOMP_SPINCOUNT=30000, so that idle torch threads spin briefly, then sleep, instead
+    of spinning on CPUs that preparation needs."""
 
 
 @dataclass
