@@ -136,17 +136,23 @@ def test_the_call_deadline_bounds_a_resume() -> None:
     assert plan is not None and sum(plan) > 250  # no deadline: the outage's 300 s bound it
 
 
-def test_a_status_lost_by_grpcio_aio_is_resumed_only_after_a_decision() -> None:
+def test_a_status_lost_by_grpcio_aio_is_resumed_once_blind_then_only_after_a_decision() -> None:
     # grpcio's asyncio client turns a stream that ends during a write into this INTERNAL,
     # whatever the server said (grpc/grpc#36066).
     stream = CurateStream.plan(resume=FAST_RESUME)
     list(stream.requests(samples(2)))
-    assert stream.next_try("INTERNAL", LOST_STATUS) is None  # refused before any decision?
-    stream.decode(decision(0, "0"))
-    assert stream.next_try("INTERNAL", LOST_STATUS) is not None  # it was going: resume
-    assert stream.next_try("INTERNAL", "a server bug") is None
-    stream.restart()  # a new stream: no decision on it yet
-    assert stream.next_try("INTERNAL", LOST_STATUS) is None
+    # No decision: refused, or drained as it opened? Once, a new stream tells which.
+    assert stream.next_try("INTERNAL", LOST_STATUS) is not None
+    stream.restart()
+    assert stream.next_try("INTERNAL", LOST_STATUS) is None  # not asked again and again
+    going = CurateStream.plan(resume=FAST_RESUME)
+    list(going.requests(samples(2)))
+    going.decode(decision(0, "0"))
+    assert going.next_try("INTERNAL", LOST_STATUS) is not None  # it was going: resume
+    assert going.next_try("INTERNAL", LOST_STATUS) is not None  # as often as the policy says
+    assert going.next_try("INTERNAL", "a server bug") is None
+    no_policy = CurateStream.plan(resume=None)
+    assert no_policy.next_try("INTERNAL", LOST_STATUS) is None  # retry=False: never
 
 
 def test_an_outage_ends_after_its_attempts_or_its_time_and_backs_off() -> None:

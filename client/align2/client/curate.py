@@ -137,6 +137,7 @@ class CurateStream:
     _numbers: Iterator[int] = field(default_factory=itertools.count)
     _outage: Outage | None = None
     _decided: int = 0  # decisions on the current stream
+    _blind_resumes: int = 0  # resumes after a lost status on a stream without decisions
 
     @classmethod
     def plan(
@@ -334,10 +335,21 @@ class CurateStream:
     def _lost_status(self, code: str, details: str) -> bool:
         """grpcio's asyncio client reports a stream that ended while a write was on its way
         as INTERNAL "Internal error from Core", whatever the real status was (a broken
-        connection, or the server's own; grpc/grpc#36066, grpcio 1.85). Resumed only when
-        the stream had decisions: a server that refuses a stream (bad options, Curate
-        disabled) does so before any, and must not be asked again and again."""
-        return code == "INTERNAL" and details == LOST_STATUS and self._decided > 0
+        connection, or the server's own; grpc/grpc#36066, grpcio 1.85). Resumed when the
+        stream had decisions (it was going). Without decisions the server may have refused
+        the stream (bad options, Curate disabled, too many selection keys), or have been
+        draining as it opened: resumed once per call, so that the next stream tells which
+        (align2 servers read what the client still sends before they refuse, so a refusal
+        is not lost twice but to a producer that keeps writing), and never asked again."""
+        if code != "INTERNAL" or details != LOST_STATUS:
+            return False
+        if self._decided > 0:
+            return True
+        with self._lock:
+            if self._blind_resumes >= 1:
+                return False
+            self._blind_resumes += 1
+            return True
 
     def restart(self) -> None:
         """Make the next stream current: what the last one left unanswered goes first, in
