@@ -136,7 +136,7 @@ def test_the_call_deadline_bounds_a_resume() -> None:
     assert plan is not None and sum(plan) > 250  # no deadline: the outage's 300 s bound it
 
 
-def test_a_status_lost_by_grpcio_aio_is_resumed_once_blind_then_only_after_a_decision() -> None:
+def test_a_status_lost_by_grpcio_aio_is_resumed_once_blind_then_after_decisions() -> None:
     # grpcio's asyncio client turns a stream that ends during a write into this INTERNAL,
     # whatever the server said (grpc/grpc#36066).
     stream = CurateStream.plan(resume=FAST_RESUME)
@@ -151,7 +151,16 @@ def test_a_status_lost_by_grpcio_aio_is_resumed_once_blind_then_only_after_a_dec
     assert going.next_try("INTERNAL", LOST_STATUS) is not None  # it was going: resume
     assert going.next_try("INTERNAL", LOST_STATUS) is not None  # as often as the policy says
     assert going.next_try("INTERNAL", "a server bug") is None
-    no_policy = CurateStream.plan(resume=None)
+    # A decision ends the outage and its blind resume: the next drain gets one again.
+    later = CurateStream.plan(resume=FAST_RESUME)
+    list(later.requests(samples(2)))
+    assert later.next_try("INTERNAL", LOST_STATUS) is not None  # blind
+    later.restart()
+    list(later.requests([]))  # the two again, first on the new stream
+    later.decode(decision(0, "0"))
+    later.restart()
+    assert later.next_try("INTERNAL", LOST_STATUS) is not None  # blind again
+    no_policy = CurateStream.plan(resume=False)
     assert no_policy.next_try("INTERNAL", LOST_STATUS) is None  # retry=False: never
 
 

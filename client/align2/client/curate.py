@@ -137,7 +137,7 @@ class CurateStream:
     _numbers: Iterator[int] = field(default_factory=itertools.count)
     _outage: Outage | None = None
     _decided: int = 0  # decisions on the current stream
-    _blind_resumes: int = 0  # resumes after a lost status on a stream without decisions
+    _blind_resumes: int = 0  # lost statuses resumed without a decision since the last one
 
     @classmethod
     def plan(
@@ -261,10 +261,11 @@ class CurateStream:
     # -- receiving ----------------------------------------------------------------------
     def decode(self, response: pb.CurateResponse) -> CurateResult:
         """The result for one response of the current stream; ProtocolError for a sequence
-        number with nothing outstanding. A decision ends an outage."""
+        number with nothing outstanding. A decision ends an outage (and its blind resume)."""
         with self._lock:
             sent = self._outstanding.pop(response.sequence, None)
             self._outage = None
+            self._blind_resumes = 0
             self._decided += 1
         if sent is None:
             raise ProtocolError(
@@ -338,9 +339,10 @@ class CurateStream:
         connection, or the server's own; grpc/grpc#36066, grpcio 1.85). Resumed when the
         stream had decisions (it was going). Without decisions the server may have refused
         the stream (bad options, Curate disabled, too many selection keys), or have been
-        draining as it opened: resumed once per call, so that the next stream tells which
-        (align2 servers read what the client still sends before they refuse, so a refusal
-        is not lost twice but to a producer that keeps writing), and never asked again."""
+        draining as it opened: resumed once until a decision comes, so that the next stream
+        tells which (align2 servers read what the client still sends, for up to 0.5 s,
+        before they refuse, so a refusal is lost twice only to a producer that keeps
+        writing), and a refusing server is not asked again and again."""
         if code != "INTERNAL" or details != LOST_STATUS:
             return False
         if self._decided > 0:

@@ -65,7 +65,8 @@ BATCH_SPLITS = prom.Counter(
 SKIPPED_TOKENS = prom.Counter(
     "align2_skipped_tokens",
     "Tokens a reward model on transformers did not compute, by reason: shared_prefix (a "
-    "prefix batch-mates share, run once), padding (saved by length-aware forwards)",
+    "prefix batch-mates share, run once), padding (saved by length-aware forwards); a "
+    "failed batch retried in halves is counted again",
     ["model", "reason"],
 )
 GENERATED_TOKENS = prom.Counter(

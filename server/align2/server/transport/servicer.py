@@ -96,8 +96,8 @@ async def _linger(requests: AsyncIterator[pb.CurateRequest]) -> None:
     gets the status anyway. What is read here was never accepted (the stream failed first)
     and is held one message at a time. Not covered: a stream whose reading was cancelled
     (the server leaving SERVING) cannot be read on; its accepted samples were answered
-    first, and align2's client resumes a stream that had decisions when it sees the lost
-    status."""
+    first, and align2's client resumes a stream whose status was lost (after decisions;
+    and once without, until the next decision)."""
     with contextlib.suppress(Exception):  # a deadline, a cancelled or broken call
         async with asyncio.timeout(LINGER_SECONDS):
             async for _ in requests:
