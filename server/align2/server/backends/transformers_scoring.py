@@ -224,15 +224,15 @@ class TransformersScoring:
                 if not share:
                     return self._pooled_whole(inputs)
                 groups = prefixes.plan(inputs)
-                parts = [
-                    self._pooled_shared([inputs[i] for i in g.members], g.prefix)
-                    if g.prefix
-                    else self._pooled_whole([inputs[i] for i in g.members])
-                    for g in groups
-                ]
-                order = torch.tensor([i for g in groups for i in g.members], device=self._device)
-                rows = torch.cat(parts)
-                return rows.index_copy(0, order, rows)
+                return self._in_order(
+                    [g.members for g in groups],
+                    [
+                        self._pooled_shared([inputs[i] for i in g.members], g.prefix)
+                        if g.prefix
+                        else self._pooled_whole([inputs[i] for i in g.members])
+                        for g in groups
+                    ],
+                )
         except Exception as exc:
             raise classify_device_error(exc, self.description.name) from exc
 
@@ -243,12 +243,23 @@ class TransformersScoring:
         if len(groups) == 1:
             return self._pooled_padded(inputs)
         saved = len(inputs) * max(lengths) - length_groups.padded_tokens(lengths, groups)
-        self.padded_tokens_saved += saved
-        metrics.SKIPPED_TOKENS.labels(model=self.description.name, reason="padding").inc(saved)
-        parts = [self._pooled_padded([inputs[i] for i in g]) for g in groups]
+        self._skipped("padding", saved)
+        return self._in_order(groups, [self._pooled_padded([inputs[i] for i in g]) for g in groups])
+
+    def _in_order(self, groups: Sequence[Sequence[int]], parts: list[torch.Tensor]) -> torch.Tensor:
+        """The rows of ``parts`` (one tensor per group, rows in the group's order) put back
+        in the batch's order: ``groups`` list each group's indices into the batch."""
         order = torch.tensor([i for g in groups for i in g], device=self._device)
         rows = torch.cat(parts)
         return rows.index_copy(0, order, rows)
+
+    def _skipped(self, reason: str, tokens: int) -> None:
+        """Count tokens not computed: the backend's own tally and the Prometheus counter."""
+        if reason == "padding":
+            self.padded_tokens_saved += tokens
+        else:
+            self.prefix_tokens_saved += tokens
+        metrics.SKIPPED_TOKENS.labels(model=self.description.name, reason=reason).inc(tokens)
 
     def _pooled_padded(self, inputs: list[_Inputs]) -> torch.Tensor:
         ids, mask = _pad_right([x.input_ids for x in inputs], self._pad_id)
@@ -267,11 +278,7 @@ class TransformersScoring:
         rest, rest_mask = rest.to(self._device), rest_mask.to(self._device)
         mask = torch.cat([rest_mask.new_ones((len(inputs), prefix)), rest_mask], dim=1)
         hidden = self._run(None, rest, mask, past_key_values=cache).last_hidden_state
-        saved = prefix * (len(inputs) - 1)
-        self.prefix_tokens_saved += saved
-        metrics.SKIPPED_TOKENS.labels(model=self.description.name, reason="shared_prefix").inc(
-            saved
-        )
+        self._skipped("shared_prefix", prefix * (len(inputs) - 1))
         last = rest_mask.sum(dim=1) - 1
         return hidden[torch.arange(len(inputs), device=self._device), last].float()
 
