@@ -102,23 +102,27 @@ async def measure(
     call: Callable[[AsyncCurationClient, list[Sample]], Any],
     clients: int,
     per_call: int,
-) -> float:
-    """Seconds for ``clients`` callers to send ``samples`` in calls of ``per_call``."""
+) -> tuple[float, list[Any]]:
+    """Seconds for ``clients`` callers to send ``samples`` in calls of ``per_call``, and
+    the results in the order of ``samples``."""
     chunks = [list(samples[i : i + per_call]) for i in range(0, len(samples), per_call)]
+    replies: list[list[Any]] = [[] for _ in chunks]
     async with AsyncCurationClient(target, timeout=3600) as client:
         await call(client, chunks[0][:1])  # connect, warm the path
-        pending = iter(chunks)
+        pending = iter(range(len(chunks)))
 
         async def worker() -> None:
-            for chunk in pending:
-                results = await call(client, chunk)
+            for index in pending:
+                results = await call(client, chunks[index])
                 failed = [r.error for r in results if r.error is not None]
                 if failed:
                     raise RuntimeError(f"{len(failed)} failed: {failed[0]}")
+                replies[index] = list(results)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
-        return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+    return seconds, [r for reply in replies for r in reply]
 
 
 def rates(target: str, data: pathlib.Path, args: argparse.Namespace) -> dict[str, float]:
@@ -141,7 +145,7 @@ def rates(target: str, data: pathlib.Path, args: argparse.Namespace) -> dict[str
         ("answer", scored, answer, sum(len(s.turns) for s in scored)),
         ("align", aligned, align, sum(len(s.turns) for s in aligned)),
     ):
-        seconds = asyncio.run(measure(target, samples, call, args.clients, args.per_call))
+        seconds, _ = asyncio.run(measure(target, samples, call, args.clients, args.per_call))
         out[name] = units / seconds
         print(f"  {name:<9} {units:6d} units in {seconds:8.1f} s: {out[name]:9.2f} /s", flush=True)
     return out
@@ -184,7 +188,9 @@ def embedded_server(folder: pathlib.Path, continuous_rows: int):  # -> ServerPro
     return ServerProcess(args, folder / "server.log").start(timeout=900)
 
 
-def gpu_server(tiny: bool, folder: pathlib.Path, continuous_rows: int):  # -> (ServerThread, name)
+def gpu_server(
+    tiny: bool, folder: pathlib.Path, continuous_rows: int, new_tokens: int
+):  # -> (ServerThread, name)
     """The 7B-shaped reward model and inner LLM, in-process (random weights, on the device)."""
     import gpu_align
     import gpu_score
@@ -206,7 +212,7 @@ def gpu_server(tiny: bool, folder: pathlib.Path, continuous_rows: int):  # -> (S
     config.batching.max_batch_size = 32
     config.batching.max_batch_tokens = 1 << 20
     config.align.model = gpu_align.MODEL_NAME
-    config.align.max_new_tokens_limit = max(1024, config.align.max_new_tokens_limit)
+    config.align.max_new_tokens_limit = max(new_tokens, config.align.max_new_tokens_limit)
     config.models = {
         "question": ModelConfig(path=str(folder), backend="projection-rm"),
         "answer": ModelConfig(path=str(folder), backend="projection-rm"),
@@ -237,7 +243,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="align2-projection-") as tmp:
         folder = pathlib.Path(tmp)
         if args.gpu:
-            server, device = gpu_server(args.tiny, folder, args.continuous_rows)
+            server, device = gpu_server(args.tiny, folder, args.continuous_rows, args.new_tokens)
         else:
             server = embedded_server(folder, args.continuous_rows)
             device = f"this machine ({os.cpu_count()} CPUs)"

@@ -22,6 +22,7 @@ import io
 import os
 import pathlib
 import statistics
+import sys
 import tempfile
 import time
 
@@ -44,6 +45,9 @@ from align2.server.backends.transformers_scoring import TransformersScoring
 from align2.server.config import Config, ModelConfig
 from align2.server.models.builders import build_llava_reward
 from align2.server.testing import ServerThread
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from score import images  # COCO-sized (640x480) JPEGs, distinct content
 
 VICUNA_7B = dict(
     hidden_size=4096,
@@ -129,27 +133,24 @@ def build_backend(tiny: bool, folder: pathlib.Path, device: torch.device) -> Tra
     return TransformersScoring(description, processor, model.model, head, "pad")
 
 
-def jpeg(seed: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.effect_noise((640, 480), 20 + seed).convert("RGB").save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
 QUESTION = "What is unusual about this image? Describe the scene and explain what stands out."
 
 
-async def drive(target: str, clients: int, per_client: int) -> tuple[float, list[float]]:
+async def drive(
+    target: str, clients: int, per_client: int, warm: bool = True
+) -> tuple[float, list[float]]:
     """Every sample on its own image, as the question stage sees them: batch-mates share
     no prefix past BOS (with one image reused, shared prefixes would skip nearly all)."""
-    images = [jpeg(i) for i in range(clients * per_client + 1)]
+    pictures = images(clients * per_client + 1)
     latencies: list[float] = []
     async with AsyncCurationClient(target, timeout=600) as client:
-        warm = Sample(id="w", image=images[-1], turns=[Turn(QUESTION)])
-        await client.score([warm], heads=["question"])
+        if warm:  # (a profiled window is warm already: this call would run outside its time)
+            first = Sample(id="w", image=pictures[-1], turns=[Turn(QUESTION)])
+            await client.score([first], heads=["question"])
 
         async def worker(k: int) -> None:
             for j in range(per_client):
-                image = images[k * per_client + j]
+                image = pictures[k * per_client + j]
                 sample = Sample(id=f"{k}-{j}", image=image, turns=[Turn(QUESTION)])
                 t0 = time.perf_counter()
                 [result] = await client.score([sample], heads=["question"])
@@ -167,11 +168,11 @@ def direct_rate(backend: TransformersScoring, batch: int, repeats: int) -> float
     prepared = [
         backend.prepare(
             f"<image>\n{QUESTION}",
-            Image.open(io.BytesIO(jpeg(1000 + i))).convert("RGB"),
+            Image.open(io.BytesIO(picture)).convert("RGB"),
             max_text_tokens=2048,
             truncate=False,
         )
-        for i in range(batch)
+        for picture in images(batch)
     ]
 
     async def run(times: int) -> None:
@@ -196,7 +197,7 @@ def profile_served(target: str, clients: int, samples: int) -> list[str]:
         activities.append(ProfilerActivity.CUDA)
     per_client = max(1, samples // clients)
     with profile(activities=activities) as prof:
-        seconds, _ = asyncio.run(drive(target, clients, per_client))
+        seconds, _ = asyncio.run(drive(target, clients, per_client, warm=False))
     averages = prof.key_averages()
     kernels = sorted(
         (e for e in averages if e.device_type.name == "CUDA" and e.self_device_time_total > 0),

@@ -21,49 +21,26 @@ import asyncio
 import pathlib
 import sys
 import tempfile
-import time
+from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from curation_projection import conversations
-from score import build_model
+from curation_projection import conversations, measure
+from score import Threads, build_model, largest_difference, start_server
 
 from align2.client import AsyncCurationClient, Sample
-from align2.server.testing import ServerProcess
 
 HEADS = ("question", "answer")
 
 
-def start(path: pathlib.Path, folder: pathlib.Path, split: int, batch: int) -> ServerProcess:
-    config = folder / f"split-{split}.toml"
-    model = f'path = "{path}"\nlength_split_tokens = {split}\n'
-    config.write_text(
-        '[server]\nport = 0\nmetrics_port = -1\nlog_level = "WARNING"\n'
-        f"[batching]\nmax_batch_size = {batch}\nmax_batch_tokens = 1000000\n"
-        f"[models.question]\n{model}[models.answer]\n{model}"
-    )
-    args = ["--config", str(config), "--log-level", "INFO"]  # INFO: the ready line
-    return ServerProcess(args, folder / f"server-{split}.log").start()
-
-
-async def run(
+def run(
     target: str, samples: list[Sample], head: str, clients: int, per_call: int
 ) -> tuple[float, list[float]]:
     """Seconds for ``clients`` callers to score ``samples`` under ``head``, and the scores."""
-    calls = [samples[i : i + per_call] for i in range(0, len(samples), per_call)]
-    replies: list[list] = [[] for _ in calls]  # type: ignore[type-arg]
-    async with AsyncCurationClient(target, timeout=3600) as client:
-        await client.score(samples[:1], heads=[head])  # connect, warm
-        pending = iter(range(len(calls)))
 
-        async def worker() -> None:
-            for i in pending:
-                replies[i] = await client.score(calls[i], heads=[head])
+    def call(client: AsyncCurationClient, chunk: list[Sample]) -> Any:
+        return client.score(chunk, heads=[head])
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        seconds = time.perf_counter() - started
-    results = [r for reply in replies for r in reply]
-    assert all(r.error is None for r in results), [r.error for r in results if r.error]
+    seconds, results = asyncio.run(measure(target, samples, call, clients, per_call))
     if head == "question":
         return seconds, [float(r.question_score) for r in results]
     return seconds, [float(s) for r in results for s in r.answer_scores]
@@ -79,9 +56,7 @@ def main() -> None:
     parser.add_argument("--splits", default="0,512,64", help="length_split_tokens values")
     parser.add_argument("--size", choices=("38m", "tiny"), default="38m")
     args = parser.parse_args()
-    splits = [int(s) for s in args.splits.split(",")]
-    if splits[0] != 0:
-        splits.insert(0, 0)  # the reference: one forward per batch
+    splits = [0, *(int(s) for s in args.splits.split(",") if int(s))]  # 0: the reference
     samples = conversations(args.data, args.conversations)  # made once (C rand in images)
     inputs = {"question": len(samples), "answer": sum(len(s.turns) for s in samples)}
     times: dict[tuple[str, int], float] = {}
@@ -90,12 +65,17 @@ def main() -> None:
         folder = pathlib.Path(tmp)
         path = build_model(folder, args.size)
         for split in splits:
-            server = start(path, folder, split, args.max_batch_size)
+            server = start_server(
+                path,
+                args.max_batch_size,
+                folder,
+                Threads(),
+                f"split-{split}",
+                length_split_tokens=split,
+            )
             try:
                 for head in HEADS:
-                    seconds, got = asyncio.run(
-                        run(server.target, samples, head, args.clients, args.per_call)
-                    )
+                    seconds, got = run(server.target, samples, head, args.clients, args.per_call)
                     times[head, split], scores[head, split] = seconds, got
                     print(
                         f"  length_split_tokens {split:4d}  {head:<8} {inputs[head]:4d} inputs "
@@ -110,12 +90,9 @@ def main() -> None:
     )
     for head in HEADS:
         for split in splits[1:]:
-            worst = max(
-                abs(a - b) / max(1.0, abs(b))
-                for a, b in zip(scores[head, split], scores[head, 0], strict=True)
+            worst = largest_difference(
+                scores[head, split], scores[head, 0], f"{head}, split {split}"
             )
-            if worst > 1e-4:
-                raise SystemExit(f"{head}, split {split}: scores differ by {worst:.1e}")
             base, now = times[head, 0], times[head, split]
             print(
                 f"{head:<8} length_split_tokens {split:4d}: {now:7.2f} s vs {base:7.2f} s "

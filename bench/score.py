@@ -169,19 +169,40 @@ class Threads:
 
 
 def start_server(
-    path: pathlib.Path, max_batch_size: int, folder: pathlib.Path, threads: Threads
+    path: pathlib.Path,
+    max_batch_size: int,
+    folder: pathlib.Path,
+    threads: Threads,
+    tag: str = "",
+    **model_keys: bool | int,
 ) -> ServerProcess:
-    config = folder / f"bench-{max_batch_size}.toml"
+    """``python -m align2.server`` with ``path`` as both heads; ``model_keys``: more keys
+    of each head's [models.NAME] table (e.g. share_prefixes=False); ``tag`` names its
+    files (default: the batch size)."""
+    tag = tag or str(max_batch_size)
+    model = f'path = "{path}"\n' + "".join(
+        f"{key} = {str(value).lower()}\n" for key, value in model_keys.items()
+    )
+    config = folder / f"bench-{tag}.toml"
     config.write_text(
         f'[server]\nport = 0\nmetrics_port = -1\nlog_level = "WARNING"\n'
         f"torch_threads = {threads.torch_threads}\n"
         f"[batching]\nmax_batch_size = {max_batch_size}\nmax_batch_tokens = 1000000\n"
         f"preprocess_workers = {threads.preprocess_workers}\n"
-        f'[models.question]\npath = "{path}"\n[models.answer]\npath = "{path}"\n'
+        f"[models.question]\n{model}[models.answer]\n{model}"
     )
-    args = ["--config", str(config), "--log-level", "INFO"]
-    log = folder / f"server-{max_batch_size}.log"
+    args = ["--config", str(config), "--log-level", "INFO"]  # INFO: the ready line
+    log = folder / f"server-{tag}.log"
     return ServerProcess(args, log, env=threads.env()).start()
+
+
+def largest_difference(got: list[float], reference: list[float], what: str) -> float:
+    """The largest relative difference (to max(1, |reference|)) between two score lists;
+    the run fails (SystemExit naming ``what``) when it exceeds 1e-4."""
+    worst = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(got, reference, strict=True))
+    if worst > 1e-4:
+        raise SystemExit(f"{what}: scores differ by {worst:.1e} (> 1e-4)")
+    return worst
 
 
 async def load(target: str, clients: int, per_client: int, name: str) -> Row:
