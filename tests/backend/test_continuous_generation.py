@@ -259,7 +259,10 @@ def test_closing_fails_everything_still_waiting_choices_included() -> None:
     loop.submit(Row([4], GREEDY, 5, answers.append))
     closer = threading.Thread(target=loop.close)
     closer.start()
-    time.sleep(0.1)
+    deadline = time.monotonic() + 5
+    while not loop.closed and time.monotonic() < deadline:  # close() marks it, then joins
+        time.sleep(0.01)
+    assert loop.closed
     gate.set()
     closer.join(5)
     assert not closer.is_alive()

@@ -500,8 +500,11 @@ def test_a_new_selection_key_beyond_the_limit_is_refused(tiny_llava: pathlib.Pat
             try:
                 for attempt in range(30):  # a race: many tries, samples right behind options
                     samples = [sample(i) for i in range(1, 9)]
+                    # resume=False: the client's one blind resume would hide a lost refusal
+                    call = client.curate(samples, selection_key=f"b{attempt}", resume=False)
                     with pytest.raises(grpc.RpcError) as refused:
-                        _ = [r async for r in client.curate(samples, selection_key=f"b{attempt}")]
+                        _ = [r async for r in call]
+                    assert call.streams == 1
                     refusals.append(refused.value)
                 [same] = [r async for r in client.curate([sample(2)], selection_key="a")]
                 assert same.question_window_size == 2  # sample(0)'s task: A's score counts

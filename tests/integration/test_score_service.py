@@ -19,6 +19,7 @@ from PIL import Image
 from support import ServerThread, error_details, jpeg, png
 
 from align2.client import AsyncCurationClient, CurationClient, Sample, Turn
+from align2.server.backends.base import Prepared
 from align2.server.config import Config, ModelConfig
 from align2.v1 import curation_pb2 as pb
 from align2.v1 import curation_pb2_grpc as pb_grpc
@@ -443,9 +444,7 @@ def test_health_command_and_client_method(
     assert asyncio.run(check()) == "SERVING"
 
 
-def test_tokens_a_reward_model_skips_are_counted(
-    server: ServerThread, client: CurationClient
-) -> None:
+def test_tokens_a_reward_model_skips_are_counted(server: ServerThread) -> None:
     """align2_skipped_tokens_total: the turns of one conversation share the image prefix
     (shared_prefix), and a batch of a short and a very long question (length-aware
     forwards, the tiny model's 16 image tokens) skips padding. Equal to what the backends
@@ -463,11 +462,20 @@ def test_tokens_a_reward_model_skips_are_counted(
     before = {reason: skipped(model, reason) for reason in ("shared_prefix", "padding")}
     prefix, padding = backend.prefix_tokens_saved, backend.padded_tokens_saved
     long_question = " ".join(f"What is thing {j} on the left side?" for j in range(40))
-    short, long = sample(1, turns=1), Sample(id="l", image=png(41, 33), turns=[Turn(long_question)])
-    [talk] = client.score([sample(2, turns=6)], heads=["answer"])
-    assert talk.error is None
-    results = client.score([short, long], heads=["question"])
-    assert all(r.error is None for r in results)
+
+    def prepared(text: str, image: bytes) -> Prepared:
+        picture = Image.open(io.BytesIO(image)).convert("RGB")
+        return backend.prepare(f"<image>\n{text}", picture, max_text_tokens=2048, truncate=False)
+
+    # Each batch given to the backend as one (through the client, batch-mates depend on
+    # when each input's preparation ends): two answers on one image, then a short and a
+    # long question on two images.
+    one = png(30, 20)
+    turns = [prepared(f"Question: What is it?\nAnswer: {a}", one) for a in ("A box.", "Red.")]
+    server.call(backend.score(turns))
+    server.call(
+        backend.score([prepared("What?", png(31, 22)), prepared(long_question, png(41, 33))])
+    )
 
     shared = skipped(model, "shared_prefix") - before["shared_prefix"]
     padded = skipped(model, "padding") - before["padding"]

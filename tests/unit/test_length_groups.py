@@ -39,8 +39,10 @@ def test_the_plan_covers_every_input_once_at_the_least_cost(
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     assert all(groups)
     cost = padded_tokens(lengths, groups) + overhead * len(groups)
-    assert cost == brute_force(lengths, overhead)
     assert cost <= len(lengths) * max(lengths) + overhead  # never worse than one forward
+    assert cost == brute_force(lengths, overhead)
+    flat = [lengths[i] for g in groups for i in g]
+    assert len(groups) == 1 or flat == sorted(flat)  # shortest group first, each sorted
 
 
 @given(lengths_lists)
