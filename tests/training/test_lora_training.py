@@ -19,6 +19,7 @@ from align2.server.models import llava_original as orig
 from align2.server.training import data, lora
 from align2.server.training.layer_inputs import capture
 from align2.server.training.lora_pipeline import TrainLoraConfig, load_head, run
+from align2.server.training.lora_selection import Selection
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,10 @@ def lora_config(original_llava, preference_dir, tmp_path_factory) -> TrainLoraCo
         layers=1,  # of the tiny base's 2
         val_fraction=0.3,
         train=lora.LoraTrainConfig(epochs=2, groups_per_step=2),
-        learning_rates=(1e-3, 1e-2),
+        selection={
+            "question": Selection((1e-3, 1e-2)),
+            "answer": Selection((1e-3, 1e-2), folds=3),
+        },
     )
 
 
@@ -58,12 +62,25 @@ def test_adapters_are_written_in_the_release_layout(trained, lora_config) -> Non
         # B moved from PEFT's zero start exactly when a trained epoch was kept.
         moved = any(bool(b.abs().sum() > 0) for _, b in adapter.lora.values())
         assert moved == (report.best_epoch > 0)
-        # The kept epoch is the best on validation; epoch 0 is the untrained adapter.
+        # The kept epoch is the best on validation (held-out or out-of-fold); epoch 0 is
+        # the untrained adapter, whose accuracy the untrained baseline measures.
         accuracies = [e.validation for e in report.epochs]
         assert len(accuracies) == lora_config.train.epochs + 1
         assert accuracies[report.best_epoch] == max(accuracies)
-        assert [s.split for s in report.splits] == ["validation", "test"]
+        assert accuracies[0] == pytest.approx(report.splits[0].untrained)
         assert report.served_difference < 1e-4
+    question, answer = trained
+    assert [s.split for s in question.splits] == ["validation", "test"]
+    assert question.folds == 0 and question.train_pairs < len(_pairs(lora_config, "question"))
+    # k-fold: every group is scored out of fold, and the adapter is trained on all of them.
+    assert [s.split for s in answer.splits] == ["3-fold", "test"]
+    assert answer.folds == 3 and answer.splits[0].pairs == len(_pairs(lora_config, "answer"))
+    assert answer.train_pairs == answer.splits[0].pairs
+
+
+def _pairs(config: TrainLoraConfig, head: str) -> torch.Tensor:
+    name = {"question": "question-train.json", "answer": "answer-dev.json"}[head]
+    return data.pairs(data.load(config.data_dir / name, head).groups)
 
 
 _MODULES = [
@@ -157,6 +174,6 @@ def test_train_lora_command_reports_both_heads(
     argv += ["--val-fraction", "0.3", "--heads", "answer"]
     assert cli.main(argv) == 0
     report = capsys.readouterr().out
-    assert "| answer | validation | answer-dev.json |" in report
+    assert "| answer | 3-fold | answer-dev.json |" in report
     assert "answer: LoRA r=8 alpha=16 on layers 1-1" in report
     assert "| question |" not in report and "| answer | test |" not in report

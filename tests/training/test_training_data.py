@@ -93,6 +93,23 @@ def test_split_holds_out_whole_images_deterministically() -> None:
         data.split_by_image(groups, 1.0, seed=0)
 
 
+def test_folds_deal_out_whole_images_deterministically() -> None:
+    groups = [group(f"img{i // 2}", [0.1, 0.9], first_row=2 * i) for i in range(22)]  # 11
+    folds = data.folds_by_image(groups, 3, seed=0)
+    assert sorted(len({g.image for g in f}) for f in folds) == [3, 4, 4]
+    assert sorted(g.rows for f in folds for g in f) == sorted(g.rows for g in groups)
+    for k, fold in enumerate(folds):  # an image's groups are all in one fold
+        others = {g.image for j, f in enumerate(folds) if j != k for g in f}
+        assert others.isdisjoint(g.image for g in fold)
+    again = data.folds_by_image(list(reversed(groups)), 3, seed=0)
+    assert [{g.image for g in f} for f in again] == [{g.image for g in f} for f in folds]
+    other = data.folds_by_image(groups, 3, seed=1)
+    assert [{g.image for g in f} for f in other] != [{g.image for g in f} for f in folds]
+    for bad in (1, 12):
+        with pytest.raises(ValueError, match=rf"folds {bad} is not in \[2, 11\]"):
+            data.folds_by_image(groups, bad, seed=0)
+
+
 def test_longer_is_better_orders_by_rendered_length() -> None:
     scores = length_scores(["<image>\nshort", "<image>\na longer one"])
     assert pairwise_accuracy(scores, torch.tensor([[1, 0]])) == 1.0

@@ -125,5 +125,19 @@ def split_by_image(
     return [g for g in groups if g.image not in held], [g for g in groups if g.image in held]
 
 
+def folds_by_image(groups: Sequence[Group], folds: int, seed: int) -> list[list[Group]]:
+    """``folds`` disjoint parts of ``groups``, by image, for k-fold cross-validation.
+
+    Images are ranked by the same seeded hash as :func:`split_by_image` and dealt out in
+    turn, so every image (and all its groups) is in exactly one fold, the folds differ by
+    at most one image, and a rerun deals the same folds whatever the file order.
+    """
+    images = sorted({g.image for g in groups}, key=lambda i: _rank(seed, i))
+    if not 2 <= folds <= len(images):
+        raise ValueError(f"folds {folds} is not in [2, {len(images)}] (the images)")
+    fold_of = {image: n % folds for n, image in enumerate(images)}
+    return [[g for g in groups if fold_of[g.image] == k] for k in range(folds)]
+
+
 def _rank(seed: int, image: str) -> str:
     return hashlib.sha256(f"{seed}:{image}".encode()).hexdigest()

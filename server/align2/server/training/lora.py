@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +113,51 @@ Params = dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]
 """Original module name -> the LoRA A and B parameters trained in place."""
 
 
+def run_epochs(
+    tail: Tail,
+    params: Params,
+    head: torch.nn.Parameter,
+    states: Sequence[torch.Tensor],
+    groups: Sequence[Group],
+    config: LoraTrainConfig,
+) -> Iterator[tuple[int, float]]:
+    """Bradley-Terry over the pairs of ``groups`` (rows index ``states``), ``config.epochs``
+    epochs; ``params`` and ``head`` are updated in place, and after each epoch this yields
+    (epoch, mean loss) so that the caller can evaluate or copy them."""
+    trainable = [p for pair in params.values() for p in pair] + [head]
+    for p in trainable:
+        p.requires_grad_(True)
+    try:
+        optimiser = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+        order = list(range(len(groups)))
+        rng = random.Random(config.seed)
+        for epoch in range(1, config.epochs + 1):
+            rng.shuffle(order)
+            total, steps = 0.0, 0
+            for start in range(0, len(order), config.groups_per_step):
+                chosen = [groups[i] for i in order[start : start + config.groups_per_step]]
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                    loss = _step_loss(tail, head, states, chosen)
+                if loss is None:
+                    continue
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                total, steps = total + float(loss.detach()), steps + 1
+            yield epoch, total / max(steps, 1)
+    finally:
+        for p in trainable:
+            p.requires_grad_(False)
+
+
+def snapshot(
+    params: Params, head: torch.Tensor
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """A copy of the LoRA A and B of every module, and of the head."""
+    lora = {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in params.items()}
+    return lora, head.detach().clone()
+
+
 def train(
     tail: Tail,
     params: Params,
@@ -123,49 +168,21 @@ def train(
     config: LoraTrainConfig,
     progress: Callable[[str], None] = log.info,
 ) -> Trained:
-    """Bradley-Terry over the pairs of ``train_groups`` (rows index ``states``); keep the
-    epoch with the best validation accuracy (epoch 0: the untrained adapter)."""
-    trainable = [p for pair in params.values() for p in pair] + [head]
-    for p in trainable:
-        p.requires_grad_(True)
-    optimiser = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-    order = list(range(len(train_groups)))
-    rng = random.Random(config.seed)
-
-    def snapshot() -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-        lora = {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in params.items()}
-        return lora, head.detach().clone()
-
-    best = snapshot()
+    """Train on ``train_groups`` (:func:`run_epochs`); keep the epoch with the best
+    validation accuracy (epoch 0: the untrained adapter)."""
+    best = snapshot(params, head)
     best_accuracy = accuracy(tail, head, states, val_groups)
     log_epochs = [Epoch(0, float("nan"), best_accuracy, 0.0)]
     progress(f"epoch 0: validation {best_accuracy:.3f}")
     best_epoch = 0
-    for epoch in range(1, config.epochs + 1):
-        started = time.monotonic()
-        rng.shuffle(order)
-        total, steps = 0.0, 0
-        for start in range(0, len(order), config.groups_per_step):
-            chosen = [train_groups[i] for i in order[start : start + config.groups_per_step]]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-                loss = _step_loss(tail, head, states, chosen)
-            if loss is None:
-                continue
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total, steps = total + float(loss.detach()), steps + 1
+    started = time.monotonic()
+    for epoch, loss in run_epochs(tail, params, head, states, train_groups, config):
         validation = accuracy(tail, head, states, val_groups)
-        seconds = time.monotonic() - started
-        log_epochs.append(Epoch(epoch, total / max(steps, 1), validation, seconds))
-        progress(
-            f"epoch {epoch}: loss {total / max(steps, 1):.4f}, validation {validation:.3f}, "
-            f"{seconds:.0f} s"
-        )
+        seconds, started = time.monotonic() - started, time.monotonic()
+        log_epochs.append(Epoch(epoch, loss, validation, seconds))
+        progress(f"epoch {epoch}: loss {loss:.4f}, validation {validation:.3f}, {seconds:.0f} s")
         if validation > best_accuracy:
-            best, best_accuracy, best_epoch = snapshot(), validation, epoch
-    for p in trainable:
-        p.requires_grad_(False)
+            best, best_accuracy, best_epoch = snapshot(params, head), validation, epoch
     return Trained(best[0], best[1], best_epoch, best_accuracy, config.lr, log_epochs)
 
 

@@ -73,15 +73,19 @@ def format_report(reports: Sequence[LoraReport]) -> str:
             f"{e.epoch}: {e.validation:.3f}" + ("" if e.epoch == 0 else f" ({e.seconds:.0f} s)")
             for e in r.epochs
         )
+        how = (
+            f"{r.folds}-fold out-of-fold accuracy by epoch {epochs}; trained on every "
+            f"image for {r.best_epoch} epochs"
+            if r.folds
+            else f"validation accuracy by epoch {epochs}; kept epoch {r.best_epoch}"
+        )
         lines += [
             "",
             f"{r.head}: LoRA r={r.shape.r} alpha={r.shape.alpha} on layers "
             f"{r.shape.layers[0]}-{r.shape.layers[-1]}, {r.train_pairs} pairs of "
             f"{r.train_groups} groups; learning rate {r.lr:g} (best of "
-            f"{', '.join(f'{x:g}' for x in r.learning_rates)}), validation accuracy by epoch "
-            f"{epochs}; kept epoch {r.best_epoch}. Layer inputs {r.capture_seconds:.0f} s, "
-            f"training "
-            f"{r.train_seconds:.0f} s; served vs tool scores differ by at most "
-            f"{r.served_difference:.2g}.",
+            f"{', '.join(f'{x:g}' for x in r.learning_rates)}), {how}. Layer inputs "
+            f"{r.capture_seconds:.0f} s, training {r.train_seconds:.0f} s; served vs tool "
+            f"scores differ by at most {r.served_difference:.2g}.",
         ]
     return "\n".join(lines)

@@ -20,6 +20,7 @@ import logging
 import pathlib
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ from align2.server.config import LimitsConfig, ModelConfig
 from align2.server.core.templates import TEMPLATE_VERSION
 from align2.server.models import embedded
 from align2.server.models.shared_llava import read_head
-from align2.server.training import data, features, lora
+from align2.server.training import data, features, lora, lora_selection
 from align2.server.training.adapter_files import (
     LoraShape,
     initial_head,
@@ -40,6 +41,7 @@ from align2.server.training.adapter_files import (
 )
 from align2.server.training.evaluate import length_scores, pairwise_accuracy
 from align2.server.training.layer_inputs import LayerInputs, cached_layer_inputs
+from align2.server.training.lora_selection import Selection
 from align2.server.training.pipeline import FILES
 from align2.server.training.report import SplitResult
 
@@ -47,6 +49,15 @@ log = logging.getLogger(__name__)
 
 SEEDS: dict[str, int] = {"question": 1, "answer": 2}
 """Seed of each head's initial LoRA A and head (and of its training order)."""
+
+SELECTION: dict[str, Selection] = {
+    "question": Selection(learning_rates=(3e-4, 1e-3)),
+    # 3-fold: answer-dev.json has 112 images, so one 20% split validates on 22 of them.
+    # One rate: on every validation look at this file (three rates explored, then a 20%
+    # split) 1e-3 led at every epoch; each more rate costs as much as the three folds.
+    "answer": Selection(learning_rates=(1e-3,), folds=3),
+}
+"""How each head's (learning rate, epoch) is chosen; see training.lora_selection."""
 
 
 @dataclass(frozen=True)
@@ -67,10 +78,10 @@ class TrainLoraConfig:
     r: int = 8
     alpha: int = 16
     train: lora.LoraTrainConfig = field(default_factory=lora.LoraTrainConfig)
-    learning_rates: tuple[float, ...] = (3e-4, 1e-3)
-    """The grid: each is trained from the same start for ``train.epochs``; the (rate, epoch)
-    with the best validation accuracy is kept (the earlier on a tie)."""
+    selection: Mapping[str, Selection] = field(default_factory=lambda: dict(SELECTION))
+    """Per head: the learning rates tried and how (rate, epoch) is chosen."""
     val_fraction: float = 0.2
+    """Images held out by a head chosen on one split (``Selection.folds == 0``)."""
     split_seed: int = 0
     batch_size: int = 16
     max_text_tokens: int = LimitsConfig.max_text_tokens
@@ -85,8 +96,10 @@ class LoraReport:
     best_epoch: int
     lr: float
     learning_rates: tuple[float, ...]
+    folds: int
+    """0: chosen on one held-out split; k: by k-fold cross-validation."""
     epochs: tuple[lora.Epoch, ...]
-    """Of the kept learning rate."""
+    """Of the kept learning rate: accuracy by epoch, held-out or out-of-fold."""
     splits: tuple[SplitResult, ...]
     capture_seconds: float
     layer_inputs_cached: bool
@@ -217,7 +230,8 @@ async def _run_head(head: str, config: TrainLoraConfig) -> LoraReport:
         train_pairs=len(data.pairs(done.train_groups)),
         best_epoch=done.trained.best_epoch,
         lr=done.trained.lr,
-        learning_rates=config.learning_rates,
+        learning_rates=_selection(head, config).learning_rates,
+        folds=_selection(head, config).folds,
         epochs=tuple(done.trained.epochs),
         splits=tuple(done.splits),
         capture_seconds=done.capture_seconds,
@@ -255,67 +269,56 @@ async def _train(
     _check_tail(tail, captured[0])
     adapter_name = backend.shared_base.heads[head].adapter_name
     params = _parameters(language_model, adapter_name, setup.shape)
-    head_param = torch.nn.Parameter(setup.start[1].clone())
-    train_groups, val_groups = data.split_by_image(
-        setup.sets[0].groups, config.val_fraction, config.split_seed
-    )
-    started = time.monotonic()
-    trained = _search(
+    runner = lora_selection.Runner(
         tail,
         params,
-        head_param,
+        torch.nn.Parameter(setup.start[1].clone()),
         setup.start,
         captured[0].states,
-        train_groups,
-        val_groups,
-        config,
-        setup.seed,
+        dataclasses.replace(config.train, seed=setup.seed),
+    )
+    selection = _selection(head, config)
+    started = time.monotonic()
+    chosen = lora_selection.choose(
+        runner,
+        setup.sets[0].groups,
+        selection,
+        val_fraction=config.val_fraction,
+        split_seed=config.split_seed,
     )
     train_seconds = time.monotonic() - started
+    trained = chosen.trained
     _load(params, trained.lora)
-    evaluated = [("validation", setup.sets[0].subset(val_groups), captured[0])]
+    validation = setup.sets[0].subset(chosen.validation)
+    if selection.folds:
+        # Out of fold: each fold scored by the run that did not train on it.
+        splits = [
+            _evaluated(
+                f"{selection.folds}-fold",
+                validation,
+                captured[0],
+                trained.best_accuracy,
+                setup.start[1],
+            )
+        ]
+    else:
+        splits = [
+            _evaluate("validation", validation, captured[0], tail, trained.head, setup.start[1])
+        ]
     if len(setup.sets) > 1:
-        evaluated.append(("test", setup.sets[1], captured[1]))
-    splits = [
-        _evaluate(split, subset, inputs, tail, trained.head, setup.start[1])
-        for split, subset, inputs in evaluated
-    ]
-    val_rows = sorted({r for g in val_groups for r in g.rows})[:8]
+        splits.append(
+            _evaluate("test", setup.sets[1], captured[1], tail, trained.head, setup.start[1])
+        )
+    checked_rows = sorted({r for g in chosen.validation for r in g.rows})[:8]
     return _Trained(
         trained=trained,
         splits=splits,
-        checked=lora.scores_of(tail, trained.head, captured[0].states, val_rows),
-        train_groups=train_groups,
+        checked=lora.scores_of(tail, trained.head, captured[0].states, checked_rows),
+        train_groups=chosen.train_groups,
         capture_seconds=capture_seconds,
         cached=all(c.cached for c in captured),
         train_seconds=train_seconds,
     )
-
-
-def _search(
-    tail: lora.Tail,
-    params: lora.Params,
-    head: torch.nn.Parameter,
-    start: tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor],
-    states: list[torch.Tensor],
-    train_groups: list[data.Group],
-    val_groups: list[data.Group],
-    config: TrainLoraConfig,
-    seed: int,
-) -> lora.Trained:
-    """Train every learning rate of the grid from ``start``; the best on validation."""
-    best: lora.Trained | None = None
-    for rate in config.learning_rates:
-        _load(params, start[0])
-        with torch.no_grad():
-            head.copy_(start[1])
-        log.info("learning rate %g", rate)
-        settings = dataclasses.replace(config.train, lr=rate, seed=seed)
-        trained = lora.train(tail, params, head, states, train_groups, val_groups, settings)
-        if best is None or trained.best_accuracy > best.best_accuracy:
-            best = trained
-    assert best is not None
-    return best
 
 
 def _parameters(language_model: Any, adapter_name: str, shape: LoraShape) -> lora.Params:
@@ -358,6 +361,18 @@ def _evaluate(
     trained_head: torch.Tensor,
     untrained_head: torch.Tensor,
 ) -> SplitResult:
+    trained = lora.accuracy(tail, trained_head, captured.states, subset.groups)
+    return _evaluated(split, subset, captured, trained, untrained_head)
+
+
+def _evaluated(
+    split: str,
+    subset: data.PreferenceSet,
+    captured: LayerInputs,
+    trained: float,
+    untrained_head: torch.Tensor,
+) -> SplitResult:
+    """``trained`` with both baselines on the same pairs."""
     found = data.pairs(subset.groups)
     untrained = (captured.pooled.float() @ untrained_head.float().T)[:, 0]
     return SplitResult(
@@ -365,10 +380,14 @@ def _evaluate(
         file=subset.name,
         groups=len(subset.groups),
         pairs=len(found),
-        trained=lora.accuracy(tail, trained_head, captured.states, subset.groups),
+        trained=trained,
         untrained=pairwise_accuracy(untrained, found),
         longer=pairwise_accuracy(length_scores(subset.texts), found),
     )
+
+
+def _selection(head: str, config: TrainLoraConfig) -> Selection:
+    return config.selection[head]
 
 
 async def _served_difference(
@@ -408,17 +427,25 @@ def _provenance(
         "train_file": train_set.name,
         "train_sha256": train_set.sha256,
         "template_version": TEMPLATE_VERSION,
-        "validation": {"fraction_of_images": config.val_fraction, "split_seed": config.split_seed},
+        "validation": _validation_record(_selection(head, config), config),
         "layers": config.layers,
         "r": config.r,
         "lora_alpha": config.alpha,
         # The rate kept from the grid and the seed used (the head's, plus train.seed).
         "hyperparameters": {**config.train.__dict__, "lr": trained.lr, "seed": seed},
-        "learning_rates_tried": list(config.learning_rates),
+        "learning_rates_tried": list(_selection(head, config).learning_rates),
         "best_epoch": trained.best_epoch,
-        # Without the seconds: the file is the same on every rerun.
+        # Without the seconds: the file is the same on every rerun. Held-out or out-of-fold
+        # accuracy; with folds, the loss is the folds' mean (the kept adapter is then
+        # trained on every image for best_epoch epochs).
         "validation_by_epoch": [e.validation for e in trained.epochs],
         "loss_by_epoch": [e.loss for e in trained.epochs[1:]],
         "placeholder_image": features.PLACEHOLDER,
     }
     return json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
+
+
+def _validation_record(selection: Selection, config: TrainLoraConfig) -> dict[str, float | int]:
+    if selection.folds:
+        return {"folds_by_image": selection.folds, "split_seed": config.split_seed}
+    return {"fraction_of_images": config.val_fraction, "split_seed": config.split_seed}

@@ -1,0 +1,181 @@
+"""How ``align2 train-lora`` chooses a head's learning rate and epoch (never by a test file).
+
+Two ways, per head (:class:`Selection`):
+
+- **one held-out split** (``folds == 0``): a fraction of the images is held out
+  (data.split_by_image); each rate of the grid trains from the same start on the rest, and
+  the (rate, epoch) with the best validation accuracy is the adapter kept;
+- **k-fold cross-validation by image** (``folds >= 2``), for a training file too small to
+  spare one split: the images are dealt into k folds (data.folds_by_image); for each rate,
+  each fold is scored by a run trained from the same start on the other folds, after every
+  epoch; the (rate, epoch) whose out-of-fold scores order the most pairs of the whole file
+  right is chosen, and the adapter is then trained from that start on every image for that
+  many epochs.
+
+Ties keep the earlier epoch, then the earlier rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from align2.server.training import data, lora
+from align2.server.training.evaluate import pairwise_accuracy
+
+log = logging.getLogger(__name__)
+
+Start = tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+"""LoRA A and B of every adapted module, and the head: where every run begins."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How one head's (learning rate, epoch) is chosen."""
+
+    learning_rates: tuple[float, ...]
+    """The grid; each rate trains from the same start for ``LoraTrainConfig.epochs``."""
+    folds: int = 0
+    """0: one held-out split (``TrainLoraConfig.val_fraction`` of the images), the best
+    epoch's adapter kept. k >= 2: k-fold cross-validation by image chooses, then the
+    adapter is trained on every image."""
+
+
+@dataclass(frozen=True)
+class Chosen:
+    trained: lora.Trained
+    """The kept adapter; ``epochs``: the kept rate's accuracy by epoch (held-out or
+    out-of-fold), ``best_accuracy`` that of the kept epoch."""
+    train_groups: list[data.Group]
+    """What the kept adapter was trained on."""
+    validation: list[data.Group]
+    """The held-out groups (one split), or every group (k-fold: each scored out of fold)."""
+
+
+@dataclass(frozen=True)
+class Runner:
+    """What every run of one head shares."""
+
+    tail: lora.Tail
+    params: lora.Params
+    head: torch.nn.Parameter
+    start: Start
+    states: Sequence[torch.Tensor]
+    settings: lora.LoraTrainConfig
+    """``lr`` is set per run from the grid."""
+
+    def reset(self, rate: float, epochs: int | None = None) -> lora.LoraTrainConfig:
+        """Back to the start; the settings of a run at ``rate``."""
+        with torch.no_grad():
+            for name, (a, b) in self.params.items():
+                a.copy_(self.start[0][name][0])
+                b.copy_(self.start[0][name][1])
+            self.head.copy_(self.start[1])
+        settings = dataclasses.replace(self.settings, lr=rate)
+        if epochs is not None:
+            settings = dataclasses.replace(settings, epochs=epochs)
+        return settings
+
+    def scores(self, rows: list[int]) -> torch.Tensor:
+        """The scores of ``rows`` now, in their order."""
+        got = lora.scores_of(self.tail, self.head, self.states, rows)
+        return torch.tensor([got[r] for r in rows])
+
+
+def choose(
+    runner: Runner,
+    groups: Sequence[data.Group],
+    selection: Selection,
+    *,
+    val_fraction: float,
+    split_seed: int,
+) -> Chosen:
+    if selection.folds == 0:
+        train, held = data.split_by_image(groups, val_fraction, split_seed)
+        return Chosen(_held_out(runner, train, held, selection), train, held)
+    folds = data.folds_by_image(groups, selection.folds, split_seed)
+    return Chosen(_cross_validated(runner, folds, selection), list(groups), list(groups))
+
+
+def _held_out(
+    runner: Runner, train: list[data.Group], held: list[data.Group], selection: Selection
+) -> lora.Trained:
+    best: lora.Trained | None = None
+    for rate in selection.learning_rates:
+        log.info("learning rate %g", rate)
+        settings = runner.reset(rate)
+        trained = lora.train(
+            runner.tail, runner.params, runner.head, runner.states, train, held, settings
+        )
+        if best is None or trained.best_accuracy > best.best_accuracy:
+            best = trained
+    assert best is not None
+    return best
+
+
+def _cross_validated(
+    runner: Runner, folds: list[list[data.Group]], selection: Selection
+) -> lora.Trained:
+    everything = [g for fold in folds for g in fold]
+    found = data.pairs(everything)
+    best: tuple[float, int, list[lora.Epoch]] | None = None
+    for rate in selection.learning_rates:
+        epochs = _out_of_fold(runner, folds, rate, found)
+        kept = max(range(len(epochs)), key=lambda e: (epochs[e].validation, -e))
+        log.info(
+            "learning rate %g, %d folds: out-of-fold accuracy by epoch %s",
+            rate,
+            len(folds),
+            ", ".join(f"{e.validation:.3f}" for e in epochs),
+        )
+        if best is None or epochs[kept].validation > best[2][best[1]].validation:
+            best = (rate, kept, epochs)
+    assert best is not None
+    rate, kept, epochs = best
+    settings = runner.reset(rate, epochs=kept)
+    started = time.monotonic()
+    for epoch, loss in lora.run_epochs(
+        runner.tail, runner.params, runner.head, runner.states, everything, settings
+    ):
+        log.info("every image, rate %g, epoch %d of %d: loss %.4f", rate, epoch, kept, loss)
+    log.info("trained on every image in %.0f s", time.monotonic() - started)
+    weights, head = lora.snapshot(runner.params, runner.head)
+    return lora.Trained(weights, head, kept, epochs[kept].validation, rate, epochs)
+
+
+def _out_of_fold(
+    runner: Runner, folds: list[list[data.Group]], rate: float, found: torch.Tensor
+) -> list[lora.Epoch]:
+    """Per epoch (0: the start), the accuracy over ``found`` of every fold scored by the
+    run trained on the other folds; the loss and seconds are summed over the folds' runs."""
+    epochs = runner.settings.epochs
+    scores = torch.zeros(epochs + 1, len(runner.states))
+    losses, seconds = [0.0] * (epochs + 1), [0.0] * (epochs + 1)
+    for k, held in enumerate(folds):
+        rest = [g for j, fold in enumerate(folds) if j != k for g in fold]
+        rows = sorted({r for g in held for r in g.rows})
+        settings = runner.reset(rate)
+
+        scores[0, rows] = runner.scores(rows)
+        started = time.monotonic()
+        for epoch, loss in lora.run_epochs(
+            runner.tail, runner.params, runner.head, runner.states, rest, settings
+        ):
+            scores[epoch, rows] = runner.scores(rows)
+            losses[epoch] += loss / len(folds)
+            seconds[epoch] += time.monotonic() - started
+            started = time.monotonic()
+            log.info(
+                "rate %g, fold %d of %d, epoch %d: loss %.4f", rate, k + 1, len(folds), epoch, loss
+            )
+    return [
+        lora.Epoch(
+            e, losses[e] if e else float("nan"), pairwise_accuracy(scores[e], found), seconds[e]
+        )
+        for e in range(epochs + 1)
+    ]
