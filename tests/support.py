@@ -20,6 +20,7 @@ __all__ = [
     "ServerThread",
     "error_details",
     "jpeg",
+    "metric",
     "png",
     "score_config",
     "unpack_details",
@@ -84,15 +85,15 @@ def vllm_counter(name: str, model_name: str) -> float:
 def vllm_requests_finished(model_name: str) -> float:
     """Requests a vLLM engine finished by itself (stop, length, ...; aborts not counted), as
     its ``vllm:request_success`` series in the default Prometheus registry report them."""
+    return vllm_counter("vllm:request_success", model_name)
+
+
+def metric(name: str, **labels: str) -> float:
+    """The sample ``name{labels}`` of the default Prometheus registry (0 when absent: a
+    labelled series appears at its first use)."""
     from prometheus_client import REGISTRY
 
-    return sum(
-        sample.value
-        for metric in REGISTRY.collect()
-        if metric.name == "vllm:request_success"
-        for sample in metric.samples
-        if sample.name.endswith("_total") and sample.labels.get("model_name") == model_name
-    )
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def score_config(reward: pathlib.Path) -> Config:

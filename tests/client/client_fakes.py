@@ -3,8 +3,10 @@ to fail, block or misbehave (served by the ``fake`` fixture of conftest.py), and
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator
+from concurrent import futures
 
 import grpc
 
@@ -200,3 +202,20 @@ def make_samples(count: int, *, image: bytes = b"png") -> list[Sample]:
     return [
         Sample(id=str(i), image=image, turns=[Turn("What?", "x" * (i + 1))]) for i in range(count)
     ]
+
+
+@contextlib.contextmanager
+def serving() -> Iterator[FakeCuration]:
+    """A real gRPC server on 127.0.0.1:0 serving a new :class:`FakeCuration` (its
+    ``target``), stopped on exit."""
+    servicer = FakeCuration()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    pb_grpc.add_CurationServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    servicer.target = f"127.0.0.1:{port}"
+    try:
+        yield servicer
+    finally:
+        servicer.release()  # unblock handlers a test left waiting
+        server.stop(grace=None).wait()

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import pytest
-from client_fakes import FakeCuration
+from client_fakes import FakeCuration, serving
 from reference_selection import reference_curate, reference_curate_examples
 
 from align2.client import cli
@@ -81,18 +81,6 @@ def expected_ids(data: dict[str, list[dict[str, Any]]], a: float, b: float) -> l
 
 def curate(fake: FakeCuration, *args: str | pathlib.Path) -> int:
     return cli.main(["curate", *map(str, args), "--target", fake.target, "--no-progress"])
-
-
-def settle(fake: FakeCuration, quiet: float = 0.5, limit: float = 10.0) -> None:
-    """Return once no Score call has been admitted or running for ``quiet`` seconds."""
-    deadline = time.monotonic() + limit
-    seen, since = fake.attempts, time.monotonic()
-    while time.monotonic() < deadline:
-        if fake.inflight or fake.attempts != seen:
-            seen, since = fake.attempts, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            return
-        time.sleep(0.02)
 
 
 def sent(fake: FakeCuration, head: int) -> int:
@@ -306,24 +294,30 @@ def test_ctrl_c_keeps_the_scores_of_finished_chunks(
     out = tmp_path / "resumed.json"
     assert curate(fake, *common, "--out", out) == 130
     monkeypatch.undo()
-    # The other chunk in flight at the interrupt may reach the fake's handler only now
-    # (a fresh-clone CI run counted its 5 samples as the rerun's): wait for the server side
-    # to be quiet before counting what the rerun sends.
-    settle(fake)
-    fake.requests.clear()
     stored = stored_questions(files, f"{out}.scores.jsonl")
     assert sum(calls) == 15 and stored >= 15  # identical records share their stored score
-    assert curate(fake, *common, "--out", out) == 0
-    assert sent(fake, pb.HEAD_QUESTION) == 44 - stored
+    # The rerun talks to a server of its own: the other chunk in flight at the interrupt
+    # may reach the first one's handler only now (a fresh-clone CI run once counted its 5
+    # samples as the rerun's).
+    with serving() as rerun:
+        assert curate(rerun, *common, "--out", out) == 0
+        assert sent(rerun, pb.HEAD_QUESTION) == 44 - stored
     assert out.read_text() == (tmp_path / "whole.json").read_text()
 
 
-def _ctrl_c_works() -> None:
-    """In the child before it runs: SIGINT delivered and not ignored. Both are inherited
-    (a blocked mask or SIG_IGN survives exec), and some library of this test session left
-    one of them set: in a full run the child ignored the signal and finished normally."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+CTRL_C_WORKS = (
+    "import runpy, signal, sys; "
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+    "signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'align2.client'; "
+    "runpy.run_module('align2.client', run_name='__main__', alter_sys=True)"
+)
+"""``python -c`` this, then the command's arguments: the client's CLI with SIGINT delivered
+and handled as Python does by default. Both the mask and SIG_IGN are inherited (they
+survive exec), and some library of this test session left one of them set: in a full run
+the child ignored the signal and finished normally. Not a ``preexec_fn``: forking a
+process whose gRPC threads are running made the child fail now and then before it sent
+anything."""
 
 
 def test_a_real_ctrl_c_stops_the_command_and_the_rerun_resumes(
@@ -336,7 +330,7 @@ def test_a_real_ctrl_c_stops_the_command_and_the_rerun_resumes(
     fake.requests.clear()
     fake.gate, fake.hold_scores_after = threading.Event(), 3  # the 4th chunk hangs
     out = tmp_path / "resumed.json"
-    command = [sys.executable, "-m", "align2.client", "curate", *map(str, common)]
+    command = [sys.executable, "-c", CTRL_C_WORKS, "curate", *map(str, common)]
     command += ["--out", str(out), "--target", fake.target]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     # stderr to a file, not a pipe: a process forked meanwhile by another thread of this
@@ -344,7 +338,7 @@ def test_a_real_ctrl_c_stops_the_command_and_the_rerun_resumes(
     log = tmp_path / "stderr.txt"
     with (
         log.open("w") as sink,
-        subprocess.Popen(command, env=env, stderr=sink, preexec_fn=_ctrl_c_works) as process,
+        subprocess.Popen(command, env=env, stderr=sink) as process,
     ):
         deadline = time.monotonic() + 30
         while len(fake.requests) < 4 and time.monotonic() < deadline:

@@ -12,8 +12,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from prometheus_client import REGISTRY
-from support import ServerThread, error_details, png
+from support import ServerThread, error_details, metric, png
 
 from align2.client import AsyncCurationClient, CurationClient, Sample, Turn, read_llava
 from align2.client.cli import main as cli_main
@@ -156,9 +155,9 @@ def test_per_item_errors_and_call_errors(server: ServerThread, client: CurationC
 
 def test_concurrent_calls_share_batches(server: ServerThread) -> None:
     def batches() -> tuple[float, float]:
-        labels = {"model": "llm"}
-        count = REGISTRY.get_sample_value("align2_batch_size_count", labels) or 0.0
-        return count, REGISTRY.get_sample_value("align2_batch_size_sum", labels) or 0.0
+        return metric("align2_batch_size_count", model="llm"), metric(
+            "align2_batch_size_sum", model="llm"
+        )
 
     before = batches()
 

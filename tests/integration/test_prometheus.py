@@ -18,9 +18,8 @@ import urllib.request
 from collections.abc import Iterator
 
 import grpc
-import prometheus_client
 import pytest
-from support import ServerThread, png, score_config
+from support import ServerThread, metric, png, score_config
 
 from align2.client import CurationClient, Sample, Turn
 from align2.server.testing import ChildProcess, free_port, http_ok
@@ -86,10 +85,6 @@ def wait_for(base: str, expr: str, expected: float, timeout: float = 60) -> floa
     return value
 
 
-def local(name: str, **labels: str) -> float:
-    return prometheus_client.REGISTRY.get_sample_value(name, labels) or 0.0
-
-
 def test_prometheus_scrapes_our_series_with_the_exported_values(
     server: ServerThread, prometheus: str
 ) -> None:
@@ -107,19 +102,19 @@ def test_prometheus_scrapes_our_series_with_the_exported_values(
 
     model = server.app._runtimes["question"].batcher.name  # both heads share one runtime
     expectations = {
-        'align2_requests_total{rpc="Score",code="OK"}': local(
+        'align2_requests_total{rpc="Score",code="OK"}': metric(
             "align2_requests_total", rpc="Score", code="OK"
         ),
-        'align2_requests_total{rpc="Score",code="RESOURCE_EXHAUSTED"}': local(
+        'align2_requests_total{rpc="Score",code="RESOURCE_EXHAUSTED"}': metric(
             "align2_requests_total", rpc="Score", code="RESOURCE_EXHAUSTED"
         ),
-        'align2_items_rejected_total{reason="invalid"}': local(
+        'align2_items_rejected_total{reason="invalid"}': metric(
             "align2_items_rejected_total", reason="invalid"
         ),
-        'align2_items_rejected_total{reason="overloaded"}': local(
+        'align2_items_rejected_total{reason="overloaded"}': metric(
             "align2_items_rejected_total", reason="overloaded"
         ),
-        f'align2_batch_size_sum{{model="{model}"}}': local("align2_batch_size_sum", model=model),
+        f'align2_batch_size_sum{{model="{model}"}}': metric("align2_batch_size_sum", model=model),
         f'align2_queue_depth{{model="{model}"}}': 0.0,
         'align2_model_info{model="question",backend="transformers"}': 1.0,
     }

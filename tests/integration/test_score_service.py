@@ -16,7 +16,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
-from support import ServerThread, error_details, jpeg, png
+from support import ServerThread, error_details, jpeg, metric, png
 
 from align2.client import AsyncCurationClient, CurationClient, Sample, Turn
 from align2.server.backends.base import Prepared
@@ -449,11 +449,9 @@ def test_tokens_a_reward_model_skips_are_counted(server: ServerThread) -> None:
     (shared_prefix), and a batch of a short and a very long question (length-aware
     forwards, the tiny model's 16 image tokens) skips padding. Equal to what the backends
     counted themselves."""
-    from prometheus_client import REGISTRY
 
     def skipped(model: str, reason: str) -> float:
-        labels = {"model": model, "reason": reason}
-        return REGISTRY.get_sample_value("align2_skipped_tokens_total", labels) or 0.0
+        return metric("align2_skipped_tokens_total", model=model, reason=reason)
 
     # Both heads are the same folder here: one backend, labelled with the name it loaded as.
     backend = server.app._runtimes["answer"].backend

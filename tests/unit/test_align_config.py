@@ -64,6 +64,10 @@ def test_align_is_on_only_when_its_model_is_configured(tmp_path: pathlib.Path) -
             {"score.enabled": False, "models.llm.path": "x", "models.llm.continuous_rows": -1},
             r"models\.llm\.continuous_rows: must be >= 0",
         ),
+        (
+            {"score.enabled": False, "models.llm.path": "x", "models.llm.length_split_tokens": -2},
+            r"models\.llm\.length_split_tokens: must be >= -1 \(-1: by device, 0: one forward",
+        ),
     ],
 )
 def test_bad_align_settings_name_the_key(overrides: dict[str, object], message: str) -> None:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import pytest
-from prometheus_client import REGISTRY
+from support import metric
 from test_curation import ScriptedScorer, collect, curator, feed, sample
 
 from align2.client.types import Sample
@@ -78,7 +78,7 @@ class Stream:
 
 
 def selection_keys_gauge() -> float:
-    return REGISTRY.get_sample_value("align2_curate_selection_keys") or 0.0
+    return metric("align2_curate_selection_keys")
 
 
 # ---------------------------------------------------------------------------------------
