@@ -113,6 +113,8 @@ async def run(config: TrainLoraConfig) -> list[LoraReport]:
     unknown = sorted(set(config.heads) - set(FILES))
     if unknown:
         raise ValueError(f"unknown heads {unknown}; valid: {', '.join(FILES)}")
+    for head in config.heads:
+        _selection(head, config)  # before any training
     return [await _run_head(head, config) for head in config.heads]
 
 
@@ -387,6 +389,10 @@ def _evaluated(
 
 
 def _selection(head: str, config: TrainLoraConfig) -> Selection:
+    if head not in config.selection:
+        raise ValueError(
+            f"no selection for head {head!r}: selection has {sorted(config.selection)}"
+        )
     return config.selection[head]
 
 
