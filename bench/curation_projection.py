@@ -194,10 +194,11 @@ def gpu_server(
     """The 7B-shaped reward model and inner LLM, in-process (random weights, on the device)."""
     import gpu_align
     import gpu_score
+    import gpu_shapes
     import torch
 
     from align2.server import backends
-    from align2.server.config import Config, ModelConfig
+    from align2.server.config import ModelConfig
     from align2.server.testing import ServerThread
 
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
@@ -208,18 +209,11 @@ def gpu_server(
         scoring={"projection-rm": lambda name, config, path: scorer},
         generation={gpu_align.BACKEND_NAME: lambda name, config, path: llm},
     )
-    config = Config()
-    config.batching.max_batch_size = 32
-    config.batching.max_batch_tokens = 1 << 20
-    config.align.model = gpu_align.MODEL_NAME
-    config.align.max_new_tokens_limit = max(new_tokens, config.align.max_new_tokens_limit)
-    config.models = {
-        "question": ModelConfig(path=str(folder), backend="projection-rm"),
-        "answer": ModelConfig(path=str(folder), backend="projection-rm"),
-        gpu_align.MODEL_NAME: ModelConfig(
-            path=".", backend=gpu_align.BACKEND_NAME, max_length=gpu_align.MAX_LENGTH
-        ),
+    heads = {
+        n: ModelConfig(path=str(folder), backend="projection-rm") for n in ("question", "answer")
     }
+    config = gpu_shapes.server_config(heads | gpu_align.llm_models(), max_batch_size=32)
+    gpu_align.enable_align(config, new_tokens)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
     return ServerThread(config, registry).start(), name
 

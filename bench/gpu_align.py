@@ -42,6 +42,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from gpu_shapes import TINY_TEXT, VICUNA_7B, server_config
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from align2.client import AsyncCurationClient, Sample, Turn
@@ -61,22 +62,10 @@ from align2.server.core.prompts import TemplateLibrary
 from align2.server.models.tokenizers import build_tokenizer
 from align2.server.testing import ServerThread
 
-VICUNA_7B: dict[str, Any] = dict(
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32000,
-)
-TINY: dict[str, Any] = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    vocab_size=1024,  # above the tokenizer's 512, like Vicuna's: the same decode path
-)
+TINY: dict[str, Any] = {
+    **TINY_TEXT,
+    "vocab_size": 1024,  # above the tokenizer's 512, like Vicuna's: the same decode path
+}
 MODEL_NAME = "llm"
 BACKEND_NAME = "bench-7b"
 MAX_LENGTH = 2048
@@ -232,18 +221,24 @@ def direct(backend: TransformersGeneration, count: int, new_tokens: int) -> Rate
 
 def serve_config(max_batch_size: int, max_delay_ms: float, new_tokens: int) -> Config:
     """Align only, the inner LLM on the pre-built backend, one batch may hold every client."""
-    config = Config()
+    config = server_config(llm_models(), max_batch_size)
     config.score.enabled = False
+    enable_align(config, new_tokens)
+    config.align.review = False
+    config.align.max_delay_ms = max_delay_ms
+    return config
+
+
+def llm_models() -> dict[str, ModelConfig]:
+    """The inner LLM's model entry, on the pre-built backend (BACKEND_NAME)."""
+    return {MODEL_NAME: ModelConfig(path=".", backend=BACKEND_NAME, max_length=MAX_LENGTH)}
+
+
+def enable_align(config: Config, new_tokens: int) -> None:
+    """Align on the inner LLM, allowing ``new_tokens`` per generation."""
     config.align.enabled = True
     config.align.model = MODEL_NAME
-    config.align.review = False
     config.align.max_new_tokens_limit = max(new_tokens, config.align.max_new_tokens_limit)
-    config.batching.max_batch_size = max_batch_size
-    config.batching.max_batch_tokens = 1 << 22
-    config.align.max_delay_ms = max_delay_ms
-    config.batching.preprocess_workers = min(16, os.cpu_count() or 2)  # tokenising
-    config.models = {MODEL_NAME: ModelConfig(path=".", backend=BACKEND_NAME, max_length=MAX_LENGTH)}
-    return config
 
 
 @dataclass(frozen=True)
@@ -328,9 +323,9 @@ def parse_args() -> argparse.Namespace:
     add("--rounds", type=int, default=2, help="Align calls per served client")
     add(
         "--continuous-rows",
-        type=int,
-        default=0,
-        help="served runs batch continuously with at most N rows (0: the core's batcher)",
+        default="0",
+        help="comma-separated: each N>0 serves with continuous batching of at most N rows, "
+        "0 with the core's batcher (0,64: both, on one model build)",
     )
     add(
         "--max-delay-ms",
@@ -385,13 +380,14 @@ def main() -> None:
         Load(f"{args.clients} clients x {args.rounds} calls of 1", args.clients, 1, args.rounds),
         Load(f"1 client x {args.rounds} calls of {args.clients}", 1, args.clients, args.rounds),
     )
-    # A continuous backend has no batcher in front: the delay does not apply, run once.
-    delays = [0.0] if args.continuous_rows else [float(d) for d in args.max_delay_ms.split(",")]
-    for delay, load in itertools.product(delays, loads):
-        rate, sizes = served(backend(args.continuous_rows), args, load, delay)
-        print(rate.line(bound))
-        ratio = rate.tokens_per_s / reference.tokens_per_s
-        print(f"  served/direct = {ratio:.3f}; batches while serving: {sizes}", flush=True)
+    delays = [float(d) for d in args.max_delay_ms.split(",")]
+    for rows in (int(r) for r in args.continuous_rows.split(",")):
+        # A continuous backend has no batcher in front: the delay does not apply, run once.
+        for delay, load in itertools.product([0.0] if rows else delays, loads):
+            rate, sizes = served(backend(rows), args, load, delay)
+            print(rate.line(bound))
+            ratio = rate.tokens_per_s / reference.tokens_per_s
+            print(f"  served/direct = {ratio:.3f}; batches while serving: {sizes}", flush=True)
     if device.type == "cuda":
         print(f"peak device memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
 

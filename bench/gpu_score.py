@@ -42,47 +42,13 @@ from align2.client import AsyncCurationClient, Sample, Turn
 from align2.server import backends
 from align2.server.backends.base import ModelDescription
 from align2.server.backends.transformers_scoring import TransformersScoring
-from align2.server.config import Config, ModelConfig
+from align2.server.config import ModelConfig
 from align2.server.models.builders import build_llava_reward
 from align2.server.testing import ServerThread
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from gpu_shapes import CLIP_L_336, TINY_TEXT, TINY_VISION, VICUNA_7B, server_config
 from score import images  # COCO-sized (640x480) JPEGs, distinct content
-
-VICUNA_7B = dict(
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32000,
-)
-CLIP_L_336 = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    image_size=336,
-    patch_size=14,
-    projection_dim=768,
-)
-TINY_TEXT = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    vocab_size=512,
-)
-TINY_VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=336,
-    patch_size=14,
-    projection_dim=32,
-)
 
 
 def bf16_rate(device: torch.device, size: int, repeats: int) -> float:
@@ -235,13 +201,8 @@ def main() -> None:
         registry = backends.Registry().adding(
             scoring={"bench-7b": lambda name, config, path: backend}
         )
-        config = Config()
-        config.batching.max_batch_size = args.max_batch_size
-        config.batching.max_batch_tokens = 1 << 20
-        config.batching.preprocess_workers = min(16, os.cpu_count() or 2)
-        config.models = {
-            n: ModelConfig(path=tmp, backend="bench-7b") for n in ("question", "answer")
-        }
+        models = {n: ModelConfig(path=tmp, backend="bench-7b") for n in ("question", "answer")}
+        config = server_config(models, args.max_batch_size)
         server = ServerThread(config, registry).start()
         try:
             probe = backend.prepare(

@@ -113,14 +113,6 @@ async def drive_litserve(port: int, data: list, clients: int) -> tuple[float, li
         return time.perf_counter() - started, scores
 
 
-async def align2_scores(target: str, data: list) -> list[float]:  # type: ignore[type-arg]
-    from align2.client import AsyncCurationClient
-
-    async with AsyncCurationClient(target, timeout=600) as client:
-        results = await client.score(data, heads=["question"])
-    return [float(r.question_score) for r in results]
-
-
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == SERVE_FLAG:
         serve_litserve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
@@ -141,14 +133,13 @@ def main() -> None:
             f"model {path.name}; {n} samples per measurement; {os.cpu_count()} CPUs; "
             f"litserve {ls.__version__}"
         )
-        sweep = Direct(path).sweep([int(b) for b in args.batch_sizes.split(",")], n)
+        data = samples(n)  # the same samples (images made once) for all three
+        sweep = Direct(path).sweep([int(b) for b in args.batch_sizes.split(",")], n, data)
         direct = max(sweep.values(), key=lambda r: r.throughput)
         best = int(direct.name.rsplit(" ", 1)[1])
-        data = samples(n)
         server = start_server(path, best, folder, Threads())
         try:
-            ours = asyncio.run(load(server.target, args.clients, args.rounds, "align2"))
-            reference = asyncio.run(align2_scores(server.target, data))
+            ours = asyncio.run(load(server.target, args.clients, args.rounds, "align2", data))
         finally:
             server.stop()
         litserve, port = start_litserve(path, best, folder / "litserve.log")
@@ -156,7 +147,7 @@ def main() -> None:
             seconds, theirs = asyncio.run(drive_litserve(port, data, args.clients))
         finally:
             litserve.stop(grace=30)  # with its worker processes
-    worst = max(abs(a - b) for a, b in zip(theirs, reference, strict=True))
+    worst = max(abs(a - b) for a, b in zip(theirs, ours.scores, strict=True))
     if worst > 1e-4:
         raise SystemExit(f"LitServe and align2 scores differ by {worst:.1e} (> 1e-4)")
     lit = n / seconds

@@ -26,7 +26,7 @@ import os
 import pathlib
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -39,6 +39,8 @@ class Row:
     items: int
     seconds: float
     latencies: list[float]
+    scores: list[float] = field(default_factory=list)
+    """Question scores in the order of the samples (service rows)."""
 
     @property
     def throughput(self) -> float:
@@ -131,8 +133,8 @@ class Direct:
         prepared = [self.prepare(templates.question_text(s.turns), s.image) for s in batch]
         return asyncio.run(self.backend.score(prepared))
 
-    def sweep(self, batch_sizes: list[int], items: int) -> dict[int, Row]:
-        data = samples(items)
+    def sweep(self, batch_sizes: list[int], items: int, data: list | None = None) -> dict[int, Row]:  # type: ignore[type-arg]
+        data = data or samples(items)
         self.run(data[:1])  # warm-up
         rows = {}
         for size in batch_sizes:
@@ -205,25 +207,36 @@ def largest_difference(got: list[float], reference: list[float], what: str) -> f
     return worst
 
 
-async def load(target: str, clients: int, per_client: int, name: str) -> Row:
+async def load(
+    target: str,
+    clients: int,
+    per_client: int,
+    name: str,
+    data: list | None = None,  # type: ignore[type-arg]
+) -> Row:
+    """``clients`` concurrent clients, each scoring ``per_client`` samples of ``data``
+    (default: new ones) one per call, in turn."""
     from align2.client import AsyncCurationClient
 
-    data = samples(clients * per_client)
+    data = data or samples(clients * per_client)
     latencies: list[float] = []
+    scores = [0.0] * (clients * per_client)
     async with AsyncCurationClient(target, timeout=600) as client:
         await client.score(data[:1], heads=["question"])  # connect + warm the path
 
         async def worker(k: int) -> None:
             for j in range(per_client):
                 t0 = time.perf_counter()
-                [result] = await client.score([data[k * per_client + j]], heads=["question"])
+                i = k * per_client + j
+                [result] = await client.score([data[i]], heads=["question"])
                 assert result.error is None, result.error
                 latencies.append(time.perf_counter() - t0)
+                scores[i] = float(result.question_score)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker(k) for k in range(clients)))
         seconds = time.perf_counter() - started
-    return Row(name, clients * per_client, seconds, latencies)
+    return Row(name, clients * per_client, seconds, latencies, scores)
 
 
 def service(

@@ -305,7 +305,7 @@ def computed_7b() -> dict[str, float]:
     """Parameter counts of LLaVA-1.5-7B's scoring model (no LM head), its projector and an
     r=128 LoRA on every LLM linear layer, from the architecture built on the meta device."""
     import torch
-    from gpu_score import CLIP_L_336, VICUNA_7B  # the 7B shapes, kept in one place
+    from gpu_shapes import CLIP_L_336, VICUNA_7B  # the 7B shapes, kept in one place
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaModel
 
     # llava-v1.5-7b's 32000 rows and the <image> row the conversion adds.
