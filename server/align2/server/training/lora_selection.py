@@ -99,7 +99,8 @@ def choose(
         train, held = data.split_by_image(groups, val_fraction, split_seed)
         return Chosen(_held_out(runner, train, held, selection), train, held)
     folds = data.folds_by_image(groups, selection.folds, split_seed)
-    return Chosen(_cross_validated(runner, folds, selection), list(groups), list(groups))
+    everything = [g for fold in folds for g in fold]  # fold by fold: the final run's order
+    return Chosen(_cross_validated(runner, folds, everything, selection), everything, everything)
 
 
 def _held_out(
@@ -119,9 +120,11 @@ def _held_out(
 
 
 def _cross_validated(
-    runner: Runner, folds: list[list[data.Group]], selection: Selection
+    runner: Runner,
+    folds: list[list[data.Group]],
+    everything: list[data.Group],
+    selection: Selection,
 ) -> lora.Trained:
-    everything = [g for fold in folds for g in fold]
     found = data.pairs(everything)
     best: tuple[float, int, list[lora.Epoch]] | None = None
     for rate in selection.learning_rates:
@@ -152,7 +155,8 @@ def _out_of_fold(
     runner: Runner, folds: list[list[data.Group]], rate: float, found: torch.Tensor
 ) -> list[lora.Epoch]:
     """Per epoch (0: the start), the accuracy over ``found`` of every fold scored by the
-    run trained on the other folds; the loss and seconds are summed over the folds' runs."""
+    run trained on the other folds; the loss is the mean of the folds' runs, the seconds
+    their sum."""
     epochs = runner.settings.epochs
     scores = torch.zeros(epochs + 1, len(runner.states))
     losses, seconds = [0.0] * (epochs + 1), [0.0] * (epochs + 1)
