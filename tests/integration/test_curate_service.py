@@ -452,7 +452,11 @@ def test_thresholds_from_a_calibration_of_the_same_samples_keep_what_the_method_
         # batched otherwise (see the fixture; ~1e-6 apart) may land on its other side.
         expected_question, expected_answer = scored[result.id]
         assert question == pytest.approx(expected_question, abs=1e-4)
+        if answer is not None:
+            assert answer == pytest.approx(expected_answer, abs=1e-4)
         same = question == expected_question and answer in (None, expected_answer)
+        # A one-turn sample has no turn to split from: always the same batches.
+        assert same or len(samples[int(result.id[1:])].turns) > 1, result
         if same:
             assert result.kept == (result.id in offline), result
 

@@ -103,21 +103,74 @@ def test_k_fold_scores_each_fold_with_a_run_that_never_saw_it(recorded) -> None:
     assert recorded[trains[3] + 1 :] == []
     assert sorted(g.rows for g in chosen.train_groups) == sorted(g.rows for g in groups)
     assert chosen.validation == chosen.train_groups
+    # ... and it is what that run gives from the start (not from where the folds left off).
+    again = runner(states)
+    settings = again.reset(0.1, epochs=chosen.trained.best_epoch)
+    for _ in lora.run_epochs(again.tail, {}, again.head, states, chosen.train_groups, settings):
+        pass
+    assert torch.equal(chosen.trained.head, again.head.detach())
 
 
-def test_k_fold_keeps_the_earlier_rate_and_epoch_on_a_tie(recorded) -> None:
+@pytest.mark.parametrize(
+    ("curves", "rate", "epoch"),
+    [
+        # A tie across rates keeps the earlier rate, even where the later one is earlier.
+        ({0.1: [0.5, 0.6, 0.7, 0.7], 0.2: [0.5, 0.7, 0.6, 0.6]}, 0.1, 2),
+        ({0.1: [0.5, 0.6, 0.7, 0.7], 0.2: [0.5, 0.71, 0.6, 0.6]}, 0.2, 1),  # strictly better
+        ({0.1: [0.5, 0.4, 0.4, 0.3], 0.2: [0.5, 0.5, 0.2, 0.2]}, 0.1, 0),  # the start
+    ],
+)
+def test_k_fold_ties_keep_the_earlier_epoch_then_the_earlier_rate(
+    monkeypatch: pytest.MonkeyPatch, curves: dict[float, list[float]], rate: float, epoch: int
+) -> None:
+    def out_of_fold(runner, folds, rate):  # type: ignore[no-untyped-def]
+        return [lora.Epoch(e, 0.0, a, 0.0) for e, a in enumerate(curves[rate])]
+
+    monkeypatch.setattr(lora_selection, "_out_of_fold", out_of_fold)
     states, groups = problem()
-    # The same rate twice gives the same runs: the first is kept, at its first best epoch.
     chosen = lora_selection.choose(
         runner(states),
         groups,
-        lora_selection.Selection((0.1, 0.1), folds=3),
+        lora_selection.Selection(tuple(curves), folds=3),
         val_fraction=0.2,
         split_seed=0,
     )
-    accuracies = [e.validation for e in chosen.trained.epochs]
-    assert chosen.trained.best_epoch == accuracies.index(max(accuracies))
-    assert chosen.trained.lr == 0.1
+    assert (chosen.trained.lr, chosen.trained.best_epoch) == (rate, epoch)
+    assert chosen.trained.best_accuracy == curves[rate][epoch]
+
+
+def test_a_text_shared_by_two_folds_is_scored_by_each_fold_own_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Identical renderings share one row: images of two folds may hold the same row, and
+    each fold's pairs must be ordered by the scores of that fold's run."""
+    groups = [
+        data.Group("a", (0, 1), (0.9, 0.1)),  # row 0 better than row 1
+        data.Group("b", (1, 2), (0.9, 0.1)),  # row 1 (shared) better than row 2
+    ]
+    folds = [[groups[0]], [groups[1]]]
+    # Each fold's run orders its own fold right and the other fold wrong.
+    by_fold = [torch.tensor([2.0, 1.0, 3.0]), torch.tensor([0.0, 2.0, 1.0])]
+    current = [0]
+
+    class Fake:
+        settings = lora.LoraTrainConfig(epochs=1)
+        states = [torch.zeros(1, 1)] * 3
+        tail, params, head = None, {}, None
+
+        def reset(self, rate: float, epochs: int | None = None) -> lora.LoraTrainConfig:
+            return self.settings
+
+        def scores(self, rows: list[int]) -> torch.Tensor:
+            return by_fold[current[0]][rows]
+
+    def run_epochs(tail, params, head, states, trained_on, config):  # type: ignore[no-untyped-def]
+        current[0] = 1 if trained_on == folds[0] else 0  # the run for the other fold
+        yield 1, 0.0
+
+    monkeypatch.setattr(lora, "run_epochs", run_epochs)
+    epochs = lora_selection._out_of_fold(Fake(), folds, 0.1)  # type: ignore[arg-type]
+    assert [e.validation for e in epochs] == [0.5, 1.0]  # epoch 0 before any run: fold 0's
 
 
 def test_one_split_trains_on_the_rest_and_keeps_the_best_held_out_epoch(recorded) -> None:

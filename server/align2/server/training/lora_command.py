@@ -27,7 +27,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--base", help="original-LLaVA base folder or embedded:NAME (reward-base)")
     p.add_argument("--vision-tower", help="its CLIP folder or embedded:NAME (reward-vision)")
     p.add_argument("--layers", type=int, default=None, help="top decoder layers with LoRA")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (the best one is kept)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs per run (one split: the best epoch is kept; k-fold, the answer head: "
+        "the best count is then trained on every image)",
+    )
 
 
 def to_config(

@@ -114,7 +114,8 @@ async def run(config: TrainLoraConfig) -> list[LoraReport]:
     if unknown:
         raise ValueError(f"unknown heads {unknown}; valid: {', '.join(FILES)}")
     for head in config.heads:
-        _selection(head, config)  # before any training
+        if _selection(head, config).folds:  # refused before any training when missing
+            log.info("%s: chosen by k-fold cross-validation (val_fraction does not apply)", head)
     return [await _run_head(head, config) for head in config.heads]
 
 
@@ -437,8 +438,14 @@ def _provenance(
         "layers": config.layers,
         "r": config.r,
         "lora_alpha": config.alpha,
-        # The rate kept from the grid and the seed used (the head's, plus train.seed).
-        "hyperparameters": {**config.train.__dict__, "lr": trained.lr, "seed": seed},
+        # The kept adapter's run: the rate kept from the grid, the seed used (the head's,
+        # plus train.seed); with folds, the epochs it was trained for on every image.
+        "hyperparameters": {
+            **config.train.__dict__,
+            "lr": trained.lr,
+            "seed": seed,
+            **({"epochs": trained.best_epoch} if _selection(head, config).folds else {}),
+        },
         "learning_rates_tried": list(_selection(head, config).learning_rates),
         "best_epoch": trained.best_epoch,
         # Without the seconds: the file is the same on every rerun. Held-out or out-of-fold
@@ -453,5 +460,9 @@ def _provenance(
 
 def _validation_record(selection: Selection, config: TrainLoraConfig) -> dict[str, float | int]:
     if selection.folds:
-        return {"folds_by_image": selection.folds, "split_seed": config.split_seed}
+        return {
+            "folds_by_image": selection.folds,
+            "split_seed": config.split_seed,
+            "epochs_per_fold": config.train.epochs,
+        }
     return {"fraction_of_images": config.val_fraction, "split_seed": config.split_seed}

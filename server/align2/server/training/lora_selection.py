@@ -12,7 +12,7 @@ Two ways, per head (:class:`Selection`):
   right is chosen, and the adapter is then trained from that start on every image for that
   many epochs.
 
-Ties keep the earlier epoch, then the earlier rate.
+Ties keep the earlier epoch within a rate, then the earlier rate.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 
 from align2.server.training import data, lora
-from align2.server.training.evaluate import pairwise_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +124,9 @@ def _cross_validated(
     everything: list[data.Group],
     selection: Selection,
 ) -> lora.Trained:
-    found = data.pairs(everything)
     best: tuple[float, int, list[lora.Epoch]] | None = None
     for rate in selection.learning_rates:
-        epochs = _out_of_fold(runner, folds, rate, found)
+        epochs = _out_of_fold(runner, folds, rate)
         kept = max(range(len(epochs)), key=lambda e: (epochs[e].validation, -e))
         log.info(
             "learning rate %g, %d folds: out-of-fold accuracy by epoch %s",
@@ -151,26 +149,31 @@ def _cross_validated(
     return lora.Trained(weights, head, kept, epochs[kept].validation, rate, epochs)
 
 
-def _out_of_fold(
-    runner: Runner, folds: list[list[data.Group]], rate: float, found: torch.Tensor
-) -> list[lora.Epoch]:
-    """Per epoch (0: the start), the accuracy over ``found`` of every fold scored by the
-    run trained on the other folds; the loss is the mean of the folds' runs, the seconds
-    their sum."""
+def _out_of_fold(runner: Runner, folds: list[list[data.Group]], rate: float) -> list[lora.Epoch]:
+    """Per epoch (0: the start), the pairwise accuracy over every fold's pairs, each fold
+    scored by the run trained on the other folds (its own scores: a text shared by images of
+    two folds is one row, scored by each fold's run for that fold's pairs); the loss is the
+    mean of the folds' runs, the seconds their sum."""
     epochs = runner.settings.epochs
-    scores = torch.zeros(epochs + 1, len(runner.states))
+    right, total = [0] * (epochs + 1), 0
     losses, seconds = [0.0] * (epochs + 1), [0.0] * (epochs + 1)
-    for k, held in enumerate(folds):
+    for k, (held, found) in enumerate(zip(folds, map(data.pairs, folds), strict=True)):
         rest = [g for j, fold in enumerate(folds) if j != k for g in fold]
         rows = sorted({r for g in held for r in g.rows})
         settings = runner.reset(rate)
+        total += len(found)
 
-        scores[0, rows] = runner.scores(rows)
+        def count(epoch: int, rows: list[int] = rows, found: torch.Tensor = found) -> None:
+            scores = torch.zeros(len(runner.states))
+            scores[rows] = runner.scores(rows)
+            right[epoch] += int((scores[found[:, 0]] > scores[found[:, 1]]).sum())
+
+        count(0)
         started = time.monotonic()
         for epoch, loss in lora.run_epochs(
             runner.tail, runner.params, runner.head, runner.states, rest, settings
         ):
-            scores[epoch, rows] = runner.scores(rows)
+            count(epoch)
             losses[epoch] += loss / len(folds)
             seconds[epoch] += time.monotonic() - started
             started = time.monotonic()
@@ -179,7 +182,10 @@ def _out_of_fold(
             )
     return [
         lora.Epoch(
-            e, losses[e] if e else float("nan"), pairwise_accuracy(scores[e], found), seconds[e]
+            e,
+            losses[e] if e else float("nan"),
+            right[e] / total if total else float("nan"),
+            seconds[e],
         )
         for e in range(epochs + 1)
     ]
