@@ -54,18 +54,18 @@ def runner(states: list[torch.Tensor], epochs: int = 3) -> lora_selection.Runner
 def recorded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, object]]:
     """The calls, in order: ("score", rows scored) and ("train", (images, epochs))."""
     calls: list[tuple[str, object]] = []
-    real_run, real_scores = lora.run_epochs, lora_selection.Runner.scores
+    real_run, real_right = lora.run_epochs, lora_selection.Runner.right_pairs
 
     def run_epochs(tail, params, head, states, groups, config):  # type: ignore[no-untyped-def]
         calls.append(("train", ({g.image for g in groups}, config.epochs)))
         return real_run(tail, params, head, states, groups, config)
 
-    def scores(self, rows):  # type: ignore[no-untyped-def]
-        calls.append(("score", tuple(rows)))
-        return real_scores(self, rows)
+    def right_pairs(self, groups):  # type: ignore[no-untyped-def]
+        calls.append(("score", tuple(sorted({r for g in groups for r in g.rows}))))
+        return real_right(self, groups)
 
     monkeypatch.setattr(lora, "run_epochs", run_epochs)
-    monkeypatch.setattr(lora_selection.Runner, "scores", scores)
+    monkeypatch.setattr(lora_selection.Runner, "right_pairs", right_pairs)
     return calls
 
 
@@ -153,23 +153,17 @@ def test_a_text_shared_by_two_folds_is_scored_by_each_fold_own_run(
     by_fold = [torch.tensor([2.0, 1.0, 3.0]), torch.tensor([0.0, 2.0, 1.0])]
     current = [0]
 
-    class Fake:
-        settings = lora.LoraTrainConfig(epochs=1)
-        states = [torch.zeros(1, 1)] * 3
-        tail, params, head = None, {}, None
-
-        def reset(self, rate: float, epochs: int | None = None) -> lora.LoraTrainConfig:
-            return self.settings
-
-        def scores(self, rows: list[int]) -> torch.Tensor:
-            return by_fold[current[0]][rows]
+    def scores_of(tail, head, states, rows):  # type: ignore[no-untyped-def]
+        return {r: float(by_fold[current[0]][r]) for r in rows}  # the current run's
 
     def run_epochs(tail, params, head, states, trained_on, config):  # type: ignore[no-untyped-def]
         current[0] = 1 if trained_on == folds[0] else 0  # the run for the other fold
         yield 1, 0.0
 
+    monkeypatch.setattr(lora, "scores_of", scores_of)
     monkeypatch.setattr(lora, "run_epochs", run_epochs)
-    epochs = lora_selection._out_of_fold(Fake(), folds, 0.1)  # type: ignore[arg-type]
+    shared = runner([torch.zeros(2, 4)] * 3, epochs=1)
+    epochs = lora_selection._out_of_fold(shared, folds, 0.1)
     assert [e.validation for e in epochs] == [0.5, 1.0]  # epoch 0 before any run: fold 0's
 
 

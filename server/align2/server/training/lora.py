@@ -158,6 +158,14 @@ def snapshot(
     return lora, head.detach().clone()
 
 
+def load(params: Params, values: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy ``values`` (a :func:`snapshot`'s LoRA part) into the trained parameters."""
+    with torch.no_grad():
+        for name, (a, b) in params.items():
+            a.copy_(values[name][0])
+            b.copy_(values[name][1])
+
+
 def train(
     tail: Tail,
     params: Params,
@@ -220,8 +228,25 @@ def accuracy(
     tail: Tail, head: torch.Tensor, states: Sequence[torch.Tensor], groups: Sequence[Group]
 ) -> float:
     """Pairwise accuracy over ``groups`` of the scores ``tail`` and ``head`` give."""
+    return pairwise_accuracy(_dense_scores(tail, head, states, groups), pairs(groups))
+
+
+def right_pairs(
+    tail: Tail, head: torch.Tensor, states: Sequence[torch.Tensor], groups: Sequence[Group]
+) -> tuple[int, int]:
+    """(pairs of ``groups`` those scores order right, pairs): :func:`accuracy` as counts,
+    for pooling the accuracy of parts scored by different runs."""
+    found = pairs(groups)
+    dense = _dense_scores(tail, head, states, groups)
+    return int((dense[found[:, 0]] > dense[found[:, 1]]).sum()), len(found)
+
+
+def _dense_scores(
+    tail: Tail, head: torch.Tensor, states: Sequence[torch.Tensor], groups: Sequence[Group]
+) -> torch.Tensor:
+    """``[len(states)]``: the scores of the rows of ``groups``, 0 elsewhere."""
     rows = sorted({r for g in groups for r in g.rows})
     dense = torch.zeros(len(states))
     for r, s in scores_of(tail, head, states, rows).items():
         dense[r] = s
-    return pairwise_accuracy(dense, pairs(groups))
+    return dense

@@ -167,6 +167,7 @@ class _Setup:
     seed: int
     start: tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
     sets: list[data.PreferenceSet]
+    selection: Selection
     """The training file, then the test file when asked."""
 
 
@@ -184,7 +185,7 @@ def _setup(head: str, config: TrainLoraConfig) -> _Setup:
     train_name, test_name = FILES[head]
     names = [train_name, test_name] if config.evaluate_test else [train_name]
     sets = [data.load(config.data_dir / name, head) for name in names]
-    return _Setup(base, tower, base_config, shape, seed, start, sets)
+    return _Setup(base, tower, base_config, shape, seed, start, sets, _selection(head, config))
 
 
 @dataclass
@@ -210,7 +211,7 @@ async def _run_head(head: str, config: TrainLoraConfig) -> LoraReport:
             done = await _train(head, backend, setup, config)
         finally:
             backend.close()
-        provenance = _provenance(head, config, setup.sets[0], done.trained, setup.seed)
+        provenance = _provenance(head, config, setup, done.trained)
         # Written once, where it is wanted; the server's backend then scores from there.
         target = pathlib.Path(scratch) / "trained"
         if config.out is not None:
@@ -233,8 +234,8 @@ async def _run_head(head: str, config: TrainLoraConfig) -> LoraReport:
         train_pairs=len(data.pairs(done.train_groups)),
         best_epoch=done.trained.best_epoch,
         lr=done.trained.lr,
-        learning_rates=_selection(head, config).learning_rates,
-        folds=_selection(head, config).folds,
+        learning_rates=setup.selection.learning_rates,
+        folds=setup.selection.folds,
         epochs=tuple(done.trained.epochs),
         splits=tuple(done.splits),
         capture_seconds=done.capture_seconds,
@@ -280,7 +281,7 @@ async def _train(
         captured[0].states,
         dataclasses.replace(config.train, seed=setup.seed),
     )
-    selection = _selection(head, config)
+    selection = setup.selection
     started = time.monotonic()
     chosen = lora_selection.choose(
         runner,
@@ -291,7 +292,7 @@ async def _train(
     )
     train_seconds = time.monotonic() - started
     trained = chosen.trained
-    _load(params, trained.lora)
+    lora.load(params, trained.lora)
     validation = setup.sets[0].subset(chosen.validation)
     if selection.folds:
         # Out of fold: each fold scored by the run that did not train on it.
@@ -334,13 +335,6 @@ def _parameters(language_model: Any, adapter_name: str, shape: LoraShape) -> lor
             layer.lora_B[adapter_name].weight,
         )
     return params
-
-
-def _load(params: lora.Params, values: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for name, (a, b) in params.items():
-            a.copy_(values[name][0])
-            b.copy_(values[name][1])
 
 
 def _check_tail(tail: lora.Tail, captured: LayerInputs) -> None:
@@ -421,20 +415,15 @@ async def _served_difference(
     return max((abs(s - tool[r]) for r, s in zip(rows, served, strict=True)), default=0.0)
 
 
-def _provenance(
-    head: str,
-    config: TrainLoraConfig,
-    train_set: data.PreferenceSet,
-    trained: lora.Trained,
-    seed: int,
-) -> str:
+def _provenance(head: str, config: TrainLoraConfig, setup: _Setup, trained: lora.Trained) -> str:
+    train_set, selection = setup.sets[0], setup.selection
     record = {
         "tool": "align2 train-lora",
         "head": head,
         "train_file": train_set.name,
         "train_sha256": train_set.sha256,
         "template_version": TEMPLATE_VERSION,
-        "validation": _validation_record(_selection(head, config), config),
+        "validation": _validation_record(selection, config),
         "layers": config.layers,
         "r": config.r,
         "lora_alpha": config.alpha,
@@ -443,10 +432,10 @@ def _provenance(
         "hyperparameters": {
             **config.train.__dict__,
             "lr": trained.lr,
-            "seed": seed,
-            **({"epochs": trained.best_epoch} if _selection(head, config).folds else {}),
+            "seed": setup.seed,
+            **({"epochs": trained.best_epoch} if selection.folds else {}),
         },
-        "learning_rates_tried": list(_selection(head, config).learning_rates),
+        "learning_rates_tried": list(selection.learning_rates),
         "best_epoch": trained.best_epoch,
         # Without the seconds: the file is the same on every rerun. Held-out or out-of-fold
         # accuracy; with folds, the loss is the folds' mean (the kept adapter is then

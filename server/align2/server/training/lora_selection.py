@@ -70,20 +70,17 @@ class Runner:
 
     def reset(self, rate: float, epochs: int | None = None) -> lora.LoraTrainConfig:
         """Back to the start; the settings of a run at ``rate``."""
+        lora.load(self.params, self.start[0])
         with torch.no_grad():
-            for name, (a, b) in self.params.items():
-                a.copy_(self.start[0][name][0])
-                b.copy_(self.start[0][name][1])
             self.head.copy_(self.start[1])
         settings = dataclasses.replace(self.settings, lr=rate)
         if epochs is not None:
             settings = dataclasses.replace(settings, epochs=epochs)
         return settings
 
-    def scores(self, rows: list[int]) -> torch.Tensor:
-        """The scores of ``rows`` now, in their order."""
-        got = lora.scores_of(self.tail, self.head, self.states, rows)
-        return torch.tensor([got[r] for r in rows])
+    def right_pairs(self, groups: list[data.Group]) -> tuple[int, int]:
+        """(pairs of ``groups`` the adapter orders right now, pairs)."""
+        return lora.right_pairs(self.tail, self.head, self.states, groups)
 
 
 def choose(
@@ -157,23 +154,16 @@ def _out_of_fold(runner: Runner, folds: list[list[data.Group]], rate: float) -> 
     epochs = runner.settings.epochs
     right, total = [0] * (epochs + 1), 0
     losses, seconds = [0.0] * (epochs + 1), [0.0] * (epochs + 1)
-    for k, (held, found) in enumerate(zip(folds, map(data.pairs, folds), strict=True)):
+    for k, held in enumerate(folds):
         rest = [g for j, fold in enumerate(folds) if j != k for g in fold]
-        rows = sorted({r for g in held for r in g.rows})
         settings = runner.reset(rate)
-        total += len(found)
-
-        def count(epoch: int, rows: list[int] = rows, found: torch.Tensor = found) -> None:
-            scores = torch.zeros(len(runner.states))
-            scores[rows] = runner.scores(rows)
-            right[epoch] += int((scores[found[:, 0]] > scores[found[:, 1]]).sum())
-
-        count(0)
+        got, pairs = runner.right_pairs(held)
+        right[0], total = right[0] + got, total + pairs
         started = time.monotonic()
         for epoch, loss in lora.run_epochs(
             runner.tail, runner.params, runner.head, runner.states, rest, settings
         ):
-            count(epoch)
+            right[epoch] += runner.right_pairs(held)[0]
             losses[epoch] += loss / len(folds)
             seconds[epoch] += time.monotonic() - started
             started = time.monotonic()
