@@ -38,7 +38,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from align2.client import AsyncCurationClient, Sample, Turn
+from align2.client import Sample, Turn
 from align2.server import backends
 from align2.server.backends.base import ModelDescription
 from align2.server.backends.transformers_scoring import TransformersScoring
@@ -48,7 +48,7 @@ from align2.server.testing import ServerThread
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from gpu_shapes import CLIP_L_336, TINY_TEXT, TINY_VISION, VICUNA_7B, server_config
-from score import images  # COCO-sized (640x480) JPEGs, distinct content
+from score import images, load  # COCO-sized (640x480) JPEGs, distinct content
 
 
 def bf16_rate(device: torch.device, size: int, repeats: int) -> float:
@@ -105,27 +105,16 @@ QUESTION = "What is unusual about this image? Describe the scene and explain wha
 async def drive(
     target: str, clients: int, per_client: int, warm: bool = True
 ) -> tuple[float, list[float]]:
-    """Every sample on its own image, as the question stage sees them: batch-mates share
-    no prefix past BOS (with one image reused, shared prefixes would skip nearly all)."""
-    pictures = images(clients * per_client + 1)
-    latencies: list[float] = []
-    async with AsyncCurationClient(target, timeout=600) as client:
-        if warm:  # (a profiled window is warm already: this call would run outside its time)
-            first = Sample(id="w", image=pictures[-1], turns=[Turn(QUESTION)])
-            await client.score([first], heads=["question"])
-
-        async def worker(k: int) -> None:
-            for j in range(per_client):
-                image = pictures[k * per_client + j]
-                sample = Sample(id=f"{k}-{j}", image=image, turns=[Turn(QUESTION)])
-                t0 = time.perf_counter()
-                [result] = await client.score([sample], heads=["question"])
-                assert result.error is None, result.error
-                latencies.append(time.perf_counter() - t0)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(k) for k in range(clients)))
-        return time.perf_counter() - started, latencies
+    """Seconds and per-call latencies of ``clients`` clients scoring ``per_client`` samples
+    each, one per call (bench/score.py's load). Every sample on its own image, as the
+    question stage sees them: batch-mates share no prefix past BOS (with one image reused,
+    shared prefixes would skip nearly all)."""
+    data = [
+        Sample(id=str(i), image=picture, turns=[Turn(QUESTION)])
+        for i, picture in enumerate(images(clients * per_client))
+    ]
+    row = await load(target, clients, per_client, "served", data, warm=warm)
+    return row.seconds, row.latencies
 
 
 def direct_rate(backend: TransformersScoring, batch: int, repeats: int) -> float:

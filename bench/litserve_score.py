@@ -134,7 +134,7 @@ def main() -> None:
             f"litserve {ls.__version__}"
         )
         data = samples(n)  # the same samples (images made once) for all three
-        sweep = Direct(path).sweep([int(b) for b in args.batch_sizes.split(",")], n, data)
+        sweep = Direct(path).sweep([int(b) for b in args.batch_sizes.split(",")], data)
         direct = max(sweep.values(), key=lambda r: r.throughput)
         best = int(direct.name.rsplit(" ", 1)[1])
         server = start_server(path, best, folder, Threads())

@@ -21,9 +21,10 @@ import asyncio
 import pathlib
 import sys
 import tempfile
-import time
+from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from curation_projection import measure
 from score import Threads, build_model, images, largest_difference, start_server
 
 from align2.client import AsyncCurationClient, Sample, Turn
@@ -60,15 +61,15 @@ def conversations(count: int, turns: int, candidates: int) -> list[Sample]:
     return out
 
 
-async def run(target: str, samples: list[Sample], per_call: int) -> tuple[float, list[list[float]]]:
-    async with AsyncCurationClient(target, timeout=3600) as client:
-        await client.score(samples[:1], heads=["answer"])  # connect, warm
-        started = time.perf_counter()
-        calls = [samples[i : i + per_call] for i in range(0, len(samples), per_call)]
-        replies = await asyncio.gather(*(client.score(c, heads=["answer"]) for c in calls))
-        seconds = time.perf_counter() - started
-    results = [r for reply in replies for r in reply]
-    assert all(r.error is None for r in results), [r.error for r in results if r.error]
+def run(target: str, samples: list[Sample], per_call: int) -> tuple[float, list[list[float]]]:
+    """Seconds to score ``samples`` under the answer head, every call of ``per_call`` at
+    once, and each sample's scores (every candidate's, or each turn's)."""
+
+    def call(client: AsyncCurationClient, chunk: list[Sample]) -> Any:
+        return client.score(chunk, heads=["answer"])
+
+    calls = -(-len(samples) // per_call)  # one client per call: all in flight together
+    seconds, results = asyncio.run(measure(target, samples, call, calls, per_call))
     scores = [
         [v for c in r.answer_candidates for v in c.scores] or list(r.answer_scores) for r in results
     ]
@@ -96,7 +97,7 @@ def main() -> None:
             )
             try:
                 for shape, (turns, candidates) in SHAPES.items():
-                    seconds, got = asyncio.run(run(server.target, data[shape], args.per_call))
+                    seconds, got = run(server.target, data[shape], args.per_call)
                     times[shape, share], scores[shape, share] = seconds, got
                     inputs = args.conversations * turns * max(1, candidates)
                     print(

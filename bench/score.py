@@ -133,8 +133,8 @@ class Direct:
         prepared = [self.prepare(templates.question_text(s.turns), s.image) for s in batch]
         return asyncio.run(self.backend.score(prepared))
 
-    def sweep(self, batch_sizes: list[int], items: int, data: list | None = None) -> dict[int, Row]:  # type: ignore[type-arg]
-        data = data or samples(items)
+    def sweep(self, batch_sizes: list[int], data: list) -> dict[int, Row]:  # type: ignore[type-arg]
+        items = len(data)
         self.run(data[:1])  # warm-up
         rows = {}
         for size in batch_sizes:
@@ -213,16 +213,19 @@ async def load(
     per_client: int,
     name: str,
     data: list | None = None,  # type: ignore[type-arg]
+    warm: bool = True,
 ) -> Row:
     """``clients`` concurrent clients, each scoring ``per_client`` samples of ``data``
-    (default: new ones) one per call, in turn."""
+    (default: new ones) one per call, in turn; first one call outside the time unless
+    ``warm`` is False (a window measured from outside, e.g. a profile, is warm already)."""
     from align2.client import AsyncCurationClient
 
     data = data or samples(clients * per_client)
     latencies: list[float] = []
     scores = [0.0] * (clients * per_client)
     async with AsyncCurationClient(target, timeout=600) as client:
-        await client.score(data[:1], heads=["question"])  # connect + warm the path
+        if warm:
+            await client.score(data[:1], heads=["question"])  # connect + warm the path
 
         async def worker(k: int) -> None:
             for j in range(per_client):
@@ -323,7 +326,7 @@ def main() -> None:
         )
         print("direct (decode + prepare + forward, in-process):")
         model = Direct(path)
-        sweep = model.sweep(sizes, n)
+        sweep = model.sweep(sizes, samples(n))
         a = max(sweep.values(), key=lambda r: r.throughput)
         best = int(a.name.rsplit(" ", 1)[1])
         print(f"service (separate process, gRPC over loopback), max_batch_size {best} = (a)'s:")
