@@ -212,6 +212,8 @@ TEXTS = [
     "Paris",
 ]
 EMPTY_TEXTS = ["", "   ", "<image>", "<image> <image>"]  # empty once the marker is removed
+NESTED_MARKERS = ["<ima<image>ge> What is it?", "<<image>image>", "<image<image>>"]
+"""Texts that hold ``<image>`` once their markers are removed (refused, never scored)."""
 
 
 def texts(clean: bool) -> st.SearchStrategy[bytes]:
@@ -222,6 +224,8 @@ def texts(clean: bool) -> st.SearchStrategy[bytes]:
     odd = st.one_of(
         st.text(max_size=40).map(str.encode),
         st.integers(300, 4000).map(lambda n: b"word " * n),
+        st.sampled_from(NESTED_MARKERS).map(str.encode),
+        st.just(b"w" * (64 * 1024 + 1)),  # one byte over the default limits.max_text_bytes
     )
     if not clean:
         return weighted((4, usual), (1, empty), (1, odd), (1, strings))

@@ -46,6 +46,7 @@ def server(tiny_llava: pathlib.Path) -> Iterator[ServerThread]:
         limits__max_image_bytes=200_000,
         limits__max_image_pixels=1_000_000,
         limits__max_candidates=4,
+        limits__max_text_bytes=2000,
     )
     server = ServerThread(config).start()
     yield server
@@ -159,6 +160,47 @@ def test_candidates_beyond_the_limit_or_beside_an_answer_fail_alone(
     five, blank = client.score([samples[0], samples[2]], heads=["question"])
     assert five.error is not None and "limits.max_candidates 4" in five.error.message
     assert blank.error is None and blank.answer_candidates == ()
+
+
+def test_texts_over_the_byte_limit_or_with_a_nested_marker_fail_alone(
+    client: CurationClient,
+) -> None:
+    """Checked before anything is tokenised: each text's UTF-8 bytes, the questions together
+    (the question head's one text), and a marker nested in another, which would leave an
+    ``<image>`` once the markers are removed (the model would see a second image)."""
+    good = sample(0, turns=1)
+    samples = [
+        Sample(id="long-q", image=png(), turns=[Turn("é" * 1001, "A.")]),  # 2002 bytes
+        Sample(id="long-c", image=png(), turns=[Turn("Q?", candidates=("B.", "w" * 2001))]),
+        Sample(id="joined", image=png(), turns=[Turn("x" * 1000, "A."), Turn("y" * 1000, "A.")]),
+        Sample(id="nested-q", image=png(), turns=[Turn("<ima<image>ge> What is it?", "A.")]),
+        Sample(id="nested-a", image=png(), turns=[Turn("What is it?", "<<image>image>")]),
+        good,
+    ]
+    *bad, kept = client.score(samples)
+    for result, message in zip(
+        bad,
+        [
+            "samples[0].turns[0].question: 2002 bytes (UTF-8) exceeds limits.max_text_bytes 2000",
+            "samples[1].turns[0].answer_candidates[1]: 2001 characters exceeds "
+            "limits.max_text_bytes 2000",
+            "samples[2].turns: the questions together are 2001 bytes",
+            "samples[3].turns[0].question: still holds <image> once its <image> markers",
+            "samples[4].turns[0].answer: still holds <image>",
+        ],
+        strict=True,
+    ):
+        assert result.error is not None and result.error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert result.error.message.startswith(message), result.error.message
+    [alone] = client.score([good])
+    assert kept.error is None and kept.question_score == pytest.approx(
+        alone.question_score, abs=1e-5
+    )
+    # At the limit exactly: accepted (1000 + "\n" + 999 bytes together).
+    [edge] = client.score(
+        [Sample(id="edge", image=png(), turns=[Turn("x" * 1000, "A."), Turn("y" * 999, "A.")])]
+    )
+    assert edge.error is None, edge.error
 
 
 def test_scores_do_not_depend_on_batch_mates_or_concurrency(
@@ -347,6 +389,7 @@ def test_server_info_reports_models_limits_batching(client: CurationClient) -> N
     assert info.limits.max_image_pixels == 1_000_000
     assert info.limits.max_streams == 100
     assert info.limits.max_candidates == 4
+    assert info.limits.max_text_bytes == 2000
     assert info.batching.max_batch_size == 32
     assert info.template_version == "align2llava-reward-v1"
     assert "Score" in info.services

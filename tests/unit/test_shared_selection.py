@@ -306,8 +306,16 @@ async def test_seed_scores_fill_the_window_before_the_first_sample() -> None:
 
 
 async def test_selection_options_out_of_range_name_the_option_and_the_limit() -> None:
-    curate = curator(scores(1.0), max_seed_scores=4)
+    curate = curator(scores(1.0), max_seed_scores=4, max_task_types=2)
     bad: list[tuple[CurateOptions, str]] = [
+        (
+            CurateOptions(question_thresholds=dict.fromkeys("abc", 0.0)),
+            r"options.question_thresholds: 3 task types exceeds limits.max_task_types 2",
+        ),
+        (
+            CurateOptions(answer_seed_scores={"t" * 257: [1.0]}),
+            r"options.answer_seed_scores: a task of 257 characters exceeds 256",
+        ),
         (CurateOptions(min_window=0), r"options.min_window: 0 is not in 1..limits"),
         (CurateOptions(min_window=101), r"limits.selection_window 100"),
         (CurateOptions(question_thresholds={"d": float("nan")}), r"options.question_thresholds"),
@@ -325,13 +333,16 @@ async def test_task_types_beyond_the_limit_fail_their_sample_or_seeds_naming_the
     keeps at most curate.max_task_types of them; a sample of one more gets INVALID_ARGUMENT
     alone, and a stream seeding more is refused without holding its key."""
     curate = curator(scores(1.0, 2.0, 3.0, 4.0), max_task_types=2)
-    thresholds = {"a": 0.0, "b": 0.0, "c": 0.0}  # scripted answers score 0: all pass
+    thresholds = {"a": 0.0, "b": 0.0}  # scripted answers score 0: all pass
     options = CurateOptions(selection_key="k", answer_thresholds=thresholds)
     producer = Producer(options)
     stream = Stream(curate, producer)
     producer.send(sample(0, task="a"), sample(1, task="b"), sample(2, task="c"))
-    producer.send(sample(3, task="a"))
+    producer.send(sample(3, task="a"), sample(5, task="a" * 257))
     decided = await stream.finish()
+    long_task = decided["s5"].error  # a task of more than 256 characters: its sample alone
+    assert isinstance(long_task, InvalidArgument) and long_task.field == "sample.task"
+    assert "257 characters exceeds 256" in long_task.message
     assert decided["s2"].decision is Decision.ERROR
     error = decided["s2"].error
     assert isinstance(error, InvalidArgument) and error.field == "sample.task"

@@ -43,8 +43,22 @@ def test_curate_options_errors_name_the_path_in_curate_request() -> None:
 def test_heads_default_to_both_and_unknown_ones_are_named() -> None:
     assert convert.heads_from_proto([]) == frozenset(Head)
     assert convert.heads_from_proto([pb.HEAD_ANSWER]) == {Head.ANSWER}
+    assert convert.heads_from_proto([pb.HEAD_ANSWER] * 2) == {Head.ANSWER}  # duplicate ignored
+    with pytest.raises(InvalidArgument, match=r"heads: 3 entries exceeds 2"):
+        convert.heads_from_proto([pb.HEAD_ANSWER] * 3)
     with pytest.raises(InvalidArgument, match=r"heads\[0\]: unknown head 0"):
         convert.heads_from_proto([pb.HEAD_UNSPECIFIED])
+
+
+def test_seed_maps_are_read_in_place_and_reading_adds_no_task() -> None:
+    """The core checks a seed map's size before copying it: the converter reads the proto
+    map in place, and a missing task is a KeyError there, not a new empty entry."""
+    message = pb.CurateOptions()
+    message.question_seed_scores["d"].scores.extend([1.0, 2.0])
+    seeds = convert.curate_options_from_proto(message).question_seed_scores
+    assert len(seeds) == 1 and list(seeds["d"]) == [1.0, 2.0] and list(seeds) == ["d"]
+    assert "x" not in seeds and seeds.get("x") is None
+    assert list(message.question_seed_scores) == ["d"]
 
 
 def test_every_core_code_maps_to_the_grpc_status_of_the_same_name_and_number() -> None:

@@ -349,7 +349,12 @@ Global___Decision: _TypeAlias = Decision  # noqa: Y015
 @_typing.final
 class Turn(_message.Message):
     """One question/answer turn of a conversation. Any `<image>` marker in a text is removed,
-    and the text stripped, before the models see it.
+    and the text stripped, before the models see it; a text that still holds `<image>`
+    after that (a marker nested in another, `<ima<image>ge>`) fails the sample with
+    INVALID_ARGUMENT. Each text (question, answer, candidate) is at most
+    limits.max_text_bytes UTF-8 bytes, and so are the sample's questions together (the
+    question head reads them as one text); more fails the sample with INVALID_ARGUMENT,
+    checked before anything is tokenised.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -421,8 +426,9 @@ class Sample(_message.Message):
     task: _builtins.str
     """Task type, the selection stratum of Curate (e.g. complex_reasoning, conversation,
     detail): thresholds are kept per distinct string, and "" is a stratum of its own. Any
-    string, at most limits.max_task_types distinct ones in one Curate selection; Score and
-    Align ignore it.
+    string of at most 256 characters, at most limits.max_task_types distinct ones in one
+    Curate selection (a longer one: the sample's decision is ERROR with INVALID_ARGUMENT
+    naming `sample.task`); Score and Align ignore it.
     """
     image_marker: Global___ImageMarker.ValueType
     """Where `<image>` stood in the original record: client bookkeeping (see ImageMarker)."""
@@ -580,7 +586,9 @@ class ScoreRequest(_message.Message):
 
     @_builtins.property
     def heads(self) -> _containers.RepeatedScalarFieldContainer[Global___Head.ValueType]:
-        """The heads to run; empty: both. Duplicates are ignored."""
+        """The heads to run; empty: both. At most 2 entries (more: INVALID_ARGUMENT); a
+        duplicate is ignored.
+        """
 
     def __init__(
         self,
@@ -1325,7 +1333,8 @@ class CurateOptions(_message.Message):
     def question_thresholds(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Absolute question thresholds by task type (a calibration: see the README). A task
         listed here is decided by score >= threshold with no window; a task not listed uses a
-        window. Each finite, else INVALID_ARGUMENT.
+        window. Each finite; at most limits.max_task_types entries, each task at most 256
+        characters; else INVALID_ARGUMENT.
         """
 
     @_builtins.property
@@ -1338,7 +1347,8 @@ class CurateOptions(_message.Message):
         the stream's first sample (oldest first; a full window drops the oldest). A window
         takes seeds once: from the first stream that brings some (with a selection_key, later
         streams' seeds for that window are ignored). At most limits.max_seed_scores scores in
-        both seed maps together, each finite; else INVALID_ARGUMENT.
+        both seed maps together, each finite, and at most limits.max_task_types task types,
+        each at most 256 characters; else INVALID_ARGUMENT.
         """
 
     @_builtins.property
@@ -1635,6 +1645,7 @@ class Limits(_message.Message):
     MAX_CANDIDATES_FIELD_NUMBER: _builtins.int
     MAX_INFLIGHT_BYTES_FIELD_NUMBER: _builtins.int
     MAX_TASK_TYPES_FIELD_NUMBER: _builtins.int
+    MAX_TEXT_BYTES_FIELD_NUMBER: _builtins.int
     max_samples_per_call: _builtins.int
     """Samples in one Score or Align call; more: INVALID_ARGUMENT for the call (split it).
     Config default 64.
@@ -1719,6 +1730,11 @@ class Limits(_message.Message):
     more: INVALID_ARGUMENT for the stream. Tasks with a given threshold do not count.
     Config default 256.
     """
+    max_text_bytes: _builtins.int
+    """Most UTF-8 bytes of one question, answer or candidate, and of one sample's questions
+    together (see Turn); more: INVALID_ARGUMENT for the sample, before it is tokenised, in
+    both truncation modes. Config default 65,536.
+    """
     def __init__(
         self,
         *,
@@ -1740,10 +1756,11 @@ class Limits(_message.Message):
         max_candidates: _builtins.int = ...,
         max_inflight_bytes: _builtins.int = ...,
         max_task_types: _builtins.int = ...,
+        max_text_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_candidates", b"max_candidates", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_inflight_bytes", b"max_inflight_bytes", "max_llm_inflight", b"max_llm_inflight", "max_message_bytes", b"max_message_bytes", "max_new_tokens", b"max_new_tokens", "max_queue_items", b"max_queue_items", "max_samples_per_call", b"max_samples_per_call", "max_seed_scores", b"max_seed_scores", "max_selection_keys", b"max_selection_keys", "max_stream_inflight", b"max_stream_inflight", "max_streams", b"max_streams", "max_task_types", b"max_task_types", "max_text_tokens", b"max_text_tokens", "max_turns", b"max_turns", "selection_window", b"selection_window", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_candidates", b"max_candidates", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_inflight_bytes", b"max_inflight_bytes", "max_llm_inflight", b"max_llm_inflight", "max_message_bytes", b"max_message_bytes", "max_new_tokens", b"max_new_tokens", "max_queue_items", b"max_queue_items", "max_samples_per_call", b"max_samples_per_call", "max_seed_scores", b"max_seed_scores", "max_selection_keys", b"max_selection_keys", "max_stream_inflight", b"max_stream_inflight", "max_streams", b"max_streams", "max_task_types", b"max_task_types", "max_text_bytes", b"max_text_bytes", "max_text_tokens", b"max_text_tokens", "max_turns", b"max_turns", "selection_window", b"selection_window", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

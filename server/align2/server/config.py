@@ -18,6 +18,7 @@ import dacite
 
 from align2.server.errors import ConfigError
 
+KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -140,6 +141,12 @@ class LimitsConfig:
     slowed by gRPC flow control (nothing is refused or dropped). 0 disables Curate."""
     max_text_tokens: int = 2048
     """Text tokens of one reward input (the model's max_length also applies)."""
+    max_text_bytes: int = 64 * KiB
+    """UTF-8 bytes of one question, answer or candidate, and of one sample's questions
+    together (the question head's one text); more: INVALID_ARGUMENT for the sample, checked
+    before anything is tokenised (a tokeniser holds hundreds of bytes per token), in both
+    truncation modes. The default, 64 KiB, is 32 bytes per token of the default
+    max_text_tokens (real text averages about 4): raise both together."""
     truncation: Truncation = "reject"
     """reject: a too-long item fails with INVALID_ARGUMENT. truncate: the text is cut to fit
     and the result says so (question_truncated / answer_truncated)."""
@@ -380,6 +387,7 @@ class Config:
         positive = {
             "limits.max_samples_per_call": self.limits.max_samples_per_call,
             "limits.max_candidates": self.limits.max_candidates,
+            "limits.max_text_bytes": self.limits.max_text_bytes,
             "batching.max_batch_size": self.batching.max_batch_size,
             "batching.max_queue_items": self.batching.max_queue_items,
         }

@@ -140,7 +140,9 @@ class Aligner:
     def _resolve(self, call: AlignCall) -> ResolvedCall:
         """Call-level checks; the call's settings with the configured defaults filled in."""
         check_sample_count(len(call.samples), self._limits.max_samples_per_call)
-        template = self._templates.get(call.template or self._config.template)
+        template = self._templates.get(
+            call.template or self._config.template, field=f"{call.options_field}.template"
+        )
         return ResolvedCall(
             parts=call.parts,
             template=template,
@@ -178,6 +180,7 @@ class Aligner:
             self._limits.max_turns,
             answers_needed=needed,
             max_candidates=self._limits.max_candidates,
+            max_text_bytes=self._limits.max_text_bytes,
             candidates_refused=CANDIDATES_REFUSED,
         )
         image = sample.image_bytes()

@@ -69,6 +69,28 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _SAMPLE = "sample"
+MAX_TASK_LENGTH = 256
+"""Most characters of a task type (Sample.task, and the keys of the options' maps)."""
+_BY_TASK = (
+    "question_thresholds",
+    "answer_thresholds",
+    "question_seed_scores",
+    "answer_seed_scores",
+)
+
+
+def _owned(options: CurateOptions) -> CurateOptions:
+    """``options`` with its by-task maps copied (they may be read in place from the
+    request; copied once checked, at their checked size)."""
+    return dataclasses.replace(
+        options,
+        question_thresholds=dict(options.question_thresholds),
+        answer_thresholds=dict(options.answer_thresholds),
+        question_seed_scores={t: list(v) for t, v in options.question_seed_scores.items()},
+        answer_seed_scores={t: list(v) for t, v in options.answer_seed_scores.items()},
+    )
+
+
 """How the one-sample Score and Align calls of a stream name their sample in errors."""
 
 
@@ -154,6 +176,7 @@ class Curator:
                 raise InvalidArgument(f"options.{key}: {value} is not in (0, 1]")
             fractions[key] = value
         min_window = self._check_selection(options)
+        options = _owned(options)
         if options.align is not None:
             if self._aligner is None:
                 raise Unimplemented("options.align: Align is disabled on this server")
@@ -202,21 +225,38 @@ class Curator:
                 f"options.selection_key: {len(options.selection_key)} characters exceeds "
                 f"{MAX_KEY_LENGTH}"
             )
-        for name in ("question_thresholds", "answer_thresholds"):
-            for task, value in getattr(options, name).items():
-                if not math.isfinite(value):
-                    raise InvalidArgument(f"options.{name}: task {task!r}: {value} is not finite")
-        seeds = 0
-        for name in ("question_seed_scores", "answer_seed_scores"):
-            for task, values in getattr(options, name).items():
-                seeds += len(values)
-                if not all(math.isfinite(v) for v in values):
-                    raise InvalidArgument(f"options.{name}: task {task!r}: a score is not finite")
+        limit = self._config.max_task_types
+        for name in _BY_TASK:  # sizes first: nothing is copied or iterated before
+            by_task = getattr(options, name)
+            if len(by_task) > limit:
+                raise InvalidArgument(
+                    f"options.{name}: {len(by_task)} task types exceeds "
+                    f"limits.max_task_types {limit}"
+                )
+            for task in by_task:
+                if len(task) > MAX_TASK_LENGTH:
+                    raise InvalidArgument(
+                        f"options.{name}: a task of {len(task)} characters exceeds "
+                        f"{MAX_TASK_LENGTH}"
+                    )
+        seeds = sum(
+            len(values)
+            for name in ("question_seed_scores", "answer_seed_scores")
+            for values in getattr(options, name).values()
+        )
         if seeds > self._config.max_seed_scores:
             raise InvalidArgument(
                 f"options.question_seed_scores: {seeds} seed scores (both stages) exceeds "
                 f"limits.max_seed_scores {self._config.max_seed_scores}"
             )
+        for name in ("question_thresholds", "answer_thresholds"):
+            for task, value in getattr(options, name).items():
+                if not math.isfinite(value):
+                    raise InvalidArgument(f"options.{name}: task {task!r}: {value} is not finite")
+        for name in ("question_seed_scores", "answer_seed_scores"):
+            for task, values in getattr(options, name).items():
+                if not all(math.isfinite(v) for v in values):
+                    raise InvalidArgument(f"options.{name}: task {task!r}: a score is not finite")
         min_window = self._config.min_window if options.min_window is None else options.min_window
         if not 1 <= min_window <= window:
             raise InvalidArgument(
@@ -366,6 +406,10 @@ class Session:
     async def _decide(self, sample: Sample, deadline: float | None, result: Curated) -> None:
         # One ScoringSample for both stages: checked once, the image decoded once, the
         # scores written straight into the decision's.
+        if len(sample.task) > MAX_TASK_LENGTH:
+            raise InvalidArgument(
+                f"{_SAMPLE}.task: {len(sample.task)} characters exceeds {MAX_TASK_LENGTH}"
+            )
         work = self._scorer.begin(sample, _SAMPLE)
         result.scores = work.result
         await self._score(work, Head.QUESTION, deadline)

@@ -257,6 +257,7 @@ class Scorer:
             self._limits.max_turns,
             answers_needed=answers_needed,
             max_candidates=self._limits.max_candidates,
+            max_text_bytes=self._limits.max_text_bytes,
         )
         return ScoringSample(sample, where, question, answer, problem, SampleScore(id=sample.id))
 

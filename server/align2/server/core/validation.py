@@ -11,7 +11,7 @@ import logging
 
 from align2.client.types import Sample, Turn
 from align2.server import metrics
-from align2.server.core.templates import clean
+from align2.server.core.templates import IMAGE_TOKEN, clean
 from align2.server.errors import Align2Error, BackendError, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ def check_turns(
     *,
     answers_needed: str | None,
     max_candidates: int,
+    max_text_bytes: int,
     candidates_refused: str | None = None,
 ) -> InvalidArgument | None:
     """The first structural problem of ``sample``, or None.
@@ -41,12 +42,35 @@ def check_turns(
     with candidate answers has an empty ``answer`` and 1..``max_candidates`` candidates,
     each held to ``answers_needed`` as an answer is; ``candidates_refused``: None when
     candidates are accepted, else why not (it ends the error message).
+
+    Every question, answer and candidate, and the questions together (the question head's
+    one text), hold at most ``max_text_bytes`` UTF-8 bytes: checked here, before anything
+    is tokenised, so that a huge text costs its bytes and not a tokeniser's working memory.
+    A text that still holds ``<image>`` once its markers are removed (one nested in
+    another, ``<ima<image>ge>``) is refused: the model would see a second image marker.
     """
     if not sample.turns:
         return InvalidArgument("turns: empty conversation; a sample needs at least one turn")
     if len(sample.turns) > max_turns:
         return InvalidArgument(
             f"turns: {len(sample.turns)} turns exceeds limits.max_turns {max_turns}"
+        )
+    texts = [(f"turns[{i}].question", t.question) for i, t in enumerate(sample.turns)]
+    texts += [(f"turns[{i}].answer", t.answer) for i, t in enumerate(sample.turns)]
+    texts += [
+        (f"turns[{i}].answer_candidates[{j}]", c)
+        for i, t in enumerate(sample.turns)
+        for j, c in enumerate(t.candidates)
+    ]
+    for where, text in texts:
+        problem = _check_text(where, text, max_text_bytes)
+        if problem is not None:
+            return problem
+    questions = sum(_utf8_bytes(t.question) for t in sample.turns) + len(sample.turns) - 1
+    if questions > max_text_bytes:
+        return InvalidArgument(
+            f"turns: the questions together are {questions} bytes (the question head reads "
+            f"them as one text), exceeds limits.max_text_bytes {max_text_bytes}"
         )
     for i, turn in enumerate(sample.turns):
         if not clean(turn.question):
@@ -57,6 +81,29 @@ def check_turns(
                 return problem
         elif answers_needed is not None and not clean(turn.answer):
             return InvalidArgument(f"turns[{i}].answer: empty, and {answers_needed}")
+    return None
+
+
+def _utf8_bytes(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _check_text(where: str, text: str, max_bytes: int) -> InvalidArgument | None:
+    if len(text) > max_bytes:  # a character is at least one byte: no need to encode it
+        return InvalidArgument(
+            f"{where}: {len(text)} characters exceeds limits.max_text_bytes {max_bytes} "
+            "(UTF-8 bytes)"
+        )
+    size = _utf8_bytes(text)
+    if size > max_bytes:
+        return InvalidArgument(
+            f"{where}: {size} bytes (UTF-8) exceeds limits.max_text_bytes {max_bytes}"
+        )
+    if IMAGE_TOKEN in text and IMAGE_TOKEN in clean(text):
+        return InvalidArgument(
+            f"{where}: still holds {IMAGE_TOKEN} once its {IMAGE_TOKEN} markers are removed "
+            f"(a marker nested in another); the image is the sample's own, remove the markers"
+        )
     return None
 
 

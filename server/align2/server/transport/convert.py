@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 
 from align2.client.convert import sample_from_proto, turn_to_proto
 from align2.client.types import Sample
@@ -78,9 +78,13 @@ def metadata_value(metadata: object, key: str) -> str | None:
     return None
 
 
-def heads_from_proto(values: list[int]) -> frozenset[Head]:
+def heads_from_proto(values: Sequence[int]) -> frozenset[Head]:
     if not values:
         return frozenset(Head)
+    if len(values) > len(_HEADS):  # before reading them: a 60 MB list is not copied
+        raise InvalidArgument(
+            f"heads: {len(values)} entries exceeds {len(_HEADS)}; name each head at most once"
+        )
     heads = set()
     for i, value in enumerate(values):
         if value not in _HEADS:
@@ -115,7 +119,7 @@ def score_call_from_proto(
 ) -> ScoreCall:
     return ScoreCall(
         samples=samples_from_request(request.samples),
-        heads=heads_from_proto(list(request.heads)),
+        heads=heads_from_proto(request.heads),
         question_model=request.question_model,
         answer_model=request.answer_model,
         priority=priority_from_proto(request.priority, priority_metadata),
@@ -209,12 +213,33 @@ def curate_options_from_proto(
         ),
         priority=priority_from_proto(message.priority, priority_metadata, "options.priority"),
         selection_key=message.selection_key,
-        question_thresholds=dict(message.question_thresholds),
-        answer_thresholds=dict(message.answer_thresholds),
+        # Read in place: the core checks their sizes before it copies them (a map of
+        # millions of entries costs seconds to copy on the event loop).
+        question_thresholds=message.question_thresholds,
+        answer_thresholds=message.answer_thresholds,
         min_window=message.min_window if message.HasField("min_window") else None,
-        question_seed_scores={t: list(v.scores) for t, v in message.question_seed_scores.items()},
-        answer_seed_scores={t: list(v.scores) for t, v in message.answer_seed_scores.items()},
+        question_seed_scores=_ScoreLists(message.question_seed_scores),
+        answer_seed_scores=_ScoreLists(message.answer_seed_scores),
     )
+
+
+class _ScoreLists(Mapping[str, Sequence[float]]):
+    """A seed map (task -> ScoreList) as task -> scores, read in place, without copying.
+    Unlike the proto map, a missing task is a KeyError, not a new entry."""
+
+    def __init__(self, lists: Mapping[str, pb.ScoreList]) -> None:
+        self._lists = lists
+
+    def __getitem__(self, task: str) -> Sequence[float]:
+        if task not in self._lists:
+            raise KeyError(task)
+        return self._lists[task].scores
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._lists)
+
+    def __len__(self) -> int:
+        return len(self._lists)
 
 
 async def curate_requests_from_proto(
@@ -379,6 +404,7 @@ def server_info_to_proto(
             max_selection_keys=config.curate.max_selection_keys,
             max_seed_scores=config.curate.max_seed_scores,
             max_task_types=config.curate.max_task_types,
+            max_text_bytes=limits.max_text_bytes,
         ),
         batching=pb.Batching(
             max_batch_size=batching.max_batch_size,
