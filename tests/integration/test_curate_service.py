@@ -17,6 +17,7 @@ from support import ServerThread, error_details, full_config, png, score_config
 
 from align2.client import AsyncCurationClient, CurateResult, CurationClient, Sample, Turn
 from align2.client.cli import main as cli_main
+from align2.client.convert import sample_to_proto
 from align2.server.core import scoring
 from align2.server.core.selection import TaskSelectors
 from align2.v1 import curation_pb2 as pb
@@ -272,6 +273,22 @@ def test_bad_align_settings_fail_the_stream_once_naming_the_field(
     bad = error_details(info.value)["BadRequest"]
     assert isinstance(bad, error_details_pb2.BadRequest)
     assert [v.field for v in bad.field_violations] == [field]
+
+
+def test_a_bad_priority_header_fails_only_a_stream_that_reads_it(server: ServerThread) -> None:
+    """x-align2-priority is read only for a stream whose options set no priority: a set
+    field wins, and the header is not even parsed."""
+    metadata = (("x-align2-priority", "urgent"),)
+    first = pb.CurateRequest(sample=sample_to_proto(sample(0)))
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.CurationServiceStub(channel)
+        options = pb.CurateRequest(options=pb.CurateOptions(priority=pb.PRIORITY_BULK))
+        [decision] = list(stub.Curate(iter([options, first]), metadata=metadata))
+        assert decision.sequence == 0 and not decision.HasField("error")
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Curate(iter([first]), metadata=metadata))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (info.value.details() or "").startswith("x-align2-priority metadata: unknown value")
 
 
 def test_async_cancel_raises_cancelled_as_an_rpc_error(server: ServerThread) -> None:

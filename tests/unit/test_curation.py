@@ -260,7 +260,7 @@ async def test_the_priority_of_a_stream_without_options_is_the_given_one() -> No
         await original(work, head, priority, deadline)
 
     scorer.score_sample = spy  # type: ignore[method-assign]
-    stream = curator(scorer).stream(feed([sample(0)]), None, Priority.INTERACTIVE)
+    stream = curator(scorer).stream(feed([sample(0)]), None, lambda: Priority.INTERACTIVE)
     await collect(stream)
     assert priorities and set(priorities) == {Priority.INTERACTIVE}
 

@@ -45,10 +45,9 @@ class ImageMarker(_ImageMarker, metaclass=_ImageMarkerEnumTypeWrapper):
 
     Where the `<image>` marker stood in the first question of the LLaVA record, kept so that
     a client writing the sample back to LLaVA format can restore it (the client removes it
-    from the question text when reading). The server does not use it: it removes every
-    `<image>` from the texts itself. A request with a value not listed here fails with
-    INVALID_ARGUMENT naming `samples[i].image_marker`; the client reads an unknown value in a
-    response as IMAGE_MARKER_START.
+    from the question text when reading). The server does not use it (it removes every
+    `<image>` from the texts itself) and never checks it: any value, listed here or not,
+    fails nothing.
     """
 
 IMAGE_MARKER_UNSPECIFIED: ImageMarker.ValueType  # 0

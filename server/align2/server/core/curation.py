@@ -268,10 +268,11 @@ class Curator:
         self,
         requests: AsyncIterator[CurateOptions | Sample],
         deadline: float | None,
-        priority: Priority = Priority.BULK,
+        priority: Callable[[], Priority] = lambda: Priority.BULK,
     ) -> AsyncIterator[Curated]:
         """One decision per sample of ``requests``, as each is made (see the module doc).
-        ``priority``: the class of a stream that sends no options (from call metadata).
+        ``priority``: the class of a stream that sends no options (from call metadata), read
+        only then (a bad metadata value fails only a stream whose options do not set one).
 
         A slot is held from reading a sample until its decision has been handed on, so a
         consumer that reads decisions slowly slows the reading of samples too. Raises after
@@ -310,7 +311,7 @@ class Curator:
                     position += 1
                     continue
                 if session is None:
-                    session = self.session(CurateOptions(priority=priority), holds)
+                    session = self.session(CurateOptions(priority=priority()), holds)
                     opened.append(session)
                 position += 1
                 await slots.acquire()

@@ -95,23 +95,10 @@ def heads_from_proto(values: Sequence[int]) -> frozenset[Head]:
     return frozenset(heads)
 
 
-def sample_from_request(message: pb.Sample, field: str, where: str = "") -> Sample:
-    """A request's sample (``field``: its path, ``where``: more context, for errors).
-    Unlike the client's lenient reading of responses, an unknown ``image_marker`` is
-    refused: the server would otherwise hand back a marker the caller never sent."""
-    if message.image_marker not in _IMAGE_MARKERS:
-        raise InvalidArgument(
-            f"{field}.image_marker: unknown value {message.image_marker}{where}; valid: "
-            f"{', '.join(pb.ImageMarker.keys())}"
-        )
-    return sample_from_proto(message)
-
-
 def samples_from_request(messages: Sequence[pb.Sample]) -> list[Sample]:
-    return [sample_from_request(m, f"samples[{i}]") for i, m in enumerate(messages)]
-
-
-_IMAGE_MARKERS = frozenset(pb.ImageMarker.values())
+    """A request's samples. ``image_marker`` is not checked: the server does not use it (a
+    value from a newer client fails nothing; the client's own reading maps it to START)."""
+    return [sample_from_proto(m) for m in messages]
 
 
 def score_call_from_proto(
@@ -253,9 +240,7 @@ async def curate_requests_from_proto(
         if kind == "options":
             yield curate_options_from_proto(request.options, priority_metadata)
         elif kind == "sample":
-            yield sample_from_request(
-                request.sample, "sample", f" in message {position} of the stream"
-            )
+            yield sample_from_proto(request.sample)
         else:
             raise InvalidArgument(f"item: message {position} carries neither options nor sample")
         position += 1

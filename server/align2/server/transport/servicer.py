@@ -15,6 +15,7 @@ import grpc
 from align2.server.core.alignment import Aligner
 from align2.server.core.curation import Curator
 from align2.server.core.lifecycle import Lifecycle
+from align2.server.core.priority import Priority
 from align2.server.core.scoring import Scorer
 from align2.server.errors import Unimplemented
 from align2.server.transport import convert
@@ -67,7 +68,10 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
                 )
             deadline, metadata_priority = _call_context(context)
             requests = convert.curate_requests_from_proto(request_iterator, metadata_priority)
-            priority = convert.priority_from_proto(pb.PRIORITY_UNSPECIFIED, metadata_priority)
+
+            def priority() -> Priority:  # of a stream without options: only then read
+                return convert.priority_from_proto(pb.PRIORITY_UNSPECIFIED, metadata_priority)
+
             async for curated in self._curator.stream(requests, deadline, priority):
                 yield convert.curated_to_proto(curated)
         except Exception:
