@@ -21,6 +21,7 @@ from support import ServerThread, error_details, jpeg, metric, png
 from align2.client import AsyncCurationClient, CurationClient, Sample, Turn
 from align2.server.backends.base import Prepared
 from align2.server.config import Config, ModelConfig
+from align2.server.transport import convert
 from align2.v1 import curation_pb2 as pb
 from align2.v1 import curation_pb2_grpc as pb_grpc
 
@@ -523,3 +524,22 @@ def test_tokens_a_reward_model_skips_are_counted(server: ServerThread) -> None:
     padded = skipped(model, "padding") - before["padding"]
     assert shared == backend.prefix_tokens_saved - prefix > 0
     assert padded == backend.padded_tokens_saved - padding > 0
+
+
+def test_an_internal_error_keeps_the_callers_request_id(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server bug is INTERNAL, and its trailers still carry the x-request-id that finds
+    the call's log lines."""
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(convert, "score_call_from_proto", broken)
+    metadata = (("x-request-id", "job-7"),)
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.CurationServiceStub(channel).Score(pb.ScoreRequest(), metadata=metadata)
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert info.value.details() == "internal error: RuntimeError: boom"
+    trailers = dict(info.value.trailing_metadata() or ())  # type: ignore[attr-defined]
+    assert trailers["x-request-id"] == "job-7"

@@ -142,7 +142,7 @@ async def test_a_new_key_beyond_the_limit_is_refused_naming_it() -> None:
     assert refused.value.code is Code.RESOURCE_EXHAUSTED
     assert refused.value.field == "options.selection_key"
     assert "limits.max_selection_keys 1" in refused.value.message
-    assert refused.value.retry_after is None  # "a" is in use: no expiry to wait for
+    assert refused.value.retry_after == 600  # "a" is in use: the soonest it can expire
     # The live key itself is still welcome.
     same = await collect(curate.stream(feed([CurateOptions(selection_key="a"), sample(2)]), None))
     assert same[0].question_window_size == 2  # A's score and its own

@@ -369,8 +369,8 @@ class Turn(_message.Message):
     """The model's reply. In a request it may be empty only when no answer is used: Score
     with heads = [HEAD_QUESTION], Align with parts = REWRITE_PARTS_QUESTIONS, or when the
     turn carries answer_candidates instead; otherwise an empty answer fails the sample with
-    INVALID_ARGUMENT (in Curate: once the sample passes the question stage and its answers
-    are scored).
+    INVALID_ARGUMENT (in Curate: an error decision before either head runs, since a kept
+    sample's answers are scored).
     """
     @_builtins.property
     def answer_candidates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1311,7 +1311,8 @@ class CurateOptions(_message.Message):
     are created when a stream first names it and live while any stream uses it, then
     curate.selection_key_idle_seconds more (600 unless configured; a reconnecting worker
     finds them again). A new key while limits.max_selection_keys keys are live:
-    RESOURCE_EXHAUSTED (RetryInfo: when the longest-idle key expires). Streams of one key
+    RESOURCE_EXHAUSTED (RetryInfo: when the longest-idle key expires; with every key in
+    use, curate.selection_key_idle_seconds, the soonest one can). Streams of one key
     should use the same fractions: the windows hold scores, and each stream ranks against
     them with its own fractions. Per replica only (see the message comment).
     """
@@ -1619,9 +1620,9 @@ Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
 
 @_typing.final
 class Limits(_message.Message):
-    """The limits requests are checked against (config [limits], plus batching.max_queue_items
-    and two [align] keys). Error messages name a limit by its config key, given here where
-    it differs from `limits.NAME`.
+    """The limits requests are checked against (config [limits], plus batching.max_queue_items,
+    two [align] keys and four [curate] keys). Error messages name a limit as `limits.NAME`,
+    NAME its field here; each comment gives the config key where it differs.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

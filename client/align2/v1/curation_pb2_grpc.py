@@ -34,11 +34,19 @@ class CurationServiceStub:
     unknown model or template name), RESOURCE_EXHAUSTED (model queues full, or the request
     bytes over limits.max_inflight_bytes: at once, before any work; retry after the delay of
     its grpc-retry-pushback-ms trailer and RetryInfo, not at all when the pushback is -1),
-    UNAVAILABLE (warming up or shutting down), UNIMPLEMENTED
+    DEADLINE_EXCEEDED (the call's deadline passed; queued work is dropped before compute),
+    UNAVAILABLE (warming up or shutting down), INTERNAL (a server bug: "internal error: ...",
+    logged with the call's x-request-id), UNIMPLEMENTED
     (an RPC this server has disabled; see GetServerInfoResponse.services), UNAUTHENTICATED
     (the server requires `authorization: Bearer <token>` metadata and got none or a wrong
     one). Problems of one sample are per-item errors (ItemError) instead and never fail the
-    sample's batch-mates.
+    sample's batch-mates. A failed call's trailers carry a google.rpc.Status in
+    `grpc-status-details-bin` (ErrorInfo; BadRequest naming the field; RetryInfo;
+    ResourceInfo for NOT_FOUND). Call metadata: `x-align2-priority` (see Priority) and
+    `x-request-id` (optional; every call's trailers echo it, or the id the server made, and
+    the server's log lines of the call carry it). Score, Align and GetServerInfo change no
+    state: safe to retry. Curate with a selection_key adds each sample's scores to windows
+    shared by the key's streams: a sample sent again is counted again.
     """
 
     def __init__(self, channel):
@@ -78,11 +86,19 @@ class CurationServiceServicer:
     unknown model or template name), RESOURCE_EXHAUSTED (model queues full, or the request
     bytes over limits.max_inflight_bytes: at once, before any work; retry after the delay of
     its grpc-retry-pushback-ms trailer and RetryInfo, not at all when the pushback is -1),
-    UNAVAILABLE (warming up or shutting down), UNIMPLEMENTED
+    DEADLINE_EXCEEDED (the call's deadline passed; queued work is dropped before compute),
+    UNAVAILABLE (warming up or shutting down), INTERNAL (a server bug: "internal error: ...",
+    logged with the call's x-request-id), UNIMPLEMENTED
     (an RPC this server has disabled; see GetServerInfoResponse.services), UNAUTHENTICATED
     (the server requires `authorization: Bearer <token>` metadata and got none or a wrong
     one). Problems of one sample are per-item errors (ItemError) instead and never fail the
-    sample's batch-mates.
+    sample's batch-mates. A failed call's trailers carry a google.rpc.Status in
+    `grpc-status-details-bin` (ErrorInfo; BadRequest naming the field; RetryInfo;
+    ResourceInfo for NOT_FOUND). Call metadata: `x-align2-priority` (see Priority) and
+    `x-request-id` (optional; every call's trailers echo it, or the id the server made, and
+    the server's log lines of the call carry it). Score, Align and GetServerInfo change no
+    state: safe to retry. Curate with a selection_key adds each sample's scores to windows
+    shared by the key's streams: a sample sent again is counted again.
     """
 
     def Score(self, request, context):
@@ -169,11 +185,19 @@ class CurationService:
     unknown model or template name), RESOURCE_EXHAUSTED (model queues full, or the request
     bytes over limits.max_inflight_bytes: at once, before any work; retry after the delay of
     its grpc-retry-pushback-ms trailer and RetryInfo, not at all when the pushback is -1),
-    UNAVAILABLE (warming up or shutting down), UNIMPLEMENTED
+    DEADLINE_EXCEEDED (the call's deadline passed; queued work is dropped before compute),
+    UNAVAILABLE (warming up or shutting down), INTERNAL (a server bug: "internal error: ...",
+    logged with the call's x-request-id), UNIMPLEMENTED
     (an RPC this server has disabled; see GetServerInfoResponse.services), UNAUTHENTICATED
     (the server requires `authorization: Bearer <token>` metadata and got none or a wrong
     one). Problems of one sample are per-item errors (ItemError) instead and never fail the
-    sample's batch-mates.
+    sample's batch-mates. A failed call's trailers carry a google.rpc.Status in
+    `grpc-status-details-bin` (ErrorInfo; BadRequest naming the field; RetryInfo;
+    ResourceInfo for NOT_FOUND). Call metadata: `x-align2-priority` (see Priority) and
+    `x-request-id` (optional; every call's trailers echo it, or the id the server made, and
+    the server's log lines of the call carry it). Score, Align and GetServerInfo change no
+    state: safe to retry. Curate with a selection_key adds each sample's scores to windows
+    shared by the key's streams: a sample sent again is counted again.
     """
 
     @staticmethod

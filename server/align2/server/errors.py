@@ -136,7 +136,8 @@ class NoTurnBeforeDeadline(Overloaded):
 
 class TooManySelectionKeys(Align2Error):
     """A Curate stream names a new selection key while the server already holds its limit
-    of live keys; ``retry_after``: when the longest-idle key expires (None: none is idle)."""
+    of live keys; ``retry_after``: when a key can expire at the soonest (None: no key is
+    ever allowed, max_selection_keys 0)."""
 
     code = Code.RESOURCE_EXHAUSTED
 

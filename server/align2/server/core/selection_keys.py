@@ -7,7 +7,8 @@ it, and for ``curate.selection_key_idle_seconds`` after the last one ends (a wor
 reconnects finds its windows again); then it is dropped. At most
 ``curate.max_selection_keys`` keys are live (in use or idle within the TTL): a stream naming
 a new key beyond that is refused with RESOURCE_EXHAUSTED, and its RetryInfo says when the
-longest-idle key expires (none idle: no retry hint). State is per process: replicas do not
+longest-idle key expires (none idle: the idle TTL, the soonest any key can expire; with
+max_selection_keys 0, none: never retry). State is per process: replicas do not
 share it (see the Curate docs: calibrated thresholds keep replicas consistent).
 
 Everything runs on the server's event loop (expiry is a ``loop.call_later``): no locks.
@@ -83,7 +84,12 @@ class SelectionKeys:
             metrics.CURATE_SELECTION_KEYS.dec()
 
     def _next_expiry(self) -> float | None:
+        """Seconds until a key can expire: the longest-idle one's expiry; with every key in
+        use, the idle TTL (a stream ending now frees its key that much later); None when
+        no key is ever allowed."""
+        if self._max_keys == 0:
+            return None
         expiries = [e.expiry.when() for e in self._live.values() if e.expiry is not None]
         if not expiries:
-            return None
+            return self._idle_seconds
         return max(0.0, min(expiries) - asyncio.get_running_loop().time())
