@@ -14,7 +14,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from align2.server import metrics
-from align2.server.backends.base import ChoiceRequest, Decoding, GenerationRequest, Message
+from align2.server.backends.base import (
+    ChoiceRequest,
+    Decoding,
+    Generation,
+    GenerationRequest,
+    Message,
+)
 from align2.server.backends.chat import VICUNA_SYSTEM, Prompts, prompt_ids
 from align2.server.backends.decoding import generate_batch
 from align2.server.backends.transformers_generation import TransformersGeneration
@@ -272,6 +278,46 @@ def test_a_row_abandoned_before_its_batch_starts_costs_nothing() -> None:
     )
     assert [d.tokens for d in decoded] == [[], [4, 5]]
     assert model.rows == [1, 1]
+
+
+def _callers_leave_in_the_first_layer(
+    backend: TransformersGeneration, leaving: int
+) -> tuple[list[Generation], list[torch.nn.Module]]:
+    """Two generations; the first ``leaving`` callers leave while layer 0 runs. Returns
+    the results and the layers started, in order."""
+    events = [threading.Event() for _ in range(2)]
+    started: list[torch.nn.Module] = []
+
+    def leave(module: torch.nn.Module, _args: Any) -> None:
+        started.append(module)
+        if len(started) == 1:
+            for event in events[:leaving]:
+                event.set()
+
+    hooks = [layer.register_forward_pre_hook(leave) for layer in backend._model.model.layers]
+    requests = [
+        GenerationRequest(p, GREEDY, abandoned=e) for p, e in zip(PROMPTS[:2], events, strict=True)
+    ]
+    try:
+        return asyncio.run(backend.generate(requests)), started
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_a_batch_whose_callers_all_left_stops_within_a_layer(tiny_llm: pathlib.Path) -> None:
+    """A row leaves at its next step; a batch whose callers all left stops at its next
+    layer, even mid-prefill (a large batch's prefill is seconds on a CPU). One caller
+    still waiting keeps the batch going, and gets what it would alone."""
+    backend = load(tiny_llm)
+    layers = list(backend._model.model.layers)
+    result, started = _callers_leave_in_the_first_layer(backend, 2)
+    assert [(g.text, g.generated_tokens) for g in result] == [("", 0)] * 2
+    assert started == layers[:1]  # the second layer never ran
+    result, started = _callers_leave_in_the_first_layer(backend, 1)
+    [alone] = asyncio.run(backend.generate([GenerationRequest(PROMPTS[1], GREEDY)]))
+    assert result[1] == alone and result[0].generated_tokens <= 1
+    assert len(started) > len(layers)  # it went on past the prefill
 
 
 @pytest.mark.slow

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -68,11 +70,16 @@ class Interrupt:
     length (seconds on CPU, for a large batch). Once ``set``, the next layer to start raises
     Unavailable instead (forward pre-hooks on the model and on each layer of its layer
     lists: the transformer blocks of every tower), so the batch ends within one layer.
-    The hooks cost one Python call per layer."""
+    The hooks cost one Python call per layer.
+
+    The same hooks end a batch that nobody waits for any more: inside
+    ``abandoning(gone)``, the next layer raises :class:`BatchAbandoned` once ``gone()`` is
+    true (a prefill of a large batch is seconds on a CPU; its callers' deadline passed)."""
 
     def __init__(self, model: torch.nn.Module, name: str) -> None:
         self._name = name
         self._set = threading.Event()
+        self._gone: Callable[[], bool] | None = None
         layers = [
             layer
             for module in model.modules()
@@ -91,8 +98,25 @@ class Interrupt:
             hook.remove()
         self._hooks = []
 
+    @contextlib.contextmanager
+    def abandoning(self, gone: Callable[[], bool]) -> Iterator[None]:
+        """Within: the running batch stops at its next layer once ``gone()`` is true
+        (BatchAbandoned). Called on the device thread that runs the batch."""
+        self._gone = gone
+        try:
+            yield
+        finally:
+            self._gone = None
+
     def _check(self, _module: torch.nn.Module, _args: Any) -> None:
         if self._set.is_set():
             raise Unavailable(
                 f"model {self._name!r} stopped mid-batch: the server is shutting down"
             )
+        gone = self._gone
+        if gone is not None and gone():
+            raise BatchAbandoned(f"model {self._name!r}: every caller of the batch left")
+
+
+class BatchAbandoned(Exception):
+    """Raised from a layer when nobody waits for the batch's results (Interrupt)."""

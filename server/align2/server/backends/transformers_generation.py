@@ -38,8 +38,9 @@ from align2.server.backends.base import (
 from align2.server.backends.chat import Prompts, as_invalid_argument, choice_ids
 from align2.server.backends.checkpoint import folder_revision
 from align2.server.backends.continuous import Choice, DecodeLoop, Row
-from align2.server.backends.decoding import generate_batch, last_logits
+from align2.server.backends.decoding import Decoded, generate_batch, last_logits
 from align2.server.backends.torch_device import (
+    BatchAbandoned,
     Interrupt,
     classify_device_error,
     prepare_device,
@@ -131,17 +132,26 @@ class TransformersGeneration:
             max(0, min(r.decoding.max_new_tokens, limit - len(p)))
             for r, p in zip(batch, prompts, strict=True)
         ]
+        events = [r.abandoned for r in batch]
+
+        def gone() -> bool:  # every caller left: stop within a layer, even mid-prefill
+            return all(e is not None and e.is_set() for e in events)
+
         with self._on_device():
-            decoded = generate_batch(
-                self._model,
-                prompts,
-                [r.decoding for r in batch],
-                budgets,
-                eos_ids=self._eos,
-                pad_id=self._pad,
-                device=self._device,
-                abandoned=[r.abandoned for r in batch],
-            )
+            try:
+                with self._interrupt.abandoning(gone):
+                    decoded = generate_batch(
+                        self._model,
+                        prompts,
+                        [r.decoding for r in batch],
+                        budgets,
+                        eos_ids=self._eos,
+                        pad_id=self._pad,
+                        device=self._device,
+                        abandoned=events,
+                    )
+            except BatchAbandoned:  # nobody reads these
+                decoded = [Decoded([], finished=False) for _ in batch]
         return [
             Generation(
                 text=str(self._tokenizer.decode(d.tokens, skip_special_tokens=True)).strip(),
