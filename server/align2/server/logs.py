@@ -29,10 +29,33 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
+class _ClientGoneFilter(logging.Filter):
+    """grpc's asyncio server logs an ERROR with a traceback when it cannot send a response
+    because the call already ended (``ExecuteBatchError``, grpc/grpc#32551): a client that
+    cancelled or timed out, routine under load. Said once, at INFO, without the traceback,
+    so that an ERROR in the log still means a fault of the server."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if type(error).__name__ == "ExecuteBatchError":
+            said = record.getMessage()
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = "a response could not be sent, the call had ended (client gone): %s"
+            record.args = (said,)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
+
+
 def setup(level: str, fmt: str) -> None:
     """Configure the root logger once, in main()."""
     handler = logging.StreamHandler()
     handler.addFilter(_RequestIdFilter())
+    core = logging.getLogger(GRPC_CORE_LOGGER)
+    if not any(isinstance(f, _ClientGoneFilter) for f in core.filters):
+        core.addFilter(_ClientGoneFilter())
     if fmt == "json":
         handler.setFormatter(
             JsonFormatter(

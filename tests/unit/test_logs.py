@@ -1,0 +1,34 @@
+"""Log records: grpc-core's noise about clients that left is not an ERROR."""
+
+from __future__ import annotations
+
+import logging
+
+from grpc._cython import cygrpc
+
+from align2.server import logs
+
+
+def record(exc: Exception) -> logging.LogRecord:
+    return logging.LogRecord(
+        logs.GRPC_CORE_LOGGER,
+        logging.ERROR,
+        __file__,
+        1,
+        "ExecuteBatchError raised in core by servicer method [%s]",
+        ("/align2.v1.CurationService/Score",),
+        (type(exc), exc, None),
+    )
+
+
+def test_a_response_to_a_gone_client_is_said_at_info_without_a_traceback() -> None:
+    gone = record(cygrpc.ExecuteBatchError('Failed "execute_batch"'))
+    assert logs._ClientGoneFilter().filter(gone)
+    assert (gone.levelno, gone.levelname, gone.exc_info) == (logging.INFO, "INFO", None)
+    assert gone.getMessage() == (
+        "a response could not be sent, the call had ended (client gone): "
+        "ExecuteBatchError raised in core by servicer method [/align2.v1.CurationService/Score]"
+    )
+    fault = record(RuntimeError("boom"))  # anything else stays an ERROR with its traceback
+    assert logs._ClientGoneFilter().filter(fault)
+    assert fault.levelno == logging.ERROR and fault.exc_info is not None
