@@ -139,7 +139,9 @@ class CurationServiceServicer:
 
     def GetServerInfo(self, request, context):
         """What this server runs: models, backends, versions, limits, batching settings, enabled
-        RPCs and Align template sets.
+        RPCs and Align template sets. Answered in every phase, warm-up included: until health
+        is SERVING, `models` lists only the models loaded so far, and the RPCs in `services`
+        answer UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -85,7 +85,9 @@ class CurationServiceStub:
     """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_curation_pb2.GetServerInfoRequest, _curation_pb2.GetServerInfoResponse]
     """What this server runs: models, backends, versions, limits, batching settings, enabled
-    RPCs and Align template sets.
+    RPCs and Align template sets. Answered in every phase, warm-up included: until health
+    is SERVING, `models` lists only the models loaded so far, and the RPCs in `services`
+    answer UNAVAILABLE.
     """
 
 @_typing.type_check_only
@@ -140,7 +142,9 @@ class CurationServiceAsyncStub(CurationServiceStub):
     """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_curation_pb2.GetServerInfoRequest, _curation_pb2.GetServerInfoResponse]  # type: ignore[assignment]
     """What this server runs: models, backends, versions, limits, batching settings, enabled
-    RPCs and Align template sets.
+    RPCs and Align template sets. Answered in every phase, warm-up included: until health
+    is SERVING, `models` lists only the models loaded so far, and the RPCs in `services`
+    answer UNAVAILABLE.
     """
 
 class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -216,7 +220,9 @@ class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_curation_pb2.GetServerInfoResponse, _abc.Awaitable[_curation_pb2.GetServerInfoResponse]]:
         """What this server runs: models, backends, versions, limits, batching settings, enabled
-        RPCs and Align template sets.
+        RPCs and Align template sets. Answered in every phase, warm-up included: until health
+        is SERVING, `models` lists only the models loaded so far, and the RPCs in `services`
+        answer UNAVAILABLE.
         """
 
 def add_CurationServiceServicer_to_server(servicer: CurationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
