@@ -497,11 +497,13 @@ class ModelRef(_message.Message):
     ScoreRequest.question_model / answer_model select.
     """
     model_id: _builtins.str
-    """The checkpoint's id: the name of the model folder it was loaded from."""
+    """The checkpoint's id: the name of the model folder it was loaded from (a LoRA adapter
+    applied to a shared base, models.NAME.share_base: the adapter folder's name).
+    """
     revision: _builtins.str
     """The configured revision (models.NAME.revision), or else a 12-hex-digit sha256 prefix
-    over the folder's model files (weights, config, tokenizer), which any change of them
-    changes.
+    over the files it was built from (weights, config, tokenizer; for an adapter, those of
+    the base, the adapter and the vision tower), which any change of them changes.
     """
     backend: _builtins.str
     """The runtime that serves it: "transformers" or "vllm"."""
