@@ -785,7 +785,8 @@ Global___ScoreResponse: _TypeAlias = ScoreResponse  # noqa: Y015
 class DecodingOptions(_message.Message):
     """Decoding of the inner LLM's rewrites. An unset field takes the server's default (config
     align.decoding.*, not reported by GetServerInfo); a value out of range fails the call (in
-    Curate: the stream) with INVALID_ARGUMENT naming `options.decoding.FIELD`.
+    Curate: the stream) with INVALID_ARGUMENT naming `options.decoding.FIELD` (in Curate
+    `options.align_options.decoding.FIELD`).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
