@@ -332,18 +332,22 @@ async def test_task_types_beyond_the_limit_fail_their_sample_or_seeds_naming_the
     """The task is any string: each new one costs a window per stage, so one selection
     keeps at most curate.max_task_types of them; a sample of one more gets INVALID_ARGUMENT
     alone, and a stream seeding more is refused without holding its key."""
-    curate = curator(scores(1.0, 2.0, 3.0, 4.0), max_task_types=2)
+    scorer = scores(1.0, 2.0, 3.0, 4.0)
+    curate = curator(scorer, max_task_types=2)
     thresholds = {"a": 0.0, "b": 0.0}  # scripted answers score 0: all pass
     options = CurateOptions(selection_key="k", answer_thresholds=thresholds)
     producer = Producer(options)
     stream = Stream(curate, producer)
-    producer.send(sample(0, task="a"), sample(1, task="b"), sample(2, task="c"))
+    producer.send(sample(0, task="a"), sample(1, task="b"))
+    await spin()  # their windows exist: a third task is refused before it is scored
+    producer.send(sample(2, task="c"))
     producer.send(sample(3, task="a"), sample(5, task="a" * 257))
     decided = await stream.finish()
     long_task = decided["s5"].error  # a task of more than 256 characters: its sample alone
     assert isinstance(long_task, InvalidArgument) and long_task.field == "sample.task"
     assert "257 characters exceeds 256" in long_task.message
     assert decided["s2"].decision is Decision.ERROR
+    assert "s2" not in {sample_id for sample_id, _ in scorer.calls}  # refused before scoring
     error = decided["s2"].error
     assert isinstance(error, InvalidArgument) and error.field == "sample.task"
     assert "limits.max_task_types 2" in error.message

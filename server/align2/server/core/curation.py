@@ -411,6 +411,7 @@ class Session:
             raise InvalidArgument(
                 f"{_SAMPLE}.task: {len(sample.task)} characters exceeds {MAX_TASK_LENGTH}"
             )
+        self._questions.check_task(sample.task)  # no forward pass for a sample it refuses
         work = self._scorer.begin(sample, _SAMPLE)
         result.scores = work.result
         await self._score(work, Head.QUESTION, deadline)
@@ -424,6 +425,7 @@ class Session:
         if not selected.kept:
             result.decision = Decision.DROPPED_QUESTION
             return
+        self._answers.check_task(sample.task)
         await self._score(work, Head.ANSWER, deadline)
         work.forget_image()
         answer = work.result

@@ -215,6 +215,13 @@ class StageSelector:
         threshold, or a window that its score brings to ``min_window``)?"""
         return task in self._thresholds or self._windows.count(task) + 1 >= self._min_window
 
+    def check_task(self, task: str) -> None:
+        """InvalidArgument naming ``sample.task`` when ``task`` would need a window and
+        none fits any more: said before its sample is scored for this stage (a window may
+        still be taken meanwhile; :meth:`select` checks again)."""
+        if task not in self._thresholds:
+            self._windows.check_room([task], "sample.task")
+
     async def select(self, task: str, score: float) -> Selection:
         """The decision on ``score`` of ``task`` (see the module docstring); waits while
         the window warms up."""
