@@ -139,6 +139,16 @@ def test_retries_transient_failures(fake: FakeCuration, code: grpc.StatusCode) -
     assert result.ok
 
 
+def test_a_request_larger_than_grpcs_default_retry_buffer_is_retried(fake: FakeCuration) -> None:
+    """gRPC replays only requests that fit its per-call retry buffer (256 KiB by default);
+    the client raises it to its largest message, so a call of real images is retried."""
+    fake.fail_next = [grpc.StatusCode.RESOURCE_EXHAUSTED]
+    with client_for(fake) as client:
+        [result] = client.score(make_samples(1, image=b"x" * 600_000))
+    assert fake.attempts == 2
+    assert result.ok
+
+
 def test_retries_give_up_after_max_attempts(fake: FakeCuration) -> None:
     fake.fail_next = [grpc.StatusCode.UNAVAILABLE] * 5
     policy = RetryPolicy(max_attempts=3, initial_backoff_seconds=0.05, max_backoff_seconds=0.1)

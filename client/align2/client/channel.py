@@ -231,6 +231,10 @@ def channel_options(
         "grpc.keepalive_timeout_ms": KEEPALIVE_TIMEOUT_MS,
         "grpc.max_reconnect_backoff_ms": MAX_RECONNECT_BACKOFF_MS,
         "grpc.enable_retries": 1 if retry else 0,
+        # gRPC replays only a call whose request fits this buffer (256 KiB by default: one
+        # real image): beyond it the call is committed and a refusal is final. The client
+        # holds the request until its answer anyway; this keeps its serialised copy too.
+        "grpc.per_rpc_retry_buffer_size": max_message_bytes,
     }
     config = balancing_config(load_balancing, health_check=health_check)
     if retry:
