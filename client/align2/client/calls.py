@@ -12,6 +12,7 @@ one missing file must not fail its chunk-mates (the same rule the server follows
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
@@ -77,11 +78,58 @@ def parse_priority(priority: str | None) -> pb.Priority.ValueType:
     return PRIORITIES[priority]
 
 
-def split_chunks(items: Sequence[R], size: int) -> list[Sequence[R]]:
-    """Consecutive slices of at most ``size``; concatenated they are ``items``."""
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""The client's largest message either way (servers announce their own in
+GetServerInfoResponse.limits.max_message_bytes; 64 MiB by default too)."""
+CHUNK_BYTES = DEFAULT_MAX_MESSAGE_BYTES // 2
+"""Most estimated bytes (images and texts) of one chunk's samples: a chunk of large images
+is split into more calls instead of being refused whole as too large a message."""
+
+
+def split_chunks(
+    items: Sequence[R],
+    size: int,
+    *,
+    max_bytes: int | None = None,
+    weigh: Callable[[R], int] | None = None,
+) -> list[Sequence[R]]:
+    """Consecutive slices of at most ``size`` items and, with ``weigh``, at most
+    ``max_bytes`` of their weights (an item heavier than that alone); concatenated they
+    are ``items``."""
     if size < 1:
         raise ValueError(f"chunk_size: {size} is not positive")
-    return [items[i : i + size] for i in range(0, len(items), size)]
+    if weigh is None or max_bytes is None:
+        return [items[i : i + size] for i in range(0, len(items), size)]
+    chunks: list[Sequence[R]] = []
+    start, total = 0, 0
+    for index, item in enumerate(items):
+        weight = weigh(item)
+        if index > start and (index - start >= size or total + weight > max_bytes):
+            chunks.append(items[start:index])
+            start, total = index, 0
+        total += weight
+    if start < len(items):
+        chunks.append(items[start:])
+    return chunks
+
+
+def estimated_bytes(sample: Sample) -> int:
+    """About what ``sample`` adds to a request: its image (bytes, or the file's size; not
+    read) and its texts."""
+    if isinstance(sample.image, bytes | bytearray | memoryview):
+        image = len(sample.image)
+    else:
+        try:
+            image = os.stat(sample.image).st_size
+        except OSError:  # reported when the chunk is encoded
+            image = 0
+    texts = sum(len(t.question) + len(t.answer) + sum(map(len, t.candidates)) for t in sample.turns)
+    return image + texts
+
+
+def sample_chunks(samples: Sequence[Sample], size: int) -> list[Sequence[Sample]]:
+    """:func:`split_chunks` of samples: at most ``size`` and about :data:`CHUNK_BYTES`."""
+    return split_chunks(samples, size, max_bytes=CHUNK_BYTES, weigh=estimated_bytes)
 
 
 @dataclass(frozen=True)
@@ -99,11 +147,57 @@ def encode_chunk(samples: Sequence[Sample]) -> EncodedChunk:
     sent: list[pb.Sample] = []
     for sample in samples:
         try:
-            sent.append(sample_to_proto(sample))
-            errors.append(None)
+            message = sample_to_proto(sample)
         except OSError as error:
             errors.append(_image_read_error(error))
+            continue
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800" in a JSON file)
+            errors.append(_text_error(sample))
+            continue
+        size = message.ByteSize()
+        if size > DEFAULT_MAX_MESSAGE_BYTES - MESSAGE_OVERHEAD:
+            errors.append(
+                ItemError(
+                    code=grpc.StatusCode.INVALID_ARGUMENT,
+                    message=f"sample: {size} bytes encoded, more than one message carries "
+                    f"({DEFAULT_MAX_MESSAGE_BYTES} bytes); not sent",
+                )
+            )
+            continue
+        sent.append(message)
+        errors.append(None)
     return EncodedChunk(ids=[s.id for s in samples], local_errors=errors, sent=sent)
+
+
+MESSAGE_OVERHEAD = 64 * 1024
+"""Room left in a message for the request's other fields and its framing."""
+
+
+def _text_error(sample: Sample) -> ItemError:
+    """The first text of ``sample`` that UTF-8 cannot encode, named as the server would."""
+    where = "text"
+    for i, turn in enumerate(sample.turns):
+        texts = [("question", turn.question), ("answer", turn.answer)]
+        texts += [(f"answer_candidates[{j}]", c) for j, c in enumerate(turn.candidates)]
+        bad = [name for name, text in texts if not _encodes(text)]
+        if bad:
+            where = f"turns[{i}].{bad[0]}"
+            break
+    else:
+        if not _encodes(sample.id) or not _encodes(sample.task):
+            where = "id or task"
+    return ItemError(
+        code=grpc.StatusCode.INVALID_ARGUMENT,
+        message=f"{where}: not encodable as UTF-8 (a lone surrogate such as \\ud800); not sent",
+    )
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def merge_results(
@@ -241,7 +335,7 @@ class ScoreCall(ChunkedCall[ScoreResult, CallInfo, ScoreReply]):
     ) -> ScoreCall:
         """Validate everything before any image is read or any RPC is made."""
         return cls(
-            chunks=split_chunks(samples, chunk_size),
+            chunks=sample_chunks(samples, chunk_size),
             heads=parse_heads(heads),
             priority=parse_priority(priority),
             question_model=question_model or "",
@@ -332,7 +426,7 @@ class AlignCall(ChunkedCall[AlignResult, AlignCallInfo, AlignReply]):
     ) -> AlignCall:
         """Validate everything (``options`` as :func:`align_options`) before any I/O."""
         return cls(
-            chunks=split_chunks(samples, chunk_size),
+            chunks=sample_chunks(samples, chunk_size),
             options=align_options(**options),
             priority=parse_priority(priority),
         )

@@ -21,15 +21,12 @@ from typing import Any, TypedDict
 import grpc
 
 from align2.client.balancing import balancing_config, lb_policy
-from align2.client.calls import DEFAULT_CHUNK_SIZE
+from align2.client.calls import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_MESSAGE_BYTES
 from align2.client.health import SERVICE
 
 # Unary RPCs only: a replayed Curate stream could be decided twice. Score and GetServerInfo
 # have no side effects; Align regenerates, which is what a caller retrying would get too.
 RETRIED_METHODS = ("Score", "Align", "GetServerInfo")
-# 64 samples with their images fit comfortably; servers announce their own limit in
-# GetServerInfoResponse.limits.max_message_bytes.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Not shorter than a stock gRPC server's minimum ping interval (5 min): shorter keepalives
 # during long calls earn a GOAWAY "too_many_pings" from servers with default settings.
 KEEPALIVE_TIME_MS = 300_000
