@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import signal
 import sys
+import time
 import types
 from typing import Any
 
@@ -13,6 +16,7 @@ import pytest
 from client_fakes import FakeCuration
 
 from align2.client import cli
+from align2.client.results import AlignResult
 
 
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
@@ -184,3 +188,91 @@ def test_bad_input_file_exits_2(tmp_path: pathlib.Path, capsys: pytest.CaptureFi
     path.write_text('[{"id": "1"}]', encoding="utf-8")
     assert cli.main(["score", str(path), "--target", "127.0.0.1:1"]) == 2
     assert "record 0 (id '1'): conversations" in capsys.readouterr().err
+
+
+def test_an_output_in_a_missing_folder_is_refused_before_any_call(
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_dataset(tmp_path)
+    out = str(tmp_path / "nope" / "results.jsonl")
+    for command in (
+        ["score", "--out", out],
+        ["align", "--out", out],
+        ["curate", "--stream", "--out", out],
+    ):
+        status = cli.main([*command[:1], str(data), *command[1:], "--target", fake.target])
+        assert status == 2, command
+        assert "no such folder" in capsys.readouterr().err
+    assert fake.requests == [] and fake.curated == []
+
+
+def test_a_stopped_score_leaves_the_previous_output_and_its_lines_so_far(
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "results.jsonl"
+    out.write_text('{"id": "from a finished run"}\n', encoding="utf-8")
+    fake.fail_scores_after = 1  # the second chunk's call fails, retries too
+    status, results = run_score(fake, tmp_path)
+    assert status == 1 and results == [{"id": "from a finished run"}]
+    partial = tmp_path / "results.jsonl.partial"
+    assert [json.loads(line)["id"] for line in partial.read_text().splitlines()] == ["0", "1"]
+    assert "results.jsonl.partial" in capsys.readouterr().err
+    fake.fail_scores_after = None
+    argv = ["score", str(tmp_path / "conversation_58k.json"), "--out", str(out)]
+    argv += ["--image-folder", str(tmp_path / "images"), "--target", fake.target]
+    assert cli.main([*argv, "--no-progress"]) == 0  # a finished run replaces the output
+    assert len(out.read_text().splitlines()) == 3 and not partial.exists()
+
+
+class _Unavailable(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "server gone"
+
+
+def test_align_writes_the_samples_it_aligned_when_a_call_fails(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[list[str]] = []
+
+    def align(self: object, samples: list[Any], **options: Any) -> list[Any]:
+        calls.append([s.id for s in samples])
+        if len(calls) > 1:
+            raise _Unavailable()
+        return [AlignResult(id=s.id, sample=s) for s in samples]
+
+    monkeypatch.setattr(cli.CurationClient, "align", align)
+    data, out = write_dataset(tmp_path), tmp_path / "aligned.json"
+    status = cli.main(["align", str(data), "--out", str(out), "--chunk-size", "2", "--no-progress"])
+    assert status == 1 and calls == [["0", "1"], ["2"]]
+    assert [r["id"] for r in json.loads(out.read_text(encoding="utf-8"))] == ["0", "1"]
+    err = capsys.readouterr().err
+    assert "UNAVAILABLE: server gone; 2 aligned samples written" in err
+    assert "1 not done, from record 2 (id '2') on" in err
+
+
+def test_a_curate_stream_stopped_by_a_bad_record_writes_what_it_kept(
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record = {"image": "a.jpg", "conversations": [{"from": "human", "value": "Q?"},
+                                                   {"from": "gpt", "value": "A."}]}  # fmt: skip
+    (tmp_path / "a.jpg").write_bytes(b"jpeg")
+    lines = [{**record, "id": "0"}, {**record, "id": "1"}, {"id": "2"}]
+    data = tmp_path / "detail_23k.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
+    out = tmp_path / "kept.json"
+    argv = ["curate", str(data), "--stream", "--image-folder", str(tmp_path), "--out", str(out)]
+    status = cli.main([*argv, "--target", fake.target, "--no-progress"])
+    assert status == 2
+    assert [r["id"] for r in json.loads(out.read_text(encoding="utf-8"))] == ["0", "1"]
+    assert "record 2 (id '2')" in capsys.readouterr().err
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), cli._sigterm_interrupts():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here, at once
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -7,7 +7,10 @@ Server subcommands (``serve``, ``build-models``, ``train-heads``, ``train-lora``
 command never imports server code.
 
 Exit status: 0 done (per-item errors are data, written to the output), 1 an RPC failed,
-2 bad usage or input.
+2 bad usage or input, 130 interrupted (Ctrl-C or SIGTERM). A command that stops early says
+what it kept: ``score`` leaves its lines so far in ``OUT.partial`` (``OUT`` itself is
+replaced only by a finished run); ``align`` and ``curate --stream`` write the samples kept
+so far to ``--out`` and name what was not done.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ import importlib
 import itertools
 import json
 import os
+import pathlib
+import signal
 import sys
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
@@ -38,7 +44,7 @@ from align2.client.calls import (
     split_chunks,
 )
 from align2.client.llava import iter_llava, read_llava, write_llava
-from align2.client.offline_cli import run_offline
+from align2.client.offline_cli import EXIT_INTERRUPTED, run_offline
 from align2.client.results import DECISIONS
 from align2.client.sync import CurationClient
 from align2.client.types import Sample
@@ -67,14 +73,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if namespace.token is None:
         namespace.token = os.environ.get(TOKEN_ENV)
     try:
-        status: int = namespace.run(namespace)
+        with _sigterm_interrupts():
+            status: int = namespace.run(namespace)
     except grpc.RpcError as error:
         print(f"align2 {namespace.command}: {_describe_rpc_error(error)}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as error:
         print(f"align2 {namespace.command}: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"align2 {namespace.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return status
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a pod stopping, ``timeout``, ``kill``) stops a command as Ctrl-C does, so
+    that it writes what it has; the previous handler is back afterwards. Main thread only
+    (where Python runs signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_server_command(argv: list[str]) -> int:
@@ -386,6 +411,7 @@ def run_health(namespace: argparse.Namespace) -> int:
 
 def run_score(namespace: argparse.Namespace) -> int:
     """Stream results as JSONL, one RPC (chunk) at a time, flushed after each."""
+    _check_writable(namespace.out)
     samples = read_llava(namespace.file, image_folder=namespace.image_folder, task=namespace.task)
     failed = 0
     with (
@@ -412,23 +438,42 @@ def run_score(namespace: argparse.Namespace) -> int:
 
 def run_align(namespace: argparse.Namespace) -> int:
     """Write the samples as kept to ``--out`` (LLaVA); samples that failed are left out
-    (counted on stderr, and with their errors in ``--report`` when given)."""
+    (counted on stderr, and with their errors in ``--report`` when given). When a call
+    fails or the run is interrupted, the samples aligned so far are written all the same,
+    and the first record not done is named (exit 1, or 130)."""
+    _check_writable(namespace.out, namespace.report)
     samples = read_llava(namespace.file, image_folder=namespace.image_folder, task=namespace.task)
     options = {**_rewrite_options(namespace), "priority": namespace.priority}
     kept: list[Sample] = []
+    done = 0
     report_to = _output(namespace.report) if namespace.report else contextlib.nullcontext(None)
-    with (
-        client_from_arguments(namespace) as client,
-        report_to as report,
-        _progress(len(samples), enabled=not namespace.no_progress) as advance,
-    ):
-        for chunk in split_chunks(samples, namespace.chunk_size):
-            for result in client.align(chunk, **options):
-                if result.sample is not None:
-                    kept.append(result.sample)
-                if report is not None:
-                    report.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
-            advance(len(chunk))
+    try:
+        with (
+            client_from_arguments(namespace) as client,
+            report_to as report,
+            _progress(len(samples), enabled=not namespace.no_progress) as advance,
+        ):
+            for chunk in split_chunks(samples, namespace.chunk_size):
+                for result in client.align(chunk, **options):
+                    if result.sample is not None:
+                        kept.append(result.sample)
+                    if report is not None:
+                        report.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+                done += len(chunk)
+                advance(len(chunk))
+    except (grpc.RpcError, KeyboardInterrupt) as stop:
+        write_llava(kept, namespace.out)
+        why = "interrupted" if isinstance(stop, KeyboardInterrupt) else _describe_rpc_error(stop)
+        rest = (
+            f"{len(samples) - done} not done, from record {done} (id {samples[done].id!r}) on"
+            if done < len(samples)
+            else "every sample done"
+        )
+        print(
+            f"align2 align: {why}; {len(kept)} aligned samples written to {namespace.out}; {rest}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED if isinstance(stop, KeyboardInterrupt) else 1
     write_llava(kept, namespace.out)
     failed = len(samples) - len(kept)
     print(f"align2 align: {len(samples)} samples, {failed} item errors", file=sys.stderr)
@@ -470,13 +515,14 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
     """Stream the files' samples to Curate as they are read; write the kept ones to
     ``--out`` (LLaVA) and every decision to ``--report``. When the stream fails, the samples
     kept so far are still written, and the ids left unanswered are printed (exit 1)."""
+    _check_writable(namespace.out, namespace.report)
     samples = itertools.chain.from_iterable(
         iter_llava(path, image_folder=namespace.image_folder, task=namespace.task)
         for path in namespace.file
     )
     counts: Counter[str] = Counter()
     kept: list[Sample] = []
-    failure: grpc.RpcError | None = None
+    failure: BaseException | None = None
     report_to = _output(namespace.report) if namespace.report else contextlib.nullcontext(None)
     with (
         client_from_arguments(namespace) as client,
@@ -501,20 +547,28 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
                     report.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
                 if result.sample is not None:
                     kept.append(result.sample)
-        except grpc.RpcError as error:
+        # An RPC failure, an input record that cannot be read, Ctrl-C or SIGTERM: the
+        # kept samples so far are still written below.
+        except (grpc.RpcError, OSError, ValueError, KeyboardInterrupt) as error:
             failure = error
     write_llava(kept, namespace.out)
     summary = ", ".join(f"{counts[d]} {d}" for d in DECISIONS)
     print(f"align2 curate: {counts.total()} samples: {summary}", file=sys.stderr)
     if failure is not None:
         unanswered = results.unanswered
+        if isinstance(failure, grpc.RpcError):
+            why, status = _describe_rpc_error(failure), 1
+        elif isinstance(failure, KeyboardInterrupt):
+            why, status = "interrupted", EXIT_INTERRUPTED
+        else:
+            why, status = str(failure), 2
         print(
-            f"align2 curate: {_describe_rpc_error(failure)}; {len(kept)} kept samples written; "
+            f"align2 curate: {why}; {len(kept)} kept samples written; "
             f"{len(unanswered)} sent and unanswered (resend them): {', '.join(unanswered)}; "
             "samples after them in the file were not sent",
             file=sys.stderr,
         )
-        return 1
+        return status
     return 0
 
 
@@ -531,13 +585,35 @@ def _selection_options(namespace: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _check_writable(*paths: str | None) -> None:
+    """ValueError now, before any work, for an output whose folder is missing or not
+    writable (a run must not end in an error after hours of work)."""
+    for path in paths:
+        if path is None or path == "-":
+            continue
+        folder = pathlib.Path(path).parent
+        if not folder.is_dir():
+            raise ValueError(f"{path}: no such folder {str(folder)!r}")
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"{path}: folder {str(folder)!r} is not writable")
+
+
 @contextlib.contextmanager
 def _output(path: str) -> Iterator[IO[str]]:
+    """A text output: stdout for ``-``; else ``PATH.partial``, which replaces ``PATH`` when
+    the run finishes. A run that stops leaves ``PATH`` as it was and says where its lines
+    so far are."""
     if path == "-":
         yield sys.stdout
         return
-    with open(path, "w", encoding="utf-8") as out:
-        yield out
+    partial = pathlib.Path(path + ".partial")
+    try:
+        with partial.open("w", encoding="utf-8") as out:
+            yield out
+    except BaseException:
+        print(f"align2: the lines written so far are in {partial}", file=sys.stderr)
+        raise
+    os.replace(partial, path)
 
 
 @contextlib.contextmanager
