@@ -16,11 +16,12 @@ import threading
 import time
 from typing import Any
 
+import grpc
 import pytest
 from client_fakes import FakeCuration, serving
 from reference_selection import reference_curate, reference_curate_examples
 
-from align2.client import cli
+from align2.client import cli, offline
 from align2.client.records import load_inputs
 from align2.client.scorestore import Scorer, ScoreStore
 from align2.v1 import curation_pb2 as pb
@@ -555,3 +556,24 @@ def test_read_problems_name_the_record_once(tmp_path: pathlib.Path) -> None:
     ]
     assert [r.sample.id for r in inputs.tasks["detail"]] == ["1"]
     assert inputs.files == {str(source): 4}
+
+
+def test_a_busy_server_paces_the_run_instead_of_stopping_it(
+    fake: FakeCuration, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More refusals than gRPC's 5 attempts: the chunk waits and is sent again (Score
+    changes nothing), and the run ends as an unrefused one does."""
+    monkeypatch.setattr(offline, "PACING_FIRST_PAUSE", 0.01)
+    task_files(tmp_path)
+    files = sorted(tmp_path.glob("*_test.json"))
+    common = [*files, "--image-folder", tmp_path, "--chunk-size", "4", "--concurrency", "1"]
+    assert curate(fake, *common, "--out", tmp_path / "calm.json") == 0
+    fake.requests.clear()
+    fake.fail_next = [grpc.StatusCode.RESOURCE_EXHAUSTED] * 7  # gRPC's own retries off:
+    out = tmp_path / "busy.json"  # each refusal is one pacing round
+    assert curate(fake, *common, "--out", out, "--no-retry") == 0
+    assert out.read_bytes() == (tmp_path / "calm.json").read_bytes()
+    # Past the pacing rounds the refusal stands: the run stops, and resumes when rerun.
+    # (the fake's GetServerInfo takes one of them and answers anyway)
+    fake.fail_next = [grpc.StatusCode.RESOURCE_EXHAUSTED] * (offline.PACING_ROUNDS + 2)
+    assert curate(fake, *common, "--out", tmp_path / "refused.json", "--no-retry") == 1

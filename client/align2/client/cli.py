@@ -174,7 +174,12 @@ def _connection_arguments() -> argparse.ArgumentParser:
         default=None,
         help="gRPC's policy (default: round_robin for several replicas, else pick_first)",
     )
-    group.add_argument("--timeout", type=float, default=None, help="deadline per RPC, seconds")
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="deadline per RPC, seconds (curate --stream: for the whole stream, resumes included)",
+    )
     group.add_argument("--token", default=None, help=f"bearer token (default: ${TOKEN_ENV} if set)")
     group.add_argument("--tls", action="store_true", help="TLS with the system roots")
     group.add_argument("--root-cert", default=None, help="PEM file of the roots to trust")

@@ -15,13 +15,15 @@ records with the same id are two candidates, and the store tells them apart by c
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Sequence
+import random
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -239,12 +241,14 @@ class OfflineCuration:
         invalid: list[Invalid],
     ) -> None:
         settings = self._settings
-        reply = await self._client.score_with_info(
-            [record.sample for _, record in chunk],
-            [head],
-            priority=settings.priority,
-            question_model=settings.question_model,
-            answer_model=settings.answer_model,
+        reply = await when_room(
+            lambda: self._client.score_with_info(
+                [record.sample for _, record in chunk],
+                [head],
+                priority=settings.priority,
+                question_model=settings.question_model,
+                answer_model=settings.answer_model,
+            )
         )
         answered = _identity(head, reply) or scorer
         entries, bad, failed = [], [], []
@@ -280,6 +284,31 @@ def _chosen(record: Record, best: list[int]) -> Record:
     if not record.sample.has_candidates:
         return record
     return dataclasses.replace(record, sample=choose_candidates(record.sample, best))
+
+
+T = TypeVar("T")
+PACING_ROUNDS = 8
+"""Times a chunk refused as RESOURCE_EXHAUSTED (after gRPC's own retries) is sent again."""
+PACING_FIRST_PAUSE = 0.5
+PACING_MAX_PAUSE = 30.0
+
+
+async def when_room(call: Callable[[], Awaitable[T]]) -> T:
+    """``call()``, sent again while the server refuses it as too busy (RESOURCE_EXHAUSTED
+    once gRPC's own retries are spent), after pauses doubling from 0.5 s to 30 s, jittered:
+    a long run paces itself to a busy server instead of stopping. Score changes nothing, so
+    sending it again is safe. After :data:`PACING_ROUNDS` more refusals (about 3 minutes)
+    the refusal stands (the run stops; the same command resumes)."""
+    pause = PACING_FIRST_PAUSE
+    for _ in range(PACING_ROUNDS):
+        try:
+            return await call()
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+        await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+        pause = min(pause * 2, PACING_MAX_PAUSE)
+    return await call()
 
 
 def _identity(head: str, reply: ScoreReply) -> Scorer | None:
