@@ -31,6 +31,7 @@ class FakeCuration(pb_grpc.CurationServiceServicer):
         self.metadata: list[dict[str, str]] = []
         self.attempts = 0
         self.fail_next: list[grpc.StatusCode] = []  # abort the next attempts with these
+        self.pushback_ms = "10"  # the retry delay a RESOURCE_EXHAUSTED abort gives
         self.gate: threading.Event | None = None  # when set, Score waits for it
         self.barrier: threading.Barrier | None = None  # when set, Score waits at it
         self.drop_last_result = False  # break the one-result-per-sample contract
@@ -68,6 +69,8 @@ class FakeCuration(pb_grpc.CurationServiceServicer):
                     self.inflight -= 1
                     failure = grpc.StatusCode.UNAVAILABLE
         if failure is not None:
+            if failure == grpc.StatusCode.RESOURCE_EXHAUSTED:  # as align2's server: a delay
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", self.pushback_ms),))
             context.abort(failure, "injected failure")
         try:
             if self.hold_scores_after is None or len(self.requests) > self.hold_scores_after:

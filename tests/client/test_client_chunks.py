@@ -8,12 +8,9 @@ import grpc
 from client_fakes import FAST_RETRY, FakeCuration, make_samples
 
 from align2.client import CurationClient, Sample, Turn
-from align2.client.calls import (
-    CHUNK_BYTES,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    encode_chunk,
-    sample_chunks,
-)
+from align2.client.calls import DEFAULT_MAX_MESSAGE_BYTES, encode_chunk, sample_chunks
+
+CHUNK_BYTES = DEFAULT_MAX_MESSAGE_BYTES // 2  # a chunk's budget: half the largest message
 
 
 def test_chunks_hold_at_most_chunk_size_samples_and_about_chunk_bytes(
@@ -44,3 +41,15 @@ def test_a_sample_that_cannot_be_sent_fails_alone_unsent(fake: FakeCuration) -> 
         good, bad = client.score([*make_samples(1), surrogate])
     assert good.ok and bad.error is not None and bad.error.message.startswith("turns[1].answer")
     assert fake.attempts == 1  # one call, with the good sample alone
+
+
+def test_the_clients_own_message_limit_sizes_its_chunks(fake: FakeCuration) -> None:
+    """With max_message_bytes 1 MiB a chunk holds about 512 KiB: three 400 KB images go in
+    a call each, and a 2 MB one is refused by the client, unsent."""
+    images = [Sample(id=str(i), image=b"x" * 400_000, turns=[Turn("Q?", "A.")]) for i in range(3)]
+    big = Sample(id="big", image=b"x" * 2_000_000, turns=[Turn("Q?", "A.")])
+    with CurationClient(fake.target, retry=FAST_RETRY, max_message_bytes=1 << 20) as client:
+        results = client.score([*images, big])
+    assert [len(r.samples) for r in fake.requests] == [1, 1, 1]
+    assert [r.ok for r in results] == [True, True, True, False]
+    assert "max_message_bytes 1048576" in (results[3].error.message if results[3].error else "")

@@ -199,6 +199,7 @@ def test_an_output_in_a_missing_folder_is_refused_before_any_call(
         ["score", "--out", out],
         ["align", "--out", out],
         ["curate", "--stream", "--out", out],
+        ["curate", "--out", str(tmp_path / "kept.json"), "--report", out],
     ):
         status = cli.main([*command[:1], str(data), *command[1:], "--target", fake.target])
         assert status == 2, command
@@ -251,6 +252,11 @@ def test_align_writes_the_samples_it_aligned_when_a_call_fails(
     err = capsys.readouterr().err
     assert "UNAVAILABLE: server gone; 2 aligned samples written" in err
     assert "1 not done, from record 2 (id '2') on" in err
+    # A run that aligned nothing leaves a previous output as it was.
+    calls.append(["the next call fails at once"])
+    status = cli.main(["align", str(data), "--out", str(out), "--chunk-size", "2", "--no-progress"])
+    assert status == 1 and len(json.loads(out.read_text(encoding="utf-8"))) == 2
+    assert f"nothing aligned, {out} left as it was" in capsys.readouterr().err
 
 
 def test_a_curate_stream_stopped_by_a_bad_record_writes_what_it_kept(

@@ -573,6 +573,12 @@ def test_a_busy_server_paces_the_run_instead_of_stopping_it(
     out = tmp_path / "busy.json"  # each refusal is one pacing round
     assert curate(fake, *common, "--out", out, "--no-retry") == 0
     assert out.read_bytes() == (tmp_path / "calm.json").read_bytes()
+    # A refusal that says not to retry (pushback -1) stands at once.
+    fake.fail_next = [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+    fake.pushback_ms = "-1"
+    assert curate(fake, *common, "--out", tmp_path / "never.json", "--no-retry") == 1
+    assert fake.fail_next == []  # GetServerInfo took one, the first Score call the other
+    fake.pushback_ms = "10"
     # Past the pacing rounds the refusal stands: the run stops, and resumes when rerun.
     # (the fake's GetServerInfo takes one of them and answers anyway)
     fake.fail_next = [grpc.StatusCode.RESOURCE_EXHAUSTED] * (offline.PACING_ROUNDS + 2)

@@ -22,13 +22,24 @@ def record(exc: Exception) -> logging.LogRecord:
 
 
 def test_a_response_to_a_gone_client_is_said_at_info_without_a_traceback() -> None:
-    gone = record(cygrpc.ExecuteBatchError('Failed "execute_batch"'))
-    assert logs._ClientGoneFilter().filter(gone)
+    core = logging.getLogger(logs.GRPC_CORE_LOGGER)
+    before = core.level
+    core.setLevel(logging.INFO)
+    try:
+        gone = record(cygrpc.ExecuteBatchError('Failed "execute_batch"'))
+        assert logs._ClientGoneFilter().filter(gone)
+    finally:
+        core.setLevel(before)
     assert (gone.levelno, gone.levelname, gone.exc_info) == (logging.INFO, "INFO", None)
     assert gone.getMessage() == (
         "a response could not be sent, the call had ended (client gone): "
         "ExecuteBatchError raised in core by servicer method [/align2.v1.CurationService/Score]"
     )
+    core.setLevel(logging.WARNING)  # a server run at --log-level warning: not said at all
+    try:
+        assert not logs._ClientGoneFilter().filter(record(cygrpc.ExecuteBatchError("x")))
+    finally:
+        core.setLevel(before)
     fault = record(RuntimeError("boom"))  # anything else stays an ERROR with its traceback
     assert logs._ClientGoneFilter().filter(fault)
     assert fault.levelno == logging.ERROR and fault.exc_info is not None

@@ -105,6 +105,7 @@ class AsyncCurationClient(ClientBase):
             samples,
             heads,
             chunk_size=self.chunk_size,
+            max_message_bytes=self.max_message_bytes,
             priority=priority,
             question_model=question_model,
             answer_model=answer_model,
@@ -151,7 +152,13 @@ class AsyncCurationClient(ClientBase):
     ) -> AlignReply:
         """Like :meth:`align` (same keyword arguments), with the model, template set, token
         counts and timing of the RPCs."""
-        call = AlignCall.plan(samples, chunk_size=self.chunk_size, priority=priority, **options)
+        call = AlignCall.plan(
+            samples,
+            chunk_size=self.chunk_size,
+            max_message_bytes=self.max_message_bytes,
+            priority=priority,
+            **options,
+        )
         return await self._send(call, timeout)
 
     def curate(
@@ -165,6 +172,7 @@ class AsyncCurationClient(ClientBase):
         client.curate(samples)``), resumed the same way; ``samples`` may be an async
         iterable. Images are read in a worker thread."""
         stream = CurateStream.plan(**options)
+        stream.max_message_bytes = self.max_message_bytes  # what one sample may take
         deadline = self._options.timeout if timeout is None else timeout
         curate = AsyncCurateCall(self._curate_rpc, self._check_health, stream, deadline)
         return AsyncCurateResults(stream, curate.results(samples), curate.cancel)

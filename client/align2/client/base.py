@@ -45,6 +45,10 @@ class ClientBase:
     def chunk_size(self) -> int:
         return self._options.chunk_size
 
+    @property
+    def max_message_bytes(self) -> int:
+        return self._options.max_message_bytes
+
     def _rpc(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
         """Start ``method`` (a stub's) with the call's deadline (``timeout``, else the
         client's) and the client's metadata: the response of a sync stub, an awaitable call

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 import grpc
@@ -81,9 +81,6 @@ def parse_priority(priority: str | None) -> pb.Priority.ValueType:
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """The client's largest message either way (servers announce their own in
 GetServerInfoResponse.limits.max_message_bytes; 64 MiB by default too)."""
-CHUNK_BYTES = DEFAULT_MAX_MESSAGE_BYTES // 2
-"""Most estimated bytes (images and texts) of one chunk's samples: a chunk of large images
-is split into more calls instead of being refused whole as too large a message."""
 
 
 def split_chunks(
@@ -127,9 +124,13 @@ def estimated_bytes(sample: Sample) -> int:
     return image + texts
 
 
-def sample_chunks(samples: Sequence[Sample], size: int) -> list[Sequence[Sample]]:
-    """:func:`split_chunks` of samples: at most ``size`` and about :data:`CHUNK_BYTES`."""
-    return split_chunks(samples, size, max_bytes=CHUNK_BYTES, weigh=estimated_bytes)
+def sample_chunks(
+    samples: Sequence[Sample], size: int, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> list[Sequence[Sample]]:
+    """:func:`split_chunks` of samples: at most ``size``, and about half of the client's
+    largest message in images and texts (a chunk of large images becomes more calls
+    instead of one refused as too large)."""
+    return split_chunks(samples, size, max_bytes=max_message_bytes // 2, weigh=estimated_bytes)
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,12 @@ class EncodedChunk:
     sent: list[pb.Sample]  # the samples without a local error, in order
 
 
-def encode_chunk(samples: Sequence[Sample]) -> EncodedChunk:
-    """Encode samples, reading lazy image paths now; unreadable images become item errors."""
+def encode_chunk(
+    samples: Sequence[Sample], max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> EncodedChunk:
+    """Encode samples, reading lazy image paths now. A sample that cannot be sent (its image
+    unreadable, a text UTF-8 cannot encode, larger than ``max_message_bytes``) is an item
+    error of its own."""
     errors: list[ItemError | None] = []
     sent: list[pb.Sample] = []
     for sample in samples:
@@ -155,12 +160,12 @@ def encode_chunk(samples: Sequence[Sample]) -> EncodedChunk:
             errors.append(_text_error(sample))
             continue
         size = message.ByteSize()
-        if size > DEFAULT_MAX_MESSAGE_BYTES - MESSAGE_OVERHEAD:
+        if size > max_message_bytes - MESSAGE_OVERHEAD:
             errors.append(
                 ItemError(
                     code=grpc.StatusCode.INVALID_ARGUMENT,
                     message=f"sample: {size} bytes encoded, more than one message carries "
-                    f"({DEFAULT_MAX_MESSAGE_BYTES} bytes); not sent",
+                    f"(the client's max_message_bytes {max_message_bytes}); not sent",
                 )
             )
             continue
@@ -259,11 +264,13 @@ class ChunkedCall(Generic[ResultT, InfoT, ReplyT]):
 
     method: ClassVar[str]  # of the stub
     chunks: list[Sequence[Sample]]
+    max_message_bytes: int = field(default=DEFAULT_MAX_MESSAGE_BYTES, kw_only=True)
+    """The client's largest message: what one sample may take (see :func:`encode_chunk`)."""
 
     def encode(self, index: int) -> Chunk:
         """Chunk ``index`` as a request. Reads its images (blocking file I/O)."""
         samples = self.chunks[index]
-        encoded = encode_chunk(samples)
+        encoded = encode_chunk(samples, self.max_message_bytes)
         return Chunk(samples, encoded, self._request(encoded.sent) if encoded.sent else None)
 
     def decode(self, chunk: Chunk, response: Any) -> ChunkReply[ResultT, InfoT]:
@@ -332,10 +339,12 @@ class ScoreCall(ChunkedCall[ScoreResult, CallInfo, ScoreReply]):
         priority: str | None = None,
         question_model: str | None = None,
         answer_model: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> ScoreCall:
         """Validate everything before any image is read or any RPC is made."""
         return cls(
-            chunks=sample_chunks(samples, chunk_size),
+            chunks=sample_chunks(samples, chunk_size, max_message_bytes),
+            max_message_bytes=max_message_bytes,
             heads=parse_heads(heads),
             priority=parse_priority(priority),
             question_model=question_model or "",
@@ -422,11 +431,13 @@ class AlignCall(ChunkedCall[AlignResult, AlignCallInfo, AlignReply]):
         *,
         chunk_size: int,
         priority: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         **options: Any,
     ) -> AlignCall:
         """Validate everything (``options`` as :func:`align_options`) before any I/O."""
         return cls(
-            chunks=sample_chunks(samples, chunk_size),
+            chunks=sample_chunks(samples, chunk_size, max_message_bytes),
+            max_message_bytes=max_message_bytes,
             options=align_options(**options),
             priority=parse_priority(priority),
         )

@@ -45,7 +45,7 @@ from align2.client.calls import (
 )
 from align2.client.llava import iter_llava, read_llava, write_llava
 from align2.client.offline_cli import EXIT_INTERRUPTED, run_offline
-from align2.client.results import DECISIONS
+from align2.client.results import DECISIONS, ProtocolError
 from align2.client.sync import CurationClient
 from align2.client.types import Sample
 
@@ -98,8 +98,8 @@ def _sigterm_interrupts() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # None: a handler not installed from Python; the default is the nearest
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def run_server_command(argv: list[str]) -> int:
@@ -444,20 +444,22 @@ def run_score(namespace: argparse.Namespace) -> int:
 def run_align(namespace: argparse.Namespace) -> int:
     """Write the samples as kept to ``--out`` (LLaVA); samples that failed are left out
     (counted on stderr, and with their errors in ``--report`` when given). When a call
-    fails or the run is interrupted, the samples aligned so far are written all the same,
-    and the first record not done is named (exit 1, or 130)."""
+    fails or the run is interrupted, the samples aligned so far are written all the same
+    (none: ``--out`` is left as it was), the report holds every result so far, and the
+    first record not done is named (exit 1, or 130)."""
     _check_writable(namespace.out, namespace.report)
     samples = read_llava(namespace.file, image_folder=namespace.image_folder, task=namespace.task)
     options = {**_rewrite_options(namespace), "priority": namespace.priority}
     kept: list[Sample] = []
     done = 0
+    stop: grpc.RpcError | KeyboardInterrupt | None = None
     report_to = _output(namespace.report) if namespace.report else contextlib.nullcontext(None)
-    try:
-        with (
-            client_from_arguments(namespace) as client,
-            report_to as report,
-            _progress(len(samples), enabled=not namespace.no_progress) as advance,
-        ):
+    with (
+        client_from_arguments(namespace) as client,
+        report_to as report,
+        _progress(len(samples), enabled=not namespace.no_progress) as advance,
+    ):
+        try:
             for chunk in split_chunks(samples, namespace.chunk_size):
                 for result in client.align(chunk, **options):
                     if result.sample is not None:
@@ -466,28 +468,32 @@ def run_align(namespace: argparse.Namespace) -> int:
                         report.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
                 done += len(chunk)
                 advance(len(chunk))
-    except (grpc.RpcError, KeyboardInterrupt) as stop:
+        except (grpc.RpcError, KeyboardInterrupt) as error:
+            stop = error
+    if stop is None:
         write_llava(kept, namespace.out)
-        why = "interrupted" if isinstance(stop, KeyboardInterrupt) else _describe_rpc_error(stop)
-        rest = (
-            f"{len(samples) - done} not done, from record {done} (id {samples[done].id!r}) on"
-            if done < len(samples)
-            else "every sample done"
-        )
-        print(
-            f"align2 align: {why}; {len(kept)} aligned samples written to {namespace.out}; {rest}",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED if isinstance(stop, KeyboardInterrupt) else 1
-    write_llava(kept, namespace.out)
-    failed = len(samples) - len(kept)
-    print(f"align2 align: {len(samples)} samples, {failed} item errors", file=sys.stderr)
-    return 0
+        failed = len(samples) - len(kept)
+        print(f"align2 align: {len(samples)} samples, {failed} item errors", file=sys.stderr)
+        return 0
+    if kept:
+        write_llava(kept, namespace.out)
+    why = "interrupted" if isinstance(stop, KeyboardInterrupt) else _describe_rpc_error(stop)
+    written = f"{len(kept)} aligned samples written to {namespace.out}" if kept else (
+        f"nothing aligned, {namespace.out} left as it was"
+    )  # fmt: skip
+    rest = (
+        f"{len(samples) - done} not done, from record {done} (id {samples[done].id!r}) on"
+        if done < len(samples)
+        else "every sample done"
+    )
+    print(f"align2 align: {why}; {written}; {rest}", file=sys.stderr)
+    return EXIT_INTERRUPTED if isinstance(stop, KeyboardInterrupt) else 1
 
 
 def run_curate(namespace: argparse.Namespace) -> int:
     """The exact selection on the files (:mod:`align2.client.offline_cli`), or with
     ``--stream`` the Curate RPC."""
+    _check_writable(namespace.out, namespace.report)
     if namespace.stream:
         given = [
             f"--{name.replace('_', '-')}" for name in _OFFLINE_ONLY if getattr(namespace, name)
@@ -519,8 +525,9 @@ def run_curate(namespace: argparse.Namespace) -> int:
 def run_curate_stream(namespace: argparse.Namespace) -> int:
     """Stream the files' samples to Curate as they are read; write the kept ones to
     ``--out`` (LLaVA) and every decision to ``--report``. When the stream fails, the samples
-    kept so far are still written, and the ids left unanswered are printed (exit 1)."""
-    _check_writable(namespace.out, namespace.report)
+    kept so far are still written (none: ``--out`` is left as it was), and the ids left
+    unanswered are printed (exit 1; 2 for an input record that cannot be read, 130
+    interrupted)."""
     samples = itertools.chain.from_iterable(
         iter_llava(path, image_folder=namespace.image_folder, task=namespace.task)
         for path in namespace.file
@@ -554,21 +561,26 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
                     kept.append(result.sample)
         # An RPC failure, an input record that cannot be read, Ctrl-C or SIGTERM: the
         # kept samples so far are still written below.
-        except (grpc.RpcError, OSError, ValueError, KeyboardInterrupt) as error:
+        except (grpc.RpcError, ProtocolError, OSError, ValueError, KeyboardInterrupt) as error:
             failure = error
-    write_llava(kept, namespace.out)
+    if failure is None or kept:
+        write_llava(kept, namespace.out)
     summary = ", ".join(f"{counts[d]} {d}" for d in DECISIONS)
     print(f"align2 curate: {counts.total()} samples: {summary}", file=sys.stderr)
     if failure is not None:
         unanswered = results.unanswered
-        if isinstance(failure, grpc.RpcError):
-            why, status = _describe_rpc_error(failure), 1
+        if isinstance(failure, grpc.RpcError | ProtocolError):
+            why = (
+                _describe_rpc_error(failure) if isinstance(failure, grpc.RpcError) else str(failure)
+            )
+            status = 1
         elif isinstance(failure, KeyboardInterrupt):
             why, status = "interrupted", EXIT_INTERRUPTED
         else:
             why, status = str(failure), 2
+        written = f"{len(kept)} kept samples written" if kept else "no sample kept"
         print(
-            f"align2 curate: {why}; {len(kept)} kept samples written; "
+            f"align2 curate: {why}; {written}; "
             f"{len(unanswered)} sent and unanswered (resend them): {', '.join(unanswered)}; "
             "samples after them in the file were not sent",
             file=sys.stderr,

@@ -25,7 +25,12 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
-from align2.client.calls import align_options, encode_chunk, parse_priority
+from align2.client.calls import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    align_options,
+    encode_chunk,
+    parse_priority,
+)
 from align2.client.convert import curate_result_from_proto
 from align2.client.results import CurateResult, ProtocolError, ScoreResult
 from align2.client.resume import Outage, ResumePolicy, resume_policy
@@ -129,6 +134,7 @@ class CurateStream:
     exhausted: bool = False  # the caller's samples are all drawn (or their iterator raised)
     cancelled: bool = False  # the caller cancelled: no stream is opened again
     streams: int = 1  # gRPC streams opened so far (1 + resumes)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # the client's (its sender sets it)
     _outstanding: dict[int, Sent] = field(default_factory=dict)  # this stream's, by sequence
     _resend: collections.deque[Sent] = field(default_factory=collections.deque)
     _local: collections.deque[CurateResult] = field(default_factory=collections.deque)
@@ -234,7 +240,8 @@ class CurateStream:
     def prepare(self, sample: Sample) -> Sent | None:
         """``sample`` encoded (a lazy image is read now), or None when its image can't be
         read (its error result is then queued for :meth:`local_results`)."""
-        encoded = encode_chunk([sample])  # the unary calls' encoding and local-error rule
+        # the unary calls' encoding and local-error rule
+        encoded = encode_chunk([sample], self.max_message_bytes)
         [error] = encoded.local_errors
         if error is not None:
             result = CurateResult(sample.id, "error", ScoreResult(id=sample.id), error=error)

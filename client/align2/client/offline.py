@@ -294,21 +294,38 @@ PACING_MAX_PAUSE = 30.0
 
 
 async def when_room(call: Callable[[], Awaitable[T]]) -> T:
-    """``call()``, sent again while the server refuses it as too busy (RESOURCE_EXHAUSTED
-    once gRPC's own retries are spent), after pauses doubling from 0.5 s to 30 s, jittered:
-    a long run paces itself to a busy server instead of stopping. Score changes nothing, so
-    sending it again is safe. After :data:`PACING_ROUNDS` more refusals (about 3 minutes)
-    the refusal stands (the run stops; the same command resumes)."""
+    """``call()``, sent again while the server refuses it as too busy: RESOURCE_EXHAUSTED
+    with a retry delay (``grpc-retry-pushback-ms`` >= 0), once gRPC's own retries are
+    spent. The pauses double from 0.5 s to 30 s, jittered, and are never shorter than the
+    server's delay: a long run paces itself to a busy server instead of stopping. Score
+    changes nothing, so sending it again is safe. A refusal that says not to retry
+    (pushback -1), or that carries no delay (the client's own, e.g. a message too large),
+    stands, and so does the one after :data:`PACING_ROUNDS` more tries (45-92 s of pauses
+    and the calls' own time): the run stops, and the same command resumes."""
     pause = PACING_FIRST_PAUSE
     for _ in range(PACING_ROUNDS):
         try:
             return await call()
         except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            delay = _retry_delay(error)
+            if delay is None:
                 raise
-        await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+        await asyncio.sleep(max(delay, pause * random.uniform(0.5, 1.0)))
         pause = min(pause * 2, PACING_MAX_PAUSE)
     return await call()
+
+
+def _retry_delay(error: grpc.RpcError) -> float | None:
+    """The seconds a RESOURCE_EXHAUSTED refusal asks to wait; None when it is another
+    error or says not to retry."""
+    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    trailers = dict(error.trailing_metadata() or ())
+    try:
+        millis = int(trailers.get("grpc-retry-pushback-ms", ""))
+    except ValueError:
+        return None
+    return None if millis < 0 else millis / 1000
 
 
 def _identity(head: str, reply: ScoreReply) -> Scorer | None:

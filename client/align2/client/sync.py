@@ -79,6 +79,7 @@ class CurationClient(ClientBase):
             samples,
             heads,
             chunk_size=self.chunk_size,
+            max_message_bytes=self.max_message_bytes,
             priority=priority,
             question_model=question_model,
             answer_model=answer_model,
@@ -132,7 +133,13 @@ class CurationClient(ClientBase):
     ) -> AlignReply:
         """Like :meth:`align` (same keyword arguments), with the model, template set, token
         counts and timing of the RPCs."""
-        call = AlignCall.plan(samples, chunk_size=self.chunk_size, priority=priority, **options)
+        call = AlignCall.plan(
+            samples,
+            chunk_size=self.chunk_size,
+            max_message_bytes=self.max_message_bytes,
+            priority=priority,
+            **options,
+        )
         return self._send(call, timeout)
 
     def curate(
@@ -177,6 +184,7 @@ class CurationClient(ClientBase):
         ``results.unanswered``. ValueError for a bad argument, at once.
         """
         stream = CurateStream.plan(**options)
+        stream.max_message_bytes = self.max_message_bytes  # what one sample may take
         deadline = self._options.timeout if timeout is None else timeout
         call = CurateCall(self._curate_rpc, self._check_health, stream, samples, deadline)
         return CurateResults(stream, call.results(), call.cancel)

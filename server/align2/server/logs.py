@@ -43,6 +43,7 @@ class _ClientGoneFilter(logging.Filter):
             record.msg = "a response could not be sent, the call had ended (client gone): %s"
             record.args = (said,)
             record.exc_info = record.exc_text = None
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
         return True
 
 

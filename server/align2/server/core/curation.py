@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _SAMPLE = "sample"
+"""How the one-sample Score and Align calls of a stream name their sample in errors."""
 MAX_TASK_LENGTH = 256
 """Most characters of a task type (Sample.task, and the keys of the options' maps)."""
 _BY_TASK = (
@@ -89,9 +90,6 @@ def _owned(options: CurateOptions) -> CurateOptions:
         question_seed_scores={t: list(v) for t, v in options.question_seed_scores.items()},
         answer_seed_scores={t: list(v) for t, v in options.answer_seed_scores.items()},
     )
-
-
-"""How the one-sample Score and Align calls of a stream name their sample in errors."""
 
 
 class Decision(enum.Enum):
