@@ -282,3 +282,12 @@ def test_sigterm_stops_a_command_as_ctrl_c_does() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises here, at once
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_score_to_dev_null_writes_through_it(fake: FakeCuration, tmp_path: pathlib.Path) -> None:
+    """An output that is not a regular file (/dev/null, a FIFO) is written as it is: no
+    .partial beside it, nothing replaced."""
+    data = write_dataset(tmp_path)
+    argv = ["score", str(data), "--image-folder", str(tmp_path / "images"), "--out", os.devnull]
+    assert cli.main([*argv, "--target", fake.target, "--no-progress"]) == 0
+    assert not os.path.isfile(os.devnull) and not os.path.exists(os.devnull + ".partial")

@@ -623,6 +623,10 @@ def _output(path: str) -> Iterator[IO[str]]:
     if path == "-":
         yield sys.stdout
         return
+    if os.path.exists(path) and not os.path.isfile(path):  # /dev/null, a FIFO: as it is
+        with open(path, "w", encoding="utf-8") as out:
+            yield out
+        return
     partial = pathlib.Path(path + ".partial")
     try:
         with partial.open("w", encoding="utf-8") as out:
