@@ -152,6 +152,14 @@ async def test_a_new_key_beyond_the_limit_is_refused_naming_it() -> None:
     assert idle.value.retry_after is not None and 0 < idle.value.retry_after <= 600
 
 
+async def test_a_server_without_keys_refuses_one_as_invalid_not_as_busy() -> None:
+    curate = curator(scores(1.0), max_selection_keys=0)
+    with pytest.raises(InvalidArgument, match=r"limits.max_selection_keys 0"):
+        await collect(curate.stream(feed([CurateOptions(selection_key="k"), sample(0)]), None))
+    [decided] = await collect(curate.stream(feed([sample(0)]), None))  # without one: served
+    assert decided.error is None
+
+
 async def test_an_idle_key_expires_after_its_ttl_and_then_starts_afresh() -> None:
     before = selection_keys_gauge()
     lasting = curator(scores(1.0, 2.0), selection_key_idle_seconds=600)

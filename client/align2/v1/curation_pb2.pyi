@@ -1708,7 +1708,7 @@ class Limits(_message.Message):
     max_selection_keys: _builtins.int
     """Curate selection keys live at once on this replica (config curate.max_selection_keys;
     see CurateOptions.selection_key); a new key beyond: RESOURCE_EXHAUSTED. 0: streams
-    cannot name a key. Config default 64.
+    cannot name a key (INVALID_ARGUMENT). Config default 64.
     """
     max_seed_scores: _builtins.int
     """Seed scores one Curate stream's options may carry, both seed maps together (config

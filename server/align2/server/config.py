@@ -259,7 +259,8 @@ class CurateConfig:
     never (only the in-flight bound or the end of input release them)."""
     max_selection_keys: int = 64
     """Selection keys live at once (in use, or idle within ``selection_key_idle_seconds``);
-    a stream naming a new one beyond: RESOURCE_EXHAUSTED. 0: no stream may name a key."""
+    a stream naming a new one beyond: RESOURCE_EXHAUSTED. 0: no stream may name a key
+    (INVALID_ARGUMENT)."""
     selection_key_idle_seconds: float = 600.0
     """How long a selection key's windows outlive the last stream that used it."""
     max_seed_scores: int = 100_000

@@ -136,8 +136,7 @@ class NoTurnBeforeDeadline(Overloaded):
 
 class TooManySelectionKeys(Align2Error):
     """A Curate stream names a new selection key while the server already holds its limit
-    of live keys; ``retry_after``: when a key can expire at the soonest (None: no key is
-    ever allowed, max_selection_keys 0)."""
+    of live keys; ``retry_after``: when a key can expire at the soonest."""
 
     code = Code.RESOURCE_EXHAUSTED
 

@@ -7,9 +7,10 @@ it, and for ``curate.selection_key_idle_seconds`` after the last one ends (a wor
 reconnects finds its windows again); then it is dropped. At most
 ``curate.max_selection_keys`` keys are live (in use or idle within the TTL): a stream naming
 a new key beyond that is refused with RESOURCE_EXHAUSTED, and its RetryInfo says when the
-longest-idle key expires (none idle: the idle TTL, the soonest any key can expire; with
-max_selection_keys 0, none: never retry). State is per process: replicas do not
-share it (see the Curate docs: calibrated thresholds keep replicas consistent).
+longest-idle key expires (none idle: the idle TTL, the soonest any key can expire). With
+max_selection_keys 0 a key is INVALID_ARGUMENT: nothing to wait for. State is per process:
+replicas do not share it (see the Curate docs: calibrated thresholds keep replicas
+consistent).
 
 Everything runs on the server's event loop (expiry is a ``loop.call_later``): no locks.
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from align2.server import metrics
 from align2.server.core.selector import SelectorState
-from align2.server.errors import TooManySelectionKeys
+from align2.server.errors import InvalidArgument, TooManySelectionKeys
 
 MAX_KEY_LENGTH = 256
 """Longest selection key, in characters."""
@@ -56,6 +57,11 @@ class SelectionKeys:
         not fit."""
         entry = self._live.get(key)
         if entry is None:
+            if self._max_keys == 0:  # not a load to wait out: no key is ever taken here
+                raise InvalidArgument(
+                    "options.selection_key: this server keeps no selection keys "
+                    "(limits.max_selection_keys 0); send streams without one"
+                )
             if len(self._live) >= self._max_keys:
                 raise TooManySelectionKeys(
                     f"options.selection_key: {len(self._live)} selection keys are live on "
@@ -83,12 +89,9 @@ class SelectionKeys:
             del self._live[key]
             metrics.CURATE_SELECTION_KEYS.dec()
 
-    def _next_expiry(self) -> float | None:
+    def _next_expiry(self) -> float:
         """Seconds until a key can expire: the longest-idle one's expiry; with every key in
-        use, the idle TTL (a stream ending now frees its key that much later); None when
-        no key is ever allowed."""
-        if self._max_keys == 0:
-            return None
+        use, the idle TTL (a stream ending now frees its key that much later)."""
         expiries = [e.expiry.when() for e in self._live.values() if e.expiry is not None]
         if not expiries:
             return self._idle_seconds
