@@ -151,6 +151,42 @@ def test_cancelling_a_caller_stops_its_row(tiny_llm: pathlib.Path) -> None:
         backend.close()
 
 
+def test_a_prefill_whose_callers_all_left_stops_within_a_layer(tiny_llm: pathlib.Path) -> None:
+    """The joining rows' prefill ends at its next layer once none of their callers waits;
+    the loop goes on, and the next request gets what it gets alone."""
+    backend = load(tiny_llm, rows=8)
+    layers = list(backend._model.model.layers)
+    started: list[torch.nn.Module] = []
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(backend.generate([GenerationRequest(PROMPTS[1], GREEDY)]))
+
+        def leave(module: torch.nn.Module, _args: Any) -> None:
+            started.append(module)
+            if len(started) == 1:  # the caller leaves while the first layer runs
+                loop.call_soon_threadsafe(task.cancel)
+                time.sleep(0.5)  # its cancellation marks the row meanwhile
+
+        hooks = [layer.register_forward_pre_hook(leave) for layer in layers]
+        try:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(1.0)  # the device thread ends the prefill
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    try:
+        asyncio.run(run())
+        assert started == layers[:1] and backend._loop.steps == 0
+        [after] = asyncio.run(backend.generate([GenerationRequest(PROMPTS[1], GREEDY)]))
+        [batched] = asyncio.run(load(tiny_llm).generate([GenerationRequest(PROMPTS[1], GREEDY)]))
+        assert after == batched
+    finally:
+        backend.close()
+
+
 def test_at_most_max_rows_decode_together_and_the_rest_wait_in_order(
     tiny_llm: pathlib.Path, batched: TransformersGeneration
 ) -> None:

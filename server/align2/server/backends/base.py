@@ -117,10 +117,9 @@ class GenerationRequest:
     abandoned: threading.Event | None = field(default=None, compare=False, repr=False)
     """Set (from any thread) once nobody waits for this generation: its caller was cancelled
     or its deadline passed. A batched backend stops the request's row at its next decoding
-    step (transformers, both ways of batching), and a batch whose rows are all abandoned at
-    its next layer, mid-prefill too (transformers batched by the core; continuously, a
-    prefill runs to its end); a continuous engine is aborted by cancelling its task
-    instead."""
+    step, and a batch whose rows are all abandoned at its next layer, mid-prefill too
+    (transformers, batched by the core or continuously: there the joining rows' prefill);
+    a continuous engine is aborted by cancelling its task instead."""
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,12 @@ sliding window, ...); :func:`mergeable` says whether a model's cache is one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +42,7 @@ from align2.server.backends.decoding import (
     positions,
     row_generator,
 )
+from align2.server.backends.torch_device import BatchAbandoned
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,7 @@ class DecodeLoop:
         max_rows: int,
         run_on_device: Callable[[Callable[[], Any]], Any],
         name: str,
+        abandoning: Callable[[Callable[[], bool]], AbstractContextManager[None]] | None = None,
     ) -> None:
         self._model = model
         self._eos = eos_ids
@@ -107,6 +111,7 @@ class DecodeLoop:
         self._device = device
         self._max_rows = max_rows
         self._on_device = run_on_device
+        self._abandoning = abandoning  # Interrupt.abandoning: a prefill nobody waits for stops
         self._lock = threading.Condition()
         self._inbox: list[Row] = []
         self._choices: list[Choice] = []
@@ -190,8 +195,8 @@ class DecodeLoop:
         """Admit ``joining``, pick every row's next token, let finished rows go, run one
         forward pass for the rest. Returns the batch that goes on (None: nothing runs)."""
         joining = [row for row in joining if self._wanted(row, finish_now=True)]
-        if joining:
-            new = self._prefill(joining)
+        new = self._prefill(joining) if joining else None
+        if new is not None:
             if batch is not None:
                 self.joined_running += len(joining)
             batch = new if batch is None else _merge(batch, new)
@@ -226,7 +231,9 @@ class DecodeLoop:
             row.finish()
         return False
 
-    def _prefill(self, rows: list[Row]) -> _Batch:
+    def _prefill(self, rows: list[Row]) -> _Batch | None:
+        """The joining rows' batch; None when every one of them was abandoned during the
+        prefill (it stops at the next layer; the running batch is untouched)."""
         for row in rows:
             row.generator = row_generator(row.decoding, self._device)
         ids, mask = left_pad([row.prompt for row in rows], self._pad, self._device)
@@ -237,7 +244,17 @@ class DecodeLoop:
                 input_ids=ids, attention_mask=mask, position_ids=place, use_cache=True
             )
 
-        out = self._on_device(forward)
+        def gone() -> bool:
+            return all(row.abandoned.is_set() for row in rows)
+
+        watch = self._abandoning(gone) if self._abandoning else contextlib.nullcontext()
+        try:
+            with watch:
+                out = self._on_device(forward)
+        except BatchAbandoned:
+            for row in rows:
+                row.finish()  # nobody reads it: no tokens, unfinished
+            return None
         if not mergeable(out.past_key_values):
             raise ValueError("continuous batching needs a plain DynamicCache (full attention)")
         return _Batch(rows, out.past_key_values, mask, place[:, -1:], out.logits[:, -1, :].float())

@@ -207,6 +207,7 @@ class ContinuousGeneration(TransformersGeneration):
             max_rows=max_rows,
             run_on_device=self._call,
             name=description.name,
+            abandoning=self._interrupt.abandoning,
         )
 
     async def generate(self, batch: Sequence[GenerationRequest]) -> list[Generation]:
@@ -257,6 +258,8 @@ class ContinuousGeneration(TransformersGeneration):
         """One model call on the loop's thread; a device failure becomes the core's error."""
         try:
             return forward()
+        except BatchAbandoned:  # not the device's: the loop drops those rows
+            raise
         except Exception as exc:
             raise classify_device_error(exc, self.description.name) from exc
 
