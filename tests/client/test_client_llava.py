@@ -11,8 +11,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from align2.client import ImageMarker, Sample, Turn, choose_candidates, read_llava, write_llava
-from align2.client.llava import iter_llava, join_image_marker, split_image_marker
+from align2.client import (
+    ImageMarker,
+    Sample,
+    Turn,
+    choose_candidates,
+    llava,
+    read_llava,
+    write_llava,
+)
+from align2.client.llava import (
+    iter_llava,
+    iter_records,
+    join_image_marker,
+    split_image_marker,
+)
 
 RECORD = {
     "id": "000000215677",
@@ -365,3 +378,51 @@ def test_split_and_join_marker_are_inverse(question: str) -> None:
 def test_start_marker_is_always_recovered(question: str) -> None:
     joined = join_image_marker(question, ImageMarker.START)
     assert split_image_marker(joined) == (question, ImageMarker.START)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(JSON_VALUES, max_size=6),
+    spacing=st.sampled_from(["", " ", "\n  ", "\t"]),
+    chunk=st.integers(1, 9),
+    cut=st.integers(0, 3),
+)
+def test_a_json_list_is_read_element_by_element_as_json_load_reads_it(
+    values: list[Any], spacing: str, chunk: int, cut: int
+) -> None:
+    """The list is read in chunks (here of 1-9 characters, so that elements, numbers and
+    strings straddle them); the elements are json.load's, and a text json.load refuses
+    (here: the last 0-3 characters cut off) is refused too, naming the file."""
+    text = spacing + "[" + spacing + ("," + spacing).join(map(json.dumps, values)) + "]" + spacing
+    text = text[: max(len(text) - cut, text.index("[") + 1)]  # never the "[" itself
+    with tempfile.TemporaryDirectory() as folder:
+        path = pathlib.Path(folder) / "list.json"
+        path.write_text(text, encoding="utf-8")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(llava, "_READ_CHARS", chunk)
+            try:
+                expected = json.loads(text)
+            except json.JSONDecodeError:
+                with pytest.raises(ValueError, match=r"list\.json: not valid JSON"):
+                    list(iter_records(path))
+                return
+            assert list(iter_records(path)) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["[1,]", "[1 2]", "[1] x", "[{}", '["a"', "[", "[,1]", "[1,,2]", "[tru]"]
+)
+def test_json_lists_json_load_refuses_are_refused(tmp_path: pathlib.Path, text: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+    with pytest.raises(ValueError, match=r"bad\.json: not valid JSON"):
+        list(iter_records(path))

@@ -261,11 +261,7 @@ def _iter_records(path: pathlib.Path) -> Iterator[Any]:
         first = _first_non_space(f)
         f.seek(0)
         if first == "[":
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: not valid JSON: {error}") from None
-            yield from records
+            yield from _iter_json_list(f, path)
             return
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
@@ -274,6 +270,66 @@ def _iter_records(path: pathlib.Path) -> Iterator[Any]:
                 yield json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{line_number}: not valid JSON: {error}") from None
+
+
+_READ_CHARS = 1 << 20
+_WHITESPACE = " \t\n\r"
+_DELIMITERS = _WHITESPACE + ",]"
+
+
+def _iter_json_list(f: IO[str], path: pathlib.Path) -> Iterator[Any]:
+    """The elements of the JSON list in ``f``, one at a time, reading about 1 MiB at a
+    time: a 229 MB LLaVA-Instruct file is not held as one Python list. The same values and
+    the same refusals as ``json.load`` (ValueError naming the file and the character)."""
+    decoder = json.JSONDecoder()
+    buffer, pos, dropped, ended = "", 0, 0, False
+
+    def more() -> bool:  # read on; False at the end of the file
+        nonlocal buffer, pos, dropped, ended
+        chunk = "" if ended else f.read(_READ_CHARS)
+        ended = not chunk
+        dropped += pos
+        buffer, pos = buffer[pos:] + chunk, 0
+        return bool(chunk)
+
+    def skip_space() -> str:  # the next non-space character ("" at the end)
+        nonlocal pos
+        while True:
+            while pos < len(buffer) and buffer[pos] in _WHITESPACE:
+                pos += 1
+            if pos < len(buffer) or not more():
+                return buffer[pos] if pos < len(buffer) else ""
+
+    def invalid(message: str, at: int) -> ValueError:
+        return ValueError(f"{path}: not valid JSON: {message} at character {dropped + at}")
+
+    skip_space()
+    pos += 1  # the "[" (the caller saw it)
+    if skip_space() == "]":
+        pos += 1
+    else:
+        while True:
+            while True:  # an element, once what follows it is read (a number may go on)
+                try:
+                    value, end = decoder.raw_decode(buffer, pos)
+                except json.JSONDecodeError as error:
+                    if not more():
+                        raise invalid(error.msg, error.pos) from None
+                    continue
+                if ended or (end < len(buffer) and buffer[end] in _DELIMITERS):
+                    break
+                more()
+            pos = end
+            yield value
+            after = skip_space()
+            pos += 1
+            if after == "]":
+                break
+            if after != ",":
+                raise invalid("expected ',' or ']' after a list element", pos - 1)
+            skip_space()
+    if skip_space():
+        raise invalid("extra data after the list", pos)
 
 
 def _first_non_space(f: IO[str]) -> str:
