@@ -21,12 +21,16 @@ from align2.server.models.builders import _score_weight
 from align2.server.training.bradley_terry import TrainConfig, train_checkpoints
 
 
+def right_pairs(scores: torch.Tensor, pairs: torch.Tensor) -> int:
+    """How many of ``pairs`` (rows better, worse) have ``scores[better] > scores[worse]``."""
+    return int((scores[pairs[:, 0]] > scores[pairs[:, 1]]).sum())
+
+
 def pairwise_accuracy(scores: torch.Tensor, pairs: torch.Tensor) -> float:
-    """Fraction of ``pairs`` (rows better, worse) with ``scores[better] > scores[worse]``;
-    NaN when there are no pairs."""
+    """Fraction of ``pairs`` ordered right (:func:`right_pairs`); NaN when there are none."""
     if len(pairs) == 0:
         return math.nan
-    return float((scores[pairs[:, 0]] > scores[pairs[:, 1]]).double().mean())
+    return right_pairs(scores, pairs) / len(pairs)
 
 
 def head_scores(features: torch.Tensor, head: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers.masking_utils import create_causal_mask
 
+from align2.server.training import evaluate
 from align2.server.training.data import Group, pairs
 from align2.server.training.evaluate import pairwise_accuracy
 
@@ -237,8 +238,7 @@ def right_pairs(
     """(pairs of ``groups`` those scores order right, pairs): :func:`accuracy` as counts,
     for pooling the accuracy of parts scored by different runs."""
     found = pairs(groups)
-    dense = _dense_scores(tail, head, states, groups)
-    return int((dense[found[:, 0]] > dense[found[:, 1]]).sum()), len(found)
+    return evaluate.right_pairs(_dense_scores(tail, head, states, groups), found), len(found)
 
 
 def _dense_scores(
