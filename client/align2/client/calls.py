@@ -142,6 +142,10 @@ class EncodedChunk:
     sent: list[pb.Sample]  # the samples without a local error, in order
 
 
+MESSAGE_OVERHEAD = 64 * 1024
+"""Room left in a message for the request's other fields and its framing."""
+
+
 def encode_chunk(
     samples: Sequence[Sample], max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 ) -> EncodedChunk:
@@ -172,10 +176,6 @@ def encode_chunk(
         sent.append(message)
         errors.append(None)
     return EncodedChunk(ids=[s.id for s in samples], local_errors=errors, sent=sent)
-
-
-MESSAGE_OVERHEAD = 64 * 1024
-"""Room left in a message for the request's other fields and its framing."""
 
 
 def _text_error(sample: Sample) -> ItemError:

@@ -75,16 +75,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _sigterm_interrupts():
             status: int = namespace.run(namespace)
-    except grpc.RpcError as error:
-        print(f"align2 {namespace.command}: {_describe_rpc_error(error)}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as error:
-        print(f"align2 {namespace.command}: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"align2 {namespace.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except (grpc.RpcError, OSError, ValueError, KeyboardInterrupt) as error:
+        why, status = _why_stopped(error)
+        print(f"align2 {namespace.command}: {why}", file=sys.stderr)
     return status
+
+
+def _why_stopped(error: BaseException) -> tuple[str, int]:
+    """What stopped a command, in words, and its exit status: 130 interrupted, 1 an RPC
+    (or the server's answer) failed, 2 bad usage or input."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted", EXIT_INTERRUPTED
+    if isinstance(error, grpc.RpcError):
+        return _describe_rpc_error(error), 1
+    return str(error), 1 if isinstance(error, ProtocolError) else 2
 
 
 @contextlib.contextmanager
@@ -477,7 +481,7 @@ def run_align(namespace: argparse.Namespace) -> int:
         return 0
     if kept:
         write_llava(kept, namespace.out)
-    why = "interrupted" if isinstance(stop, KeyboardInterrupt) else _describe_rpc_error(stop)
+    why, status = _why_stopped(stop)
     written = f"{len(kept)} aligned samples written to {namespace.out}" if kept else (
         f"nothing aligned, {namespace.out} left as it was"
     )  # fmt: skip
@@ -487,7 +491,7 @@ def run_align(namespace: argparse.Namespace) -> int:
         else "every sample done"
     )
     print(f"align2 align: {why}; {written}; {rest}", file=sys.stderr)
-    return EXIT_INTERRUPTED if isinstance(stop, KeyboardInterrupt) else 1
+    return status
 
 
 def run_curate(namespace: argparse.Namespace) -> int:
@@ -569,15 +573,7 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
     print(f"align2 curate: {counts.total()} samples: {summary}", file=sys.stderr)
     if failure is not None:
         unanswered = results.unanswered
-        if isinstance(failure, grpc.RpcError | ProtocolError):
-            why = (
-                _describe_rpc_error(failure) if isinstance(failure, grpc.RpcError) else str(failure)
-            )
-            status = 1
-        elif isinstance(failure, KeyboardInterrupt):
-            why, status = "interrupted", EXIT_INTERRUPTED
-        else:
-            why, status = str(failure), 2
+        why, status = _why_stopped(failure)
         written = f"{len(kept)} kept samples written" if kept else "no sample kept"
         print(
             f"align2 curate: {why}; {written}; "
