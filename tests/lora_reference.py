@@ -48,14 +48,21 @@ class OriginalSet:
 
 
 def question_text(questions: list[str]) -> str:
-    """The method's question template, typed out (METHOD.md)."""
-    return "<image>\n" + "\n".join(q.replace("<image>", "").strip() for q in questions)
+    """The reference's question template (``preprocess_qa``, no answer), typed out."""
+    cleaned = [q.replace("<image>", "").strip() for q in questions]
+    return ("<image>" + "\n" + "\n".join(cleaned)).strip()
 
 
 def answer_text(question: str, answer: str) -> str:
-    """The method's answer template, typed out (METHOD.md)."""
-    q, a = (x.replace("<image>", "").strip() for x in (question, answer))
-    return f"<image>\nQuestion: {q}\nAnswer: {a}"
+    """The reference's answer template (``preprocess_qa`` in
+    ``reward_model/llava/data/utils.py``), typed out: ``if answer:`` on the raw answer, so
+    an empty one takes the question template; the whole prompt stripped at the end."""
+    if not answer:
+        return question_text([question])
+    q = question.replace("<image>", "").strip()
+    a = answer.replace("<image>", "").strip()
+    prompt = f"Question: {q}\n" + f"Answer: {a}\n"
+    return ("<image>" + "\n" + prompt).strip()
 
 
 class Reference:

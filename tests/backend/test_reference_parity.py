@@ -51,7 +51,7 @@ TEXTS = [
     templates.question_text([Turn("<image>\nWhat is on the table?"), Turn("Why is it there?")]),
     templates.question_text([Turn(f"Question {i}: how many {i * 7} dogs?") for i in range(4)]),
     templates.answer_text(Turn("  What colour is the bus? ", " Red and white.  ")),
-    templates.answer_text(Turn("Is there an answer?", "")),  # empty answer
+    templates.answer_text(Turn("Is there an answer?", "")),  # empty answer: the question alone
     templates.answer_text(Turn("Qu'est-ce que c'est ? Ünïcödé", "東京の バス 🚌, naïve café.")),
     templates.answer_text(Turn("How much is 12345 + 0.5?", "12345.5, or 1.23e4 (approx.)")),
     "<image>\n  two  leading spaces, runs   of  spaces and trailing   ",

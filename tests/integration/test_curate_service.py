@@ -180,22 +180,32 @@ def test_a_bad_sample_is_an_error_decision_and_its_stream_mates_go_on(
     corrupt = Sample(id="corrupt", image=b"not an image", turns=[Turn("What?", "A box.")])
     empty = Sample(id="empty", image=png(), turns=[])
     unreadable = Sample(id="missing", image=tmp_path / "nope.png", turns=[Turn("What?", "A.")])
-    # No answer: refused before any head runs, even if its question would be dropped.
-    unanswered = Sample(id="unanswered", image=png(), turns=[Turn("What?", "")])
-    samples = [sample(0), corrupt, empty, unreadable, unanswered, sample(1)]
+    # A blank question: refused before any head runs, even if it would be dropped.
+    blank = Sample(id="blank", image=png(), turns=[Turn(" <image> ", "A.")])
+    samples = [sample(0), corrupt, empty, unreadable, blank, sample(1)]
     results = {r.id: r for r in client.curate(samples, question_keep_fraction=0.01)}
-    assert set(results) == {"s0", "corrupt", "empty", "missing", "unanswered", "s1"}
+    assert set(results) == {"s0", "corrupt", "empty", "missing", "blank", "s1"}
     for bad, code, field in [
         ("corrupt", grpc.StatusCode.INVALID_ARGUMENT, "sample.image"),
         ("empty", grpc.StatusCode.INVALID_ARGUMENT, "sample.turns"),
         ("missing", grpc.StatusCode.NOT_FOUND, "image"),
-        ("unanswered", grpc.StatusCode.INVALID_ARGUMENT, "sample.turns[0].answer: empty"),
+        ("blank", grpc.StatusCode.INVALID_ARGUMENT, "sample.turns[0].question: empty"),
     ]:
         error = results[bad].error
         assert results[bad].decision == "error" and error is not None
         assert error.code == code and error.message.startswith(field), error.message
-    assert results["unanswered"].scores.question_score is None
+    assert results["blank"].scores.question_score is None
     assert results["s0"].ok and results["s1"].ok
+
+
+def test_an_empty_answer_is_scored_as_the_reference_scores_it(client: CurationClient) -> None:
+    """The method's data has empty answers (answer-dev.json: a candidate ""); the
+    reference's answer model read such a turn as the question head's text, ``<image>\n{q}``
+    (templates.answer_text). Both heads are one model here: equal scores."""
+    unanswered = Sample(id="unanswered", image=png(), turns=[Turn("What?", "")])
+    [result] = client.curate([unanswered], question_keep_fraction=1.0, answer_keep_fraction=1.0)
+    assert result.error is None and result.decision == "kept"
+    assert result.scores.answer_scores[0] == pytest.approx(result.scores.question_score, abs=1e-5)
 
 
 def test_bad_options_fail_at_once_naming_the_argument(client: CurationClient) -> None:

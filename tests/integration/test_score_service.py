@@ -142,7 +142,7 @@ def test_candidates_beyond_the_limit_or_beside_an_answer_fail_alone(
     samples = [
         Sample(id="five", image=png(), turns=[Turn("Q?", candidates=tuple("abcde"))]),
         Sample(id="both", image=png(), turns=[Turn("Q?", "A."), Turn("R?", "A.", ("B.",))]),
-        Sample(id="blank", image=png(), turns=[Turn("Q?", candidates=("B.", " <image> "))]),
+        Sample(id="blank", image=png(), turns=[Turn("Q?", candidates=("B.", " <image> ", ""))]),
         Sample(id="four", image=png(), turns=[Turn("Q?", candidates=tuple("abcd"))]),
     ]
     five, both, blank, four = client.score(samples)
@@ -153,11 +153,16 @@ def test_candidates_beyond_the_limit_or_beside_an_answer_fail_alone(
             "samples[0].turns[0].answer_candidates: 5 candidates exceeds limits.max_candidates 4",
         ),
         (both, "samples[1].turns[1].answer: set together with answer_candidates"),
-        (blank, "samples[2].turns[0].answer_candidates[1]: empty, and the answer head needs"),
     ]:
         assert result.error is not None and result.error.code == grpc.StatusCode.INVALID_ARGUMENT
         assert result.error.message.startswith(message), result.error.message
-    # The question head alone needs no answers, but the limit holds.
+    # Blank and empty candidates are scored as the reference scores them: a blank one as
+    # "...Answer:", an empty one as the question head's text (both heads are one model here).
+    assert blank.error is None
+    given, blank_one, empty_one = blank.answer_candidates[0].scores
+    assert empty_one == pytest.approx(blank.question_score, abs=1e-5)
+    assert len({round(x, 4) for x in (given, blank_one, empty_one)}) == 3
+    # The question head alone reads no candidates, but the limit holds.
     five, blank = client.score([samples[0], samples[2]], heads=["question"])
     assert five.error is not None and "limits.max_candidates 4" in five.error.message
     assert blank.error is None and blank.answer_candidates == ()
@@ -230,7 +235,7 @@ def test_bad_items_fail_alone_with_field_named(client: CurationClient) -> None:
         Sample(id="empty-conv", image=png(), turns=[]),
         Sample(id="empty-q", image=png(), turns=[Turn("What?", "A."), Turn("  <image> ", "B.")]),
         Sample(id="pixels", image=big, turns=[Turn("Q?", "A.")]),
-        Sample(id="no-answer", image=png(), turns=[Turn("Q?", "")]),
+        Sample(id="no-answer", image=png(), turns=[Turn("Q?", "")]),  # scored, as the method
         Sample(id="gif", image=_gif(), turns=[Turn("Q?", "A.")]),
         sample(7),
         # 12,000 pixels, but the model pads it to 1200 x 1200 = 1.44 MP (image_mode pad).
@@ -244,7 +249,6 @@ def test_bad_items_fail_alone_with_field_named(client: CurationClient) -> None:
         "empty-conv": "samples[2].turns: empty conversation",
         "empty-q": "samples[3].turns[1].question: empty",
         "pixels": "samples[4].image: 1200x1000 = 1200000 pixels exceeds limits.max_image_pixels",
-        "no-answer": "samples[5].turns[0].answer: empty",
         "gif": "samples[6].image: not a readable JPEG, PNG or WebP",
         "thin": ".image: 10x1200 pads to a 1200x1200 square = 1440000 pixels",  # 2nd chunk
     }
@@ -254,6 +258,9 @@ def test_bad_items_fail_alone_with_field_named(client: CurationClient) -> None:
         assert error.code == grpc.StatusCode.INVALID_ARGUMENT
         assert message in error.message, (key, error.message)
         assert by_id[key].question_score is None
+    unanswered = by_id["no-answer"]  # the reference reads "<image>\nQ?": the question's text
+    assert unanswered.error is None
+    assert unanswered.answer_scores[0] == pytest.approx(unanswered.question_score, abs=1e-5)
 
 
 def test_oversized_image_bytes_fail_alone(client: CurationClient) -> None:

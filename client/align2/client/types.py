@@ -24,7 +24,8 @@ class ImageMarker(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Turn:
-    """One question/answer turn. ``answer`` may be empty for question-head-only scoring.
+    """One question/answer turn. An empty ``answer`` is scored as the method's reference
+    scores it: the answer head reads the question alone, ``<image>\n{question}``.
 
     ``candidates``: several candidate answers to ``question`` (best-of-n), of which the
     answer head picks the best; ``answer`` is then empty. Empty: the turn's one answer is

@@ -366,11 +366,14 @@ class Turn(_message.Message):
     whitespace are removed, else the sample fails with INVALID_ARGUMENT.
     """
     answer: _builtins.str
-    """The model's reply. In a request it may be empty only when no answer is used: Score
-    with heads = [HEAD_QUESTION], Align with parts = REWRITE_PARTS_QUESTIONS, or when the
-    turn carries answer_candidates instead; otherwise an empty answer fails the sample with
-    INVALID_ARGUMENT (in Curate: an error decision before either head runs, since a kept
-    sample's answers are scored).
+    """The model's reply. The answer head scores it as the method's reference does (its
+    preprocess_qa): "<image>\\nQuestion: {question}\\nAnswer: {answer}", each part with
+    `<image>` removed and stripped, the whole stripped; an EMPTY answer (and no
+    answer_candidates) is read as the question head reads the turn's question alone,
+    "<image>\\n{question}" (the reference branches on `if answer:`; the method's own data
+    has such an answer). So Score and Curate accept an empty answer; Align with answers
+    rewritten (parts other than REWRITE_PARTS_QUESTIONS) refuses one with
+    INVALID_ARGUMENT naming `turns[i].answer`.
     """
     @_builtins.property
     def answer_candidates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -378,8 +381,8 @@ class Turn(_message.Message):
         which the answer head picks the best. Empty (the default): the turn's one answer is
         `answer`. Set: `answer` must be empty (both set: INVALID_ARGUMENT naming
         `turns[i].answer`), and the turn has 1 to limits.max_candidates candidates (more:
-        INVALID_ARGUMENT naming `turns[i].answer_candidates`), each non-empty wherever an
-        answer must be (`turns[i].answer_candidates[j]`). Score scores every candidate alone
+        INVALID_ARGUMENT naming `turns[i].answer_candidates`). Score scores every candidate
+        alone, as if it were the turn's `answer` (an empty one as an empty answer, above)
         (ScoreResult.answer_candidates); Curate ranks the sample by its best candidates and
         keeps them; Align refuses a turn with candidates (INVALID_ARGUMENT): pick one first.
         """

@@ -150,12 +150,6 @@ class _ItemDone:
 
 Plan = Mapping[ScoringRuntime, list[_Item]]
 
-# Why a sample's answers may not be empty (the end of check_turns' message):
-ANSWERS_FOR_SCORE = (
-    "the answer head needs answers (ask for heads=[question] to score questions alone)"
-)
-ANSWERS_FOR_CURATE = "Curate scores the answers of the question-kept (answer head)"
-
 
 @dataclass(eq=False)
 class ScoringSample:
@@ -208,9 +202,8 @@ class Scorer:
         answer, answer_desc = self._runtime(
             "answer_model", call.answer_model, Head.ANSWER in call.heads
         )
-        needed = ANSWERS_FOR_SCORE if answer is not None else None
         works = [
-            self._begin(s, call.sample_field.format(index=i), question, answer, needed)
+            self._begin(s, call.sample_field.format(index=i), question, answer)
             for i, s in enumerate(call.samples)
         ]
         outcomes = await self._run(works, call.heads, call.priority, call.deadline)
@@ -234,7 +227,7 @@ class Scorer:
         (``score_sample``): Curate's, checked here once for both."""
         question, _ = self._runtime("question_model", "")
         answer, _ = self._runtime("answer_model", "")
-        return self._begin(sample, where, question, answer, ANSWERS_FOR_CURATE)
+        return self._begin(sample, where, question, answer)
 
     async def score_sample(
         self, work: ScoringSample, head: Head, priority: Priority, deadline: float | None
@@ -250,12 +243,13 @@ class Scorer:
         where: str,
         question: ScoringRuntime | None,
         answer: ScoringRuntime | None,
-        answers_needed: str | None,
     ) -> ScoringSample:
+        # Answers may be empty: the answer head scores an empty one as the method's
+        # reference does (templates.answer_text).
         problem = check_turns(
             sample,
             self._limits.max_turns,
-            answers_needed=answers_needed,
+            answers_needed=None,
             max_candidates=self._limits.max_candidates,
             max_text_bytes=self._limits.max_text_bytes,
         )

@@ -5,7 +5,11 @@ question head f(I, Q): all human turns of one conversation, joined by newlines:
     "<image>\\n{q1}\\n{q2}\\n...\\n{qn}"
 answer head g(I, Q, A): one turn alone, without earlier turns:
     "<image>\\nQuestion: {q}\\nAnswer: {a}"
-Each question and answer has ``<image>`` removed and is stripped.
+Each question and answer has ``<image>`` removed and is stripped, and so is the whole text
+(an answer that is blank once cleaned leaves "...Answer:", no trailing space). An empty
+answer ("") takes the question head's form of its one question, "<image>\\n{q}": the
+reference (``preprocess_qa`` in ``reward_model/llava/data/utils.py``) branches on
+``if answer:``, so that is what its answer model scored for such a turn.
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ def clean(text: str) -> str:
 
 
 def question_text(turns: Sequence[Turn]) -> str:
-    return IMAGE_TOKEN + "\n" + "\n".join(clean(t.question) for t in turns)
+    return (IMAGE_TOKEN + "\n" + "\n".join(clean(t.question) for t in turns)).strip()
 
 
 def answer_text(turn: Turn) -> str:
-    return f"{IMAGE_TOKEN}\nQuestion: {clean(turn.question)}\nAnswer: {clean(turn.answer)}"
+    if not turn.answer:  # the reference's ``if answer:`` (before cleaning: "  " is an answer)
+        return question_text([turn])
+    text = f"{IMAGE_TOKEN}\nQuestion: {clean(turn.question)}\nAnswer: {clean(turn.answer)}"
+    return text.strip()

@@ -38,7 +38,7 @@ def check_turns(
 
     A sample needs 1..``max_turns`` turns and a non-empty question in each (the ``<image>``
     marker alone is empty). ``answers_needed``: None when answers may be empty, else why
-    they may not (it ends the error message, e.g. "the answer head needs answers"). A turn
+    they may not (it ends the error message; Align: "answers are rewritten ..."). A turn
     with candidate answers has an empty ``answer`` and 1..``max_candidates`` candidates,
     each held to ``answers_needed`` as an answer is; ``candidates_refused``: None when
     candidates are accepted, else why not (it ends the error message).
