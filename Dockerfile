@@ -41,7 +41,8 @@ RUN pip install --no-deps --no-build-isolation . \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin align2
 USER 10001
 WORKDIR /home/align2
-ENV ALIGN2_CACHE_DIR=/home/align2/.cache/align2
+# The cache is ~/.cache/align2 (server.cache_dir's default): no ALIGN2_CACHE_DIR here, which
+# would override a cache_dir set in a mounted config file.
 # Bake the embedded default models into the image (offline, deterministic).
 RUN align2 build-models
 

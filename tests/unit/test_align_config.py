@@ -68,6 +68,11 @@ def test_align_is_on_only_when_its_model_is_configured(tmp_path: pathlib.Path) -
             {"score.enabled": False, "models.llm.path": "x", "models.llm.length_split_tokens": -2},
             r"models\.llm\.length_split_tokens: must be >= -1 \(-1: by device, 0: one forward",
         ),
+        ({"server.grace_seconds": -5.0}, r"server\.grace_seconds: must be >= 0, got -5\.0"),
+        (
+            {"server.max_connection_age_seconds": float("nan")},
+            r"server\.max_connection_age_seconds: must be >= 0, got nan",
+        ),
     ],
 )
 def test_bad_align_settings_name_the_key(overrides: dict[str, object], message: str) -> None:

@@ -144,6 +144,10 @@ class App:
                 # waiting: off, calls past the limit wait, as Limits.max_streams promises.
                 # Memory stays bounded by limits.max_inflight_bytes and the queues.
                 ("grpc.http.overload_protection", 0),
+                # A second server on a taken port fails to start instead of sharing it
+                # (gRPC sets SO_REUSEPORT by default: a stale process would take calls).
+                ("grpc.so_reuseport", 0),
+                *_connection_age(self.config.server.max_connection_age_seconds),
             ],
         )
         servicer = CurationServicer(
@@ -362,3 +366,17 @@ class App:
             self._metrics.close()
         if self.lifecycle.phase is not Phase.FAILED:
             self.lifecycle.phase = Phase.STOPPED
+
+
+_UNLIMITED_MS = 2**31 - 1  # gRPC's "infinite" for millisecond arguments
+
+
+def _connection_age(seconds: float) -> list[tuple[str, int]]:
+    """gRPC server options closing a connection after ``seconds`` (0: never) without
+    cutting what runs on it (server.max_connection_age_seconds)."""
+    if seconds <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", max(1, round(seconds * 1000))),
+        ("grpc.max_connection_age_grace_ms", _UNLIMITED_MS),
+    ]

@@ -291,6 +291,12 @@ class ServerSection:
     """On SIGTERM: how long in-flight calls may run, a hard bound: at the deadline the calls
     left are answered UNAVAILABLE and the batch on the device stops (docs/operating.md,
     Shutdown). Health answers NOT_SERVING meanwhile."""
+    max_connection_age_seconds: float = 300.0
+    """After about this long (gRPC adds +-10% jitter) a client connection is asked to close
+    (HTTP/2 GOAWAY): the client connects again and resolves the name again, so replicas
+    added since (a scale-up) get their share of a long-lived client's calls. Calls and
+    Curate streams in flight on it are never cut (their grace is unlimited); new calls go
+    to the new connection. 0: connections live as long as the client keeps them."""
     cache_dir: str = "~/.cache/align2"
     """Where embedded models are built and cached."""
     log_level: str = "INFO"
@@ -402,6 +408,13 @@ class Config:
         for key, value in counts.items():
             if value < 0:
                 raise ConfigError(f"{key}: must be >= 0 (0: sized from the machine), got {value}")
+        seconds = {
+            "server.grace_seconds": self.server.grace_seconds,
+            "server.max_connection_age_seconds": self.server.max_connection_age_seconds,
+        }
+        for key, time in seconds.items():
+            if not time >= 0:  # NaN too
+                raise ConfigError(f"{key}: must be >= 0, got {time}")
         self._validate_curate()
         limits = self.limits
         if limits.max_inflight_bytes < 0:
