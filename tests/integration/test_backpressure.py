@@ -8,6 +8,7 @@ import asyncio
 import io
 import pathlib
 import random
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from PIL import Image
-from support import ServerThread, error_details, score_config
+from support import ServerThread, error_details, metric, score_config
 
 from align2.client import AsyncCurationClient, CurationClient, Sample, Turn
 from align2.server.core.drain import MAX_RETRY_SECONDS, MIN_RETRY_SECONDS
@@ -165,3 +166,36 @@ def test_a_full_queue_pushes_back_each_refusal_to_its_turn(server: ServerThread)
     assert first <= second <= MAX_RETRY_SECONDS * 1000  # the next caller: the turn after
     with CurationClient(server.target, timeout=60) as client:
         assert client.score([big_sample(0)])[0].error is None
+
+
+def test_a_curate_sample_that_waits_for_room_is_not_counted_as_overload(
+    server: ServerThread,
+) -> None:
+    """A full queue refuses a Score call (rejected: overloaded) but only delays a Curate
+    sample, which waits for room inside its stream and is decided: its refusals count as
+    rejected "waited", so that an alert on overload does not fire on a pacing stream."""
+    batcher = server.app._runtimes["question"].batcher
+    before = {r: metric("align2_items_rejected_total", reason=r) for r in ("overloaded", "waited")}
+    held = server.call(_reserve(batcher, batcher.max_queue))
+    released = threading.Timer(0.5, lambda: server.call(_release(held)))
+    released.start()
+    try:
+        with CurationClient(server.target, retry=False, timeout=60) as client:
+            [result] = client.curate([big_sample(0)], question_keep_fraction=1.0)
+    finally:
+        released.join()
+    assert result.error is None and result.decision == "kept"
+    after = {r: metric("align2_items_rejected_total", reason=r) for r in ("overloaded", "waited")}
+    assert after["overloaded"] == before["overloaded"]
+    assert after["waited"] > before["waited"]
+    # The same full queue refusing a Score call: overloaded.
+    held = server.call(_reserve(batcher, batcher.max_queue))
+    try:
+        with (
+            CurationClient(server.target, retry=False, timeout=60) as client,
+            pytest.raises(grpc.RpcError),
+        ):
+            client.score([big_sample(1)])
+    finally:
+        server.call(_release(held))
+    assert metric("align2_items_rejected_total", reason="overloaded") > after["overloaded"]

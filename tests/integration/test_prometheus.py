@@ -122,8 +122,10 @@ def test_prometheus_scrapes_our_series_with_the_exported_values(
     assert expectations['align2_items_rejected_total{reason="invalid"}'] >= 3
     for expr, expected in expectations.items():
         assert wait_for(prometheus, expr, expected) == pytest.approx(expected), expr
-    histogram = query(prometheus, 'align2_request_duration_seconds_count{rpc="Score"}')
-    assert histogram is not None and histogram >= 4
+    histogram = query(prometheus, 'align2_request_duration_seconds_count{rpc="Score",code="OK"}')
+    assert histogram is not None and histogram >= 3
+    refused = 'align2_request_duration_seconds_count{rpc="Score",code="RESOURCE_EXHAUSTED"}'
+    assert (query(prometheus, refused) or 0) >= 1  # apart from the served calls' latency
     memory = query(prometheus, "process_resident_memory_bytes")
     assert memory is not None and memory > 10e6
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import prometheus_client as prom
 from prometheus_client.core import GaugeMetricFamily
@@ -23,7 +25,10 @@ REQUESTS = prom.Counter(
     "align2_requests", "RPCs finished, by method and status code", ["rpc", "code"]
 )
 REQUEST_SECONDS = prom.Histogram(
-    "align2_request_duration_seconds", "RPC wall time", ["rpc"], buckets=_LATENCY
+    "align2_request_duration_seconds",
+    "RPC wall time, by method and status code (a refusal is fast: select code=OK for latency)",
+    ["rpc", "code"],
+    buckets=_LATENCY,
 )
 QUEUE_SECONDS = prom.Histogram(
     "align2_queue_duration_seconds",
@@ -53,9 +58,31 @@ INFLIGHT_REQUEST_BYTES = prom.Gauge(
 )
 REJECTED = prom.Counter(
     "align2_items_rejected",
-    "Items not computed, by reason: overloaded, expired, cancelled, invalid",
+    "Items refused or not computed, by reason: overloaded (refused, the caller told to "
+    "retry), waited (refused, waited out inside a Curate stream: computed later), expired, "
+    "cancelled, invalid",
     ["reason"],
 )
+_WAITING: ContextVar[bool] = ContextVar("align2_admission_waits", default=False)
+
+
+@contextmanager
+def admission_waits() -> Iterator[None]:
+    """Inside: a full queue is waited out by the caller (a Curate sample), so a refusal
+    counts as rejected reason="waited", not "overloaded" (an alert on overload must not
+    fire on a stream that merely paces itself)."""
+    token = _WAITING.set(True)
+    try:
+        yield
+    finally:
+        _WAITING.reset(token)
+
+
+def refused(count: int) -> None:
+    """``count`` items refused admission because a queue was full."""
+    REJECTED.labels(reason="waited" if _WAITING.get() else "overloaded").inc(count)
+
+
 BATCH_SPLITS = prom.Counter(
     "align2_batch_splits",
     "Failed batches split in halves and retried, by reason: out_of_memory (smaller batches "

@@ -172,7 +172,7 @@ class Batcher(Generic[T, R]):
                 f"more than limits.max_queue_items {self.max_queue}; split it"
             )
         if self.load + count > self.max_queue:
-            metrics.REJECTED.labels(reason="overloaded").inc(count)
+            metrics.refused(count)
             full = (
                 f"queue of model {self.name!r} is full: {self.load} of {self.max_queue} items "
                 f"in flight, the call needs {count}"

@@ -480,7 +480,8 @@ async def _when_admitted(attempt: Callable[[], Awaitable[T]], deadline: float | 
     backoff = _FIRST_BACKOFF
     while True:
         try:
-            return await attempt()
+            with metrics.admission_waits():
+                return await attempt()
         except Overloaded as exc:
             pause = backoff * random.uniform(0.5, 1.0)  # jitter: waiting streams spread out
             # The queue gave this sample a turn (its retry_after): not sooner than that.

@@ -80,7 +80,7 @@ class _Gate:
         if self.closing:
             raise Unavailable("server is shutting down")
         if self.load + count > self.limit:
-            metrics.REJECTED.labels(reason="overloaded").inc(count)
+            metrics.refused(count)
             raise Overloaded(
                 f"model {self.name!r} is full: {self.load} of {self.limit} requests in flight "
                 f"(limits.max_llm_inflight), the call needs {count}; retry with backoff"

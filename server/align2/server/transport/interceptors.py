@@ -74,7 +74,7 @@ class _Call:
     def finish(self) -> None:
         seconds = time.monotonic() - self.started
         metrics.REQUESTS.labels(rpc=self.rpc, code=self.code.name).inc()
-        metrics.REQUEST_SECONDS.labels(rpc=self.rpc).observe(seconds)
+        metrics.REQUEST_SECONDS.labels(rpc=self.rpc, code=self.code.name).observe(seconds)
         log.info(
             "rpc finished",
             extra={"rpc": self.rpc, "code": self.code.name, "seconds": round(seconds, 6)},
