@@ -69,6 +69,7 @@ def test_align_is_on_only_when_its_model_is_configured(tmp_path: pathlib.Path) -
             r"models\.llm\.length_split_tokens: must be >= -1 \(-1: by device, 0: one forward",
         ),
         ({"server.grace_seconds": -5.0}, r"server\.grace_seconds: must be >= 0, got -5\.0"),
+        ({"server.log_level": "bogus"}, r"server\.log_level: 'bogus'; valid: DEBUG, INFO, WARNING"),
         (
             {"server.max_connection_age_seconds": float("nan")},
             r"server\.max_connection_age_seconds: must be >= 0, got nan",

@@ -29,7 +29,7 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--port", type=int, help="gRPC port; 0 picks a free one (default 50051)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port; 0 free, -1 off (9090)")
     p.add_argument("--cache-dir", help="where embedded models are built (~/.cache/align2)")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
     p.add_argument("--log-format", choices=["json", "text"], help="log lines (default json)")
     p.add_argument("--auth-tokens-file", help="accepted bearer tokens, one per line")
     p.add_argument("--tls-cert-file", help="PEM certificate chain (serves TLS)")
@@ -62,7 +62,7 @@ def _convert_parser(sub: Any) -> None:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="weights of the output (default auto: the base's)",
     )
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
 
 
 def convert(args: argparse.Namespace) -> int:

@@ -274,6 +274,9 @@ class CurateConfig:
     of a selection. Given thresholds need no window and do not count."""
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 @dataclass
 class ServerSection:
     """Ports, shutdown, logging and the model cache."""
@@ -408,6 +411,10 @@ class Config:
         for key, value in counts.items():
             if value < 0:
                 raise ConfigError(f"{key}: must be >= 0 (0: sized from the machine), got {value}")
+        if self.server.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(
+                f"server.log_level: {self.server.log_level!r}; valid: {', '.join(LOG_LEVELS)}"
+            )
         seconds = {
             "server.grace_seconds": self.server.grace_seconds,
             "server.max_connection_age_seconds": self.server.max_connection_age_seconds,
