@@ -74,3 +74,23 @@ def test_k8s_ports_probes_grace_and_hpa_metric_agree_with_the_server() -> None:
     }
     hpa_metric = docs["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["metric"]["name"]
     assert hpa_metric in exported_series()
+
+
+def test_every_limit_in_server_info_has_a_config_key_operators_can_find() -> None:
+    """Error messages name limits by their GetServerInfo field; docs/operating.md maps the
+    ones that are not ``[limits] NAME`` to their config key, and every key it names exists."""
+    from align2.v1 import curation_pb2 as pb
+
+    text = (ROOT / "docs" / "operating.md").read_text()
+    mapped: dict[str, str] = {}
+    for line in text.splitlines():
+        match = re.match(r"^\| (`limits\.\w+`(?:, `limits\.\w+`)*) \| `(\w+)\.(\w*)`", line)
+        if match:
+            names = re.findall(r"`limits\.(\w+)`", match.group(1))
+            for name in names:
+                mapped[name] = f"{match.group(2)}.{match.group(3) or name}"
+    config = config_module.Config()
+    for field in pb.Limits.DESCRIPTOR.fields:
+        key = mapped.get(field.name, f"limits.{field.name}")
+        section, attribute = key.split(".")
+        assert hasattr(getattr(config, section), attribute), (field.name, key)
