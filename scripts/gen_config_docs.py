@@ -24,8 +24,8 @@ HEADER = """# Configuration
 `align2 serve --config FILE` reads a TOML file; every key has a default (an empty file, or
 none, serves the embedded default models), unknown keys and wrong types are refused at
 start with the key named. Flags override the file: `--host`, `--port`, `--metrics-port`,
-`--cache-dir` (or `ALIGN2_CACHE_DIR`), `--log-level`, `--log-format`, `--auth-tokens-file`,
-`--tls-cert-file`, `--tls-key-file`, `--tls-client-ca-file`.
+`--metrics-host`, `--cache-dir` (or `ALIGN2_CACHE_DIR`), `--log-level`, `--log-format`,
+`--auth-tokens-file`, `--tls-cert-file`, `--tls-key-file`, `--tls-client-ca-file`.
 
 Models are named tables, `[models.NAME]`; the defaults are `question` and `answer` (the
 embedded reward models: `path = "{path}"`, `adapter =

@@ -75,3 +75,13 @@ def test_a_bracketed_ipv6_host_binds_as_grpc_does(started: list[ServerThread]) -
     started.append(server)
     assert server.app.metrics_address is not None
     assert server.app.metrics_address[0] == "::1"
+
+
+def test_the_serve_flag_sets_the_metrics_host() -> None:
+    """``--metrics-host`` (a pod's own address from its args) overrides the config file."""
+    from align2.server import cli
+
+    args = cli.parser().parse_args(["serve", "--metrics-host", "10.1.2.3", "--host", "0.0.0.0"])
+    overrides = cli._overrides(args)
+    assert overrides["server.metrics_host"] == "10.1.2.3"
+    assert overrides["server.host"] == "0.0.0.0"

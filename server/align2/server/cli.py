@@ -28,6 +28,9 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--host", help="address to bind (default [::])")
     p.add_argument("--port", type=int, help="gRPC port; 0 picks a free one (default 50051)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port; 0 free, -1 off (9090)")
+    p.add_argument(
+        "--metrics-host", help="address the metrics port binds (default: as --host), e.g. $(POD_IP)"
+    )
     p.add_argument("--cache-dir", help="where embedded models are built (~/.cache/align2)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
     p.add_argument("--log-format", choices=["json", "text"], help="log lines (default json)")
@@ -97,6 +100,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "server.host": getattr(args, "host", None),
         "server.port": getattr(args, "port", None),
         "server.metrics_port": getattr(args, "metrics_port", None),
+        "server.metrics_host": getattr(args, "metrics_host", None),
         "server.cache_dir": args.cache_dir or os.environ.get("ALIGN2_CACHE_DIR"),
         "server.log_level": getattr(args, "log_level", None),
         "server.log_format": getattr(args, "log_format", None),
