@@ -45,7 +45,7 @@ from align2.server.models.tokenizers import strip_load_options
 log = logging.getLogger(__name__)
 
 PREFIX = "embedded:"
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 """Bump when a recipe below changes, so that caches built by older code are not reused."""
 
 SMOLLM2 = "smollm2-135m-instruct"
