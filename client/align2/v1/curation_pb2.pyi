@@ -1422,8 +1422,9 @@ class CurateRequest(_message.Message):
     @_builtins.property
     def sample(self) -> Global___Sample:
         """A sample to curate. Its decision carries its position among the stream's samples as
-        CurateResponse.sequence. Every turn needs an answer (or candidates): one without is
-        an error decision before either head runs.
+        CurateResponse.sequence. A turn's empty answer is scored as the method's reference
+        scores it (Turn.answer); a sample that breaks a limit or structure rule is an error
+        decision before either head runs.
         """
 
     def __init__(
