@@ -9,6 +9,7 @@ import io
 import pathlib
 import random
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -177,7 +178,16 @@ def test_a_curate_sample_that_waits_for_room_is_not_counted_as_overload(
     batcher = server.app._runtimes["question"].batcher
     before = {r: metric("align2_items_rejected_total", reason=r) for r in ("overloaded", "waited")}
     held = server.call(_reserve(batcher, batcher.max_queue))
-    released = threading.Timer(0.5, lambda: server.call(_release(held)))
+
+    def release_once_refused() -> None:  # room only after the sample met the full queue
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if metric("align2_items_rejected_total", reason="waited") > before["waited"]:
+                break
+            time.sleep(0.01)
+        server.call(_release(held))
+
+    released = threading.Thread(target=release_once_refused)
     released.start()
     try:
         with CurationClient(server.target, retry=False, timeout=60) as client:

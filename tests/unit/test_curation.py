@@ -412,3 +412,40 @@ async def test_candidates_rank_by_their_best_and_the_kept_sample_is_the_best() -
     assert results[1].scores.candidates == []  # a sample without candidates: none reported
     assert aligner.samples[0].turns == [Turn("q?", "yyyy"), Turn("r?", "bb")]
     assert first.aligned is not None and first.aligned.turns[0].original == Turn("q?", "yyyy")
+
+
+async def test_a_waited_out_refusal_counts_as_waited_and_the_last_one_as_overloaded() -> None:
+    """Refusals a Curate sample waits out count as rejected "waited" (one per refusal);
+    the one that ends its wait at the deadline, and fails it, counts as "overloaded"."""
+    from align2.server import metrics
+    from align2.server.core.curation import _when_admitted
+
+    def rejected(reason: str) -> float:
+        return metrics.REJECTED.labels(reason=reason)._value.get()
+
+    tries = 0
+
+    async def refused_twice_then_room() -> str:
+        nonlocal tries
+        tries += 1
+        if tries <= 2:
+            metrics.refused(3)
+            raise Overloaded("full", retry_after=0.01)
+        return "admitted"
+
+    waited, overloaded = rejected("waited"), rejected("overloaded")
+    assert await _when_admitted(refused_twice_then_room, None) == "admitted"
+    assert (rejected("waited") - waited, rejected("overloaded") - overloaded) == (6, 0)
+
+    async def always_refused() -> str:
+        metrics.refused(1)
+        raise Overloaded("full", retry_after=0.05)
+
+    waited, overloaded = rejected("waited"), rejected("overloaded")
+    with pytest.raises(Overloaded):
+        await _when_admitted(always_refused, time.monotonic() + 0.3)
+    assert rejected("overloaded") - overloaded == 1
+    assert rejected("waited") - waited >= 1
+    # Outside a wait, a refusal is the caller's: overloaded at once.
+    metrics.refused(2)
+    assert rejected("overloaded") - overloaded == 3

@@ -58,29 +58,48 @@ INFLIGHT_REQUEST_BYTES = prom.Gauge(
 )
 REJECTED = prom.Counter(
     "align2_items_rejected",
-    "Items refused or not computed, by reason: overloaded (refused, the caller told to "
-    "retry), waited (refused, waited out inside a Curate stream: computed later), expired, "
-    "cancelled, invalid",
+    "Items refused or not computed, by reason: overloaded (refused: the caller is told to "
+    "retry, or a Curate sample's wait ended at its deadline), waited (refused, and a Curate "
+    "sample waits to try again: counted per refusal), expired, cancelled, invalid",
     ["reason"],
 )
-_WAITING: ContextVar[bool] = ContextVar("align2_admission_waits", default=False)
+
+
+class Refusals:
+    """Items refused while a caller waits for room (see :func:`admission_waits`)."""
+
+    items = 0
+
+    def count(self, waited: bool) -> None:
+        """Count the refusals so far as rejected: "waited" when the caller tries again,
+        "overloaded" when it gives up (its items then fail)."""
+        REJECTED.labels(reason="waited" if waited else "overloaded").inc(self.items)
+        self.items = 0
+
+
+_WAITING: ContextVar[Refusals | None] = ContextVar("align2_admission_waits", default=None)
 
 
 @contextmanager
-def admission_waits() -> Iterator[None]:
-    """Inside: a full queue is waited out by the caller (a Curate sample), so a refusal
-    counts as rejected reason="waited", not "overloaded" (an alert on overload must not
-    fire on a stream that merely paces itself)."""
-    token = _WAITING.set(True)
+def admission_waits() -> Iterator[Refusals]:
+    """Inside: a full queue is waited out by the caller (a Curate sample), which counts the
+    refusals itself (``Refusals.count``), so that an alert on overload fires on items that
+    fail, not on a stream that merely paces itself."""
+    refusals = Refusals()
+    token = _WAITING.set(refusals)
     try:
-        yield
+        yield refusals
     finally:
         _WAITING.reset(token)
 
 
 def refused(count: int) -> None:
     """``count`` items refused admission because a queue was full."""
-    REJECTED.labels(reason="waited" if _WAITING.get() else "overloaded").inc(count)
+    waiting = _WAITING.get()
+    if waiting is None:
+        REJECTED.labels(reason="overloaded").inc(count)
+    else:
+        waiting.items += count
 
 
 BATCH_SPLITS = prom.Counter(

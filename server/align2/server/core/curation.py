@@ -479,14 +479,19 @@ async def _when_admitted(attempt: Callable[[], Awaitable[T]], deadline: float | 
     The stream's deadline bounds the wait: past it, the refusal is the sample's error."""
     backoff = _FIRST_BACKOFF
     while True:
-        try:
-            with metrics.admission_waits():
-                return await attempt()
-        except Overloaded as exc:
-            pause = backoff * random.uniform(0.5, 1.0)  # jitter: waiting streams spread out
-            # The queue gave this sample a turn (its retry_after): not sooner than that.
-            pause = max(pause, exc.retry_after or 0.0)
-            if deadline is not None and time.monotonic() + pause >= deadline:
-                raise
-            await asyncio.sleep(pause)
-            backoff = min(backoff * 2, _MAX_BACKOFF)
+        with metrics.admission_waits() as refusals:
+            try:
+                result = await attempt()
+            except Overloaded as exc:
+                pause = backoff * random.uniform(0.5, 1.0)  # jitter: waiting streams spread
+                # The queue gave this sample a turn (its retry_after): not sooner than that.
+                pause = max(pause, exc.retry_after or 0.0)
+                waits = deadline is None or time.monotonic() + pause < deadline
+                refusals.count(waited=waits)
+                if not waits:
+                    raise
+            else:
+                refusals.count(waited=True)  # refusals of parts that did not fail it
+                return result
+        await asyncio.sleep(pause)
+        backoff = min(backoff * 2, _MAX_BACKOFF)
