@@ -74,6 +74,10 @@ def test_align_is_on_only_when_its_model_is_configured(tmp_path: pathlib.Path) -
             {"server.max_connection_age_seconds": float("nan")},
             r"server\.max_connection_age_seconds: must be >= 0, got nan",
         ),
+        (
+            {"server.max_connection_age_seconds": float("inf")},
+            r"server\.max_connection_age_seconds: at most 2147483 \(gRPC's limit",
+        ),
     ],
 )
 def test_bad_align_settings_name_the_key(overrides: dict[str, object], message: str) -> None:

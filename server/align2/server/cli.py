@@ -32,7 +32,7 @@ def _serve_parser(sub: Any) -> None:
         "--metrics-host", help="address the metrics port binds (default: as --host), e.g. $(POD_IP)"
     )
     p.add_argument("--cache-dir", help="where embedded models are built (~/.cache/align2)")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR, CRITICAL (default INFO)")
     p.add_argument("--log-format", choices=["json", "text"], help="log lines (default json)")
     p.add_argument("--auth-tokens-file", help="accepted bearer tokens, one per line")
     p.add_argument("--tls-cert-file", help="PEM certificate chain (serves TLS)")
@@ -65,7 +65,9 @@ def _convert_parser(sub: Any) -> None:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="weights of the output (default auto: the base's)",
     )
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
+    p.add_argument(
+        "--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR, CRITICAL (default INFO)"
+    )
 
 
 def convert(args: argparse.Namespace) -> int:

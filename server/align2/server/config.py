@@ -274,7 +274,9 @@ class CurateConfig:
     of a selection. Given thresholds need no window and do not count."""
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_CONNECTION_AGE_SECONDS = (2**31 - 1) // 1000
+"""gRPC takes the age in milliseconds as a 32-bit int."""
 
 
 @dataclass
@@ -299,11 +301,12 @@ class ServerSection:
     (HTTP/2 GOAWAY): the client connects again and resolves the name again, so replicas
     added since (a scale-up) get their share of a long-lived client's calls. Calls and
     Curate streams in flight on it are never cut (their grace is unlimited); new calls go
-    to the new connection. 0: connections live as long as the client keeps them."""
+    to the new connection. 0: connections live as long as the client keeps them. At most
+    2147483 (gRPC takes milliseconds as a 32-bit int)."""
     cache_dir: str = "~/.cache/align2"
     """Where embedded models are built and cached."""
     log_level: str = "INFO"
-    """DEBUG, INFO, WARNING or ERROR."""
+    """DEBUG, INFO, WARNING, ERROR or CRITICAL."""
     log_format: Literal["json", "text"] = "json"
     """json: one JSON object per line with a request_id (for log shippers); text: plain."""
     log_payloads: bool = False
@@ -422,6 +425,12 @@ class Config:
         for key, time in seconds.items():
             if not time >= 0:  # NaN too
                 raise ConfigError(f"{key}: must be >= 0, got {time}")
+        if not self.server.max_connection_age_seconds <= MAX_CONNECTION_AGE_SECONDS:
+            raise ConfigError(
+                "server.max_connection_age_seconds: at most "
+                f"{MAX_CONNECTION_AGE_SECONDS} (gRPC's limit, about 24.8 days; 0: never), "
+                f"got {self.server.max_connection_age_seconds}"
+            )
         self._validate_curate()
         limits = self.limits
         if limits.max_inflight_bytes < 0:
