@@ -206,6 +206,13 @@ def test_an_empty_answer_is_scored_as_the_reference_scores_it(client: CurationCl
     [result] = client.curate([unanswered], question_keep_fraction=1.0, answer_keep_fraction=1.0)
     assert result.error is None and result.decision == "kept"
     assert result.scores.answer_scores[0] == pytest.approx(result.scores.question_score, abs=1e-5)
+    # Kept, then restyled with answers rewritten: Align needs an answer to rewrite.
+    [aligned] = client.curate(
+        [unanswered], question_keep_fraction=1.0, answer_keep_fraction=1.0, align=True
+    )
+    assert aligned.decision == "kept" and aligned.aligned is not None  # kept as it was
+    assert aligned.aligned.error is not None and aligned.sample == unanswered
+    assert aligned.aligned.error.message.startswith("sample.turns[0].answer: empty")
 
 
 def test_bad_options_fail_at_once_naming_the_argument(client: CurationClient) -> None:
