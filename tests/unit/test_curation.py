@@ -449,3 +449,11 @@ async def test_a_waited_out_refusal_counts_as_waited_and_the_last_one_as_overloa
     # Outside a wait, a refusal is the caller's: overloaded at once.
     metrics.refused(2)
     assert rejected("overloaded") - overloaded == 3
+
+    async def part_refused_inside() -> str:  # a refusal the attempt turned into its result
+        metrics.refused(4)
+        return "one part failed"
+
+    waited, overloaded = rejected("waited"), rejected("overloaded")
+    assert await _when_admitted(part_refused_inside, None) == "one part failed"
+    assert (rejected("waited") - waited, rejected("overloaded") - overloaded) == (0, 4)

@@ -491,7 +491,9 @@ async def _when_admitted(attempt: Callable[[], Awaitable[T]], deadline: float | 
                 if not waits:
                     raise
             else:
-                refusals.count(waited=True)  # refusals of parts that did not fail it
+                # Parts refused without failing the attempt became errors inside its
+                # result: not waited out, so overloaded.
+                refusals.count(waited=False)
                 return result
         await asyncio.sleep(pause)
         backoff = min(backoff * 2, _MAX_BACKOFF)
