@@ -127,6 +127,34 @@ def test_a_request_joins_the_running_batch_and_leaves_before_it_ends(
     assert [made, long_made] == [alone(batched, short), alone(batched, long)]
 
 
+def test_when_the_longest_row_leaves_its_padding_is_cut_from_the_cache(
+    tiny_llm: pathlib.Path,
+) -> None:
+    """Columns only the departed row used are cut: the last step attends over the short
+    row's own tokens, not the long prompt's width; and it still gets what it gets alone."""
+    backend = load(tiny_llm, rows=8)
+    never_ends(backend)
+    long = GenerationRequest(PROMPTS[3], Decoding(max_new_tokens=2))
+    short = GenerationRequest(PROMPTS[0], Decoding(max_new_tokens=10))
+    widths: list[int] = []
+    hook = backend._model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: widths.append(kwargs["attention_mask"].shape[1]), with_kwargs=True
+    )
+    try:
+        made = asyncio.run(backend.generate([long, short]))
+    finally:
+        hook.remove()
+        backend.close()
+    long_ids, short_ids = (len(backend._prompts.ids(r.messages)) for r in (long, short))
+    assert long_ids > short_ids
+    # Prefill, then one step per token fed: the 9 before the short row's 10th and last.
+    assert widths[0] == long_ids and len(widths) == 10
+    assert widths[-1] == short_ids + 9
+    batched = load(tiny_llm)
+    never_ends(batched)
+    assert made == [alone(batched, long), alone(batched, short)]
+
+
 def test_cancelling_a_caller_stops_its_row(tiny_llm: pathlib.Path) -> None:
     backend = load(tiny_llm, rows=8)
     never_ends(backend)

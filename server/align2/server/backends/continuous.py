@@ -334,10 +334,14 @@ def _select(batch: _Batch, keep: list[int], device: torch.device) -> _Batch:
 
 
 def _trim(batch: _Batch) -> _Batch:
-    """Cut the leading columns that every row masks (left after longer rows left)."""
-    used = batch.mask.any(dim=0).nonzero()
-    first = int(used[0]) if len(used) else 0
-    if first == 0:
+    """Cut the leading columns that every row masks (left after longer rows left).
+
+    Each row's real tokens are the rightmost columns (left padding), as many as its prompt
+    and the tokens fed so far: counted here, without reading the mask back from the device
+    (a second device sync per step)."""
+    longest = max(len(row.prompt) + len(row.result.tokens) for row in batch.rows)
+    first = batch.mask.shape[1] - longest
+    if first <= 0:
         return batch
     for layer in batch.cache.layers:
         layer.keys = layer.keys[:, :, first:]
