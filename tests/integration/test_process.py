@@ -5,11 +5,13 @@ from __future__ import annotations
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 from support import ServerProcess, png
 
 from align2.client import CurationClient, Sample, Turn
+from align2.server.testing import ChildProcess
 
 
 @pytest.mark.parametrize("entry", [["-m", "align2.server"], ["-m", "align2.client", "serve"]])
@@ -68,3 +70,39 @@ def test_bad_config_fails_fast_naming_the_key(tmp_path: pathlib.Path) -> None:
     assert "models.question.backend: unknown backend 'tensorrt'; valid: transformers, vllm" in (
         done.stderr
     )
+
+
+SLOW_LOAD = """
+import sys, time
+from align2.server import backends, cli
+load = backends.load_scoring
+def slow(*args):
+    print("test: the model load starts", flush=True)
+    time.sleep(120)
+    return load(*args)
+backends.load_scoring = slow
+sys.exit(cli.main(["serve", *sys.argv[1:]]))
+"""
+
+
+def test_sigterm_while_a_model_loads_exits_at_once(
+    tiny_llava: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """A model load runs in a thread nothing can interrupt (here: 120 s). SIGTERM before
+    SERVING, when nothing has been accepted, exits 0 at once instead of after the load."""
+    config = tmp_path / "align2.toml"
+    config.write_text(
+        f'[models.question]\npath = "{tiny_llava}"\n[models.answer]\npath = "{tiny_llava}"\n'
+    )
+    args = ["--config", str(config), "--port", "0", "--metrics-port", "-1"]
+    server = ChildProcess([sys.executable, "-c", SLOW_LOAD, *args], tmp_path / "log").start()
+    try:
+        server.wait_until(lambda: "the model load starts" in server.tail(), 120, "server")
+        signalled = time.monotonic()
+        code = server.stop(grace=60)
+        waited = time.monotonic() - signalled
+    finally:
+        server.stop(grace=10)
+    assert code == 0, server.tail()
+    assert waited < 30, f"exited {waited:.1f} s after SIGTERM"
+    assert "stopping without waiting for the model load" in server.tail()

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from typing import Any
 
 from align2.server import config as config_module
@@ -138,11 +139,29 @@ async def serve(config: config_module.Config) -> int:
         await app.stop(grace=0)
         raise starting.exception()  # type: ignore[misc]
     await stopping
+    if not starting.done():
+        await _exit_while_starting(app, starting)
     log.info("signal received: draining (grace %.0fs)", config.server.grace_seconds)
-    starting.cancel()
     await app.stop()
     log.info("stopped")
     return 0
+
+
+async def _exit_while_starting(app: Any, starting: asyncio.Task[None]) -> None:
+    """SIGTERM before SERVING: nothing has been accepted (health says NOT_SERVING, calls
+    get UNAVAILABLE), but a model load runs in a thread that cannot be interrupted and the
+    interpreter's exit would wait for it (minutes for a 7B model), past the grace period.
+    Close the ports and whatever was loaded, then exit 0 at once: what SIGKILL would do,
+    with the ports closed and the log flushed first (a vLLM engine's processes see their
+    parent's pipes close and exit)."""
+    log.info("signal received while starting: stopping without waiting for the model load")
+    starting.cancel()
+    await app.stop(grace=0)
+    log.info("stopped")
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
