@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -106,3 +107,51 @@ def test_sigterm_while_a_model_loads_exits_at_once(
     assert code == 0, server.tail()
     assert waited < 30, f"exited {waited:.1f} s after SIGTERM"
     assert "stopping without waiting for the model load" in server.tail()
+
+
+BREAKABLE = """
+import os, sys
+from align2.server import backends, cli
+load = backends.load_scoring
+def loaded(*args):
+    backend = load(*args)
+    base, forward = backend._base, backend._base.forward
+    def forward_or_fail(*a, **k):
+        if os.path.exists(os.environ["ALIGN2_TEST_BREAK"]):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return forward(*a, **k)
+    base.forward = forward_or_fail
+    return backend
+backends.load_scoring = loaded
+sys.exit(cli.main(["serve", *sys.argv[1:]]))
+"""
+
+
+def test_an_unrecoverable_device_error_ends_the_process_with_status_1(
+    tiny_llava: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """A device in that state does not recover within the process: `align2 serve` drains
+    and exits 1, so that Kubernetes, Docker's restart policy or systemd starts a fresh one."""
+    config = tmp_path / "align2.toml"
+    config.write_text(
+        f'[models.question]\npath = "{tiny_llava}"\n[models.answer]\npath = "{tiny_llava}"\n'
+    )
+    trigger = tmp_path / "break"
+    env = {**os.environ, "ALIGN2_TEST_BREAK": str(trigger)}
+    args = ["--config", str(config), "--port", "0", "--metrics-port", "-1"]
+    server = ServerProcess(args, tmp_path / "log", env)
+    server.command[1:3] = ["-c", BREAKABLE]
+    server.start()
+    try:
+        sample = Sample(id="a", image=png(), turns=[Turn("Q?", "A.")])
+        with CurationClient(server.target, timeout=30, retry=False) as client:
+            assert client.score([sample])[0].error is None
+            trigger.touch()
+            [broken] = client.score([sample])
+        assert broken.error is not None and "illegal memory access" in broken.error.message
+        assert server.proc is not None
+        code = server.proc.wait(timeout=60)
+    finally:
+        server.stop(grace=10)
+    assert code == 1, server.tail()
+    assert "unrecoverable device error: draining" in server.tail()

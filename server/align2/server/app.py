@@ -103,6 +103,7 @@ class App:
             config.limits.max_inflight_bytes, on_drained=self._trimmer.drained
         )
         self._server: grpc.aio.Server | None = None
+        self._failed = asyncio.Event()
 
     # -- start ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -323,7 +324,13 @@ class App:
     def _on_fatal(self, exc: BaseException) -> None:
         log.critical("unrecoverable backend error, marking NOT_SERVING: %s", exc)
         self.lifecycle.phase = Phase.FAILED
+        self._failed.set()
         asyncio.get_running_loop().create_task(self._set_health(_NOT_SERVING))
+
+    async def wait_failed(self) -> None:
+        """Return once an unrecoverable device error has marked the server FAILED (the
+        ``align2 serve`` process then stops, exit status 1)."""
+        await self._failed.wait()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for service in ("", SERVICE_NAME):

@@ -123,7 +123,10 @@ def _no_progress_bars() -> None:
 
 
 async def serve(config: config_module.Config) -> int:
-    """Run until SIGTERM/SIGINT, then drain within the grace period. Returns the exit code."""
+    """Run until SIGTERM/SIGINT, then drain within the grace period: exit code 0. After an
+    unrecoverable device error, drain the same way and return 1, so that whatever runs the
+    process (Kubernetes, Docker's restart policy, systemd) starts a fresh one: a device in
+    that state does not recover within the process."""
     from align2.server.app import App
 
     loop = asyncio.get_running_loop()
@@ -138,13 +141,19 @@ async def serve(config: config_module.Config) -> int:
     if starting.done() and starting.exception() is not None:
         await app.stop(grace=0)
         raise starting.exception()  # type: ignore[misc]
-    await stopping
     if not starting.done():
         await _exit_while_starting(app, starting)
-    log.info("signal received: draining (grace %.0fs)", config.server.grace_seconds)
+    failing = asyncio.create_task(app.wait_failed())
+    await asyncio.wait([stopping, failing], return_when=asyncio.FIRST_COMPLETED)
+    grace = config.server.grace_seconds
+    if stopping.done():
+        failing.cancel()
+        log.info("signal received: draining (grace %.0fs)", grace)
+    else:
+        log.critical("unrecoverable device error: draining (grace %.0fs), then exit 1", grace)
     await app.stop()
     log.info("stopped")
-    return 0
+    return 0 if stopping.done() else 1
 
 
 async def _exit_while_starting(app: Any, starting: asyncio.Task[None]) -> None:
