@@ -30,7 +30,7 @@ from align2.server.backends.transformers_generation import (
 from align2.server.config import BatchingConfig, ModelConfig
 from align2.server.core.llm import GenerationRuntime
 from align2.server.core.priority import Priority
-from align2.server.errors import BackendError
+from align2.server.errors import BackendError, DeviceOutOfMemory
 
 GREEDY = Decoding(max_new_tokens=12)
 
@@ -269,6 +269,81 @@ def test_a_row_whose_draw_fails_fails_alone(
     first, failed, last = asyncio.run(run())
     assert isinstance(failed, BackendError) and "probability tensor contains" in failed.message
     assert [first[0], last[0]] == [alone(batched, r) for r in greedy]
+
+
+def test_a_joining_prefill_that_fails_fails_only_its_own_row(tiny_llm: pathlib.Path) -> None:
+    """Out of memory on one joining row's long prompt (injected): the row already decoding
+    and the short row that joined with it get what they get alone; only the long one fails,
+    with the device's error."""
+    backend = load(tiny_llm, rows=8)
+    never_ends(backend)
+    model = backend._model
+    real_forward = model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        ids = kwargs["input_ids"]
+        if kwargs.get("past_key_values") is None and ids.shape[1] > 100:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected: a long prefill)")
+        return real_forward(*args, **kwargs)
+
+    running = GenerationRequest(PROMPTS[0], Decoding(max_new_tokens=60))
+    short = GenerationRequest(PROMPTS[2], GREEDY)
+    long = GenerationRequest(user("long " * 150), GREEDY)
+
+    async def run() -> list[Any]:
+        first = asyncio.ensure_future(backend.generate([running]))
+        while backend._loop.steps < 5:  # noqa: ASYNC110 - the first one is decoding
+            await asyncio.sleep(0.005)
+        with backend._loop._lock:  # both join at the same step
+            joined = [asyncio.ensure_future(backend.generate([r])) for r in (long, short)]
+            await asyncio.sleep(0.05)
+        return await asyncio.gather(first, *joined, return_exceptions=True)
+
+    model.forward = forward
+    try:
+        [made], failed, [short_made] = asyncio.run(run())
+    finally:
+        backend.close()
+    assert isinstance(failed, DeviceOutOfMemory)
+    assert backend._loop.joined_running == 1
+    batched = load(tiny_llm)
+    never_ends(batched)
+    assert [made, short_made] == [alone(batched, running), alone(batched, short)]
+
+
+def test_a_device_error_in_a_review_choice_is_classified_and_the_loop_goes_on(
+    tiny_llm: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA an earlier kernel's fault surfaces at the next sync, here the choice's copy
+    to the host (injected): the choice fails with the fatal device error the core turns
+    into NOT_SERVING, and the loop's thread still answers the next request."""
+    from align2.server.backends import continuous as module
+
+    class Faulted:
+        def cpu(self) -> torch.Tensor:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    real = module.last_logits
+    calls: list[int] = []
+
+    def last_logits(*args: Any) -> Any:
+        calls.append(1)
+        return Faulted() if len(calls) == 1 else real(*args)
+
+    monkeypatch.setattr(module, "last_logits", last_logits)
+    backend = load(tiny_llm, rows=4)
+    choice = ChoiceRequest(user("Which is better, A or B?"), ("A", "B"))
+    try:
+        with pytest.raises(BackendError) as failed:
+            asyncio.run(backend.choose([choice]))
+        assert failed.value.fatal and "illegal memory access" in failed.value.message
+        [made] = asyncio.run(backend.generate([GenerationRequest(PROMPTS[1], GREEDY)]))
+        chosen = asyncio.run(backend.choose([choice]))
+    finally:
+        backend.close()
+    batched = load(tiny_llm)
+    assert made == alone(batched, GenerationRequest(PROMPTS[1], GREEDY))
+    assert chosen == [pytest.approx(asyncio.run(batched.choose([choice]))[0], abs=1e-6)]
 
 
 def test_the_core_sends_each_request_straight_to_the_loop(

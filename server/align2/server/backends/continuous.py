@@ -128,6 +128,8 @@ class DecodeLoop:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the decoding loop is closed")
+            if not self._thread.is_alive():  # it catches every error; this is a backstop
+                raise RuntimeError("the decoding loop's thread has stopped")
             if isinstance(item, Row):
                 self._inbox.append(item)
             else:
@@ -165,8 +167,8 @@ class DecodeLoop:
                 choices, self._choices = self._choices, []
             if choices:
                 self._choose(choices)
-            try:
-                batch = self._step(batch, joining)
+            try:  # through run_on_device: an error a device sync raises is classified too
+                batch = self._on_device(functools.partial(self._step, batch, joining))
             except Exception as exc:  # the step's rows fail; the loop goes on
                 for row in (batch.rows if batch else []) + joining:
                     row.finish(exc)
@@ -178,28 +180,25 @@ class DecodeLoop:
             _deliver(choice.done, closed)
 
     def _choose(self, choices: list[Choice]) -> None:
+        def forward() -> torch.Tensor:  # the copy to the host inside: it syncs the device
+            prompts = [c.prompt for c in choices]
+            return last_logits(self._model, prompts, self._pad, self._device).cpu()
+
         try:
-            logits = self._on_device(
-                lambda: last_logits(
-                    self._model, [c.prompt for c in choices], self._pad, self._device
-                )
-            )
+            logits = self._on_device(forward)
         except Exception as exc:
             for choice in choices:
                 _deliver(choice.done, exc)
             return
-        for choice, row in zip(choices, logits.cpu(), strict=True):
+        for choice, row in zip(choices, logits, strict=True):
             _deliver(choice.done, row)
 
     def _step(self, batch: _Batch | None, joining: list[Row]) -> _Batch | None:
         """Admit ``joining``, pick every row's next token, let finished rows go, run one
         forward pass for the rest. Returns the batch that goes on (None: nothing runs)."""
         joining = [row for row in joining if self._wanted(row, finish_now=True)]
-        new = self._prefill(joining) if joining else None
-        if new is not None:
-            if batch is not None:
-                self.joined_running += len(joining)
-            batch = new if batch is None else _merge(batch, new)
+        if joining:
+            batch = self._join(batch, joining)
         if batch is None:
             return None
         picked = self._pick(batch)
@@ -222,6 +221,28 @@ class DecodeLoop:
             batch = _select(batch, keep, self._device)
             picked = picked[torch.tensor(keep, device=self._device)]
         return self._advance(batch, picked)
+
+    def _join(self, batch: _Batch | None, joining: list[Row]) -> _Batch | None:
+        """``batch`` with ``joining`` prefilled and merged in. Where that fails, the
+        running rows go on untouched: a non-fatal error (out of memory on a long prompt)
+        is retried with each joining row alone, so that it reaches only the row it is
+        about; a fatal one fails the joining rows (the device is lost: the core says so)."""
+        try:
+            new = self._prefill(joining)
+            merged = new if new is None or batch is None else _merge(batch, new)
+        except Exception as exc:
+            if len(joining) > 1 and not getattr(exc, "fatal", False):
+                for row in joining:
+                    batch = self._join(batch, [row])
+                return batch
+            for row in joining:
+                row.finish(exc)
+            return batch
+        if new is None:  # every joining row was abandoned during its prefill
+            return batch
+        if batch is not None:
+            self.joined_running += len(joining)
+        return merged
 
     def _wanted(self, row: Row, finish_now: bool) -> bool:
         """Still wanted; ``finish_now``: a row not wanted (or with no budget) ends here."""
@@ -306,19 +327,22 @@ def mergeable(cache: Any) -> bool:
 
 
 def _merge(a: _Batch, b: _Batch) -> _Batch:
-    """One batch of ``a``'s rows then ``b``'s: caches and masks left-padded to one length."""
+    """One batch of ``a``'s rows then ``b``'s: caches and masks left-padded to one length.
+    ``a`` changes only once every new tensor is made: a failure (out of memory) leaves it
+    as it was, to decode on."""
     length = max(a.mask.shape[1], b.mask.shape[1])
-    for x, y in zip(a.cache.layers, b.cache.layers, strict=True):
-        x.keys = torch.cat([_pad_left(x.keys, length, 2), _pad_left(y.keys, length, 2)])
-        x.values = torch.cat([_pad_left(x.values, length, 2), _pad_left(y.values, length, 2)])
-    mask = torch.cat([_pad_left(a.mask, length, 1), _pad_left(b.mask, length, 1)])
-    return _Batch(
-        a.rows + b.rows,
-        a.cache,
-        mask,
-        torch.cat([a.place, b.place]),
-        torch.cat([a.logits, b.logits]),
-    )
+
+    def joined(x: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.cat([_pad_left(x, length, dim), _pad_left(y, length, dim)])
+
+    pairs = list(zip(a.cache.layers, b.cache.layers, strict=True))
+    keys = [joined(x.keys, y.keys, 2) for x, y in pairs]
+    values = [joined(x.values, y.values, 2) for x, y in pairs]
+    mask = joined(a.mask, b.mask, 1)
+    place, logits = torch.cat([a.place, b.place]), torch.cat([a.logits, b.logits])
+    for layer, k, v in zip(a.cache.layers, keys, values, strict=True):
+        layer.keys, layer.values = k, v
+    return _Batch(a.rows + b.rows, a.cache, mask, place, logits)
 
 
 def _select(batch: _Batch, keep: list[int], device: torch.device) -> _Batch:
