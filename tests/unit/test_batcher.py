@@ -12,6 +12,7 @@ from align2.server.core.batcher import Batcher, Outcome, busy_seconds
 from align2.server.core.priority import Priority
 from align2.server.errors import (
     BackendError,
+    Cancelled,
     DeadlineExpired,
     DeviceOutOfMemory,
     InvalidArgument,
@@ -229,6 +230,74 @@ async def test_cancelled_caller_is_dropped_before_compute() -> None:
     await running
     await batcher.close()
     assert runner.computed == [1]
+    assert batcher.load == 0
+
+
+async def test_callers_that_give_up_while_a_batch_runs_take_their_items_out_at_once() -> None:
+    """Each caller gives up (deadline) while one long batch runs: its item (and prepared
+    input) leaves the queue then, not when the loop next looks, so what the queue holds
+    stays within limits.max_queue_items however many come and go meanwhile."""
+    runner = FakeRunner(gated=True)
+    batcher = make(runner, max_delay=0.0, max_batch_size=1, max_queue=3)
+    running = asyncio.create_task(batcher.submit(1, cost=1, reservation=batcher.reserve(1)))
+    await runner.entered.wait()
+    for i in range(2, 12):
+        reservation = batcher.reserve(1)
+        with pytest.raises(DeadlineExpired):
+            await batcher.submit(i, cost=1, reservation=reservation, deadline=time.monotonic())
+        reservation = batcher.reserve(1)
+        with pytest.raises(DeadlineExpired):
+            deadline = time.monotonic() + 0.01
+            await batcher.submit(i, cost=1, reservation=reservation, deadline=deadline)
+        assert len(batcher._queue) == 0 and batcher.load == 1
+    runner.gate.set()
+    assert (await running).value == 10.0
+    await batcher.close()
+    assert runner.computed == [1]
+
+
+async def test_an_item_on_the_device_counts_until_its_batch_ends_though_its_caller_left() -> None:
+    """Its input is held by the running batch: the slot frees when the batch ends."""
+    runner = FakeRunner(gated=True)
+    batcher = make(runner, max_delay=0.0, max_queue=1)
+    with pytest.raises(DeadlineExpired):
+        deadline = time.monotonic() + 0.05
+        await batcher.submit(1, cost=1, reservation=batcher.reserve(1), deadline=deadline)
+    assert runner.entered.is_set() and batcher.load == 1
+    with pytest.raises(Overloaded):
+        batcher.reserve(1)
+    runner.gate.set()
+    while batcher.load:  # noqa: ASYNC110 - the loop ends the batch
+        await asyncio.sleep(0.001)
+    assert await submit_all(batcher, [2]) == [20.0]
+    await batcher.close()
+
+
+async def test_close_while_a_failed_batch_is_retried_in_halves_answers_every_item() -> None:
+    """The first half is on the device when close() comes: the second half, taken out of
+    the queue with it, is answered too (Cancelled), not left waiting."""
+    entered = asyncio.Event()
+
+    async def run(items: Sequence[int]) -> list[float]:
+        if len(items) > 1:
+            raise DeviceOutOfMemory("fake OOM")
+        entered.set()
+        await asyncio.Event().wait()  # the first half never ends by itself
+        return [0.0]
+
+    batcher: Batcher[int, float] = Batcher(
+        run, name="fake", max_batch_size=4, max_batch_tokens=10_000, max_delay=30.0, max_queue=4
+    )
+    batcher.start()
+    reservation = batcher.reserve(2)
+    calls = [
+        asyncio.create_task(batcher.submit(i, cost=1, reservation=reservation)) for i in (1, 2)
+    ]
+    await entered.wait()
+    await batcher.close()
+    for call in calls:
+        with pytest.raises(Cancelled):
+            await asyncio.wait_for(call, 5)
     assert batcher.load == 0
 
 

@@ -78,6 +78,8 @@ class _Entry(Generic[T, R]):
     priority: Priority
     deadline: float | None = None
     submitted: float = field(default_factory=time.monotonic)
+    running: bool = False  # taken into a batch that has not ended
+    left: bool = False  # its caller stopped waiting while it ran: the batch's end frees it
 
 
 class Reservation:
@@ -245,16 +247,39 @@ class Batcher(Generic[T, R]):
             # A timed-out or cancelled await cancels the future: the loop skips it.
             if not future.done():
                 future.cancel()
-            self._in_flight -= 1
-            self._update_gauge()
+            if entry.running:  # its input is on the device: counted until the batch ends
+                entry.left = True
+            else:  # still queued (a caller that left) or answered: its input goes now
+                self._queue.remove(entry, priority)
+                self._in_flight -= 1
+                self._update_gauge()
 
     # -- the loop ------------------------------------------------------------------------
     async def _loop(self) -> None:
         while True:
             batch = await self._next_batch()
             if batch:
-                await self._execute(batch)
+                await self._run(batch)
                 self._free_since = time.monotonic()
+
+    async def _run(self, batch: list[_Entry[T, R]]) -> None:
+        """Execute ``batch``; its items count in the load until it ends, even those whose
+        callers left meanwhile (their inputs are still held), and when the loop is
+        cancelled (close) every item of it not yet answered is answered."""
+        for entry in batch:
+            entry.running = True
+        try:
+            await self._execute(batch)
+        except asyncio.CancelledError:
+            for entry in batch:  # a failed batch's halves not yet run, too
+                _resolve_error(entry.future, Cancelled("batch cancelled: server stopping"))
+            raise
+        finally:
+            for entry in batch:
+                entry.running = False
+                if entry.left:
+                    self._in_flight -= 1
+            self._update_gauge()
 
     async def _next_batch(self) -> list[_Entry[T, R]]:
         """Wait for work, give expected batch-mates a moment, take a batch."""

@@ -8,6 +8,7 @@ the device and never starves. Within a class, first come first served.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, Protocol, TypeVar
@@ -46,6 +47,11 @@ class PriorityQueue(Generic[E]):
         for priority, queue in self._queues.items():
             if any(predicate(e) for e in queue):
                 self._queues[priority] = collections.deque(e for e in queue if not predicate(e))
+
+    def remove(self, entry: E, priority: Priority) -> None:
+        """Remove ``entry`` (pushed with ``priority``) if it is still queued."""
+        with contextlib.suppress(ValueError):
+            self._queues[priority].remove(entry)
 
     def drain(self) -> Iterator[E]:
         for queue in self._queues.values():
