@@ -256,23 +256,6 @@ async def test_callers_that_give_up_while_a_batch_runs_take_their_items_out_at_o
     assert runner.computed == [1]
 
 
-async def test_an_item_on_the_device_counts_until_its_batch_ends_though_its_caller_left() -> None:
-    """Its input is held by the running batch: the slot frees when the batch ends."""
-    runner = FakeRunner(gated=True)
-    batcher = make(runner, max_delay=0.0, max_queue=1)
-    with pytest.raises(DeadlineExpired):
-        deadline = time.monotonic() + 0.05
-        await batcher.submit(1, cost=1, reservation=batcher.reserve(1), deadline=deadline)
-    assert runner.entered.is_set() and batcher.load == 1
-    with pytest.raises(Overloaded):
-        batcher.reserve(1)
-    runner.gate.set()
-    while batcher.load:  # noqa: ASYNC110 - the loop ends the batch
-        await asyncio.sleep(0.001)
-    assert await submit_all(batcher, [2]) == [20.0]
-    await batcher.close()
-
-
 async def test_close_while_a_failed_batch_is_retried_in_halves_answers_every_item() -> None:
     """The first half is on the device when close() comes: the second half, taken out of
     the queue with it, is answered too (Cancelled), not left waiting."""

@@ -78,8 +78,6 @@ class _Entry(Generic[T, R]):
     priority: Priority
     deadline: float | None = None
     submitted: float = field(default_factory=time.monotonic)
-    running: bool = False  # taken into a batch that has not ended
-    left: bool = False  # its caller stopped waiting while it ran: the batch's end frees it
 
 
 class Reservation:
@@ -247,12 +245,11 @@ class Batcher(Generic[T, R]):
             # A timed-out or cancelled await cancels the future: the loop skips it.
             if not future.done():
                 future.cancel()
-            if entry.running:  # its input is on the device: counted until the batch ends
-                entry.left = True
-            else:  # still queued (a caller that left) or answered: its input goes now
-                self._queue.remove(entry, priority)
-                self._in_flight -= 1
-                self._update_gauge()
+            # Still queued (its caller left): out now, with its prepared input, not when the
+            # loop next looks (it may be running a long batch meanwhile).
+            self._queue.remove(entry, priority)
+            self._in_flight -= 1
+            self._update_gauge()
 
     # -- the loop ------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -263,23 +260,14 @@ class Batcher(Generic[T, R]):
                 self._free_since = time.monotonic()
 
     async def _run(self, batch: list[_Entry[T, R]]) -> None:
-        """Execute ``batch``; its items count in the load until it ends, even those whose
-        callers left meanwhile (their inputs are still held), and when the loop is
-        cancelled (close) every item of it not yet answered is answered."""
-        for entry in batch:
-            entry.running = True
+        """Execute ``batch``; when the loop is cancelled (close), every item of it not yet
+        answered is answered, a failed batch's halves not yet run included."""
         try:
             await self._execute(batch)
         except asyncio.CancelledError:
-            for entry in batch:  # a failed batch's halves not yet run, too
+            for entry in batch:
                 _resolve_error(entry.future, Cancelled("batch cancelled: server stopping"))
             raise
-        finally:
-            for entry in batch:
-                entry.running = False
-                if entry.left:
-                    self._in_flight -= 1
-            self._update_gauge()
 
     async def _next_batch(self) -> list[_Entry[T, R]]:
         """Wait for work, give expected batch-mates a moment, take a batch."""
