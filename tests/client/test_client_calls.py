@@ -124,3 +124,25 @@ def test_reply_concatenates_results_and_sums_timing() -> None:
     assert reply.template_version == "t"
     assert reply.question_model is None
     assert ScoreCall.reply([]) == ScoreReply(results=[])
+
+
+def test_an_item_error_names_the_sample_by_its_place_in_the_callers_list(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The server counts the samples of the request it got: one chunk, without the samples
+    that failed here. The caller reads the place in the list it passed."""
+    samples = make_samples(7)
+    samples[4].image = tmp_path / "missing.png"  # fails here: not sent
+    call = ScoreCall.plan(samples, "question", chunk_size=4)
+    chunk = call.encode(1)  # samples 4, 5, 6: the server gets 5 and 6 as its [0] and [1]
+    assert chunk.request is not None and [s.id for s in chunk.request.samples] == ["5", "6"]
+    response = pb.ScoreResponse(
+        results=[
+            pb.ScoreResult(id="5", question_score=1.0),
+            pb.ScoreResult(id="6", error=pb.ItemError(code=3, message="samples[1].image: bad")),
+        ]
+    )
+    missing, good, bad = call.decode(chunk, response).results
+    assert missing.error is not None and missing.error.code == grpc.StatusCode.NOT_FOUND
+    assert good.error is None
+    assert bad.error is not None and bad.error.message == "samples[6].image: bad"

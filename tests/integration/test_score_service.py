@@ -250,7 +250,8 @@ def test_bad_items_fail_alone_with_field_named(client: CurationClient) -> None:
         "empty-q": "samples[3].turns[1].question: empty",
         "pixels": "samples[4].image: 1200x1000 = 1200000 pixels exceeds limits.max_image_pixels",
         "gif": "samples[6].image: not a readable JPEG, PNG or WebP",
-        "thin": ".image: 10x1200 pads to a 1200x1200 square = 1440000 pixels",  # 2nd chunk
+        # In the second chunk (8 per call), named by its place in the list passed.
+        "thin": "samples[8].image: 10x1200 pads to a 1200x1200 square = 1440000 pixels",
     }
     for key, message in expect.items():
         error = by_id[key].error

@@ -246,6 +246,7 @@ class Chunk:
     samples: Sequence[Sample]  # as given (to rebuild each result's sample)
     encoded: EncodedChunk
     request: Any  # None: nothing to send (every sample failed locally)
+    offset: int = 0  # where the chunk starts in the caller's list
 
 
 @dataclass(frozen=True)
@@ -271,12 +272,14 @@ class ChunkedCall(Generic[ResultT, InfoT, ReplyT]):
         """Chunk ``index`` as a request. Reads its images (blocking file I/O)."""
         samples = self.chunks[index]
         encoded = encode_chunk(samples, self.max_message_bytes)
-        return Chunk(samples, encoded, self._request(encoded.sent) if encoded.sent else None)
+        request = self._request(encoded.sent) if encoded.sent else None
+        return Chunk(samples, encoded, request, sum(len(c) for c in self.chunks[:index]))
 
     def decode(self, chunk: Chunk, response: Any) -> ChunkReply[ResultT, InfoT]:
         """One result per input sample of the chunk, same order (ProtocolError otherwise);
         ``response`` is None when no RPC was made."""
         messages = [] if response is None else list(response.results)
+        _renumber_errors(chunk, messages)
         merged = merge_results(chunk.encoded, messages, [m.id for m in messages], _as_error)
         results = [
             self._failed(sample.id, item)
@@ -311,6 +314,18 @@ class ChunkedCall(Generic[ResultT, InfoT, ReplyT]):
 
 def _as_error(sample_id: str, error: ItemError) -> ItemError:
     return error
+
+
+def _renumber_errors(chunk: Chunk, messages: Sequence[Any]) -> None:
+    """The server names a sample by its place in the request it got (``samples[6].image:
+    ...``): one chunk, without the samples that failed here. Name it by its place in the
+    caller's list instead, as the caller counts."""
+    places = [i for i, error in enumerate(chunk.encoded.local_errors) if error is None]
+    for sent, (message, place) in enumerate(zip(messages, places, strict=False)):
+        prefix = f"samples[{sent}]"
+        if message.HasField("error") and message.error.message.startswith(prefix):
+            rest = message.error.message[len(prefix) :]
+            message.error.message = f"samples[{chunk.offset + place}]{rest}"
 
 
 # ---------------------------------------------------------------------------------------

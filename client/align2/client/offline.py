@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -340,8 +341,9 @@ def _identity(head: str, reply: ScoreReply) -> Scorer | None:
 
 def _value(head: str, sample: Sample, result: ScoreResult) -> tuple[Any, str]:
     """The head's score(s) of one result, or None and what is wrong."""
-    if result.error is not None:
-        return None, f"{result.error.code.name}: {result.error.message}"
+    if result.error is not None:  # the record is named by the caller: not its place in a call
+        message = _PLACE.sub("", result.error.message, count=1)
+        return None, f"{result.error.code.name}: {message}"
     if head == HEAD_QUESTION:
         if result.question_score is None:
             raise ProtocolError(f"sample {result.id!r}: no question score and no error")
@@ -379,6 +381,10 @@ def _turn_scores(sample: Sample, result: ScoreResult) -> TurnScores:
         tuple(c.scores) if t.candidates else c.scores[0]
         for c, t in zip(candidates, turns, strict=True)
     )
+
+
+_PLACE = re.compile(r"^samples\[\d+\]\.?")
+"""How an item error names the sample's place in its call (``samples[3].image: ...``)."""
 
 
 def _where(record: Record) -> str:
