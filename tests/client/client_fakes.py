@@ -75,7 +75,7 @@ class FakeCuration(pb_grpc.CurationServiceServicer):
         try:
             if self.hold_scores_after is None or len(self.requests) > self.hold_scores_after:
                 self._wait()
-            results = [_result(s, request.heads) for s in request.samples]
+            results = [_result(s, request.heads, i) for i, s in enumerate(request.samples)]
             if self.drop_last_result:
                 results = results[:-1]
             return pb.ScoreResponse(
@@ -168,9 +168,10 @@ class FakeCuration(pb_grpc.CurationServiceServicer):
             self.barrier.wait()
 
 
-def _result(sample: pb.Sample, heads: list[int]) -> pb.ScoreResult:
-    if sample.id.startswith("bad"):
-        error = pb.ItemError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="image: bad")
+def _result(sample: pb.Sample, heads: list[int], place: int) -> pb.ScoreResult:
+    if sample.id.startswith("bad"):  # named as the server does: its place in the request
+        message = f"samples[{place}].image: bad"
+        error = pb.ItemError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=message)
         return pb.ScoreResult(id=sample.id, error=error)
     result = pb.ScoreResult(id=sample.id)
     if not heads or pb.HEAD_QUESTION in heads:

@@ -34,12 +34,13 @@ async def test_chunks_run_concurrently_bounded_and_results_keep_order(
 
 async def test_item_errors_and_info(fake: FakeCuration) -> None:
     samples = make_samples(3)
-    samples[0].id = "bad0"
+    samples[2].id = "bad2"  # the first of the second chunk: the server's samples[0]
     async with client_for(fake, chunk_size=2) as client:
         reply = await client.score_with_info(samples, heads="question")
-    assert reply.results[0].error == ItemError(grpc.StatusCode.INVALID_ARGUMENT, "image: bad")
-    assert reply.results[2].question_score == 2.0
-    assert reply.results[2].answer_scores == ()
+    error = ItemError(grpc.StatusCode.INVALID_ARGUMENT, "samples[2].image: bad")
+    assert reply.results[2].error == error
+    assert reply.results[1].question_score == 1.0
+    assert reply.results[1].answer_scores == ()
     assert reply.template_version == "t1"
     assert len(reply.calls) == 2
 

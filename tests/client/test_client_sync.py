@@ -80,7 +80,7 @@ def test_item_errors_are_values(fake: FakeCuration) -> None:
     with client_for(fake) as client:
         results = client.score(samples)
     assert results[1] == ScoreResult(
-        id="bad1", error=ItemError(grpc.StatusCode.INVALID_ARGUMENT, "image: bad")
+        id="bad1", error=ItemError(grpc.StatusCode.INVALID_ARGUMENT, "samples[1].image: bad")
     )
     assert results[0].ok and results[2].ok and not results[1].ok
 
