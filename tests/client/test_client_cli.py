@@ -291,3 +291,22 @@ def test_score_to_dev_null_writes_through_it(fake: FakeCuration, tmp_path: pathl
     argv = ["score", str(data), "--image-folder", str(tmp_path / "images"), "--out", os.devnull]
     assert cli.main([*argv, "--target", fake.target, "--no-progress"]) == 0
     assert not os.path.isfile(os.devnull) and not os.path.exists(os.devnull + ".partial")
+
+
+@pytest.mark.parametrize("command", ["score", "curate --stream"])
+def test_a_progress_bar_on_a_terminal_only(
+    command: str,
+    fake: FakeCuration,
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pipeline's log (stderr not a terminal) gets no bar frames; a terminal gets the bar."""
+    data = write_dataset(tmp_path)
+    argv = [*command.split(), str(data), "--image-folder", str(tmp_path / "images")]
+    argv += ["--target", fake.target, "--chunk-size", "2"]
+    assert cli.main([*argv, "--out", str(tmp_path / "a.out")]) == 0
+    assert "sample" not in capsys.readouterr().err.replace("samples", "")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert cli.main([*argv, "--out", str(tmp_path / "b.out")]) == 0
+    assert "sample/s" in capsys.readouterr().err

@@ -516,7 +516,7 @@ def run_curate(namespace: argparse.Namespace) -> int:
     align_options = None
     if namespace.align:
         align_options = {**_rewrite_options(namespace), "priority": namespace.priority}
-    enabled = not namespace.no_progress and sys.stderr.isatty()
+    enabled = not namespace.no_progress
     return run_offline(
         namespace,
         client_options=options,
@@ -637,8 +637,9 @@ def _output(path: str) -> Iterator[IO[str]]:
 def _progress(
     total: int | None, *, enabled: bool, what: str | None = None
 ) -> Iterator[Callable[[int], Any]]:
-    """A progress bar's ``update`` when tqdm is installed (optional), else a no-op."""
-    bar_class = _tqdm() if enabled else None
+    """A progress bar's ``update`` when tqdm is installed (optional) and stderr is a
+    terminal, else a no-op (a pipeline's log gets no bar frames)."""
+    bar_class = _tqdm() if enabled and sys.stderr.isatty() else None
     if bar_class is None:
         yield lambda _: None
         return
