@@ -310,3 +310,15 @@ def test_a_progress_bar_on_a_terminal_only(
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert cli.main([*argv, "--out", str(tmp_path / "b.out")]) == 0
     assert "sample/s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["1.5", "0", "-0.1", "nan", "a lot"])
+def test_a_keep_share_out_of_range_is_refused_naming_the_flag(
+    value: str, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_dataset(tmp_path)
+    argv = ["curate", str(data), "--out", str(tmp_path / "k.json"), "--answer-keep", value]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    assert "argument --answer-keep:" in capsys.readouterr().err

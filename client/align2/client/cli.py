@@ -295,13 +295,13 @@ def _curate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--question-keep",
-        type=float,
+        type=_keep_fraction,
         default=None,
         help="share of each task type kept by question score (default 0.3)",
     )
     parser.add_argument(
         "--answer-keep",
-        type=float,
+        type=_keep_fraction,
         default=None,
         help="share of those kept by mean answer score (default 0.3)",
     )
@@ -631,6 +631,17 @@ def _output(path: str) -> Iterator[IO[str]]:
         print(f"align2: the lines written so far are in {partial}", file=sys.stderr)
         raise
     os.replace(partial, path)
+
+
+def _keep_fraction(text: str) -> float:
+    """A share kept, in (0, 1]: refused by argparse naming the flag (exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return value
 
 
 @contextlib.contextmanager
