@@ -40,6 +40,7 @@ def test_decisions_out_of_order_on_repeated_ids_go_to_their_own_samples() -> Non
     early = stream.decode(decision(0, "img-7", kept=False))
     assert late.sample == second and late.id == "img-7" and late.scores.id == "img-7"
     assert early.sample is None and early.decision == "dropped_question"
+    assert (early.index, late.index) == (0, 1)  # their places in the caller's samples
     assert stream.finish() == [] and stream.unanswered == []
 
 

@@ -261,6 +261,8 @@ def test_repeated_ids_go_to_their_own_samples_across_streams(fake: FakeCuration)
     for result in results:
         assert result.sample is not None
         assert result.scores.answer_score == len(result.sample.turns[0].answer)
+        assert result.sample is given[result.index]  # its place, across the resumed streams
+    assert sorted(r.index for r in results) == list(range(8))
 
 
 def test_without_resume_the_failure_is_raised_and_the_rest_listed(fake: FakeCuration) -> None:

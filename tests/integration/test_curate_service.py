@@ -403,6 +403,11 @@ def test_the_cli_streams_a_jsonl_file_and_writes_the_kept_samples(
     assert cli_main(args) == 0
     decisions = [json.loads(line) for line in report.read_text().splitlines()]
     assert sorted(d["id"] for d in decisions) == [f"r{i}" for i in range(6)]
+    # Each line names its record (ids may repeat in generated data; these do not).
+    assert sorted((d["file"], d["record"]) for d in decisions) == [
+        (str(source), i) for i in range(6)
+    ]
+    assert all(d["id"] == records[d["record"]]["id"] == f"r{d['index']}" for d in decisions)
     kept_ids = [d["id"] for d in decisions if d["decision"] == "kept"]
     assert kept_ids and len(kept_ids) < 6  # the method's 30% + 30%, on a fresh stream
     written = json.loads(out.read_text())

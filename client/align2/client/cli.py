@@ -531,11 +531,19 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
     ``--out`` (LLaVA) and every decision to ``--report``. When the stream fails, the samples
     kept so far are still written (none: ``--out`` is left as it was), and the ids left
     unanswered are printed (exit 1; 2 for an input record that cannot be read, 130
-    interrupted)."""
-    samples = itertools.chain.from_iterable(
-        iter_llava(path, image_folder=namespace.image_folder, task=namespace.task)
-        for path in namespace.file
-    )
+    interrupted). Each report line names the record decided (``file``, ``record`` from 0):
+    ids may repeat."""
+    where: dict[int, tuple[str, int]] = {}  # by the result's index, until it is decided
+
+    def read() -> Iterator[Sample]:
+        drawn = itertools.count()
+        for path in namespace.file:
+            records = iter_llava(path, image_folder=namespace.image_folder, task=namespace.task)
+            for record, sample in enumerate(records):
+                where[next(drawn)] = (path, record)
+                yield sample
+
+    samples = read()
     counts: Counter[str] = Counter()
     kept: list[Sample] = []
     failure: BaseException | None = None
@@ -559,8 +567,10 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
             for result in results:
                 counts[result.decision] += 1
                 advance(1)
+                path, record = where.pop(result.index, (None, None))
                 if report is not None:
-                    report.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+                    line = {**result.to_dict(), "file": path, "record": record}
+                    report.write(json.dumps(line, ensure_ascii=False) + "\n")
                 if result.sample is not None:
                     kept.append(result.sample)
         # An RPC failure, an input record that cannot be read, Ctrl-C or SIGTERM: the

@@ -17,6 +17,7 @@ the sample that its own stream was sent. The caller sees one decision per sample
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import math
 import threading
@@ -117,6 +118,7 @@ class Sent:
 
     sample: Sample
     message: pb.Sample
+    index: int = -1  # its place among the samples the caller's iterator gave
 
 
 @dataclass
@@ -141,6 +143,7 @@ class CurateStream:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _draw: threading.Lock = field(default_factory=threading.Lock)  # one draw at a time
     _numbers: Iterator[int] = field(default_factory=itertools.count)
+    _drawn: Iterator[int] = field(default_factory=itertools.count)  # the caller's, ever
     _outage: Outage | None = None
     _decided: int = 0  # decisions on the current stream
     _blind_resumes: int = 0  # lost statuses resumed without a decision since the last one
@@ -241,15 +244,17 @@ class CurateStream:
         """``sample`` encoded (a lazy image is read now), or None when its image can't be
         read (its error result is then queued for :meth:`local_results`)."""
         # the unary calls' encoding and local-error rule
+        index = next(self._drawn)
         encoded = encode_chunk([sample], self.max_message_bytes)
         [error] = encoded.local_errors
         if error is not None:
-            result = CurateResult(sample.id, "error", ScoreResult(id=sample.id), error=error)
+            scores = ScoreResult(id=sample.id)
+            result = CurateResult(sample.id, "error", scores, error=error, index=index)
             with self._lock:
                 self._local.append(result)
             return None
         [message] = encoded.sent
-        return Sent(sample, message)
+        return Sent(sample, message, index)
 
     def send(self, number: int, sent: Sent) -> pb.CurateRequest | None:
         """The request for ``sent`` on stream ``number``, remembered under its sequence
@@ -279,7 +284,8 @@ class CurateStream:
                 f"a result for sequence {response.sequence} (id {response.id!r}), which is "
                 "not outstanding"
             )
-        return curate_result_from_proto(response, sent.sample)
+        result = curate_result_from_proto(response, sent.sample)
+        return dataclasses.replace(result, index=sent.index)
 
     def answer(self, response: pb.CurateResponse) -> Iterator[CurateResult]:
         """The local failures queued since the last call, then the decision of ``response``

@@ -323,6 +323,9 @@ class CurateResult:
     question_window_size: int = 0
     answer_window_size: int = 0
     warm_up: bool = False
+    index: int = -1
+    """The sample's place among those the caller's iterator gave, from 0 (-1: unknown):
+    ids may repeat, this does not; decisions come in any order."""
 
     @property
     def kept(self) -> bool:
@@ -342,6 +345,7 @@ class CurateResult:
             del aligned["id"], aligned["error"]
         return {
             "id": self.id,
+            "index": self.index,
             "decision": self.decision,
             "scores": scores,
             "question_threshold": self.question_threshold,
