@@ -322,3 +322,30 @@ def test_a_keep_share_out_of_range_is_refused_naming_the_flag(
         cli.main(argv)
     assert exited.value.code == 2
     assert "argument --answer-keep:" in capsys.readouterr().err
+
+
+def test_a_failed_curate_stream_leaves_the_records_not_decided_to_go_on_with(
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The stream fails after 2 decisions (2 more read and unanswered): the records not
+    decided, then those never sent, go to kept.rest.jsonl in input order; the same command
+    on it decides each of them once, and none of the first run's."""
+    record = {"image": "a.jpg", "conversations": [{"from": "human", "value": "Q?"},
+                                                   {"from": "gpt", "value": "A."}]}  # fmt: skip
+    (tmp_path / "a.jpg").write_bytes(b"jpeg")
+    data = tmp_path / "detail_23k.jsonl"
+    data.write_text("".join(json.dumps({**record, "id": f"r{i}"}) + "\n" for i in range(12)))
+    out, report, rest = tmp_path / "kept.json", tmp_path / "d.jsonl", tmp_path / "kept.rest.jsonl"
+    argv = ["curate", "--stream", "--image-folder", str(tmp_path), "--out", str(out)]
+    argv += ["--report", str(report), "--target", fake.target, "--no-progress", "--no-retry"]
+    fake.curate_abort_after = [2]
+    assert cli.main([*argv[:1], str(data), *argv[1:]]) == 1
+    assert str(rest) in capsys.readouterr().err
+    first = [json.loads(line)["id"] for line in report.read_text().splitlines()]
+    left = [json.loads(line)["id"] for line in rest.read_text().splitlines()]
+    assert first == ["r0", "r1"]
+    assert left == [f"r{i}" for i in range(2, 12)]  # input order: unanswered, then unsent
+    assert json.loads(rest.read_text().splitlines()[0]) == {**record, "id": "r2"}  # as read
+    assert cli.main([*argv[:1], str(rest), *argv[1:]]) == 0
+    second = [json.loads(line)["id"] for line in report.read_text().splitlines()]
+    assert sorted(second) == sorted(left)

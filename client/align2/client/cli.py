@@ -529,18 +529,20 @@ def run_curate(namespace: argparse.Namespace) -> int:
 def run_curate_stream(namespace: argparse.Namespace) -> int:
     """Stream the files' samples to Curate as they are read; write the kept ones to
     ``--out`` (LLaVA) and every decision to ``--report``. When the stream fails, the samples
-    kept so far are still written (none: ``--out`` is left as it was), and the ids left
-    unanswered are printed (exit 1; 2 for an input record that cannot be read, 130
+    kept so far are still written (none: ``--out`` is left as it was), and the records not
+    decided (sent and unanswered, then those not sent) go to ``OUT_STEM.rest.jsonl``, for the
+    same command to go on with (exit 1; 2 for an input record that cannot be read, 130
     interrupted). Each report line names the record decided (``file``, ``record`` from 0):
     ids may repeat."""
-    where: dict[int, tuple[str, int]] = {}  # by the result's index, until it is decided
+    # The records drawn and not yet decided, by the result's index.
+    undecided: dict[int, tuple[str, int, Sample]] = {}
 
     def read() -> Iterator[Sample]:
         drawn = itertools.count()
         for path in namespace.file:
             records = iter_llava(path, image_folder=namespace.image_folder, task=namespace.task)
             for record, sample in enumerate(records):
-                where[next(drawn)] = (path, record)
+                undecided[next(drawn)] = (path, record, sample)
                 yield sample
 
     samples = read()
@@ -567,7 +569,7 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
             for result in results:
                 counts[result.decision] += 1
                 advance(1)
-                path, record = where.pop(result.index, (None, None))
+                path, record, _ = undecided.pop(result.index, (None, None, None))
                 if report is not None:
                     line = {**result.to_dict(), "file": path, "record": record}
                     report.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -585,14 +587,37 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
         unanswered = results.unanswered
         why, status = _why_stopped(failure)
         written = f"{len(kept)} kept samples written" if kept else "no sample kept"
+        listed = f": {', '.join(unanswered)}" if len(unanswered) <= 10 else ""
         print(
-            f"align2 curate: {why}; {written}; "
-            f"{len(unanswered)} sent and unanswered (resend them): {', '.join(unanswered)}; "
-            "samples after them in the file were not sent",
+            f"align2 curate: {why}; {written}; {len(unanswered)} sent and unanswered{listed}",
             file=sys.stderr,
         )
+        if status != 2:  # an unreadable record ended the input: nothing after it is read
+            _write_rest(namespace.out, [undecided[i][2] for i in sorted(undecided)], samples)
         return status
     return 0
+
+
+def _write_rest(out: str, undecided: list[Sample], unsent: Iterator[Sample]) -> None:
+    """After a failed stream: the records not decided, then those not sent, as one LLaVA
+    file beside ``out`` that the same command takes to go on."""
+    rest = pathlib.Path(out)
+    rest = rest.with_name(f"{rest.name.split('.')[0] or rest.name}.rest.jsonl")
+    problem: list[BaseException] = []
+
+    def readable() -> Iterator[Sample]:
+        try:
+            yield from unsent
+        except (OSError, ValueError) as error:  # a bad record further on: stop before it
+            problem.append(error)
+
+    count = write_llava(itertools.chain(undecided, readable()), rest)
+    note = f" (reading stopped at: {problem[0]})" if problem else ""
+    print(
+        f"align2 curate: the {count} records not decided ({len(undecided)} drawn, then those "
+        f"not sent) are in {rest}: run the same command on it to go on{note}",
+        file=sys.stderr,
+    )
 
 
 def _selection_options(namespace: argparse.Namespace) -> dict[str, Any]:
