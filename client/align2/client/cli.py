@@ -615,7 +615,7 @@ def _write_rest(out: str, undecided: list[Sample], unsent: Iterator[Sample]) -> 
     note = f" (reading stopped at: {problem[0]})" if problem else ""
     print(
         f"align2 curate: the {count} records not decided ({len(undecided)} drawn, then those "
-        f"not sent) are in {rest}: run the same command on it to go on{note}",
+        f"not sent) are in {rest}: to go on, run the command on it with another --out{note}",
         file=sys.stderr,
     )
 
