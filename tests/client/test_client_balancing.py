@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -306,3 +308,44 @@ def test_a_dns_target_resolves_and_is_balanced(fake: FakeCuration) -> None:
         for _ in range(5):
             assert client.server_info(timeout=10).version == "9.9.9"
     assert fake.attempts == 5
+
+
+# ---------------------------------------------------------------------------------------
+# Waiting for a server to be ready
+
+
+def test_wait_until_serving_returns_when_the_server_turns_serving(replicas: list[Replica]) -> None:
+    replica = replicas[0]
+    replica.set(NOT_SERVING)  # loading its models
+    timer = threading.Timer(0.5, replica.set, args=(SERVING,))
+    timer.start()
+    with CurationClient(replica.address) as client:
+        started = time.monotonic()
+        client.wait_until_serving(30)
+        waited = time.monotonic() - started
+    timer.join()
+    assert 0.4 < waited < 10
+
+
+def test_wait_until_serving_times_out_naming_the_wait(replicas: list[Replica]) -> None:
+    replicas[0].set(NOT_SERVING)
+
+    async def wait() -> None:
+        async with AsyncCurationClient(replicas[0].address) as client:
+            await client.wait_until_serving(0.5)
+
+    with pytest.raises(TimeoutError, match=r"did not report SERVING within 0\.5 s"):
+        asyncio.run(wait())
+    with CurationClient(replicas[0].address) as client, pytest.raises(TimeoutError):
+        client.wait_until_serving(0.5)
+
+
+def test_the_cli_waits_for_a_server_that_is_not_up_yet(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Nothing listens yet: the wait covers connecting; after it, exit 1 naming the wait."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = f"127.0.0.1:{probe.getsockname()[1]}"
+    assert client_cli.main(["health", "--target", free, "--wait-ready", "1"]) == 1
+    assert "did not report SERVING within 1 s" in capsys.readouterr().err

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import time
@@ -74,12 +76,12 @@ def test_bad_config_fails_fast_naming_the_key(tmp_path: pathlib.Path) -> None:
 
 
 SLOW_LOAD = """
-import sys, time
+import os, sys, time
 from align2.server import backends, cli
 load = backends.load_scoring
 def slow(*args):
     print("test: the model load starts", flush=True)
-    time.sleep(120)
+    time.sleep(float(os.environ.get("ALIGN2_TEST_HOLD", "120")))
     return load(*args)
 backends.load_scoring = slow
 sys.exit(cli.main(["serve", *sys.argv[1:]]))
@@ -155,3 +157,38 @@ def test_an_unrecoverable_device_error_ends_the_process_with_status_1(
         server.stop(grace=10)
     assert code == 1, server.tail()
     assert "unrecoverable device error: draining" in server.tail()
+
+
+def test_a_cli_run_with_wait_ready_waits_for_a_server_still_loading(
+    tiny_llava: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """A sidecar started with its server: without a wait its first call is refused while
+    the models load (here held 5 s); with --wait-ready it waits, then scores every record."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "align2.toml"
+    config.write_text(
+        f'[models.question]\npath = "{tiny_llava}"\n[models.answer]\npath = "{tiny_llava}"\n'
+    )
+    args = ["--config", str(config), "--port", str(port), "--metrics-port", "-1"]
+    env = {**os.environ, "ALIGN2_TEST_HOLD": "5"}
+    server = ChildProcess([sys.executable, "-c", SLOW_LOAD, *args], tmp_path / "log", env)
+    examples = pathlib.Path(__file__).parents[2] / "examples"
+    out = tmp_path / "scores.jsonl"
+    score = [sys.executable, "-m", "align2.client", "score", str(examples / "conversations.json")]
+    score += ["--image-folder", str(examples), "--target", f"127.0.0.1:{port}"]
+    score += ["--out", str(out), "--no-progress"]
+    server.start()
+    try:
+        server.wait_until(lambda: "the model load starts" in server.tail(), 120, "server")
+        refused = subprocess.run([*score, "--no-retry"], capture_output=True, text=True)
+        waited = subprocess.run([*score, "--wait-ready", "120"], capture_output=True, text=True)
+    finally:
+        server.stop(grace=10)
+    assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr
+    assert waited.returncode == 0, waited.stderr
+    records = json.loads((examples / "conversations.json").read_text())
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in results] == [r["id"] for r in records]
+    assert all(r["error"] is None for r in results)

@@ -19,12 +19,21 @@ from collections.abc import (
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+import grpc
+
 from align2.client.aio_curate import AsyncCurateCall
 from align2.client.base import ClientBase
 from align2.client.calls import DEFAULT_HEADS, AlignCall, ChunkedCall, ScoreCall
 from align2.client.channel import ClientArgs
 from align2.client.curate import AsyncCurateResults, CurateArgs, CurateStream
-from align2.client.health import SERVICE, health_request, health_status
+from align2.client.health import (
+    SERVICE,
+    WATCH_AGAIN,
+    WATCH_AGAIN_SECONDS,
+    health_request,
+    health_status,
+    not_serving_within,
+)
 from align2.client.results import (
     AlignReply,
     AlignResult,
@@ -209,6 +218,31 @@ class AsyncCurationClient(ClientBase):
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    async def wait_until_serving(self, timeout: float) -> None:  # noqa: ASYNC109 - a deadline
+        """:meth:`CurationClient.wait_until_serving`, awaited."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (left := deadline - loop.time()) > 0:
+            watch = self._health.Watch(
+                health_request(SERVICE),
+                timeout=left,
+                wait_for_ready=True,
+                metadata=self._options.metadata,
+            )
+            try:
+                async for reply in watch:
+                    if health_status(reply) == "SERVING":
+                        return
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    break
+                if error.code() not in WATCH_AGAIN:
+                    raise
+            finally:
+                watch.cancel()
+            await asyncio.sleep(min(WATCH_AGAIN_SECONDS, max(0.0, deadline - loop.time())))
+        raise not_serving_within(timeout)
 
     def _check_health(self, timeout: float) -> Any:
         """A health check of the Curate service that waits for a connection (gRPC's

@@ -74,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         namespace.token = os.environ.get(TOKEN_ENV)
     try:
         with _sigterm_interrupts():
+            if getattr(namespace, "wait_ready", 0) > 0:
+                with client_from_arguments(namespace) as client:
+                    client.wait_until_serving(namespace.wait_ready)
             status: int = namespace.run(namespace)
     except (grpc.RpcError, OSError, ValueError, KeyboardInterrupt) as error:
         why, status = _why_stopped(error)
@@ -88,6 +91,8 @@ def _why_stopped(error: BaseException) -> tuple[str, int]:
         return "interrupted", EXIT_INTERRUPTED
     if isinstance(error, grpc.RpcError):
         return _describe_rpc_error(error), 1
+    if isinstance(error, TimeoutError):  # the server, not the input
+        return str(error), 1
     return str(error), 1 if isinstance(error, ProtocolError) else 2
 
 
@@ -193,6 +198,14 @@ def _connection_arguments() -> argparse.ArgumentParser:
         "--no-retry",
         action="store_true",
         help="don't retry UNAVAILABLE etc., nor resume a Curate stream after a failure",
+    )
+    group.add_argument(
+        "--wait-ready",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait until the server reports SERVING (reachable, models loaded), at "
+        "most SECONDS (exit 1 after); for a sidecar that starts with its server",
     )
     return parser
 

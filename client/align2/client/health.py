@@ -23,6 +23,15 @@ def health_request(service: str) -> health_pb2.HealthCheckRequest:
     return health_pb2.HealthCheckRequest(service=service)
 
 
+WATCH_AGAIN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+"""A health Watch ended by these (a server stopping or restarting) is opened again."""
+WATCH_AGAIN_SECONDS = 0.25
+
+
+def not_serving_within(timeout: float) -> TimeoutError:
+    return TimeoutError(f"the server did not report SERVING within {timeout:g} s")
+
+
 def health_status(reply: health_pb2.HealthCheckResponse) -> str:
     """The status name: SERVING, NOT_SERVING, UNKNOWN, SERVICE_UNKNOWN."""
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
