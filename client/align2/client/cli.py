@@ -615,7 +615,7 @@ def _write_rest(out: str, undecided: list[Sample], unsent: Iterator[Sample]) -> 
     """After a failed stream: the records not decided, then those not sent, as one LLaVA
     file beside ``out`` that the same command takes to go on."""
     rest = pathlib.Path(out)
-    rest = rest.with_name(f"{rest.name.split('.')[0] or rest.name}.rest.jsonl")
+    rest = rest.with_name(f"{rest.stem}.rest.jsonl")  # kept.json: kept.rest.jsonl
     problem: list[BaseException] = []
 
     def readable() -> Iterator[Sample]:
