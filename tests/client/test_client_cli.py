@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -345,7 +346,35 @@ def test_a_failed_curate_stream_leaves_the_records_not_decided_to_go_on_with(
     left = [json.loads(line)["id"] for line in rest.read_text().splitlines()]
     assert first == ["r0", "r1"]
     assert left == [f"r{i}" for i in range(2, 12)]  # input order: unanswered, then unsent
-    assert json.loads(rest.read_text().splitlines()[0]) == {**record, "id": "r2"}  # as read
+    # As read, with the task the file's name gave it (the rest file's name gives none).
+    assert json.loads(rest.read_text().splitlines()[0]) == {**record, "id": "r2", "task": "detail"}
     assert cli.main([*argv[:1], str(rest), *argv[1:]]) == 0
     second = [json.loads(line)["id"] for line in report.read_text().splitlines()]
     assert sorted(second) == sorted(left)
+
+
+def test_the_rest_file_holds_what_grpc_was_still_reading_when_the_stream_failed(
+    fake: FakeCuration, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading record 4 is slow (a slow disk): the stream fails meanwhile, while gRPC's
+    thread is inside the input; the rest file still holds every record not decided."""
+    record = {"image": "a.jpg", "conversations": [{"from": "human", "value": "Q?"},
+                                                   {"from": "gpt", "value": "A."}]}  # fmt: skip
+    (tmp_path / "a.jpg").write_bytes(b"jpeg")
+    data = tmp_path / "detail_1.jsonl"
+    data.write_text("".join(json.dumps({**record, "id": f"r{i}"}) + "\n" for i in range(12)))
+    real = cli.iter_llava
+
+    def slow(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        for i, sample in enumerate(real(*args, **kwargs)):
+            if i == 4:
+                time.sleep(1.0)
+            yield sample
+
+    monkeypatch.setattr(cli, "iter_llava", slow)
+    fake.curate_abort_after = [2]
+    argv = ["curate", str(data), "--stream", "--image-folder", str(tmp_path)]
+    argv += ["--out", str(tmp_path / "kept.json"), "--target", fake.target, "--no-progress"]
+    assert cli.main([*argv, "--no-retry"]) == 1
+    rest = (tmp_path / "kept.rest.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in rest] == [f"r{i}" for i in range(2, 12)]

@@ -583,3 +583,18 @@ def test_a_busy_server_paces_the_run_instead_of_stopping_it(
     # (the fake's GetServerInfo takes one of them and answers anyway)
     fake.fail_next = [grpc.StatusCode.RESOURCE_EXHAUSTED] * (offline.PACING_ROUNDS + 2)
     assert curate(fake, *common, "--out", tmp_path / "refused.json", "--no-retry") == 1
+
+
+@pytest.mark.parametrize(
+    ("message", "named"),
+    [
+        ("samples[12].turns[0].answer: empty", "turns[0].answer: empty"),
+        ("samples[3]: too many turns", ": too many turns"),
+        ("image: cannot read x.png", "image: cannot read x.png"),  # failed here: no place
+        ("turns: samples[3] is not a prefix", "turns: samples[3] is not a prefix"),
+    ],
+)
+def test_a_record_named_by_the_run_loses_its_place_in_a_call(message: str, named: str) -> None:
+    from align2.client.offline import without_place
+
+    assert without_place(message) == named

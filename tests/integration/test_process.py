@@ -192,3 +192,36 @@ def test_a_cli_run_with_wait_ready_waits_for_a_server_still_loading(
     results = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in results] == [r["id"] for r in records]
     assert all(r["error"] is None for r in results)
+
+
+HELD_BUILD = """
+import sys, time
+from align2.server import cli
+from align2.server.models import embedded
+def held(folder, cache_dir):
+    (folder / "half-written.bin").write_bytes(b"0" * 1024)
+    print("test: a model build starts", flush=True)
+    time.sleep(120)
+for name in list(embedded._BUILDERS):
+    embedded._BUILDERS[name] = held
+sys.exit(cli.main(["serve", *sys.argv[1:]]))
+"""
+
+
+def test_sigterm_during_a_model_build_leaves_no_half_written_folder(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The exit that does not wait for the build (above) removes the build's scratch
+    folder, which the build's own clean-up would have: none stays in the cache."""
+    cache = tmp_path / "cache"
+    args = ["--port", "0", "--metrics-port", "-1", "--cache-dir", str(cache)]
+    server = ChildProcess([sys.executable, "-c", HELD_BUILD, *args], tmp_path / "log").start()
+    try:
+        server.wait_until(lambda: "a model build starts" in server.tail(), 120, "server")
+        assert list(cache.rglob("half-written.bin"))  # the build is under way
+        code = server.stop(grace=60)
+    finally:
+        server.stop(grace=10)
+    assert code == 0, server.tail()
+    assert not list(cache.rglob("half-written.bin")), server.tail()
+    assert "removed 1 unfinished model build folder" in server.tail()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import itertools
 import json
@@ -606,6 +607,7 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         if status != 2:  # an unreadable record ended the input: nothing after it is read
+            results.stop_drawing()  # gRPC's thread may be reading the input: it is ours now
             _write_rest(namespace.out, [undecided[i][2] for i in sorted(undecided)], samples)
         return status
     return 0
@@ -624,7 +626,12 @@ def _write_rest(out: str, undecided: list[Sample], unsent: Iterator[Sample]) -> 
         except (OSError, ValueError) as error:  # a bad record further on: stop before it
             problem.append(error)
 
-    count = write_llava(itertools.chain(undecided, readable()), rest)
+    def with_task(sample: Sample) -> Sample:  # a task the file name gave stays with it
+        if not sample.task or {"task", "type"} & sample.extra.keys():
+            return sample
+        return dataclasses.replace(sample, extra={**sample.extra, "task": sample.task})
+
+    count = write_llava(map(with_task, itertools.chain(undecided, readable())), rest)
     note = f" (reading stopped at: {problem[0]})" if problem else ""
     print(
         f"align2 curate: the {count} records not decided ({len(undecided)} drawn, then those "

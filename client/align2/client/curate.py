@@ -232,6 +232,11 @@ class CurateStream:
                 if sent is not None:
                     return self.send(number, sent)
 
+    def stop_drawing(self) -> None:
+        """No sample is drawn from the caller's iterator after this returns."""
+        with self._draw:
+            self.exhausted = True
+
     def queued(self, number: int) -> pb.CurateRequest | None:
         """The next sample to send again on stream ``number``, if any (None also when that
         stream is no longer the current one)."""
@@ -404,6 +409,11 @@ class CurateResults(Iterator[CurateResult]):
     def cancel(self) -> None:
         """End the stream now; samples not yet answered stay in :attr:`unanswered`."""
         self._cancel()
+
+    def stop_drawing(self) -> None:
+        """Draw no more samples from the caller's iterator: after a failure, so that the
+        caller may read the rest itself. Waits for a draw in progress (on gRPC's thread)."""
+        self._stream.stop_drawing()
 
 
 class AsyncCurateResults(AsyncIterator[CurateResult]):

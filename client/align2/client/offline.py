@@ -342,8 +342,7 @@ def _identity(head: str, reply: ScoreReply) -> Scorer | None:
 def _value(head: str, sample: Sample, result: ScoreResult) -> tuple[Any, str]:
     """The head's score(s) of one result, or None and what is wrong."""
     if result.error is not None:  # the record is named by the caller: not its place in a call
-        message = _PLACE.sub("", result.error.message, count=1)
-        return None, f"{result.error.code.name}: {message}"
+        return None, f"{result.error.code.name}: {without_place(result.error.message)}"
     if head == HEAD_QUESTION:
         if result.question_score is None:
             raise ProtocolError(f"sample {result.id!r}: no question score and no error")
@@ -385,6 +384,12 @@ def _turn_scores(sample: Sample, result: ScoreResult) -> TurnScores:
 
 _PLACE = re.compile(r"^samples\[\d+\]\.?")
 """How an item error names the sample's place in its call (``samples[3].image: ...``)."""
+
+
+def without_place(message: str) -> str:
+    """An item error's message without the sample's place in its call: where the caller
+    names the record itself (its place in a call of this module's is not the user's)."""
+    return _PLACE.sub("", message, count=1)
 
 
 def _where(record: Record) -> str:

@@ -26,6 +26,7 @@ from align2.client.offline import (
     Progress,
     RunStopped,
     align_kept,
+    without_place,
 )
 from align2.client.offline_report import (
     build_report,
@@ -152,10 +153,15 @@ def _aligned_samples(
     rewrites = sum(t.kept == "rewrite" for r in aligned for t in r.turns)
     report = {
         "samples": len(aligned),
-        "failed": [{"id": r.id, **r.to_dict()["error"]} for r in failed],
+        "failed": [_failure(r) for r in failed],
         "turns_rewritten": rewrites,
     }
     return out, report
+
+
+def _failure(result: AlignResult) -> dict[str, Any]:
+    error = result.to_dict()["error"]
+    return {"id": result.id, **error, "message": without_place(error["message"])}
 
 
 def _or_default(fraction: float | None) -> float:

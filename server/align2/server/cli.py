@@ -146,14 +146,15 @@ async def serve(config: config_module.Config) -> int:
     failing = asyncio.create_task(app.wait_failed())
     await asyncio.wait([stopping, failing], return_when=asyncio.FIRST_COMPLETED)
     grace = config.server.grace_seconds
-    if stopping.done():
+    failed = not stopping.done()  # decided now: a SIGTERM while draining does not undo it
+    if failed:
+        log.critical("unrecoverable device error: draining (grace %.0fs), then exit 1", grace)
+    else:
         failing.cancel()
         log.info("signal received: draining (grace %.0fs)", grace)
-    else:
-        log.critical("unrecoverable device error: draining (grace %.0fs), then exit 1", grace)
     await app.stop()
     log.info("stopped")
-    return 0 if stopping.done() else 1
+    return 1 if failed else 0
 
 
 async def _exit_while_starting(app: Any, starting: asyncio.Task[None]) -> None:
@@ -163,9 +164,13 @@ async def _exit_while_starting(app: Any, starting: asyncio.Task[None]) -> None:
     Close the ports and whatever was loaded, then exit 0 at once: what SIGKILL would do,
     with the ports closed and the log flushed first (a vLLM engine's processes see their
     parent's pipes close and exit)."""
+    from align2.server.models import scratch
+
     log.info("signal received while starting: stopping without waiting for the model load")
     starting.cancel()
     await app.stop(grace=0)
+    if removed := scratch.remove_unfinished():  # the exit skips the build's own clean-up
+        log.info("removed %d unfinished model build folder(s)", removed)
     log.info("stopped")
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

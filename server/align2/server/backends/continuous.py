@@ -229,7 +229,10 @@ class DecodeLoop:
         about; a fatal one fails the joining rows (the device is lost: the core says so)."""
         try:
             new = self._prefill(joining)
-            merged = new if new is None or batch is None else _merge(batch, new)
+            if new is None or batch is None:
+                merged = new
+            else:  # through run_on_device: out of memory there is classified too
+                merged = self._on_device(functools.partial(_merge, batch, new))
         except Exception as exc:
             if len(joining) > 1 and not getattr(exc, "fatal", False):
                 for row in joining:

@@ -27,8 +27,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +44,7 @@ from transformers import (
 
 from align2.server.backends.checkpoint import SCORE_KEY
 from align2.server.models import llava_original as orig
+from align2.server.models import scratch
 from align2.server.models.llava_original import ConversionError
 from align2.server.models.llava_tokenizer import IMAGE_TOKEN, reward_tokenizer, splits_like_llava
 from align2.server.models.reward_inputs import Inputs, input_digests, locate
@@ -108,18 +107,16 @@ def _write(inputs: Inputs, out: pathlib.Path, dtype: str, digests: dict[str, Any
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        _build(inputs, scratch, dtype, digests)
-        if out.is_dir():
-            out.rmdir()  # empty (checked above); rename needs the name free
-        os.rename(scratch, out)
-    except OSError as exc:
-        if out.is_dir() and any(out.iterdir()):
-            raise FileExistsError(f"{out} appeared while converting") from exc
-        raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with scratch.folder(out.name, out.parent) as building:
+        try:
+            _build(inputs, building, dtype, digests)
+            if out.is_dir():
+                out.rmdir()  # empty (checked above); rename needs the name free
+            os.rename(building, out)
+        except OSError as exc:
+            if out.is_dir() and any(out.iterdir()):
+                raise FileExistsError(f"{out} appeared while converting") from exc
+            raise
     log.info("wrote reward checkpoint %s", out)
     return out
 

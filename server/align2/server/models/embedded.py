@@ -29,15 +29,13 @@ import importlib.util
 import logging
 import os
 import pathlib
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from align2.server.models import heads
+from align2.server.models import heads, scratch
 from align2.server.models.builders import build_idefics3_reward
 from align2.server.models.original_builders import build_base_over_llama, build_clip_tower
 from align2.server.models.tokenizers import strip_load_options
@@ -176,12 +174,9 @@ def ensure(name: str, cache_dir: pathlib.Path) -> pathlib.Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     log.info("building embedded model %s in %s", name, target)
-    scratch = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    try:
-        _BUILDERS[name](scratch, cache_dir)
-        _publish(scratch, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with scratch.folder(name, target.parent) as building:
+        _BUILDERS[name](building, cache_dir)
+        _publish(building, target)
     log.info("built embedded model %s in %.1f s", name, time.monotonic() - started)
     return target
 
@@ -194,13 +189,13 @@ def resolve(path: str, cache_dir: pathlib.Path) -> pathlib.Path:
     return pathlib.Path(path).expanduser()
 
 
-def _publish(scratch: pathlib.Path, target: pathlib.Path) -> None:
-    """Rename the finished ``scratch`` folder to ``target`` atomically.
+def _publish(built: pathlib.Path, target: pathlib.Path) -> None:
+    """Rename the finished ``built`` folder to ``target`` atomically.
 
     If another process published ``target`` first, its (identical) folder is kept.
     """
     try:
-        os.rename(scratch, target)
+        os.rename(built, target)
     except OSError:
         if not target.is_dir():
             raise
