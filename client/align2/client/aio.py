@@ -26,14 +26,7 @@ from align2.client.base import ClientBase
 from align2.client.calls import DEFAULT_HEADS, AlignCall, ChunkedCall, ScoreCall
 from align2.client.channel import ClientArgs
 from align2.client.curate import AsyncCurateResults, CurateArgs, CurateStream
-from align2.client.health import (
-    SERVICE,
-    WATCH_AGAIN,
-    WATCH_AGAIN_SECONDS,
-    health_request,
-    health_status,
-    not_serving_within,
-)
+from align2.client.health import SERVICE, ServingWait, health_request, health_status
 from align2.client.results import (
     AlignReply,
     AlignResult,
@@ -221,28 +214,19 @@ class AsyncCurationClient(ClientBase):
 
     async def wait_until_serving(self, timeout: float) -> None:  # noqa: ASYNC109 - a deadline
         """:meth:`CurationClient.wait_until_serving`, awaited."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while (left := deadline - loop.time()) > 0:
-            watch = self._health.Watch(
-                health_request(SERVICE),
-                timeout=left,
-                wait_for_ready=True,
-                metadata=self._options.metadata,
-            )
+        wait = ServingWait(timeout, self._options.metadata)
+        while (watch := wait.watch(self._health)) is not None:
             try:
                 async for reply in watch:
                     if health_status(reply) == "SERVING":
                         return
+                pause = wait.pause()  # the server ended the watch (stopping): again
             except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    break
-                if error.code() not in WATCH_AGAIN:
-                    raise
+                pause = wait.failed(error)
             finally:
                 watch.cancel()
-            await asyncio.sleep(min(WATCH_AGAIN_SECONDS, max(0.0, deadline - loop.time())))
-        raise not_serving_within(timeout)
+            await asyncio.sleep(pause)
+        raise wait.expired()
 
     def _check_health(self, timeout: float) -> Any:
         """A health check of the Curate service that waits for a connection (gRPC's

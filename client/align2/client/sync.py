@@ -8,19 +8,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import grpc
-
 from align2.client.base import ClientBase
 from align2.client.calls import DEFAULT_HEADS, AlignCall, ChunkedCall, ScoreCall
 from align2.client.curate import CurateArgs, CurateResults, CurateStream
-from align2.client.health import (
-    SERVICE,
-    WATCH_AGAIN,
-    WATCH_AGAIN_SECONDS,
-    health_request,
-    health_status,
-    not_serving_within,
-)
+from align2.client.health import SERVICE, ServingWait, health_request, health_status
 from align2.client.results import (
     AlignReply,
     AlignResult,
@@ -213,26 +204,13 @@ class CurationClient(ClientBase):
         Watch: told at once, no polling), waiting for it to be reachable and to load its
         models; a watch cut by a restart is opened again. TimeoutError after ``timeout``
         seconds; ``grpc.RpcError`` for any other failure (UNAUTHENTICATED, ...)."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            watch = self._health.Watch(
-                health_request(SERVICE),
-                timeout=left,
-                wait_for_ready=True,
-                metadata=self._options.metadata,
-            )
-            try:
-                if any(health_status(reply) == "SERVING" for reply in watch):
-                    return
-            except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    break
-                if error.code() not in WATCH_AGAIN:
-                    raise
-            finally:
-                watch.cancel()
-            time.sleep(min(WATCH_AGAIN_SECONDS, max(0.0, deadline - time.monotonic())))
-        raise not_serving_within(timeout)
+        wait = ServingWait(timeout, self._options.metadata)
+        while (watch := wait.watch(self._health)) is not None:
+            pause = wait.follow(watch)
+            if pause is None:
+                return
+            time.sleep(pause)
+        raise wait.expired()
 
     def close(self) -> None:
         """Close the channel; RPCs in flight are cancelled. Idempotent."""
