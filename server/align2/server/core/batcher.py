@@ -242,12 +242,14 @@ class Batcher(Generic[T, R]):
                 metrics.REJECTED.labels(reason="cancelled").inc()
             raise
         finally:
-            # A timed-out or cancelled await cancels the future: the loop skips it.
+            # A timed-out or cancelled await cancels the future (only a caller does: the
+            # loop answers with results and errors), and the loop skips it. If it is still
+            # queued, it leaves now with its prepared input, not when the loop next looks
+            # (that may be after a long batch); an answered item is not looked for.
             if not future.done():
                 future.cancel()
-            # Still queued (its caller left): out now, with its prepared input, not when the
-            # loop next looks (it may be running a long batch meanwhile).
-            self._queue.remove(entry, priority)
+            if future.cancelled():
+                self._queue.remove(entry, priority)
             self._in_flight -= 1
             self._update_gauge()
 
