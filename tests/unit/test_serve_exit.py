@@ -24,12 +24,10 @@ class FailingApp:
 
     def __init__(self, config: Any) -> None:
         del config
+        self.lifecycle = SimpleNamespace(wait_failed=lambda: asyncio.sleep(0.05))
 
     async def start(self) -> None:
         pass
-
-    async def wait_failed(self) -> None:
-        await asyncio.sleep(0.05)
 
     async def stop(self, grace: float | None = None) -> None:
         os.kill(os.getpid(), signal.SIGTERM)

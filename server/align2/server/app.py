@@ -23,7 +23,7 @@ from PIL import Image
 from align2.client.types import Sample, Turn
 from align2.server import backends, memory, metrics, threads
 from align2.server.backends.base import GenerationBackend, ModelDescription, ScoringBackend
-from align2.server.config import Config, ModelConfig
+from align2.server.config import GRPC_MAX_MS, Config, ModelConfig
 from align2.server.core.align_types import AlignCall, DecodingOptions
 from align2.server.core.alignment import Aligner
 from align2.server.core.budget import ByteBudget
@@ -103,7 +103,6 @@ class App:
             config.limits.max_inflight_bytes, on_drained=self._trimmer.drained
         )
         self._server: grpc.aio.Server | None = None
-        self._failed = asyncio.Event()
 
     # -- start ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -324,13 +323,7 @@ class App:
     def _on_fatal(self, exc: BaseException) -> None:
         log.critical("unrecoverable backend error, marking NOT_SERVING: %s", exc)
         self.lifecycle.phase = Phase.FAILED
-        self._failed.set()
         asyncio.get_running_loop().create_task(self._set_health(_NOT_SERVING))
-
-    async def wait_failed(self) -> None:
-        """Return once an unrecoverable device error has marked the server FAILED (the
-        ``align2 serve`` process then stops, exit status 1)."""
-        await self._failed.wait()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for service in ("", SERVICE_NAME):
@@ -375,9 +368,6 @@ class App:
             self.lifecycle.phase = Phase.STOPPED
 
 
-_UNLIMITED_MS = 2**31 - 1  # gRPC's "infinite" for millisecond arguments
-
-
 def _connection_age(seconds: float) -> list[tuple[str, int]]:
     """gRPC server options closing a connection after ``seconds`` (0: never) without
     cutting what runs on it (server.max_connection_age_seconds)."""
@@ -385,5 +375,5 @@ def _connection_age(seconds: float) -> list[tuple[str, int]]:
         return []
     return [
         ("grpc.max_connection_age_ms", max(1, round(seconds * 1000))),
-        ("grpc.max_connection_age_grace_ms", _UNLIMITED_MS),
+        ("grpc.max_connection_age_grace_ms", GRPC_MAX_MS),
     ]

@@ -143,7 +143,7 @@ async def serve(config: config_module.Config) -> int:
         raise starting.exception()  # type: ignore[misc]
     if not starting.done():
         await _exit_while_starting(app, starting)
-    failing = asyncio.create_task(app.wait_failed())
+    failing = asyncio.create_task(app.lifecycle.wait_failed())
     await asyncio.wait([stopping, failing], return_when=asyncio.FIRST_COMPLETED)
     grace = config.server.grace_seconds
     failed = not stopping.done()  # decided now: a SIGTERM while draining does not undo it

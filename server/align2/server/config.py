@@ -275,8 +275,9 @@ class CurateConfig:
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-MAX_CONNECTION_AGE_SECONDS = (2**31 - 1) // 1000
-"""gRPC takes the age in milliseconds as a 32-bit int."""
+GRPC_MAX_MS = 2**31 - 1
+"""gRPC takes milliseconds as a 32-bit int; this is also its "infinite"."""
+MAX_CONNECTION_AGE_SECONDS = GRPC_MAX_MS // 1000
 
 
 @dataclass

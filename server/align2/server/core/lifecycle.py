@@ -6,6 +6,7 @@ client retries elsewhere (the health service reports the same phase to probes).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Callable
 
@@ -32,6 +33,7 @@ class Lifecycle:
     def __init__(self) -> None:
         self._phase = Phase.STARTING
         self._on_leaving: set[Callable[[], object]] = set()
+        self._failed = asyncio.Event()
 
     @property
     def phase(self) -> Phase:
@@ -41,6 +43,8 @@ class Lifecycle:
     def phase(self, value: Phase) -> None:
         leaving = self._phase is Phase.SERVING and value is not Phase.SERVING
         self._phase = value
+        if value is Phase.FAILED:
+            self._failed.set()
         if leaving:
             for callback in list(self._on_leaving):
                 callback()
@@ -51,6 +55,10 @@ class Lifecycle:
         it. Long-lived calls (Curate streams) use it to stop taking work at once."""
         self._on_leaving.add(callback)
         return lambda: self._on_leaving.discard(callback)
+
+    async def wait_failed(self) -> None:
+        """Return once the phase is FAILED (``align2 serve`` then stops, exit status 1)."""
+        await self._failed.wait()
 
     @property
     def serving(self) -> bool:
