@@ -595,6 +595,6 @@ def test_a_busy_server_paces_the_run_instead_of_stopping_it(
     ],
 )
 def test_a_record_named_by_the_run_loses_its_place_in_a_call(message: str, named: str) -> None:
-    from align2.client.offline import without_place
+    from align2.client.calls import without_place
 
     assert without_place(message) == named

@@ -13,6 +13,7 @@ one missing file must not fail its chunk-mates (the same rule the server follows
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
@@ -316,16 +317,30 @@ def _as_error(sample_id: str, error: ItemError) -> ItemError:
     return error
 
 
+_PLACE = re.compile(r"^samples\[(\d+)\]")
+"""How the server names a sample in an item error: its place in the request it got
+(``samples[6].image: ...``)."""
+
+
 def _renumber_errors(chunk: Chunk, messages: Sequence[Any]) -> None:
-    """The server names a sample by its place in the request it got (``samples[6].image:
-    ...``): one chunk, without the samples that failed here. Name it by its place in the
-    caller's list instead, as the caller counts."""
+    """The server counts the samples of one chunk, without those that failed here. Name
+    each by its place in the caller's list instead, as the caller counts."""
     places = [i for i, error in enumerate(chunk.encoded.local_errors) if error is None]
     for sent, (message, place) in enumerate(zip(messages, places, strict=False)):
-        prefix = f"samples[{sent}]"
-        if message.HasField("error") and message.error.message.startswith(prefix):
-            rest = message.error.message[len(prefix) :]
+        named = _PLACE.match(message.error.message) if message.HasField("error") else None
+        if named is not None and int(named.group(1)) == sent:
+            rest = message.error.message[named.end() :]
             message.error.message = f"samples[{chunk.offset + place}]{rest}"
+
+
+def without_place(message: str) -> str:
+    """An item error's message without the sample's place in its call, for a caller that
+    names the record itself (``samples[3].image: bad`` -> ``image: bad``)."""
+    named = _PLACE.match(message)
+    if named is None:
+        return message
+    rest = message[named.end() :]
+    return rest[1:] if rest.startswith(".") else rest
 
 
 # ---------------------------------------------------------------------------------------

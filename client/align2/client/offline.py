@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import math
 import random
-import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Any, TypeVar
 import grpc
 
 from align2.client.aio import AsyncCurationClient, gather_bounded
-from align2.client.calls import split_chunks
+from align2.client.calls import split_chunks, without_place
 from align2.client.records import Inputs, Invalid, InvalidRecords, Record
 from align2.client.results import AlignResult, ProtocolError, ScoreReply, ScoreResult
 from align2.client.scorestore import (
@@ -380,16 +379,6 @@ def _turn_scores(sample: Sample, result: ScoreResult) -> TurnScores:
         tuple(c.scores) if t.candidates else c.scores[0]
         for c, t in zip(candidates, turns, strict=True)
     )
-
-
-_PLACE = re.compile(r"^samples\[\d+\]\.?")
-"""How an item error names the sample's place in its call (``samples[3].image: ...``)."""
-
-
-def without_place(message: str) -> str:
-    """An item error's message without the sample's place in its call: where the caller
-    names the record itself (its place in a call of this module's is not the user's)."""
-    return _PLACE.sub("", message, count=1)
 
 
 def _where(record: Record) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from align2.client.aio import AsyncCurationClient
+from align2.client.calls import without_place
 from align2.client.llava import write_llava
 from align2.client.offline import (
     OfflineCuration,
@@ -26,7 +27,6 @@ from align2.client.offline import (
     Progress,
     RunStopped,
     align_kept,
-    without_place,
 )
 from align2.client.offline_report import (
     build_report,
