@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 
 import pytest
+from support import metric
 
 from align2.server.core.batcher import Batcher, Outcome, busy_seconds
 from align2.server.core.priority import Priority
@@ -482,3 +483,98 @@ def test_busy_seconds_counts_overlapping_batches_once_and_batch_mates_once() -> 
     outcomes.append(outcome(5.0, 1.0))
     assert busy_seconds(outcomes) == pytest.approx(4.0)  # [0, 3] and [5, 6]; a sum says 7
     assert busy_seconds([]) == 0.0
+
+
+async def settle(turns: int = 20) -> None:
+    """Let the batcher's loop run until it waits (it never sleeps: a few loop turns)."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+async def test_waits_for_the_last_reserved_batch_mate() -> None:
+    """One item of a two-item call is queued, one is still being prepared: the batch waits
+    for it (a call's items run together), not only while two or more are on their way."""
+    runner = FakeRunner()
+    batcher = make(runner, max_delay=60.0)
+    reservation = batcher.reserve(2)
+    first = asyncio.create_task(batcher.submit(1, cost=1, reservation=reservation))
+    await settle()
+    assert runner.batches == []  # waiting for its batch-mate
+    second = asyncio.create_task(batcher.submit(2, cost=1, reservation=reservation))
+    await asyncio.wait_for(asyncio.gather(first, second), 10)
+    assert runner.batches == [[1, 2]]
+    await batcher.close()
+
+
+async def test_releasing_the_reservation_wakes_a_batch_already_waiting() -> None:
+    """The loop is already waiting for a reserved batch-mate when the call gives that slot
+    back (its item failed validation): the queued item runs at once, not after max_delay."""
+    runner = FakeRunner()
+    batcher = make(runner, max_delay=60.0)
+    reservation = batcher.reserve(2)
+    task = asyncio.create_task(batcher.submit(1, cost=1, reservation=reservation))
+    await settle()
+    assert runner.batches == []  # the loop waits (up to 60 s) for the second item
+    reservation.release()
+    assert (await asyncio.wait_for(task, 10)).value == 10.0
+    await batcher.close()
+
+
+async def test_a_batch_exactly_at_the_token_budget_runs_as_one() -> None:
+    """max_batch_tokens is inclusive: two items of 50 padded tokens fit a budget of 100."""
+    runner = FakeRunner()
+    batcher = make(runner, max_batch_tokens=100, max_delay=1.0)
+    reservation = batcher.reserve(2)
+    tasks = [
+        asyncio.create_task(batcher.submit(i, cost=50, reservation=reservation)) for i in (1, 2)
+    ]
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert runner.batches == [[1, 2]]
+    await batcher.close()
+
+
+async def test_queue_seconds_end_when_the_batch_starts() -> None:
+    """Outcome.queue_seconds (reported as Timing.queue_seconds) is the wait before the
+    batch started; the batch's own run is compute_seconds, not counted twice."""
+    runner = FakeRunner(gated=True)
+    batcher = make(runner, max_delay=0.0)
+    before = time.monotonic()
+    task = asyncio.create_task(batcher.submit(3, cost=1, reservation=batcher.reserve(1)))
+    await runner.entered.wait()
+    await asyncio.sleep(0.2)  # the batch runs (compute) for at least 0.2 s
+    runner.gate.set()
+    outcome = await task
+    assert outcome.compute_seconds >= 0.2
+    assert outcome.queue_seconds <= outcome.started - before
+    await batcher.close()
+
+
+async def test_an_item_whose_deadline_passes_in_the_queue_counts_as_expired() -> None:
+    runner = FakeRunner(gated=True)
+    batcher = make(runner, max_delay=0.0)
+    before = metric("align2_items_rejected_total", reason="expired")
+    busy = asyncio.create_task(batcher.submit(1, cost=1, reservation=batcher.reserve(1)))
+    await runner.entered.wait()  # the device is busy with item 1
+    late = batcher.submit(
+        2, cost=1, reservation=batcher.reserve(1), deadline=time.monotonic() + 0.05
+    )
+    with pytest.raises(DeadlineExpired):
+        await asyncio.wait_for(late, 10)
+    assert metric("align2_items_rejected_total", reason="expired") == before + 1
+    runner.gate.set()
+    await busy
+    await batcher.close()
+
+
+async def test_a_reservation_gives_back_at_most_what_it_holds() -> None:
+    """release(count) beyond the slots left gives back only those: the queue's load never
+    drops below what is really admitted (else it admits past max_queue_items)."""
+    runner = FakeRunner()
+    batcher = make(runner, max_queue=4)
+    reservation = batcher.reserve(2)
+    held = batcher.reserve(2)
+    reservation.release(5)
+    assert (reservation.remaining, batcher.load) == (0, 2)
+    held.release()
+    assert batcher.load == 0
+    await batcher.close()

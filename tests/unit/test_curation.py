@@ -203,7 +203,15 @@ async def test_a_bad_fraction_names_the_option(fraction: float) -> None:
         await collect(curator(scorer).stream(feed(items), None))
 
 
-async def test_a_draining_server_ends_an_idle_stream_after_answering_what_it_took() -> None:
+@pytest.mark.parametrize(
+    ("phase", "message"),
+    [(Phase.DRAINING, "shutting down"), (Phase.FAILED, "unrecoverable device error")],
+)
+async def test_a_stopping_server_ends_an_idle_stream_after_answering_what_it_took(
+    phase: Phase, message: str
+) -> None:
+    """Draining, or failed on a device error: a stream waiting on a quiet producer ends
+    UNAVAILABLE at once, so its client resumes on another replica."""
     lifecycle = Lifecycle()
     scorer = ScriptedScorer({f"s{i}": float(i) for i in range(5)}, {})
     more = asyncio.Event()  # never set: the producer goes quiet after two samples
@@ -217,13 +225,17 @@ async def test_a_draining_server_ends_an_idle_stream_after_answering_what_it_too
     async def drain_soon() -> None:
         for _ in range(30):
             await asyncio.sleep(0)
-        lifecycle.phase = Phase.DRAINING
+        lifecycle.phase = phase
 
     seen: list[str] = []
     drain = asyncio.ensure_future(drain_soon())
-    with pytest.raises(Unavailable, match="shutting down"):
+
+    async def consume() -> None:
         async for result in curator(scorer, lifecycle=lifecycle).stream(items(), None):
             seen.append(result.id)
+
+    with pytest.raises(Unavailable, match=message):
+        await asyncio.wait_for(consume(), 10)  # not held open until a restart
     await drain
     assert sorted(seen) == ["s0", "s1"]
 

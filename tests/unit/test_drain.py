@@ -78,3 +78,14 @@ def test_no_turn_before_the_deadline_promises_none() -> None:
     assert made.retry_after(16, 2, 16, deadline=clock.now + 0.015) is None
     # ... and takes no turn: the next caller gets the first one.
     assert made.retry_after(16, 2, 16, deadline=clock.now + 1) == pytest.approx(0.02)
+
+
+def test_turns_are_never_promised_beyond_the_ceiling() -> None:
+    """A burst promised turns far ahead: each is told the ceiling (5 s), and no turn is
+    booked past it, so once the ceiling has passed a refusal gets the real drain time
+    again, not the tail of the burst's (unbounded) bookings."""
+    made, clock = estimate(1.0)  # 1 s per item
+    delays = [made.retry_after(16, 4, 16) for _ in range(20)]  # 80 items' worth of turns
+    assert delays[-1] == MAX_RETRY_SECONDS
+    clock.now += MAX_RETRY_SECONDS + 0.5
+    assert made.retry_after(16, 2, 16) == pytest.approx(2.0)

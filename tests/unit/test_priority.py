@@ -44,3 +44,13 @@ def test_fifo_within_each_class_and_nothing_lost(classes: list[Priority]) -> Non
     for p in Priority:
         mine = [n for n in out if n.startswith(p.name)]
         assert mine == sorted(mine, key=lambda n: int(n[len(p.name) :]))
+
+
+def test_the_batch_wait_counts_from_the_oldest_queued_item() -> None:
+    """The batcher bounds a queued item's wait for batch-mates by max_delay from the
+    OLDEST item (PriorityQueue.oldest_submitted): a later arrival must not restart it."""
+    queue: PriorityQueue[E] = PriorityQueue()
+    queue.push(E("a", 5.0), Priority.BULK)
+    queue.push(E("b", 7.0), Priority.BULK)
+    queue.push(E("c", 6.0), Priority.INTERACTIVE)
+    assert queue.oldest_submitted() == 5.0
