@@ -6,17 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from llm_fakes import MARK, FakeLLM, restyle
 
 from align2.client.types import Sample, Turn
+from align2.server.backends.base import ChoiceRequest
 from align2.server.config import AlignConfig, BatchingConfig, LimitsConfig
 from align2.server.core.align_types import AlignCall, AlignOutcome, DecodingOptions, Kept, Parts
 from align2.server.core.alignment import Aligner
 from align2.server.core.llm import GenerationRuntime
+from align2.server.core.priority import Priority
 from align2.server.core.prompts import TemplateLibrary
 from align2.server.errors import (
     Code,
@@ -291,3 +293,85 @@ async def test_deadline_fails_the_items(pool: ThreadPoolExecutor, continuous: bo
     call = AlignCall([sample()], deadline=time.monotonic() + 0.05)
     [result] = (await run(llm, pool, call)).results
     assert isinstance(result.error, DeadlineExpired)
+
+
+@pytest.mark.parametrize(
+    ("parts", "review", "per_turn"),
+    [
+        (Parts.QUESTIONS, True, 3),
+        (Parts.ANSWERS, True, 3),
+        (Parts.BOTH, True, 4),
+        (Parts.QUESTIONS, False, 1),
+    ],
+)
+async def test_admission_counts_one_rewrite_per_part_asked_for(
+    pool: ThreadPoolExecutor,
+    parts: Parts,
+    review: bool,
+    per_turn: int,
+) -> None:
+    """A call needs one rewrite per part it rewrites plus two review choices per turn: 21
+    one-turn questions-only samples need 63 requests and fit max_llm_inflight 64; 22 need
+    66 (and the refusal says so), not 88."""
+    fits = 64 // per_turn
+    samples = [sample(i) for i in range(fits + 1)]
+    outcome = await run(FakeLLM(), pool, AlignCall(samples[:fits], parts=parts, review=review))
+    assert len(outcome.results) == fits and all(r.error is None for r in outcome.results)
+    if fits + 1 <= 64:  # limits.max_samples_per_call
+        needed = (fits + 1) * per_turn
+        with pytest.raises(InvalidArgument, match=rf"the call needs {needed} LLM requests"):
+            await run(FakeLLM(), pool, AlignCall(samples, parts=parts, review=review))
+
+
+async def test_an_interactive_call_asks_the_engine_for_its_interactive_priority(
+    pool: ThreadPoolExecutor,
+) -> None:
+    """GenerationRequest.priority: 0 interactive, 1 bulk (a continuous engine, vLLM,
+    schedules by it)."""
+    for priority, engine in ((Priority.INTERACTIVE, 0), (Priority.BULK, 1)):
+        llm = FakeLLM()
+        await run(llm, pool, AlignCall([sample()], priority=priority, review=False))
+        priorities = {r.priority for r in llm.seen}
+        assert priorities == {engine}
+
+
+class HeldReview(FakeLLM):
+    """Generates at once; every review choice waits for ``review_gate``."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.review_gate = asyncio.Event()
+        self.reviewing = asyncio.Event()
+
+    async def choose(self, batch: Sequence[ChoiceRequest]) -> list[list[float]]:
+        self.reviewing.set()
+        await self.review_gate.wait()
+        return await super().choose(batch)
+
+
+async def test_a_turn_gives_back_its_unused_slots_when_it_ends(
+    pool: ThreadPoolExecutor,
+) -> None:
+    """A turn whose rewrite a guard rejects never runs its two review choices: those slots
+    go back when the turn ends, not when the whole call ends (else the call holds capacity
+    that other calls are refused for)."""
+
+    def rewrite(text: str) -> str:  # "cat" turns get a new number: numbers_changed
+        return f"{text.rstrip('.?')} 42." if "cat" in text else restyle(text)
+
+    llm = HeldReview(rewrite=rewrite)
+    guarded = sample(0, Turn("Is the cat asleep?", "The cat is asleep."))
+    reviewed = sample(1, Turn("What is the dog doing?", "The dog is running on grass."))
+    async with started(llm, pool) as (aligner, runtime):
+        call = asyncio.create_task(aligner.align(AlignCall([guarded, reviewed])))
+        await asyncio.wait_for(llm.reviewing.wait(), 10)
+        for _ in range(50):
+            await asyncio.sleep(0)
+        # planned 2 x 4; the guarded turn used 2 (done), the reviewed one used 2 (done)
+        # and holds 2 review choices: only those 2 are still claimed.
+        assert runtime.load == 2
+        llm.review_gate.set()
+        outcome = await call
+    first, second = outcome.results
+    assert first.turns[0].kept is Kept.ORIGINAL and first.turns[0].reason == "numbers_changed"
+    assert second.turns[0].reason == "review"
