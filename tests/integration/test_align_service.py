@@ -218,6 +218,30 @@ def test_deadline_and_cancellation_free_the_slots(server: ServerThread) -> None:
     _wait_for(lambda: runtime.load == 0)
 
 
+def test_align_is_unavailable_until_warm(tiny_llm: pathlib.Path) -> None:
+    """As Score (test_score_service.py), Align is UNAVAILABLE between bind and warm-up, so
+    that a client retries (elsewhere) instead of being told Align is off."""
+    from align2.server.app import App
+
+    config = align_config(tiny_llm)
+    config.server.host, config.server.port, config.server.metrics_port = "127.0.0.1", 0, -1
+
+    async def scenario() -> None:
+        app = App(config)
+        await app._bind()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                stub = pb_grpc.CurationServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Align(pb.AlignRequest(samples=[pb.Sample(id="x")]))
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "warming up" in (info.value.details() or "")
+        finally:
+            await app.stop(grace=0)
+
+    asyncio.run(scenario())
+
+
 def test_cli_align_writes_llava(server: ServerThread, tmp_path: pathlib.Path) -> None:
     (tmp_path / "img.png").write_bytes(png())
     record = {

@@ -551,3 +551,17 @@ def test_an_internal_error_keeps_the_callers_request_id(
     assert info.value.details() == "internal error: RuntimeError: boom"
     trailers = dict(info.value.trailing_metadata() or ())  # type: ignore[attr-defined]
     assert trailers["x-request-id"] == "job-7"
+
+
+def test_a_refused_call_keeps_the_callers_request_id(server: ServerThread) -> None:
+    """An align2 error (here INVALID_ARGUMENT) replaces the trailers set before it: the
+    x-request-id is passed again with the status details."""
+    metadata = (("x-request-id", "job-8"),)
+    request = pb.ScoreRequest(heads=[pb.HEAD_QUESTION, 7])  # an unknown head: the caller's
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.CurationServiceStub(channel).Score(request, metadata=metadata)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "heads[1]" in info.value.details()
+    trailers = dict(info.value.trailing_metadata() or ())  # type: ignore[attr-defined]
+    assert trailers["x-request-id"] == "job-8"
+    assert "grpc-status-details-bin" in trailers  # the rich status is still there

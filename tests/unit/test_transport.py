@@ -6,8 +6,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from align2.server.config import Config
+from align2.server.core.align_types import AlignOutcome
+from align2.server.core.curation import CurateOptions
 from align2.server.core.priority import Priority
-from align2.server.core.scoring import Head
+from align2.server.core.scoring import Head, ScoreOutcome
 from align2.server.errors import Align2Error, Code, InvalidArgument
 from align2.server.transport import convert
 from align2.server.transport.errors import status_code
@@ -113,3 +116,52 @@ async def test_image_markers_are_not_checked_anywhere() -> None:
 
     read = [item async for item in convert.curate_requests_from_proto(requests())]
     assert len(read) == 2
+
+
+def test_server_info_reports_the_batch_delay_in_seconds_and_stream_slots_only_with_curate() -> None:
+    config = Config()
+    config.batching.max_delay_ms = 5.0
+    config.limits.max_stream_inflight = 32
+    info = convert.server_info_to_proto(config, [], ["Score", "Curate"], "1.0")
+    assert info.batching.max_delay_seconds == pytest.approx(0.005)
+    assert info.limits.max_stream_inflight == 32
+    config.score.enabled = False  # Curate needs Score: UNIMPLEMENTED, announced as 0 slots
+    info = convert.server_info_to_proto(config, [], ["Align"], "1.0")
+    assert info.limits.max_stream_inflight == 0
+
+
+def test_responses_report_queue_and_compute_time_each_in_its_field() -> None:
+    align = convert.align_response_to_proto(
+        AlignOutcome([], None, "default-v1", "abc", 3, 4, queue_seconds=0.25, compute_seconds=1.5)  # type: ignore[arg-type]
+    )
+    assert (align.timing.queue_seconds, align.timing.compute_seconds) == (0.25, 1.5)
+    assert (align.tokens.prompt_tokens, align.tokens.generated_tokens) == (3, 4)
+    score = convert.score_response_to_proto(
+        ScoreOutcome([], None, None, "v1", queue_seconds=0.25, compute_seconds=1.5)  # type: ignore[arg-type]
+    )
+    assert (score.timing.queue_seconds, score.timing.compute_seconds) == (0.25, 1.5)
+
+
+def test_unset_decoding_fields_are_left_to_the_server_defaults() -> None:
+    unset = convert.decoding_from_proto(pb.DecodingOptions())
+    assert (unset.max_new_tokens, unset.temperature, unset.top_p, unset.seed) == (
+        None,
+        None,
+        None,
+        None,
+    )
+    zero = convert.decoding_from_proto(pb.DecodingOptions(seed=0, max_new_tokens=7))
+    assert (zero.seed, zero.max_new_tokens) == (0, 7)
+
+
+async def test_a_curate_message_with_neither_item_is_named_by_its_position() -> None:
+    async def messages() -> AsyncIterator[pb.CurateRequest]:
+        yield pb.CurateRequest(options=pb.CurateOptions())
+        yield pb.CurateRequest(sample=pb.Sample(id="a"))
+        yield pb.CurateRequest()
+
+    read: list[object] = []
+    with pytest.raises(InvalidArgument, match=r"^item: message 2 carries neither"):
+        async for item in convert.curate_requests_from_proto(messages()):
+            read.append(item)
+    assert isinstance(read[0], CurateOptions) and len(read) == 2
