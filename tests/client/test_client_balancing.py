@@ -340,6 +340,43 @@ def test_wait_until_serving_times_out_naming_the_wait(replicas: list[Replica]) -
         client.wait_until_serving(0.5)
 
 
+class RestartingHealth(health_pb2_grpc.HealthServicer):
+    """The first Watch ends CANCELLED (grpc cancels every call of a server that stops);
+    the next one says SERVING."""
+
+    def __init__(self) -> None:
+        self.watches = 0
+
+    def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
+    ) -> Iterator[health_pb2.HealthCheckResponse]:
+        assert request.service == SERVICE
+        self.watches += 1
+        if self.watches == 1:
+            context.abort(grpc.StatusCode.CANCELLED, "Cancelling all calls")
+        yield health_pb2.HealthCheckResponse(status=SERVING)
+
+
+@pytest.fixture
+def restarting() -> Iterator[tuple[str, RestartingHealth]]:
+    servicer = RestartingHealth()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", servicer
+    server.stop(None)
+
+
+def test_a_watch_cut_by_a_stopping_server_is_opened_again(
+    restarting: tuple[str, RestartingHealth],
+) -> None:
+    target, servicer = restarting
+    with CurationClient(target) as client:
+        client.wait_until_serving(10)
+    assert servicer.watches == 2
+
+
 def test_the_cli_waits_for_a_server_that_is_not_up_yet(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -10,10 +10,11 @@ from client_fakes import make_samples
 from hypothesis import given
 from hypothesis import strategies as st
 
-from align2.client import CallInfo, ProtocolError, ScoreReply, ScoreResult, Timing
+from align2.client import CallInfo, ProtocolError, Sample, ScoreReply, ScoreResult, Timing, Turn
 from align2.client.calls import (
     ScoreCall,
     ScoreChunkReply,
+    align_options,
     encode_chunk,
     merge_results,
     parse_heads,
@@ -146,3 +147,27 @@ def test_an_item_error_names_the_sample_by_its_place_in_the_callers_list(
     assert missing.error is not None and missing.error.code == grpc.StatusCode.NOT_FOUND
     assert good.error is None
     assert bad.error is not None and bad.error.message == "samples[6].image: bad"
+
+
+def test_a_sample_that_leaves_no_room_for_the_rest_of_the_message_fails_unsent() -> None:
+    """One sample may take max_message_bytes less the request's other fields and framing
+    (64 KiB): a 1,000,000-byte image fits 1 MiB by itself, not with that room."""
+    near = Sample(id="near", image=b"x" * 1_000_000, turns=[Turn("Q?", "A.")])
+    small = Sample(id="small", image=b"x" * 900_000, turns=[Turn("Q?", "A.")])
+    encoded = encode_chunk([near, small], max_message_bytes=1 << 20)
+    too_big, fits = encoded.local_errors
+    assert too_big is not None and "more than one message carries" in too_big.message
+    assert fits is None and [s.id for s in encoded.sent] == ["small"]
+
+
+def test_a_chunk_may_weigh_exactly_its_byte_bound() -> None:
+    assert split_chunks(["a", "b", "c"], 10, max_bytes=4, weigh=lambda _s: 2) == [
+        ["a", "b"],
+        ["c"],
+    ]
+
+
+def test_the_seed_range_is_checked_naming_the_argument() -> None:
+    assert align_options(seed=2**64 - 1).decoding.seed == 2**64 - 1
+    with pytest.raises(ValueError, match=r"^seed: 18446744073709551616 is not in 0\.\.2\*\*64-1"):
+        align_options(seed=2**64)
