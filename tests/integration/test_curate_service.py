@@ -7,13 +7,15 @@ import asyncio
 import collections
 import json
 import pathlib
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from support import ServerThread, error_details, full_config, png, score_config
+from support import ServerThread, error_details, full_config, metric, png, score_config
 
 from align2.client import AsyncCurationClient, CurateResult, CurationClient, Sample, Turn
 from align2.client.cli import main as cli_main
@@ -586,3 +588,38 @@ def test_a_new_selection_key_beyond_the_limit_is_refused(tiny_llava: pathlib.Pat
     info = error_details(error)["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo)
     assert info.reason == "TOO_MANY_SELECTION_KEYS"
+
+
+def test_streams_past_their_deadline_are_counted_as_deadline_exceeded(server: ServerThread) -> None:
+    """Streams whose producer goes quiet until the caller's deadline: the caller gets
+    DEADLINE_EXCEEDED, and align2_requests_total counts each so (not OK, not CANCELLED),
+    which is what an operator's deadline alert reads. gRPC ends such a call on the server
+    either by cancelling the handler or by ending its request stream (the handler then
+    returns): which one varies from run to run, hence three streams."""
+    labels = {"rpc": "Curate", "code": "DEADLINE_EXCEEDED"}
+    before = metric("align2_requests_total", **labels)
+    cancelled = metric("align2_requests_total", rpc="Curate", code="CANCELLED")
+    ok = metric("align2_requests_total", rpc="Curate", code="OK")
+    quiet = threading.Event()
+
+    def requests() -> Iterator[pb.CurateRequest]:
+        yield pb.CurateRequest(options=pb.CurateOptions())
+        yield pb.CurateRequest(sample=sample_to_proto(sample(0)))
+        quiet.wait(30)  # the producer goes quiet
+
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.CurationServiceStub(channel)
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as info:
+                    for _ in stub.Curate(requests(), timeout=1.0):
+                        pass
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        until = time.monotonic() + 10
+        while metric("align2_requests_total", **labels) < before + 3 and time.monotonic() < until:
+            time.sleep(0.05)
+        assert metric("align2_requests_total", **labels) == before + 3
+        assert metric("align2_requests_total", rpc="Curate", code="CANCELLED") == cancelled
+        assert metric("align2_requests_total", rpc="Curate", code="OK") == ok
+    finally:
+        quiet.set()
