@@ -237,14 +237,15 @@ class Curator:
                         f"options.{name}: a task of {len(task)} characters exceeds "
                         f"{MAX_TASK_LENGTH}"
                     )
-        seeds = sum(
-            len(values)
+        per_stage = {
+            name: sum(len(values) for values in getattr(options, name).values())
             for name in ("question_seed_scores", "answer_seed_scores")
-            for values in getattr(options, name).values()
-        )
+        }
+        seeds = sum(per_stage.values())
         if seeds > self._config.max_seed_scores:
+            most = max(per_stage, key=lambda name: per_stage[name])  # the field to shorten
             raise InvalidArgument(
-                f"options.question_seed_scores: {seeds} seed scores (both stages) exceeds "
+                f"options.{most}: {seeds} seed scores (both stages) exceeds "
                 f"limits.max_seed_scores {self._config.max_seed_scores}"
             )
         for name in ("question_thresholds", "answer_thresholds"):
