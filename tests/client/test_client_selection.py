@@ -158,7 +158,8 @@ def test_ties_keep_input_order() -> None:
 
 
 def test_the_cut_is_the_reference_float_arithmetic() -> None:
-    assert keep_count(0.3, 10) == 3  # 0.3 * 10 = 3.0000000000000004
+    assert keep_count(0.3, 10) == 3  # 0.3 * 10 is 3.0 exactly
+    assert keep_count(0.07, 100) == 7  # 7.000000000000001: int() gives 7 (a ceil would give 8)
     assert keep_count(0.29, 100) == 28  # 28.999999999999996, rounded down as int() does
     assert keep_count(0.3, 3) == 0 and keep_count(0.3, 4) == 1
     with pytest.raises(ValueError, match="not in"):
