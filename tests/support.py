@@ -3,8 +3,10 @@ align2.server.testing."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pathlib
+from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf.message import Message
@@ -109,3 +111,19 @@ def full_config(reward: pathlib.Path, llm: pathlib.Path, max_new_tokens: int) ->
     config.models["llm"] = ModelConfig(path=str(llm), max_length=1024)
     config.align.decoding.max_new_tokens = max_new_tokens
     return config
+
+
+@contextlib.asynccontextmanager
+async def bound_not_warm(config: Config) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to an App on 127.0.0.1:0 that has bound its port but not loaded its
+    models (the phase a health check calls NOT_SERVING), stopped on exit."""
+    from align2.server.app import App
+
+    config.server.host, config.server.port, config.server.metrics_port = "127.0.0.1", 0, -1
+    app = App(config)
+    await app._bind()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            yield channel
+    finally:
+        await app.stop(grace=0)

@@ -209,10 +209,10 @@ def make_samples(count: int, *, image: bytes = b"png") -> list[Sample]:
 
 
 @contextlib.contextmanager
-def serving() -> Iterator[FakeCuration]:
-    """A real gRPC server on 127.0.0.1:0 serving a new :class:`FakeCuration` (its
-    ``target``), stopped on exit."""
-    servicer = FakeCuration()
+def serving(servicer: FakeCuration | None = None) -> Iterator[FakeCuration]:
+    """A real gRPC server on 127.0.0.1:0 serving ``servicer`` (a new :class:`FakeCuration`
+    by default; its ``target``), stopped on exit."""
+    servicer = FakeCuration() if servicer is None else servicer
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     pb_grpc.add_CurationServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")

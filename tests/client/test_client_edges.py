@@ -4,18 +4,16 @@ writing, the Curate stream's bookkeeping on resume, and the decoding of decision
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import pathlib
 import time
-from collections.abc import Iterator
-from concurrent import futures
 from typing import Any
 
 import grpc
 import pytest
-from client_fakes import FakeCuration
+from client_fakes import FakeCuration, serving
+from test_client_curate_resume import FAST_RESUME, decision, samples
 
 from align2.client import Sample, Turn, cli, offline
 from align2.client.convert import curate_result_from_proto
@@ -26,9 +24,7 @@ from align2.client.resume import ResumePolicy
 from align2.client.scorestore import ScoreKey, ScoreStore
 from align2.client.selection import describe, keep_count
 from align2.v1 import curation_pb2 as pb
-from align2.v1 import curation_pb2_grpc as pb_grpc
 
-FAST_RESUME = ResumePolicy(initial_backoff_seconds=0.01, max_backoff_seconds=0.02)
 RECORD = {
     "id": "1",
     "image": "1.jpg",
@@ -37,21 +33,6 @@ RECORD = {
         {"from": "gpt", "value": "A cat."},
     ],
 }
-
-
-@contextlib.contextmanager
-def serving(servicer: FakeCuration) -> Iterator[FakeCuration]:
-    """client_fakes.serving, for a FakeCuration subclass."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-    pb_grpc.add_CurationServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    servicer.target = f"127.0.0.1:{port}"
-    try:
-        yield servicer
-    finally:
-        servicer.release()
-        server.stop(grace=None).wait()
 
 
 def detail_file(tmp_path: pathlib.Path, count: int = 10) -> pathlib.Path:
@@ -266,18 +247,6 @@ def test_invalid_records_beyond_five_are_counted_in_the_message() -> None:
 
 # ---------------------------------------------------------------------------------------
 # curate.py (the stream's bookkeeping)
-
-
-def samples(count: int) -> list[Sample]:
-    return [
-        Sample(id=str(i), image=b"png", turns=[Turn("Q?", "x" * (i + 1))]) for i in range(count)
-    ]
-
-
-def decision(sequence: int, sample_id: str) -> pb.CurateResponse:
-    return pb.CurateResponse(
-        id=sample_id, sequence=sequence, decision=pb.DECISION_KEPT, scores=pb.ScoreResult()
-    )
 
 
 def test_samples_waiting_to_be_sent_again_are_listed_as_unanswered() -> None:

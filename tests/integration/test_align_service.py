@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from support import ServerThread, error_details, metric, png
+from support import ServerThread, bound_not_warm, error_details, metric, png
 
 from align2.client import AsyncCurationClient, CurationClient, Sample, Turn, read_llava
 from align2.client.cli import main as cli_main
@@ -221,23 +221,14 @@ def test_deadline_and_cancellation_free_the_slots(server: ServerThread) -> None:
 def test_align_is_unavailable_until_warm(tiny_llm: pathlib.Path) -> None:
     """As Score (test_score_service.py), Align is UNAVAILABLE between bind and warm-up, so
     that a client retries (elsewhere) instead of being told Align is off."""
-    from align2.server.app import App
-
-    config = align_config(tiny_llm)
-    config.server.host, config.server.port, config.server.metrics_port = "127.0.0.1", 0, -1
 
     async def scenario() -> None:
-        app = App(config)
-        await app._bind()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-                stub = pb_grpc.CurationServiceStub(channel)
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await stub.Align(pb.AlignRequest(samples=[pb.Sample(id="x")]))
-                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-                assert "warming up" in (info.value.details() or "")
-        finally:
-            await app.stop(grace=0)
+        async with bound_not_warm(align_config(tiny_llm)) as channel:
+            stub = pb_grpc.CurationServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Align(pb.AlignRequest(samples=[pb.Sample(id="x")]))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "warming up" in (info.value.details() or "")
 
     asyncio.run(scenario())
 

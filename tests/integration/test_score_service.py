@@ -16,7 +16,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
-from support import ServerThread, error_details, jpeg, metric, png
+from support import ServerThread, bound_not_warm, error_details, jpeg, metric, png
 
 from align2.client import AsyncCurationClient, CurationClient, Sample, Turn
 from align2.server.backends.base import Prepared
@@ -423,27 +423,18 @@ def test_health_serving_per_service_and_reflection(server: ServerThread) -> None
 
 def test_health_not_serving_until_warm(tiny_llava: pathlib.Path) -> None:
     """Between bind and warm-up the health service says NOT_SERVING and Score UNAVAILABLE."""
-    from align2.server.app import App
-
-    config = config_for(tiny_llava, tiny_llava)
-    config.server.host, config.server.port, config.server.metrics_port = "127.0.0.1", 0, -1
 
     async def scenario() -> None:
-        app = App(config)
-        await app._bind()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-                health = health_pb2_grpc.HealthStub(channel)
-                reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
-                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
-                stub = pb_grpc.CurationServiceStub(channel)
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await stub.Score(pb.ScoreRequest(samples=[pb.Sample(id="x")]))
-                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-                assert "warming up" in (info.value.details() or "")
-                assert _retry_delay(error_details(info.value)) == 1.0
-        finally:
-            await app.stop(grace=0)
+        async with bound_not_warm(config_for(tiny_llava, tiny_llava)) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            stub = pb_grpc.CurationServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Score(pb.ScoreRequest(samples=[pb.Sample(id="x")]))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "warming up" in (info.value.details() or "")
+            assert _retry_delay(error_details(info.value)) == 1.0
 
     asyncio.run(scenario())
 
