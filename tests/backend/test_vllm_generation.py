@@ -142,26 +142,27 @@ class Expected:
     choices: list[list[float]]
 
 
+# Module-level (not methods): pytest 10 removes class-scoped fixtures defined as methods.
+@pytest_asyncio.fixture(scope="class", loop_scope="module")
+async def expected(smollm2: pathlib.Path) -> Expected:
+    """Computed (and the model freed) before the engine starts: on 2 cores the two
+    runtimes would slow each other down."""
+    config = ModelConfig(path=str(smollm2), dtype="float32", max_length=MAX_LENGTH)
+    reference = await asyncio.to_thread(TransformersGeneration.load, "ref", config, smollm2)
+    try:
+        return Expected(await reference.generate(GREEDY), await reference.choose(CHOSEN))
+    finally:
+        reference.close()
+
+
+@pytest_asyncio.fixture(scope="class", loop_scope="module")
+async def smol(smollm2: pathlib.Path, expected: Expected) -> AsyncIterator[VllmGeneration]:
+    async for backend in start(smollm2, kv_cache_memory_bytes=256 << 20, max_num_seqs=4):
+        yield backend
+
+
 @pytest.mark.slow
 class TestSmolLM2AgainstTransformers:
-    @pytest_asyncio.fixture(scope="class", loop_scope="module")
-    async def expected(self, smollm2: pathlib.Path) -> Expected:
-        """Computed (and the model freed) before the engine starts: on 2 cores the two
-        runtimes would slow each other down."""
-        config = ModelConfig(path=str(smollm2), dtype="float32", max_length=MAX_LENGTH)
-        reference = await asyncio.to_thread(TransformersGeneration.load, "ref", config, smollm2)
-        try:
-            return Expected(await reference.generate(GREEDY), await reference.choose(CHOSEN))
-        finally:
-            reference.close()
-
-    @pytest_asyncio.fixture(scope="class", loop_scope="module")
-    async def smol(
-        self, smollm2: pathlib.Path, expected: Expected
-    ) -> AsyncIterator[VllmGeneration]:
-        async for backend in start(smollm2, kv_cache_memory_bytes=256 << 20, max_num_seqs=4):
-            yield backend
-
     async def test_greedy_generation_matches_transformers(
         self, smol: VllmGeneration, expected: Expected
     ) -> None:
