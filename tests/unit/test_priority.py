@@ -54,3 +54,18 @@ def test_the_batch_wait_counts_from_the_oldest_queued_item() -> None:
     queue.push(E("b", 7.0), Priority.BULK)
     queue.push(E("c", 6.0), Priority.INTERACTIVE)
     assert queue.oldest_submitted() == 5.0
+
+
+def test_only_contended_batches_count_towards_bulks_turn() -> None:
+    """Batches taken while one class waits alone do not advance bulk's turn: after three
+    bulk-only batches, the next three batches with both classes waiting still go to
+    interactive, and the fourth to bulk."""
+    queue: PriorityQueue[E] = PriorityQueue(bulk_every=4)
+    for i in range(6):
+        queue.push(E(f"b{i}"), Priority.BULK)
+    assert [name for _ in range(3) for name in take_one(queue)] == ["b0", "b1", "b2"]
+    served = []
+    for i in range(4):
+        queue.push(E(f"i{i}"), Priority.INTERACTIVE)
+        served += take_one(queue)
+    assert served == ["i0", "i1", "i2", "b3"]
