@@ -11,12 +11,22 @@ from concurrent import futures
 import grpc
 
 from align2.client import RetryPolicy, Sample, Turn
+from align2.client.resume import ResumePolicy
 from align2.v1 import curation_pb2 as pb
 from align2.v1 import curation_pb2_grpc as pb_grpc
 
 # Retries in tests back off for 50 ms rather than the default 0.2 s and up (not less: see
 # MIN_BACKOFF_SECONDS).
 FAST_RETRY = RetryPolicy(initial_backoff_seconds=0.05, max_backoff_seconds=0.1)
+# Resumes in tests back off for about 10 ms.
+FAST_RESUME = ResumePolicy(initial_backoff_seconds=0.01, max_backoff_seconds=0.02)
+
+
+def kept_decision(sequence: int, sample_id: str) -> pb.CurateResponse:
+    """A Curate response keeping ``sample_id``, sent as ``sequence``."""
+    return pb.CurateResponse(
+        id=sample_id, sequence=sequence, decision=pb.DECISION_KEPT, scores=pb.ScoreResult()
+    )
 
 
 class FakeCuration(pb_grpc.CurationServiceServicer):

@@ -14,29 +14,13 @@ from concurrent import futures
 
 import grpc
 import pytest
-from client_fakes import FAST_RETRY, FakeCuration
+from client_fakes import FAST_RESUME, FAST_RETRY, FakeCuration, kept_decision, make_samples
 
 from align2.client import AsyncCurationClient, CurateResult, CurationClient, Sample, Turn
 from align2.client.curate import LOST_STATUS, CurateStream
 from align2.client.resume import Outage, ResumePolicy
 from align2.v1 import curation_pb2 as pb
 from align2.v1 import curation_pb2_grpc as pb_grpc
-
-# Resumes in tests back off for about 10 ms.
-FAST_RESUME = ResumePolicy(initial_backoff_seconds=0.01, max_backoff_seconds=0.02)
-
-
-def samples(count: int) -> list[Sample]:
-    """Ids "0".."count-1"; the fake's answer score of each is its answer's length, id + 1."""
-    return [
-        Sample(id=str(i), image=b"png", turns=[Turn("Q?", "x" * (i + 1))]) for i in range(count)
-    ]
-
-
-def decision(sequence: int, sample_id: str) -> pb.CurateResponse:
-    return pb.CurateResponse(
-        id=sample_id, sequence=sequence, decision=pb.DECISION_KEPT, scores=pb.ScoreResult()
-    )
 
 
 def assert_each_once_and_matched(results: list[CurateResult], given: list[Sample]) -> None:
@@ -51,27 +35,27 @@ def assert_each_once_and_matched(results: list[CurateResult], given: list[Sample
 
 
 def test_a_new_stream_sends_the_unanswered_first_with_new_sequence_numbers() -> None:
-    given = samples(6)
+    given = make_samples(6)
     stream = CurateStream.plan(resume=True)
     produced = iter(given)
     first = stream.requests(produced)
     assert next(first).WhichOneof("item") == "options"
     assert [next(first).sample.id for _ in range(4)] == ["0", "1", "2", "3"]
-    assert stream.decode(decision(1, "1")).sample is given[1]
+    assert stream.decode(kept_decision(1, "1")).sample is given[1]
     stream.restart()  # the first stream failed: 0, 2 and 3 are unanswered
     assert next(first, None) is None  # a retired stream draws no more samples
     second = list(stream.requests(produced))
     assert [r.sample.id for r in second[1:]] == ["0", "2", "3", "4", "5"]
     assert stream.streams == 2
     # The server numbers the new stream from 0: its sequence 1 is sample 2, not sample 1.
-    assert stream.decode(decision(1, "2")).sample is given[2]
+    assert stream.decode(kept_decision(1, "2")).sample is given[2]
     assert stream.unanswered == ["0", "3", "4", "5"]
     with pytest.raises(Exception, match="sequence 9"):
-        stream.decode(decision(9, "9"))
+        stream.decode(kept_decision(9, "9"))
 
 
 def test_a_sample_drawn_for_a_stream_that_failed_meanwhile_goes_to_the_next() -> None:
-    given = samples(3)
+    given = make_samples(3)
     stream = CurateStream.plan(resume=True)
     produced = iter([given[0], given[2]])
     first = stream.requests(produced)
@@ -85,7 +69,7 @@ def test_a_sample_drawn_for_a_stream_that_failed_meanwhile_goes_to_the_next() ->
 
 
 def test_what_is_sent_again_does_not_wait_for_a_draw_of_the_failed_stream() -> None:
-    given = samples(3)
+    given = make_samples(3)
     entered, gate = threading.Event(), threading.Event()
 
     def produce() -> Iterator[Sample]:  # a slow producer: sample 1 comes when gate opens
@@ -141,25 +125,25 @@ def test_a_status_lost_by_grpcio_aio_is_resumed_once_blind_then_after_decisions(
     # grpcio's asyncio client turns a stream that ends during a write into this INTERNAL,
     # whatever the server said (grpc/grpc#36066).
     stream = CurateStream.plan(resume=FAST_RESUME)
-    list(stream.requests(samples(2)))
+    list(stream.requests(make_samples(2)))
     # No decision: refused, or drained as it opened? Once, a new stream tells which.
     assert stream.next_try("INTERNAL", LOST_STATUS) is not None
     stream.restart()
     assert stream.next_try("INTERNAL", LOST_STATUS) is None  # not asked again and again
     going = CurateStream.plan(resume=dataclasses.replace(FAST_RESUME, max_attempts=3))
-    list(going.requests(samples(2)))
-    going.decode(decision(0, "0"))
+    list(going.requests(make_samples(2)))
+    going.decode(kept_decision(0, "0"))
     assert going.next_try("INTERNAL", "a server bug") is None
     # It was going: resumed as often as the policy says, as an UNAVAILABLE would be.
     tries = [going.next_try("INTERNAL", LOST_STATUS) for _ in range(4)]
     assert [t is not None for t in tries] == [True, True, True, False]
     # A decision ends the outage and its blind resume: the next drain gets one again.
     later = CurateStream.plan(resume=FAST_RESUME)
-    list(later.requests(samples(2)))
+    list(later.requests(make_samples(2)))
     assert later.next_try("INTERNAL", LOST_STATUS) is not None  # blind
     later.restart()
     list(later.requests([]))  # the two again, first on the new stream
-    later.decode(decision(0, "0"))
+    later.decode(kept_decision(0, "0"))
     later.restart()
     assert later.next_try("INTERNAL", LOST_STATUS) is not None  # blind again
     no_policy = CurateStream.plan(resume=False)
@@ -181,12 +165,12 @@ def test_an_outage_ends_after_its_attempts_or_its_time_and_backs_off() -> None:
 
 def test_a_decision_ends_the_outage() -> None:
     stream = CurateStream.plan(resume=ResumePolicy(max_attempts=1))
-    list(stream.requests(samples(2)))
+    list(stream.requests(make_samples(2)))
     assert stream.next_try("UNAVAILABLE") is not None
     assert stream.next_try("UNAVAILABLE") is None  # its one attempt is spent
     stream.restart()
     list(stream.requests(iter([])))
-    stream.decode(decision(0, "0"))  # progress: a new outage may start
+    stream.decode(kept_decision(0, "0"))  # progress: a new outage may start
     assert stream.next_try("UNAVAILABLE") is not None
 
 
@@ -241,7 +225,7 @@ def test_the_caller_sees_every_sample_once_across_failed_streams(
     fake: FakeCuration, curate: object
 ) -> None:
     fake.curate_abort_after = [5, 3]  # two streams fail, the third ends well
-    given = samples(30)
+    given = make_samples(30)
     results = curate(fake, given)  # type: ignore[operator]
     assert_each_once_and_matched(results, given)
     first, second, third = fake.curate_streams
@@ -267,7 +251,7 @@ def test_repeated_ids_go_to_their_own_samples_across_streams(fake: FakeCuration)
 
 def test_without_resume_the_failure_is_raised_and_the_rest_listed(fake: FakeCuration) -> None:
     fake.curate_abort_after = [5]
-    given = samples(8)
+    given = make_samples(8)
     with CurationClient(fake.target, retry=FAST_RETRY) as client:
         results = client.curate(given, resume=False)
         got = []
@@ -282,7 +266,7 @@ def test_a_spent_outage_raises_the_failure(fake: FakeCuration) -> None:
     fake.curate_abort_after = [0, 0, 0, 0]  # every stream fails before any decision
     policy = ResumePolicy(max_attempts=2, initial_backoff_seconds=0.01)
     with CurationClient(fake.target, retry=FAST_RETRY) as client:
-        results = client.curate(samples(4), resume=policy)
+        results = client.curate(make_samples(4), resume=policy)
         with pytest.raises(grpc.RpcError) as raised:
             list(results)
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -294,7 +278,7 @@ def test_another_code_is_not_resumed(fake: FakeCuration) -> None:
     fake.curate_abort_after = [1]
     fake.curate_abort_code = grpc.StatusCode.INVALID_ARGUMENT
     with CurationClient(fake.target, retry=FAST_RETRY) as client:
-        results = client.curate(samples(4), resume=FAST_RESUME)
+        results = client.curate(make_samples(4), resume=FAST_RESUME)
         with pytest.raises(grpc.RpcError) as raised:
             list(results)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -303,7 +287,7 @@ def test_another_code_is_not_resumed(fake: FakeCuration) -> None:
 
 def test_a_producer_error_still_comes_after_every_decision(fake: FakeCuration) -> None:
     def produce():  # type: ignore[no-untyped-def]
-        yield from samples(6)
+        yield from make_samples(6)
         raise RuntimeError("generator broke")
 
     fake.curate_abort_after = [2]
@@ -356,7 +340,7 @@ def restartable() -> Iterator[Restartable]:
 
 
 def test_sync_waits_for_a_server_that_comes_back(restartable: Restartable) -> None:
-    given = samples(40)
+    given = make_samples(40)
     got: list[CurateResult] = []
     with CurationClient(restartable.target, retry=FAST_RETRY) as client:
         results = client.curate(iter(given), resume=FAST_RESUME)
@@ -371,7 +355,7 @@ def test_sync_waits_for_a_server_that_comes_back(restartable: Restartable) -> No
 
 
 def test_aio_waits_for_a_server_that_comes_back(restartable: Restartable) -> None:
-    given = samples(40)
+    given = make_samples(40)
 
     async def run() -> tuple[list[CurateResult], int]:
         got: list[CurateResult] = []

@@ -12,8 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
-from client_fakes import FakeCuration, serving
-from test_client_curate_resume import FAST_RESUME, decision, samples
+from client_fakes import FAST_RESUME, FakeCuration, kept_decision, make_samples, serving
 
 from align2.client import Sample, Turn, cli, offline
 from align2.client.convert import curate_result_from_proto
@@ -254,14 +253,14 @@ def test_samples_waiting_to_be_sent_again_are_listed_as_unanswered() -> None:
     (the caller resends them if the call fails now). Killed: ``unanswered`` ignoring the
     resend queue."""
     stream = CurateStream.plan(resume=True)
-    first = stream.requests(iter(samples(3)))
+    first = stream.requests(iter(make_samples(3)))
     assert [next(first).WhichOneof("item")] + [next(first).sample.id for _ in range(3)] == [
         "options",
         "0",
         "1",
         "2",
     ]
-    stream.decode(decision(1, "1"))
+    stream.decode(kept_decision(1, "1"))
     stream.restart()
     assert stream.unanswered == ["0", "2"]
 
@@ -270,7 +269,7 @@ def test_a_second_failure_resends_in_the_original_order() -> None:
     """What the failed stream had sent goes before what it had not sent yet. Killed:
     ``extend`` for ``extendleft(reversed(...))`` in restart."""
     stream = CurateStream.plan(resume=True)
-    produced = iter(samples(5))
+    produced = iter(make_samples(5))
     first = stream.requests(produced)
     assert [next(first).WhichOneof("item")] + [next(first).sample.id for _ in range(3)] == [
         "options",
@@ -291,9 +290,9 @@ def test_a_lost_status_on_a_new_stream_without_decisions_is_resumed_once_only() 
     one blind resume, not the policy's every attempt. Killed: restart() not resetting the
     per-stream decision count."""
     stream = CurateStream.plan(resume=FAST_RESUME)
-    first = stream.requests(iter(samples(2)))
+    first = stream.requests(iter(make_samples(2)))
     list(first)
-    stream.decode(decision(0, "0"))
+    stream.decode(kept_decision(0, "0"))
     assert stream.next_try("INTERNAL", LOST_STATUS) is not None  # it was going
     stream.restart()
     assert stream.next_try("INTERNAL", LOST_STATUS) is not None  # blind, once
