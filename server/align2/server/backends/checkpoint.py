@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-SCORE_KEY = "score.weight"
+from align2.server.formats import SCORE_KEY
+
 FAMILIES: dict[str, str] = {"llava": "llava", "idefics3": "idefics3", "smolvlm": "idefics3"}
 """config.json model_type -> the family a backend implements (SmolVLM is Idefics3)."""
 

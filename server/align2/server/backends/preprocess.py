@@ -14,8 +14,8 @@ from typing import Any
 from PIL import Image
 
 from align2.server.backends.base import InputTooLong
-from align2.server.core.templates import IMAGE_TOKEN
 from align2.server.errors import InvalidArgument
+from align2.server.formats import IMAGE_TOKEN
 
 
 def pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:

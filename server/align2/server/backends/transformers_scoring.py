@@ -45,7 +45,7 @@ from align2.server.backends.torch_device import (
     torch_dtype,
 )
 from align2.server.config import ModelConfig
-from align2.server.core.templates import IMAGE_TOKEN
+from align2.server.formats import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 

@@ -48,8 +48,8 @@ from align2.server.backends.vllm_common import (
     start_engine,
 )
 from align2.server.config import ModelConfig
-from align2.server.core.templates import IMAGE_TOKEN
 from align2.server.errors import BackendError
+from align2.server.formats import IMAGE_TOKEN
 
 if TYPE_CHECKING:
     from vllm import LLM, PoolingParams

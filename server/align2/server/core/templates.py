@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from align2.client.types import Turn
+from align2.server.formats import IMAGE_TOKEN
 
 TEMPLATE_VERSION = "align2llava-reward-v1"
-IMAGE_TOKEN = "<image>"
 
 
 def clean(text: str) -> str:

@@ -12,7 +12,7 @@
   ``shared_llava`` holds one such base in memory for several adapters (``share_base``).
 """
 
-from align2.server.backends.checkpoint import SCORE_KEY
+from align2.server.formats import SCORE_KEY
 from align2.server.models.builders import (
     build_idefics3_reward,
     build_llava_reward,

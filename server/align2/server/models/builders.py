@@ -56,7 +56,7 @@ from transformers.image_utils import (
     PILImageResampling,
 )
 
-from align2.server.backends.checkpoint import SCORE_KEY
+from align2.server.formats import SCORE_KEY
 from align2.server.models.tokenizers import (
     CHAT_TEMPLATE,
     IDEFICS3_SPECIAL_TOKENS,

@@ -42,11 +42,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from align2.server.backends.checkpoint import SCORE_KEY
+from align2.server.formats import IMAGE_TOKEN, SCORE_KEY
 from align2.server.models import llava_original as orig
 from align2.server.models import scratch
 from align2.server.models.llava_original import ConversionError
-from align2.server.models.llava_tokenizer import IMAGE_TOKEN, reward_tokenizer, splits_like_llava
+from align2.server.models.llava_tokenizer import reward_tokenizer, splits_like_llava
 from align2.server.models.reward_inputs import Inputs, input_digests, locate
 
 log = logging.getLogger(__name__)

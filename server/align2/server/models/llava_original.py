@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from align2.server.backends.checkpoint import SCORE_KEY
+from align2.server.formats import SCORE_KEY
 
 
 class ConversionError(ValueError):

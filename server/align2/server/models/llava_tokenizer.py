@@ -28,10 +28,10 @@ from typing import Any
 import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from align2.server.formats import IMAGE_TOKEN
 from align2.server.models.llava_original import ConversionError
 from align2.server.models.tokenizers import strip_load_options
 
-IMAGE_TOKEN = "<image>"
 # What follows the marker in the two reward templates (question and answer head).
 _PROBES = ("\nWhat is on the table?\nWhy is it there?", "\nQuestion: What is it?\nAnswer: A cup.")
 

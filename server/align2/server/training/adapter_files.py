@@ -24,7 +24,7 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from align2.server.backends.checkpoint import SCORE_KEY
+from align2.server.formats import SCORE_KEY
 from align2.server.models.original_builders import LLM_LINEAR
 
 PREFIX = "base_model.model."

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from align2.server.backends.checkpoint import SCORE_KEY
+from align2.server.formats import SCORE_KEY
 
 log = logging.getLogger(__name__)
 
