@@ -101,3 +101,12 @@ def test_a_row_with_no_budget_is_answered_empty_without_a_forward() -> None:
     [nothing] = decode(model, [([1, 2, 3], GREEDY, 0)])
     assert nothing == Decoded([], finished=False)
     assert model.widths == []
+
+
+def test_a_sampled_row_beside_a_failing_one_draws_what_it_draws_alone() -> None:
+    """The finiteness check covers every sampled row at once; its verdict is per row."""
+    sampled = Decoding(max_new_tokens=64, temperature=1.0, seed=7)
+    [alone] = decode(PositionModel(), [([1, 2, 3], sampled, 4)])
+    failed, beside = decode(PositionModel(), [([5, POISON], sampled, 9), ([1, 2, 3], sampled, 4)])
+    assert isinstance(failed, ValueError) and "not finite" in str(failed)
+    assert beside == alone and len(alone.tokens) == 4

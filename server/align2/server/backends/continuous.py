@@ -289,15 +289,20 @@ class DecodeLoop:
         temperature that makes the probabilities NaN) fails alone and leaves; the others
         go on."""
         picked = batch.logits.argmax(dim=-1)
-        for slot, row in enumerate(batch.rows):
-            generator = row.generator
-            if generator is None:
-                continue
-            logits = batch.logits[slot]
+        sampled = [
+            (slot, row, row.generator)
+            for slot, row in enumerate(batch.rows)
+            if row.generator is not None
+        ]
+        if not sampled:
+            return picked
+        # One host sync for all sampled rows' checks, not one per row (a step's cost on a GPU).
+        finite = torch.isfinite(batch.logits[[slot for slot, _, _ in sampled]]).all(dim=-1)
+        for (slot, row, generator), ok in zip(sampled, finite.tolist(), strict=True):
             try:
-                if not bool(torch.isfinite(logits).all()):
+                if not ok:
                     raise ValueError("a sampled row's logits are not finite: its draw is undefined")
-                draw = functools.partial(draw_token, logits, row.decoding, generator)
+                draw = functools.partial(draw_token, batch.logits[slot], row.decoding, generator)
                 picked[slot] = self._on_device(draw)
             except Exception as exc:  # one row fails, the others go on
                 row.finish(exc)
