@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
+import signal
 import socket
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 from support import ServerProcess, png
 
@@ -80,6 +83,10 @@ import os, sys, time
 from align2.server import backends, cli
 load = backends.load_scoring
 def slow(*args):
+    if os.environ.get("ALIGN2_TEST_ENGINE"):  # stands for a vLLM engine's processes
+        import subprocess
+        engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        print(f"test: engine pid {engine.pid}", flush=True)
     print("test: the model load starts", flush=True)
     time.sleep(float(os.environ.get("ALIGN2_TEST_HOLD", "120")))
     return load(*args)
@@ -92,23 +99,44 @@ def test_sigterm_while_a_model_loads_exits_at_once(
     tiny_llava: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
     """A model load runs in a thread nothing can interrupt (here: 120 s). SIGTERM before
-    SERVING, when nothing has been accepted, exits 0 at once instead of after the load."""
+    SERVING, when nothing has been accepted, exits 0 at once instead of after the load,
+    and takes the processes the load started with it (a vLLM engine starting)."""
     config = tmp_path / "align2.toml"
     config.write_text(
         f'[models.question]\npath = "{tiny_llava}"\n[models.answer]\npath = "{tiny_llava}"\n'
     )
     args = ["--config", str(config), "--port", "0", "--metrics-port", "-1"]
-    server = ChildProcess([sys.executable, "-c", SLOW_LOAD, *args], tmp_path / "log").start()
+    env = {**os.environ, "ALIGN2_TEST_ENGINE": "1"}
+    server = ChildProcess([sys.executable, "-c", SLOW_LOAD, *args], tmp_path / "log", env)
+    server.start()
+    engine: int | None = None
     try:
         server.wait_until(lambda: "the model load starts" in server.tail(), 120, "server")
+        engine = int(re.search(r"engine pid (\d+)", server.tail()).group(1))  # type: ignore[union-attr]
         signalled = time.monotonic()
-        code = server.stop(grace=60)
+        assert server.proc is not None
+        server.proc.terminate()  # not server.stop(): that also clears the process group
+        code = server.proc.wait(timeout=60)
         waited = time.monotonic() - signalled
+        assert code == 0, server.tail()
+        assert waited < 30, f"exited {waited:.1f} s after SIGTERM"
+        assert "stopping without waiting for the model load" in server.tail()
+        gone = time.monotonic() + 10
+        while alive(engine) and time.monotonic() < gone:
+            time.sleep(0.1)
+        assert not alive(engine), "the engine's process outlived the server"
     finally:
         server.stop(grace=10)
-    assert code == 0, server.tail()
-    assert waited < 30, f"exited {waited:.1f} s after SIGTERM"
-    assert "stopping without waiting for the model load" in server.tail()
+        if engine is not None and alive(engine):
+            os.kill(engine, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """Running (a killed orphan that nobody reaped yet is a zombie: not running)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 BREAKABLE = """

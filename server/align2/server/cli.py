@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -162,8 +163,9 @@ async def _exit_while_starting(app: Any, starting: asyncio.Task[None]) -> None:
     get UNAVAILABLE), but a model load runs in a thread that cannot be interrupted and the
     interpreter's exit would wait for it (minutes for a 7B model), past the grace period.
     Close the ports and whatever was loaded, then exit 0 at once: what SIGKILL would do,
-    with the ports closed and the log flushed first (a vLLM engine's processes see their
-    parent's pipes close and exit)."""
+    with the ports closed and the log flushed first. Child processes (a vLLM engine that
+    is still starting: its EngineCore and workers do not notice their parent's exit and
+    would hold their memory, and a GPU's, for good) are killed first."""
     from align2.server.models import scratch
 
     log.info("signal received while starting: stopping without waiting for the model load")
@@ -175,7 +177,17 @@ async def _exit_while_starting(app: Any, starting: asyncio.Task[None]) -> None:
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    _kill_children()
     os._exit(0)
+
+
+def _kill_children() -> None:
+    """SIGKILL every process this one started, children of children included."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # already gone
+            child.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
