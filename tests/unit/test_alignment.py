@@ -13,7 +13,7 @@ import pytest
 from llm_fakes import MARK, FakeLLM, restyle
 
 from align2.client.types import Sample, Turn
-from align2.server.backends.base import ChoiceRequest
+from align2.server.backends.base import ChoiceRequest, Decoding, GenerationRequest
 from align2.server.config import AlignConfig, BatchingConfig, LimitsConfig
 from align2.server.core.align_types import AlignCall, AlignOutcome, DecodingOptions, Kept, Parts
 from align2.server.core.alignment import Aligner
@@ -21,10 +21,12 @@ from align2.server.core.llm import GenerationRuntime
 from align2.server.core.priority import Priority
 from align2.server.core.prompts import TemplateLibrary
 from align2.server.errors import (
+    OVERLOADED_RETRY_SECONDS,
     Code,
     DeadlineExpired,
     InvalidArgument,
     NotFound,
+    NoTurnBeforeDeadline,
     Overloaded,
 )
 
@@ -375,3 +377,37 @@ async def test_a_turn_gives_back_its_unused_slots_when_it_ends(
     first, second = outcome.results
     assert first.turns[0].kept is Kept.ORIGINAL and first.turns[0].reason == "numbers_changed"
     assert second.turns[0].reason == "review"
+
+
+async def test_a_full_llm_says_when_the_callers_turn_comes(continuous: bool) -> None:
+    """Batched or continuous: before anything ran, a refusal carries the default delay;
+    once a request took 0.3 s, the turn of a caller one past a full gate comes one item's
+    time later, and a caller whose deadline comes first is told not to retry."""
+    llm = FakeLLM(continuous=continuous, gate=asyncio.Event())
+    runtime = GenerationRuntime(llm, BatchingConfig(max_delay_ms=1), max_inflight=4)
+    runtime.start()
+    try:
+        held = runtime.reserve(4)
+        with pytest.raises(Overloaded) as early:
+            runtime.reserve(1)
+        assert early.value.retry_after == OVERLOADED_RETRY_SECONDS
+        held.release()
+        request = GenerationRequest(
+            [{"role": "user", "content": "Rewrite: what is it?"}], Decoding(max_new_tokens=8)
+        )
+        running = asyncio.create_task(
+            runtime.generate(request, 16, runtime.reserve(1), deadline=None, priority=Priority.BULK)
+        )
+        await llm.entered.wait()
+        await asyncio.sleep(0.3)
+        llm.gate.set()
+        await running
+        held = runtime.reserve(4)
+        with pytest.raises(Overloaded) as paced:
+            runtime.reserve(1)
+        assert paced.value.retry_after is not None and 0.28 <= paced.value.retry_after <= 1.5
+        with pytest.raises(NoTurnBeforeDeadline):
+            runtime.reserve(1, deadline=time.monotonic() + 0.05)
+        held.release()
+    finally:
+        await runtime.close()

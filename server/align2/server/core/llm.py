@@ -13,7 +13,10 @@ Two ways to run a GenerationBackend, chosen by its ``continuous`` flag:
   awaiting task aborts the request in the engine (the backend's contract).
 
 Either way a call first ``reserve``s every request it may need, and fails at once with
-RESOURCE_EXHAUSTED (Overloaded) when the gate is full, before any work is done.
+RESOURCE_EXHAUSTED (Overloaded) when the gate is full, before any work is done, told when
+its turn comes at the present pace (core/drain.py: the batcher's compute time per item, or
+the continuous engine's time between completions), or not to retry when that is after its
+deadline (NoTurnBeforeDeadline).
 """
 
 from __future__ import annotations
@@ -36,7 +39,14 @@ from align2.server.backends.base import (
 from align2.server.config import BatchingConfig
 from align2.server.core.batcher import Batcher, Outcome, Reservation
 from align2.server.core.priority import Priority
-from align2.server.errors import BackendError, DeadlineExpired, Overloaded, Unavailable
+from align2.server.core.drain import DrainEstimate
+from align2.server.errors import (
+    BackendError,
+    DeadlineExpired,
+    NoTurnBeforeDeadline,
+    Overloaded,
+    Unavailable,
+)
 
 LlmRequest = GenerationRequest | ChoiceRequest
 LlmResult = Generation | list[float]
@@ -71,20 +81,35 @@ class _Gate:
         self.load = 0
         self.closing = False
         self._gauge = metrics.QUEUE_DEPTH.labels(model=name)
+        self.drain = DrainEstimate()
+        self._last_done: float | None = None
+
+    def finished(self, started: float) -> None:
+        """One request ended: the engine's pace is the time between completions."""
+        now = time.monotonic()
+        since = started if self._last_done is None else max(self._last_done, started)
+        self.drain.observe(1, now - since)
+        self._last_done = now
 
     def give_back(self, count: int) -> None:
         self.load -= count
         self._gauge.set(self.load)
 
-    def reserve(self, count: int) -> _GateSlots:
+    def reserve(self, count: int, deadline: float | None = None) -> _GateSlots:
         if self.closing:
             raise Unavailable("server is shutting down")
         if self.load + count > self.limit:
             metrics.refused(count)
-            raise Overloaded(
+            full = (
                 f"model {self.name!r} is full: {self.load} of {self.limit} requests in flight "
-                f"(limits.max_llm_inflight), the call needs {count}; retry with backoff"
+                f"(limits.max_llm_inflight), the call needs {count}"
             )
+            delay = self.drain.retry_after(self.load, count, self.limit, deadline)
+            if delay is None:
+                raise NoTurnBeforeDeadline(
+                    f"{full}; at the present pace its turn would come after its deadline"
+                )
+            raise Overloaded(f"{full}; retry with backoff", retry_after=delay)
         self.load += count
         self._gauge.set(self.load)
         return _GateSlots(self, count)
@@ -151,7 +176,7 @@ class GenerationRuntime:
         if self._batcher is not None:
             return self._batcher.reserve(count, deadline)
         assert self._gate is not None
-        return self._gate.reserve(count)
+        return self._gate.reserve(count, deadline)
 
     async def generate(
         self,
@@ -223,6 +248,8 @@ class GenerationRuntime:
             timeout = None if deadline is None else deadline - started
             async with asyncio.timeout(timeout):
                 [value] = await self._run_batch([request])
+            assert self._gate is not None
+            self._gate.finished(started)  # the engine's pace: only what it completed
         except TimeoutError:
             metrics.REJECTED.labels(reason="expired").inc()
             raise DeadlineExpired("deadline exceeded while generating") from None
