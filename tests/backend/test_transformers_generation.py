@@ -172,7 +172,7 @@ def test_prompts_tokenise_each_prompt_once(tmp_path: pathlib.Path) -> None:
             return super().__call__(text, **kwargs)
 
     tokenizer.__class__ = Counting
-    prompts = Prompts(tokenizer)
+    prompts = Prompts(tokenizer, longest=2048)
     first = prompts.ids(PROMPTS[1])
     assert prompts.ids([dict(m) for m in PROMPTS[1]]) == first  # equal messages: remembered
     assert prompts.ids(PROMPTS[0]) == prompt_ids(tokenizer, PROMPTS[0])
@@ -182,6 +182,45 @@ def test_prompts_tokenise_each_prompt_once(tmp_path: pathlib.Path) -> None:
     for _ in range(2):  # a failure is raised each time, never remembered as a result
         with pytest.raises(ValueError, match="role"):
             prompts.ids(bad)
+
+
+def test_prompts_keep_no_prompt_over_the_model_length_and_stay_within_their_budget(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A caller sending many over-long prompts (each refused) must not fill the memory:
+    those are never kept, and what is kept stays within a token budget, oldest out."""
+    folder = build_llama_causal_lm(tmp_path / "vicuna-ish", chat_template=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    calls: list[str] = []
+
+    class Counting(type(tokenizer)):  # type: ignore[misc]
+        def __call__(self, text: Any, **kwargs: Any) -> Any:
+            calls.append(text)
+            return super().__call__(text, **kwargs)
+
+    tokenizer.__class__ = Counting
+
+    def user(text: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": text}]
+
+    short = len(prompt_ids(tokenizer, user("a b")))
+    calls.clear()
+    prompts = Prompts(tokenizer, longest=short + 10, budget_tokens=3 * (short + 10))
+    long = user("word " * 50)
+    for _ in range(2):
+        assert len(prompts.ids(long)) > short + 10
+    assert len(calls) == 2  # tokenised each time: never kept
+    for n in range(3):  # within the budget: each kept
+        prompts.ids(user(f"x{n} y"))
+    prompts.ids(user("x0 y"))
+    assert len(calls) == 5
+    for n in range(3, 9):  # more than the budget holds: the least recently used go
+        prompts.ids(user(f"x{n} y"))
+    calls.clear()
+    prompts.ids(user("x8 y"))  # the newest is still there
+    assert calls == []
+    prompts.ids(user("x0 y"))
+    assert len(calls) == 1
 
 
 def test_vicuna_fallback_without_chat_template(tmp_path: pathlib.Path) -> None:

@@ -18,10 +18,12 @@ Contract:
 
 from __future__ import annotations
 
+import array
 import contextlib
-import functools
+import threading
 from collections.abc import Iterator, Sequence
 
+import cachetools
 from transformers import PreTrainedTokenizerBase
 
 from align2.server.backends.base import Message
@@ -75,23 +77,45 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) 
 
 
 class Prompts:
-    """:func:`prompt_ids` for one tokenizer, remembering the last ``size`` prompts.
+    """:func:`prompt_ids` for one tokenizer, remembering recent prompts.
 
     The core counts each request's prompt tokens (to check its length and cost) just
     before the backend submits it; with this the prompt is rendered and tokenised once.
-    Thread-safe; a prompt that fails (ValueError) is not remembered.
+    What is kept is bounded by tokens, not prompts: at most ``budget_tokens`` ids in all
+    (least recently used first out), and never a prompt over ``longest`` tokens (the
+    model's max_length: the core refuses it, and a caller sending many would otherwise
+    fill the memory with prompts that never run). Thread-safe; a prompt that fails
+    (ValueError) is not remembered.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, size: int = 1024) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        longest: int,
+        budget_tokens: int = 1 << 20,
+    ) -> None:
         self.tokenizer = tokenizer
-        self._encode = functools.lru_cache(maxsize=size)(self._encode_key)
+        self._longest = longest
+        self._kept: cachetools.LRUCache[_Key, array.array[int]] = cachetools.LRUCache(
+            maxsize=budget_tokens, getsizeof=len
+        )
+        self._lock = threading.Lock()
 
     def ids(self, messages: Sequence[Message]) -> list[int]:
         key = tuple(tuple(message.items()) for message in messages)
-        return list(self._encode(key))
+        with self._lock:
+            kept = self._kept.get(key)
+        if kept is not None:
+            return kept.tolist()
+        ids = prompt_ids(self.tokenizer, messages)
+        if len(ids) <= self._longest:
+            with self._lock, contextlib.suppress(ValueError):  # over the whole budget
+                self._kept[key] = array.array("q", ids)
+        return ids
 
-    def _encode_key(self, key: tuple[tuple[tuple[str, str], ...], ...]) -> tuple[int, ...]:
-        return tuple(prompt_ids(self.tokenizer, [dict(message) for message in key]))
+
+_Key = tuple[tuple[tuple[str, str], ...], ...]
 
 
 def choice_ids(tokenizer: PreTrainedTokenizerBase, choices: Sequence[str]) -> list[int]:

@@ -62,7 +62,7 @@ class TransformersGeneration:
     ) -> None:
         self.description = description
         self._tokenizer = tokenizer
-        self._prompts = Prompts(tokenizer)
+        self._prompts = Prompts(tokenizer, longest=description.max_length)
         self._model = model
         self._device = torch.device(description.device)
         prepare_device(self._device)

@@ -91,7 +91,7 @@ class VllmGeneration:
     ) -> None:
         self.description = description
         self._tokenizer = tokenizer
-        self._prompts = Prompts(tokenizer)
+        self._prompts = Prompts(tokenizer, longest=description.max_length)
         self._engine: AsyncLLM | None = engine
         self._request_ids = itertools.count()
         self._in_flight: set[str] = set()  # request ids between submission and final output

@@ -38,8 +38,8 @@ from align2.server.backends.base import (
 )
 from align2.server.config import BatchingConfig
 from align2.server.core.batcher import Batcher, Outcome, Reservation
-from align2.server.core.priority import Priority
 from align2.server.core.drain import DrainEstimate
+from align2.server.core.priority import Priority
 from align2.server.errors import (
     BackendError,
     DeadlineExpired,
