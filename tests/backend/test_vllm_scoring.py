@@ -271,3 +271,17 @@ def test_a_device_vllm_cannot_use_is_a_config_error(tiny_idefics3: pathlib.Path)
     config = model_config(tiny_idefics3, device="cuda:0")
     with pytest.raises(ConfigError, match=re.escape("models.x.device: 'cuda:0'")):
         VllmScoring.load("x", config, tiny_idefics3)
+
+
+def test_an_engine_that_cannot_start_is_a_config_error_naming_its_memory_key(
+    tiny_idefics3: pathlib.Path,
+) -> None:
+    """vLLM says "Engine core initialization failed" and hints at gpu_memory_utilization,
+    which align2 does not use: the error names the model and the key that sizes the cache."""
+    engine = dataclasses.replace(model_config(tiny_idefics3).vllm, kv_cache_memory_bytes=1024)
+    config = model_config(tiny_idefics3, vllm=engine)
+    with pytest.raises(ConfigError) as refused:
+        VllmScoring.load("x", config, tiny_idefics3)
+    message = str(refused.value)
+    assert message.startswith("models.x: the vLLM engine did not start: ")
+    assert "models.x.vllm.kv_cache_memory_bytes" in message

@@ -15,10 +15,12 @@ all of that to the engine's own process.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import weakref
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from align2.server.backends.torch_device import classify_device_error
@@ -121,6 +123,24 @@ def engine_error(exc: Exception, model: str) -> Align2Error:
     if isinstance(exc, VLLMClientError):
         return InvalidArgument(f"model {model!r} refused the request: {exc}")
     return classify_device_error(exc, model)
+
+
+@contextlib.contextmanager
+def engine_starting(name: str) -> Iterator[None]:
+    """An engine that fails to start becomes a ConfigError naming the model and the key
+    that sizes its memory: vLLM's own message ends "Engine core initialization failed. See
+    root cause above", and its hints name ``gpu_memory_utilization``, which align2 does not
+    use (it sets the KV cache in bytes)."""
+    try:
+        yield
+    except (Align2Error, ConfigError):
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            f"models.{name}: the vLLM engine did not start: {exc} (the engine's log above "
+            f"has the cause; its KV cache is models.{name}.vllm.kv_cache_memory_bytes, which "
+            "align2 sets instead of vLLM's gpu_memory_utilization)"
+        ) from exc
 
 
 def start_engine(**kwargs: Any) -> LLM:

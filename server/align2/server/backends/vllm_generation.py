@@ -54,6 +54,7 @@ from align2.server.backends.vllm_common import (
     engine_device,
     engine_error,
     engine_kwargs,
+    engine_starting,
     set_engine_environment,
 )
 from align2.server.config import ModelConfig
@@ -294,7 +295,8 @@ def _start_engine(
     from vllm.v1.engine.async_llm import AsyncLLM
 
     args = AsyncEngineArgs(**generation_engine_args(name, path, config, device, device_ids))
-    return AsyncLLM.from_engine_args(args)
+    with engine_starting(name):
+        return AsyncLLM.from_engine_args(args)
 
 
 def sampling_params(decoding: Decoding) -> SamplingParams:

@@ -43,6 +43,7 @@ from align2.server.backends.vllm_common import (
     engine_device,
     engine_error,
     engine_kwargs,
+    engine_starting,
     set_engine_environment,
     shutdown_engine,
     start_engine,
@@ -217,18 +218,19 @@ def _start_engine(
     with its stats on (its ``vllm:`` Prometheus series, label model_name = ``name``)."""
     from vllm.config import PoolerConfig
 
-    return start_engine(
-        model=str(path),
-        served_model_name=name,
-        disable_log_stats=False,
-        runner="pooling",
-        convert="classify",
-        # LAST is the method's pooling. Set, not inherited: vLLM's default depends on the
-        # architecture (its Transformers-fallback classifiers default to CLS).
-        pooler_config=PoolerConfig(seq_pooling_type="LAST", use_activation=False),
-        limit_mm_per_prompt={"image": 1},
-        **engine_kwargs(config, device_ids),
-    )
+    with engine_starting(name):
+        return start_engine(
+            model=str(path),
+            served_model_name=name,
+            disable_log_stats=False,
+            runner="pooling",
+            convert="classify",
+            # LAST is the method's pooling. Set, not inherited: vLLM's default depends on the
+            # architecture (its Transformers-fallback classifiers default to CLS).
+            pooler_config=PoolerConfig(seq_pooling_type="LAST", use_activation=False),
+            limit_mm_per_prompt={"image": 1},
+            **engine_kwargs(config, device_ids),
+        )
 
 
 def _scalar(output: PoolingRequestOutput, model: str) -> float:
