@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 
 from align2.server import logs, metrics
-from align2.server.errors import Align2Error, MalformedRequest, Unavailable
+from align2.server.errors import Align2Error, DeadlineExpired, MalformedRequest, Unavailable
 from align2.server.transport.errors import grpc_status
 from align2.server.transport.inflight import InFlightCalls
 
@@ -71,6 +71,13 @@ class _Call:
         remaining = self.context.time_remaining()
         return remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
 
+    def past_deadline(self) -> bool:
+        """The deadline has passed: the client has stopped waiting (its timer fires first).
+        A unary call whose work raced its deadline (items failed "deadline exceeded" while
+        the answer was built) is answered, and counted, DEADLINE_EXCEEDED, not OK."""
+        remaining = self.context.time_remaining()
+        return remaining is not None and remaining <= 0
+
     def cancelled(self) -> None:
         self.code = (
             grpc.StatusCode.DEADLINE_EXCEEDED if self._expired() else grpc.StatusCode.CANCELLED
@@ -108,6 +115,8 @@ async def _mapped(
     task = calls.enter()
     try:
         yield
+        if not request_stream and call.past_deadline():
+            await call.fail(DeadlineExpired("deadline exceeded before the answer was ready"))
         call.returned(request_stream)
     except grpc.aio.AbortError:
         call.aborted()
