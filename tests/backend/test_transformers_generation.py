@@ -161,7 +161,8 @@ def test_max_length_cuts_generation(tiny_llm: pathlib.Path) -> None:
     assert (none.text, none.generated_tokens, none.finished) == ("", 0, False)
 
 
-def test_prompts_tokenise_each_prompt_once(tmp_path: pathlib.Path) -> None:
+def counting_tokenizer(tmp_path: pathlib.Path) -> tuple[Any, list[str]]:
+    """A Vicuna-style tokenizer (no chat template) that records each text it tokenises."""
     folder = build_llama_causal_lm(tmp_path / "vicuna-ish", chat_template=False)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     calls: list[str] = []
@@ -172,6 +173,11 @@ def test_prompts_tokenise_each_prompt_once(tmp_path: pathlib.Path) -> None:
             return super().__call__(text, **kwargs)
 
     tokenizer.__class__ = Counting
+    return tokenizer, calls
+
+
+def test_prompts_tokenise_each_prompt_once(tmp_path: pathlib.Path) -> None:
+    tokenizer, calls = counting_tokenizer(tmp_path)
     prompts = Prompts(tokenizer, longest=2048)
     first = prompts.ids(PROMPTS[1])
     assert prompts.ids([dict(m) for m in PROMPTS[1]]) == first  # equal messages: remembered
@@ -189,16 +195,7 @@ def test_prompts_keep_no_prompt_over_the_model_length_and_stay_within_their_budg
 ) -> None:
     """A caller sending many over-long prompts (each refused) must not fill the memory:
     those are never kept, and what is kept stays within a token budget, oldest out."""
-    folder = build_llama_causal_lm(tmp_path / "vicuna-ish", chat_template=False)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    calls: list[str] = []
-
-    class Counting(type(tokenizer)):  # type: ignore[misc]
-        def __call__(self, text: Any, **kwargs: Any) -> Any:
-            calls.append(text)
-            return super().__call__(text, **kwargs)
-
-    tokenizer.__class__ = Counting
+    tokenizer, calls = counting_tokenizer(tmp_path)
 
     def user(text: str) -> list[dict[str, str]]:
         return [{"role": "user", "content": text}]

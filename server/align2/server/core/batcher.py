@@ -37,8 +37,6 @@ from align2.server.errors import (
     DeadlineExpired,
     DeviceOutOfMemory,
     InvalidArgument,
-    NoTurnBeforeDeadline,
-    Overloaded,
     Unavailable,
 )
 
@@ -177,12 +175,7 @@ class Batcher(Generic[T, R]):
                 f"queue of model {self.name!r} is full: {self.load} of {self.max_queue} items "
                 f"in flight, the call needs {count}"
             )
-            delay = self.drain.retry_after(self.load, count, self.max_queue, deadline)
-            if delay is None:
-                raise NoTurnBeforeDeadline(
-                    f"{full}; at the present pace its turn would come after its deadline"
-                )
-            raise Overloaded(f"{full}; retry with backoff", retry_after=delay)
+            raise self.drain.refusal(full, self.load, count, self.max_queue, deadline)
         self._reserved += count
         self._update_gauge()
         return Reservation(self, count)

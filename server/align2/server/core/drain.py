@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from align2.server.errors import OVERLOADED_RETRY_SECONDS
+from align2.server.errors import OVERLOADED_RETRY_SECONDS, NoTurnBeforeDeadline, Overloaded
 
 MIN_RETRY_SECONDS = 0.02
 """The shortest delay asked for."""
@@ -80,3 +80,15 @@ class DrainEstimate:
             return None
         self._turns_end = min(start + count * self.seconds_per_item, now + self.ceiling)
         return delay
+
+    def refusal(
+        self, full: str, load: int, count: int, capacity: int, deadline: float | None
+    ) -> Overloaded:
+        """The error refusing a call of ``count`` items (``full`` says what is full): its
+        turn (:meth:`retry_after`), or NoTurnBeforeDeadline."""
+        delay = self.retry_after(load, count, capacity, deadline)
+        if delay is None:
+            return NoTurnBeforeDeadline(
+                f"{full}; at the present pace its turn would come after its deadline"
+            )
+        return Overloaded(f"{full}; retry with backoff", retry_after=delay)

@@ -43,8 +43,6 @@ from align2.server.core.priority import Priority
 from align2.server.errors import (
     BackendError,
     DeadlineExpired,
-    NoTurnBeforeDeadline,
-    Overloaded,
     Unavailable,
 )
 
@@ -104,12 +102,7 @@ class _Gate:
                 f"model {self.name!r} is full: {self.load} of {self.limit} requests in flight "
                 f"(limits.max_llm_inflight), the call needs {count}"
             )
-            delay = self.drain.retry_after(self.load, count, self.limit, deadline)
-            if delay is None:
-                raise NoTurnBeforeDeadline(
-                    f"{full}; at the present pace its turn would come after its deadline"
-                )
-            raise Overloaded(f"{full}; retry with backoff", retry_after=delay)
+            raise self.drain.refusal(full, self.load, count, self.limit, deadline)
         self.load += count
         self._gauge.set(self.load)
         return _GateSlots(self, count)
