@@ -76,6 +76,10 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) 
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+_Key = tuple[tuple[tuple[str, str], ...], ...]
+"""A prompt's messages as a hashable key."""
+
+
 class Prompts:
     """:func:`prompt_ids` for one tokenizer, remembering recent prompts.
 
@@ -113,9 +117,6 @@ class Prompts:
             with self._lock, contextlib.suppress(ValueError):  # over the whole budget
                 self._kept[key] = array.array("q", ids)
         return ids
-
-
-_Key = tuple[tuple[tuple[str, str], ...], ...]
 
 
 def choice_ids(tokenizer: PreTrainedTokenizerBase, choices: Sequence[str]) -> list[int]:

@@ -40,11 +40,7 @@ from align2.server.config import BatchingConfig
 from align2.server.core.batcher import Batcher, Outcome, Reservation
 from align2.server.core.drain import DrainEstimate
 from align2.server.core.priority import Priority
-from align2.server.errors import (
-    BackendError,
-    DeadlineExpired,
-    Unavailable,
-)
+from align2.server.errors import BackendError, DeadlineExpired, Unavailable
 
 LlmRequest = GenerationRequest | ChoiceRequest
 LlmResult = Generation | list[float]
@@ -83,7 +79,7 @@ class _Gate:
         self._last_done: float | None = None
 
     def finished(self, started: float) -> None:
-        """One request ended: the engine's pace is the time between completions."""
+        """One request completed: the engine's pace is the time between completions."""
         now = time.monotonic()
         since = started if self._last_done is None else max(self._last_done, started)
         self.drain.observe(1, now - since)
