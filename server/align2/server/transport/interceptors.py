@@ -67,27 +67,21 @@ class _Call:
         self.code = grpc.StatusCode.INTERNAL
         await self.context.abort(self.code, f"internal error: {type(exc).__name__}: {exc}")
 
-    def _expired(self) -> bool:
+    def expired(self, slack: float = DEADLINE_SLACK_SECONDS) -> bool:
+        """The call has a deadline, and at most ``slack`` seconds of it are left."""
         remaining = self.context.time_remaining()
-        return remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
-
-    def past_deadline(self) -> bool:
-        """The deadline has passed: the client has stopped waiting (its timer fires first).
-        A unary call whose work raced its deadline (items failed "deadline exceeded" while
-        the answer was built) is answered, and counted, DEADLINE_EXCEEDED, not OK."""
-        remaining = self.context.time_remaining()
-        return remaining is not None and remaining <= 0
+        return remaining is not None and remaining <= slack
 
     def cancelled(self) -> None:
         self.code = (
-            grpc.StatusCode.DEADLINE_EXCEEDED if self._expired() else grpc.StatusCode.CANCELLED
+            grpc.StatusCode.DEADLINE_EXCEEDED if self.expired() else grpc.StatusCode.CANCELLED
         )
 
     def returned(self, request_stream: bool) -> None:
         """The behavior ended without an error. gRPC ends the request stream of a call whose
         client gave up as if the client had half-closed: a Curate stream then ends
         normally, though its caller got DEADLINE_EXCEEDED; count it as that."""
-        if request_stream and self._expired():
+        if request_stream and self.expired():
             self.code = grpc.StatusCode.DEADLINE_EXCEEDED
 
     def aborted(self) -> None:
@@ -115,7 +109,10 @@ async def _mapped(
     task = calls.enter()
     try:
         yield
-        if not request_stream and call.past_deadline():
+        # A unary call whose work raced its deadline (its items failed "deadline exceeded"
+        # as the answer was built): its client has stopped waiting (its timer fires
+        # first), so it is answered, and counted, DEADLINE_EXCEEDED, not OK.
+        if not request_stream and call.expired(slack=0):
             await call.fail(DeadlineExpired("deadline exceeded before the answer was ready"))
         call.returned(request_stream)
     except grpc.aio.AbortError:
