@@ -3,6 +3,7 @@ align2.server.testing."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import pathlib
@@ -127,3 +128,10 @@ async def bound_not_warm(config: Config) -> AsyncIterator[grpc.aio.Channel]:
             yield channel
     finally:
         await app.stop(grace=0)
+
+
+async def spin(turns: int = 50) -> None:
+    """Let the event loop run ``turns`` times: enough for tasks that never sleep (a
+    batcher's loop, a curator's workers) to reach the point where they wait."""
+    for _ in range(turns):
+        await asyncio.sleep(0)

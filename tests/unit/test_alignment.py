@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from llm_fakes import MARK, FakeLLM, restyle
+from support import spin
 
 from align2.client.types import Sample, Turn
 from align2.server.backends.base import ChoiceRequest, Decoding, GenerationRequest
@@ -367,8 +368,7 @@ async def test_a_turn_gives_back_its_unused_slots_when_it_ends(
     async with started(llm, pool) as (aligner, runtime):
         call = asyncio.create_task(aligner.align(AlignCall([guarded, reviewed])))
         await asyncio.wait_for(llm.reviewing.wait(), 10)
-        for _ in range(50):
-            await asyncio.sleep(0)
+        await spin()
         # planned 2 x 4; the guarded turn used 2 (done), the reviewed one used 2 (done)
         # and holds 2 review choices: only those 2 are still claimed.
         assert runtime.load == 2

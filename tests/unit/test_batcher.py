@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 
 import pytest
-from support import metric
+from support import metric, spin
 
 from align2.server.core.batcher import Batcher, Outcome, busy_seconds
 from align2.server.core.priority import Priority
@@ -485,12 +485,6 @@ def test_busy_seconds_counts_overlapping_batches_once_and_batch_mates_once() -> 
     assert busy_seconds([]) == 0.0
 
 
-async def settle(turns: int = 20) -> None:
-    """Let the batcher's loop run until it waits (it never sleeps: a few loop turns)."""
-    for _ in range(turns):
-        await asyncio.sleep(0)
-
-
 async def test_waits_for_the_last_reserved_batch_mate() -> None:
     """One item of a two-item call is queued, one is still being prepared: the batch waits
     for it (a call's items run together), not only while two or more are on their way."""
@@ -498,7 +492,7 @@ async def test_waits_for_the_last_reserved_batch_mate() -> None:
     batcher = make(runner, max_delay=60.0)
     reservation = batcher.reserve(2)
     first = asyncio.create_task(batcher.submit(1, cost=1, reservation=reservation))
-    await settle()
+    await spin()
     assert runner.batches == []  # waiting for its batch-mate
     second = asyncio.create_task(batcher.submit(2, cost=1, reservation=reservation))
     await asyncio.wait_for(asyncio.gather(first, second), 10)
@@ -513,7 +507,7 @@ async def test_releasing_the_reservation_wakes_a_batch_already_waiting() -> None
     batcher = make(runner, max_delay=60.0)
     reservation = batcher.reserve(2)
     task = asyncio.create_task(batcher.submit(1, cost=1, reservation=reservation))
-    await settle()
+    await spin()
     assert runner.batches == []  # the loop waits (up to 60 s) for the second item
     reservation.release()
     assert (await asyncio.wait_for(task, 10)).value == 10.0

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import pytest
+from support import spin
 
 from align2.client.types import Sample, Turn
 from align2.server.config import CurateConfig, LimitsConfig
@@ -118,8 +119,7 @@ async def test_at_most_max_stream_inflight_samples_are_worked_on_at_once() -> No
     task = asyncio.ensure_future(
         collect(curator(scorer, inflight=3).stream(feed(sample(i) for i in range(10)), None))
     )
-    for _ in range(50):
-        await asyncio.sleep(0)
+    await spin()
     assert scorer.running == 3  # the rest wait (the reader holds at most one more)
     assert len(scorer.calls) == 3
     scorer.gate.set()
@@ -136,8 +136,7 @@ async def test_each_decision_carries_its_samples_position_whatever_the_ids() -> 
         *(Sample(id=i, image=b"", turns=[Turn("q?", "a.")]) for i in ["dup", "", "dup", ""]),
     ]
     task = asyncio.ensure_future(collect(curator(scorer, inflight=4).stream(feed(items), None)))
-    for _ in range(50):
-        await asyncio.sleep(0)
+    await spin()
     scorer.gate.set()
     results = await task
     # The options message is not counted: samples are numbered 0..3 in the order they came.
@@ -223,8 +222,7 @@ async def test_a_stopping_server_ends_an_idle_stream_after_answering_what_it_too
         yield sample(2)
 
     async def drain_soon() -> None:
-        for _ in range(30):
-            await asyncio.sleep(0)
+        await spin(30)
         lifecycle.phase = phase
 
     seen: list[str] = []
@@ -251,8 +249,7 @@ async def test_a_slow_reader_of_decisions_holds_back_the_reading_of_samples() ->
 
     stream = curator(scorer, inflight=2).stream(items(), None)
     first = await stream.__anext__()
-    for _ in range(50):  # decisions are ready, nobody reads them
-        await asyncio.sleep(0)
+    await spin()  # decisions are ready, nobody reads them
     # Two slots: the first decision (handed over, slot not yet given back) and one more;
     # the reader may hold one more sample while it waits for a slot.
     assert {i for i, _ in scorer.calls} == {"s0", "s1"} and len(pulled) <= 3
@@ -282,14 +279,12 @@ async def test_a_consumer_that_stops_cancels_the_work_in_flight() -> None:
     scorer.gate = asyncio.Event()
     stream = curator(scorer, inflight=4).stream(feed(sample(i) for i in range(4)), None)
     task = asyncio.ensure_future(stream.__anext__())
-    for _ in range(50):
-        await asyncio.sleep(0)
+    await spin()
     assert scorer.running == 4
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(10):
-        await asyncio.sleep(0)
+    await spin(10)
     assert scorer.running == 0
 
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import pytest
-from support import metric
+from support import metric, spin
 from test_curation import ScriptedScorer, collect, curator, feed, sample
 
 from align2.client.types import Sample
@@ -30,11 +30,6 @@ def question_stage(**options: Any) -> CurateOptions:
 
 def by_id(results: Iterable[Curated]) -> dict[str, Curated]:
     return {r.id: r for r in results}
-
-
-async def spin(times: int = 50) -> None:
-    for _ in range(times):
-        await asyncio.sleep(0)
 
 
 class Producer:
