@@ -182,3 +182,49 @@ def test_to_dict_is_json_ready() -> None:
     assert failed.to_dict()["error"] == {"code": "NOT_FOUND", "message": "image: gone"}
     scored = ScoreResult(id="1", answer_scores=(1.0,), answer_truncated=(False,)).to_dict()
     assert scored["answer_scores"] == [1.0] and scored["error"] is None
+
+
+ORIGINAL = Sample(id="s", image=b"", turns=[Turn("q?", "a.")])
+
+
+def test_a_kept_decision_with_an_error_reads_as_an_error() -> None:
+    """Never keep what carries an error. Fails on: removing the kept-with-error rule."""
+    error = pb.ItemError(code=grpc.StatusCode.INTERNAL.value[0], message="boom")
+    response = pb.CurateResponse(id="s", decision=pb.DECISION_KEPT, error=error)
+    result = curate_result_from_proto(response, ORIGINAL)
+    assert (result.decision, result.sample) == ("error", None)
+
+
+def test_a_kept_sample_is_the_aligned_one_when_aligned() -> None:
+    """Fails on: ignoring ``aligned.sample`` (the restyle would be lost)."""
+    rewrite = pb.Turn(question="q?", answer="A rewritten answer.")
+    aligned = pb.AlignResult(
+        id="s",
+        turns=[
+            pb.AlignedTurn(
+                original=pb.Turn(question="q?", answer="a."), rewrite=rewrite, kept=pb.KEPT_REWRITE
+            )
+        ],
+    )
+    response = pb.CurateResponse(id="s", decision=pb.DECISION_KEPT, aligned=aligned)
+    result = curate_result_from_proto(response, ORIGINAL)
+    assert result.sample is not None and result.sample.turns == [Turn("q?", "A rewritten answer.")]
+
+
+def test_a_best_candidate_beyond_the_turns_candidates_is_a_protocol_error() -> None:
+    """Fails on: ``b > len(...)`` for ``b >= len(...)`` in _best (then an IndexError)."""
+    original = Sample(id="s", image=b"", turns=[Turn("q?", candidates=("a", "b"))])
+    scores = pb.ScoreResult(
+        id="s", answer_candidates=[pb.CandidateScores(scores=[1.0, 2.0, 3.0], best=2)]
+    )
+    response = pb.CurateResponse(id="s", decision=pb.DECISION_KEPT, scores=scores)
+    with pytest.raises(ProtocolError, match="do not fit"):
+        curate_result_from_proto(response, original)
+
+
+def test_an_absent_threshold_is_none_not_zero() -> None:
+    """A decision without a question threshold (an error before selection) reports None,
+    not 0.0. Fails on: HasField dropped for question_threshold."""
+    error = pb.ItemError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="image: bad")
+    response = pb.CurateResponse(id="s", decision=pb.DECISION_ERROR, error=error)
+    assert curate_result_from_proto(response, ORIGINAL).question_threshold is None

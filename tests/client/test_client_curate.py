@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from align2.client.calls import align_options
-from align2.client.curate import CurateArgs, CurateStream
+from align2.client.curate import CurateArgs, CurateStream, selection_options
 from align2.client.results import ProtocolError
 from align2.client.types import Sample, Turn
 from align2.v1 import curation_pb2 as pb
@@ -100,3 +100,10 @@ def test_the_typed_curate_arguments_are_the_plans() -> None:
     written |= {name: p.annotation for name, p in align.items()}
     typed = {k: getattr(v, "__forward_arg__", v) for k, v in CurateArgs.__annotations__.items()}
     assert typed == written
+
+
+def test_a_selection_key_of_exactly_256_characters_is_sent() -> None:
+    """As the server checks it. Fails on: ``>=`` for ``>``."""
+    assert selection_options(selection_key="k" * 256).selection_key == "k" * 256
+    with pytest.raises(ValueError, match="257 characters exceeds 256"):
+        selection_options(selection_key="k" * 257)

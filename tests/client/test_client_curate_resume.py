@@ -372,3 +372,61 @@ def test_aio_waits_for_a_server_that_comes_back(restartable: Restartable) -> Non
     got, streams = asyncio.run(run())
     assert streams == 2
     assert_each_once_and_matched(got, given)
+
+
+def test_the_resume_backoff_is_capped_at_its_maximum() -> None:
+    """Fails on: ``min(base, max_backoff_seconds)`` removed (0.5 * 2**19 s on try 20)."""
+    policy = ResumePolicy()
+    assert all(policy.backoff(n) <= policy.max_backoff_seconds * 1.2 for n in range(1, 31))
+
+
+def test_samples_waiting_to_be_sent_again_are_listed_as_unanswered() -> None:
+    """After a restart and before the next stream sends them, they are still unanswered
+    (the caller resends them if the call fails now). Fails on: ``unanswered`` ignoring the
+    resend queue."""
+    stream = CurateStream.plan(resume=True)
+    first = stream.requests(iter(make_samples(3)))
+    assert [next(first).WhichOneof("item")] + [next(first).sample.id for _ in range(3)] == [
+        "options",
+        "0",
+        "1",
+        "2",
+    ]
+    stream.decode(kept_decision(1, "1"))
+    stream.restart()
+    assert stream.unanswered == ["0", "2"]
+
+
+def test_a_second_failure_resends_in_the_original_order() -> None:
+    """What the failed stream had sent goes before what it had not sent yet. Fails on:
+    ``extend`` for ``extendleft(reversed(...))`` in restart."""
+    stream = CurateStream.plan(resume=True)
+    produced = iter(make_samples(5))
+    first = stream.requests(produced)
+    assert [next(first).WhichOneof("item")] + [next(first).sample.id for _ in range(3)] == [
+        "options",
+        "0",
+        "1",
+        "2",
+    ]
+    stream.restart()
+    second = stream.requests(produced)
+    assert [next(second).WhichOneof("item"), next(second).sample.id] == ["options", "0"]
+    stream.restart()  # the second stream failed after resending only "0"
+    third = list(stream.requests(produced))
+    assert [r.sample.id for r in third[1:]] == ["0", "1", "2", "3", "4"]
+
+
+def test_a_lost_status_on_a_new_stream_without_decisions_is_resumed_once_only() -> None:
+    """Decisions of an earlier stream do not make a new, silent stream "going": it gets
+    one blind resume, not the policy's every attempt. Fails on: restart() not resetting the
+    per-stream decision count."""
+    stream = CurateStream.plan(resume=FAST_RESUME)
+    first = stream.requests(iter(make_samples(2)))
+    list(first)
+    stream.decode(kept_decision(0, "0"))
+    assert stream.next_try("INTERNAL", LOST_STATUS) is not None  # it was going
+    stream.restart()
+    assert stream.next_try("INTERNAL", LOST_STATUS) is not None  # blind, once
+    stream.restart()
+    assert stream.next_try("INTERNAL", LOST_STATUS) is None

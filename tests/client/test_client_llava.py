@@ -426,3 +426,47 @@ def test_json_lists_json_load_refuses_are_refused(tmp_path: pathlib.Path, text: 
         json.loads(text)
     with pytest.raises(ValueError, match=r"bad\.json: not valid JSON"):
         list(iter_records(path))
+
+
+def test_task_key_wins_over_type_key(tmp_path: pathlib.Path) -> None:
+    """Fails on: reading ``type`` before ``task``."""
+    [sample] = read_llava(write_json(tmp_path / "d.json", [{**RECORD, "task": "a", "type": "b"}]))
+    assert sample.task == "a"
+
+
+def test_an_empty_task_key_falls_back(tmp_path: pathlib.Path) -> None:
+    """An empty ``task`` is no task: ``type``, then the file name, decide.
+    Fails on: returning the first key present even when empty."""
+    records = [{**RECORD, "task": "", "type": "typed"}, {**RECORD, "task": ""}]
+    path = write_json(tmp_path / "conversation_58k.json", records)
+    assert [s.task for s in read_llava(path)] == ["typed", "conversation"]
+
+
+def test_an_empty_image_name_is_malformed(tmp_path: pathlib.Path) -> None:
+    """Fails on: accepting "" (the image folder itself would be sent as the image)."""
+    message = r"record 0 \(id '000000215677'\): image: expected a file name"
+    with pytest.raises(ValueError, match=message):
+        read_llava(write_json(tmp_path / "d.json", [{**RECORD, "image": ""}]))
+
+
+def test_a_boolean_id_is_malformed(tmp_path: pathlib.Path) -> None:
+    """true is not an id (it would be written back as "True"). Fails on: no bool check."""
+    with pytest.raises(ValueError, match=r"record 0: id: expected a string, got bool"):
+        read_llava(write_json(tmp_path / "d.json", [{**RECORD, "id": True}]))
+
+
+def test_an_upper_case_jsonl_suffix_writes_jsonl(tmp_path: pathlib.Path) -> None:
+    """Fails on: a case-sensitive suffix check."""
+    [sample] = read_llava(write_json(tmp_path / "d.json", [RECORD]))
+    out = tmp_path / "OUT.JSONL"
+    write_llava([sample], out)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [RECORD]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_byte_order_mark_is_tolerated(tmp_path: pathlib.Path, suffix: str) -> None:
+    """Some editors write a BOM. Fails on: reading as plain utf-8."""
+    text = json.dumps([RECORD]) if suffix == ".json" else json.dumps(RECORD) + "\n"
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes("\ufeff".encode() + text.encode())
+    assert [s.id for s in read_llava(path)] == ["000000215677"]

@@ -6,7 +6,9 @@ turn by its length, so the test knows every score."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import os
 import pathlib
 import signal
@@ -22,7 +24,7 @@ from client_fakes import FakeCuration, serving
 from reference_selection import reference_curate, reference_curate_examples
 
 from align2.client import cli, offline
-from align2.client.records import load_inputs
+from align2.client.records import Invalid, InvalidRecords, load_inputs
 from align2.client.scorestore import Scorer, ScoreStore
 from align2.v1 import curation_pb2 as pb
 
@@ -598,3 +600,152 @@ def test_a_record_named_by_the_run_loses_its_place_in_a_call(message: str, named
     from align2.client.calls import without_place
 
     assert without_place(message) == named
+
+
+def detail_file(tmp_path: pathlib.Path) -> pathlib.Path:
+    """Ten one-turn records, ids "1".."10" (question scores 1..10), answers 1..10 long."""
+    records = [record(tmp_path, str(i), ["a" * i]) for i in range(1, 11)]
+    return write(tmp_path / "detail_x.json", records)
+
+
+class NaNScores(FakeCuration):
+    """The question head scores sample "7" NaN."""
+
+    def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
+        response = super().Score(request, context)
+        for result in response.results:
+            if result.id == "7" and result.HasField("question_score"):
+                result.question_score = math.nan
+        return response
+
+
+def test_a_nan_score_leaves_its_record_out_as_invalid(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fails on: offline._value not checking NaN (the whole run then fails in top_fraction)."""
+    source = detail_file(tmp_path)
+    report = tmp_path / "r.json"
+    with serving(NaNScores()) as fake:
+        code = curate(fake, source, "--image-folder", tmp_path, "--out", tmp_path / "k.json",
+                      "--skip-invalid", "--report", report)  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    [invalid] = json.loads(report.read_text())["invalid"]
+    assert (invalid["id"], invalid["stage"], invalid["problem"]) == (
+        "7",
+        "question",
+        "question score is NaN",
+    )
+
+
+class UnavailableItem(FakeCuration):
+    """Sample "7" fails with an item error of a busy server (UNAVAILABLE)."""
+
+    def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
+        response = super().Score(request, context)
+        for result in response.results:
+            if result.id == "7":
+                result.Clear()
+                result.id = "7"
+                result.error.code = grpc.StatusCode.UNAVAILABLE.value[0]
+                result.error.message = "samples[0]: the model is reloading"
+        return response
+
+
+def test_an_item_error_of_the_server_stops_the_run_even_with_skip_invalid(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only INVALID_ARGUMENT-like item errors make a record invalid; UNAVAILABLE stops the
+    run (a rerun resumes) instead of silently dropping the record. Fails on: treating every
+    item error as an invalid record."""
+    source = detail_file(tmp_path)
+    with serving(UnavailableItem()) as fake:
+        code = curate(fake, source, "--image-folder", tmp_path, "--out", tmp_path / "k.json",
+                      "--skip-invalid")  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "stopped:" in err and "record 6 (id '7'): question head: UNAVAILABLE" in err
+
+
+class ReloadedModel(FakeCuration):
+    """GetServerInfo reports revision r1 of the question model; Score answers with r9."""
+
+    def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
+        response = super().Score(request, context)
+        response.question_model.revision = "r9"
+        return response
+
+
+def test_a_head_that_changes_during_the_run_stops_it(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Scores of two model revisions must never be ranked together. Fails on: removing the
+    ``answered != scorer`` check."""
+    source = detail_file(tmp_path)
+    with serving(ReloadedModel()) as fake:
+        code = curate(fake, source, "--image-folder", tmp_path, "--out", tmp_path / "k.json")
+    assert code == 1
+    assert "the server's question head changed during the run" in capsys.readouterr().err
+    assert not (tmp_path / "k.json").exists()
+
+
+class Refusal(grpc.RpcError):
+    def __init__(self, pushback: str) -> None:
+        self._pushback = pushback
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("grpc-retry-pushback-ms", self._pushback),)
+
+
+def test_a_refusal_with_a_zero_pushback_is_sent_again() -> None:
+    """grpc-retry-pushback-ms >= 0 asks for a retry (0: at once); only -1 says not to.
+    Fails on: ``millis <= 0`` for ``millis < 0``."""
+    calls = []
+
+    async def call() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise Refusal("0")
+        return "scored"
+
+    assert asyncio.run(offline.when_room(call)) == "scored"
+    assert len(calls) == 2
+
+
+def test_a_refusal_is_sent_again_no_sooner_than_the_servers_delay() -> None:
+    """The pause is never shorter than grpc-retry-pushback-ms. Fails on: pacing on the
+    client's own backoff alone (0.25-0.5 s here)."""
+    calls = []
+
+    async def call() -> str:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise Refusal("1000")
+        return "scored"
+
+    assert asyncio.run(offline.when_room(call)) == "scored"
+    assert calls[1] - calls[0] >= 1.0
+
+
+def test_one_task_ranks_records_that_have_a_task_together(tmp_path: pathlib.Path) -> None:
+    """--one-task: a single stratum "all", whatever task keys records carry.
+    Fails on: typed records keeping their own stratum under one_task."""
+    tagged = [record(tmp_path, "1", ["A cat."], task=t) for t in ("detail", "conversation")]
+    path = write(tmp_path / "mixed.json", tagged)
+    inputs = load_inputs([path], image_folder=tmp_path, one_task=True)
+    assert list(inputs.tasks) == ["all"] and len(inputs.tasks["all"]) == 2
+
+
+def test_a_given_task_wins_over_the_file_name(tmp_path: pathlib.Path) -> None:
+    """Record key, else --task, else the file name. Fails on: file name before --task."""
+    path = write(tmp_path / "detail_23k.json", [record(tmp_path, "1", ["A cat."])])
+    inputs = load_inputs([path], image_folder=tmp_path, task="conversation")
+    assert list(inputs.tasks) == ["conversation"]
+
+
+def test_invalid_records_beyond_five_are_counted_in_the_message() -> None:
+    """Fails on: dropping the "(and N more)" part."""
+    error = InvalidRecords([Invalid("f.json", i, str(i), "read", "bad") for i in range(7)])
+    assert str(error).startswith("7 invalid records: ") and str(error).endswith("(and 2 more)")

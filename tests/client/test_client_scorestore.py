@@ -115,3 +115,14 @@ def test_the_digest_follows_what_is_scored() -> None:
     ]
     digests = {sample_digest(s) for s in (base, *with_candidates)}
     assert len(digests) == 4
+
+
+def test_a_boolean_score_line_is_ignored(tmp_path: pathlib.Path) -> None:
+    """JSON true is not a score. Fails on: no bool check in _number (true read as 1.0)."""
+    path = tmp_path / "s.jsonl"
+    entry = {"id": "1", "digest": "d" * 32, "head": "question", "revision": "r1",
+             "template_version": "t1", "score": True}  # fmt: skip
+    path.write_text(json.dumps(entry) + "\n")
+    with ScoreStore(path) as store:
+        assert store.loaded == 0 and store.ignored_lines == 1
+        assert store.get(key("1")) is None

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from reference_selection import TASKS, reference_curate, reference_curate_examples
 
-from align2.client import choose_candidates
+from align2.client import choose_candidates, offline
 from align2.client.llava import record_from_sample, sample_from_record
 from align2.client.selection import (
     best_candidate,
@@ -202,3 +202,22 @@ def test_describe() -> None:
     assert quantile([1.0, 2.0], 0.25) == 1.25
     empty = describe([], [])
     assert empty.count == 0 and empty.minimum is None and empty.threshold is None
+
+
+def test_describe_one_score() -> None:
+    """A task with one score (a tiny file) has a summary. Fails on: quantile's high index
+    not clamped (IndexError)."""
+    summary = describe([2.5], [2.5])
+    assert (summary.minimum, summary.q1, summary.median, summary.q3, summary.maximum) == (
+        2.5,
+        2.5,
+        2.5,
+        2.5,
+        2.5,
+    )
+
+
+def test_a_keep_fraction_of_zero_is_allowed() -> None:
+    """check_fraction's range is [0, 1]. Fails on: refusing 0."""
+    assert keep_count(0.0, 10) == 0
+    assert offline.OfflineSettings(question_keep=0.0, answer_keep=0.0).question_keep == 0.0
