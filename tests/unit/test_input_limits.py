@@ -33,7 +33,7 @@ def problem(*turns: Turn, answers_needed: str | None = None, **limits: int) -> s
 
 
 def test_exactly_max_turns_is_accepted() -> None:
-    """Killed: ``>=`` for ``>`` in the turn-count check."""
+    """Fails on: ``>=`` for ``>`` in the turn-count check."""
     assert problem(Turn("a?", "b"), Turn("c?", "d"), max_turns=2) is None
     assert problem(Turn("a?", "b"), Turn("c?", "d"), Turn("e?", "f"), max_turns=2) == (
         "turns: 3 turns exceeds limits.max_turns 2"
@@ -41,7 +41,7 @@ def test_exactly_max_turns_is_accepted() -> None:
 
 
 def test_a_text_of_exactly_max_text_bytes_is_accepted() -> None:
-    """Five two-byte characters with max_text_bytes 10: allowed. Killed: ``>=``."""
+    """Five two-byte characters with max_text_bytes 10: allowed. Fails on: ``>=``."""
     assert problem(Turn("q?", "é" * 5), max_text_bytes=10) is None
     assert "11 bytes (UTF-8) exceeds" in (
         problem(Turn("q?", "é" * 5 + "x"), max_text_bytes=10) or ""
@@ -49,14 +49,14 @@ def test_a_text_of_exactly_max_text_bytes_is_accepted() -> None:
 
 
 def test_an_answer_blank_once_cleaned_is_refused_where_answers_are_needed() -> None:
-    """ " <image> " is no answer to rewrite. Killed: ``not turn.answer`` for the cleaned."""
+    """ " <image> " is no answer to rewrite. Fails on: ``not turn.answer`` for the cleaned."""
     assert problem(Turn("q?", " <image> "), answers_needed=ALIGN) == (
         f"turns[0].answer: empty, and {ALIGN}"
     )
 
 
 def test_a_blank_candidate_is_refused_where_answers_are_needed() -> None:
-    """Killed: ``not candidate`` for ``not clean(candidate)``."""
+    """Fails on: ``not candidate`` for ``not clean(candidate)``."""
     assert problem(Turn("q?", candidates=("ok", "  ")), answers_needed=ALIGN) == (
         f"turns[0].answer_candidates[1]: empty, and {ALIGN}"
     )
@@ -73,12 +73,12 @@ def png(size: tuple[int, int], mode: str = "RGB") -> bytes:
 
 
 def test_exactly_max_pixels_is_accepted() -> None:
-    """Killed: ``>=`` for ``>`` on width x height."""
+    """Fails on: ``>=`` for ``>`` on width x height."""
     assert open_image(png((10, 10)), max_bytes=10_000, max_pixels=100).size == (10, 10)
 
 
 def test_exactly_max_bytes_is_accepted() -> None:
-    """Killed: ``>=`` for ``>`` on the byte size."""
+    """Fails on: ``>=`` for ``>`` on the byte size."""
     data = png((10, 10))
     assert open_image(data, max_bytes=len(data), max_pixels=100).size == (10, 10)
     with pytest.raises(InvalidArgument, match=rf"{len(data)} bytes exceeds"):
@@ -86,11 +86,11 @@ def test_exactly_max_bytes_is_accepted() -> None:
 
 
 def test_a_padded_square_of_exactly_max_pixels_is_accepted() -> None:
-    """Killed: ``>=`` for ``>`` on the padded square."""
+    """Fails on: ``>=`` for ``>`` on the padded square."""
     assert decode_image(png((10, 4)), max_bytes=10_000, max_pixels=100, padded=True).size == (10, 4)
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "L", "P"])
 def test_every_image_is_decoded_as_rgb(mode: str) -> None:
-    """The vision tower takes three channels. Killed: returning the image unconverted."""
+    """The vision tower takes three channels. Fails on: returning the image unconverted."""
     assert decode_image(png((8, 8), mode), max_bytes=10_000, max_pixels=100).mode == "RGB"

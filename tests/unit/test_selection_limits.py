@@ -28,7 +28,7 @@ def float32(value: float) -> float:
 
 def test_a_fraction_times_n_that_is_whole_is_not_rounded_up_by_float_error() -> None:
     """0.07 * 100 is 7.000000000000001 in floats: the top 7% of 100 scores is 7 of them,
-    not 8 (module docstring: k = ceil(fraction x n)). Killed: dropping the - 1e-9."""
+    not 8 (module docstring: k = ceil(fraction x n)). Fails on: dropping the - 1e-9."""
     assert 0.07 * 100 > 7
     selector = TopFraction(0.07, window=100)
     for score in range(1, 101):  # scores 1..100, the window is then full
@@ -39,7 +39,7 @@ def test_a_fraction_times_n_that_is_whole_is_not_rounded_up_by_float_error() -> 
 
 def test_a_tiny_fraction_still_keeps_the_best_score_only() -> None:
     """k is at least 1: a fraction far below 1/n keeps the highest score, not everything.
-    Killed: ``self._sorted[-k]`` without ``max(k, 1)`` (k = 0 reads the lowest score)."""
+    Fails on: ``self._sorted[-k]`` without ``max(k, 1)`` (k = 0 reads the lowest score)."""
     selector = TopFraction(1e-12, window=10)
     for score in (5.0, 9.0, 1.0):
         selector.add(score)
@@ -54,7 +54,7 @@ def test_a_tiny_fraction_still_keeps_the_best_score_only() -> None:
 async def test_a_score_is_compared_with_a_given_threshold_as_float32() -> None:
     """A threshold arrives as float32 (proto float); a model score of 0.1 reported back as
     float32 equals it, so the server must keep it (module docstring of selector.py).
-    Killed: dropping ``as_float32`` in StageSelector.select."""
+    Fails on: dropping ``as_float32`` in StageSelector.select."""
     threshold = float32(0.1)  # 0.10000000149011612 > 0.1
     scorer = ScriptedScorer({"s0": 0.1}, {"s0": [0.1]})
     options = CurateOptions(
@@ -71,7 +71,7 @@ async def test_a_score_is_compared_with_a_given_threshold_as_float32() -> None:
 
 async def test_retry_after_names_the_soonest_idle_key_expiry() -> None:
     """Two idle keys: the refusal of a third says when the *first* can expire.
-    Killed: ``max(expiries)`` for ``min(expiries)`` in _next_expiry."""
+    Fails on: ``max(expiries)`` for ``min(expiries)`` in _next_expiry."""
     curate = curator(scores(1.0, 2.0, 3.0), max_selection_keys=2, selection_key_idle_seconds=600)
     await collect(curate.stream(feed([CurateOptions(selection_key="a"), sample(0)]), None))
     await asyncio.sleep(1.0)
@@ -84,7 +84,7 @@ async def test_retry_after_names_the_soonest_idle_key_expiry() -> None:
 
 async def test_a_key_used_again_lives_its_ttl_after_the_last_stream_not_the_first() -> None:
     """A key released, taken again and released again expires a TTL after the second
-    release. Killed: acquire() not cancelling the pending expiry of the idle key."""
+    release. Fails on: acquire() not cancelling the pending expiry of the idle key."""
     curate = curator(scores(1.0, 2.0), selection_key_idle_seconds=1.0)
     options = CurateOptions(selection_key="k")
     start = time.monotonic()
@@ -102,7 +102,7 @@ async def test_a_key_used_again_lives_its_ttl_after_the_last_stream_not_the_firs
 
 
 async def test_a_selection_key_of_exactly_the_maximum_length_is_accepted() -> None:
-    """MAX_KEY_LENGTH (256) is the longest key allowed. Killed: ``>=`` for ``>``."""
+    """MAX_KEY_LENGTH (256) is the longest key allowed. Fails on: ``>=`` for ``>``."""
     curate = curator(scores(1.0, 2.0))
     [ok] = await collect(
         curate.stream(feed([CurateOptions(selection_key="k" * 256), sample(0)]), None)
@@ -115,7 +115,7 @@ async def test_a_selection_key_of_exactly_the_maximum_length_is_accepted() -> No
 
 
 async def test_exactly_max_seed_scores_are_accepted() -> None:
-    """limits.max_seed_scores is the most seeds a stream may bring. Killed: ``>=``."""
+    """limits.max_seed_scores is the most seeds a stream may bring. Fails on: ``>=``."""
     curate = curator(scores(1.0, 2.0), max_seed_scores=4)
     options = CurateOptions(
         question_seed_scores={"detail": [1.0, 2.0]}, answer_seed_scores={"detail": [0.0, 1.0]}
@@ -143,7 +143,7 @@ async def test_too_many_seeds_name_the_field_that_carries_them() -> None:
 
 async def test_options_as_the_second_message_fail_the_stream() -> None:
     """Only the first message may carry options, also right after one sample.
-    Killed: ``position > 1`` for ``position > 0``."""
+    Fails on: ``position > 1`` for ``position > 0``."""
     scorer = ScriptedScorer({"s0": 1.0}, {})
     seen: list[str] = []
     stream = curator(scorer).stream(feed([sample(0), CurateOptions()]), None)
@@ -170,7 +170,7 @@ class RefusingScorer(ScriptedScorer):
 
 async def test_a_refusal_is_retried_no_sooner_than_its_retry_after() -> None:
     """The queue's retry_after is a floor for the backoff (curation._when_admitted).
-    Killed: the backoff ignoring ``exc.retry_after``."""
+    Fails on: the backoff ignoring ``exc.retry_after``."""
     scorer = RefusingScorer(retry_after=0.2, refusals=3)
     start = time.monotonic()
     [result] = await collect(curator(scorer).stream(feed([sample(0)]), None))
