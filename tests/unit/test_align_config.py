@@ -59,7 +59,7 @@ def test_align_is_on_only_when_its_model_is_configured(tmp_path: pathlib.Path) -
         ),
         ({"align.decoding.max_new_tokens": 0}, "align.decoding.max_new_tokens: 0 is less than 1"),
         ({"align.max_inflight_items": 0}, "align.max_inflight_items: must be at least 1"),
-        ({"align.review": "yes"}, "invalid config"),
+        ({"align.review": "yes"}, "align.review: must be bool, got 'yes'"),
         (
             {"score.enabled": False, "models.llm.path": "x", "models.llm.continuous_rows": -1},
             r"models\.llm\.continuous_rows: must be >= 0",

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_module.load(getattr(args, "config", None), _overrides(args))
     except ConfigError as exc:
-        raise SystemExit(f"align2: {exc}") from None
+        return _refused(exc)
     logs.setup(config.server.log_level, config.server.log_format)
     if args.command == "serve":
         threads.bound_spinning()  # before torch is imported (by the next line)
@@ -217,4 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(serve(config))
     except ConfigError as exc:
-        raise SystemExit(f"align2: {exc}") from None
+        return _refused(exc)
+
+
+def _refused(exc: ConfigError) -> int:
+    """A configuration that cannot serve: its message (naming the key), exit status 2 (bad
+    input, as argparse's usage errors; 1 is an unrecoverable device error)."""
+    print(f"align2: {exc}", file=sys.stderr)
+    return 2

@@ -11,8 +11,9 @@ import dataclasses
 import os
 import pathlib
 import tomllib
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import dacite
 
@@ -25,6 +26,7 @@ GiB = 1 << 30
 Dtype = Literal["float32", "bfloat16", "float16"]
 ImageMode = Literal["pad", "square"]
 Truncation = Literal["reject", "truncate"]
+T = TypeVar("T")
 
 
 @dataclass
@@ -597,19 +599,61 @@ def decoding_problem(
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    """Build a Config from parsed TOML; unknown keys and wrong types raise ConfigError."""
+    """Build a Config from parsed TOML; unknown keys, missing values and wrong types raise
+    ConfigError naming the whole key (``server.prot``, ``models.q.path``)."""
     data = dict(data)
     models = data.pop("models", None)
-    try:
-        config = dacite.from_dict(Config, data, config=dacite.Config(strict=True))
-        if models is not None:
-            config.models = {
-                name: dacite.from_dict(ModelConfig, value, config=dacite.Config(strict=True))
-                for name, value in models.items()
-            }
-    except dacite.DaciteError as exc:
-        raise ConfigError(f"invalid config: {exc}") from exc
+    config = _typed(Config, data, "")
+    if models is not None:
+        if not isinstance(models, dict):
+            raise ConfigError(f"models: must be a table of models, got {models!r}")
+        config.models = {
+            name: _typed(ModelConfig, value, f"models.{name}") for name, value in models.items()
+        }
     return config.validate()
+
+
+def _typed(cls: type[T], data: Any, where: str) -> T:
+    """``cls`` filled from ``data`` (the table at key ``where``), every error naming its key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a table, got {data!r}")
+    _check_keys(cls, data, where)
+    try:
+        return dacite.from_dict(cls, data, config=dacite.Config(strict=True))
+    except dacite.DaciteFieldError as exc:
+        if where:
+            exc.update_path(where)
+        raise ConfigError(f"{exc.field_path}: {_reason(exc)}") from None
+
+
+def _reason(exc: dacite.DaciteFieldError) -> str:
+    if isinstance(exc, dacite.WrongTypeError):
+        kind = exc.field_type
+        if typing.get_origin(kind) is Literal:
+            allowed = ", ".join(map(repr, typing.get_args(kind)))
+            return f"must be one of {allowed}; got {exc.value!r}"
+        return f"must be {getattr(kind, '__name__', kind)}, got {exc.value!r}"
+    if isinstance(exc, dacite.MissingValueError):
+        return "missing (it has no default)"
+    return str(exc)
+
+
+def _check_keys(cls: type, data: dict[str, Any], where: str) -> None:
+    """ConfigError for the first key of ``data`` that ``cls`` has no field for, naming the
+    keys it has; nested sections are checked the same way."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(
+                f"{path}: unknown key; {'[' + where + ']' if where else 'the file'} has: "
+                f"{', '.join(names)}"
+            )
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: must be a table ([{path}]), got {value!r}")
+            _check_keys(hints[key], value, path)
 
 
 def load(path: str | pathlib.Path | None, overrides: dict[str, Any] | None = None) -> Config:
