@@ -106,6 +106,8 @@ def test_info(fake: FakeCuration, capsys: pytest.CaptureFixture[str]) -> None:
     info = json.loads(capsys.readouterr().out)
     assert info["version"] == "9.9.9"
     assert info["limits"]["max_samples_per_call"] == 64
+    # a limit of 0 is printed (Fails on: proto3 JSON leaving zeros out)
+    assert info["limits"]["max_stream_inflight"] == 0
 
 
 def write_dataset(folder: pathlib.Path) -> pathlib.Path:

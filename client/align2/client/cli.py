@@ -418,7 +418,11 @@ def _client_options(namespace: argparse.Namespace) -> dict[str, Any]:
 def run_info(namespace: argparse.Namespace) -> int:
     with client_from_arguments(namespace) as client:
         info = client.server_info()
-    print(json_format.MessageToJson(info, preserving_proto_field_name=True, indent=2))
+    # Zeros printed too: a limit of 0 (Curate off, no selection keys) is not "not reported".
+    text = json_format.MessageToJson(
+        info, preserving_proto_field_name=True, indent=2, always_print_fields_with_no_presence=True
+    )
+    print(text)
     return 0
 
 
