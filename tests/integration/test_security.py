@@ -12,10 +12,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import ServerThread, png, score_config
+from grpc_reflection.v1alpha import reflection_pb2
+from support import ServerThread, error_details, png, score_config
 
 from align2.client import CurationClient, Sample, Turn
+from align2.v1 import curation_pb2 as pb
+from align2.v1 import curation_pb2_grpc as pb_grpc
 
 SAMPLE = Sample(id="s", image=png(), turns=[Turn("What is it?", "A box.")])
 
@@ -165,6 +169,35 @@ def test_bearer_token_required_and_checked(token_server: ServerThread) -> None:
                 client.score([SAMPLE])
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "bearer token" in info.value.details()
+
+
+def test_a_refused_token_carries_the_error_details_every_align2_error_has(
+    token_server: ServerThread,
+) -> None:
+    """UNAUTHENTICATED with ErrorInfo and the call's x-request-id, on an align2 RPC and on
+    reflection (outside the status interceptor). Fails on: a plain abort (no details)."""
+    with grpc.insecure_channel(token_server.target) as channel:
+        stub = pb_grpc.CurationServiceStub(channel)
+        reflect = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        calls = {
+            "info": lambda: stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30),
+            "reflection": lambda: list(
+                reflect(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            ),
+        }
+        for name, call in calls.items():
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+            reason = error_details(info.value)["ErrorInfo"]
+            assert isinstance(reason, error_details_pb2.ErrorInfo)
+            assert (reason.reason, reason.domain) == ("UNAUTHENTICATED", "align2.v1"), name
+            trailers = dict(info.value.trailing_metadata() or ())
+            assert name == "reflection" or trailers.get("x-request-id"), name
 
 
 def test_health_stays_open_for_probes(token_server: ServerThread) -> None:

@@ -1659,7 +1659,8 @@ class Limits(_message.Message):
     """
     max_message_bytes: _builtins.int
     """Largest gRPC message either way, in bytes (in Curate: each stream message); larger:
-    RESOURCE_EXHAUSTED from gRPC. Config default 64 MiB.
+    RESOURCE_EXHAUSTED from gRPC itself, with no Status details and no pushback (retrying
+    cannot help). Config default 64 MiB.
     """
     max_image_bytes: _builtins.int
     """Largest encoded image, in bytes; larger: INVALID_ARGUMENT for the sample. Config

@@ -47,8 +47,12 @@ class CurationServiceStub:
     (the server requires `authorization: Bearer <token>` metadata and got none or a wrong
     one). Problems of one sample are per-item errors (ItemError) instead and never fail the
     sample's batch-mates. A failed call's trailers carry a google.rpc.Status in
-    `grpc-status-details-bin` (ErrorInfo; BadRequest naming the field; RetryInfo;
-    ResourceInfo for NOT_FOUND). Call metadata: `x-align2-priority` (see Priority) and
+    `grpc-status-details-bin` (ErrorInfo, domain align2.v1, reason e.g. OVERLOADED or
+    UNAUTHENTICATED; BadRequest naming the field, for INVALID_ARGUMENT about a request field,
+    not about call metadata; RetryInfo; ResourceInfo for NOT_FOUND). One status has none: a
+    message over Limits.max_message_bytes is refused by gRPC itself before the server reads
+    it (RESOURCE_EXHAUSTED "Received message larger than max", no details, no pushback:
+    retrying cannot help; split the call). Call metadata: `x-align2-priority` (see Priority) and
     `x-request-id` (optional; every call's trailers echo it, or the id the server made, and
     the server's log lines of the call carry it). Score, Align and GetServerInfo change no
     state: safe to retry. Curate with a selection_key adds each sample's scores to windows
@@ -107,8 +111,12 @@ class CurationServiceAsyncStub(CurationServiceStub):
     (the server requires `authorization: Bearer <token>` metadata and got none or a wrong
     one). Problems of one sample are per-item errors (ItemError) instead and never fail the
     sample's batch-mates. A failed call's trailers carry a google.rpc.Status in
-    `grpc-status-details-bin` (ErrorInfo; BadRequest naming the field; RetryInfo;
-    ResourceInfo for NOT_FOUND). Call metadata: `x-align2-priority` (see Priority) and
+    `grpc-status-details-bin` (ErrorInfo, domain align2.v1, reason e.g. OVERLOADED or
+    UNAUTHENTICATED; BadRequest naming the field, for INVALID_ARGUMENT about a request field,
+    not about call metadata; RetryInfo; ResourceInfo for NOT_FOUND). One status has none: a
+    message over Limits.max_message_bytes is refused by gRPC itself before the server reads
+    it (RESOURCE_EXHAUSTED "Received message larger than max", no details, no pushback:
+    retrying cannot help; split the call). Call metadata: `x-align2-priority` (see Priority) and
     `x-request-id` (optional; every call's trailers echo it, or the id the server made, and
     the server's log lines of the call carry it). Score, Align and GetServerInfo change no
     state: safe to retry. Curate with a selection_key adds each sample's scores to windows
@@ -163,8 +171,12 @@ class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
     (the server requires `authorization: Bearer <token>` metadata and got none or a wrong
     one). Problems of one sample are per-item errors (ItemError) instead and never fail the
     sample's batch-mates. A failed call's trailers carry a google.rpc.Status in
-    `grpc-status-details-bin` (ErrorInfo; BadRequest naming the field; RetryInfo;
-    ResourceInfo for NOT_FOUND). Call metadata: `x-align2-priority` (see Priority) and
+    `grpc-status-details-bin` (ErrorInfo, domain align2.v1, reason e.g. OVERLOADED or
+    UNAUTHENTICATED; BadRequest naming the field, for INVALID_ARGUMENT about a request field,
+    not about call metadata; RetryInfo; ResourceInfo for NOT_FOUND). One status has none: a
+    message over Limits.max_message_bytes is refused by gRPC itself before the server reads
+    it (RESOURCE_EXHAUSTED "Received message larger than max", no details, no pushback:
+    retrying cannot help; split the call). Call metadata: `x-align2-priority` (see Priority) and
     `x-request-id` (optional; every call's trailers echo it, or the id the server made, and
     the server's log lines of the call carry it). Score, Align and GetServerInfo change no
     state: safe to retry. Curate with a selection_key adds each sample's scores to windows

@@ -160,6 +160,12 @@ class Unimplemented(Align2Error):
     code = Code.UNIMPLEMENTED
 
 
+class Unauthenticated(Align2Error):
+    """No accepted bearer token (security.auth_tokens_file)."""
+
+    code = Code.UNAUTHENTICATED
+
+
 class DeviceOutOfMemory(Align2Error):
     """The device ran out of memory for a batch; the batcher retries smaller batches."""
 

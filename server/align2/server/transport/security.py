@@ -10,7 +10,8 @@ from typing import Any
 import grpc
 
 from align2.server.config import SecurityConfig
-from align2.server.errors import ConfigError
+from align2.server.errors import ConfigError, Unauthenticated
+from align2.server.transport.errors import grpc_status
 from align2.server.transport.interceptors import rewrap
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -89,16 +90,25 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return rewrap(handler, method, _deny_unary, _deny_stream)
 
 
+async def _abort(context: grpc.aio.ServicerContext) -> None:
+    """UNAUTHENTICATED with its google.rpc.Status (ErrorInfo), as every align2 error has:
+    reflection and health are outside StatusInterceptor, so the status is made here. The
+    trailers set before (the call's x-request-id) are kept: abort replaces them."""
+    status = grpc_status(Unauthenticated(_DENIED, field=None))
+    trailers = tuple(context.trailing_metadata() or ()) + tuple(status.trailing_metadata)
+    await context.abort(status.code, status.details, trailers)
+
+
 def _deny_unary(_rpc: str, _behavior: Callable[..., Any]) -> Callable[..., Any]:
     async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+        await _abort(context)
 
     return deny
 
 
 def _deny_stream(_rpc: str, _behavior: Callable[..., Any]) -> Callable[..., Any]:
     async def deny(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+        await _abort(context)
         yield  # pragma: no cover  (makes this an async generator, as the handler kind needs)
 
     return deny
