@@ -331,6 +331,26 @@ async def test_selection_options_out_of_range_name_the_option_and_the_limit() ->
     assert len(curate.selection_keys) == 0  # a refused stream holds no key
 
 
+async def test_the_task_type_limit_holds_in_arrival_order_before_any_scoring() -> None:
+    """Three new task types sent at once, limit 2, their scores held back: the third to
+    arrive is refused at once, unscored, and the first two go on. Fails on: windows taken
+    when a score comes back (all three scored; whichever score came last refused)."""
+    scorer = scores(1.0, 2.0, 3.0)
+    scorer.gate = asyncio.Event()  # no score comes back until set
+    curate = curator(scorer, max_task_types=2)
+    producer = Producer(CurateOptions(min_window=1))
+    stream = Stream(curate, producer)
+    producer.send(sample(0, task="a"), sample(1, task="b"), sample(2, task="c"))
+    await spin()
+    assert [sample_id for sample_id, _ in scorer.calls] == ["s0", "s1"]
+    [refused] = stream.decided
+    assert refused.id == "s2" and refused.decision is Decision.ERROR
+    assert isinstance(refused.error, InvalidArgument) and refused.error.field == "sample.task"
+    scorer.gate.set()
+    decided = await stream.finish()
+    assert Decision.ERROR not in {decided["s0"].decision, decided["s1"].decision}
+
+
 async def test_task_types_beyond_the_limit_fail_their_sample_or_seeds_naming_the_limit() -> None:
     """The task is any string: each new one costs a window per stage, so one selection
     keeps at most curate.max_task_types of them; a sample of one more gets INVALID_ARGUMENT

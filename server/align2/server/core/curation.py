@@ -410,7 +410,13 @@ class Session:
             raise InvalidArgument(
                 f"{_SAMPLE}.task: {len(sample.task)} characters exceeds {MAX_TASK_LENGTH}"
             )
-        self._questions.check_task(sample.task)  # no forward pass for a sample it refuses
+        # Both stages' windows, taken as the sample arrives: one of a task type beyond
+        # limits.max_task_types is refused before any forward pass, whatever the order of
+        # its batch-mates' scores.
+        for stage in (self._questions, self._answers):
+            stage.check_task(sample.task)
+        for stage in (self._questions, self._answers):
+            stage.take_window(sample.task)
         work = self._scorer.begin(sample, _SAMPLE)
         result.scores = work.result
         await self._score(work, Head.QUESTION, deadline)
@@ -424,7 +430,6 @@ class Session:
         if not selected.kept:
             result.decision = Decision.DROPPED_QUESTION
             return
-        self._answers.check_task(sample.task)
         await self._score(work, Head.ANSWER, deadline)
         work.forget_image()
         answer = work.result

@@ -217,10 +217,16 @@ class StageSelector:
 
     def check_task(self, task: str) -> None:
         """InvalidArgument naming ``sample.task`` when ``task`` would need a window and
-        none fits any more: said before its sample is scored for this stage (a window may
-        still be taken meanwhile; :meth:`select` checks again)."""
+        none fits any more."""
         if task not in self._thresholds:
             self._windows.check_room([task], "sample.task")
+
+    def take_window(self, task: str) -> None:
+        """The window ``task`` will need, taken now (after :meth:`check_task`): the limit
+        on task types then holds in the order samples arrive, before any is scored, not in
+        the order their scores come back."""
+        if task not in self._thresholds:
+            self._windows[task]  # indexing creates it (StageWindows.__getitem__)
 
     async def select(self, task: str, score: float) -> Selection:
         """The decision on ``score`` of ``task`` (see the module docstring); waits while
