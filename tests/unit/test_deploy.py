@@ -94,3 +94,19 @@ def test_every_limit_in_server_info_has_a_config_key_operators_can_find() -> Non
         key = mapped.get(field.name, f"limits.{field.name}")
         section, attribute = key.split(".")
         assert hasattr(getattr(config, section), attribute), (field.name, key)
+
+
+def test_every_curate_decision_label_is_documented_where_operators_read_it() -> None:
+    """Alerts that sum the documented decision values must see every one the counter can
+    carry. Fails on: a Decision value missing from the HELP text or docs/operating.md."""
+    from align2.server.core.curation import Decision
+    from align2.server.metrics import CURATE_DECISIONS
+
+    row = next(
+        line
+        for line in (ROOT / "docs" / "operating.md").read_text().splitlines()
+        if line.startswith("| `align2_curate_decisions_total`")
+    )
+    for decision in Decision:
+        assert decision.value in CURATE_DECISIONS._documentation, decision
+        assert re.search(rf"\b{decision.value}\b", row), decision

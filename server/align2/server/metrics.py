@@ -120,7 +120,8 @@ GENERATED_TOKENS = prom.Counter(
 )
 CURATE_DECISIONS = prom.Counter(
     "align2_curate_decisions",
-    "Curate decisions, by decision: kept, dropped_question, dropped_answer, error",
+    "Curate decisions, by decision: kept, kept_align_failed, dropped_question, dropped_answer, "
+    "error",
     ["decision"],
 )
 CURATE_INFLIGHT = prom.Gauge(
