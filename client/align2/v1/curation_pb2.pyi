@@ -69,7 +69,9 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     ERROR_CODE_UNSPECIFIED: _ErrorCode.ValueType  # 0
     """google.rpc.Code OK (0); never sent on an error."""
     ERROR_CODE_CANCELLED: _ErrorCode.ValueType  # 1
-    """The item's batch was cancelled because the server is stopping."""
+    """The server stopped while the item's batch was on the device (the batch ends within
+    one layer); send the item to another replica.
+    """
     ERROR_CODE_UNKNOWN: _ErrorCode.ValueType  # 2
     """google.rpc.Code UNKNOWN."""
     ERROR_CODE_INVALID_ARGUMENT: _ErrorCode.ValueType  # 3
@@ -103,7 +105,9 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     more. Items in other batches are unaffected.
     """
     ERROR_CODE_UNAVAILABLE: _ErrorCode.ValueType  # 14
-    """The server is shutting down; send the item to another replica."""
+    """The server is shutting down and the item was still queued, or its model stopped
+    mid-batch (transformers); send the item to another replica.
+    """
     ERROR_CODE_DATA_LOSS: _ErrorCode.ValueType  # 15
     """google.rpc.Code DATA_LOSS."""
     ERROR_CODE_UNAUTHENTICATED: _ErrorCode.ValueType  # 16
@@ -119,7 +123,9 @@ class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
 ERROR_CODE_UNSPECIFIED: ErrorCode.ValueType  # 0
 """google.rpc.Code OK (0); never sent on an error."""
 ERROR_CODE_CANCELLED: ErrorCode.ValueType  # 1
-"""The item's batch was cancelled because the server is stopping."""
+"""The server stopped while the item's batch was on the device (the batch ends within
+one layer); send the item to another replica.
+"""
 ERROR_CODE_UNKNOWN: ErrorCode.ValueType  # 2
 """google.rpc.Code UNKNOWN."""
 ERROR_CODE_INVALID_ARGUMENT: ErrorCode.ValueType  # 3
@@ -153,7 +159,9 @@ ERROR_CODE_INTERNAL: ErrorCode.ValueType  # 13
 more. Items in other batches are unaffected.
 """
 ERROR_CODE_UNAVAILABLE: ErrorCode.ValueType  # 14
-"""The server is shutting down; send the item to another replica."""
+"""The server is shutting down and the item was still queued, or its model stopped
+mid-batch (transformers); send the item to another replica.
+"""
 ERROR_CODE_DATA_LOSS: ErrorCode.ValueType  # 15
 """google.rpc.Code DATA_LOSS."""
 ERROR_CODE_UNAUTHENTICATED: ErrorCode.ValueType  # 16
@@ -423,12 +431,13 @@ class Sample(_message.Message):
     the longer side squared when a model pads images to a square, ModelInfo.image_mode pad).
     Score and Curate need it: empty, unreadable or too large fails the sample with
     INVALID_ARGUMENT. Align does not decode it (the inner LLM is text-only): it may be
-    empty; if sent, a format or size its header does not pass fails the sample the same way.
+    empty; if sent, a format, byte size or width x height its header does not pass fails
+    the sample the same way (the padded-square rule is Score's only: Align pads nothing).
     """
     task: _builtins.str
     """Task type, the selection stratum of Curate (e.g. complex_reasoning, conversation,
     detail): thresholds are kept per distinct string, and "" is a stratum of its own. Any
-    string of at most 256 characters, at most limits.max_task_types distinct ones in one
+    string of at most 256 characters (Unicode code points, not bytes or UTF-16 units), at most limits.max_task_types distinct ones in one
     Curate selection (a longer one: the sample's decision is ERROR with INVALID_ARGUMENT
     naming `sample.task`); Score and Align ignore it.
     """
@@ -1313,7 +1322,7 @@ class CurateOptions(_message.Message):
     selection_key: _builtins.str
     """Share the windows (both stages, every task type) with every stream of this replica
     that names the same key, so that a pipeline's workers select as one; empty: the
-    stream's own windows. At most 256 characters (more: INVALID_ARGUMENT). A key's windows
+    stream's own windows. At most 256 characters (Unicode code points; more: INVALID_ARGUMENT). A key's windows
     are created when a stream first names it and live while any stream uses it, then
     curate.selection_key_idle_seconds more (600 unless configured; a reconnecting worker
     finds them again). A new key while limits.max_selection_keys keys are live:
@@ -1492,7 +1501,8 @@ class CurateResponse(_message.Message):
     """The same for answer_threshold."""
     warm_up: _builtins.bool
     """True when a stage decided before its window held CurateOptions.min_window scores: the
-    stream's slots were all waiting, or its input had ended (see CurateOptions). Such a
+    stream's slots were all waiting, or its input had ended, or its producer sent nothing
+    for curate.warm_up_idle_ms while its samples waited (see CurateOptions). Such a
     decision rests on fewer scores than asked for.
     """
     @_builtins.property

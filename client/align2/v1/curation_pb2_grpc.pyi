@@ -81,7 +81,8 @@ class CurationServiceStub:
     CurateOptions.selection_key on this replica, or given by a calibration; aligned when
     kept and asked for). A sample with candidate answers is ranked by the mean of its
     turns' best scores and kept with its best candidates. The stream's rules:
-    CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
+    CurateRequest and CurateResponse. UNIMPLEMENTED when Score is off (config score.enabled
+    false) or limits.max_stream_inflight is 0.
     A stream refused as a whole (UNAVAILABLE, UNIMPLEMENTED, or its options: INVALID_ARGUMENT,
     RESOURCE_EXHAUSTED) first reads and drops what its client still sends, until the client
     half-closes or for at most 0.5 s, then sends its status (so that a write in flight does
@@ -142,7 +143,8 @@ class CurationServiceAsyncStub(CurationServiceStub):
     CurateOptions.selection_key on this replica, or given by a calibration; aligned when
     kept and asked for). A sample with candidate answers is ranked by the mean of its
     turns' best scores and kept with its best candidates. The stream's rules:
-    CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
+    CurateRequest and CurateResponse. UNIMPLEMENTED when Score is off (config score.enabled
+    false) or limits.max_stream_inflight is 0.
     A stream refused as a whole (UNAVAILABLE, UNIMPLEMENTED, or its options: INVALID_ARGUMENT,
     RESOURCE_EXHAUSTED) first reads and drops what its client still sends, until the client
     half-closes or for at most 0.5 s, then sends its status (so that a write in flight does
@@ -218,7 +220,8 @@ class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
         CurateOptions.selection_key on this replica, or given by a calibration; aligned when
         kept and asked for). A sample with candidate answers is ranked by the mean of its
         turns' best scores and kept with its best candidates. The stream's rules:
-        CurateRequest and CurateResponse. UNIMPLEMENTED when limits.max_stream_inflight is 0.
+        CurateRequest and CurateResponse. UNIMPLEMENTED when Score is off (config score.enabled
+        false) or limits.max_stream_inflight is 0.
         A stream refused as a whole (UNAVAILABLE, UNIMPLEMENTED, or its options: INVALID_ARGUMENT,
         RESOURCE_EXHAUSTED) first reads and drops what its client still sends, until the client
         half-closes or for at most 0.5 s, then sends its status (so that a write in flight does

@@ -178,7 +178,8 @@ class ScoreConfig:
     """The Score RPC: which configured models are the question and answer reward models."""
 
     enabled: bool = True
-    """Serve Score (false: the RPC answers UNIMPLEMENTED and no reward model is loaded)."""
+    """Serve Score (false: Score and Curate answer UNIMPLEMENTED and no reward model is
+    loaded)."""
     question_model: str = "question"
     """Name (in [models]) of the default question reward model."""
     answer_model: str = "answer"
