@@ -239,11 +239,29 @@ def _score_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated, of {','.join(HEADS)} (default: both)",
     )
     parser.add_argument("--out", default="-", help="JSONL results file (default: stdout)")
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
-    parser.add_argument("--priority", choices=sorted(PRIORITIES), default=None)
-    parser.add_argument("--question-model", default=None)
-    parser.add_argument("--answer-model", default=None)
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
+        help="samples per call (default: %(default)s, the server's default max_samples_per_call)",
+    )
+    parser.add_argument(
+        "--priority",
+        choices=sorted(PRIORITIES),
+        default=None,
+        help="queue class: interactive goes first (default: bulk)",
+    )
+    _model_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    for head in ("question", "answer"):
+        parser.add_argument(
+            f"--{head}-model",
+            default=None,
+            help=f"the {head} reward model's name, of `align2 info` (server default)",
+        )
 
 
 def _llava_in_out_arguments(
@@ -265,18 +283,36 @@ def _align_arguments(parser: argparse.ArgumentParser) -> None:
         report="JSONL of every turn: original, rewrite, verdict",
     )
     _rewrite_arguments(parser)
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
-    parser.add_argument("--priority", choices=sorted(PRIORITIES), default=None)
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
+        help="samples per call (default: %(default)s, the server's default max_samples_per_call)",
+    )
+    parser.add_argument(
+        "--priority",
+        choices=sorted(PRIORITIES),
+        default=None,
+        help="queue class: interactive goes first (default: bulk)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _rewrite_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--parts", choices=sorted(PARTS), default="both")
+    parser.add_argument(
+        "--parts", choices=sorted(PARTS), default="both", help="what to rewrite (default: both)"
+    )
     parser.add_argument("--no-review", action="store_true", help="keep rewrites unreviewed")
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=None, help="0: greedy")
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="per generation (server default)"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="0: greedy (server default)"
+    )
+    parser.add_argument("--top-p", type=float, default=None, help="in (0, 1] (server default)")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="sampling seed, for repeatable sampled rewrites"
+    )
     parser.add_argument("--template", default=None, help="template set (server default)")
 
 
@@ -327,7 +363,12 @@ def _curate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--align", action="store_true", help="restyle the kept samples")
     _rewrite_arguments(parser)
-    parser.add_argument("--priority", choices=sorted(PRIORITIES), default=None)
+    parser.add_argument(
+        "--priority",
+        choices=sorted(PRIORITIES),
+        default=None,
+        help="queue class: interactive goes first (default: bulk)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     online = parser.add_argument_group("online selection (with --stream)")
     online.add_argument(
@@ -373,12 +414,16 @@ def _curate_arguments(parser: argparse.ArgumentParser) -> None:
         help="leave out malformed or unscorable records (listed in the report) instead of stopping",
     )
     offline.add_argument("--plot", default=None, help="PNG of the score histograms (Pillow)")
-    offline.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    offline.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
+        help="samples per call (default: %(default)s, the server's default max_samples_per_call)",
+    )
     offline.add_argument(
         "--concurrency", type=int, default=DEFAULT_MAX_CONCURRENCY, help="RPCs in flight"
     )
-    offline.add_argument("--question-model", default=None)
-    offline.add_argument("--answer-model", default=None)
+    _model_arguments(offline)
 
 
 # Flags of the exact selection whose defaults are empty (--chunk-size and --concurrency are
