@@ -228,6 +228,9 @@ def test_server_info_reports_curate_and_its_stream_limit(client: CurationClient)
     info = client.server_info()
     assert "Curate" in info.services
     assert info.limits.max_stream_inflight == 1
+    # what unset options mean here: this server's align.decoding.max_new_tokens, 6
+    assert (info.defaults.decoding.max_new_tokens, info.defaults.min_window) == (6, 100)
+    assert info.defaults.template == "default-v1"
 
 
 def test_the_asyncio_client_streams_from_an_async_generator(server: ServerThread) -> None:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from align2.server import config as config_module
 from align2.server.config import Config
 from align2.server.core.align_types import AlignOutcome
 from align2.server.core.curation import CurateOptions
@@ -116,6 +117,36 @@ async def test_image_markers_are_not_checked_anywhere() -> None:
 
     read = [item async for item in convert.curate_requests_from_proto(requests())]
     assert len(read) == 2
+
+
+def test_server_info_reports_what_each_unset_option_means_from_the_config() -> None:
+    """A proto-only client learns the defaults its results were made with. Fails on: a
+    default not reported, or reported from the code's defaults instead of the config."""
+    config = config_module.load(
+        None,
+        {
+            "align.review": False,
+            "align.template": "house-v2",
+            "align.decoding.max_new_tokens": 77,
+            "align.decoding.temperature": 0.7,
+            "align.decoding.top_p": 0.9,
+            "align.decoding.seed": 2**63 + 5,
+            "curate.question_keep_fraction": 0.5,
+            "curate.answer_keep_fraction": 0.25,
+            "curate.min_window": 7,
+            "curate.warm_up_idle_ms": 0,
+            "curate.selection_key_idle_seconds": 12.5,
+        },
+    )
+    defaults = convert.server_info_to_proto(config, [], [], "1.0").defaults
+    decoding = defaults.decoding
+    assert all(decoding.HasField(f) for f in ("max_new_tokens", "temperature", "top_p", "seed"))
+    assert (decoding.max_new_tokens, decoding.seed) == (77, 2**63 + 5)
+    assert (decoding.temperature, decoding.top_p) == pytest.approx((0.7, 0.9))
+    assert (defaults.review, defaults.template) == (False, "house-v2")
+    assert (defaults.question_keep_fraction, defaults.answer_keep_fraction) == (0.5, 0.25)
+    assert (defaults.min_window, defaults.warm_up_idle_ms) == (7, 0)
+    assert defaults.selection_key_idle_seconds == 12.5
 
 
 def test_server_info_reports_the_batch_delay_in_seconds_and_stream_slots_only_with_curate() -> None:

@@ -796,7 +796,7 @@ Global___ScoreResponse: _TypeAlias = ScoreResponse  # noqa: Y015
 @_typing.final
 class DecodingOptions(_message.Message):
     """Decoding of the inner LLM's rewrites. An unset field takes the server's default (config
-    align.decoding.*, not reported by GetServerInfo); a value out of range fails the call (in
+    align.decoding.*, reported in GetServerInfoResponse.defaults.decoding); a value out of range fails the call (in
     Curate: the stream) with INVALID_ARGUMENT naming `options.decoding.FIELD` (in Curate
     `options.align_options.decoding.FIELD`).
     """
@@ -862,7 +862,8 @@ Global___DecodingOptions: _TypeAlias = DecodingOptions  # noqa: Y015
 @_typing.final
 class AlignOptions(_message.Message):
     """How Align rewrites and reviews. Checked before any work: a Curate stream checks its
-    align_options once, before its first sample.
+    align_options once, before its first sample. The defaults unset options take are
+    reported in GetServerInfoResponse.defaults.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -886,7 +887,9 @@ class AlignOptions(_message.Message):
     """
     @_builtins.property
     def decoding(self) -> Global___DecodingOptions:
-        """Decoding of the rewrites; unset fields take the server's defaults."""
+        """Decoding of the rewrites; unset fields take the server's defaults
+        (GetServerInfoResponse.defaults.decoding).
+        """
 
     def __init__(
         self,
@@ -1203,6 +1206,7 @@ class CurateOptions(_message.Message):
        min_window = 1, or seeds, to have it at once). Such a decision has
        CurateResponse.warm_up set. Seed scores (question_seed_scores, answer_seed_scores) fill a window before any
        sample, so a seeded window that holds min_window scores decides at once.
+    Every default an unset option here takes is reported in GetServerInfoResponse.defaults.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1833,6 +1837,7 @@ class GetServerInfoResponse(_message.Message):
     TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
     SERVICES_FIELD_NUMBER: _builtins.int
     ALIGN_TEMPLATES_FIELD_NUMBER: _builtins.int
+    DEFAULTS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """The align2 server's version ("0+unknown" when it is not installed as a package)."""
     template_version: _builtins.str
@@ -1861,6 +1866,12 @@ class GetServerInfoResponse(_message.Message):
         is off.
         """
 
+    @_builtins.property
+    def defaults(self) -> Global___Defaults:
+        """What an option left unset means on this server (its config): so that a client can
+        know, and record, the settings its results were made with.
+        """
+
     def __init__(
         self,
         *,
@@ -1871,11 +1882,71 @@ class GetServerInfoResponse(_message.Message):
         template_version: _builtins.str = ...,
         services: _abc.Iterable[_builtins.str] | None = ...,
         align_templates: _abc.Iterable[Global___TemplateRef] | None = ...,
+        defaults: Global___Defaults | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "defaults", b"defaults", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["align_templates", b"align_templates", "batching", b"batching", "limits", b"limits", "models", b"models", "services", b"services", "template_version", b"template_version", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["align_templates", b"align_templates", "batching", b"batching", "defaults", b"defaults", "limits", b"limits", "models", b"models", "services", b"services", "template_version", b"template_version", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class Defaults(_message.Message):
+    """The server's defaults for unset request options (config [align] and [curate]), as
+    GetServerInfo reports them. Reported whether or not Align and Curate are served.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECODING_FIELD_NUMBER: _builtins.int
+    REVIEW_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    QUESTION_KEEP_FRACTION_FIELD_NUMBER: _builtins.int
+    ANSWER_KEEP_FRACTION_FIELD_NUMBER: _builtins.int
+    MIN_WINDOW_FIELD_NUMBER: _builtins.int
+    WARM_UP_IDLE_MS_FIELD_NUMBER: _builtins.int
+    SELECTION_KEY_IDLE_SECONDS_FIELD_NUMBER: _builtins.int
+    review: _builtins.bool
+    """AlignOptions.review when unset (config align.review)."""
+    template: _builtins.str
+    """AlignOptions.template when empty (config align.template): one of align_templates."""
+    question_keep_fraction: _builtins.float
+    """CurateOptions.question_keep_fraction when unset (config curate.question_keep_fraction)."""
+    answer_keep_fraction: _builtins.float
+    """CurateOptions.answer_keep_fraction when unset (config curate.answer_keep_fraction)."""
+    min_window: _builtins.int
+    """CurateOptions.min_window when unset (config curate.min_window)."""
+    warm_up_idle_ms: _builtins.int
+    """Milliseconds a Curate producer may send nothing while all its in-flight samples wait
+    for a warm-up before those are decided at once (CurateResponse.warm_up); 0: never
+    (config curate.warm_up_idle_ms).
+    """
+    selection_key_idle_seconds: _builtins.float
+    """Seconds a selection key's windows outlive its last stream (config
+    curate.selection_key_idle_seconds).
+    """
+    @_builtins.property
+    def decoding(self) -> Global___DecodingOptions:
+        """What unset AlignOptions.decoding fields take (config align.decoding); every field set."""
+
+    def __init__(
+        self,
+        *,
+        decoding: Global___DecodingOptions | None = ...,
+        review: _builtins.bool = ...,
+        template: _builtins.str = ...,
+        question_keep_fraction: _builtins.float = ...,
+        answer_keep_fraction: _builtins.float = ...,
+        min_window: _builtins.int = ...,
+        warm_up_idle_ms: _builtins.int = ...,
+        selection_key_idle_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decoding", b"decoding"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_keep_fraction", b"answer_keep_fraction", "decoding", b"decoding", "min_window", b"min_window", "question_keep_fraction", b"question_keep_fraction", "review", b"review", "selection_key_idle_seconds", b"selection_key_idle_seconds", "template", b"template", "warm_up_idle_ms", b"warm_up_idle_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Defaults: _TypeAlias = Defaults  # noqa: Y015

@@ -398,5 +398,26 @@ def server_info_to_proto(
         ),
         template_version=TEMPLATE_VERSION,
         services=services,
+        defaults=_defaults_to_proto(config),
         align_templates=[pb.TemplateRef(name=n, sha256=h) for n, h in align_templates],
+    )
+
+
+def _defaults_to_proto(config: Config) -> pb.Defaults:
+    align, curate = config.align, config.curate
+    decoding = align.decoding
+    return pb.Defaults(
+        decoding=pb.DecodingOptions(
+            max_new_tokens=decoding.max_new_tokens,
+            temperature=decoding.temperature,
+            top_p=decoding.top_p,
+            seed=decoding.seed,
+        ),
+        review=align.review,
+        template=align.template,
+        question_keep_fraction=curate.question_keep_fraction,
+        answer_keep_fraction=curate.answer_keep_fraction,
+        min_window=curate.min_window,
+        warm_up_idle_ms=curate.warm_up_idle_ms,
+        selection_key_idle_seconds=curate.selection_key_idle_seconds,
     )
