@@ -209,3 +209,53 @@ def test_a_curate_sample_that_waits_for_room_is_not_counted_as_overload(
     finally:
         server.call(_release(held))
     assert metric("align2_items_rejected_total", reason="overloaded") > after["overloaded"]
+
+
+async def _budget_state(budget: Any) -> tuple[int, int]:
+    return int(budget.in_flight), int(budget.waiting)
+
+
+def test_curate_streams_hold_no_more_sample_bytes_than_the_budget_and_lose_none(
+    server: ServerThread,
+) -> None:
+    """Two streams of three ~68 KB samples on a 200 KB budget, scoring held back: two
+    samples are held (across both streams), one of each stream waits unrefused, a Score
+    call is refused meanwhile, and once scoring runs every sample is decided. Fails on:
+    streams bounded only by their slots (their samples' bytes never claimed)."""
+    budget = server.app.request_bytes
+    size = len(big_sample(0).image)  # type: ignore[arg-type]
+    gate = Gate(server, server.app._runtimes["question"])
+
+    async def run() -> tuple[tuple[int, int], list[Any], grpc.StatusCode | None]:
+        async with AsyncCurationClient(server.target, retry=False, timeout=120) as client:
+
+            async def stream(first: int) -> list[Any]:
+                samples = [big_sample(i) for i in range(first, first + 3)]
+                found = client.curate(samples, question_keep_fraction=1.0, min_window=1)
+                return [r async for r in found]
+
+            streams = [asyncio.ensure_future(stream(k)) for k in (0, 3)]
+            state = (0, 0)
+            for _ in range(3000):  # until both streams wait (at most 30 s)
+                state = server.call(_budget_state(budget))
+                if state[1] == 2:
+                    break
+                await asyncio.sleep(0.01)
+            refused: grpc.StatusCode | None = None
+            try:
+                await client.score([big_sample(9)])
+            except grpc.aio.AioRpcError as error:
+                refused = error.code()
+            gate.open()
+            decided = [r for done in await asyncio.gather(*streams) for r in done]
+            return state, decided, refused
+
+    try:
+        (held, waiting), decided, refused = asyncio.run(run())
+    finally:
+        gate.open()
+    assert waiting == 2 and 2 * size <= held <= BUDGET
+    assert refused == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert sorted(r.id for r in decided) == [f"big{i}" for i in range(6)]
+    assert all(r.error is None for r in decided)
+    assert server.call(_budget_state(budget)) == (0, 0)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from support import spin
 
 from align2.server.config import Config
 from align2.server.core.budget import ByteBudget
@@ -58,3 +61,35 @@ def test_reports_each_drain_with_the_bytes_since_the_last() -> None:
     second.release()
     budget.claim(5).release()
     assert drains == [50, 5]
+
+
+async def test_waiting_claims_are_granted_in_order_and_a_cancelled_one_claims_nothing() -> None:
+    """A stream's claim waits instead of failing; waiters go first come, first served (a
+    big claim is not overtaken by small ones), a cancelled waiter leaves nothing claimed,
+    and one larger than the limit is granted once nothing else is in flight. Fails on: a
+    waiter woken out of order, or a cancelled waiter's bytes left claimed."""
+    budget = ByteBudget(100)
+    held = budget.claim(90)
+    big = asyncio.ensure_future(budget.claim_when_free(60))
+    cancelled = asyncio.ensure_future(budget.claim_when_free(5))
+    small = asyncio.ensure_future(budget.claim_when_free(5))
+    await spin()
+    assert budget.waiting == 3 and not any(t.done() for t in (big, small))
+    assert not budget.fits(5)  # 10 bytes are free, but claims wait: none overtakes them
+    cancelled.cancel()
+    await spin()
+    assert budget.waiting == 2 and budget.in_flight == 90
+    held.release()
+    await spin()
+    assert big.done() and small.done() and budget.in_flight == 65
+    big.result().release()
+    small.result().release()
+    huge = budget.claim(10)
+    too_big = asyncio.ensure_future(budget.claim_when_free(150))
+    await spin()
+    assert not too_big.done()
+    huge.release()
+    await spin()
+    assert budget.in_flight == 150  # alone, it may exceed the limit rather than wait forever
+    too_big.result().release()
+    assert budget.in_flight == 0 and budget.waiting == 0

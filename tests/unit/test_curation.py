@@ -21,6 +21,7 @@ from align2.server.core.align_types import (
     Kept,
     SampleAlignment,
 )
+from align2.server.core.budget import ByteBudget
 from align2.server.core.curation import Curated, CurateOptions, Curator, Decision
 from align2.server.core.lifecycle import Lifecycle, Phase
 from align2.server.core.priority import Priority
@@ -91,6 +92,7 @@ def curator(
     inflight: int = 4,
     lifecycle: Lifecycle | None = None,
     min_window: int = 1,
+    budget: ByteBudget | None = None,
     **config: Any,
 ) -> Curator:
     """A Curator over ``scorer``. ``min_window`` 1 (decide each sample as its score comes,
@@ -100,7 +102,7 @@ def curator(
     lifecycle.phase = Phase.SERVING if lifecycle.phase is Phase.STARTING else lifecycle.phase
     limits = LimitsConfig(max_stream_inflight=inflight)
     settings = CurateConfig(window=100, min_window=min_window, **config)
-    return Curator(scorer, None, settings, limits, lifecycle)  # type: ignore[arg-type]
+    return Curator(scorer, None, settings, limits, lifecycle, budget)  # type: ignore[arg-type]
 
 
 async def feed(items: Iterable[Any]) -> AsyncIterator[Any]:
@@ -126,6 +128,51 @@ async def test_at_most_max_stream_inflight_samples_are_worked_on_at_once() -> No
     results = await task
     assert sorted(r.id for r in results) == [f"s{i}" for i in range(10)]
     assert scorer.most_running == 3
+
+
+def sized(i: int, nbytes: int, task: str = "detail") -> Sample:
+    """A sample whose image and texts hold ``nbytes`` request bytes (as streams count them)."""
+    texts = len(f"s{i}") + len(task) + len("q?") + len("a.")
+    return Sample(id=f"s{i}", image=b"x" * (nbytes - texts), task=task, turns=[Turn("q?", "a.")])
+
+
+async def test_stream_samples_share_the_request_bytes_budget_and_wait_for_room() -> None:
+    """Across streams, the samples held at once fit limits.max_inflight_bytes: a sample that
+    does not fit is not read until bytes are freed (no refusal), while a unary call is
+    refused meanwhile. Fails on: streams bounded only by their slots (6 held at once)."""
+    scorer = ScriptedScorer({f"s{i}": float(i) for i in range(6)}, {})
+    scorer.gate = asyncio.Event()
+    budget = ByteBudget(3000)
+    curate = curator(scorer, inflight=4, budget=budget)
+    streams = [
+        asyncio.ensure_future(
+            collect(curate.stream(feed(sized(i, 1000) for i in range(k, k + 3)), None))
+        )
+        for k in (0, 3)
+    ]
+    await spin()
+    assert len(scorer.calls) == 3 and budget.in_flight == 3000  # three of six are read
+    assert budget.waiting == 2  # one sample of each stream waits; neither is refused
+    assert not budget.fits(1)  # a Score or Align call is refused while streams wait
+    scorer.gate.set()
+    decided = [r for stream in streams for r in await stream]
+    assert sorted(r.id for r in decided) == [f"s{i}" for i in range(6)]
+    assert all(r.error is None for r in decided)
+    assert budget.in_flight == 0 and budget.waiting == 0
+
+
+async def test_a_stream_waiting_for_bytes_decides_its_warm_up_instead_of_deadlocking() -> None:
+    """With warm_up_idle_ms 0, held warm-up decisions are released only when the stream
+    can read no more: waiting for request bytes is such a moment. Fails on: the stalled
+    stream keeping its held samples, whose bytes it waits for (a deadlock)."""
+    scorer = ScriptedScorer({f"s{i}": float(i) for i in range(4)}, {})
+    budget = ByteBudget(2000)
+    curate = curator(scorer, inflight=4, min_window=100, budget=budget, warm_up_idle_ms=0)
+    stream = curate.stream(feed(sized(i, 1000) for i in range(4)), None)
+    decided = await asyncio.wait_for(collect(stream), timeout=10)
+    assert sorted(r.id for r in decided) == ["s0", "s1", "s2", "s3"]
+    assert all(r.warm_up for r in decided[:2])  # decided before 100 scores: said so
+    assert budget.in_flight == 0
 
 
 async def test_each_decision_carries_its_samples_position_whatever_the_ids() -> None:

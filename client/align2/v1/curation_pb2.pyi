@@ -1417,8 +1417,11 @@ class CurateRequest(_message.Message):
     sample (a message with neither: INVALID_ARGUMENT). Samples are checked as in Score, each
     alone (limits.max_samples_per_call does not apply). The server holds at most
     limits.max_stream_inflight samples of a stream, from reading one until its decision is
-    sent, and reads the next message only when a slot frees: a faster producer (or a slower
-    reader of decisions) is slowed by gRPC flow control; nothing is refused or dropped. Full
+    sent, and reads the next message only when a slot frees and the sample's bytes (image
+    and texts) fit limits.max_inflight_bytes, which a server's streams and its Score and
+    Align calls share: a faster producer (or a slower reader of decisions, or a server full
+    of other requests' bytes) is slowed by gRPC flow control; nothing is refused or dropped
+    (while streams wait for bytes, Score and Align calls are refused instead). Full
     model queues are waited out, within the stream's deadline. Selection state (the
     windows) belongs to the stream, or to its CurateOptions.selection_key on this replica;
     nothing is shared between replicas.
@@ -1742,8 +1745,10 @@ class Limits(_message.Message):
     """Request bytes (wire size) of the Score and Align calls admitted and not finished (config
     limits.max_inflight_bytes): a call whose request does not fit the free room is refused
     with RESOURCE_EXHAUSTED at once, before it is parsed or queued (retry with backoff), and
-    its bytes are free again when it ends. At least max_message_bytes; 0: unbounded. Curate
-    streams are bounded by max_stream_inflight instead. Config default 256 MiB.
+    its bytes are free again when it ends. At least max_message_bytes; 0: unbounded. Each
+    sample a Curate stream holds counts here too (its image and text bytes, from reading it
+    to its decision); a stream's sample that does not fit waits, unrefused, and its stream
+    reads no further meanwhile (see CurateRequest). Config default 256 MiB.
     """
     max_task_types: _builtins.int
     """Task types (Sample.task) one Curate selection keeps windows for, per stage: a stream's

@@ -89,19 +89,26 @@ class App:
             if self._templates is not None
             else None
         )
-        self._curator = (
-            Curator(self._scorer, self._aligner, config.curate, config.limits, self.lifecycle)
-            if self._scorer is not None and config.curate_enabled
-            else None
-        )
-        self._health = health.aio.HealthServicer()
-        self._status = StatusInterceptor()  # holds the calls in flight, for stop()
         self._trimmer = memory.HeapTrimmer(
             config.server.trim_idle_seconds, lambda: self.request_bytes.in_flight == 0
         )
         self.request_bytes = ByteBudget(
             config.limits.max_inflight_bytes, on_drained=self._trimmer.drained
         )
+        self._curator = (
+            Curator(
+                self._scorer,
+                self._aligner,
+                config.curate,
+                config.limits,
+                self.lifecycle,
+                budget=self.request_bytes,  # a stream's samples share Score's and Align's
+            )
+            if self._scorer is not None and config.curate_enabled
+            else None
+        )
+        self._health = health.aio.HealthServicer()
+        self._status = StatusInterceptor()  # holds the calls in flight, for stop()
         self._server: grpc.aio.Server | None = None
 
     # -- start ---------------------------------------------------------------------------

@@ -129,9 +129,11 @@ class LimitsConfig:
     """Candidate answers of one turn (best-of-n, Turn.answer_candidates); each is one forward
     pass of the answer head."""
     max_inflight_bytes: int = 256 * MiB
-    """Request bytes (wire size) of the Score and Align calls admitted and not finished; a
+    """Request bytes (wire size) of the Score and Align calls admitted and not finished,
+    and of the samples Curate streams hold (image and texts, read and not yet decided); a
     call that does not fit is refused at once with RESOURCE_EXHAUSTED before it is
-    converted or queued, and its bytes are given back when it ends. Bounds the memory that
+    converted or queued, and its bytes are given back when it ends; a stream's sample that
+    does not fit waits (its stream reads no further: flow control). Bounds the memory that
     requests hold, which max_queue_items (forward passes) does not. 0: unbounded; else at
     least max_message_bytes, so that a lone call always fits."""
     max_streams: int = 100

@@ -53,8 +53,8 @@ QUEUE_DEPTH = prom.Gauge(
 )
 INFLIGHT_REQUEST_BYTES = prom.Gauge(
     "align2_inflight_request_bytes",
-    "Request bytes of the Score and Align calls admitted and not finished "
-    "(bounded by limits.max_inflight_bytes)",
+    "Request bytes of the Score and Align calls admitted and not finished, and of the "
+    "samples Curate streams hold (bounded by limits.max_inflight_bytes)",
 )
 REJECTED = prom.Counter(
     "align2_items_rejected",
@@ -135,7 +135,8 @@ CURATE_WARM_UP_RELEASES = prom.Counter(
     "align2_curate_warm_up_releases",
     "Curate decisions made before their window reached min_window, by reason: "
     "inflight_bound (every slot of the stream held), stream_end (its input ended), "
-    "producer_idle (nothing sent for curate.warm_up_idle_ms)",
+    "producer_idle (nothing sent for curate.warm_up_idle_ms), inflight_bytes (the stream "
+    "waits for room in limits.max_inflight_bytes)",
     ["reason"],
 )
 MODEL_INFO = prom.Gauge(

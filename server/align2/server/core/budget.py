@@ -6,10 +6,17 @@ them ran. A ``ByteBudget`` claims a call's request bytes before any of its work 
 gives them back when the call ends; a call that does not fit is refused at once with
 Overloaded (RESOURCE_EXHAUSTED), so the request bytes held by admitted calls never exceed
 ``limits.max_inflight_bytes``.
+
+A Curate stream claims each sample's bytes from the same budget with
+:meth:`ByteBudget.claim_when_free`: instead of a refusal it waits its turn (first come,
+first served), and the stream reads no further meanwhile, so gRPC's flow control slows its
+producer. While a stream waits, unary calls are refused rather than served ahead of it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 from collections.abc import Callable
 
 from align2.server import metrics
@@ -53,17 +60,56 @@ class ByteBudget:
         self._on_drained = on_drained
         self._released = 0
         self._gauge = metrics.INFLIGHT_REQUEST_BYTES
+        self._waiters: collections.deque[tuple[int, asyncio.Future[ByteClaim]]] = (
+            collections.deque()
+        )
 
     def fits(self, nbytes: int) -> bool:
-        return not self.limit or self.in_flight + nbytes <= self.limit
+        """Whether a claim of ``nbytes`` would be granted now (never while others wait)."""
+        return not self.limit or (not self._waiters and self.in_flight + nbytes <= self.limit)
 
     def claim(self, nbytes: int) -> ByteClaim:
         """Claim ``nbytes``, or raise Overloaded naming the limit without claiming any."""
         if not self.fits(nbytes):
             raise self.refusal(nbytes)
+        return self._take(nbytes)
+
+    async def claim_when_free(self, nbytes: int) -> ByteClaim:
+        """Claim ``nbytes``, waiting behind earlier waiters until they fit. A claim larger
+        than the limit waits until nothing else is in flight. Cancelled: nothing claimed."""
+        if self.fits(nbytes):
+            return self._take(nbytes)
+        waiter = (nbytes, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        try:
+            return await waiter[1]
+        except asyncio.CancelledError:
+            if waiter[1].done() and not waiter[1].cancelled():
+                waiter[1].result().release()  # granted as the wait was cancelled
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+                self._wake()  # the next one may fit now
+            raise
+
+    @property
+    def waiting(self) -> int:
+        """Claims waiting for room."""
+        return len(self._waiters)
+
+    def _take(self, nbytes: int) -> ByteClaim:
         self.in_flight += nbytes
         self._gauge.set(self.in_flight)
         return ByteClaim(self, nbytes)
+
+    def _wake(self) -> None:
+        """Grant the waiting claims that fit now, in order."""
+        while self._waiters:
+            nbytes, future = self._waiters[0]
+            if self.in_flight and self.in_flight + nbytes > self.limit:
+                return
+            self._waiters.popleft()
+            if not future.done():
+                future.set_result(self._take(nbytes))
 
     def refusal(self, nbytes: int) -> Overloaded:
         """The error for a request of ``nbytes`` that does not fit now."""
@@ -78,6 +124,7 @@ class ByteBudget:
         self.in_flight -= nbytes
         self._released += nbytes
         self._gauge.set(self.in_flight)
+        self._wake()
         if not self.in_flight and self._on_drained is not None:
             released, self._released = self._released, 0
             self._on_drained(released)

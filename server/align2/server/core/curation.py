@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import logging
 import math
 import random
@@ -51,6 +52,7 @@ from align2.server import metrics
 from align2.server.config import CurateConfig, LimitsConfig
 from align2.server.core.align_types import AlignCall, SampleAlignment
 from align2.server.core.alignment import Aligner
+from align2.server.core.budget import ByteBudget, ByteClaim
 from align2.server.core.lifecycle import Lifecycle
 from align2.server.core.priority import Priority
 from align2.server.core.scoring import Head, SampleScore, Scorer, ScoringSample
@@ -150,8 +152,11 @@ class Curator:
         config: CurateConfig,
         limits: LimitsConfig,
         lifecycle: Lifecycle,
+        budget: ByteBudget | None = None,
     ) -> None:
         self._scorer = scorer
+        # Request bytes, shared with Score and Align calls (None: counted, not bounded).
+        self._budget = budget if budget is not None else ByteBudget(0)
         self._aligner = aligner
         self._config = config
         self._limits = limits
@@ -314,11 +319,24 @@ class Curator:
                     opened.append(session)
                 position += 1
                 await slots.acquire()
+                claim = await claim_bytes(_nbytes(request))
                 task = asyncio.create_task(session.curate(request, accepted, deadline))
                 accepted += 1
                 metrics.CURATE_INFLIGHT.inc()
                 working.add(task)
+                task.add_done_callback(functools.partial(_release, claim))
                 task.add_done_callback(on_done)
+
+        async def claim_bytes(nbytes: int) -> ByteClaim:
+            """The sample's bytes from the server's request-bytes budget; while they do not
+            fit, the stream reads no further (flow control), as when its slots are full."""
+            if self._budget.fits(nbytes):
+                return self._budget.claim(nbytes)
+            holds.stall(True)
+            try:
+                return await self._budget.claim_when_free(nbytes)
+            finally:
+                holds.stall(False)
 
         def on_read(_: asyncio.Task[None]) -> None:
             holds.end()  # no more samples: what waits for a warm-up may be decided now
@@ -503,3 +521,17 @@ async def _when_admitted(attempt: Callable[[], Awaitable[T]], deadline: float | 
                 return result
         await asyncio.sleep(pause)
         backoff = min(backoff * 2, _MAX_BACKOFF)
+
+
+def _nbytes(sample: Sample) -> int:
+    """What a stream's sample holds, as its request bytes: its image and texts (UTF-8 at
+    most 4 bytes a character; counted as one, as the wire carries mostly ASCII)."""
+    texts = sum(
+        len(turn.question) + len(turn.answer) + sum(len(c) for c in turn.candidates)
+        for turn in sample.turns
+    )
+    return len(sample.image_bytes()) + texts + len(sample.id) + len(sample.task)
+
+
+def _release(claim: ByteClaim, _: object) -> None:
+    claim.release()

@@ -152,6 +152,7 @@ class Holds:
     def __init__(self, bound: int, inflight: Callable[[], int]) -> None:
         self.bound = bound
         self.ended = False
+        self.stalled = False  # the stream waits for request bytes: it can read no more now
         self._inflight = inflight
         self._held: dict[_Held, TaskWindow] = {}  # in the order they were held
 
@@ -171,14 +172,24 @@ class Holds:
         self.ended = True
         self.check()
 
+    def stall(self, stalled: bool) -> None:
+        """The stream waits (True) or no longer waits for room in limits.max_inflight_bytes
+        before it reads on: while it waits, it is as if its slots were full."""
+        self.stalled = stalled
+        self.check()
+
     def check(self) -> None:
         """Decide everything held when nothing of this stream could add a score any more."""
         if not self._held:
             return
         if len(self._held) >= self.bound:  # every slot holds a held sample: no more reads
             self._release("inflight_bound")
-        elif self.ended and len(self._held) >= self._inflight():  # the rest is all held
+        elif len(self._held) < self._inflight():  # some sample may still add a score
+            return
+        elif self.ended:  # the rest is all held, and no sample will come
             self._release("stream_end")
+        elif self.stalled:  # ... and none can be read until bytes are freed
+            self._release("inflight_bytes")
 
     def idle(self) -> None:
         """The producer has been quiet: if every sample in flight is held, nothing is

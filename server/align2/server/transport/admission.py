@@ -9,8 +9,9 @@ other error. One that fits is parsed, and the behavior claims its size for as lo
 call runs: the claim, not the early check, is the admission (another call may have claimed
 in between).
 
-Unary requests only (Score, Align; GetServerInfo's are empty): a Curate stream's messages
-are bounded per stream instead (limits.max_stream_inflight).
+Unary requests only (Score, Align; GetServerInfo's are empty): a Curate stream claims each
+sample's bytes from the same budget as it reads it (core/curation.py), waiting for room
+instead of being refused.
 """
 
 from __future__ import annotations
