@@ -626,3 +626,46 @@ def test_streams_past_their_deadline_are_counted_as_deadline_exceeded(server: Se
         assert metric("align2_requests_total", rpc="Curate", code="OK") == ok
     finally:
         quiet.set()
+
+
+def test_a_stream_its_client_cancels_is_counted_cancelled_and_its_work_stops(
+    tiny_llava: pathlib.Path,
+) -> None:
+    """gRPC closes the response stream of a call its client cancelled; the handler must
+    count it CANCELLED (not OK) and cancel the samples it still works on. Fails on: the
+    closed response generator ending the call as if it had returned (OK in 3 of 4 runs
+    with 16 samples in flight; this module's server holds one, and gets it right)."""
+    config = score_config(tiny_llava)
+    config.limits.max_stream_inflight = 16
+    server = ServerThread(config).start()
+    try:
+        with CurationClient(server.target, timeout=60) as client:
+            for attempt in range(4):
+                _cancel_after_three_decisions(client, attempt)
+    finally:
+        server.stop()
+
+
+def _cancel_after_three_decisions(client: CurationClient, attempt: int) -> None:
+    def count(code: str) -> float:
+        return metric("align2_requests_total", rpc="Curate", code=code)
+
+    def settled(check: Any) -> bool:  # the server records the call as it unwinds
+        for _ in range(500):
+            if check():
+                return True
+            time.sleep(0.01)
+        return False
+
+    before = {code: count(code) for code in ("OK", "CANCELLED")}
+    results = client.curate([sample(i) for i in range(30)], min_window=1)
+    seen = 0
+    with pytest.raises(grpc.RpcError) as ended:
+        for _ in results:
+            seen += 1
+            if seen == 3:
+                results.cancel()
+    assert ended.value.code() == grpc.StatusCode.CANCELLED
+    assert settled(lambda: count("CANCELLED") > before["CANCELLED"]), attempt
+    assert count("CANCELLED") == before["CANCELLED"] + 1 and count("OK") == before["OK"], attempt
+    assert settled(lambda: metric("align2_curate_inflight") == 0), attempt  # its work stopped

@@ -43,7 +43,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -273,7 +273,7 @@ class Curator:
         requests: AsyncIterator[CurateOptions | Sample],
         deadline: float | None,
         priority: Callable[[], Priority] = lambda: Priority.BULK,
-    ) -> AsyncIterator[Curated]:
+    ) -> AsyncGenerator[Curated, None]:
         """One decision per sample of ``requests``, as each is made (see the module doc).
         ``priority``: the class of a stream that sends no options (from call metadata), read
         only then (a bad metadata value fails only a stream whose options do not set one).

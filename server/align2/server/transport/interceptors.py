@@ -118,6 +118,9 @@ async def _mapped(
     except grpc.aio.AbortError:
         call.aborted()
         raise
+    except GeneratorExit:  # gRPC closed the response stream: its client went away
+        call.cancelled()
+        raise
     except asyncio.CancelledError:
         reason = calls.ended_by_shutdown(task)
         if reason is None or task is None:
@@ -194,8 +197,9 @@ def _check_unary_response(_rpc: str, behavior: Callable[..., Any]) -> Callable[.
 def _check_stream_response(_rpc: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
     async def checked(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         if inspect.isasyncgenfunction(behavior):
-            async for response in behavior(_requests(request), context):
-                yield response
+            async with contextlib.aclosing(behavior(_requests(request), context)) as responses:
+                async for response in responses:
+                    yield response
         else:
             await behavior(_requests(request), context)
 
@@ -221,8 +225,10 @@ def _wrap_stream_response(calls: InFlightCalls) -> Wrap:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with _mapped(rpc, context, calls, _is_stream(request)):
                 if inspect.isasyncgenfunction(behavior):
-                    async for response in behavior(request, context):
-                        yield response
+                    # closed with this one, at once: its work in flight is cancelled now
+                    async with contextlib.aclosing(behavior(request, context)) as responses:
+                        async for response in responses:
+                            yield response
                 else:
                     await behavior(request, context)
 

@@ -72,8 +72,10 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
             def priority() -> Priority:  # of a stream without options: only then read
                 return convert.priority_from_proto(pb.PRIORITY_UNSPECIFIED, metadata_priority)
 
-            async for curated in self._curator.stream(requests, deadline, priority):
-                yield convert.curated_to_proto(curated)
+            stream = self._curator.stream(requests, deadline, priority)
+            async with contextlib.aclosing(stream):  # a call gRPC closes stops its work now
+                async for curated in stream:
+                    yield convert.curated_to_proto(curated)
         except Exception:
             await _linger(request_iterator)
             raise
