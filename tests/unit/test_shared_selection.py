@@ -357,6 +357,7 @@ async def test_task_types_beyond_the_limit_fail_their_sample_or_seeds_naming_the
     alone, and a stream seeding more is refused without holding its key."""
     scorer = scores(1.0, 2.0, 3.0, 4.0)
     curate = curator(scorer, max_task_types=2)
+    invalid = metric("align2_items_rejected_total", reason="invalid")
     thresholds = {"a": 0.0, "b": 0.0}  # scripted answers score 0: all pass
     options = CurateOptions(selection_key="k", answer_thresholds=thresholds)
     producer = Producer(options)
@@ -376,6 +377,8 @@ async def test_task_types_beyond_the_limit_fail_their_sample_or_seeds_naming_the
     assert "limits.max_task_types 2" in error.message
     assert [decided[f"s{i}"].decision for i in (0, 1, 3)] == [Decision.KEPT] * 3
     assert decided["s3"].question_window_size == 2  # task "a" went on as before
+    # both refusals counted as invalid samples, as Score counts them (Fails on: uncounted)
+    assert metric("align2_items_rejected_total", reason="invalid") == invalid + 2
     # Seeds for a third task on key "k", whose windows hold "a" and "b": refused, key freed.
     seeded = question_stage(selection_key="k", question_seed_scores={"c": [1.0]})
     with pytest.raises(InvalidArgument, match=r"options\.question_seed_scores: 1 new task"):

@@ -422,19 +422,13 @@ class Session:
         return result
 
     async def _decide(self, sample: Sample, deadline: float | None, result: Curated) -> None:
+        try:
+            self._take_task(sample.task)
+        except InvalidArgument:
+            metrics.REJECTED.labels(reason="invalid").inc()  # as Score counts a bad sample
+            raise
         # One ScoringSample for both stages: checked once, the image decoded once, the
         # scores written straight into the decision's.
-        if len(sample.task) > MAX_TASK_LENGTH:
-            raise InvalidArgument(
-                f"{_SAMPLE}.task: {len(sample.task)} characters exceeds {MAX_TASK_LENGTH}"
-            )
-        # Both stages' windows, taken as the sample arrives: one of a task type beyond
-        # limits.max_task_types is refused before any forward pass, whatever the order of
-        # its batch-mates' scores.
-        for stage in (self._questions, self._answers):
-            stage.check_task(sample.task)
-        for stage in (self._questions, self._answers):
-            stage.take_window(sample.task)
         work = self._scorer.begin(sample, _SAMPLE)
         result.scores = work.result
         await self._score(work, Head.QUESTION, deadline)
@@ -479,6 +473,19 @@ class Session:
                 result.decision = Decision.KEPT_ALIGN_FAILED
                 return
         result.decision = Decision.KEPT
+
+    def _take_task(self, task: str) -> None:
+        """The sample's task type, checked, and both stages' windows for it, taken as the
+        sample arrives: one of a task type beyond limits.max_task_types is refused before
+        any forward pass, whatever the order of its batch-mates' scores."""
+        if len(task) > MAX_TASK_LENGTH:
+            raise InvalidArgument(
+                f"{_SAMPLE}.task: {len(task)} characters exceeds {MAX_TASK_LENGTH}"
+            )
+        for stage in (self._questions, self._answers):
+            stage.check_task(task)
+        for stage in (self._questions, self._answers):
+            stage.take_window(task)
 
     async def _score(self, work: ScoringSample, head: Head, deadline: float | None) -> None:
         priority = self._options.priority
