@@ -1,4 +1,5 @@
-"""Server memory through bursts of large-image Score calls (docs/operating.md, "Memory").
+"""Server memory through bursts of large-image Score calls or Curate streams
+(docs/operating.md, "Memory").
 
 Starts ``python -m align2.server`` on loopback with a tiny reward model (built offline), then
 runs ``--rounds`` rounds of ``--calls`` concurrent Score calls, each of ``--samples`` samples
@@ -6,7 +7,8 @@ with a ``--image-mb`` MB incompressible PNG (8 x 6 MB = 48 MB per call by defaul
 issue 13), through align2.client without retries. The server's RSS (psutil) is sampled
 every 20 ms: before the first round (warm, idle), its peak during each round, after each
 round, and for ``--idle`` seconds after the last one. Prints one line per phase and a JSON
-summary.
+summary. ``--curate``: each call is a Curate stream of the same samples instead (decided at
+once, ``min_window`` 1), whose samples the server holds from reading to decision.
 
 The queue admits ``--queue-items`` forward passes (default 80: five calls of 8 samples x 2
 heads), so the server without a byte budget admits as many calls as the one with
@@ -19,6 +21,7 @@ glibc malloc tunables to the server.
     python bench/burst_memory.py --set limits.max_inflight_bytes=0  # byte budget off
     python bench/burst_memory.py --set server.trim_idle_seconds=-1  # no malloc_trim
     python bench/burst_memory.py --env MALLOC_ARENA_MAX=2
+    python bench/burst_memory.py --curate --rounds 3 --calls 8 --samples 16 --image-mb 3
 """
 
 from __future__ import annotations
@@ -113,11 +116,17 @@ def start_server(args: argparse.Namespace, folder: pathlib.Path) -> ServerProces
     return ServerProcess(args_, folder / "server.log", env=env).start(timeout=120)
 
 
-async def burst(target: str, calls: list[list[Sample]]) -> tuple[int, int, int]:
-    """One round: every call at once; (ok, refused, other failures)."""
+async def burst(
+    target: str, calls: list[list[Sample]], curate: bool = False
+) -> tuple[int, int, int]:
+    """One round: every call (or stream) at once; (ok, refused, other failures)."""
     async with AsyncCurationClient(target, retry=False, timeout=300) as client:
+
+        async def stream(samples: list[Sample]) -> int:
+            return len([r async for r in client.curate(samples, min_window=1)])
+
         outcomes = await asyncio.gather(
-            *(client.score(samples) for samples in calls), return_exceptions=True
+            *(stream(s) if curate else client.score(s) for s in calls), return_exceptions=True
         )
     refused = sum(
         isinstance(o, grpc.RpcError) and o.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -140,6 +149,7 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=10.0, help="seconds watched after")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server")
     parser.add_argument("--folder", help="model and logs (default: a temporary folder)")
+    parser.add_argument("--curate", action="store_true", help="Curate streams, not Score calls")
     args = parser.parse_args()
 
     folder = pathlib.Path(args.folder or tempfile.mkdtemp(prefix="align2-burst-"))
@@ -150,11 +160,17 @@ def main() -> None:
         for i, image in enumerate(images)
     ]
     call_mb = sum(len(i) for i in images) / MB
-    print(f"{args.rounds} rounds x {args.calls} calls x {call_mb:.1f} MB; {args.set} {args.env}")
+    kind = "Curate streams" if args.curate else "calls"
+    print(f"{args.rounds} rounds x {args.calls} {kind} x {call_mb:.1f} MB; {args.set} {args.env}")
     server = start_server(args, folder)
     assert server.proc is not None
     sampler = Sampler(server.proc.pid)
-    summary: dict[str, object] = {"call_mb": round(call_mb, 1), "set": args.set, "env": args.env}
+    summary: dict[str, object] = {
+        "call_mb": round(call_mb, 1),
+        "curate": args.curate,
+        "set": args.set,
+        "env": args.env,
+    }
     try:
         time.sleep(1.0)
         baseline = sampler.rss()
@@ -162,7 +178,7 @@ def main() -> None:
         peaks, afters, counts = [], [], []
         for round_ in range(args.rounds):
             sampler.reset()
-            counts.append(asyncio.run(burst(server.target, [samples] * args.calls)))
+            counts.append(asyncio.run(burst(server.target, [samples] * args.calls, args.curate)))
             peaks.append(sampler.peak())
             afters.append(sampler.rss())
             ok, refused, failed = counts[-1]
