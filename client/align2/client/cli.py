@@ -239,23 +239,34 @@ def _score_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated, of {','.join(HEADS)} (default: both)",
     )
     parser.add_argument("--out", default="-", help="JSONL results file (default: stdout)")
+    _chunk_size_argument(parser)
+    _priority_argument(parser)
+    _model_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+Arguments = argparse.ArgumentParser | argparse._ArgumentGroup
+
+
+def _chunk_size_argument(parser: Arguments) -> None:
     parser.add_argument(
         "--chunk-size",
         type=int,
         default=DEFAULT_CHUNK_SIZE,
         help="samples per call (default: %(default)s, the server's default max_samples_per_call)",
     )
+
+
+def _priority_argument(parser: Arguments) -> None:
     parser.add_argument(
         "--priority",
         choices=sorted(PRIORITIES),
         default=None,
         help="queue class: interactive goes first (default: bulk)",
     )
-    _model_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+def _model_arguments(parser: Arguments) -> None:
     for head in ("question", "answer"):
         parser.add_argument(
             f"--{head}-model",
@@ -283,18 +294,8 @@ def _align_arguments(parser: argparse.ArgumentParser) -> None:
         report="JSONL of every turn: original, rewrite, verdict",
     )
     _rewrite_arguments(parser)
-    parser.add_argument(
-        "--chunk-size",
-        type=int,
-        default=DEFAULT_CHUNK_SIZE,
-        help="samples per call (default: %(default)s, the server's default max_samples_per_call)",
-    )
-    parser.add_argument(
-        "--priority",
-        choices=sorted(PRIORITIES),
-        default=None,
-        help="queue class: interactive goes first (default: bulk)",
-    )
+    _chunk_size_argument(parser)
+    _priority_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -363,12 +364,7 @@ def _curate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--align", action="store_true", help="restyle the kept samples")
     _rewrite_arguments(parser)
-    parser.add_argument(
-        "--priority",
-        choices=sorted(PRIORITIES),
-        default=None,
-        help="queue class: interactive goes first (default: bulk)",
-    )
+    _priority_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     online = parser.add_argument_group("online selection (with --stream)")
     online.add_argument(
@@ -414,12 +410,7 @@ def _curate_arguments(parser: argparse.ArgumentParser) -> None:
         help="leave out malformed or unscorable records (listed in the report) instead of stopping",
     )
     offline.add_argument("--plot", default=None, help="PNG of the score histograms (Pillow)")
-    offline.add_argument(
-        "--chunk-size",
-        type=int,
-        default=DEFAULT_CHUNK_SIZE,
-        help="samples per call (default: %(default)s, the server's default max_samples_per_call)",
-    )
+    _chunk_size_argument(offline)
     offline.add_argument(
         "--concurrency", type=int, default=DEFAULT_MAX_CONCURRENCY, help="RPCs in flight"
     )
