@@ -118,8 +118,11 @@ async def _mapped(
     except grpc.aio.AbortError:
         call.aborted()
         raise
-    except GeneratorExit:  # gRPC closed the response stream: its client went away
-        call.cancelled()
+    except GeneratorExit:  # gRPC closed the response stream: its client went away, or
+        if calls.ended_by_shutdown(task) is not None:  # shutdown ended it (end_all)
+            call.code = grpc.StatusCode.UNAVAILABLE
+        else:
+            call.cancelled()
         raise
     except asyncio.CancelledError:
         reason = calls.ended_by_shutdown(task)
