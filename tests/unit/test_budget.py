@@ -93,3 +93,7 @@ async def test_waiting_claims_are_granted_in_order_and_a_cancelled_one_claims_no
     assert budget.in_flight == 150  # alone, it may exceed the limit rather than wait forever
     too_big.result().release()
     assert budget.in_flight == 0 and budget.waiting == 0
+    # ... and at once when nothing is in flight (Fails on: waiting for a release never due)
+    alone = await asyncio.wait_for(budget.claim_when_free(150), timeout=5)
+    assert budget.in_flight == 150 and budget.waiting == 0
+    alone.release()

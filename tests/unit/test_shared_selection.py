@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 from support import metric, spin
-from test_curation import ScriptedScorer, collect, curator, feed, sample
+from test_curation import ScriptedScorer, collect, curator, feed, sample, sized
 
 from align2.client.types import Sample
+from align2.server.core.budget import ByteBudget
 from align2.server.core.curation import Curated, CurateOptions, Curator, Decision
+from align2.server.core.scoring import Head
 from align2.server.errors import Code, InvalidArgument, TooManySelectionKeys
 
 
@@ -349,6 +351,48 @@ async def test_the_task_type_limit_holds_in_arrival_order_before_any_scoring() -
     scorer.gate.set()
     decided = await stream.finish()
     assert Decision.ERROR not in {decided["s0"].decision, decided["s1"].decision}
+
+
+async def test_a_sample_that_fails_leaves_no_task_type_window_behind() -> None:
+    """A window taken on arrival and left empty (the sample failed before a score) is given
+    back: a typo'd task with a bad image does not use up limits.max_task_types. Fails on:
+    the empty window kept, refusing the next task type."""
+    scorer = ScriptedScorer({"s0": None, "s1": 1.0}, {})  # s0: not an image
+    curate = curator(scorer, max_task_types=1)
+    producer = Producer(CurateOptions(min_window=1))
+    stream = Stream(curate, producer)
+    producer.send(sample(0, task="typo"))
+    await spin()
+    producer.send(sample(1, task="detail"))
+    decided = await stream.finish()
+    assert decided["s0"].decision is Decision.ERROR
+    assert decided["s1"].error is None and decided["s1"].decision is not Decision.ERROR
+
+
+async def test_a_sample_waiting_for_bytes_frees_the_samples_other_streams_hold() -> None:
+    """Stream A's two samples wait for a warm-up that its paused producer will not bring
+    (warm_up_idle_ms 0) and fill the byte budget; stream B's sample then waits for bytes.
+    Nothing can be read any more, by either stream: A's held decisions are made, and B's
+    sample goes on. Fails on: only the waiting stream's own held decisions released (B,
+    and every Score call, blocked until A's deadline)."""
+    scorer = scores(1.0, 2.0, 3.0)
+    budget = ByteBudget(2000)
+    curate = curator(scorer, min_window=100, budget=budget, warm_up_idle_ms=0)
+    first, second = Producer(), Producer()
+    a, b = Stream(curate, first), Stream(curate, second)
+    first.send(sized(0, 1000), sized(1, 1000))
+    await spin()
+    assert a.decided == [] and budget.in_flight == 2000  # held: the window wants 100
+    second.send(sized(2, 1000))
+    for _ in range(100):
+        await spin()
+        if ("s2", Head.QUESTION) in scorer.calls:
+            break
+    assert ("s2", Head.QUESTION) in scorer.calls and budget.waiting == 0  # B read on
+    assert a.decided and all(r.warm_up for r in a.decided)  # what freed its bytes
+    decided = {**await b.finish(), **await a.finish()}
+    assert sorted(decided) == ["s0", "s1", "s2"]
+    assert budget.in_flight == 0
 
 
 async def test_task_types_beyond_the_limit_fail_their_sample_or_seeds_naming_the_limit() -> None:

@@ -1203,7 +1203,10 @@ class CurateOptions(_message.Message):
        or when its producer has sent nothing for curate.warm_up_idle_ms (500 ms unless
        configured) while every sample it has in flight waits: so a producer that waits for
        each decision before sending its next sample gets it after that pause (send
-       min_window = 1, or seeds, to have it at once). Such a decision has
+       min_window = 1, or seeds, to have it at once), or when a sample of any stream waits for
+       room in limits.max_inflight_bytes while every sample it has in flight waits (no stream
+       can read on then; Score and Align calls holding those bytes for a moment bring it
+       about too). Such a decision has
        CurateResponse.warm_up set. Seed scores (question_seed_scores, answer_seed_scores) fill a window before any
        sample, so a seeded window that holds min_window scores decides at once.
     Every default an unset option here takes is reported in GetServerInfoResponse.defaults.
@@ -1509,8 +1512,9 @@ class CurateResponse(_message.Message):
     warm_up: _builtins.bool
     """True when a stage decided before its window held CurateOptions.min_window scores: the
     stream's slots were all waiting, or its input had ended, or its producer sent nothing
-    for curate.warm_up_idle_ms while its samples waited (see CurateOptions). Such a
-    decision rests on fewer scores than asked for.
+    for curate.warm_up_idle_ms while its samples waited, or a sample waited for room in
+    limits.max_inflight_bytes (see CurateOptions). Such a decision rests on fewer scores
+    than asked for.
     """
     @_builtins.property
     def scores(self) -> Global___ScoreResult:
@@ -1916,7 +1920,9 @@ class Defaults(_message.Message):
     review: _builtins.bool
     """AlignOptions.review when unset (config align.review)."""
     template: _builtins.str
-    """AlignOptions.template when empty (config align.template): one of align_templates."""
+    """AlignOptions.template when empty (config align.template); when Align is served, one of
+    align_templates.
+    """
     question_keep_fraction: _builtins.float
     """CurateOptions.question_keep_fraction when unset (config curate.question_keep_fraction)."""
     answer_keep_fraction: _builtins.float

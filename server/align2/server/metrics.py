@@ -135,7 +135,7 @@ CURATE_WARM_UP_RELEASES = prom.Counter(
     "align2_curate_warm_up_releases",
     "Curate decisions made before their window reached min_window, by reason: "
     "inflight_bound (every slot of the stream held), stream_end (its input ended), "
-    "producer_idle (nothing sent for curate.warm_up_idle_ms), inflight_bytes (the stream "
+    "producer_idle (nothing sent for curate.warm_up_idle_ms), inflight_bytes (a sample "
     "waits for room in limits.max_inflight_bytes)",
     ["reason"],
 )

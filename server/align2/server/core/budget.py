@@ -74,13 +74,18 @@ class ByteBudget:
             raise self.refusal(nbytes)
         return self._take(nbytes)
 
-    async def claim_when_free(self, nbytes: int) -> ByteClaim:
-        """Claim ``nbytes``, waiting behind earlier waiters until they fit. A claim larger
-        than the limit waits until nothing else is in flight. Cancelled: nothing claimed."""
-        if self.fits(nbytes):
+    async def claim_when_free(
+        self, nbytes: int, on_wait: Callable[[], None] | None = None
+    ) -> ByteClaim:
+        """Claim ``nbytes``, waiting behind earlier waiters until they fit (``on_wait`` is
+        called once it waits). A claim larger than the limit waits until nothing else is in
+        flight. Cancelled: nothing claimed."""
+        if self.fits(nbytes) or (not self._waiters and not self.in_flight):
             return self._take(nbytes)
         waiter = (nbytes, asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
+        if on_wait is not None:
+            on_wait()
         try:
             return await waiter[1]
         except asyncio.CancelledError:

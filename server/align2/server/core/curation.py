@@ -157,6 +157,7 @@ class Curator:
         self._scorer = scorer
         # Request bytes, shared with Score and Align calls (None: counted, not bounded).
         self._budget = budget if budget is not None else ByteBudget(0)
+        self._streams_holds: set[Holds] = set()  # of the streams running now
         self._aligner = aligner
         self._config = config
         self._limits = limits
@@ -167,6 +168,13 @@ class Curator:
             config.window,
             config.max_task_types,
         )
+
+    def _release_held(self) -> None:
+        """A sample waits for bytes: no stream can read on, so the held decisions of every
+        stream whose samples in flight are all held are made now (their bytes free only
+        then; a stream waiting for its own would wait forever)."""
+        for holds in list(self._streams_holds):
+            holds.check()
 
     def session(self, options: CurateOptions, holds: Holds) -> Session:
         """Validated settings and selection state for one stream (its own, or its
@@ -286,7 +294,10 @@ class Curator:
         slots = asyncio.Semaphore(self._limits.max_stream_inflight)  # >= 1: Curate is on
         finished: asyncio.Queue[asyncio.Task[Curated] | None] = asyncio.Queue()
         working: set[asyncio.Task[Curated]] = set()
-        holds = Holds(self._limits.max_stream_inflight, lambda: len(working))
+        holds = Holds(
+            self._limits.max_stream_inflight, lambda: len(working), lambda: self._budget.waiting > 0
+        )
+        self._streams_holds.add(holds)
         opened: list[Session] = []
         accepted = 0
 
@@ -329,14 +340,9 @@ class Curator:
 
         async def claim_bytes(nbytes: int) -> ByteClaim:
             """The sample's bytes from the server's request-bytes budget; while they do not
-            fit, the stream reads no further (flow control), as when its slots are full."""
-            if self._budget.fits(nbytes):
-                return self._budget.claim(nbytes)
-            holds.stall(True)
-            try:
-                return await self._budget.claim_when_free(nbytes)
-            finally:
-                holds.stall(False)
+            fit, the stream reads no further (flow control), and neither does any other
+            (first come, first served): every stream's held decisions are then made."""
+            return await self._budget.claim_when_free(nbytes, on_wait=self._release_held)
 
         def on_read(_: asyncio.Task[None]) -> None:
             holds.end()  # no more samples: what waits for a warm-up may be decided now
@@ -370,6 +376,7 @@ class Curator:
                 self._lifecycle.check_serving()  # raises UNAVAILABLE with the phase's reason
             reader.result()  # the stream's own error, now that every accepted one is answered
         finally:
+            self._streams_holds.discard(holds)
             unregister()
             reader.cancel()
             if watcher is not None:
@@ -427,6 +434,13 @@ class Session:
         except InvalidArgument:
             metrics.REJECTED.labels(reason="invalid").inc()  # as Score counts a bad sample
             raise
+        try:
+            await self._stages(sample, deadline, result)
+        finally:  # a window the sample took and left empty takes no task-type slot
+            for stage in (self._questions, self._answers):
+                stage.give_back_window(sample.task)
+
+    async def _stages(self, sample: Sample, deadline: float | None, result: Curated) -> None:
         # One ScoringSample for both stages: checked once, the image decoded once, the
         # scores written straight into the decision's.
         work = self._scorer.begin(sample, _SAMPLE)

@@ -16,7 +16,10 @@ Per stage (question, answer) and task type a decision is made:
   held decisions are all made at once, against what the windows hold, when every sample
   it has in flight is held and (a) those fill its ``limits.max_stream_inflight`` slots (it
   cannot read more), or (b) its input has ended (no more samples will come; also when the
-  stream fails as a whole). Such a decision says ``warm_up``.
+  stream fails as a whole), or (c) its producer has been idle for ``curate.warm_up_idle_ms``,
+  or (d) a sample (of any stream) waits for room in ``limits.max_inflight_bytes``: then no
+  stream may read on, and held samples keep bytes that only their decisions free. Such a
+  decision says ``warm_up``.
 
 Scores are ranked as float32, the precision CurateResponse reports them (and thresholds are
 given) in: a client that compares a reported score with a reported or given threshold
@@ -58,6 +61,7 @@ class TaskWindow:
     def __init__(self, size: int) -> None:
         self.scores = Window(size)
         self.seeded = False
+        self.users = 0  # samples that took it (StageWindows.take) and are not finished
         self._waiting: list[_Held] = []
 
     def __len__(self) -> int:
@@ -110,6 +114,21 @@ class StageWindows:
             window = self._by_task[task] = TaskWindow(self.size)
         return window
 
+    def take(self, task: str) -> None:
+        """``task``'s window, for a sample that will need it (created, or InvalidArgument
+        when no window fits any more); :meth:`give_back` when the sample is finished."""
+        self[task].users += 1
+
+    def give_back(self, task: str) -> None:
+        """A sample that took ``task``'s window is finished: a window it left empty (the
+        sample failed, or never reached this stage) is dropped, taking no task-type slot."""
+        window = self._by_task.get(task)
+        if window is None:
+            return
+        window.users -= 1
+        if window.users <= 0 and not len(window) and not window.seeded:
+            del self._by_task[task]
+
     def count(self, task: str) -> int:
         """Scores in ``task``'s window (0 when it has none yet)."""
         window = self._by_task.get(task)
@@ -149,10 +168,12 @@ class Holds:
     stream calls :meth:`check` when one of them finishes and :meth:`end` when its input
     ends."""
 
-    def __init__(self, bound: int, inflight: Callable[[], int]) -> None:
+    def __init__(
+        self, bound: int, inflight: Callable[[], int], blocked: Callable[[], bool] = lambda: False
+    ) -> None:
         self.bound = bound
         self.ended = False
-        self.stalled = False  # the stream waits for request bytes: it can read no more now
+        self._blocked = blocked  # True while no stream may read: samples wait for bytes
         self._inflight = inflight
         self._held: dict[_Held, TaskWindow] = {}  # in the order they were held
 
@@ -172,12 +193,6 @@ class Holds:
         self.ended = True
         self.check()
 
-    def stall(self, stalled: bool) -> None:
-        """The stream waits (True) or no longer waits for room in limits.max_inflight_bytes
-        before it reads on: while it waits, it is as if its slots were full."""
-        self.stalled = stalled
-        self.check()
-
     def check(self) -> None:
         """Decide everything held when nothing of this stream could add a score any more."""
         if not self._held:
@@ -188,7 +203,7 @@ class Holds:
             return
         elif self.ended:  # the rest is all held, and no sample will come
             self._release("stream_end")
-        elif self.stalled:  # ... and none can be read until bytes are freed
+        elif self._blocked():  # ... and none can be read until bytes are freed
             self._release("inflight_bytes")
 
     def idle(self) -> None:
@@ -235,9 +250,13 @@ class StageSelector:
     def take_window(self, task: str) -> None:
         """The window ``task`` will need, taken now (after :meth:`check_task`): the limit
         on task types then holds in the order samples arrive, before any is scored, not in
-        the order their scores come back."""
+        the order their scores come back. :meth:`give_back_window` when the sample is done."""
         if task not in self._thresholds:
-            self._windows[task]  # indexing creates it (StageWindows.__getitem__)
+            self._windows.take(task)
+
+    def give_back_window(self, task: str) -> None:
+        if task not in self._thresholds:
+            self._windows.give_back(task)
 
     async def select(self, task: str, score: float) -> Selection:
         """The decision on ``score`` of ``task`` (see the module docstring); waits while
