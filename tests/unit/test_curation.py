@@ -285,6 +285,35 @@ async def test_a_stopping_server_ends_an_idle_stream_after_answering_what_it_too
     assert sorted(seen) == ["s0", "s1"]
 
 
+async def test_a_stopping_server_ends_a_stream_waiting_for_bytes_and_leaves_no_waiter() -> None:
+    """A stream whose next sample waits for request bytes when the server starts draining
+    answers what it took, ends UNAVAILABLE, and leaves no waiter or claim in the budget
+    (else every later claim would queue behind it). Fails on: a waiter left behind."""
+    lifecycle = Lifecycle()
+    scorer = ScriptedScorer({f"s{i}": float(i) for i in range(3)}, {})
+    scorer.gate = asyncio.Event()
+    budget = ByteBudget(1000)
+    stream = curator(scorer, lifecycle=lifecycle, budget=budget).stream(
+        feed(sized(i, 1000) for i in range(3)), None
+    )
+    seen: list[str] = []
+
+    async def consume() -> None:
+        async for result in stream:
+            seen.append(result.id)
+
+    consuming = asyncio.ensure_future(consume())
+    await spin()
+    assert budget.waiting == 1  # s1 waits for s0's bytes
+    lifecycle.phase = Phase.DRAINING
+    await spin()
+    assert budget.waiting == 0
+    scorer.gate.set()
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(consuming, 10)
+    assert seen == ["s0"] and budget.in_flight == 0
+
+
 async def test_a_slow_reader_of_decisions_holds_back_the_reading_of_samples() -> None:
     scorer = ScriptedScorer({f"s{i}": float(i) for i in range(10)}, {})
     pulled: list[int] = []
