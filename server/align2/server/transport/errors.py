@@ -106,3 +106,12 @@ def grpc_status(exc: Align2Error) -> grpc.Status:
     status = rpc_status.to_status(rich_status(exc))
     trailers = tuple(status.trailing_metadata) + pushback(exc)
     return _Status(status.code, status.details, trailers)
+
+
+async def abort(
+    context: grpc.aio.ServicerContext, exc: Align2Error, kept: tuple[Any, ...] = ()
+) -> None:
+    """End the call with ``exc``'s status (raises grpc's AbortError). ``kept``: trailers set
+    before (the call's x-request-id), which abort would otherwise replace."""
+    status = grpc_status(exc)
+    await context.abort(status.code, status.details, kept + tuple(status.trailing_metadata))

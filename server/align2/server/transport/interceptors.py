@@ -28,7 +28,7 @@ import grpc
 
 from align2.server import logs, metrics
 from align2.server.errors import Align2Error, DeadlineExpired, MalformedRequest, Unavailable
-from align2.server.transport.errors import grpc_status
+from align2.server.transport.errors import abort, status_code
 from align2.server.transport.inflight import InFlightCalls
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,8 @@ class _Call:
     async def fail(self, exc: BaseException) -> None:
         """Abort the RPC with the status that ``exc`` maps to (raises AbortError)."""
         if isinstance(exc, Align2Error):
-            status = grpc_status(exc)
-            self.code = status.code
-            # abort (like abort_with_status) replaces the trailers set before: keep the id
-            trailers = self.trailers + tuple(status.trailing_metadata)
-            await self.context.abort(status.code, status.details, trailers)
+            self.code = status_code(exc)
+            await abort(self.context, exc, self.trailers)
         log.error("internal error in %s", self.rpc, exc_info=exc)
         self.code = grpc.StatusCode.INTERNAL
         await self.context.abort(self.code, f"internal error: {type(exc).__name__}: {exc}")

@@ -11,7 +11,7 @@ import grpc
 
 from align2.server.config import SecurityConfig
 from align2.server.errors import ConfigError, Unauthenticated
-from align2.server.transport.errors import grpc_status
+from align2.server.transport.errors import abort
 from align2.server.transport.interceptors import rewrap
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -92,11 +92,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 async def _abort(context: grpc.aio.ServicerContext) -> None:
     """UNAUTHENTICATED with its google.rpc.Status (ErrorInfo), as every align2 error has:
-    reflection and health are outside StatusInterceptor, so the status is made here. The
-    trailers set before (the call's x-request-id) are kept: abort replaces them."""
-    status = grpc_status(Unauthenticated(_DENIED, field=None))
-    trailers = tuple(context.trailing_metadata() or ()) + tuple(status.trailing_metadata)
-    await context.abort(status.code, status.details, trailers)
+    reflection and health are outside StatusInterceptor, so the status is made here,
+    keeping the trailers set before (the call's x-request-id)."""
+    kept = tuple(context.trailing_metadata() or ())
+    await abort(context, Unauthenticated(_DENIED, field=None), kept)
 
 
 def _deny_unary(_rpc: str, _behavior: Callable[..., Any]) -> Callable[..., Any]:
