@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
-import functools
 import logging
 import math
 import random
@@ -293,7 +292,7 @@ class Curator:
         is idle: the rest goes to another replica)."""
         slots = asyncio.Semaphore(self._limits.max_stream_inflight)  # >= 1: Curate is on
         finished: asyncio.Queue[asyncio.Task[Curated] | None] = asyncio.Queue()
-        working: set[asyncio.Task[Curated]] = set()
+        working: dict[asyncio.Task[Curated], ByteClaim] = {}  # each with its sample's bytes
         holds = Holds(
             self._limits.max_stream_inflight, lambda: len(working), lambda: self._budget.waiting > 0
         )
@@ -302,7 +301,7 @@ class Curator:
         accepted = 0
 
         def on_done(task: asyncio.Task[Curated]) -> None:
-            working.discard(task)
+            working.pop(task).release()
             metrics.CURATE_INFLIGHT.dec()
             finished.put_nowait(task)
             holds.check()  # after the input ended, the rest may now all be held
@@ -330,19 +329,16 @@ class Curator:
                     opened.append(session)
                 position += 1
                 await slots.acquire()
-                claim = await claim_bytes(_nbytes(request))
+                # The sample's bytes: while they do not fit, no stream reads on (first come,
+                # first served), so every stream's held decisions are made (_release_held).
+                claim = await self._budget.claim_when_free(
+                    _nbytes(request), on_wait=self._release_held
+                )
                 task = asyncio.create_task(session.curate(request, accepted, deadline))
                 accepted += 1
                 metrics.CURATE_INFLIGHT.inc()
-                working.add(task)
-                task.add_done_callback(functools.partial(_release, claim))
+                working[task] = claim
                 task.add_done_callback(on_done)
-
-        async def claim_bytes(nbytes: int) -> ByteClaim:
-            """The sample's bytes from the server's request-bytes budget; while they do not
-            fit, the stream reads no further (flow control), and neither does any other
-            (first come, first served): every stream's held decisions are then made."""
-            return await self._budget.claim_when_free(nbytes, on_wait=self._release_held)
 
         def on_read(_: asyncio.Task[None]) -> None:
             holds.end()  # no more samples: what waits for a warm-up may be decided now
@@ -552,7 +548,3 @@ def _nbytes(sample: Sample) -> int:
         for turn in sample.turns
     )
     return len(sample.image_bytes()) + texts + len(sample.id) + len(sample.task)
-
-
-def _release(claim: ByteClaim, _: object) -> None:
-    claim.release()
