@@ -80,7 +80,7 @@ class ByteBudget:
         """Claim ``nbytes``, waiting behind earlier waiters until they fit (``on_wait`` is
         called once it waits). A claim larger than the limit waits until nothing else is in
         flight. Cancelled: nothing claimed."""
-        if self.fits(nbytes) or (not self._waiters and not self.in_flight):
+        if not self._waiters and self._has_room(nbytes):
             return self._take(nbytes)
         waiter = (nbytes, asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
@@ -101,6 +101,11 @@ class ByteBudget:
         """Claims waiting for room."""
         return len(self._waiters)
 
+    def _has_room(self, nbytes: int) -> bool:
+        """Room for a waiting claim: it fits, or nothing else is in flight (a claim larger
+        than the limit then goes alone rather than wait forever)."""
+        return not self.limit or not self.in_flight or self.in_flight + nbytes <= self.limit
+
     def _take(self, nbytes: int) -> ByteClaim:
         self.in_flight += nbytes
         self._gauge.set(self.in_flight)
@@ -110,7 +115,7 @@ class ByteBudget:
         """Grant the waiting claims that fit now, in order."""
         while self._waiters:
             nbytes, future = self._waiters[0]
-            if self.in_flight and self.in_flight + nbytes > self.limit:
+            if not self._has_room(nbytes):
                 return
             self._waiters.popleft()
             if not future.done():
