@@ -14,6 +14,7 @@ from support import spin
 
 from align2.client.types import Sample, Turn
 from align2.server.config import CurateConfig, LimitsConfig
+from align2.server.core import curation
 from align2.server.core.align_types import (
     AlignCall,
     AlignedTurn,
@@ -132,7 +133,7 @@ async def test_at_most_max_stream_inflight_samples_are_worked_on_at_once() -> No
 
 def sized(i: int, nbytes: int, task: str = "detail") -> Sample:
     """A sample whose image and texts hold ``nbytes`` request bytes (as streams count them)."""
-    texts = len(f"s{i}") + len(task) + len("q?") + len("a.")
+    texts = len(f"s{i}") + len(task) + len("q?") + len("a.") + 2 * curation._TEXT_OVERHEAD
     return Sample(id=f"s{i}", image=b"x" * (nbytes - texts), task=task, turns=[Turn("q?", "a.")])
 
 
@@ -540,3 +541,14 @@ async def test_a_waited_out_refusal_counts_as_waited_and_the_last_one_as_overloa
     waited, overloaded = rejected("waited"), rejected("overloaded")
     assert await _when_admitted(part_refused_inside, None) == "one part failed"
     assert (rejected("waited") - waited, rejected("overloaded") - overloaded) == (0, 4)
+
+
+def test_a_stream_sample_claims_its_texts_count_and_not_what_it_is_refused_for() -> None:
+    """Empty texts are not free (each is an object the server holds), and a sample over
+    the turn limit claims its image alone: its turns are refused unread. Fails on: the
+    claim counting characters only (0 bytes for empty turns), or reading every turn."""
+    limits = LimitsConfig(max_turns=64)
+    empty = Sample(id="", image=b"x" * 10, turns=[Turn("", "")] * 64)
+    assert curation._nbytes(empty, limits) == 10 + 64 * 2 * curation._TEXT_OVERHEAD
+    over = Sample(id="", image=b"x" * 10, turns=[Turn("q" * 1000, "")] * 65)
+    assert curation._nbytes(over, limits) == 10

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from align2.server import config as config_module
-from align2.server.config import Config
+from align2.server.config import Config, LimitsConfig
 from align2.server.core.align_types import AlignOutcome
 from align2.server.core.curation import CurateOptions
 from align2.server.core.priority import Priority
@@ -101,7 +101,7 @@ async def test_image_markers_are_not_checked_anywhere() -> None:
     """The server does not use image_marker: unknown values pass Score, Align and Curate."""
     markers = [*pb.ImageMarker.values(), 9]
     request = pb.ScoreRequest(samples=[pb.Sample(id=str(m), image_marker=m) for m in markers])
-    assert [s.id for s in convert.score_call_from_proto(request, None).samples] == [
+    assert [s.id for s in convert.score_call_from_proto(request, LimitsConfig(), None).samples] == [
         "0",
         "1",
         "2",
@@ -109,13 +109,14 @@ async def test_image_markers_are_not_checked_anywhere() -> None:
         "9",
     ]
     align = pb.AlignRequest(samples=[pb.Sample(id="x", image_marker=7)])
-    assert [s.id for s in convert.align_call_from_proto(align, None).samples] == ["x"]
+    aligned = convert.align_call_from_proto(align, LimitsConfig(), None)
+    assert [s.id for s in aligned.samples] == ["x"]
 
     async def requests() -> AsyncIterator[pb.CurateRequest]:
         yield pb.CurateRequest(options=pb.CurateOptions())
         yield pb.CurateRequest(sample=pb.Sample(id="new", image_marker=9))
 
-    read = [item async for item in convert.curate_requests_from_proto(requests())]
+    read = [item async for item in convert.curate_requests_from_proto(requests(), LimitsConfig())]
     assert len(read) == 2
 
 
@@ -193,6 +194,28 @@ async def test_a_curate_message_with_neither_item_is_named_by_its_position() -> 
 
     read: list[object] = []
     with pytest.raises(InvalidArgument, match=r"^item: message 2 carries neither"):
-        async for item in convert.curate_requests_from_proto(messages()):
+        async for item in convert.curate_requests_from_proto(messages(), LimitsConfig()):
             read.append(item)
     assert isinstance(read[0], CurateOptions) and len(read) == 2
+
+
+def test_a_sample_over_the_turn_or_candidate_limit_is_not_converted_text_by_text() -> None:
+    """What the core refuses by its count alone is not read: 8 million empty turns took 17 s
+    of conversion on the event loop to be refused. The count survives, so the refusal
+    names it. Fails on: each turn converted (distinct Turn objects, texts kept)."""
+    limits = LimitsConfig(max_turns=4, max_candidates=2)
+    many = pb.Sample(id="m", turns=[pb.Turn(question=f"q{i}") for i in range(10_000)])
+    turns = convert.sample_from_proto(many, limits).turns
+    assert len(turns) == 10_000
+    assert len({id(t) for t in turns}) == 1 and turns[0].question == ""
+    wide = pb.Sample(
+        turns=[
+            pb.Turn(question="a", answer_candidates=["x", "y"]),
+            pb.Turn(question="b", answer_candidates=[f"c{i}" for i in range(50)]),
+        ]
+    )
+    first, second = convert.sample_from_proto(wide, limits).turns
+    assert first.candidates == ("x", "y")
+    assert (second.question, second.candidates) == ("b", ("",) * 50)
+    within = pb.Sample(turns=[pb.Turn(question="q", answer="a")] * 4)
+    assert [t.answer for t in convert.sample_from_proto(within, limits).turns] == ["a"] * 4

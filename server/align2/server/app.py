@@ -158,7 +158,12 @@ class App:
             ],
         )
         servicer = CurationServicer(
-            self.lifecycle, self._scorer, self.server_info, self._aligner, self._curator
+            self.lifecycle,
+            self.config.limits,
+            self._scorer,
+            self.server_info,
+            self._aligner,
+            self._curator,
         )
         pb_grpc.add_CurationServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

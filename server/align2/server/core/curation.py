@@ -46,7 +46,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from align2.client.types import Sample, choose_candidates
+from align2.client.types import Sample, Turn, choose_candidates
 from align2.server import metrics
 from align2.server.config import CurateConfig, LimitsConfig
 from align2.server.core.align_types import AlignCall, SampleAlignment
@@ -332,7 +332,7 @@ class Curator:
                 # The sample's bytes: while they do not fit, no stream reads on (first come,
                 # first served), so every stream's held decisions are made (_release_held).
                 claim = await self._budget.claim_when_free(
-                    _nbytes(request), on_wait=self._release_held
+                    _nbytes(request, self._limits), on_wait=self._release_held
                 )
                 task = asyncio.create_task(session.curate(request, accepted, deadline))
                 accepted += 1
@@ -540,11 +540,26 @@ async def _when_admitted(attempt: Callable[[], Awaitable[T]], deadline: float | 
         backoff = min(backoff * 2, _MAX_BACKOFF)
 
 
-def _nbytes(sample: Sample) -> int:
+_TEXT_OVERHEAD = 64
+"""Bytes a text holds beyond its characters once converted (a str and its reference):
+counted so that thousands of empty texts are not free."""
+
+
+def _nbytes(sample: Sample, limits: LimitsConfig) -> int:
     """What a stream's sample holds, as its request bytes: its image and texts (UTF-8 at
-    most 4 bytes a character; counted as one, as the wire carries mostly ASCII)."""
+    most 4 bytes a character; counted as one, as the wire carries mostly ASCII), each text
+    with _TEXT_OVERHEAD. Turns over limits.max_turns, and candidates over
+    limits.max_candidates, are not read (the transport kept only their count; the sample
+    is refused by it at once)."""
+    turns = sample.turns if len(sample.turns) <= limits.max_turns else ()
     texts = sum(
-        len(turn.question) + len(turn.answer) + sum(len(c) for c in turn.candidates)
-        for turn in sample.turns
+        len(turn.question) + len(turn.answer) + 2 * _TEXT_OVERHEAD + _candidates(turn, limits)
+        for turn in turns
     )
     return len(sample.image_bytes()) + texts + len(sample.id) + len(sample.task)
+
+
+def _candidates(turn: Turn, limits: LimitsConfig) -> int:
+    if len(turn.candidates) > limits.max_candidates:
+        return 0
+    return sum(len(c) + _TEXT_OVERHEAD for c in turn.candidates)

@@ -11,10 +11,10 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 
-from align2.client.convert import sample_from_proto, turn_to_proto
-from align2.client.types import Sample
+from align2.client.convert import image_marker_from_proto, turn_from_proto, turn_to_proto
+from align2.client.types import Sample, Turn
 from align2.server.backends.base import ModelDescription
-from align2.server.config import Config
+from align2.server.config import Config, LimitsConfig
 from align2.server.core.align_types import (
     AlignCall,
     AlignedTurn,
@@ -95,17 +95,52 @@ def heads_from_proto(values: Sequence[int]) -> frozenset[Head]:
     return frozenset(heads)
 
 
-def samples_from_request(messages: Sequence[pb.Sample]) -> list[Sample]:
-    """A request's samples. ``image_marker`` is not checked: the server does not use it (a
-    value from a newer client fails nothing; the client's own reading maps it to START)."""
-    return [sample_from_proto(m) for m in messages]
+def samples_from_request(messages: Sequence[pb.Sample], limits: LimitsConfig) -> list[Sample]:
+    """A request's samples (see :func:`sample_from_proto`)."""
+    return [sample_from_proto(m, limits) for m in messages]
+
+
+_UNREAD_TURN = Turn(question="", answer="")
+
+
+def sample_from_proto(message: pb.Sample, limits: LimitsConfig) -> Sample:
+    """One sample, without reading what the core refuses by its count alone: a sample over
+    limits.max_turns gets one shared placeholder per turn, a turn over
+    limits.max_candidates an empty text per candidate, so that the refusal still names the
+    count. A 16 MB message of 8 million empty turns took 17 s of conversion on the event
+    loop (and 0.9 GB) to be refused; now it costs a list of references.
+
+    ``image_marker`` is not checked: the server does not use it (a value from a newer
+    client fails nothing; the client's own reading maps it to START)."""
+    count = len(message.turns)
+    if count > limits.max_turns:
+        turns = [_UNREAD_TURN] * count
+    else:
+        turns = [_turn_from_proto(t, limits.max_candidates) for t in message.turns]
+    return Sample(
+        id=message.id,
+        image=bytes(message.image),
+        turns=turns,
+        task=message.task,
+        image_marker=image_marker_from_proto(message.image_marker),
+    )
+
+
+def _turn_from_proto(message: pb.Turn, max_candidates: int) -> Turn:
+    count = len(message.answer_candidates)
+    if count <= max_candidates:
+        return turn_from_proto(message)
+    return Turn(question=message.question, answer=message.answer, candidates=("",) * count)
 
 
 def score_call_from_proto(
-    request: pb.ScoreRequest, deadline: float | None, priority_metadata: str | None = None
+    request: pb.ScoreRequest,
+    limits: LimitsConfig,
+    deadline: float | None,
+    priority_metadata: str | None = None,
 ) -> ScoreCall:
     return ScoreCall(
-        samples=samples_from_request(request.samples),
+        samples=samples_from_request(request.samples, limits),
         heads=heads_from_proto(request.heads),
         question_model=request.question_model,
         answer_model=request.answer_model,
@@ -158,11 +193,14 @@ def shortest_float32(value: float) -> float:
 
 
 def align_call_from_proto(
-    request: pb.AlignRequest, deadline: float | None, priority_metadata: str | None = None
+    request: pb.AlignRequest,
+    limits: LimitsConfig,
+    deadline: float | None,
+    priority_metadata: str | None = None,
 ) -> AlignCall:
     return dataclasses.replace(
         align_settings_from_proto(request.options),
-        samples=samples_from_request(request.samples),
+        samples=samples_from_request(request.samples, limits),
         priority=priority_from_proto(request.priority, priority_metadata),
         deadline=deadline,
     )
@@ -230,7 +268,9 @@ class _ScoreLists(Mapping[str, Sequence[float]]):
 
 
 async def curate_requests_from_proto(
-    requests: AsyncIterator[pb.CurateRequest], priority_metadata: str | None = None
+    requests: AsyncIterator[pb.CurateRequest],
+    limits: LimitsConfig,
+    priority_metadata: str | None = None,
 ) -> AsyncIterator[CurateOptions | Sample]:
     """The stream's messages in domain terms; a message with neither options nor a sample is
     refused naming its position."""
@@ -240,7 +280,7 @@ async def curate_requests_from_proto(
         if kind == "options":
             yield curate_options_from_proto(request.options, priority_metadata)
         elif kind == "sample":
-            yield sample_from_proto(request.sample)
+            yield sample_from_proto(request.sample, limits)
         else:
             raise InvalidArgument(f"item: message {position} carries neither options nor sample")
         position += 1

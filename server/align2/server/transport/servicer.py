@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from align2.server.config import LimitsConfig
 from align2.server.core.alignment import Aligner
 from align2.server.core.curation import Curator
 from align2.server.core.lifecycle import Lifecycle
@@ -27,12 +28,14 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
     def __init__(
         self,
         lifecycle: Lifecycle,
+        limits: LimitsConfig,
         scorer: Scorer | None,
         server_info: Callable[[], pb.GetServerInfoResponse],
         aligner: Aligner | None = None,
         curator: Curator | None = None,
     ) -> None:
         self._lifecycle = lifecycle
+        self._limits = limits  # what the request conversion need not read (see convert)
         self._scorer = scorer
         self._server_info = server_info
         self._aligner = aligner
@@ -44,7 +47,7 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
         self._lifecycle.check_serving()
         if self._scorer is None:
             raise Unimplemented("Score is disabled on this server (score.enabled = false)")
-        call = convert.score_call_from_proto(request, *_call_context(context))
+        call = convert.score_call_from_proto(request, self._limits, *_call_context(context))
         return convert.score_response_to_proto(await self._scorer.score(call))
 
     async def Align(
@@ -53,7 +56,7 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
         self._lifecycle.check_serving()
         if self._aligner is None:
             raise Unimplemented("Align is disabled on this server (align.enabled = false)")
-        call = convert.align_call_from_proto(request, *_call_context(context))
+        call = convert.align_call_from_proto(request, self._limits, *_call_context(context))
         return convert.align_response_to_proto(await self._aligner.align(call))
 
     async def Curate(
@@ -67,7 +70,9 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
                     "limits.max_stream_inflight > 0)"
                 )
             deadline, metadata_priority = _call_context(context)
-            requests = convert.curate_requests_from_proto(request_iterator, metadata_priority)
+            requests = convert.curate_requests_from_proto(
+                request_iterator, self._limits, metadata_priority
+            )
 
             def priority() -> Priority:  # of a stream without options: only then read
                 return convert.priority_from_proto(pb.PRIORITY_UNSPECIFIED, metadata_priority)
