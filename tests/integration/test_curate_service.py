@@ -20,6 +20,7 @@ from support import ServerThread, error_details, full_config, metric, png, score
 from align2.client import AsyncCurationClient, CurateResult, CurationClient, Sample, Turn
 from align2.client.cli import main as cli_main
 from align2.client.convert import sample_to_proto
+from align2.server import metrics
 from align2.server.core import scoring
 from align2.server.core.selection import TaskSelectors
 from align2.v1 import curation_pb2 as pb
@@ -101,13 +102,14 @@ def test_curate_scores_equal_score(client: CurationClient) -> None:
         assert got.answer_scores == pytest.approx(expected.answer_scores, abs=1e-5)
 
 
-def test_a_kept_sample_is_checked_and_decoded_once_for_both_heads(
+def test_a_kept_sample_is_checked_once_and_its_image_held_per_head(
     client: CurationClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Curate scores a sample's two stages on one ScoringSample: its turns are checked once
-    and its image decoded once (the server runs in this process: its calls are counted).
-    A decision that waits for a warm-up drops the decoded image meanwhile, so that sample
-    is decoded again for its answers."""
+    (the server runs in this process: its calls are counted). Its image is decoded for each
+    head and let go in between (limits.max_decoded_image_bytes: an image held across a
+    stage could wait for queue room that other images' samples hold), with or without a
+    warm-up wait, and every claim on the decoded-image budget is given back."""
     calls: collections.Counter[str] = collections.Counter()
     for name in ("decode_image", "check_turns"):
         original = getattr(scoring, name)
@@ -121,11 +123,12 @@ def test_a_kept_sample_is_checked_and_decoded_once_for_both_heads(
     results = list(client.curate(iter([sample(i) for i in range(4)]), min_window=1, **keep_all))
     assert [r.decision for r in results] == ["kept"] * 4
     assert all(len(r.scores.answer_scores) == len(sample(i).turns) for i, r in enumerate(results))
-    assert calls == {"decode_image": 4, "check_turns": 4}
+    assert calls == {"decode_image": 8, "check_turns": 4}
     calls.clear()
     results = list(client.curate(iter([sample(i) for i in range(4)]), min_window=10, **keep_all))
     assert [(r.decision, r.warm_up) for r in results] == [("kept", True)] * 4
     assert calls == {"decode_image": 8, "check_turns": 4}
+    assert metrics.DECODED_IMAGE_BYTES._value.get() == 0
 
 
 def test_kept_samples_are_aligned_when_asked(client: CurationClient) -> None:

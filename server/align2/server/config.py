@@ -136,6 +136,15 @@ class LimitsConfig:
     does not fit waits (its stream reads no further: flow control). Bounds the memory that
     requests hold, which max_queue_items (forward passes) does not. 0: unbounded; else at
     least max_message_bytes, so that a lone call always fits."""
+    max_decoded_image_bytes: int = 1 * GiB
+    """Memory of the images being decoded and scored at once, server-wide, estimated from
+    each header before decoding: width x height x 7 (the decode and its RGB copy), plus the
+    padded square x 3 for a model with image_mode pad. An image that does not fit waits
+    (first come, first served, within its call's deadline; then DEADLINE_EXCEEDED for its
+    sample); one larger than the limit is decoded when no other is held. Each is held from
+    its decode until its sample's forward passes on one head are done. Request bytes
+    (max_inflight_bytes) count images encoded: a 131 KB PNG can decode to 119 MB. 0:
+    unbounded."""
     max_streams: int = 100
     """Concurrent RPCs (HTTP/2 streams) per client connection; more wait in gRPC until one
     ends (gRPC's max_concurrent_streams)."""
@@ -439,6 +448,11 @@ class Config:
             )
         self._validate_curate()
         limits = self.limits
+        if limits.max_decoded_image_bytes < 0:
+            raise ConfigError(
+                "limits.max_decoded_image_bytes: must be >= 0, got "
+                f"{limits.max_decoded_image_bytes}"
+            )
         if limits.max_inflight_bytes < 0:
             raise ConfigError(
                 f"limits.max_inflight_bytes: must be >= 0, got {limits.max_inflight_bytes}"

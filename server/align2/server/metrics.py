@@ -56,6 +56,11 @@ INFLIGHT_REQUEST_BYTES = prom.Gauge(
     "Request bytes of the Score and Align calls admitted and not finished, and of the "
     "samples Curate streams hold (bounded by limits.max_inflight_bytes)",
 )
+DECODED_IMAGE_BYTES = prom.Gauge(
+    "align2_decoded_image_bytes",
+    "Estimated memory of the images decoded and being scored (bounded by "
+    "limits.max_decoded_image_bytes)",
+)
 REJECTED = prom.Counter(
     "align2_items_rejected",
     "Items refused or not computed, by reason: overloaded (refused: the caller is told to "

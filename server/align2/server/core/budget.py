@@ -19,6 +19,8 @@ import asyncio
 import collections
 from collections.abc import Callable
 
+from prometheus_client import Gauge
+
 from align2.server import metrics
 from align2.server.errors import Overloaded
 
@@ -52,14 +54,22 @@ class ByteBudget:
 
     ``on_drained(nbytes)`` is called each time the bytes in flight fall to zero, with the
     bytes given back since the previous time: the end of a burst (the app then hands freed
-    memory back to the OS, align2.server.memory)."""
+    memory back to the OS, align2.server.memory). ``gauge`` shows the bytes in flight.
 
-    def __init__(self, limit: int, on_drained: Callable[[int], None] | None = None) -> None:
+    The Scorer bounds decoded images with a budget of its own, the same way
+    (limits.max_decoded_image_bytes)."""
+
+    def __init__(
+        self,
+        limit: int,
+        on_drained: Callable[[int], None] | None = None,
+        gauge: Gauge = metrics.INFLIGHT_REQUEST_BYTES,
+    ) -> None:
         self.limit = limit
         self.in_flight = 0
         self._on_drained = on_drained
         self._released = 0
-        self._gauge = metrics.INFLIGHT_REQUEST_BYTES
+        self._gauge = gauge
         self._waiters: collections.deque[tuple[int, asyncio.Future[ByteClaim]]] = (
             collections.deque()
         )

@@ -437,14 +437,12 @@ class Session:
                 stage.give_back_window(sample.task)
 
     async def _stages(self, sample: Sample, deadline: float | None, result: Curated) -> None:
-        # One ScoringSample for both stages: checked once, the image decoded once, the
-        # scores written straight into the decision's.
+        # One ScoringSample for both stages: checked once, the scores written straight
+        # into the decision's (each head decodes the image and lets it go: Scorer).
         work = self._scorer.begin(sample, _SAMPLE)
         result.scores = work.result
         await self._score(work, Head.QUESTION, deadline)
         assert work.result.question_score is not None
-        if not self._questions.decides_at_once(sample.task):
-            work.forget_image()  # it may wait long for the warm-up: hold the bytes only
         selected = await self._questions.select(sample.task, work.result.question_score)
         result.question_threshold = selected.threshold
         result.question_window_size = selected.window_size
@@ -453,7 +451,6 @@ class Session:
             result.decision = Decision.DROPPED_QUESTION
             return
         await self._score(work, Head.ANSWER, deadline)
-        work.forget_image()
         answer = work.result
         assert answer.answer_score is not None
         selected = await self._answers.select(sample.task, answer.answer_score)

@@ -62,6 +62,16 @@ def open_image(
     return image
 
 
+def decoded_bytes(data: bytes, *, max_bytes: int, max_pixels: int, padded: bool = False) -> int:
+    """The memory decoding ``data`` takes, estimated from its header (checked as
+    :func:`open_image` does; raises InvalidArgument): the decode in its own mode and its RGB
+    copy, at most 7 bytes a pixel, and the padded square's RGB copy when ``padded``. What
+    limits.max_decoded_image_bytes counts."""
+    width, height = open_image(data, max_bytes=max_bytes, max_pixels=max_pixels, padded=padded).size
+    side = max(width, height)
+    return 7 * width * height + (3 * side * side if padded else 0)
+
+
 def decode_image(
     data: bytes,
     *,

@@ -9,10 +9,16 @@ Order of work for one call, cheapest refusal first:
    tokenise -> a bad image or text fails only its sample;
 5. the items join their model's batcher; the sample's result is assembled in order.
 
-A sample is one ``ScoringSample`` for all of it: checked once, its image decoded once, its
-result filled in place by each head. Curate uses that across its two stages
-(``begin``, then ``score_sample`` per head), so a question-kept sample is not checked or
-decoded again for its answers.
+A sample is one ``ScoringSample`` for all of it: checked once, its result filled in place
+by each head. Curate uses that across its two stages (``begin``, then ``score_sample`` per
+head), so a question-kept sample is not checked again for its answers.
+
+Decoded images are bounded server-wide (limits.max_decoded_image_bytes, estimated from each
+header): a sample claims its image's memory before decoding it, waiting its turn when it
+does not fit, and gives it back with the image once its forward passes on the heads of one
+``score_sample`` (or Score call) are done. The holders never wait for anything else (their
+queue slots are reserved before), so a waiting image always gets its turn; Curate decodes a
+question-kept sample's image again for its answers rather than hold it between stages.
 
 A turn with candidate answers is one answer-head item per candidate, each the answer
 template of the question with that candidate, exactly as if it were the turn's only answer;
@@ -43,8 +49,9 @@ from align2.server.backends.base import InputTooLong, ModelDescription, Prepared
 from align2.server.config import LimitsConfig, ScoreConfig
 from align2.server.core import templates
 from align2.server.core.batcher import Outcome, Reservation, busy_seconds
+from align2.server.core.budget import ByteBudget, ByteClaim
 from align2.server.core.gather import all_or_first_error
-from align2.server.core.images import decode_image
+from align2.server.core.images import decode_image, decoded_bytes
 from align2.server.core.priority import Priority
 from align2.server.core.runtime import ScoringRuntime
 from align2.server.core.validation import (
@@ -54,7 +61,7 @@ from align2.server.core.validation import (
     prefixed,
     sample_error,
 )
-from align2.server.errors import Align2Error, InvalidArgument, NotFound
+from align2.server.errors import Align2Error, DeadlineExpired, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +171,7 @@ class ScoringSample:
     problem: InvalidArgument | None
     result: SampleScore
     image: Image.Image | None = None
+    image_claim: ByteClaim | None = None
 
     @property
     def padded(self) -> bool:
@@ -174,8 +182,12 @@ class ScoringSample:
         )
 
     def forget_image(self) -> None:
-        """Drop the decoded image while the sample waits (a later head decodes it again)."""
+        """Drop the decoded image and give back its memory claim (a later head decodes it
+        again)."""
         self.image = None
+        if self.image_claim is not None:
+            self.image_claim.release()
+            self.image_claim = None
 
 
 class Scorer:
@@ -192,6 +204,7 @@ class Scorer:
         self._config = config
         self._limits = limits
         self._pool = pool
+        self._images = ByteBudget(limits.max_decoded_image_bytes, gauge=metrics.DECODED_IMAGE_BYTES)
 
     async def score(self, call: ScoreCall) -> ScoreOutcome:
         started = time.monotonic()
@@ -319,6 +332,7 @@ class Scorer:
         submitted = dict.fromkeys(plan, 0)
         try:
             if work.image is None:
+                await self._claim_image(work, deadline)
                 work.image = await self._in_pool(
                     decode_image,
                     work.sample.image_bytes(),
@@ -339,8 +353,33 @@ class Scorer:
         finally:
             for rt, count in submitted.items():
                 reservations[rt].release(len(plan[rt]) - count)
+            work.forget_image()  # its forward passes are done: its memory goes to the next
         _fill(work.result, done, work.sample)
         return [d.outcome for d in done]
+
+    async def _claim_image(self, work: ScoringSample, deadline: float | None) -> None:
+        """Claim the memory the sample's image will take decoded, waiting for room until the
+        deadline (DeadlineExpired). A bad header raises InvalidArgument, nothing claimed."""
+        nbytes = await self._in_pool(
+            decoded_bytes,
+            work.sample.image_bytes(),
+            max_bytes=self._limits.max_image_bytes,
+            max_pixels=self._limits.max_image_pixels,
+            padded=work.padded,
+        )
+        claim = self._images.claim_when_free(nbytes)
+        try:
+            if deadline is None:
+                work.image_claim = await claim
+            else:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    work.image_claim = await claim
+        except TimeoutError:
+            raise DeadlineExpired(
+                f"deadline exceeded while the image waited for decoding room ({nbytes} bytes "
+                f"decoded, {self._images.in_flight} held, limits.max_decoded_image_bytes "
+                f"{self._images.limit})"
+            ) from None
 
     async def _score_item(
         self,

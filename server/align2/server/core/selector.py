@@ -129,11 +129,6 @@ class StageWindows:
         if window.users <= 0 and not len(window) and not window.seeded:
             del self._by_task[task]
 
-    def count(self, task: str) -> int:
-        """Scores in ``task``'s window (0 when it has none yet)."""
-        window = self._by_task.get(task)
-        return 0 if window is None else len(window)
-
     def check_room(self, tasks: Iterable[str], field: str) -> None:
         """InvalidArgument naming ``field`` unless windows for ``tasks`` fit."""
         new = {t for t in tasks if t not in self._by_task}
@@ -235,11 +230,6 @@ class StageSelector:
         self._thresholds = thresholds
         self._min_window = min_window
         self._holds = holds
-
-    def decides_at_once(self, task: str) -> bool:
-        """Will the next decision on ``task`` be made without waiting for a warm-up (a given
-        threshold, or a window that its score brings to ``min_window``)?"""
-        return task in self._thresholds or self._windows.count(task) + 1 >= self._min_window
 
     def check_task(self, task: str) -> None:
         """InvalidArgument naming ``sample.task`` when ``task`` would need a window and
