@@ -1674,6 +1674,7 @@ class Limits(_message.Message):
     MAX_INFLIGHT_BYTES_FIELD_NUMBER: _builtins.int
     MAX_TASK_TYPES_FIELD_NUMBER: _builtins.int
     MAX_TEXT_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_DECODED_IMAGE_BYTES_FIELD_NUMBER: _builtins.int
     max_samples_per_call: _builtins.int
     """Samples in one Score or Align call; more: INVALID_ARGUMENT for the call (split it).
     Config default 64.
@@ -1766,6 +1767,13 @@ class Limits(_message.Message):
     together (see Turn); more: INVALID_ARGUMENT for the sample, before it is tokenised, in
     both truncation modes. Config default 65,536.
     """
+    max_decoded_image_bytes: _builtins.int
+    """Memory of the images decoded and being scored at once, server-wide (config
+    limits.max_decoded_image_bytes), estimated from each header before decoding: width x
+    height x 7, plus the padded square x 3 for a model with image_mode pad. An image that
+    does not fit waits its turn, within its call's deadline (then DEADLINE_EXCEEDED for its
+    sample); one larger than the limit is decoded alone. 0: unbounded. Config default 1 GiB.
+    """
     def __init__(
         self,
         *,
@@ -1788,10 +1796,11 @@ class Limits(_message.Message):
         max_inflight_bytes: _builtins.int = ...,
         max_task_types: _builtins.int = ...,
         max_text_bytes: _builtins.int = ...,
+        max_decoded_image_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_candidates", b"max_candidates", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_inflight_bytes", b"max_inflight_bytes", "max_llm_inflight", b"max_llm_inflight", "max_message_bytes", b"max_message_bytes", "max_new_tokens", b"max_new_tokens", "max_queue_items", b"max_queue_items", "max_samples_per_call", b"max_samples_per_call", "max_seed_scores", b"max_seed_scores", "max_selection_keys", b"max_selection_keys", "max_stream_inflight", b"max_stream_inflight", "max_streams", b"max_streams", "max_task_types", b"max_task_types", "max_text_bytes", b"max_text_bytes", "max_text_tokens", b"max_text_tokens", "max_turns", b"max_turns", "selection_window", b"selection_window", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_candidates", b"max_candidates", "max_decoded_image_bytes", b"max_decoded_image_bytes", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_inflight_bytes", b"max_inflight_bytes", "max_llm_inflight", b"max_llm_inflight", "max_message_bytes", b"max_message_bytes", "max_new_tokens", b"max_new_tokens", "max_queue_items", b"max_queue_items", "max_samples_per_call", b"max_samples_per_call", "max_seed_scores", b"max_seed_scores", "max_selection_keys", b"max_selection_keys", "max_stream_inflight", b"max_stream_inflight", "max_streams", b"max_streams", "max_task_types", b"max_task_types", "max_text_bytes", b"max_text_bytes", "max_text_tokens", b"max_text_tokens", "max_turns", b"max_turns", "selection_window", b"selection_window", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
