@@ -48,6 +48,7 @@ def server(tiny_llava: pathlib.Path) -> Iterator[ServerThread]:
         limits__max_image_pixels=1_000_000,
         limits__max_candidates=4,
         limits__max_text_bytes=2000,
+        limits__max_decoded_image_bytes=64 << 20,
     )
     server = ServerThread(config).start()
     yield server
@@ -400,6 +401,7 @@ def test_server_info_reports_models_limits_batching(client: CurationClient) -> N
     assert info.limits.max_streams == 100
     assert info.limits.max_candidates == 4
     assert info.limits.max_text_bytes == 2000
+    assert info.limits.max_decoded_image_bytes == 64 << 20
     assert info.batching.max_batch_size == 32
     assert info.template_version == "align2llava-reward-v1"
     assert "Score" in info.services
