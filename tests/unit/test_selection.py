@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from align2.server.core.selection import TaskSelectors, TopFraction
+from align2.server.core.selection import TaskSelectors, TopFraction, Window
 
 scores = st.lists(st.floats(-50, 50, allow_nan=False), min_size=1, max_size=80)
 fractions = st.floats(0.01, 1.0)
@@ -60,3 +61,19 @@ def test_bad_settings_are_refused_naming_them(fraction: float, window: int) -> N
 def test_nan_cannot_be_ranked() -> None:
     with pytest.raises(ValueError, match="NaN"):
         TopFraction(0.3, 10).add(float("nan"))
+
+
+def test_a_full_window_holds_about_16_bytes_a_score() -> None:
+    """Many windows live at once (task types x stages x selections). Fails on: scores kept
+    as float objects in a deque and a list (about 48 bytes each)."""
+    tracemalloc.start()
+    try:
+        window = Window(10_000)
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(25_000):
+            window.add((i * 7919 % 10_007) / 13.0)
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(window) == 10_000
+    assert used < 20 * 10_000

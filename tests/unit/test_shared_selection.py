@@ -16,6 +16,7 @@ from align2.client.types import Sample
 from align2.server.core.budget import ByteBudget
 from align2.server.core.curation import Curated, CurateOptions, Curator, Decision
 from align2.server.core.scoring import Head
+from align2.server.core.selector import Holds
 from align2.server.errors import Code, InvalidArgument, TooManySelectionKeys
 
 
@@ -432,3 +433,17 @@ async def test_task_types_beyond_the_limit_fail_their_sample_or_seeds_naming_the
         await collect(curate.stream(feed([CurateOptions(answer_seed_scores=many)]), None))
     curate.selection_keys.acquire("k")  # the refused stream gave the key back:
     curate.selection_keys.release("k")  # one acquire, one release balance (no KeyError)
+
+
+async def test_a_stream_keeps_no_copy_of_its_seeds_once_its_windows_hold_them() -> None:
+    """Fails on: the session's options keeping the seed lists for the stream's life (500
+    idle streams of 400 KB of seeds held 3.7 GB)."""
+    curate = curator(scores(1.0))
+    seeds = {"detail": [float(v) for v in range(10)]}
+    options = question_stage(question_seed_scores=seeds, answer_seed_scores=seeds)
+    session = curate.session(options, Holds(4, lambda: 0))
+    try:
+        assert session._options.question_seed_scores == {}
+        assert session._options.answer_seed_scores == {}
+    finally:
+        session.close()

@@ -13,8 +13,8 @@ stream warms up, and how windows are shared between streams, is selector.py's.
 
 from __future__ import annotations
 
+import array
 import bisect
-import collections
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,14 +34,20 @@ class Selection:
 
 
 class Window:
-    """The last ``size`` scores of one task type and stage, kept sorted."""
+    """The last ``size`` scores of one task type and stage, kept sorted.
+
+    Stored as two arrays of doubles (arrivals as a ring, and sorted): 16 bytes a score.
+    A deque and a list of float objects took about 48, and a server holds many windows
+    (limits.max_task_types per selection, two stages, each selection key's and each
+    stream's own)."""
 
     def __init__(self, size: int) -> None:
         if size < 1:
             raise ValueError(f"window: {size} is not positive")
         self.size = size
-        self._arrivals: collections.deque[float] = collections.deque()
-        self._sorted: list[float] = []
+        self._arrivals = array.array("d")  # a ring once full: _oldest is the next to leave
+        self._oldest = 0
+        self._sorted = array.array("d")
 
     def __len__(self) -> int:
         return len(self._sorted)
@@ -51,9 +57,12 @@ class Window:
         if math.isnan(score):
             raise ValueError("score: NaN cannot be ranked")
         if len(self._arrivals) == self.size:
-            oldest = self._arrivals.popleft()
+            oldest = self._arrivals[self._oldest]
             del self._sorted[bisect.bisect_left(self._sorted, oldest)]
-        self._arrivals.append(score)
+            self._arrivals[self._oldest] = score
+            self._oldest = (self._oldest + 1) % self.size
+        else:
+            self._arrivals.append(score)
         bisect.insort(self._sorted, score)
 
     def extend(self, scores: Iterable[float]) -> None:
