@@ -77,3 +77,23 @@ def test_a_full_window_holds_about_16_bytes_a_score() -> None:
         tracemalloc.stop()
     assert len(window) == 10_000
     assert used < 20 * 10_000
+
+
+@given(scores, scores, windows, fractions)
+def test_a_window_extended_at_once_equals_one_fed_score_by_score(
+    first: list[float], seeds: list[float], window: int, fraction: float
+) -> None:
+    """extend (seeds: one sort) leaves the window as adding each score in order would, also
+    after it has wrapped, and the window goes on evicting in arrival order."""
+    extended, added = Window(window), Window(window)
+    for score in first:
+        extended.add(score)
+        added.add(score)
+    extended.extend(seeds)
+    for score in seeds:
+        added.add(score)
+    for score in [*first, 0.5]:
+        assert len(extended) == len(added)
+        assert extended.threshold(fraction) == added.threshold(fraction)
+        extended.add(score)
+        added.add(score)
