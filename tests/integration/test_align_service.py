@@ -290,6 +290,8 @@ def test_score_and_align_in_one_process_and_each_alone(
             with pytest.raises(grpc.RpcError) as info:
                 c.align([sample()])
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            # Says why: a [models] table that leaves out the LLM (not align.enabled).
+            assert "[models] has no 'llm' (align.model)" in (info.value.details() or "")
             with pytest.raises(grpc.RpcError) as info:  # Curate without Align: scoring only
                 list(c.curate([sample()], align=True))
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED

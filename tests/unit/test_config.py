@@ -54,3 +54,13 @@ def test_a_refused_config_exits_2_with_its_message(
     file.write_text("[server]\nprot = 1\n")
     assert cli.main(["serve", "--config", str(file)]) == 2
     assert "align2: server.prot: unknown key" in capsys.readouterr().err
+
+
+def test_why_align_is_off_is_named() -> None:
+    config = config_module.from_dict(
+        {"models": {"question": {"path": "q"}}, "score": {"enabled": False}}
+    )
+    assert config.align_off_reason.startswith("[models] has no 'llm' (align.model)")
+    off = config_module.from_dict({"align": {"enabled": False}})
+    assert off.align_off_reason == "align.enabled = false"
+    assert config_module.from_dict({}).align_off_reason == ""

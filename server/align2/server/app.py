@@ -160,6 +160,7 @@ class App:
         servicer = CurationServicer(
             self.lifecycle,
             self.config.limits,
+            self.config.align_off_reason,
             self._scorer,
             self.server_info,
             self._aligner,
@@ -240,6 +241,7 @@ class App:
     def _check_align(self) -> None:
         """Before binding: the inner LLM's backend and the default template set exist."""
         if self._templates is None:
+            log.warning("Align is off: %s", self.config.align_off_reason)
             return
         align = self.config.align
         backends.check_backend(

@@ -400,6 +400,19 @@ class Config:
             return self.align.model in self.models
         return self.align.enabled
 
+    @property
+    def align_off_reason(self) -> str:
+        """Why Align is off ("" when on), for the refusals and the start-up log: a config
+        whose own [models] table leaves out the LLM turns it off silently otherwise."""
+        if self.align_enabled:
+            return ""
+        if self.align.enabled is False:
+            return "align.enabled = false"
+        return (
+            f"[models] has no {self.align.model!r} (align.model); a [models] table replaces "
+            "the default models"
+        )
+
     def validate(self) -> Config:
         """Cross-field checks; raises ConfigError naming the key."""
         if self.score.enabled:

@@ -189,7 +189,9 @@ class Curator:
         options = _owned(options)
         if options.align is not None:
             if self._aligner is None:
-                raise Unimplemented("options.align: Align is disabled on this server")
+                raise Unimplemented(
+                    "options.align: Align is disabled on this server (its start-up log says why)"
+                )
             self._aligner.check(options.align)  # once, not as an error on every kept sample
         key = options.selection_key
         state = (

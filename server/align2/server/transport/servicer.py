@@ -29,6 +29,7 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
         self,
         lifecycle: Lifecycle,
         limits: LimitsConfig,
+        align_off: str,
         scorer: Scorer | None,
         server_info: Callable[[], pb.GetServerInfoResponse],
         aligner: Aligner | None = None,
@@ -36,6 +37,7 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
     ) -> None:
         self._lifecycle = lifecycle
         self._limits = limits  # what the request conversion need not read (see convert)
+        self._align_off = align_off  # why Align is off (Config.align_off_reason)
         self._scorer = scorer
         self._server_info = server_info
         self._aligner = aligner
@@ -55,7 +57,7 @@ class CurationServicer(pb_grpc.CurationServiceServicer):
     ) -> pb.AlignResponse:
         self._lifecycle.check_serving()
         if self._aligner is None:
-            raise Unimplemented("Align is disabled on this server (align.enabled = false)")
+            raise Unimplemented(f"Align is disabled on this server ({self._align_off})")
         call = convert.align_call_from_proto(request, self._limits, *_call_context(context))
         return convert.align_response_to_proto(await self._aligner.align(call))
 
