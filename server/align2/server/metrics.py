@@ -17,7 +17,12 @@ import prometheus_client as prom
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Up to 10 minutes: an inner-LLM request can queue for minutes behind a long Align
+# backlog, and a p99 stuck at the top bucket says nothing.
+_LATENCY = (
+    *(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    *(120, 300, 600),
+)
 _SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 _TOKENS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
