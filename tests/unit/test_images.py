@@ -60,3 +60,27 @@ def test_a_padded_model_limits_the_square_not_the_image() -> None:
         decode_image(thin, **limits, padded=True)
     ordinary = encoded(Image.new("RGB", (640, 480)), "PNG")
     assert decode_image(ordinary, **limits, padded=True).size == (640, 480)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height (no pixel data): what a bomb's looks like."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_a_header_past_pillows_own_bomb_limit_names_ours() -> None:
+    """Pillow refuses over 2 x MAX_IMAGE_PIXELS itself; the message still names our limit.
+    Fails on: Pillow's "exceeds limit of 178956970 pixels" passed through."""
+    with pytest.raises(InvalidArgument) as info:
+        open_image(png_header(20_000, 20_000), max_bytes=1_000, max_pixels=40_000_000)
+    assert str(info.value).endswith("exceeds limits.max_image_pixels 40000000")
+    assert "178956970" in str(info.value)
+    with pytest.raises(InvalidArgument, match=r"9000x9000 = 81000000 pixels exceeds"):
+        open_image(png_header(9_000, 9_000), max_bytes=1_000, max_pixels=40_000_000)

@@ -43,3 +43,12 @@ def test_a_response_to_a_gone_client_is_said_at_info_without_a_traceback() -> No
     fault = record(RuntimeError("boom"))  # anything else stays an ERROR with its traceback
     assert logs._ClientGoneFilter().filter(fault)
     assert fault.levelno == logging.ERROR and fault.exc_info is not None
+
+
+def test_a_callers_request_id_is_kept_only_when_made_of_id_characters() -> None:
+    """Fails on: an id with quotes or spaces kept (it could pose as another log field)."""
+    for given in ("job-7", "0a1b2c3d-4e5f-6789-abcd-ef0123456789", "run/12:shard=3", "x" * 128):
+        assert logs.new_request_id(given) == given
+    for given in ('x code=OK" "rpc":"Evil', "a b", "x" * 129, "", "é", "a\tb", None):
+        made = logs.new_request_id(given)
+        assert made != given and len(made) == 32 and logs.REQUEST_ID.fullmatch(made)

@@ -53,8 +53,9 @@ class CurationServiceStub:
     message over Limits.max_message_bytes is refused by gRPC itself before the server reads
     it (RESOURCE_EXHAUSTED "Received message larger than max", no details, no pushback:
     retrying cannot help; split the call). Call metadata: `x-align2-priority` (see Priority) and
-    `x-request-id` (optional; every call's trailers echo it, or the id the server made, and
-    the server's log lines of the call carry it). Score, Align and GetServerInfo change no
+    `x-request-id` (optional: 1 to 128 of the characters A-Z a-z 0-9 . _ : / @ + = -, any
+    other value is replaced by an id the server makes; every call's trailers echo the id
+    used, and the server's log lines of the call carry it). Score, Align and GetServerInfo change no
     state: safe to retry. Curate with a selection_key adds each sample's scores to windows
     shared by the key's streams: a sample sent again is counted again.
     """
@@ -118,8 +119,9 @@ class CurationServiceAsyncStub(CurationServiceStub):
     message over Limits.max_message_bytes is refused by gRPC itself before the server reads
     it (RESOURCE_EXHAUSTED "Received message larger than max", no details, no pushback:
     retrying cannot help; split the call). Call metadata: `x-align2-priority` (see Priority) and
-    `x-request-id` (optional; every call's trailers echo it, or the id the server made, and
-    the server's log lines of the call carry it). Score, Align and GetServerInfo change no
+    `x-request-id` (optional: 1 to 128 of the characters A-Z a-z 0-9 . _ : / @ + = -, any
+    other value is replaced by an id the server makes; every call's trailers echo the id
+    used, and the server's log lines of the call carry it). Score, Align and GetServerInfo change no
     state: safe to retry. Curate with a selection_key adds each sample's scores to windows
     shared by the key's streams: a sample sent again is counted again.
     """
@@ -179,8 +181,9 @@ class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
     message over Limits.max_message_bytes is refused by gRPC itself before the server reads
     it (RESOURCE_EXHAUSTED "Received message larger than max", no details, no pushback:
     retrying cannot help; split the call). Call metadata: `x-align2-priority` (see Priority) and
-    `x-request-id` (optional; every call's trailers echo it, or the id the server made, and
-    the server's log lines of the call carry it). Score, Align and GetServerInfo change no
+    `x-request-id` (optional: 1 to 128 of the characters A-Z a-z 0-9 . _ : / @ + = -, any
+    other value is replaced by an id the server makes; every call's trailers echo the id
+    used, and the server's log lines of the call carry it). Score, Align and GetServerInfo change no
     state: safe to retry. Curate with a selection_key adds each sample's scores to windows
     shared by the key's streams: a sample sent again is counted again.
     """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import uuid
 
 from pythonjsonlogger.json import JsonFormatter
@@ -16,9 +17,15 @@ from pythonjsonlogger.json import JsonFormatter
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:/@+=-]{1,128}")
+"""A caller's x-request-id that is used as given: what ids are made of (UUIDs, ULIDs, trace
+ids, job names). Spaces, quotes and brackets are not: in the text log format a given id
+could otherwise pose as another field or event (``x code=OK" "rpc":"Evil``)."""
+
+
 def new_request_id(given: str | None = None) -> str:
-    """Use the caller's id when it is short and printable, else a fresh one; set it."""
-    rid = given if given and len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
+    """Use the caller's id when it matches REQUEST_ID, else a fresh one; set it."""
+    rid = given if given and REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
     request_id.set(rid)
     return rid
 

@@ -41,8 +41,12 @@ def open_image(
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data), formats=FORMATS)
-        except Image.DecompressionBombError as exc:
-            raise InvalidArgument(f"image: refused as a decompression bomb ({exc})") from None
+        except Image.DecompressionBombError:
+            # Pillow refuses before we see the size: over twice its own MAX_IMAGE_PIXELS.
+            raise InvalidArgument(
+                f"image: its header declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels "
+                f"(width x height), exceeds limits.max_image_pixels {max_pixels}"
+            ) from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             raise InvalidArgument("image: not a readable JPEG, PNG or WebP image") from None
     width, height = image.size
