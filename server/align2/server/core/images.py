@@ -44,7 +44,7 @@ def open_image(
         except Image.DecompressionBombError:
             # Pillow refuses before we see the size: over twice its own MAX_IMAGE_PIXELS.
             raise InvalidArgument(
-                f"image: its header declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels "
+                f"image: its header declares more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels "
                 f"(width x height), exceeds limits.max_image_pixels {max_pixels}"
             ) from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
