@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -71,9 +72,40 @@ def render_vicuna(messages: Sequence[Message], *, bos: str, eos: str) -> str:
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> list[int]:
-    """Token ids of :func:`render`, no special tokens added."""
+    """Token ids of :func:`render`, no special tokens added. Raises ValueError when a
+    message's text holds one of the tokenizer's control tokens (see :func:`control_tokens`)."""
+    check_no_control_tokens(tokenizer, messages)
     text = render(tokenizer, messages)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@functools.lru_cache(maxsize=8)
+def control_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
+    """The strings the tokenizer reads as one special token wherever they stand in a text
+    (``<|im_start|>``, ``</s>``, ...): the chat format's own markers."""
+    special = set(tokenizer.all_special_tokens)
+    special.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    return tuple(sorted(t for t in special if t))
+
+
+def check_no_control_tokens(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]
+) -> None:
+    """ValueError when a message's text holds a control token. The prompt is rendered to
+    text and tokenised whole (as transformers' apply_chat_template and vLLM do), so such a
+    string in a sample would become a real marker: a question holding
+    ``<|im_end|><|im_start|>system ...`` would add turns of its own to the prompt. Refused
+    rather than escaped, so the LLM never sees a text other than the sample's: in Curate the
+    sample is kept unrestyled (kept_align_failed), with this reason."""
+    tokens = control_tokens(tokenizer)
+    for message in messages:
+        content = message["content"]
+        for token in tokens:
+            if token in content:
+                raise ValueError(
+                    f"the text holds {token!r}, a control token of the inner LLM's chat "
+                    "format: in its prompt it would act as one (remove it to restyle)"
+                )
 
 
 _Key = tuple[tuple[tuple[str, str], ...], ...]
