@@ -292,3 +292,16 @@ def test_embedded_reward_tokenizer_ids_are_unchanged(smollm2: pathlib.Path) -> N
     marker = tokenizer.convert_tokens_to_ids("<image>")
     for text in TEXTS:
         assert reward_ids(tokenizer, text, [marker]) == tokenizer(text)["input_ids"]
+
+
+def test_an_image_is_padded_once_per_colour() -> None:
+    """Every forward pass of a sample pads its image: the square is made once and shared
+    (a vLLM prompt holds its image until its batch runs). Fails on: a new square per call."""
+    image = Image.effect_noise((9, 4), 80).convert("RGB")
+    first = pad_to_square(image, OPENAI_CLIP_MEAN)
+    assert pad_to_square(image, OPENAI_CLIP_MEAN) is first
+    grey = pad_to_square(image, (0.5, 0.5, 0.5))  # another model's colour: its own square
+    assert grey is not first and grey.getpixel((0, 0)) == (127, 127, 127)
+    assert np.array_equal(
+        np.asarray(first), np.asarray(pad_to_square(image.copy(), OPENAI_CLIP_MEAN))
+    )
