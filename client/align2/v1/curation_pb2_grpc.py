@@ -124,7 +124,10 @@ class CurationServiceServicer:
     def Align(self, request, context):
         """The inner LLM rewrites each turn's question and/or answer into its own style, guards
         check each rewrite, then the LLM reviews the original against the rewrite and keeps
-        one. One result per sample, in request order; a bad sample gets a per-item error.
+        one. One result per sample, in request order; a bad sample gets a per-item error. A
+        text holding one of the inner LLM's control tokens (its chat format's markers, e.g.
+        `<|im_end|>`, `</s>`) fails its sample with INVALID_ARGUMENT naming the token: in the
+        prompt it would act as the marker (in Curate the sample stays kept, unrestyled).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -73,7 +73,10 @@ class CurationServiceStub:
     Align: _grpc.UnaryUnaryMultiCallable[_curation_pb2.AlignRequest, _curation_pb2.AlignResponse]
     """The inner LLM rewrites each turn's question and/or answer into its own style, guards
     check each rewrite, then the LLM reviews the original against the rewrite and keeps
-    one. One result per sample, in request order; a bad sample gets a per-item error.
+    one. One result per sample, in request order; a bad sample gets a per-item error. A
+    text holding one of the inner LLM's control tokens (its chat format's markers, e.g.
+    `<|im_end|>`, `</s>`) fails its sample with INVALID_ARGUMENT naming the token: in the
+    prompt it would act as the marker (in Curate the sample stays kept, unrestyled).
     """
     Curate: _grpc.StreamStreamMultiCallable[_curation_pb2.CurateRequest, _curation_pb2.CurateResponse]
     """Streaming curation: optional options first, then samples in; one decision per sample
@@ -136,7 +139,10 @@ class CurationServiceAsyncStub(CurationServiceStub):
     Align: _aio.UnaryUnaryMultiCallable[_curation_pb2.AlignRequest, _curation_pb2.AlignResponse]  # type: ignore[assignment]
     """The inner LLM rewrites each turn's question and/or answer into its own style, guards
     check each rewrite, then the LLM reviews the original against the rewrite and keeps
-    one. One result per sample, in request order; a bad sample gets a per-item error.
+    one. One result per sample, in request order; a bad sample gets a per-item error. A
+    text holding one of the inner LLM's control tokens (its chat format's markers, e.g.
+    `<|im_end|>`, `</s>`) fails its sample with INVALID_ARGUMENT naming the token: in the
+    prompt it would act as the marker (in Curate the sample stays kept, unrestyled).
     """
     Curate: _aio.StreamStreamMultiCallable[_curation_pb2.CurateRequest, _curation_pb2.CurateResponse]  # type: ignore[assignment]
     """Streaming curation: optional options first, then samples in; one decision per sample
@@ -208,7 +214,10 @@ class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_curation_pb2.AlignResponse, _abc.Awaitable[_curation_pb2.AlignResponse]]:
         """The inner LLM rewrites each turn's question and/or answer into its own style, guards
         check each rewrite, then the LLM reviews the original against the rewrite and keeps
-        one. One result per sample, in request order; a bad sample gets a per-item error.
+        one. One result per sample, in request order; a bad sample gets a per-item error. A
+        text holding one of the inner LLM's control tokens (its chat format's markers, e.g.
+        `<|im_end|>`, `</s>`) fails its sample with INVALID_ARGUMENT naming the token: in the
+        prompt it would act as the marker (in Curate the sample stays kept, unrestyled).
         """
 
     @_abc_1.abstractmethod
