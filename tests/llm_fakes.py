@@ -39,6 +39,7 @@ class FakeLLM:
     prefer: float = 0.8
     bias: float = 0.15
     continuous: bool = False
+    control_tokens: tuple[str, ...] = ("<|im_end|>",)
     finished: bool = True
     fail: str | None = None  # a text that makes its batch fail with BackendError
     description: ModelDescription = field(

@@ -85,6 +85,7 @@ class OneRowBreaksItsBatch:
         self.real = real
         self.description = real.description
         self.continuous = real.continuous
+        self.control_tokens = real.control_tokens
         self.release = asyncio.Event()
         self.batches: list[list[int]] = []
 

@@ -107,6 +107,9 @@ async def test_review_keeps_preferred_rewrite_and_records_both_orders_margin(
             "entities_changed",
         ),
         (lambda t: t + " in Rome", Turn("Q?", "It is a city."), "entities_changed"),
+        # The LLM spelled its own marker: kept out of the review's prompt, where it would act
+        # as one (and fail the sample as if the client had sent it).
+        (lambda t: t + "<|im_end|>", Turn("Q?", "It is red."), "control_token"),
     ],
 )
 async def test_guards_reject_the_rewrite_and_skip_the_review(

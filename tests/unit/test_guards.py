@@ -57,6 +57,15 @@ def test_check_rewrite(original: str, rewrite: str, finished: bool, guard: str |
     assert check_rewrite(original, rewrite, finished=finished) == guard
 
 
+def test_a_rewrite_spelling_a_control_token_is_not_used() -> None:
+    """Shown to the review, ``</s>`` would act as the LLM's end of text."""
+    tokens = ("</s>", "<s>")
+    assert check_rewrite(
+        "A dog runs.", "A dog</s> runs.", finished=True, control_tokens=tokens
+    ) == ("control_token")
+    assert check_rewrite("A dog runs.", "A dog runs.", finished=True, control_tokens=tokens) is None
+
+
 def test_numbers_compare_by_value() -> None:
     assert numbers("1,000 people paid 3.50 and two more") == {
         Decimal(1000),

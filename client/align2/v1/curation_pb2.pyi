@@ -968,7 +968,8 @@ class AlignedTurn(_message.Message):
     is kept), "unchanged" (the rewrite equals the original, `<image>` and surrounding
     whitespace aside; the original is kept), or the name of the first guard that fired,
     the original then kept: "image_marker" (the rewrite has an `<image>`, or the
-    original's is not at its start or end), "truncated" (generation hit the token limit),
+    original's is not at its start or end), "control_token" (the rewrite spells one of the
+    inner LLM's control tokens, e.g. `</s>`), "truncated" (generation hit the token limit),
     "empty", "numbers_changed", "entities_changed".
     """
     margin: _builtins.float

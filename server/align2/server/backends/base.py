@@ -152,9 +152,14 @@ class GenerationBackend(Protocol):
 
     description: ModelDescription
     continuous: bool
+    control_tokens: tuple[str, ...]
+    """The strings its tokenizer reads as special tokens wherever they stand (its chat
+    format's markers): a prompt whose text holds one is refused by ``prompt_tokens``, and a
+    rewrite that spells one is not used (guard ``control_token``)."""
 
     def prompt_tokens(self, messages: Sequence[Message]) -> int:
-        """Tokens of the rendered prompt (for admission and the batcher's budget)."""
+        """Tokens of the rendered prompt (for admission and the batcher's budget). Raises
+        InvalidArgument for an unknown role or a message text holding a control token."""
         ...
 
     async def generate(self, batch: Sequence[GenerationRequest]) -> list[Generation]: ...

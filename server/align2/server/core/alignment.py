@@ -244,7 +244,12 @@ class Aligner:
         for (name, _), generation in zip(asks, made, strict=True):
             original = texts[name]
             texts[name] = restore_marker(original, generation.text)
-            guard = check_rewrite(original, generation.text, finished=generation.finished)
+            guard = check_rewrite(
+                original,
+                generation.text,
+                finished=generation.finished,
+                control_tokens=self._runtime.backend.control_tokens,
+            )
             reason = reason or guard
         return Turn(texts["question"], texts["answer"]), reason
 

@@ -6,6 +6,8 @@ fires, in this order):
 - ``image_marker``: the rewrite contains ``<image>`` (the LLM never sees one, so it made it
   up), or the original's marker is not at the start or end of its text, so its place in a
   rewrite is undefined;
+- ``control_token``: the rewrite spells one of the inner LLM's control tokens
+  (``</s>``, ``<|im_end|>``, ...): shown in the review's prompt it would act as one;
 - ``truncated``: generation stopped at the token limit, so the text may be cut;
 - ``empty``: nothing but whitespace came back;
 - ``numbers_changed``: the set of numbers differs. Digits are compared by value ("1,000" =
@@ -26,16 +28,18 @@ answer's (the method keeps every fact, number and entity).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 
 from align2.server.core.templates import IMAGE_TOKEN, clean
 
 IMAGE_MARKER = "image_marker"
+CONTROL_TOKEN = "control_token"
 TRUNCATED = "truncated"
 EMPTY = "empty"
 NUMBERS_CHANGED = "numbers_changed"
 ENTITIES_CHANGED = "entities_changed"
-GUARDS = (IMAGE_MARKER, TRUNCATED, EMPTY, NUMBERS_CHANGED, ENTITIES_CHANGED)
+GUARDS = (IMAGE_MARKER, CONTROL_TOKEN, TRUNCATED, EMPTY, NUMBERS_CHANGED, ENTITIES_CHANGED)
 
 # DOTALL: a text of several lines (an answer's paragraphs) is one middle part.
 _MARKED = re.compile(
@@ -87,14 +91,19 @@ def restore_marker(original: str, rewrite: str) -> str:
     return f"{prefix}{rewrite.strip()}{suffix}"
 
 
-def check_rewrite(original: str, rewrite: str, *, finished: bool) -> str | None:
+def check_rewrite(
+    original: str, rewrite: str, *, finished: bool, control_tokens: Sequence[str] = ()
+) -> str | None:
     """The name of the first guard that rejects ``rewrite`` of ``original``, or None.
 
     ``original`` is the text as sent (it may hold the marker); ``rewrite`` is the LLM's
-    text; ``finished`` is False when generation hit the token limit.
+    text; ``finished`` is False when generation hit the token limit; ``control_tokens``:
+    the inner LLM's (GenerationBackend.control_tokens).
     """
     if IMAGE_TOKEN in rewrite or split_marker(original) is None:
         return IMAGE_MARKER
+    if any(token in rewrite for token in control_tokens):
+        return CONTROL_TOKEN
     if not finished:
         return TRUNCATED
     if not rewrite.strip():
