@@ -26,6 +26,7 @@ import asyncio
 import importlib.util
 import pathlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -296,7 +297,8 @@ def test_embedded_reward_tokenizer_ids_are_unchanged(smollm2: pathlib.Path) -> N
 
 def test_an_image_is_padded_once_per_colour() -> None:
     """Every forward pass of a sample pads its image: the square is made once and shared
-    (a vLLM prompt holds its image until its batch runs). Fails on: a new square per call."""
+    (a vLLM prompt holds its image until its batch runs), also when the passes are prepared
+    at once in several threads. Fails on: a new square per call, or per thread."""
     image = Image.effect_noise((9, 4), 80).convert("RGB")
     first = pad_to_square(image, OPENAI_CLIP_MEAN)
     assert pad_to_square(image, OPENAI_CLIP_MEAN) is first
@@ -305,3 +307,8 @@ def test_an_image_is_padded_once_per_colour() -> None:
     assert np.array_equal(
         np.asarray(first), np.asarray(pad_to_square(image.copy(), OPENAI_CLIP_MEAN))
     )
+
+    wide = Image.new("RGB", (3000, 1000), (1, 2, 3))
+    with ThreadPoolExecutor(4) as pool:
+        squares = list(pool.map(lambda _: pad_to_square(wide, OPENAI_CLIP_MEAN), range(16)))
+    assert len({id(square) for square in squares}) == 1

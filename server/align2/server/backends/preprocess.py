@@ -8,6 +8,7 @@ and ``tokenizer_image_token``.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,16 +38,29 @@ def pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
         return image
     side = max(width, height)
     background = tuple(int(c * 255) for c in mean[:3])
-    kept = getattr(image, _PADDED, None)
-    if kept is not None and kept[0] == background:
-        return kept[1]
-    square = Image.new(image.mode, (side, side), background)
-    square.paste(image, ((side - width) // 2, (side - height) // 2))
-    setattr(image, _PADDED, (background, square))
-    return square
+    with _lock_of(image):  # a sample's items are prepared at once, in several threads
+        kept = getattr(image, _PADDED, None)
+        if kept is not None and kept[0] == background:
+            return kept[1]
+        square = Image.new(image.mode, (side, side), background)
+        square.paste(image, ((side - width) // 2, (side - height) // 2))
+        setattr(image, _PADDED, (background, square))
+        return square
 
 
 _PADDED = "_align2_padded"
+_LOCK = "_align2_pad_lock"
+_LOCKS = threading.Lock()
+
+
+def _lock_of(image: Image.Image) -> threading.Lock:
+    """The image's own lock (made once): its padding is made once, not once per thread."""
+    with _LOCKS:
+        lock = getattr(image, _LOCK, None)
+        if lock is None:
+            lock = threading.Lock()
+            setattr(image, _LOCK, lock)
+        return lock
 
 
 def reward_ids(tokenizer: Any, text: str, image_ids: Sequence[int]) -> list[int]:
