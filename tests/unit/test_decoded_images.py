@@ -21,7 +21,7 @@ from align2.server.core.runtime import ScoringRuntime
 from align2.server.core.scoring import ScoreCall, Scorer
 from align2.server.errors import Code
 
-SIDE = 300  # one colour: a tiny PNG that decodes to 270 KB of RGB
+SIDE = 300  # one colour: a tiny PNG that decodes to 360 KB (RGB at 4 bytes a pixel)
 
 
 def png(side: int = SIDE) -> bytes:
@@ -91,7 +91,7 @@ def test_images_held_at_once_stay_within_the_limit_and_every_sample_is_scored() 
     waiting forever for its batch-mates (the call never ends)."""
     image = png()
     one = decoded_bytes(image, max_bytes=1 << 20, max_pixels=1 << 30)
-    assert one == 7 * SIDE * SIDE
+    assert one == 8 * SIDE * SIDE
     results, held, left = run_score([sample(i, image) for i in range(8)], limit=2 * one)
     assert [r.error for r in results] == [None] * 8
     assert [r.answer_scores for r in results] == [[float(SIDE)] * 2] * 8
@@ -106,7 +106,7 @@ def test_an_image_larger_than_the_limit_is_decoded_alone() -> None:
     image = png()
     results, held, left = run_score([sample(i, image) for i in range(3)], limit=1000)
     assert [r.error for r in results] == [None] * 3
-    assert set(held) == {7 * SIDE * SIDE}  # one at a time
+    assert set(held) == {8 * SIDE * SIDE}  # one at a time
     assert left == 0
 
 
@@ -122,3 +122,13 @@ def test_an_image_waiting_for_room_past_its_deadline_fails_naming_the_limit() ->
     assert results[1].error is not None and results[1].error.code is Code.DEADLINE_EXCEEDED
     assert "limits.max_decoded_image_bytes 1000" in str(results[1].error)
     assert left == 0
+
+
+def test_the_estimate_counts_the_padded_square_only_where_one_is_made() -> None:
+    limits = {"max_bytes": 1 << 20, "max_pixels": 1 << 30}
+    wide = io.BytesIO()
+    Image.new("RGB", (40, 10)).save(wide, format="PNG")
+    assert decoded_bytes(wide.getvalue(), **limits) == 8 * 400
+    assert decoded_bytes(wide.getvalue(), **limits, padded=True) == 8 * 400 + 4 * 1600
+    square = png(20)
+    assert decoded_bytes(square, **limits, padded=True) == 8 * 400  # returned as it is

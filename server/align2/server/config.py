@@ -138,12 +138,13 @@ class LimitsConfig:
     least max_message_bytes, so that a lone call always fits."""
     max_decoded_image_bytes: int = 1 * GiB
     """Memory of the images being decoded and scored at once, server-wide, estimated from
-    each header before decoding: width x height x 7 (the decode and its RGB copy), plus the
-    padded square x 3 for a model with image_mode pad. An image that does not fit waits
+    each header before decoding: width x height x 8 (Pillow holds RGB at 4 bytes a pixel: the
+    decode and, from another mode, its RGB copy), plus the padded square x 4 for a model
+    with image_mode pad (a square image is not padded). An image that does not fit waits
     (first come, first served, within its call's deadline; then DEADLINE_EXCEEDED for its
     sample); one larger than the limit is decoded when no other is held. Each is held from
     its decode until its sample's forward passes on one head are done. Request bytes
-    (max_inflight_bytes) count images encoded: a 131 KB PNG can decode to 119 MB. 0:
+    (max_inflight_bytes) count images encoded: a 131 KB PNG can decode to 159 MB. 0:
     unbounded."""
     max_streams: int = 100
     """Concurrent RPCs (HTTP/2 streams) per client connection; more wait in gRPC until one

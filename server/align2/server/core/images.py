@@ -69,11 +69,12 @@ def open_image(
 def decoded_bytes(data: bytes, *, max_bytes: int, max_pixels: int, padded: bool = False) -> int:
     """The memory decoding ``data`` takes, estimated from its header (checked as
     :func:`open_image` does; raises InvalidArgument): the decode in its own mode and its RGB
-    copy, at most 7 bytes a pixel, and the padded square's RGB copy when ``padded``. What
+    copy, at most 8 bytes a pixel (Pillow holds RGB as 4), and the padded square when
+    ``padded`` and the image is not square. What
     limits.max_decoded_image_bytes counts."""
     width, height = open_image(data, max_bytes=max_bytes, max_pixels=max_pixels, padded=padded).size
     side = max(width, height)
-    return 7 * width * height + (3 * side * side if padded else 0)
+    return 8 * width * height + (4 * side * side if padded and width != height else 0)
 
 
 def decode_image(
@@ -97,4 +98,4 @@ def decode_image(
             raise InvalidArgument(f"image: corrupt {image.format} data ({exc})") from None
     if exif_transpose:
         image = ImageOps.exif_transpose(image)
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # RGB: no second copy
