@@ -328,6 +328,7 @@ class Curator:
                     session = self.session(request, holds)
                     opened.append(session)
                     position += 1
+                    del request  # an idle stream holds neither its seeds nor its options
                     continue
                 if session is None:
                     session = self.session(CurateOptions(priority=priority()), holds)
@@ -340,6 +341,7 @@ class Curator:
                     _nbytes(request, self._limits), on_wait=self._release_held
                 )
                 task = asyncio.create_task(session.curate(request, accepted, deadline))
+                del request  # the task holds it until its decision, the stream no longer
                 accepted += 1
                 metrics.CURATE_INFLIGHT.inc()
                 working[task] = claim

@@ -283,6 +283,7 @@ async def curate_requests_from_proto(
             yield sample_from_proto(request.sample, limits)
         else:
             raise InvalidArgument(f"item: message {position} carries neither options nor sample")
+        del request  # not held while the next message is awaited (a seeded stream's options)
         position += 1
 
 
