@@ -64,3 +64,12 @@ def test_why_align_is_off_is_named() -> None:
     off = config_module.from_dict({"align": {"enabled": False}})
     assert off.align_off_reason == "align.enabled = false"
     assert config_module.from_dict({}).align_off_reason == ""
+
+
+def test_max_image_pixels_stays_within_what_pillow_opens() -> None:
+    from PIL import Image
+
+    assert 2 * (Image.MAX_IMAGE_PIXELS or 0) == config_module.MAX_IMAGE_PIXELS
+    with pytest.raises(ConfigError, match=r"^limits.max_image_pixels: 1 to 178956970 \(Pillow"):
+        config_module.from_dict({"limits": {"max_image_pixels": 400_000_000}})
+    assert config_module.from_dict({"limits": {"max_image_pixels": 178_956_970}})

@@ -122,7 +122,8 @@ class LimitsConfig:
     max_image_pixels: int = 40_000_000
     """Width x height, read from the image header before decoding (no decompression bombs);
     for a model that pads images to a square (image_mode pad), the padded square's pixels,
-    i.e. the longer side squared: what is actually allocated."""
+    i.e. the longer side squared: what is actually allocated. At most 178,956,970 (Pillow
+    refuses larger images itself)."""
     max_turns: int = 64
     """Question/answer turns in one sample."""
     max_candidates: int = 16
@@ -293,6 +294,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 GRPC_MAX_MS = 2**31 - 1
 """gRPC takes milliseconds as a 32-bit int; this is also its "infinite"."""
 MAX_CONNECTION_AGE_SECONDS = GRPC_MAX_MS // 1000
+MAX_IMAGE_PIXELS = 178_956_970
+"""Pillow's own refusal (2 x PIL.Image.MAX_IMAGE_PIXELS): a larger header never opens,
+whatever limits.max_image_pixels says, so that limit may not be set above it."""
 
 
 @dataclass
@@ -462,6 +466,11 @@ class Config:
             )
         self._validate_curate()
         limits = self.limits
+        if not 0 < limits.max_image_pixels <= MAX_IMAGE_PIXELS:
+            raise ConfigError(
+                f"limits.max_image_pixels: 1 to {MAX_IMAGE_PIXELS} (Pillow refuses larger "
+                f"images itself), got {limits.max_image_pixels}"
+            )
         if limits.max_decoded_image_bytes < 0:
             raise ConfigError(
                 "limits.max_decoded_image_bytes: must be >= 0, got "
