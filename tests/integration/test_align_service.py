@@ -301,6 +301,7 @@ def test_score_and_align_in_one_process_and_each_alone(
                 list(c.curate([sample()], align=True))
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
             assert "options.align" in (info.value.details() or "")
+            assert "[models] has no 'llm'" in (info.value.details() or "")
             [kept] = list(c.curate([sample()]))
             assert kept.decision == "kept"  # the first sample of a stream
     finally:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
+from support import metric
 
 from align2.client.types import Sample, Turn
 from align2.server.backends.base import ModelDescription, Prepared
@@ -118,8 +119,10 @@ def test_a_bad_image_claims_nothing_and_fails_alone() -> None:
 
 
 def test_an_image_waiting_for_room_past_its_deadline_fails_naming_the_limit() -> None:
+    expired = metric("align2_items_rejected_total", reason="expired")
     results, _, left = run_score([sample(0, png()), sample(1, png())], 1000, 0.2, device=0.5)
     assert results[1].error is not None and results[1].error.code is Code.DEADLINE_EXCEEDED
+    assert metric("align2_items_rejected_total", reason="expired") > expired
     assert "limits.max_decoded_image_bytes 1000" in str(results[1].error)
     assert left == 0
 

@@ -103,6 +103,7 @@ class App:
                 config.limits,
                 self.lifecycle,
                 budget=self.request_bytes,  # a stream's samples share Score's and Align's
+                align_off=config.align_off_reason,
             )
             if self._scorer is not None and config.curate_enabled
             else None

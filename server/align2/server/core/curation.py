@@ -152,8 +152,12 @@ class Curator:
         limits: LimitsConfig,
         lifecycle: Lifecycle,
         budget: ByteBudget | None = None,
+        align_off: str = "",
     ) -> None:
+        """``align_off``: why Align is off (Config.align_off_reason), for the refusal of a
+        stream that asks for it."""
         self._scorer = scorer
+        self._align_off = align_off or "its start-up log says why"
         # Request bytes, shared with Score and Align calls (None: counted, not bounded).
         self._budget = budget if budget is not None else ByteBudget(0)
         self._streams_holds: set[Holds] = set()  # of the streams running now
@@ -190,7 +194,7 @@ class Curator:
         if options.align is not None:
             if self._aligner is None:
                 raise Unimplemented(
-                    "options.align: Align is disabled on this server (its start-up log says why)"
+                    f"options.align: Align is disabled on this server ({self._align_off})"
                 )
             self._aligner.check(options.align)  # once, not as an error on every kept sample
         key = options.selection_key

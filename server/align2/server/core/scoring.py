@@ -375,6 +375,7 @@ class Scorer:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     work.image_claim = await claim
         except TimeoutError:
+            metrics.REJECTED.labels(reason="expired").inc()
             raise DeadlineExpired(
                 f"deadline exceeded while the image waited for decoding room ({nbytes} bytes "
                 f"decoded, {self._images.in_flight} held, limits.max_decoded_image_bytes "
