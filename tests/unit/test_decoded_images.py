@@ -135,3 +135,6 @@ def test_the_estimate_counts_the_padded_square_only_where_one_is_made() -> None:
     assert decoded_bytes(wide.getvalue(), **limits, padded=True) == 8 * 400 + 4 * 1600
     square = png(20)
     assert decoded_bytes(square, **limits, padded=True) == 8 * 400  # returned as it is
+    webp = io.BytesIO()
+    Image.new("RGB", (40, 10)).save(webp, format="WEBP")  # libwebp decodes through buffers
+    assert decoded_bytes(webp.getvalue(), **limits) == 20 * 400

@@ -1771,9 +1771,10 @@ class Limits(_message.Message):
     max_decoded_image_bytes: _builtins.int
     """Memory of the images decoded and being scored at once, server-wide (config
     limits.max_decoded_image_bytes), estimated from each header before decoding: width x
-    height x 8, plus the padded square x 4 for a model with image_mode pad. An image that
-    does not fit waits its turn, within its call's deadline (then DEADLINE_EXCEEDED for its
-    sample); one larger than the limit is decoded alone. 0: unbounded. Config default 1 GiB.
+    height x 8 (x 20 for WebP), plus the padded square x 4 for a model with image_mode pad
+    (not for a square image). An image that does not fit waits its turn, within its call's
+    deadline (then DEADLINE_EXCEEDED for its sample); one larger than the limit is decoded
+    alone. 0: unbounded. Config default 1 GiB.
     """
     def __init__(
         self,

@@ -140,8 +140,8 @@ class LimitsConfig:
     max_decoded_image_bytes: int = 1 * GiB
     """Memory of the images being decoded and scored at once, server-wide, estimated from
     each header before decoding: width x height x 8 (Pillow holds RGB at 4 bytes a pixel: the
-    decode and, from another mode, its RGB copy), plus the padded square x 4 for a model
-    with image_mode pad (a square image is not padded). An image that does not fit waits
+    decode and its RGB copy; x 20 for WebP, whose decoder holds buffers of its own), plus
+    the padded square x 4 for a model with image_mode pad (a square image is not padded). An image that does not fit waits
     (first come, first served, within its call's deadline; then DEADLINE_EXCEEDED for its
     sample); one larger than the limit is decoded when no other is held. Each is held from
     its decode until its sample's forward passes on one head are done. Request bytes
