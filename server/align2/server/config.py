@@ -141,12 +141,12 @@ class LimitsConfig:
     """Memory of the images being decoded and scored at once, server-wide, estimated from
     each header before decoding: width x height x 8 (Pillow holds RGB at 4 bytes a pixel: the
     decode and its RGB copy; x 20 for WebP, whose decoder holds buffers of its own), plus
-    the padded square x 4 for a model with image_mode pad (a square image is not padded). An image that does not fit waits
-    (first come, first served, within its call's deadline; then DEADLINE_EXCEEDED for its
-    sample); one larger than the limit is decoded when no other is held. Each is held from
-    its decode until its sample's forward passes on one head are done. Request bytes
-    (max_inflight_bytes) count images encoded: a 131 KB PNG can decode to 159 MB. 0:
-    unbounded."""
+    the padded square x 4 for a model with image_mode pad (a square image is not padded).
+    An image that does not fit waits (first come, first served, within its call's deadline;
+    then DEADLINE_EXCEEDED for its sample); one larger than the limit is decoded when no
+    other is held. Each is held from its decode until its sample's forward passes on one
+    head are done. Request bytes (max_inflight_bytes) count images encoded: a 131 KB PNG
+    can decode to 159 MB. 0: unbounded."""
     max_streams: int = 100
     """Concurrent RPCs (HTTP/2 streams) per client connection; more wait in gRPC until one
     ends (gRPC's max_concurrent_streams)."""
