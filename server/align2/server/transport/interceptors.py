@@ -163,15 +163,23 @@ def _checked(request: Any) -> Any:
     return request
 
 
-async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """A request stream that ends with MalformedRequest at a message that did not parse."""
+async def _checked_stream(context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """The call's request stream, ending with MalformedRequest at a message that did not
+    parse. Read with ``context.read()``, not through gRPC's request iterator: that one
+    (grpc 1.85) holds its last message while it waits for the next, so an idle Curate
+    stream kept its last sample, image included, outside the byte budget. Here a message
+    is let go before the next read."""
     position = 0
-    async for request in requests:
+    while True:
+        request = await context.read()
+        if request is grpc.aio.EOF:
+            return
         if isinstance(request, _Unparsed):
             raise MalformedRequest(
                 f"message {position} of the stream could not be parsed ({request.error})"
             )
         yield request
+        del request
         position += 1
 
 
@@ -180,28 +188,29 @@ def _is_stream(request: Any) -> bool:
     return hasattr(request, "__aiter__")
 
 
-def _requests(request: Any) -> Any:
-    """The request (unary) or the request iterator (streaming), checked as it is read."""
+def _requests(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    """The request (unary) or the request stream (streaming), checked as it is read."""
     if isinstance(request, _Unparsed) or not _is_stream(request):
         return _checked(request)
-    return _checked_stream(request)
+    return _checked_stream(context)  # gRPC's iterator (``request``) is never read
 
 
 def _check_unary_response(_rpc: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
     async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await behavior(_requests(request), context)
+        return await behavior(_requests(request, context), context)
 
     return checked
 
 
 def _check_stream_response(_rpc: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
     async def checked(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        requests = _requests(request, context)
         if inspect.isasyncgenfunction(behavior):
-            async with contextlib.aclosing(behavior(_requests(request), context)) as responses:
+            async with contextlib.aclosing(behavior(requests, context)) as responses:
                 async for response in responses:
                     yield response
         else:
-            await behavior(_requests(request), context)
+            await behavior(requests, context)
 
     return checked
 
