@@ -15,7 +15,8 @@ alike. Texts arrive here with the ``<image>`` marker removed: the LLM never sees
 Why ``str.format`` and not Jinja: a prompt is fixed text with named holes and needs no
 logic; the holes are checked when the set loads (a missing or unknown one names the file);
 and sample text is inserted once and never parsed again, so braces or template syntax in
-a sample are inert.
+a sample are inert. The LLM's control tokens in a sample are not: the backend refuses a
+message holding one (backends/chat.py, check_no_control_tokens).
 
 A set is identified by its name and the sha256 of its files (names and bytes, in name
 order), reported with every Align response. By convention a changed prompt gets a new
