@@ -179,9 +179,9 @@ class AlignedTurn:
     ``kept`` is "original" or "rewrite". ``reason`` is "review" (the review decided; see
     ``margin``), "unreviewed" (review off, rewrite kept), "unchanged" (the rewrite equals
     the original), or the guard that rejected the rewrite: "image_marker",
-    "control_token", "truncated", "empty", "numbers_changed", "entities_changed". ``margin``, set when the review ran, is
-    the mean over both presentation orders of P(rewrite) - P(original), in [-1, 1]; the
-    rewrite is kept iff it is positive.
+    "control_token", "truncated", "empty", "numbers_changed", "entities_changed".
+    ``margin``, set when the review ran, is the mean over both presentation orders of
+    P(rewrite) - P(original), in [-1, 1]; the rewrite is kept iff it is positive.
     """
 
     original: Turn
