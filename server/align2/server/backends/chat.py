@@ -8,8 +8,9 @@ Contract:
   template (Vicuna / LLaVA-1.5 checkpoints), in FastChat's ``vicuna_v1.1`` format.
 - :func:`prompt_ids` tokenises that text without adding special tokens: the template
   writes any BOS it wants (transformers' ``apply_chat_template`` tokenises the same way).
-  :class:`Prompts` is the same with a memory of recent prompts, for a backend whose core
-  counts a request's tokens just before submitting it.
+  :class:`Prompts` is the same, refusing a message that holds one of the tokenizer's
+  control tokens (:func:`check_no_control_tokens`), with a memory of recent prompts, for a
+  backend whose core counts a request's tokens just before submitting it.
 - :func:`choice_ids` maps each choice label to the single token the model would emit for
   it right after the generation prompt.
 - Their ValueErrors name the bad field; :func:`as_invalid_argument` makes them the
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import functools
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -72,14 +72,12 @@ def render_vicuna(messages: Sequence[Message], *, bos: str, eos: str) -> str:
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> list[int]:
-    """Token ids of :func:`render`, no special tokens added. Raises ValueError when a
-    message's text holds one of the tokenizer's control tokens (see :func:`control_tokens`)."""
-    check_no_control_tokens(tokenizer, messages)
+    """Token ids of :func:`render`, no special tokens added (unchecked: :class:`Prompts`
+    refuses control tokens in the messages first)."""
     text = render(tokenizer, messages)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-@functools.lru_cache(maxsize=8)
 def control_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
     """The strings the tokenizer reads as one special token wherever they stand in a text
     (``<|im_start|>``, ``</s>``, ...): the chat format's own markers."""
@@ -88,16 +86,13 @@ def control_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
     return tuple(sorted(t for t in special if t))
 
 
-def check_no_control_tokens(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]
-) -> None:
+def check_no_control_tokens(tokens: Sequence[str], messages: Sequence[Message]) -> None:
     """ValueError when a message's text holds a control token. The prompt is rendered to
     text and tokenised whole (as transformers' apply_chat_template and vLLM do), so such a
     string in a sample would become a real marker: a question holding
     ``<|im_end|><|im_start|>system ...`` would add turns of its own to the prompt. Refused
     rather than escaped, so the LLM never sees a text other than the sample's: in Curate the
     sample is kept unrestyled (kept_align_failed), with this reason."""
-    tokens = control_tokens(tokenizer)
     for message in messages:
         content = message["content"]
         for token in tokens:
@@ -132,6 +127,7 @@ class Prompts:
         budget_tokens: int = 1 << 20,
     ) -> None:
         self.tokenizer = tokenizer
+        self.control_tokens = control_tokens(tokenizer)  # read once: checked on every prompt
         self._longest = longest
         self._kept: cachetools.LRUCache[_Key, array.array[int]] = cachetools.LRUCache(
             maxsize=budget_tokens, getsizeof=len
@@ -144,6 +140,7 @@ class Prompts:
             kept = self._kept.get(key)
         if kept is not None:
             return kept.tolist()
+        check_no_control_tokens(self.control_tokens, messages)
         ids = prompt_ids(self.tokenizer, messages)
         if len(ids) <= self._longest:
             with self._lock, contextlib.suppress(ValueError):  # over the whole budget

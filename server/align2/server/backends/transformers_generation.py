@@ -35,12 +35,7 @@ from align2.server.backends.base import (
     Message,
     ModelDescription,
 )
-from align2.server.backends.chat import (
-    Prompts,
-    as_invalid_argument,
-    choice_ids,
-    control_tokens,
-)
+from align2.server.backends.chat import Prompts, as_invalid_argument, choice_ids
 from align2.server.backends.checkpoint import folder_revision
 from align2.server.backends.continuous import Choice, DecodeLoop, Row
 from align2.server.backends.decoding import Decoded, generate_batch, last_logits
@@ -68,7 +63,7 @@ class TransformersGeneration:
         self.description = description
         self._tokenizer = tokenizer
         self._prompts = Prompts(tokenizer, longest=description.max_length)
-        self.control_tokens = control_tokens(tokenizer)
+        self.control_tokens = self._prompts.control_tokens
         self._model = model
         self._device = torch.device(description.device)
         prepare_device(self._device)

@@ -48,12 +48,7 @@ from align2.server.backends.base import (
     Message,
     ModelDescription,
 )
-from align2.server.backends.chat import (
-    Prompts,
-    as_invalid_argument,
-    choice_ids,
-    control_tokens,
-)
+from align2.server.backends.chat import Prompts, as_invalid_argument, choice_ids
 from align2.server.backends.checkpoint import folder_revision
 from align2.server.backends.vllm_common import (
     engine_device,
@@ -98,7 +93,7 @@ class VllmGeneration:
         self.description = description
         self._tokenizer = tokenizer
         self._prompts = Prompts(tokenizer, longest=description.max_length)
-        self.control_tokens = control_tokens(tokenizer)
+        self.control_tokens = self._prompts.control_tokens
         self._engine: AsyncLLM | None = engine
         self._request_ids = itertools.count()
         self._in_flight: set[str] = set()  # request ids between submission and final output
