@@ -161,8 +161,8 @@ Plan = Mapping[ScoringRuntime, list[_Item]]
 @dataclass(eq=False)
 class ScoringSample:
     """One sample on its way through the heads that score it: its structural ``problem``
-    (checked once, for every head it may meet), its image (decoded on first need, then
-    kept until ``forget_image``), and its ``result``, which each head fills in place."""
+    (checked once, for every head it may meet) and its ``result``, which each head fills
+    in place. Its image is decoded for each pass and let go at its end (_score_sample)."""
 
     sample: Sample
     where: str  # how error messages name it ("samples[3]", "sample")
@@ -170,8 +170,6 @@ class ScoringSample:
     answer: ScoringRuntime | None
     problem: InvalidArgument | None
     result: SampleScore
-    image: Image.Image | None = None
-    image_claim: ByteClaim | None = None
 
     @property
     def padded(self) -> bool:
@@ -180,14 +178,6 @@ class ScoringSample:
             rt is not None and rt.backend.description.image_mode == "pad"
             for rt in (self.question, self.answer)
         )
-
-    def forget_image(self) -> None:
-        """Drop the decoded image and give back its memory claim (a later head decodes it
-        again)."""
-        self.image = None
-        if self.image_claim is not None:
-            self.image_claim.release()
-            self.image_claim = None
 
 
 class Scorer:
@@ -330,18 +320,17 @@ class Scorer:
             work.result.error = prefixed(work.where, work.problem)
             return []
         submitted = dict.fromkeys(plan, 0)
+        claim: ByteClaim | None = None
         try:
-            if work.image is None:
-                await self._claim_image(work, deadline)
-                work.image = await self._in_pool(
-                    decode_image,
-                    work.sample.image_bytes(),
-                    max_bytes=self._limits.max_image_bytes,
-                    max_pixels=self._limits.max_image_pixels,
-                    exif_transpose=self._config.image_exif_transpose,
-                    padded=work.padded,
-                )
-            image = work.image
+            claim = await self._claim_image(work, deadline)
+            image = await self._in_pool(
+                decode_image,
+                work.sample.image_bytes(),
+                max_bytes=self._limits.max_image_bytes,
+                max_pixels=self._limits.max_image_pixels,
+                exif_transpose=self._config.image_exif_transpose,
+                padded=work.padded,
+            )
             done = await all_or_first_error(
                 self._score_item(rt, item, image, reservations[rt], submitted, priority, deadline)
                 for rt, items in plan.items()
@@ -353,11 +342,12 @@ class Scorer:
         finally:
             for rt, count in submitted.items():
                 reservations[rt].release(len(plan[rt]) - count)
-            work.forget_image()  # its forward passes are done: its memory goes to the next
+            if claim is not None:  # its forward passes are done: its memory goes to the next
+                claim.release()
         _fill(work.result, done, work.sample)
         return [d.outcome for d in done]
 
-    async def _claim_image(self, work: ScoringSample, deadline: float | None) -> None:
+    async def _claim_image(self, work: ScoringSample, deadline: float | None) -> ByteClaim:
         """Claim the memory the sample's image will take decoded, waiting for room until the
         deadline (DeadlineExpired). A bad header raises InvalidArgument, nothing claimed."""
         nbytes = await self._in_pool(
@@ -370,10 +360,9 @@ class Scorer:
         claim = self._images.claim_when_free(nbytes)
         try:
             if deadline is None:
-                work.image_claim = await claim
-            else:
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    work.image_claim = await claim
+                return await claim
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await claim
         except TimeoutError:
             metrics.REJECTED.labels(reason="expired").inc()
             raise DeadlineExpired(
