@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from align2.server import metrics
+from align2.server.core import deadlines
 from align2.server.core.drain import DrainEstimate
 from align2.server.core.priority import Priority, PriorityQueue
 from align2.server.errors import (
@@ -214,22 +215,16 @@ class Batcher(Generic[T, R]):
             raise Unavailable("server is shutting down")
         future: asyncio.Future[Outcome[R]] = asyncio.get_running_loop().create_future()
         entry = _Entry(item, cost, future, priority, deadline)
-        if deadline is not None and deadline <= time.monotonic():
+        if deadlines.passed(deadline):
             self._update_gauge()
-            metrics.REJECTED.labels(reason="expired").inc()
-            raise DeadlineExpired("deadline exceeded before the item was queued")
+            raise deadlines.expired("before the item was queued")
         self._in_flight += 1
         self._queue.push(entry, priority)
         self._update_gauge()
         self._wakeup.set()
         try:
-            if deadline is None:
+            async with deadlines.within(deadline, "while queued or running"):
                 return await future
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                return await future
-        except TimeoutError:
-            metrics.REJECTED.labels(reason="expired").inc()
-            raise DeadlineExpired("deadline exceeded while queued or running") from None
         except asyncio.CancelledError:
             if not future.done() or future.cancelled():
                 metrics.REJECTED.labels(reason="cancelled").inc()
@@ -309,9 +304,8 @@ class Batcher(Generic[T, R]):
         # read here too, so nothing is handed to the device after it.
         now = time.monotonic()
         for entry in batch:
-            if entry.deadline is not None and entry.deadline <= now and not entry.future.done():
-                metrics.REJECTED.labels(reason="expired").inc()
-                entry.future.set_exception(DeadlineExpired("deadline exceeded while queued"))
+            if deadlines.passed(entry.deadline, now) and not entry.future.done():
+                entry.future.set_exception(deadlines.expired("while queued"))
         batch = [e for e in batch if not e.future.done()]
         if not batch:
             return

@@ -37,6 +37,7 @@ from align2.server.backends.base import (
     ModelDescription,
 )
 from align2.server.config import BatchingConfig
+from align2.server.core import deadlines
 from align2.server.core.batcher import Batcher, Outcome, Reservation
 from align2.server.core.drain import DrainEstimate
 from align2.server.core.priority import Priority
@@ -231,17 +232,11 @@ class GenerationRuntime:
         slots.remaining -= 1  # used: still counted in the gate's load until the end
         started = time.monotonic()
         try:
-            if deadline is not None and deadline <= started:
-                metrics.REJECTED.labels(reason="expired").inc()
-                raise DeadlineExpired("deadline exceeded before the request started")
-            timeout = None if deadline is None else deadline - started
-            async with asyncio.timeout(timeout):
+            deadlines.check(deadline, "before the request started")
+            async with deadlines.within(deadline, "while generating"):
                 [value] = await self._run_batch([request])
             assert self._gate is not None
             self._gate.finished(started)  # the engine's pace: only what it completed
-        except TimeoutError:
-            metrics.REJECTED.labels(reason="expired").inc()
-            raise DeadlineExpired("deadline exceeded while generating") from None
         except BackendError as exc:
             if exc.fatal and self._on_fatal is not None:
                 self._on_fatal(exc)

@@ -47,7 +47,7 @@ from align2.client.types import Sample, Turn
 from align2.server import metrics
 from align2.server.backends.base import InputTooLong, ModelDescription, Prepared
 from align2.server.config import LimitsConfig, ScoreConfig
-from align2.server.core import templates
+from align2.server.core import deadlines, templates
 from align2.server.core.batcher import Outcome, Reservation, busy_seconds
 from align2.server.core.budget import ByteBudget, ByteClaim
 from align2.server.core.gather import all_or_first_error
@@ -61,7 +61,7 @@ from align2.server.core.validation import (
     prefixed,
     sample_error,
 )
-from align2.server.errors import Align2Error, DeadlineExpired, InvalidArgument, NotFound
+from align2.server.errors import Align2Error, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -358,18 +358,16 @@ class Scorer:
             padded=work.padded,
         )
         claim = self._images.claim_when_free(nbytes)
-        try:
-            if deadline is None:
-                return await claim
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                return await claim
-        except TimeoutError:
-            metrics.REJECTED.labels(reason="expired").inc()
-            raise DeadlineExpired(
-                f"deadline exceeded while the image waited for decoding room ({nbytes} bytes "
-                f"decoded, {self._images.in_flight} held, limits.max_decoded_image_bytes "
+
+        def where() -> str:  # read when the deadline is missed: what was held then
+            return (
+                f"while the image waited for decoding room ({nbytes} bytes decoded, "
+                f"{self._images.in_flight} held, limits.max_decoded_image_bytes "
                 f"{self._images.limit})"
-            ) from None
+            )
+
+        async with deadlines.within(deadline, where):
+            return await claim
 
     async def _score_item(
         self,
