@@ -672,3 +672,50 @@ def _cancel_after_three_decisions(client: CurationClient, attempt: int) -> None:
     assert settled(lambda: count("CANCELLED") > before["CANCELLED"]), attempt
     assert count("CANCELLED") == before["CANCELLED"] + 1 and count("OK") == before["OK"], attempt
     assert settled(lambda: metric("align2_curate_inflight") == 0), attempt  # its work stopped
+
+
+def test_the_servers_stored_scores_bound_refuses_what_would_grow_it(
+    tiny_llava: pathlib.Path,
+) -> None:
+    """curate.max_stored_scores bounds every window's scores together: seeds past it refuse
+    their stream (RESOURCE_EXHAUSTED, RetryInfo), a sample whose scores would pass it fails
+    alone, and a stream's own windows give their scores back when it ends."""
+    config = score_config(tiny_llava)
+    config.curate.max_stored_scores = 4
+    config.limits.max_stream_inflight = 1  # one sample at a time: each sees the last's scores
+    server = ServerThread(config).start()
+    try:
+        with CurationClient(server.target, timeout=60, retry=False) as client:
+            assert client.server_info().limits.max_stored_scores == 4
+            seeds = {TASKS[0]: [0.0] * 5}
+            with pytest.raises(grpc.RpcError) as refused:
+                list(client.curate([sample(0)], question_seed_scores=seeds, resume=False))
+            error = refused.value
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            details = error.details() or ""
+            assert "options.question_seed_scores: 5 more score(s)" in details
+            assert "limits.max_stored_scores 4" in details
+            retry = error_details(error)["RetryInfo"]
+            assert isinstance(retry, error_details_pb2.RetryInfo)
+            assert retry.retry_delay.seconds == 10
+            # 2 seeds, then s0 adds at most 2 (its question and answer windows): 4. s2 (the
+            # same task) and s1 (a new one) would add more: each fails alone, unscored.
+            seeds = {TASKS[0]: [0.0] * 2}
+            samples = [sample(0), sample(2), sample(1)]
+            results = {
+                r.id: r for r in client.curate(samples, question_seed_scores=seeds, min_window=1)
+            }
+            assert results["s0"].error is None
+            for refused_id in ("s2", "s1"):
+                failed = results[refused_id]
+                assert failed.decision == "error" and failed.error is not None
+                assert failed.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "sample.task" in failed.error.message
+                assert "limits.max_stored_scores 4" in failed.error.message
+                assert failed.scores.question_score is None
+            # That stream's own windows were given back when it ended: 4 seeds fit again.
+            seeds = {TASKS[1]: [0.0] * 4}
+            [last] = client.curate([sample(1)], question_seed_scores=seeds, resume=False)
+            assert last.id == "s1"
+    finally:
+        server.stop()

@@ -28,7 +28,7 @@ async def test_a_missed_deadline_cancels_the_body_counts_and_says_where() -> Non
             body_cancelled = True
             raise
 
-    with pytest.raises(DeadlineExpired, match="^deadline exceeded while testing$"):
+    with pytest.raises(DeadlineExpired, match=r"^deadline exceeded while testing$"):
         async with deadlines.within(time.monotonic() + 0.05, "while testing"):
             await body()
     assert body_cancelled

@@ -1371,7 +1371,8 @@ class CurateOptions(_message.Message):
         takes seeds once: from the first stream that brings some (with a selection_key, later
         streams' seeds for that window are ignored). At most limits.max_seed_scores scores in
         both seed maps together, each finite, and at most limits.max_task_types task types,
-        each at most 256 characters; else INVALID_ARGUMENT.
+        each at most 256 characters; else INVALID_ARGUMENT. Seeds that would take the
+        replica's stored scores past limits.max_stored_scores: RESOURCE_EXHAUSTED with RetryInfo.
         """
 
     @_builtins.property
@@ -1676,6 +1677,7 @@ class Limits(_message.Message):
     MAX_TASK_TYPES_FIELD_NUMBER: _builtins.int
     MAX_TEXT_BYTES_FIELD_NUMBER: _builtins.int
     MAX_DECODED_IMAGE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_STORED_SCORES_FIELD_NUMBER: _builtins.int
     max_samples_per_call: _builtins.int
     """Samples in one Score or Align call; more: INVALID_ARGUMENT for the call (split it).
     Config default 64.
@@ -1776,6 +1778,17 @@ class Limits(_message.Message):
     deadline (then DEADLINE_EXCEEDED for its sample); one larger than the limit is decoded
     alone. 0: unbounded. Config default 1 GiB.
     """
+    max_stored_scores: _builtins.int
+    """Scores all Curate selection windows on this replica hold together, every stream's own
+    and every selection key's, 16 bytes each (config curate.max_stored_scores). When they
+    are full, a stream whose seed scores would add to them is refused with
+    RESOURCE_EXHAUSTED naming the seed field (RetryInfo: 10 s), and a sample whose scores
+    would add to them (a window of its task not yet full) gets decision ERROR with
+    ERROR_CODE_RESOURCE_EXHAUSTED naming `sample.task`, before it is scored. Scores are given
+    back as streams end (their own windows) and idle selection keys expire. A sample
+    admitted with room still adds its scores: the total may pass the limit by the samples
+    in flight. 0: unbounded. Config default 32,000,000.
+    """
     def __init__(
         self,
         *,
@@ -1799,10 +1812,11 @@ class Limits(_message.Message):
         max_task_types: _builtins.int = ...,
         max_text_bytes: _builtins.int = ...,
         max_decoded_image_bytes: _builtins.int = ...,
+        max_stored_scores: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_candidates", b"max_candidates", "max_decoded_image_bytes", b"max_decoded_image_bytes", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_inflight_bytes", b"max_inflight_bytes", "max_llm_inflight", b"max_llm_inflight", "max_message_bytes", b"max_message_bytes", "max_new_tokens", b"max_new_tokens", "max_queue_items", b"max_queue_items", "max_samples_per_call", b"max_samples_per_call", "max_seed_scores", b"max_seed_scores", "max_selection_keys", b"max_selection_keys", "max_stream_inflight", b"max_stream_inflight", "max_streams", b"max_streams", "max_task_types", b"max_task_types", "max_text_bytes", b"max_text_bytes", "max_text_tokens", b"max_text_tokens", "max_turns", b"max_turns", "selection_window", b"selection_window", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_candidates", b"max_candidates", "max_decoded_image_bytes", b"max_decoded_image_bytes", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_inflight_bytes", b"max_inflight_bytes", "max_llm_inflight", b"max_llm_inflight", "max_message_bytes", b"max_message_bytes", "max_new_tokens", b"max_new_tokens", "max_queue_items", b"max_queue_items", "max_samples_per_call", b"max_samples_per_call", "max_seed_scores", b"max_seed_scores", "max_selection_keys", b"max_selection_keys", "max_stored_scores", b"max_stored_scores", "max_stream_inflight", b"max_stream_inflight", "max_streams", b"max_streams", "max_task_types", b"max_task_types", "max_text_bytes", b"max_text_bytes", "max_text_tokens", b"max_text_tokens", "max_turns", b"max_turns", "selection_window", b"selection_window", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -288,6 +288,13 @@ class CurateConfig:
     seeds for more: INVALID_ARGUMENT for the stream. The task is any string the caller
     sends, and each costs a window (up to ``window`` scores), so this bounds the memory
     of a selection. Given thresholds need no window and do not count."""
+    max_stored_scores: int = 32_000_000
+    """Scores all selection windows of this server hold together (every stream's own and
+    every selection key's; 16 bytes each: 512 MB at the default). Full: a stream whose seeds
+    would add scores is refused, and a sample that would add a score to a window not yet
+    full gets RESOURCE_EXHAUSTED (decision ERROR), until streams end and idle keys expire.
+    0: no bound (then ``max_selection_keys`` x ``max_task_types`` x 2 x ``window`` for the
+    keys, plus as much again for each stream's own windows)."""
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -555,7 +562,8 @@ class Config:
                 f"curate.min_window: must be in 1..curate.window ({curate.window}), "
                 f"got {curate.min_window}"
             )
-        for key in ("max_selection_keys", "max_seed_scores", "warm_up_idle_ms"):
+        counts = ("max_selection_keys", "max_seed_scores", "warm_up_idle_ms", "max_stored_scores")
+        for key in counts:
             if getattr(curate, key) < 0:
                 raise ConfigError(f"curate.{key}: must be >= 0, got {getattr(curate, key)}")
         if curate.max_task_types < 1:

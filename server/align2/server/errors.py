@@ -141,6 +141,20 @@ class TooManySelectionKeys(Align2Error):
     code = Code.RESOURCE_EXHAUSTED
 
 
+STORED_SCORES_RETRY_SECONDS = 10.0
+"""What a StoredScoresFull refusal asks a client to wait: scores are given back only as
+streams end and idle selection keys expire, so not soon."""
+
+
+class StoredScoresFull(Align2Error):
+    """The selection windows of the whole server hold limits.max_stored_scores scores: a
+    stream's seeds, or a sample that would add a score to a window not yet full, are
+    refused until streams end or selection keys expire."""
+
+    code = Code.RESOURCE_EXHAUSTED
+    retry_after: float | None = STORED_SCORES_RETRY_SECONDS
+
+
 class DeadlineExpired(Align2Error):
     code = Code.DEADLINE_EXCEEDED
 

@@ -141,6 +141,11 @@ CURATE_SELECTION_KEYS = prom.Gauge(
     "align2_curate_selection_keys",
     "Live Curate selection keys (in use by a stream, or idle within their TTL)",
 )
+CURATE_STORED_SCORES = prom.Gauge(
+    "align2_curate_stored_scores",
+    "Scores held by the Curate selection windows of every stream and selection key, 16 "
+    "bytes each (bounded by limits.max_stored_scores)",
+)
 CURATE_WARM_UP_RELEASES = prom.Counter(
     "align2_curate_warm_up_releases",
     "Curate decisions made before their window reached min_window, by reason: "

@@ -56,12 +56,13 @@ from align2.server.core.lifecycle import Lifecycle
 from align2.server.core.priority import Priority
 from align2.server.core.scoring import Head, SampleScore, Scorer, ScoringSample
 from align2.server.core.selection_keys import MAX_KEY_LENGTH, SelectionKeys
-from align2.server.core.selector import Holds, SelectorState, StageSelector
+from align2.server.core.selector import Holds, SelectorState, StageSelector, StoredScores
 from align2.server.errors import (
     Align2Error,
     BackendError,
     InvalidArgument,
     Overloaded,
+    StoredScoresFull,
     Unimplemented,
 )
 
@@ -165,11 +166,13 @@ class Curator:
         self._config = config
         self._limits = limits
         self._lifecycle = lifecycle
+        self.stored_scores = StoredScores(config.max_stored_scores)
         self.selection_keys = SelectionKeys(
             config.max_selection_keys,
             config.selection_key_idle_seconds,
             config.window,
             config.max_task_types,
+            self.stored_scores,
         )
 
     def _release_held(self) -> None:
@@ -201,14 +204,15 @@ class Curator:
         state = (
             self.selection_keys.acquire(key)
             if key
-            else SelectorState.fresh(self._config.window, self._config.max_task_types)
+            else SelectorState.fresh(
+                self._config.window, self._config.max_task_types, self.stored_scores
+            )
         )
+        close = (lambda: self.selection_keys.release(key)) if key else state.close
         try:  # a key's windows may already hold other task types than the seeds'
-            state.questions.check_room(options.question_seed_scores, "options.question_seed_scores")
-            state.answers.check_room(options.answer_seed_scores, "options.answer_seed_scores")
-        except InvalidArgument:
-            if key:
-                self.selection_keys.release(key)
+            state.check_seeds(options.question_seed_scores, options.answer_seed_scores)
+        except Align2Error:
+            close()
             raise
         state.questions.seed(options.question_seed_scores)  # nothing fails from here on
         state.answers.seed(options.answer_seed_scores)
@@ -233,7 +237,8 @@ class Curator:
                 min_window,
                 holds,
             ),
-            (lambda: self.selection_keys.release(key)) if key else None,
+            close,
+            self.stored_scores,
         )
 
     def _check_selection(self, options: CurateOptions) -> int:
@@ -405,8 +410,10 @@ class Session:
         questions: StageSelector,
         answers: StageSelector,
         on_close: Callable[[], None] | None = None,
+        stored: StoredScores | None = None,
     ) -> None:
         self._scorer = scorer
+        self._stored = stored if stored is not None else StoredScores()
         self._aligner = aligner
         self._options = options
         self._questions = questions
@@ -414,7 +421,8 @@ class Session:
         self._on_close = on_close
 
     def close(self) -> None:
-        """Give back the selection key (its windows then live on for their idle TTL)."""
+        """Give back the selection key (its windows then live on for their idle TTL), or the
+        scores of the stream's own windows."""
         on_close, self._on_close = self._on_close, None
         if on_close is not None:
             on_close()
@@ -440,6 +448,9 @@ class Session:
             self._take_task(sample.task)
         except InvalidArgument:
             metrics.REJECTED.labels(reason="invalid").inc()  # as Score counts a bad sample
+            raise
+        except StoredScoresFull:
+            metrics.REJECTED.labels(reason="overloaded").inc()  # the caller is told to retry
             raise
         try:
             await self._stages(sample, deadline, result)
@@ -502,6 +513,8 @@ class Session:
             )
         for stage in (self._questions, self._answers):
             stage.check_task(task)
+        growth = sum(stage.growth(task) for stage in (self._questions, self._answers))
+        self._stored.check(growth, f"{_SAMPLE}.task")
         for stage in (self._questions, self._answers):
             stage.take_window(task)
 

@@ -21,7 +21,7 @@ import asyncio
 from dataclasses import dataclass
 
 from align2.server import metrics
-from align2.server.core.selector import SelectorState
+from align2.server.core.selector import SelectorState, StoredScores
 from align2.server.errors import InvalidArgument, TooManySelectionKeys
 
 MAX_KEY_LENGTH = 256
@@ -39,11 +39,19 @@ class SelectionKeys:
     """The live selection keys of one server: ``acquire`` when a stream starts,
     ``release`` (exactly once per acquire) when it ends."""
 
-    def __init__(self, max_keys: int, idle_seconds: float, window: int, max_tasks: int) -> None:
+    def __init__(
+        self,
+        max_keys: int,
+        idle_seconds: float,
+        window: int,
+        max_tasks: int,
+        stored: StoredScores | None = None,
+    ) -> None:
         self._max_keys = max_keys
         self._idle_seconds = idle_seconds
         self._window = window
         self._max_tasks = max_tasks
+        self._stored = stored if stored is not None else StoredScores()
         self._live: dict[str, _Entry] = {}
 
     def __len__(self) -> int:
@@ -69,7 +77,8 @@ class SelectionKeys:
                     f"live while a stream uses it and {self._idle_seconds:g} s after)",
                     retry_after=self._next_expiry(),
                 )
-            entry = self._live[key] = _Entry(SelectorState.fresh(self._window, self._max_tasks))
+            state = SelectorState.fresh(self._window, self._max_tasks, self._stored)
+            entry = self._live[key] = _Entry(state)
             metrics.CURATE_SELECTION_KEYS.inc()
         if entry.expiry is not None:
             entry.expiry.cancel()
@@ -87,6 +96,7 @@ class SelectionKeys:
     def _expire(self, key: str, entry: _Entry) -> None:
         if self._live.get(key) is entry and entry.users == 0:
             del self._live[key]
+            entry.state.close()
             metrics.CURATE_SELECTION_KEYS.dec()
 
     def _next_expiry(self) -> float:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from align2.server import metrics
 from align2.server.core.selection import Selection, Window
-from align2.server.errors import InvalidArgument
+from align2.server.errors import InvalidArgument, StoredScoresFull
 
 
 @dataclass(eq=False)
@@ -55,29 +55,84 @@ class _Held:
     )
 
 
+class StoredScores:
+    """The scores every window of the server holds, against ``limit`` (0: no bound): the
+    memory of selection is bounded by what the server admits, not only per selection.
+
+    Windows count what they add as they add it (they never shrink) and a selection gives
+    its windows' scores back when it is dropped (:meth:`SelectorState.close`). Room is
+    checked before the work that would add scores: a stream's seeds as it opens, a sample
+    as it arrives. A sample admitted while there was room still adds its score, so the
+    total may pass the limit by at most the samples in flight (one score each per stage)."""
+
+    def __init__(self, limit: int = 0) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def check(self, adding: int, field: str) -> None:
+        """StoredScoresFull naming ``field`` unless ``adding`` more scores fit."""
+        if self.limit and adding and self.held + adding > self.limit:
+            raise StoredScoresFull(
+                f"{field}: {adding} more score(s) for the selection windows, which hold "
+                f"{self.held} on this server: more than limits.max_stored_scores "
+                f"{self.limit} (scores are given back as streams end and idle selection "
+                "keys expire)"
+            )
+
+    def add(self, count: int) -> None:
+        self.held += count
+        metrics.CURATE_STORED_SCORES.inc(count)
+
+    def give_back(self, count: int) -> None:
+        self.held -= count
+        metrics.CURATE_STORED_SCORES.dec(count)
+
+
 class TaskWindow:
     """The window of one task type and stage, with the decisions waiting for it."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, stored: StoredScores) -> None:
         self.scores = Window(size)
         self.seeded = False
         self.users = 0  # samples that took it (StageWindows.take) and are not finished
+        self._stored = stored
         self._waiting: list[_Held] = []
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    @property
+    def full(self) -> bool:
+        """Whether a score added now replaces one (adds nothing to the stored scores)."""
+        return len(self.scores) >= self.scores.size
+
+    def seed_growth(self, scores: Sequence[float]) -> int:
+        """How many scores :meth:`seed` would add."""
+        if not scores or self.seeded:
+            return 0
+        return min(self.scores.size, len(self.scores) + len(scores)) - len(self.scores)
 
     def seed(self, scores: Sequence[float]) -> None:
         """Prefill with calibration scores, once per window (later seeds are ignored: the
         window already holds a calibration)."""
         if scores and not self.seeded:
             self.seeded = True
+            before = len(self.scores)
             self.scores.extend(scores)
+            self._stored.add(len(self.scores) - before)
             self._settle_ready()
 
     def add(self, score: float) -> None:
+        grows = not self.full
         self.scores.add(score)
+        if grows:
+            self._stored.add(1)
         self._settle_ready()
+
+    def close(self) -> None:
+        """The window is dropped: its scores are given back."""
+        self._stored.give_back(len(self.scores))
+        self.scores = Window(self.scores.size)
 
     def wait(self, held: _Held) -> None:
         self._waiting.append(held)
@@ -102,16 +157,17 @@ class StageWindows:
     """The windows of one stage, by task type, created on first use; at most ``max_tasks``
     of them (the task is any string the caller sends: each new one costs a window)."""
 
-    def __init__(self, size: int, max_tasks: int) -> None:
+    def __init__(self, size: int, max_tasks: int, stored: StoredScores | None = None) -> None:
         self.size = size
         self.max_tasks = max_tasks
+        self.stored = stored if stored is not None else StoredScores()
         self._by_task: dict[str, TaskWindow] = {}
 
     def __getitem__(self, task: str) -> TaskWindow:
         window = self._by_task.get(task)
         if window is None:
             self.check_room([task], "sample.task")
-            window = self._by_task[task] = TaskWindow(self.size)
+            window = self._by_task[task] = TaskWindow(self.size, self.stored)
         return window
 
     def take(self, task: str) -> None:
@@ -139,10 +195,29 @@ class StageWindows:
                 f"{self.max_tasks}"
             )
 
+    def growth(self, task: str) -> int:
+        """Scores one more score of ``task`` adds to the stored: 0 when its window is full."""
+        window = self._by_task.get(task)
+        return 0 if window is not None and window.full else 1
+
+    def seed_growth(self, scores: Mapping[str, Sequence[float]]) -> int:
+        """How many scores :meth:`seed` would add."""
+        growth = 0
+        for task, values in scores.items():
+            window = self._by_task.get(task)
+            growth += min(self.size, len(values)) if window is None else window.seed_growth(values)
+        return growth
+
     def seed(self, scores: Mapping[str, Sequence[float]]) -> None:
         """Seed the windows of ``scores``' tasks (check_room first: this never fails)."""
         for task, values in scores.items():
             self[task].seed(values)
+
+    def close(self) -> None:
+        """The selection is dropped: every window's scores are given back."""
+        for window in self._by_task.values():
+            window.close()
+        self._by_task.clear()
 
 
 @dataclass
@@ -153,8 +228,32 @@ class SelectorState:
     answers: StageWindows
 
     @classmethod
-    def fresh(cls, window: int, max_tasks: int) -> SelectorState:
-        return cls(StageWindows(window, max_tasks), StageWindows(window, max_tasks))
+    def fresh(
+        cls, window: int, max_tasks: int, stored: StoredScores | None = None
+    ) -> SelectorState:
+        stored = stored if stored is not None else StoredScores()
+        return cls(StageWindows(window, max_tasks, stored), StageWindows(window, max_tasks, stored))
+
+    def check_seeds(
+        self,
+        questions: Mapping[str, Sequence[float]],
+        answers: Mapping[str, Sequence[float]],
+    ) -> None:
+        """InvalidArgument when the seeds' task types do not fit the windows, and
+        StoredScoresFull when the scores they would add do not fit the server's."""
+        self.questions.check_room(questions, "options.question_seed_scores")
+        self.answers.check_room(answers, "options.answer_seed_scores")
+        growth = {
+            "options.question_seed_scores": self.questions.seed_growth(questions),
+            "options.answer_seed_scores": self.answers.seed_growth(answers),
+        }
+        most = max(growth, key=lambda name: growth[name])  # the field to shorten
+        self.questions.stored.check(sum(growth.values()), most)
+
+    def close(self) -> None:
+        """Give back every score the windows hold (the selection is dropped)."""
+        self.questions.close()
+        self.answers.close()
 
 
 class Holds:
@@ -236,6 +335,10 @@ class StageSelector:
         none fits any more."""
         if task not in self._thresholds:
             self._windows.check_room([task], "sample.task")
+
+    def growth(self, task: str) -> int:
+        """Scores a sample of ``task`` adds to the server's stored scores at this stage."""
+        return 0 if task in self._thresholds else self._windows.growth(task)
 
     def take_window(self, task: str) -> None:
         """The window ``task`` will need, taken now (after :meth:`check_task`): the limit

@@ -432,6 +432,7 @@ def server_info_to_proto(
             max_task_types=config.curate.max_task_types,
             max_text_bytes=limits.max_text_bytes,
             max_decoded_image_bytes=limits.max_decoded_image_bytes,
+            max_stored_scores=config.curate.max_stored_scores,
         ),
         batching=pb.Batching(
             max_batch_size=batching.max_batch_size,
