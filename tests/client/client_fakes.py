@@ -59,6 +59,7 @@ class FakeCuration(pb_grpc.CurationServiceServicer):
         self.curate_streams: list[list[str]] = []  # ids received, per Curate stream
         # Model revisions the server reports (GetServerInfo and Score), by model name.
         self.revisions = {"q": "r1", "a": "r2"}
+        self.settings = {"q": "s1", "a": "s2"}  # and their ModelRef.settings
         self.fail_scores_after: int | None = None  # then every further Score: UNAVAILABLE
         self.services = ["Score"]  # as GetServerInfo reports them
         self.hold_scores_after: int | None = None  # then only further Score calls wait at gate
@@ -154,7 +155,12 @@ class FakeCuration(pb_grpc.CurationServiceServicer):
         )
 
     def _model_ref(self, name: str) -> pb.ModelRef:
-        return pb.ModelRef(name=name, model_id=f"fake-{name}", revision=self.revisions[name])
+        return pb.ModelRef(
+            name=name,
+            model_id=f"fake-{name}",
+            revision=self.revisions[name],
+            settings=self.settings[name],
+        )
 
     def _admit(
         self, request: pb.ScoreRequest | None, context: grpc.ServicerContext

@@ -118,7 +118,11 @@ def test_the_files_are_curated_as_the_reference_does(
         "scores": summary["tasks"]["conversation"]["answer"]["scores"],
     }
     assert summary["tasks"]["detail"]["question"]["scores"]["threshold"] == 26.0
-    assert summary["models"]["question"] == {"revision": "r1", "template_version": "t1"}
+    assert summary["models"]["question"] == {
+        "revision": "r1",
+        "settings": "s1",
+        "template_version": "t1",
+    }
     assert summary["scoring"] == {
         "question": {"sent": 44, "stored": 0},
         "answer": {"sent": 22, "stored": 0},
@@ -237,7 +241,7 @@ def test_default_fractions(fake: FakeCuration, tmp_path: pathlib.Path) -> None:
 def stored_questions(files: list[pathlib.Path], scores: str) -> int:
     """How many records of ``files`` have a question score in ``scores``."""
     inputs = load_inputs(files, image_folder=files[0].parent)
-    scorer = Scorer("question", "r1", "t1")
+    scorer = Scorer("question", "r1", "t1", "s1")  # the fake server's question model
     with ScoreStore(scores) as store:
         return sum(
             store.get(scorer.key(r.sample.id, r.digest)) is not None
@@ -362,15 +366,20 @@ def test_a_real_ctrl_c_stops_the_command_and_the_rerun_resumes(
     assert out.read_text() == (tmp_path / "whole.json").read_text()
 
 
-def test_a_changed_model_revision_is_scored_again(
-    fake: FakeCuration, tmp_path: pathlib.Path
+@pytest.mark.parametrize("changed", ["revisions", "settings"])
+def test_a_changed_model_revision_or_setting_is_scored_again(
+    fake: FakeCuration, tmp_path: pathlib.Path, changed: str
 ) -> None:
+    """A rerun after the server's question model changed its files (revision) or a setting
+    that changes scores (ModelRef.settings: dtype, image_mode, ...) scores that head again.
+    Fails on: a stored score keyed without ModelRef.settings (a researcher who changes
+    dtype and reruns would get the old selection)."""
     task_files(tmp_path)
     files = sorted(tmp_path.glob("*_test.json"))
     args = [*files, "--image-folder", tmp_path, "--out", tmp_path / "k.json"]
     assert curate(fake, *args) == 0
     fake.requests.clear()
-    fake.revisions["q"] = "r9"
+    getattr(fake, changed)["q"] = "x9"
     assert curate(fake, *args, "--report", tmp_path / "r.json") == 0
     scoring = json.loads((tmp_path / "r.json").read_text())["scoring"]
     survivors = 4 + 6 + 3  # int(0.3 N) for N = 14, 20, 10: the same, their answers stored

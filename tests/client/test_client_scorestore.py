@@ -24,6 +24,21 @@ def test_scores_are_appended_and_read_back_exactly(tmp_path: pathlib.Path) -> No
         assert store.get(key("2")) is None  # another head
         assert store.get(key("1", revision="r9")) is None  # another model revision
         assert store.get(Scorer("question", "r1", "t2").key("1", "d" * 32)) is None
+        assert store.get(Scorer("question", "r1", "t1", "s9").key("1", "d" * 32)) is None
+
+
+def test_a_line_from_before_settings_were_keyed_matches_no_server_settings(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A file written before ModelRef.settings existed: its lines read (not counted as
+    unreadable), but their scores are not reused by a server that reports settings."""
+    path = tmp_path / "s.jsonl"
+    old = {"id": "1", "digest": "d" * 32, "head": "question", "revision": "r1"}
+    path.write_text(json.dumps({**old, "template_version": "t1", "score": 0.5}) + "\n")
+    with ScoreStore(path) as store:
+        assert store.loaded == 1 and store.ignored_lines == 0
+        assert store.get(Scorer("question", "r1", "t1", "s1").key("1", "d" * 32)) is None
+        assert store.get(Scorer("question", "r1", "t1").key("1", "d" * 32)) == 0.5
 
 
 def test_candidate_scores_are_stored_per_turn_and_read_back(tmp_path: pathlib.Path) -> None:

@@ -87,6 +87,36 @@ def test_scores_both_heads_in_input_order(client: CurationClient) -> None:
     assert reply.question_model is not None and reply.question_model.name == "question"
     assert reply.answer_model is not None and reply.answer_model.backend == "transformers"
     assert len(reply.question_model.revision) >= 8
+    info = {m.ref.name: m.ref for m in client.server_info().models}
+    assert reply.question_model.settings == info["question"].settings
+    assert len(reply.question_model.settings) == 12  # ModelRef.settings, as GetServerInfo
+
+
+def test_a_setting_that_changes_scores_changes_the_reported_settings(
+    server: ServerThread, tiny_llava: pathlib.Path
+) -> None:
+    """The same checkpoint under other score-changing settings (EXIF transposition,
+    truncation, image_mode, dtype) reports the same revision and other settings, so stored
+    scores keyed on both are not reused (the client's score files). Fails on: settings
+    missing any of them (a researcher who switches to the reference's settings and reruns
+    would get the old scores back)."""
+    with CurationClient(server.target, timeout=60) as client:
+        [base] = [m.ref for m in client.server_info().models if m.ref.name == "question"]
+    changes: list[dict[str, object]] = [
+        {"score__image_exif_transpose": True},
+        {"limits__truncation": "truncate"},
+    ]
+    seen = {base.settings}
+    for change in changes:
+        other = ServerThread(config_for(tiny_llava, tiny_llava, **change)).start()
+        try:
+            with CurationClient(other.target, timeout=60) as client:
+                [ref] = [m.ref for m in client.server_info().models if m.ref.name == "question"]
+        finally:
+            other.stop()
+        assert ref.revision == base.revision
+        assert ref.settings not in seen, change
+        seen.add(ref.settings)
 
 
 def test_compute_time_is_wall_time_never_more_than_the_call(client: CurationClient) -> None:

@@ -121,6 +121,7 @@ def model_ref_from_proto(message: pb.ModelRef) -> ModelRef:
         model_id=message.model_id,
         revision=message.revision,
         backend=message.backend,
+        settings=message.settings,
     )
 
 

@@ -196,7 +196,8 @@ class OfflineCuration:
                     f"the server reports no model for the {head} head "
                     f"({name or _ROLES[head]}); its models: {known}"
                 )
-            scorers[head] = Scorer(head, matches[0].revision, info.template_version)
+            ref = matches[0]
+            scorers[head] = Scorer(head, ref.revision, info.template_version, ref.settings)
         return scorers
 
     async def _score(
@@ -265,7 +266,8 @@ class OfflineCuration:
         if answered != scorer:
             raise RunStopped(
                 f"the server's {head} head changed during the run (revision "
-                f"{scorer.revision!r} -> {answered.revision!r}, templates "
+                f"{scorer.revision!r} -> {answered.revision!r}, settings "
+                f"{scorer.settings!r} -> {answered.settings!r}, templates "
                 f"{scorer.template_version!r} -> {answered.template_version!r})"
             )
         if failed:
@@ -335,7 +337,7 @@ def _identity(head: str, reply: ScoreReply) -> Scorer | None:
     model = reply.question_model if head == HEAD_QUESTION else reply.answer_model
     if model is None:
         raise ProtocolError(f"Score reply without the {head} head's model")
-    return Scorer(head, model.revision, reply.template_version)
+    return Scorer(head, model.revision, reply.template_version, model.settings)
 
 
 def _value(head: str, sample: Sample, result: ScoreResult) -> tuple[Any, str]:

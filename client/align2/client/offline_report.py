@@ -61,7 +61,11 @@ def build_report(
             "one_task": one_task,
         },
         "models": {
-            head: {"revision": s.revision, "template_version": s.template_version}
+            head: {
+                "revision": s.revision,
+                "settings": s.settings,
+                "template_version": s.template_version,
+            }
             for head, s in outcome.scorers.items()
         },
         "files": dict(inputs.files),

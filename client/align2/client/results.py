@@ -110,6 +110,7 @@ class ModelRef:
     model_id: str
     revision: str
     backend: str
+    settings: str = ""  # digest of the server settings that change its outputs (the proto's)
 
 
 @dataclass(frozen=True)

@@ -3,18 +3,21 @@
 One line per scored sample and head::
 
     {"id": "000000215677", "digest": "3f2a...", "head": "question", "revision": "a1b2c3d4e5f6",
-     "template_version": "align2llava-reward-v1", "score": 1.25}
+     "settings": "0c1d2e3f4a5b", "template_version": "align2llava-reward-v1", "score": 1.25}
     {"id": "000000215677", "digest": "3f2a...", "head": "answer", "revision": "...",
-     "template_version": "...", "scores": [0.5, -0.25]}
+     "settings": "...", "template_version": "...", "scores": [0.5, -0.25]}
 
 An answer entry has one item per turn: the turn's score, or for a turn with candidate
 answers the list of its candidates' scores (``[[0.5, 1.25, 0.5], -0.25]``).
 
-A score is reused only when all of (id, digest, head, revision, template_version) match:
-``digest`` is a hash of what the sample sends (image file name and texts), so an edited
-record, or another record under the same id, is scored afresh; ``revision`` is the
-server's ModelRef.revision of the head's model and ``template_version`` the
-ScoreResponse's, so a changed model or input template is too. Lines are appended and
+A score is reused only when all of (id, digest, head, revision, settings,
+template_version) match: ``digest`` is a hash of what the sample sends (image file name and
+texts), so an edited record, or another record under the same id, is scored afresh;
+``revision`` and ``settings`` are the server's ModelRef.revision and ModelRef.settings of
+the head's model and ``template_version`` the ScoreResponse's, so a changed model, a
+changed setting that changes scores (dtype, image_mode, truncation, ...), or a changed
+input template is too. A line written before ``settings`` existed has none, and its score
+is computed again. Lines are appended and
 flushed per chunk of samples; a crash loses at most the chunks in flight. A truncated last
 line (a crash mid-write) is dropped when the file is opened again; any other unreadable
 line is ignored (its sample is scored again) and counted.
@@ -76,6 +79,7 @@ class ScoreKey:
     head: str
     revision: str
     template_version: str
+    settings: str = ""
 
 
 @dataclass(frozen=True)
@@ -85,9 +89,12 @@ class Scorer:
     head: str
     revision: str
     template_version: str
+    settings: str = ""
 
     def key(self, sample_id: str, digest: str) -> ScoreKey:
-        return ScoreKey(sample_id, digest, self.head, self.revision, self.template_version)
+        return ScoreKey(
+            sample_id, digest, self.head, self.revision, self.template_version, self.settings
+        )
 
 
 class ScoreStore:
@@ -184,6 +191,7 @@ def _entry(key: ScoreKey, value: Stored) -> dict[str, Any]:
         "digest": key.digest,
         "head": key.head,
         "revision": key.revision,
+        "settings": key.settings,
         "template_version": key.template_version,
     }
     if isinstance(value, tuple):
@@ -202,6 +210,7 @@ def _parse(line: str) -> tuple[ScoreKey, Stored] | None:
             head=_text(entry["head"]),
             revision=_text(entry["revision"]),
             template_version=_text(entry["template_version"]),
+            settings=_text(entry.get("settings", "")),  # older files: none
         )
         if key.head == HEAD_QUESTION:
             return key, _number(entry["score"])

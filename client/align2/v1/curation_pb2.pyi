@@ -504,6 +504,7 @@ class ModelRef(_message.Message):
     MODEL_ID_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The model's name in the server's config ([models.NAME]): the name that
     ScoreRequest.question_model / answer_model select.
@@ -519,6 +520,14 @@ class ModelRef(_message.Message):
     """
     backend: _builtins.str
     """The runtime that serves it: "transformers" or "vllm"."""
+    settings: _builtins.str
+    """A 12-hex-digit sha256 prefix over the server settings that change this model's outputs
+    beyond its files (revision) and the input template (template_version): backend, dtype,
+    image_mode and max_length, and for a reward model score.image_exif_transpose,
+    limits.truncation and limits.max_text_tokens. A score stored under the same revision,
+    settings and template_version is what the server computes now; key stored scores on all
+    three (the client's resumable score files do).
+    """
     def __init__(
         self,
         *,
@@ -526,10 +535,11 @@ class ModelRef(_message.Message):
         model_id: _builtins.str = ...,
         revision: _builtins.str = ...,
         backend: _builtins.str = ...,
+        settings: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "model_id", b"model_id", "name", b"name", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "model_id", b"model_id", "name", b"name", "revision", b"revision", "settings", b"settings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

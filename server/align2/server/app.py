@@ -22,7 +22,12 @@ from PIL import Image
 
 from align2.client.types import Sample, Turn
 from align2.server import backends, memory, metrics, threads
-from align2.server.backends.base import GenerationBackend, ModelDescription, ScoringBackend
+from align2.server.backends.base import (
+    GenerationBackend,
+    ModelDescription,
+    ScoringBackend,
+    with_settings,
+)
 from align2.server.config import GRPC_MAX_MS, Config, ModelConfig
 from align2.server.core.align_types import AlignCall, DecodingOptions
 from align2.server.core.alignment import Aligner
@@ -220,6 +225,13 @@ class App:
             await self._load_llm(self.config.align.model)
 
     def _start_runtime(self, backend: ScoringBackend) -> ScoringRuntime:
+        limits, score = self.config.limits, self.config.score
+        backend.description = with_settings(  # what else changes a score (ModelRef.settings)
+            backend.description,
+            image_exif_transpose=score.image_exif_transpose,
+            truncation=limits.truncation,
+            max_text_tokens=limits.max_text_tokens,
+        )
         runtime = ScoringRuntime(backend, self.config.batching, self._on_fatal)
         runtime.start()
         return runtime
@@ -261,6 +273,7 @@ class App:
         backend = await asyncio.to_thread(
             backends.load_generation, name, model, path, self.registry.generation
         )
+        backend.description = with_settings(backend.description)
         align = self.config.align
         batching = dataclasses.replace(self.config.batching, max_delay_ms=align.max_delay_ms)
         runtime = GenerationRuntime(backend, batching, align.max_inflight_items, self._on_fatal)

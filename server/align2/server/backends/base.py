@@ -8,9 +8,11 @@ Fakes for unit tests implement the same Protocol.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
@@ -30,6 +32,24 @@ class ModelDescription:
     max_length: int  # tokens per input, text and image together
     image_tokens: int  # tokens one image takes; 0 when it varies with the image
     image_mode: str = ""  # pad | square (vision models)
+    settings: str = ""  # digest of the server settings that change its outputs (with_settings)
+
+
+def with_settings(description: ModelDescription, **settings: object) -> ModelDescription:
+    """``description`` with ``settings`` set to a 12-hex-digit sha256 over what changes the
+    model's outputs beyond its files (revision) and the input template: its backend, dtype,
+    image_mode and max_length, and the server settings given (ModelRef.settings). A score
+    stored under the same revision, settings and template version is the score the server
+    computes now (to the last bits of float arithmetic)."""
+    parts = {
+        "backend": description.backend,
+        "dtype": description.dtype,
+        "image_mode": description.image_mode,
+        "max_length": description.max_length,
+        **settings,
+    }
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return replace(description, settings=hashlib.sha256(text.encode()).hexdigest()[:12])
 
 
 @dataclass

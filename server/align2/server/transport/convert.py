@@ -370,7 +370,11 @@ def model_ref_to_proto(model: ModelDescription | None) -> pb.ModelRef | None:
     if model is None:
         return None
     return pb.ModelRef(
-        name=model.name, model_id=model.model_id, revision=model.revision, backend=model.backend
+        name=model.name,
+        model_id=model.model_id,
+        revision=model.revision,
+        backend=model.backend,
+        settings=model.settings,
     )
 
 
