@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -451,6 +452,22 @@ def test_health_serving_per_service_and_reflection(server: ServerThread) -> None
         )
         names = {s.name for s in reply.list_services_response.service}
         assert {"align2.v1.CurationService", "grpc.health.v1.Health"} <= names
+        # List, which the library's servicer left unimplemented (reflection advertises it)
+        listed = health.List(health_pb2.HealthListRequest()).statuses
+        assert {name: s.status for name, s in listed.items()} == {
+            "": health_pb2.HealthCheckResponse.SERVING,
+            "align2.v1.CurationService": health_pb2.HealthCheckResponse.SERVING,
+        }
+        # The error details' types, so that a reflection-only caller can decode them.
+        for request in (
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="google.rpc.BadRequest"),
+            reflection_pb2.ServerReflectionRequest(file_by_filename="google/rpc/status.proto"),
+        ):
+            [found] = list(refl.ServerReflectionInfo(iter([request])))
+            files = found.file_descriptor_response.file_descriptor_proto
+            assert files, found.error_response.error_message
+            protos = [descriptor_pb2.FileDescriptorProto.FromString(f) for f in files]
+            assert protos[0].name.startswith("google/rpc/")
 
 
 def test_health_not_serving_until_warm(tiny_llava: pathlib.Path) -> None:

@@ -42,6 +42,7 @@ from align2.server.errors import ConfigError
 from align2.server.models import embedded
 from align2.server.transport import convert, reflection
 from align2.server.transport.admission import ByteBudgetInterceptor
+from align2.server.transport.health import HealthServicer
 from align2.server.transport.interceptors import ParseInterceptor, StatusInterceptor
 from align2.server.transport.security import (
     BearerTokenInterceptor,
@@ -113,7 +114,7 @@ class App:
             if self._scorer is not None and config.curate_enabled
             else None
         )
-        self._health = health.aio.HealthServicer()
+        self._health = HealthServicer()
         self._status = StatusInterceptor()  # holds the calls in flight, for stop()
         self._server: grpc.aio.Server | None = None
 

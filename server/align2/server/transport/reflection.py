@@ -7,6 +7,9 @@ so one servicer answers both method paths with the v1alpha message classes.
 The generated ``_pb2`` descriptors carry no comments, and the (upb) descriptor pool drops
 them from the files it hands out, so the servicer swaps in the files of ``curation.binpb``
 (written by ``make protos`` with source info) for the ones the pool answered with.
+
+The google.rpc error types are served too (by symbol and by file name), so that a caller
+with nothing but reflection can decode the Status details of an error.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from importlib import resources
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
@@ -29,6 +33,14 @@ def contract_files() -> list[descriptor_pb2.FileDescriptorProto]:
     """The align2.v1 .proto files with their comments (and their imports, if any)."""
     data = resources.files("align2.v1").joinpath(DESCRIPTOR_SET).read_bytes()
     return list(descriptor_pb2.FileDescriptorSet.FromString(data).file)
+
+
+def error_detail_files() -> list[descriptor_pb2.FileDescriptorProto]:
+    """google.rpc.Status and the error details an error carries (ErrorInfo, BadRequest,
+    RetryInfo, ResourceInfo), with their imports first: a caller with only reflection
+    (grpcurl, buf curl, a dynamic client) can then decode ``grpc-status-details-bin`` by
+    symbol instead of seeing base64."""
+    return [_file_proto(m) for m in (any_pb2, duration_pb2, status_pb2, error_details_pb2)]
 
 
 def _file_proto(module: Any) -> descriptor_pb2.FileDescriptorProto:
@@ -96,8 +108,10 @@ def enable(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
         _file_proto(reflection_pb2),
         v1_reflection_file(),
         *contract_files(),
+        *error_detail_files(),
     ]
-    servicer = ReflectionServicer(names, files)
+    unique = list({f.name: f for f in reversed(files)}.values())[::-1]  # first of each name
+    servicer = ReflectionServicer(names, unique)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
