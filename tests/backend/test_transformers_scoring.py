@@ -216,3 +216,25 @@ def test_an_image_that_fills_max_length_is_refused_even_when_truncating(
     for truncate in (False, True):
         with pytest.raises(InvalidArgument, match=f"image: takes {n} tokens, leaving no room"):
             tight.prepare("<image>\nHi", wide_image(), max_text_tokens=99, truncate=truncate)
+
+
+def test_the_image_processor_resizes_with_pil_where_torchvision_is_installed(
+    checkpoint: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers picks its torchvision image processors whenever torchvision is
+    installed (the CUDA image has it), whose resize gives other pixels than the PIL resize
+    of the reference's CLIPImageProcessor. Fails on: loading the processor without
+    ``backend="pil"`` (this machine has no torchvision: it is made to look installed)."""
+    from transformers.models.auto import image_processing_auto as auto
+
+    resolve = auto._resolve_backend
+    chosen: list[str] = []
+
+    def recording(*args: object) -> str:
+        chosen.append(resolve(*args))  # type: ignore[arg-type]
+        return chosen[-1]
+
+    monkeypatch.setattr(auto, "is_torchvision_available", lambda: True)
+    monkeypatch.setattr(auto, "_resolve_backend", recording)
+    TransformersScoring.load("question", ModelConfig(path=str(checkpoint)), checkpoint)
+    assert chosen and set(chosen) == {"pil"}

@@ -18,6 +18,11 @@ from align2.server.backends.base import InputTooLong
 from align2.server.errors import InvalidArgument
 from align2.server.formats import IMAGE_TOKEN
 
+IMAGE_BACKEND = "pil"
+"""The image processor's backend, pinned: transformers picks ``torchvision`` whenever it is
+installed (the CUDA image has it), whose resize gives other pixels than the PIL resize the
+reference's CLIPImageProcessor used, so scores near a cut could change sides by host."""
+
 
 def pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
     """Centre ``image`` on a square of the processor's mean colour (the method's ``pad``).

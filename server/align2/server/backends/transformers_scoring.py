@@ -33,6 +33,7 @@ from align2.server.backends import length_groups, prefixes
 from align2.server.backends.base import ModelDescription, Prepared
 from align2.server.backends.checkpoint import read_reward_checkpoint
 from align2.server.backends.preprocess import (
+    IMAGE_BACKEND,
     pad_to_square,
     reward_ids_and_image_end,
     text_budget,
@@ -112,7 +113,7 @@ class TransformersScoring:
         checkpoint = read_reward_checkpoint(path, revision=config.revision or None)
         device = resolve_device(config.device)
         dtype = torch_dtype(config.dtype)
-        processor = AutoProcessor.from_pretrained(path)
+        processor = AutoProcessor.from_pretrained(path, backend=IMAGE_BACKEND)
         _quiet_expected_head_report()
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
         base = model.model  # the LM head is not needed: the scalar head replaces it

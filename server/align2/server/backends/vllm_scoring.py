@@ -38,7 +38,7 @@ from transformers import AutoProcessor
 
 from align2.server.backends.base import ModelDescription, Prepared
 from align2.server.backends.checkpoint import read_reward_checkpoint
-from align2.server.backends.preprocess import pad_to_square, reward_ids, text_budget
+from align2.server.backends.preprocess import IMAGE_BACKEND, pad_to_square, reward_ids, text_budget
 from align2.server.backends.vllm_common import (
     engine_device,
     engine_error,
@@ -99,7 +99,7 @@ class VllmScoring:
         from vllm import PoolingParams
 
         device, device_ids = engine_device(name, config)
-        processor = AutoProcessor.from_pretrained(path)
+        processor = AutoProcessor.from_pretrained(path, backend=IMAGE_BACKEND)
         executor = ThreadPoolExecutor(1, thread_name_prefix=f"vllm-{name}")
         started = time.monotonic()
         try:
@@ -229,6 +229,8 @@ def _start_engine(
             # architecture (its Transformers-fallback classifiers default to CLS).
             pooler_config=PoolerConfig(seq_pooling_type="LAST", use_activation=False),
             limit_mm_per_prompt={"image": 1},
+            # The engine's own HF processor resizes the images: with PIL, as the reference.
+            mm_processor_kwargs={"backend": IMAGE_BACKEND},
             **engine_kwargs(config, device_ids),
         )
 
