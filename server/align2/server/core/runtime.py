@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import math
+import struct
+from collections.abc import Callable, Sequence
 
 from align2.server.backends.base import ModelDescription, Prepared, ScoringBackend
 from align2.server.config import BatchingConfig
@@ -21,7 +23,7 @@ class ScoringRuntime:
     ) -> None:
         self.backend = backend
         self.batcher: Batcher[Prepared, float] = Batcher(
-            backend.score,
+            self._score,
             name=backend.description.name,
             max_batch_size=batching.max_batch_size,
             max_batch_tokens=batching.max_batch_tokens,
@@ -34,9 +36,29 @@ class ScoringRuntime:
     def description(self) -> ModelDescription:
         return self.backend.description
 
+    async def _score(self, batch: Sequence[Prepared]) -> list[float]:
+        """The backend's scores; in float16, rounded to float16 as the reference's float16
+        model returns them (its scalar head runs in the model's dtype: eval.py writes
+        ``logits.tolist()`` of a float16 tensor), so that ties and the order they are
+        broken in match its selection. The head runs in float32 here, for every dtype."""
+        scores = await self.backend.score(batch)
+        if self.backend.description.dtype != "float16":
+            return list(scores)
+        return [_float16(score) for score in scores]
+
     def start(self) -> None:
         self.batcher.start()
 
     async def close(self) -> None:
         await self.batcher.close()
         await asyncio.to_thread(self.backend.close)  # waits for the device thread: off the loop
+
+
+def _float16(value: float) -> float:
+    """``value`` rounded to the nearest IEEE half-precision number (round half to even);
+    beyond its range, infinity, as a float16 tensor holds it."""
+    try:
+        rounded: float = struct.unpack("<e", struct.pack("<e", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+    return rounded
