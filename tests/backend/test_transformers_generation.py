@@ -224,15 +224,57 @@ def test_vicuna_fallback_without_chat_template(tmp_path: pathlib.Path) -> None:
     folder = build_llama_causal_lm(tmp_path / "vicuna-ish", chat_template=False)
     backend = load(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    expected = f"<s>{VICUNA_SYSTEM} USER: hi ASSISTANT:"
+    expected = f"{VICUNA_SYSTEM} USER: hi ASSISTANT:"  # FastChat's text; BOS: the tokenizer's
     assert backend.prompt_tokens([{"role": "user", "content": "hi"}]) == len(
-        tokenizer(expected, add_special_tokens=False).input_ids
+        tokenizer(expected).input_ids
     )
     [made] = asyncio.run(backend.generate([GenerationRequest(PROMPTS[0], Decoding(4))]))
     assert made.prompt_tokens > 0
     bad = [{"role": "tool", "content": "x"}]  # Vicuna knows system, user, assistant only
     with pytest.raises(InvalidArgument, match="role"):
         asyncio.run(backend.generate([GenerationRequest(bad, GREEDY)]))
+
+
+def fastchat_vicuna_v1_1(system: str, turns: list[tuple[str, str | None]]) -> str:
+    """FastChat's ``get_prompt`` for ``vicuna_v1.1`` (LLaVA's ``conv_vicuna_v1``), written
+    out: sep " ", sep2 "</s>", roles USER / ASSISTANT, the last assistant message None."""
+    seps = [" ", "</s>"]
+    text = system + seps[0]
+    for i, (role, message) in enumerate(turns):
+        text += f"{role}: {message}{seps[i % 2]}" if message else f"{role}:"
+    return text
+
+
+def test_vicuna_ids_are_fastchats_with_a_llama_tokenizer_of_legacy_false(
+    tmp_path: pathlib.Path,
+) -> None:
+    """FastChat and LLaVA tokenise the Vicuna prompt with ``tokenizer(prompt)``, BOS added
+    by the tokenizer. Fails on: writing ``<s>`` into the text and tokenising without
+    special tokens, which with llava-v1.5-7b's ``"legacy": false`` drops the ``▁`` of the
+    system prompt's first word (``A`` for ``▁A``)."""
+    from align2.server.models.original_builders import sentencepiece_tokenizer
+
+    tokenizer = sentencepiece_tokenizer(tmp_path, vocab_size=512)
+    assert tokenizer.legacy is False and not tokenizer.chat_template
+    messages = [
+        {"role": "user", "content": "Describe the image."},
+        {"role": "assistant", "content": "A red box."},
+        {"role": "user", "content": "And its size?"},
+    ]
+    text = fastchat_vicuna_v1_1(
+        VICUNA_SYSTEM,
+        [
+            ("USER", "Describe the image."),
+            ("ASSISTANT", "A red box."),
+            ("USER", "And its size?"),
+            ("ASSISTANT", None),
+        ],
+    )
+    expected = tokenizer(text).input_ids  # FastChat / LLaVA: BOS from the tokenizer
+    assert expected[0] == tokenizer.bos_token_id
+    assert prompt_ids(tokenizer, messages) == expected
+    glued = tokenizer(tokenizer.bos_token + text, add_special_tokens=False).input_ids
+    assert glued != expected  # what writing <s> into the text gave: the test can fail
 
 
 class _Counting(torch.nn.Module):

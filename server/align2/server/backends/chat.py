@@ -6,8 +6,12 @@ Contract:
 - :func:`render` writes the messages through the tokenizer's own chat template with the
   generation prompt appended (the assistant turn is opened), or, for a tokenizer without a
   template (Vicuna / LLaVA-1.5 checkpoints), in FastChat's ``vicuna_v1.1`` format.
-- :func:`prompt_ids` tokenises that text without adding special tokens: the template
-  writes any BOS it wants (transformers' ``apply_chat_template`` tokenises the same way).
+- :func:`prompt_ids` tokenises that text: a chat template's without adding special tokens
+  (the template writes any BOS it wants; transformers' ``apply_chat_template`` tokenises
+  the same way), the Vicuna text as FastChat and LLaVA do, ``tokenizer(prompt)``, the
+  tokenizer adding its BOS. Writing ``<s>`` into the text instead differs with a Llama
+  tokenizer of ``"legacy": false``: the word after a special token loses its ``▁``
+  (``A`` for FastChat's ``▁A``).
   :class:`Prompts` is the same, refusing a message that holds one of the tokenizer's
   control tokens (:func:`check_no_control_tokens`), with a memory of recent prompts, for a
   backend whose core counts a request's tokens just before submitting it.
@@ -48,12 +52,13 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> s
         )
         assert isinstance(text, str)  # tokenize=False, one conversation
         return text
-    return render_vicuna(messages, bos=tokenizer.bos_token or "", eos=tokenizer.eos_token or "")
+    return render_vicuna(messages, eos=tokenizer.eos_token or "")
 
 
-def render_vicuna(messages: Sequence[Message], *, bos: str, eos: str) -> str:
-    """FastChat ``vicuna_v1.1``: ``{bos}{system} USER: {u} ASSISTANT: {a}{eos}USER: ...
-    ASSISTANT:``. A system message replaces the default system prompt."""
+def render_vicuna(messages: Sequence[Message], *, eos: str) -> str:
+    """FastChat ``vicuna_v1.1``: ``{system} USER: {u} ASSISTANT: {a}{eos}USER: ...
+    ASSISTANT:``, without BOS (the tokenizer adds it: :func:`prompt_ids`). A system message
+    replaces the default system prompt."""
     system = VICUNA_SYSTEM
     turns: list[str] = []
     for index, message in enumerate(messages):
@@ -68,14 +73,16 @@ def render_vicuna(messages: Sequence[Message], *, bos: str, eos: str) -> str:
             raise ValueError(
                 f"messages[{index}].role: {role!r} is not one of system, user, assistant"
             )
-    return f"{bos}{system} {''.join(turns)}ASSISTANT:"
+    return f"{system} {''.join(turns)}ASSISTANT:"
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> list[int]:
-    """Token ids of :func:`render`, no special tokens added (unchecked: :class:`Prompts`
-    refuses control tokens in the messages first)."""
+    """Token ids of :func:`render`: a chat template's text as it is, the Vicuna text with
+    the tokenizer's special tokens (its BOS), as FastChat tokenises it (unchecked:
+    :class:`Prompts` refuses control tokens in the messages first)."""
     text = render(tokenizer, messages)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    vicuna = not tokenizer.chat_template
+    return list(tokenizer(text, add_special_tokens=vicuna)["input_ids"])
 
 
 def control_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
