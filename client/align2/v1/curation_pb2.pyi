@@ -79,8 +79,8 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     LLM); the message names the field and, where one applies, the limit.
     """
     ERROR_CODE_DEADLINE_EXCEEDED: _ErrorCode.ValueType  # 4
-    """The call's deadline passed before the item finished (work still queued then is dropped
-    without compute).
+    """The call's deadline (less the answer margin: see the service comment) passed before the
+    item finished (work still queued then is dropped without compute).
     """
     ERROR_CODE_NOT_FOUND: _ErrorCode.ValueType  # 5
     """google.rpc.Code NOT_FOUND (an unknown model or template name fails the whole call)."""
@@ -133,8 +133,8 @@ ERROR_CODE_INVALID_ARGUMENT: ErrorCode.ValueType  # 3
 LLM); the message names the field and, where one applies, the limit.
 """
 ERROR_CODE_DEADLINE_EXCEEDED: ErrorCode.ValueType  # 4
-"""The call's deadline passed before the item finished (work still queued then is dropped
-without compute).
+"""The call's deadline (less the answer margin: see the service comment) passed before the
+item finished (work still queued then is dropped without compute).
 """
 ERROR_CODE_NOT_FOUND: ErrorCode.ValueType  # 5
 """google.rpc.Code NOT_FOUND (an unknown model or template name fails the whole call)."""

@@ -40,7 +40,12 @@ class CurationServiceStub:
     unknown model or template name), RESOURCE_EXHAUSTED (model queues full, or the request
     bytes over limits.max_inflight_bytes: at once, before any work; retry after the delay of
     its grpc-retry-pushback-ms trailer and RetryInfo, not at all when the pushback is -1),
-    DEADLINE_EXCEEDED (the call's deadline passed; queued work is dropped before compute),
+    DEADLINE_EXCEEDED (the call's deadline passed; queued work is dropped before compute: the
+    work of a call has its deadline 100 ms, or a tenth of the time the call had if less, before
+    the call's, so that an item unfinished then comes back as its own
+    ERROR_CODE_DEADLINE_EXCEEDED in a response the caller still receives, in Curate as an
+    error decision; a Curate sample without a decision when its stream ends was not
+    answered and may be sent again),
     UNAVAILABLE (warming up or shutting down), INTERNAL (a server bug: "internal error: ...",
     logged with the call's x-request-id), UNIMPLEMENTED
     (an RPC this server has disabled; see GetServerInfoResponse.services), UNAUTHENTICATED
@@ -52,7 +57,12 @@ class CurationServiceStub:
     not about call metadata; RetryInfo; ResourceInfo for NOT_FOUND). One status has none: a
     message over Limits.max_message_bytes is refused by gRPC itself before the server reads
     it (RESOURCE_EXHAUSTED "Received message larger than max", no details, no pushback:
-    retrying cannot help; split the call). Call metadata: `x-align2-priority` (see Priority) and
+    retrying cannot help; split the call; in Curate it ends the stream at once, and decisions
+    not yet sent are lost with it). A message that cannot be parsed (proto3 `string` fields
+    must be valid UTF-8: a JavaScript string with a lone surrogate, e.g. an emoji cut in half,
+    is not) fails the call with INVALID_ARGUMENT, ErrorInfo reason MALFORMED_REQUEST, naming
+    the first field that does not parse where it can; in Curate the stream fails so after its
+    accepted samples are answered. Call metadata: `x-align2-priority` (see Priority) and
     `x-request-id` (optional: 1 to 128 of the characters A-Z a-z 0-9 . _ : / @ + = -, any
     other value is replaced by an id the server makes; every call's trailers echo the id
     used, and the server's log lines of the call carry it). Score, Align and GetServerInfo change no
@@ -109,7 +119,12 @@ class CurationServiceAsyncStub(CurationServiceStub):
     unknown model or template name), RESOURCE_EXHAUSTED (model queues full, or the request
     bytes over limits.max_inflight_bytes: at once, before any work; retry after the delay of
     its grpc-retry-pushback-ms trailer and RetryInfo, not at all when the pushback is -1),
-    DEADLINE_EXCEEDED (the call's deadline passed; queued work is dropped before compute),
+    DEADLINE_EXCEEDED (the call's deadline passed; queued work is dropped before compute: the
+    work of a call has its deadline 100 ms, or a tenth of the time the call had if less, before
+    the call's, so that an item unfinished then comes back as its own
+    ERROR_CODE_DEADLINE_EXCEEDED in a response the caller still receives, in Curate as an
+    error decision; a Curate sample without a decision when its stream ends was not
+    answered and may be sent again),
     UNAVAILABLE (warming up or shutting down), INTERNAL (a server bug: "internal error: ...",
     logged with the call's x-request-id), UNIMPLEMENTED
     (an RPC this server has disabled; see GetServerInfoResponse.services), UNAUTHENTICATED
@@ -121,7 +136,12 @@ class CurationServiceAsyncStub(CurationServiceStub):
     not about call metadata; RetryInfo; ResourceInfo for NOT_FOUND). One status has none: a
     message over Limits.max_message_bytes is refused by gRPC itself before the server reads
     it (RESOURCE_EXHAUSTED "Received message larger than max", no details, no pushback:
-    retrying cannot help; split the call). Call metadata: `x-align2-priority` (see Priority) and
+    retrying cannot help; split the call; in Curate it ends the stream at once, and decisions
+    not yet sent are lost with it). A message that cannot be parsed (proto3 `string` fields
+    must be valid UTF-8: a JavaScript string with a lone surrogate, e.g. an emoji cut in half,
+    is not) fails the call with INVALID_ARGUMENT, ErrorInfo reason MALFORMED_REQUEST, naming
+    the first field that does not parse where it can; in Curate the stream fails so after its
+    accepted samples are answered. Call metadata: `x-align2-priority` (see Priority) and
     `x-request-id` (optional: 1 to 128 of the characters A-Z a-z 0-9 . _ : / @ + = -, any
     other value is replaced by an id the server makes; every call's trailers echo the id
     used, and the server's log lines of the call carry it). Score, Align and GetServerInfo change no
@@ -174,7 +194,12 @@ class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
     unknown model or template name), RESOURCE_EXHAUSTED (model queues full, or the request
     bytes over limits.max_inflight_bytes: at once, before any work; retry after the delay of
     its grpc-retry-pushback-ms trailer and RetryInfo, not at all when the pushback is -1),
-    DEADLINE_EXCEEDED (the call's deadline passed; queued work is dropped before compute),
+    DEADLINE_EXCEEDED (the call's deadline passed; queued work is dropped before compute: the
+    work of a call has its deadline 100 ms, or a tenth of the time the call had if less, before
+    the call's, so that an item unfinished then comes back as its own
+    ERROR_CODE_DEADLINE_EXCEEDED in a response the caller still receives, in Curate as an
+    error decision; a Curate sample without a decision when its stream ends was not
+    answered and may be sent again),
     UNAVAILABLE (warming up or shutting down), INTERNAL (a server bug: "internal error: ...",
     logged with the call's x-request-id), UNIMPLEMENTED
     (an RPC this server has disabled; see GetServerInfoResponse.services), UNAUTHENTICATED
@@ -186,7 +211,12 @@ class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
     not about call metadata; RetryInfo; ResourceInfo for NOT_FOUND). One status has none: a
     message over Limits.max_message_bytes is refused by gRPC itself before the server reads
     it (RESOURCE_EXHAUSTED "Received message larger than max", no details, no pushback:
-    retrying cannot help; split the call). Call metadata: `x-align2-priority` (see Priority) and
+    retrying cannot help; split the call; in Curate it ends the stream at once, and decisions
+    not yet sent are lost with it). A message that cannot be parsed (proto3 `string` fields
+    must be valid UTF-8: a JavaScript string with a lone surrogate, e.g. an emoji cut in half,
+    is not) fails the call with INVALID_ARGUMENT, ErrorInfo reason MALFORMED_REQUEST, naming
+    the first field that does not parse where it can; in Curate the stream fails so after its
+    accepted samples are answered. Call metadata: `x-align2-priority` (see Priority) and
     `x-request-id` (optional: 1 to 128 of the characters A-Z a-z 0-9 . _ : / @ + = -, any
     other value is replaced by an id the server makes; every call's trailers echo the id
     used, and the server's log lines of the call carry it). Score, Align and GetServerInfo change no

@@ -84,10 +84,11 @@ class InvalidArgument(Align2Error):
 
 class MalformedRequest(InvalidArgument):
     """The request's bytes are not a valid message of its type (corrupt wire format, a
-    ``string`` field that is not UTF-8): the caller's fault, and no field can be named."""
+    ``string`` field that is not UTF-8): the caller's fault. ``field``: the string that is
+    not UTF-8, where that is why (else no field can be named)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, field=None)
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message, field=field)
 
 
 class NotFound(Align2Error):

@@ -151,7 +151,7 @@ CURATE_WARM_UP_RELEASES = prom.Counter(
     "Curate decisions made before their window reached min_window, by reason: "
     "inflight_bound (every slot of the stream held), stream_end (its input ended), "
     "producer_idle (nothing sent for curate.warm_up_idle_ms), inflight_bytes (a sample "
-    "waits for room in limits.max_inflight_bytes)",
+    "waits for room in limits.max_inflight_bytes), deadline (the stream's deadline came)",
     ["reason"],
 )
 MODEL_INFO = prom.Gauge(

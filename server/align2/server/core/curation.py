@@ -370,6 +370,11 @@ class Curator:
 
         reader = asyncio.create_task(read())
         reader.add_done_callback(on_read)
+        # At the deadline (a margin before the caller's: transport) held decisions are made,
+        # and samples still in work end DEADLINE_EXCEEDED: every accepted one is answered.
+        expiry = (
+            None if deadline is None else asyncio.get_running_loop().call_at(deadline, holds.expire)
+        )
         idle_ms = self._config.warm_up_idle_ms
         watcher = asyncio.create_task(watch_idle(idle_ms / 1000)) if idle_ms > 0 else None
         unregister = self._lifecycle.on_leaving_serving(reader.cancel)
@@ -389,6 +394,8 @@ class Curator:
             reader.result()  # the stream's own error, now that every accepted one is answered
         finally:
             self._streams_holds.discard(holds)
+            if expiry is not None:
+                expiry.cancel()
             unregister()
             reader.cancel()
             if watcher is not None:

@@ -300,6 +300,11 @@ class Holds:
         elif self._blocked():  # ... and none can be read until bytes are freed
             self._release("inflight_bytes")
 
+    def expire(self) -> None:
+        """The stream's deadline: decide everything held now, while its caller listens."""
+        if self._held:
+            self._release("deadline")
+
     def idle(self) -> None:
         """The producer has been quiet: if every sample in flight is held, nothing is
         coming that could fill the windows soon; decide them now."""

@@ -40,9 +40,20 @@ _PRIORITIES = {
 }
 
 
+ANSWER_MARGIN_SECONDS = 0.1
+"""How long before a call's deadline its work's deadline falls (at most a tenth of the time
+the call has): an item whose time runs out then ends as its own DEADLINE_EXCEEDED, in a
+response (or, in Curate, a decision) the caller still receives, instead of the call
+failing at its deadline with the answers owed lost."""
+
+
 def deadline_from(time_remaining: float | None) -> float | None:
-    """A gRPC call's remaining time as a time.monotonic() instant."""
-    return None if time_remaining is None else time.monotonic() + time_remaining
+    """The deadline of a call's work, a time.monotonic() instant: the call's, less the
+    answer margin (ANSWER_MARGIN_SECONDS, or a tenth of the time remaining if less)."""
+    if time_remaining is None:
+        return None
+    margin = min(ANSWER_MARGIN_SECONDS, max(0.0, time_remaining) / 10)
+    return time.monotonic() + time_remaining - margin
 
 
 PRIORITY_METADATA = "x-align2-priority"

@@ -28,6 +28,7 @@ import grpc
 
 from align2.server import logs, metrics
 from align2.server.errors import Align2Error, DeadlineExpired, MalformedRequest, Unavailable
+from align2.server.transport.bad_utf8 import bad_utf8_path
 from align2.server.transport.errors import abort, status_code
 from align2.server.transport.inflight import InFlightCalls
 
@@ -136,10 +137,17 @@ async def _mapped(
 
 
 class _Unparsed:
-    """What the wrapped deserializer returns for bytes that are not a message of its type."""
+    """What the wrapped deserializer returns for bytes that are not a message of its type:
+    why, and the path of the first string that is not UTF-8, when that is why."""
 
-    def __init__(self, error: Exception) -> None:
+    def __init__(self, error: Exception, bad_utf8: str | None = None) -> None:
         self.error = error
+        self.bad_utf8 = bad_utf8
+
+    def why(self) -> str:
+        if self.bad_utf8 is not None:
+            return f"{self.bad_utf8} is not valid UTF-8, as a proto3 string must be"
+        return str(self.error)
 
 
 def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
@@ -147,11 +155,14 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     if deserializer is None:
         return None
 
+    message_type = getattr(deserializer, "__self__", None)  # a generated class's FromString
+    descriptor = getattr(message_type, "DESCRIPTOR", None)
+
     def parse(raw: bytes) -> Any:
         try:
             return deserializer(raw)
         except Exception as exc:  # protobuf's DecodeError, whatever the implementation
-            return _Unparsed(exc)
+            return _Unparsed(exc, None if descriptor is None else bad_utf8_path(raw, descriptor))
 
     return parse
 
@@ -159,7 +170,9 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 def _checked(request: Any) -> Any:
     """A unary request, or MalformedRequest when its bytes did not parse."""
     if isinstance(request, _Unparsed):
-        raise MalformedRequest(f"the request could not be parsed ({request.error})")
+        raise MalformedRequest(
+            f"the request could not be parsed: {request.why()}", field=request.bad_utf8
+        )
     return request
 
 
@@ -176,7 +189,9 @@ async def _checked_stream(context: grpc.aio.ServicerContext) -> AsyncIterator[An
             return
         if isinstance(request, _Unparsed):
             raise MalformedRequest(
-                f"message {position} of the stream could not be parsed ({request.error})"
+                f"message {position} of the stream (counting from 0, options included) could "
+                f"not be parsed: {request.why()}",
+                field=request.bad_utf8,
             )
         yield request
         del request
