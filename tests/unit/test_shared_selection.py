@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 import weakref
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -475,3 +476,29 @@ async def test_a_session_keeps_no_copy_of_its_seeds_once_its_windows_hold_them()
         assert session._options.answer_seed_scores == {}
     finally:
         session.close()
+
+
+async def test_at_the_streams_deadline_held_decisions_are_made_while_its_caller_listens() -> None:
+    """The work's deadline falls a margin before the caller's (transport): at it, what is
+    held for the warm-up is decided against the window as it is. Fails on: no release at
+    the deadline (a held sample waited for a window that never filled, and the caller's
+    deadline then ended the call with its decision owed)."""
+    curate = curator(scores(1.0), inflight=8, min_window=100, warm_up_idle_ms=0)
+    before = metric("align2_curate_warm_up_releases_total", reason="deadline")
+    producer = Producer(question_stage())
+    decided: list[Curated] = []
+
+    async def run() -> None:
+        async for result in curate.stream(producer.items(), time.monotonic() + 0.3):
+            decided.append(result)
+
+    task = asyncio.ensure_future(run())
+    producer.send(sample(0))
+    await asyncio.sleep(0.15)
+    assert decided == []  # held: the window has 1 score of 100
+    await asyncio.sleep(0.4)
+    assert [r.id for r in decided] == ["s0"] and decided[0].warm_up
+    assert decided[0].error is None
+    assert metric("align2_curate_warm_up_releases_total", reason="deadline") == before + 1
+    producer.close()
+    await task

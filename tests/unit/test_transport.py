@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -219,3 +220,15 @@ def test_a_sample_over_the_turn_or_candidate_limit_is_not_converted_text_by_text
     assert (second.question, second.candidates) == ("b", ("",) * 50)
     within = pb.Sample(turns=[pb.Turn(question="q", answer="a")] * 4)
     assert [t.answer for t in convert.sample_from_proto(within, limits).turns] == ["a"] * 4
+
+
+def test_the_works_deadline_leaves_a_margin_to_answer_before_the_callers() -> None:
+    """Fails on: the work's deadline equal to the call's (items expiring as the call ends
+    have their answers lost with it)."""
+    now = time.monotonic()
+    assert convert.deadline_from(None) is None
+    long = convert.deadline_from(10.0)
+    assert long is not None and 9.9 - 0.05 <= long - now <= 9.9 + 0.05  # 100 ms before
+    short = convert.deadline_from(0.5)
+    assert short is not None and 0.45 - 0.05 <= short - now <= 0.45 + 0.01  # a tenth
+    assert convert.deadline_from(-1.0) is not None  # past: no margin, still a deadline
