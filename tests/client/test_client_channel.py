@@ -68,7 +68,9 @@ def test_retry_policy_validates(kwargs: dict[str, Any], message: str) -> None:
 def test_default_options() -> None:
     options = dict(channel_options())
     assert options["grpc.enable_retries"] == 1
-    assert options["grpc.max_send_message_length"] == options["grpc.max_receive_message_length"]
+    assert options["grpc.max_send_message_length"] == 64 * 1024 * 1024
+    # A response may be larger than its request (Align: each text and its rewrite).
+    assert options["grpc.max_receive_message_length"] == -1
     assert options["grpc.keepalive_time_ms"] >= 300_000
     assert options["grpc.max_reconnect_backoff_ms"] == 10_000  # gRPC's own: 120 s
     assert json.loads(options["grpc.service_config"])["methodConfig"]
@@ -86,7 +88,8 @@ def test_options_without_retry_and_with_overrides() -> None:
     assert "grpc.service_config" not in options
     assert options["grpc.keepalive_time_ms"] == 60_000
     assert options["grpc.lb_policy_name"] == "round_robin"
-    assert options["grpc.max_receive_message_length"] == 1024
+    assert options["grpc.max_send_message_length"] == 1024
+    assert options["grpc.max_receive_message_length"] == -1
 
 
 def test_custom_policy_is_used() -> None:

@@ -377,3 +377,27 @@ async def _reserve(runtime, count):  # type: ignore[no-untyped-def]
 
 async def _release(slots):  # type: ignore[no-untyped-def]
     slots.release()
+
+
+def test_a_response_larger_than_the_request_limit_is_sent(tiny_llm: pathlib.Path) -> None:
+    """An Align response holds each text twice (original, and a copy where a part is not
+    rewritten): with limits.max_message_bytes 128 KiB, a 120 KB request's response is about
+    240 KB. Fails on: the server's send limit at max_message_bytes (RESOURCE_EXHAUSTED "Sent
+    message larger than max" after the work was done, a polyglot review's finding)."""
+    config = align_config(tiny_llm)
+    config.limits.max_message_bytes = 128 * 1024
+    long = "It is a box. " * 4600  # 59,800 bytes, under limits.max_text_bytes (64 KiB)
+    big = Sample(
+        id="big",
+        image=png(20, 20),
+        task="conversation",
+        turns=[Turn("<image>\nWhat is it?", long), Turn("And now?", long)],
+    )
+    server = ServerThread(config).start()
+    try:
+        with CurationClient(server.target, retry=False, timeout=120) as client:
+            [result] = client.align([big], parts="questions", review=False)
+    finally:
+        server.stop()
+    assert result.error is None
+    assert [t.answer for t in result.sample.turns] == [long, long]

@@ -220,8 +220,8 @@ def test_texts_over_the_byte_limit_or_with_a_nested_marker_fail_alone(
         bad,
         [
             "samples[0].turns[0].question: 2002 bytes (UTF-8) exceeds limits.max_text_bytes 2000",
-            "samples[1].turns[0].answer_candidates[1]: 2001 characters exceeds "
-            "limits.max_text_bytes 2000",
+            "samples[1].turns[0].answer_candidates[1]: at least 2001 bytes (UTF-8; 2001 "
+            "characters) exceeds limits.max_text_bytes 2000",
             "samples[2].turns: the questions together are 2001 bytes",
             "samples[3].turns[0].question: still holds <image> once its <image> markers",
             "samples[4].turns[0].answer: still holds <image>",

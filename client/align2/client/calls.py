@@ -80,7 +80,7 @@ def parse_priority(priority: str | None) -> pb.Priority.ValueType:
 
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-"""The client's largest message either way (servers announce their own in
+"""The client's largest request message (servers announce their own in
 GetServerInfoResponse.limits.max_message_bytes; 64 MiB by default too)."""
 
 

@@ -223,7 +223,9 @@ def channel_options(
     ``grpc.service_config``; an override of that key replaces both."""
     merged: dict[str, Any] = {
         "grpc.max_send_message_length": max_message_bytes,
-        "grpc.max_receive_message_length": max_message_bytes,
+        # A response may be larger than its request (Align returns each text with its
+        # rewrite); the server bounds it by what it admitted.
+        "grpc.max_receive_message_length": -1,
         "grpc.keepalive_time_ms": KEEPALIVE_TIME_MS,
         "grpc.keepalive_timeout_ms": KEEPALIVE_TIMEOUT_MS,
         "grpc.max_reconnect_backoff_ms": MAX_RECONNECT_BACKOFF_MS,

@@ -1693,9 +1693,12 @@ class Limits(_message.Message):
     Config default 64.
     """
     max_message_bytes: _builtins.int
-    """Largest gRPC message either way, in bytes (in Curate: each stream message); larger:
+    """Largest request message, in bytes (in Curate: each stream message); larger:
     RESOURCE_EXHAUSTED from gRPC itself, with no Status details and no pushback (retrying
-    cannot help). Config default 64 MiB.
+    cannot help). Responses are not bound by it: an Align response holds each text twice
+    (original and rewrite, a copy where a part is not rewritten) plus what was generated,
+    so it can be about twice its request; set a client's receive limit accordingly (gRPC
+    clients default to 4 MiB). Config default 64 MiB.
     """
     max_image_bytes: _builtins.int
     """Largest encoded image, in bytes; larger: INVALID_ARGUMENT for the sample. Config

@@ -150,7 +150,10 @@ class App:
             interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", size),
-                ("grpc.max_send_message_length", size),
+                # A response is not refused for its size after its work is done: an Align
+                # response holds each text twice (original and rewrite) and can be twice
+                # its request; what the server sends is bounded by what it admitted.
+                ("grpc.max_send_message_length", -1),
                 ("grpc.max_concurrent_streams", self.config.limits.max_streams),
                 # With overload protection (gRPC's default), a stream the client already
                 # counts as closed still counts here until it is freed, so a client at the

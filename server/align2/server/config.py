@@ -116,7 +116,8 @@ class LimitsConfig:
     max_samples_per_call: int = 64
     """Samples in one Score or Align call; more: the call fails with INVALID_ARGUMENT."""
     max_message_bytes: int = 64 * MiB
-    """Largest gRPC message, either way."""
+    """Largest gRPC request message. Responses are not bound by it: an Align response holds
+    each text twice (original and rewrite) and can be about twice its request."""
     max_image_bytes: int = 16 * MiB
     """Encoded size of one image."""
     max_image_pixels: int = 40_000_000

@@ -174,7 +174,7 @@ class Batcher(Generic[T, R]):
             metrics.refused(count)
             full = (
                 f"queue of model {self.name!r} is full: {self.load} of {self.max_queue} items "
-                f"in flight, the call needs {count}"
+                f"in flight (limits.max_queue_items), the call needs {count}"
             )
             raise self.drain.refusal(full, self.load, count, self.max_queue, deadline)
         self._reserved += count

@@ -91,8 +91,8 @@ def _utf8_bytes(text: str) -> int:
 def _check_text(where: str, text: str, max_bytes: int) -> InvalidArgument | None:
     if len(text) > max_bytes:  # a character is at least one byte: no need to encode it
         return InvalidArgument(
-            f"{where}: {len(text)} characters exceeds limits.max_text_bytes {max_bytes} "
-            "(UTF-8 bytes)"
+            f"{where}: at least {len(text)} bytes (UTF-8; {len(text)} characters) exceeds "
+            f"limits.max_text_bytes {max_bytes}"
         )
     size = _utf8_bytes(text)
     if size > max_bytes:
