@@ -719,3 +719,24 @@ def test_the_servers_stored_scores_bound_refuses_what_would_grow_it(
             assert last.id == "s1"
     finally:
         server.stop()
+
+
+def test_a_stream_sends_its_request_id_before_any_decision(server: ServerThread) -> None:
+    """A Curate stream may run for hours: its x-request-id comes in the initial metadata,
+    before any decision, as well as in the trailers. Fails on: trailers only."""
+    more = threading.Event()
+
+    def requests() -> Iterator[pb.CurateRequest]:
+        yield pb.CurateRequest(options=pb.CurateOptions())
+        more.wait(30)  # nothing to decide until the id has been read
+
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.CurationServiceStub(channel)
+        call = stub.Curate(requests(), timeout=60, metadata=(("x-request-id", "job-7"),))
+        try:
+            initial = dict(call.initial_metadata())
+            assert initial.get("x-request-id") == "job-7"
+        finally:
+            more.set()
+        assert list(call) == []
+        assert dict(call.trailing_metadata()).get("x-request-id") == "job-7"

@@ -65,7 +65,7 @@ class CurationServiceStub:
     accepted samples are answered. Call metadata: `x-align2-priority` (see Priority) and
     `x-request-id` (optional: 1 to 128 of the characters A-Z a-z 0-9 . _ : / @ + = -, any
     other value is replaced by an id the server makes; every call's trailers echo the id
-    used, and the server's log lines of the call carry it). Score, Align and GetServerInfo change no
+    used (a Curate stream's initial metadata too, so a long stream can log it from the start), and the server's log lines of the call carry it). Score, Align and GetServerInfo change no
     state: safe to retry. Curate with a selection_key adds each sample's scores to windows
     shared by the key's streams: a sample sent again is counted again.
     """
@@ -144,7 +144,7 @@ class CurationServiceAsyncStub(CurationServiceStub):
     accepted samples are answered. Call metadata: `x-align2-priority` (see Priority) and
     `x-request-id` (optional: 1 to 128 of the characters A-Z a-z 0-9 . _ : / @ + = -, any
     other value is replaced by an id the server makes; every call's trailers echo the id
-    used, and the server's log lines of the call carry it). Score, Align and GetServerInfo change no
+    used (a Curate stream's initial metadata too, so a long stream can log it from the start), and the server's log lines of the call carry it). Score, Align and GetServerInfo change no
     state: safe to retry. Curate with a selection_key adds each sample's scores to windows
     shared by the key's streams: a sample sent again is counted again.
     """
@@ -219,7 +219,7 @@ class CurationServiceServicer(metaclass=_abc_1.ABCMeta):
     accepted samples are answered. Call metadata: `x-align2-priority` (see Priority) and
     `x-request-id` (optional: 1 to 128 of the characters A-Z a-z 0-9 . _ : / @ + = -, any
     other value is replaced by an id the server makes; every call's trailers echo the id
-    used, and the server's log lines of the call carry it). Score, Align and GetServerInfo change no
+    used (a Curate stream's initial metadata too, so a long stream can log it from the start), and the server's log lines of the call carry it). Score, Align and GetServerInfo change no
     state: safe to retry. Curate with a selection_key adds each sample's scores to windows
     shared by the key's streams: a sample sent again is counted again.
     """

@@ -106,6 +106,9 @@ async def _mapped(
     call = _Call(rpc, context)
     task = calls.enter()
     try:
+        if request_stream:  # a stream may run for hours: its id is sent at once too
+            with contextlib.suppress(Exception):  # a call already gone: nothing to tell
+                await call.context.send_initial_metadata(call.trailers)
         yield
         # A unary call whose work raced its deadline (its items failed "deadline exceeded"
         # as the answer was built): its client has stopped waiting (its timer fires
