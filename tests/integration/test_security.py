@@ -149,6 +149,45 @@ def test_server_only_tls(tiny_llava: pathlib.Path, pki: dict[str, pathlib.Path])
         server.stop()
 
 
+def test_the_health_port_answers_plaintext_probes_of_a_tls_server(
+    tiny_llava: pathlib.Path, pki: dict[str, pathlib.Path]
+) -> None:
+    """The kubelet's grpc probes speak plaintext: with TLS on (and tokens) they fail on the
+    main port; server.health_port serves health alone in plaintext, the main port's status,
+    NOT_SERVING through a drain, and closes with the server. Nothing else answers there."""
+    config = score_config(tiny_llava)
+    config.security.tls_cert_file = str(pki["server-cert"])
+    config.security.tls_key_file = str(pki["server-key"])
+    config.server.health_port = 0
+    server = ServerThread(config).start()
+    health_port = server.app.health_port
+    try:
+        assert health_port is not None and health_port not in (0, server.app.port)
+        target = f"127.0.0.1:{health_port}"
+        with grpc.insecure_channel(target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "align2.v1.CurationService"):
+                reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as info:  # health only
+                pb_grpc.CurationServiceStub(channel).GetServerInfo(
+                    pb.GetServerInfoRequest(), timeout=10
+                )
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            server.call(server.app._health.enter_graceful_shutdown())  # as stop() begins
+            reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        main = f"127.0.0.1:{server.app.port}"
+        with grpc.insecure_channel(main) as plain, pytest.raises(grpc.RpcError):  # TLS only
+            health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    finally:
+        server.stop()
+    closed = f"127.0.0.1:{health_port}"
+    with grpc.insecure_channel(closed) as channel, pytest.raises(grpc.RpcError) as info:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # closed with the server
+
+
 @pytest.fixture(scope="module")
 def token_server(tiny_llava: pathlib.Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     tokens = tmp_path_factory.mktemp("auth") / "tokens"

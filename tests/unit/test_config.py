@@ -73,3 +73,21 @@ def test_max_image_pixels_stays_within_what_pillow_opens() -> None:
     with pytest.raises(ConfigError, match=r"^limits.max_image_pixels: 1 to 178956970 \(Pillow"):
         config_module.from_dict({"limits": {"max_image_pixels": 400_000_000}})
     assert config_module.from_dict({"limits": {"max_image_pixels": 178_956_970}})
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[server]\nhealth_port = -2", "server.health_port: -1 (none), 0 (a free one) or a port"),
+        ("[server]\nhealth_port = 70000", "server.health_port: -1 (none), 0 (a free one)"),
+        ("[server]\nport = 50051\nhealth_port = 50051", "server.health_port: 50051 is already"),
+        ("[server]\nhealth_port = 9090", "server.health_port: 9090 is already the gRPC or metrics"),
+    ],
+)
+def test_a_health_port_out_of_range_or_taken_is_refused(
+    tmp_path: pathlib.Path, toml: str, message: str
+) -> None:
+    file = tmp_path / "align2.toml"
+    file.write_text(toml + "\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_module.load(file)

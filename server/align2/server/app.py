@@ -42,7 +42,7 @@ from align2.server.errors import ConfigError
 from align2.server.models import embedded
 from align2.server.transport import convert, reflection
 from align2.server.transport.admission import ByteBudgetInterceptor
-from align2.server.transport.health import HealthServicer
+from align2.server.transport.health import HealthServicer, serve_health_only
 from align2.server.transport.interceptors import ParseInterceptor, StatusInterceptor
 from align2.server.transport.security import (
     BearerTokenInterceptor,
@@ -115,6 +115,8 @@ class App:
             else None
         )
         self._health = HealthServicer()
+        self._health_server: grpc.aio.Server | None = None  # server.health_port
+        self.health_port: int | None = None
         self._status = StatusInterceptor()  # holds the calls in flight, for stop()
         self._server: grpc.aio.Server | None = None
 
@@ -132,7 +134,12 @@ class App:
             raise
         self.lifecycle.phase = Phase.SERVING
         await self._set_health(_SERVING)
-        log.info("align2 serving: grpc port %s, metrics port %s", self.port, self.metrics_port)
+        log.info(
+            "align2 serving: grpc port %s, metrics port %s, health port %s",
+            self.port,
+            self.metrics_port,
+            self.health_port,
+        )
 
     async def _bind(self) -> None:
         size = self.config.limits.max_message_bytes
@@ -188,6 +195,10 @@ class App:
         await self._set_health(_NOT_SERVING)
         await server.start()
         self._server = server
+        if section.health_port >= 0:
+            self._health_server, self.health_port = await serve_health_only(
+                self._health, f"{section.health_host or section.host}:{section.health_port}"
+            )
         if section.metrics_port >= 0:
             # Where the gRPC port is, unless configured apart: never wider than asked for.
             self._metrics = metrics.MetricsServer(
@@ -388,6 +399,8 @@ class App:
             await calls.wait_idle(_ANSWER_SECONDS)  # each sends its UNAVAILABLE
         if self._server is not None:
             await self._server.stop(None)  # whatever is left (health watches): cancelled
+        if self._health_server is not None:  # NOT_SERVING until the main port closed
+            await self._health_server.stop(None)
         for runtime in {id(rt): rt for rt in self._runtimes.values()}.values():
             await runtime.close()
         for llm in self._llms.values():

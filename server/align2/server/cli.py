@@ -33,6 +33,11 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument(
         "--metrics-host", help="address the metrics port binds (default: as --host), e.g. $(POD_IP)"
     )
+    p.add_argument(
+        "--health-port",
+        type=int,
+        help="plaintext port serving only gRPC health, for probes when TLS is on; 0 free (-1 off)",
+    )
     p.add_argument("--cache-dir", help="where embedded models are built (~/.cache/align2)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR, CRITICAL (default INFO)")
     p.add_argument("--log-format", choices=["json", "text"], help="log lines (default json)")
@@ -105,6 +110,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "server.port": getattr(args, "port", None),
         "server.metrics_port": getattr(args, "metrics_port", None),
         "server.metrics_host": getattr(args, "metrics_host", None),
+        "server.health_port": getattr(args, "health_port", None),
         "server.cache_dir": args.cache_dir or os.environ.get("ALIGN2_CACHE_DIR"),
         "server.log_level": getattr(args, "log_level", None),
         "server.log_format": getattr(args, "log_format", None),

@@ -320,6 +320,14 @@ class ServerSection:
     metrics_host: str = ""
     """Address the metrics port binds; empty: the same as ``host``. It has neither TLS nor
     tokens (docs/operating.md, "Metrics"): keep it where only the scraper reaches it."""
+    health_port: int = -1
+    """A second gRPC port that serves only health (grpc.health.v1), in plaintext and without
+    tokens even when ``[security]`` sets TLS or tokens, for the kubelet's ``grpc`` probes and
+    Docker's HEALTHCHECK, which speak plaintext; 0 picks a free one, -1 (default): none. It
+    tells serving status, nothing else; it answers NOT_SERVING through a drain like the
+    main port, and closes with it."""
+    health_host: str = ""
+    """Address the health port binds; empty: the same as ``host``."""
     grace_seconds: float = 30.0
     """On SIGTERM: how long in-flight calls may run, a hard bound: at the deadline the calls
     left are answered UNAVAILABLE and the batch on the device stops (docs/operating.md,
@@ -471,6 +479,15 @@ class Config:
                 "server.max_connection_age_seconds: at most "
                 f"{MAX_CONNECTION_AGE_SECONDS} (gRPC's limit, about 24.8 days; 0: never), "
                 f"got {self.server.max_connection_age_seconds}"
+            )
+        server = self.server
+        if not -1 <= server.health_port <= 65535:
+            raise ConfigError(
+                f"server.health_port: -1 (none), 0 (a free one) or a port, got {server.health_port}"
+            )
+        if server.health_port > 0 and server.health_port in (server.port, server.metrics_port):
+            raise ConfigError(
+                f"server.health_port: {server.health_port} is already the gRPC or metrics port"
             )
         self._validate_curate()
         limits = self.limits
