@@ -111,7 +111,7 @@ def test_a_kept_sample_is_checked_once_and_its_image_held_per_head(
     stage could wait for queue room that other images' samples hold), with or without a
     warm-up wait, and every claim on the decoded-image budget is given back."""
     calls: collections.Counter[str] = collections.Counter()
-    for name in ("decode_image", "check_turns"):
+    for name in ("load_image", "check_turns"):
         original = getattr(scoring, name)
 
         def counted(*args: Any, _name: str = name, _original: Any = original, **kw: Any) -> Any:
@@ -123,11 +123,11 @@ def test_a_kept_sample_is_checked_once_and_its_image_held_per_head(
     results = list(client.curate(iter([sample(i) for i in range(4)]), min_window=1, **keep_all))
     assert [r.decision for r in results] == ["kept"] * 4
     assert all(len(r.scores.answer_scores) == len(sample(i).turns) for i, r in enumerate(results))
-    assert calls == {"decode_image": 8, "check_turns": 4}
+    assert calls == {"load_image": 8, "check_turns": 4}
     calls.clear()
     results = list(client.curate(iter([sample(i) for i in range(4)]), min_window=10, **keep_all))
     assert [(r.decision, r.warm_up) for r in results] == [("kept", True)] * 4
-    assert calls == {"decode_image": 8, "check_turns": 4}
+    assert calls == {"load_image": 8, "check_turns": 4}
     assert metrics.DECODED_IMAGE_BYTES._value.get() == 0
 
 

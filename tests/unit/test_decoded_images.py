@@ -17,7 +17,7 @@ from support import metric
 from align2.client.types import Sample, Turn
 from align2.server.backends.base import ModelDescription, Prepared
 from align2.server.config import BatchingConfig, LimitsConfig, ScoreConfig
-from align2.server.core.images import decoded_bytes
+from align2.server.core.images import decoded_bytes, open_image
 from align2.server.core.runtime import ScoringRuntime
 from align2.server.core.scoring import ScoreCall, Scorer
 from align2.server.errors import Code
@@ -91,7 +91,7 @@ def test_images_held_at_once_stay_within_the_limit_and_every_sample_is_scored() 
     """Fails on: every sample of the call decoded at once (8 images held), or an image
     waiting forever for its batch-mates (the call never ends)."""
     image = png()
-    one = decoded_bytes(image, max_bytes=1 << 20, max_pixels=1 << 30)
+    one = decoded_bytes(open_image(image, max_bytes=1 << 20, max_pixels=1 << 30))
     assert one == 8 * SIDE * SIDE
     results, held, left = run_score([sample(i, image) for i in range(8)], limit=2 * one)
     assert [r.error for r in results] == [None] * 8
@@ -131,10 +131,11 @@ def test_the_estimate_counts_the_padded_square_only_where_one_is_made() -> None:
     limits = {"max_bytes": 1 << 20, "max_pixels": 1 << 30}
     wide = io.BytesIO()
     Image.new("RGB", (40, 10)).save(wide, format="PNG")
-    assert decoded_bytes(wide.getvalue(), **limits) == 8 * 400
-    assert decoded_bytes(wide.getvalue(), **limits, padded=True) == 8 * 400 + 4 * 1600
-    square = png(20)
-    assert decoded_bytes(square, **limits, padded=True) == 8 * 400  # returned as it is
+    assert decoded_bytes(open_image(wide.getvalue(), **limits)) == 8 * 400
+    opened = open_image(wide.getvalue(), **limits, padded=True)
+    assert decoded_bytes(opened, padded=True) == 8 * 400 + 4 * 1600
+    square = open_image(png(20), **limits, padded=True)
+    assert decoded_bytes(square, padded=True) == 8 * 400  # returned as it is
     webp = io.BytesIO()
     Image.new("RGB", (40, 10)).save(webp, format="WEBP")  # libwebp decodes through buffers
-    assert decoded_bytes(webp.getvalue(), **limits) == 20 * 400
+    assert decoded_bytes(open_image(webp.getvalue(), **limits)) == 20 * 400

@@ -72,12 +72,11 @@ JPEG at most 8.3 (the decode in its own mode, Pillow holding RGB as 4 bytes, and
 copy); WebP up to 19.2 (libwebp's canvas buffers, a frame copy, then the RGB copy)."""
 
 
-def decoded_bytes(data: bytes, *, max_bytes: int, max_pixels: int, padded: bool = False) -> int:
-    """The memory decoding ``data`` takes, estimated from its header (checked as
-    :func:`open_image` does; raises InvalidArgument): the decode's peak (_BYTES_PER_PIXEL,
-    8 for PNG and JPEG), and the padded square (4 bytes a pixel) when ``padded`` and the
-    image is not square. What limits.max_decoded_image_bytes counts."""
-    image = open_image(data, max_bytes=max_bytes, max_pixels=max_pixels, padded=padded)
+def decoded_bytes(image: Image.Image, *, padded: bool = False) -> int:
+    """The memory decoding ``image`` (opened by :func:`open_image`, not yet decoded) takes,
+    estimated from its header: the decode's peak (_BYTES_PER_PIXEL, 8 for PNG and JPEG),
+    and the padded square (4 bytes a pixel) when ``padded`` and the image is not square.
+    What limits.max_decoded_image_bytes counts."""
     width, height = image.size
     side = max(width, height)
     per_pixel = _BYTES_PER_PIXEL.get(image.format or "", 8)
@@ -95,6 +94,11 @@ def decode_image(
     """Return the image as RGB, or raise InvalidArgument. ``exif_transpose``: turn it as
     its EXIF orientation says (a no-op without one); ``padded``: see :func:`open_image`."""
     image = open_image(data, max_bytes=max_bytes, max_pixels=max_pixels, padded=padded)
+    return load_image(image, exif_transpose=exif_transpose)
+
+
+def load_image(image: Image.Image, *, exif_transpose: bool = False) -> Image.Image:
+    """Decode an image :func:`open_image` opened (and checked), as :func:`decode_image`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:

@@ -51,7 +51,7 @@ from align2.server.core import deadlines, templates
 from align2.server.core.batcher import Outcome, Reservation, busy_seconds
 from align2.server.core.budget import ByteBudget, ByteClaim
 from align2.server.core.gather import all_or_first_error
-from align2.server.core.images import decode_image, decoded_bytes
+from align2.server.core.images import decoded_bytes, load_image, open_image
 from align2.server.core.priority import Priority
 from align2.server.core.runtime import ScoringRuntime
 from align2.server.core.validation import (
@@ -173,7 +173,7 @@ class ScoringSample:
 
     @property
     def padded(self) -> bool:
-        """Is its image padded to a square by either model (see decode_image)?"""
+        """Is its image padded to a square by either model (see images.open_image)?"""
         return any(
             rt is not None and rt.backend.description.image_mode == "pad"
             for rt in (self.question, self.answer)
@@ -322,15 +322,18 @@ class Scorer:
         submitted = dict.fromkeys(plan, 0)
         claim: ByteClaim | None = None
         try:
-            claim = await self._claim_image(work, deadline)
-            image = await self._in_pool(
-                decode_image,
+            opened = await self._in_pool(
+                open_image,
                 work.sample.image_bytes(),
                 max_bytes=self._limits.max_image_bytes,
                 max_pixels=self._limits.max_image_pixels,
-                exif_transpose=self._config.image_exif_transpose,
                 padded=work.padded,
             )
+            claim = await self._claim_image(decoded_bytes(opened, padded=work.padded), deadline)
+            image = await self._in_pool(
+                load_image, opened, exif_transpose=self._config.image_exif_transpose
+            )
+            del opened  # its header parser: the image is decoded
             done = await all_or_first_error(
                 self._score_item(rt, item, image, reservations[rt], submitted, priority, deadline)
                 for rt, items in plan.items()
@@ -347,16 +350,9 @@ class Scorer:
         _fill(work.result, done, work.sample)
         return [d.outcome for d in done]
 
-    async def _claim_image(self, work: ScoringSample, deadline: float | None) -> ByteClaim:
-        """Claim the memory the sample's image will take decoded, waiting for room until the
-        deadline (DeadlineExpired). A bad header raises InvalidArgument, nothing claimed."""
-        nbytes = await self._in_pool(
-            decoded_bytes,
-            work.sample.image_bytes(),
-            max_bytes=self._limits.max_image_bytes,
-            max_pixels=self._limits.max_image_pixels,
-            padded=work.padded,
-        )
+    async def _claim_image(self, nbytes: int, deadline: float | None) -> ByteClaim:
+        """Claim ``nbytes`` of decoded-image memory, waiting for room until the deadline
+        (DeadlineExpired)."""
         claim = self._images.claim_when_free(nbytes)
 
         def where() -> str:  # read when the deadline is missed: what was held then
