@@ -238,7 +238,6 @@ class Curator:
                 holds,
             ),
             close,
-            self.stored_scores,
         )
 
     def _check_selection(self, options: CurateOptions) -> int:
@@ -417,10 +416,8 @@ class Session:
         questions: StageSelector,
         answers: StageSelector,
         on_close: Callable[[], None] | None = None,
-        stored: StoredScores | None = None,
     ) -> None:
         self._scorer = scorer
-        self._stored = stored if stored is not None else StoredScores()
         self._aligner = aligner
         self._options = options
         self._questions = questions
@@ -521,7 +518,7 @@ class Session:
         for stage in (self._questions, self._answers):
             stage.check_task(task)
         growth = sum(stage.growth(task) for stage in (self._questions, self._answers))
-        self._stored.check(growth, f"{_SAMPLE}.task")
+        self._questions.stored.check(growth, f"{_SAMPLE}.task")  # both stages count there
         for stage in (self._questions, self._answers):
             stage.take_window(task)
 

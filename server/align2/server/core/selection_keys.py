@@ -45,13 +45,13 @@ class SelectionKeys:
         idle_seconds: float,
         window: int,
         max_tasks: int,
-        stored: StoredScores | None = None,
+        stored: StoredScores,
     ) -> None:
         self._max_keys = max_keys
         self._idle_seconds = idle_seconds
         self._window = window
         self._max_tasks = max_tasks
-        self._stored = stored if stored is not None else StoredScores()
+        self._stored = stored
         self._live: dict[str, _Entry] = {}
 
     def __len__(self) -> int:

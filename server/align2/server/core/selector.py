@@ -157,10 +157,10 @@ class StageWindows:
     """The windows of one stage, by task type, created on first use; at most ``max_tasks``
     of them (the task is any string the caller sends: each new one costs a window)."""
 
-    def __init__(self, size: int, max_tasks: int, stored: StoredScores | None = None) -> None:
+    def __init__(self, size: int, max_tasks: int, stored: StoredScores) -> None:
         self.size = size
         self.max_tasks = max_tasks
-        self.stored = stored if stored is not None else StoredScores()
+        self.stored = stored  # the server's count, which every window adds to
         self._by_task: dict[str, TaskWindow] = {}
 
     def __getitem__(self, task: str) -> TaskWindow:
@@ -228,10 +228,7 @@ class SelectorState:
     answers: StageWindows
 
     @classmethod
-    def fresh(
-        cls, window: int, max_tasks: int, stored: StoredScores | None = None
-    ) -> SelectorState:
-        stored = stored if stored is not None else StoredScores()
+    def fresh(cls, window: int, max_tasks: int, stored: StoredScores) -> SelectorState:
         return cls(StageWindows(window, max_tasks, stored), StageWindows(window, max_tasks, stored))
 
     def check_seeds(
@@ -344,6 +341,11 @@ class StageSelector:
     def growth(self, task: str) -> int:
         """Scores a sample of ``task`` adds to the server's stored scores at this stage."""
         return 0 if task in self._thresholds else self._windows.growth(task)
+
+    @property
+    def stored(self) -> StoredScores:
+        """The server's stored scores, which this stage's windows count into."""
+        return self._windows.stored
 
     def take_window(self, task: str) -> None:
         """The window ``task`` will need, taken now (after :meth:`check_task`): the limit
