@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import math
-import struct
 from collections.abc import Callable, Sequence
 
 from align2.server.backends.base import ModelDescription, Prepared, ScoringBackend
 from align2.server.config import BatchingConfig
 from align2.server.core.batcher import Batcher
+from align2.server.formats import as_float16
 
 
 class ScoringRuntime:
@@ -44,7 +43,7 @@ class ScoringRuntime:
         scores = await self.backend.score(batch)
         if self.backend.description.dtype != "float16":
             return list(scores)
-        return [_float16(score) for score in scores]
+        return [as_float16(score) for score in scores]
 
     def start(self) -> None:
         self.batcher.start()
@@ -52,13 +51,3 @@ class ScoringRuntime:
     async def close(self) -> None:
         await self.batcher.close()
         await asyncio.to_thread(self.backend.close)  # waits for the device thread: off the loop
-
-
-def _float16(value: float) -> float:
-    """``value`` rounded to the nearest IEEE half-precision number (round half to even);
-    beyond its range, infinity, as a float16 tensor holds it."""
-    try:
-        rounded: float = struct.unpack("<e", struct.pack("<e", value))[0]
-    except OverflowError:
-        return math.copysign(math.inf, value)
-    return rounded

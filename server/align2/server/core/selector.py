@@ -33,13 +33,13 @@ whichever call makes the window big enough (possibly another stream's).
 from __future__ import annotations
 
 import asyncio
-import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from align2.server import metrics
 from align2.server.core.selection import Selection, Window
 from align2.server.errors import InvalidArgument, StoredScoresFull
+from align2.server.formats import as_float32
 
 
 @dataclass(eq=False)
@@ -376,9 +376,3 @@ class StageSelector:
         finally:  # settled, or the sample's work was cancelled
             window.forget(held)
             self._holds.forget(held)
-
-
-def as_float32(value: float) -> float:
-    """``value`` rounded to the nearest float32 (as the proto's float fields carry it)."""
-    rounded: float = struct.unpack("<f", struct.pack("<f", value))[0]
-    return rounded

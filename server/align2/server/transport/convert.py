@@ -27,9 +27,9 @@ from align2.server.core.align_types import (
 from align2.server.core.curation import Curated, CurateOptions, Decision
 from align2.server.core.priority import Priority
 from align2.server.core.scoring import Head, SampleScore, ScoreCall, ScoreOutcome
-from align2.server.core.selector import as_float32
 from align2.server.core.templates import TEMPLATE_VERSION
 from align2.server.errors import Align2Error, InvalidArgument
+from align2.server.formats import as_float32
 from align2.v1 import curation_pb2 as pb
 
 _HEADS = {pb.HEAD_QUESTION: Head.QUESTION, pb.HEAD_ANSWER: Head.ANSWER}
