@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from align2.server.backends.base import (
     ChoiceRequest,
@@ -48,6 +48,7 @@ from align2.server.backends.torch_device import (
     torch_dtype,
 )
 from align2.server.config import ModelConfig
+from align2.server.models.sentencepiece_merges import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class TransformersGeneration:
         """Load the causal LM in folder ``path`` (config.json, weights, tokenizer); batched
         continuously when ``config.continuous_rows`` is above 0."""
         device = resolve_device(config.device)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(config.dtype))
         # transformers wraps ``to`` with functools.wraps, which hides the bound self from mypy.
         torch.nn.Module.to(model, device)

@@ -38,7 +38,7 @@ import time
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from align2.server.backends.base import (
     ChoiceRequest,
@@ -59,6 +59,7 @@ from align2.server.backends.vllm_common import (
 )
 from align2.server.config import ModelConfig
 from align2.server.errors import BackendError, InvalidArgument
+from align2.server.models.sentencepiece_merges import load_tokenizer
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -121,7 +122,7 @@ class VllmGeneration:
             max_length=config.max_length,
             image_tokens=0,
         )
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         started = time.monotonic()
         # The engine is never a local variable, here or in _start_engine: vLLM keeps the
         # frames of its first imports (which happen while the engine starts) alive for

@@ -30,6 +30,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from align2.server.formats import IMAGE_TOKEN
 from align2.server.models.llava_original import ConversionError
+from align2.server.models.sentencepiece_merges import with_score_ordered_merges
 from align2.server.models.tokenizers import strip_load_options
 
 # What follows the marker in the two reward templates (question and answer head).
@@ -76,7 +77,9 @@ def _load(base: pathlib.Path, *, legacy: bool | None = None) -> PreTrainedTokeni
     SentencePiece prefix altogether."""
     named = _named_class(base)
     options: dict[str, Any] = {} if legacy is None else {"legacy": legacy}
-    tokenizer = named.from_pretrained(base, local_files_only=True, **options)
+    tokenizer = with_score_ordered_merges(
+        named.from_pretrained(base, local_files_only=True, **options), base
+    )
     strip_load_options(tokenizer)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)

@@ -184,9 +184,16 @@ def build_original_base(
     return folder
 
 
-def sentencepiece_tokenizer(folder: pathlib.Path, vocab_size: int) -> PreTrainedTokenizerBase:
+def sentencepiece_tokenizer(
+    folder: pathlib.Path, vocab_size: int, *, whitespace_pieces: bool = False
+) -> PreTrainedTokenizerBase:
     """Train a Llama-style SentencePiece BPE (byte fallback, dummy prefix, no normalisation)
-    on the tiny corpus, write it as llava-v1.5-7b ships its tokenizer, and load it back."""
+    on the tiny corpus, write it as llava-v1.5-7b ships its tokenizer, and load it back.
+
+    ``whitespace_pieces``: also put Llama's whitespace-only pieces (``"▁▁"``, ``"▁▁▁"``,
+    ``"▁▁▁▁"``) right after the byte pieces with a score of -1e9, as Llama's
+    ``tokenizer.model`` has them (``"▁▁"`` is id 259): the pieces whose merge order tells a
+    score-ordered BPE (SentencePiece's) from an id-ordered one."""
     import sentencepiece
 
     model = io.BytesIO()
@@ -210,7 +217,10 @@ def sentencepiece_tokenizer(folder: pathlib.Path, vocab_size: int) -> PreTrained
         num_threads=1,
         minloglevel=2,
     )
-    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    written = model.getvalue()
+    (folder / "tokenizer.model").write_bytes(
+        _with_whitespace_pieces(written) if whitespace_pieces else written
+    )
     config = {
         "add_bos_token": True,
         "add_eos_token": False,
@@ -225,6 +235,19 @@ def sentencepiece_tokenizer(folder: pathlib.Path, vocab_size: int) -> PreTrained
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _with_whitespace_pieces(model: bytes) -> bytes:
+    from transformers.convert_slow_tokenizer import import_protobuf
+
+    model_pb2 = import_protobuf()
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    piece = model_pb2.ModelProto.SentencePiece
+    after_bytes = 1 + max(i for i, p in enumerate(proto.pieces) if p.type == piece.BYTE)
+    for offset, text in enumerate(("▁▁", "▁▁▁▁", "▁▁▁")):
+        proto.pieces.insert(after_bytes + offset, piece(piece=text, score=-1e9, type=piece.NORMAL))
+    return proto.SerializeToString()
 
 
 def original_config(
