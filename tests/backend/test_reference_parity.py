@@ -138,6 +138,24 @@ def sp_llava(
     return TransformersScoring.load("m", ModelConfig(path=str(folder)), folder)
 
 
+def test_a_llava_folder_with_a_bare_tokenizer_model_is_refused(
+    sp_model: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """transformers 5 loads a bare ``tokenizer.model`` in a "llava" folder without the
+    SentencePiece dummy prefix (``"\\nQ"`` -> ``<0x0A> Q``, the reference ``▁ <0x0A> Q``):
+    every score would be of ids the model never saw, so the folder is refused by name."""
+    folder = build_llava_reward(
+        tmp_path / "bare", image_size=28, patch_size=14, tokenizer=llama_tokenizer(sp_model)
+    )
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    loaded = AutoTokenizer.from_pretrained(folder)
+    assert loaded.tokenize("\nQ") != ["▁", "<0x0A>", "Q"]  # what loading it would give
+    refusal = r"needs a tokenizer.json \(it has only tokenizer.model\).*convert-reward"
+    with pytest.raises(ValueError, match=refusal):
+        TransformersScoring.load("m", ModelConfig(path=str(folder)), folder)
+
+
 def image_ids(backend: TransformersScoring) -> list[int]:
     """LLaVA-1.5's image tokens, counted from the config: one per patch (no CLS)."""
     config = backend._base.config

@@ -52,7 +52,8 @@ def read_reward_checkpoint(
 
     ``revision``: reported as is when given (non-empty), else :func:`folder_revision`.
     Raises ValueError (naming the file and field) for an unsupported model_type,
-    ``num_labels`` other than 1, or a missing or mis-shaped ``score.weight``;
+    ``num_labels`` other than 1, a missing or mis-shaped ``score.weight``, or a LLaVA
+    folder without ``tokenizer.json``;
     FileNotFoundError when ``path`` has no config.json.
     """
     folder = pathlib.Path(path)
@@ -70,6 +71,16 @@ def read_reward_checkpoint(
         raise ValueError(
             f"{folder}/config.json num_labels is {config.num_labels}; a reward checkpoint "
             f'needs "num_labels": 1 and a {SCORE_KEY} of shape [1, hidden]'
+        )
+    if family == "llava" and not (folder / "tokenizer.json").is_file():
+        # transformers 5 converts a bare tokenizer.model unlike SentencePiece under a
+        # "llava" config: no "▁" dummy prefix, merges by id (models/sentencepiece_merges).
+        raise ValueError(
+            f"{folder}: a LLaVA reward checkpoint needs a tokenizer.json (it has "
+            f"{'only tokenizer.model' if (folder / 'tokenizer.model').is_file() else 'none'}"
+            "); transformers 5 would tokenise a bare SentencePiece model unlike the "
+            "reference. Convert it with `align2 convert-reward`, which writes one checked "
+            "against LLaVA's split"
         )
     hidden = int(config.get_text_config().hidden_size)
     weight = _read_score_weight(folder)
