@@ -564,6 +564,7 @@ def test_a_new_selection_key_beyond_the_limit_is_refused(tiny_llava: pathlib.Pat
             limits = (await client.server_info()).limits
             assert (limits.max_selection_keys, limits.selection_window) == (1, 10000)
             assert limits.max_task_types == 256  # config curate.max_task_types, default
+            assert limits.max_name_length == 256  # keys and task types, fixed
             a = client.curate(held_open(), selection_key="a", min_window=1)
             await anext(a)
             try:

@@ -102,13 +102,14 @@ async def test_a_key_used_again_lives_its_ttl_after_the_last_stream_not_the_firs
 
 
 async def test_a_selection_key_of_exactly_the_maximum_length_is_accepted() -> None:
-    """MAX_KEY_LENGTH (256) is the longest key allowed. Fails on: ``>=`` for ``>``."""
+    """MAX_NAME_LENGTH (256) is the longest key allowed. Fails on: ``>=`` for ``>``."""
     curate = curator(scores(1.0, 2.0))
     [ok] = await collect(
         curate.stream(feed([CurateOptions(selection_key="k" * 256), sample(0)]), None)
     )
     assert ok.error is None
-    with pytest.raises(InvalidArgument, match="257 characters exceeds 256"):
+    refusal = r"257 characters exceeds limits\.max_name_length 256"
+    with pytest.raises(InvalidArgument, match=refusal):
         await collect(
             curate.stream(feed([CurateOptions(selection_key="k" * 257), sample(1)]), None)
         )

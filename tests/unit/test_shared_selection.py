@@ -323,7 +323,8 @@ async def test_selection_options_out_of_range_name_the_option_and_the_limit() ->
         ),
         (
             CurateOptions(answer_seed_scores={"t" * 257: [1.0]}),
-            r"options.answer_seed_scores: a task of 257 characters exceeds 256",
+            r"options.answer_seed_scores: a task of 257 characters exceeds "
+            r"limits.max_name_length 256",
         ),
         (CurateOptions(min_window=0), r"options.min_window: 0 is not in 1..limits"),
         (CurateOptions(min_window=101), r"limits.selection_window 100"),
@@ -417,7 +418,7 @@ async def test_task_types_beyond_the_limit_fail_their_sample_or_seeds_naming_the
     decided = await stream.finish()
     long_task = decided["s5"].error  # a task of more than 256 characters: its sample alone
     assert isinstance(long_task, InvalidArgument) and long_task.field == "sample.task"
-    assert "257 characters exceeds 256" in long_task.message
+    assert "257 characters exceeds limits.max_name_length 256" in long_task.message
     assert decided["s2"].decision is Decision.ERROR
     assert "s2" not in {sample_id for sample_id, _ in scorer.calls}  # refused before scoring
     error = decided["s2"].error

@@ -437,7 +437,8 @@ class Sample(_message.Message):
     task: _builtins.str
     """Task type, the selection stratum of Curate (e.g. complex_reasoning, conversation,
     detail): thresholds are kept per distinct string, and "" is a stratum of its own. Any
-    string of at most 256 characters (Unicode code points, not bytes or UTF-16 units), at most limits.max_task_types distinct ones in one
+    string of at most limits.max_name_length characters (256: Unicode code points, not bytes
+    or UTF-16 units), at most limits.max_task_types distinct ones in one
     Curate selection (a longer one: the sample's decision is ERROR with INVALID_ARGUMENT
     naming `sample.task`); Score and Align ignore it.
     """
@@ -1340,7 +1341,8 @@ class CurateOptions(_message.Message):
     selection_key: _builtins.str
     """Share the windows (both stages, every task type) with every stream of this replica
     that names the same key, so that a pipeline's workers select as one; empty: the
-    stream's own windows. At most 256 characters (Unicode code points; more: INVALID_ARGUMENT). A key's windows
+    stream's own windows. At most limits.max_name_length characters (256: Unicode code points;
+    more: INVALID_ARGUMENT). A key's windows
     are created when a stream first names it and live while any stream uses it, then
     curate.selection_key_idle_seconds more (600 unless configured; a reconnecting worker
     finds them again). A new key while limits.max_selection_keys keys are live:
@@ -1381,7 +1383,7 @@ class CurateOptions(_message.Message):
         takes seeds once: from the first stream that brings some (with a selection_key, later
         streams' seeds for that window are ignored). At most limits.max_seed_scores scores in
         both seed maps together, each finite, and at most limits.max_task_types task types,
-        each at most 256 characters; else INVALID_ARGUMENT. Seeds that would take the
+        each at most limits.max_name_length characters; else INVALID_ARGUMENT. Seeds that would take the
         replica's stored scores past limits.max_stored_scores: RESOURCE_EXHAUSTED with RetryInfo.
         """
 
@@ -1688,6 +1690,7 @@ class Limits(_message.Message):
     MAX_TEXT_BYTES_FIELD_NUMBER: _builtins.int
     MAX_DECODED_IMAGE_BYTES_FIELD_NUMBER: _builtins.int
     MAX_STORED_SCORES_FIELD_NUMBER: _builtins.int
+    MAX_NAME_LENGTH_FIELD_NUMBER: _builtins.int
     max_samples_per_call: _builtins.int
     """Samples in one Score or Align call; more: INVALID_ARGUMENT for the call (split it).
     Config default 64.
@@ -1802,6 +1805,12 @@ class Limits(_message.Message):
     admitted with room still adds its scores: the total may pass the limit by the samples
     in flight. 0: unbounded. Config default 32,000,000.
     """
+    max_name_length: _builtins.int
+    """Most characters (Unicode code points, not bytes or UTF-16 units) of a selection key
+    (CurateOptions.selection_key) and of a task type (Sample.task, and each task named in
+    the options' threshold and seed maps); longer: INVALID_ARGUMENT naming the field.
+    Fixed: 256.
+    """
     def __init__(
         self,
         *,
@@ -1826,10 +1835,11 @@ class Limits(_message.Message):
         max_text_bytes: _builtins.int = ...,
         max_decoded_image_bytes: _builtins.int = ...,
         max_stored_scores: _builtins.int = ...,
+        max_name_length: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_candidates", b"max_candidates", "max_decoded_image_bytes", b"max_decoded_image_bytes", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_inflight_bytes", b"max_inflight_bytes", "max_llm_inflight", b"max_llm_inflight", "max_message_bytes", b"max_message_bytes", "max_new_tokens", b"max_new_tokens", "max_queue_items", b"max_queue_items", "max_samples_per_call", b"max_samples_per_call", "max_seed_scores", b"max_seed_scores", "max_selection_keys", b"max_selection_keys", "max_stored_scores", b"max_stored_scores", "max_stream_inflight", b"max_stream_inflight", "max_streams", b"max_streams", "max_task_types", b"max_task_types", "max_text_bytes", b"max_text_bytes", "max_text_tokens", b"max_text_tokens", "max_turns", b"max_turns", "selection_window", b"selection_window", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_candidates", b"max_candidates", "max_decoded_image_bytes", b"max_decoded_image_bytes", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_inflight_bytes", b"max_inflight_bytes", "max_llm_inflight", b"max_llm_inflight", "max_message_bytes", b"max_message_bytes", "max_name_length", b"max_name_length", "max_new_tokens", b"max_new_tokens", "max_queue_items", b"max_queue_items", "max_samples_per_call", b"max_samples_per_call", "max_seed_scores", b"max_seed_scores", "max_selection_keys", b"max_selection_keys", "max_stored_scores", b"max_stored_scores", "max_stream_inflight", b"max_stream_inflight", "max_streams", b"max_streams", "max_task_types", b"max_task_types", "max_text_bytes", b"max_text_bytes", "max_text_tokens", b"max_text_tokens", "max_turns", b"max_turns", "selection_window", b"selection_window", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -55,7 +55,7 @@ from align2.server.core.budget import ByteBudget, ByteClaim
 from align2.server.core.lifecycle import Lifecycle
 from align2.server.core.priority import Priority
 from align2.server.core.scoring import Head, SampleScore, Scorer, ScoringSample
-from align2.server.core.selection_keys import MAX_KEY_LENGTH, SelectionKeys
+from align2.server.core.selection_keys import MAX_NAME_LENGTH, SelectionKeys
 from align2.server.core.selector import Holds, SelectorState, StageSelector, StoredScores
 from align2.server.errors import (
     Align2Error,
@@ -72,8 +72,6 @@ T = TypeVar("T")
 
 _SAMPLE = "sample"
 """How the one-sample Score and Align calls of a stream name their sample in errors."""
-MAX_TASK_LENGTH = 256
-"""Most characters of a task type (Sample.task, and the keys of the options' maps)."""
 _BY_TASK = (
     "question_thresholds",
     "answer_thresholds",
@@ -243,10 +241,10 @@ class Curator:
     def _check_selection(self, options: CurateOptions) -> int:
         """The stream's min_window, after checking its selection options."""
         window = self._config.window
-        if len(options.selection_key) > MAX_KEY_LENGTH:
+        if len(options.selection_key) > MAX_NAME_LENGTH:
             raise InvalidArgument(
                 f"options.selection_key: {len(options.selection_key)} characters exceeds "
-                f"{MAX_KEY_LENGTH}"
+                f"limits.max_name_length {MAX_NAME_LENGTH}"
             )
         limit = self._config.max_task_types
         for name in _BY_TASK:  # sizes first: nothing is copied or iterated before
@@ -257,10 +255,10 @@ class Curator:
                     f"limits.max_task_types {limit}"
                 )
             for task in by_task:
-                if len(task) > MAX_TASK_LENGTH:
+                if len(task) > MAX_NAME_LENGTH:
                     raise InvalidArgument(
                         f"options.{name}: a task of {len(task)} characters exceeds "
-                        f"{MAX_TASK_LENGTH}"
+                        f"limits.max_name_length {MAX_NAME_LENGTH}"
                     )
         per_stage = {
             name: sum(len(values) for values in getattr(options, name).values())
@@ -511,9 +509,10 @@ class Session:
         """The sample's task type, checked, and both stages' windows for it, taken as the
         sample arrives: one of a task type beyond limits.max_task_types is refused before
         any forward pass, whatever the order of its batch-mates' scores."""
-        if len(task) > MAX_TASK_LENGTH:
+        if len(task) > MAX_NAME_LENGTH:
             raise InvalidArgument(
-                f"{_SAMPLE}.task: {len(task)} characters exceeds {MAX_TASK_LENGTH}"
+                f"{_SAMPLE}.task: {len(task)} characters exceeds "
+                f"limits.max_name_length {MAX_NAME_LENGTH}"
             )
         for stage in (self._questions, self._answers):
             stage.check_task(task)

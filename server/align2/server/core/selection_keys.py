@@ -24,8 +24,8 @@ from align2.server import metrics
 from align2.server.core.selector import SelectorState, StoredScores
 from align2.server.errors import InvalidArgument, TooManySelectionKeys
 
-MAX_KEY_LENGTH = 256
-"""Longest selection key, in characters."""
+MAX_NAME_LENGTH = 256
+"""Longest selection key or task type, in characters (Limits.max_name_length)."""
 
 
 @dataclass

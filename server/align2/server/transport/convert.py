@@ -27,6 +27,7 @@ from align2.server.core.align_types import (
 from align2.server.core.curation import Curated, CurateOptions, Decision
 from align2.server.core.priority import Priority
 from align2.server.core.scoring import Head, SampleScore, ScoreCall, ScoreOutcome
+from align2.server.core.selection_keys import MAX_NAME_LENGTH
 from align2.server.core.templates import TEMPLATE_VERSION
 from align2.server.errors import Align2Error, InvalidArgument
 from align2.server.formats import as_float32
@@ -448,6 +449,7 @@ def server_info_to_proto(
             max_text_bytes=limits.max_text_bytes,
             max_decoded_image_bytes=limits.max_decoded_image_bytes,
             max_stored_scores=config.curate.max_stored_scores,
+            max_name_length=MAX_NAME_LENGTH,
         ),
         batching=pb.Batching(
             max_batch_size=batching.max_batch_size,
