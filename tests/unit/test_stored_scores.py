@@ -5,12 +5,17 @@ that would add to them once full. Curate core with the scripted scorer of test_c
 
 from __future__ import annotations
 
+import array
+import tracemalloc
+
 import pytest
 from support import metric, spin
 from test_curation import collect, curator, feed, sample
 from test_shared_selection import question_stage, scores
 
-from align2.server.core.curation import CurateOptions, Decision
+from align2.server.config import CurateConfig, LimitsConfig
+from align2.server.core.curation import CurateOptions, Curator, Decision
+from align2.server.core.lifecycle import Lifecycle, Phase
 from align2.server.core.selector import StoredScores
 from align2.server.errors import Code, StoredScoresFull
 
@@ -127,3 +132,50 @@ async def test_a_sample_is_checked_for_both_stages_scores_together() -> None:
     [decided] = await collect(curate.stream(feed([options, sample(0)]), None))
     assert isinstance(decided.error, StoredScoresFull)
     assert "2 more score(s)" in decided.error.message
+
+
+async def test_dropped_windows_report_the_bytes_they_free() -> None:
+    """Fails on: windows dropped silently. Seeds claim no request bytes, so the heap trimmer
+    (which ran only when request bytes drained) never ran after seeded windows were
+    dropped: 500 seeded streams cancelled left the server 960 MB above idle, all of it
+    freed heap that malloc_trim gave back."""
+    freed: list[int] = []
+    lifecycle = Lifecycle()
+    lifecycle.phase = Phase.SERVING
+    curate = Curator(
+        scores(1.0),  # type: ignore[arg-type]
+        None,
+        CurateConfig(window=100, min_window=1, selection_key_idle_seconds=0),
+        LimitsConfig(max_stream_inflight=4),
+        lifecycle,
+        scores_freed=freed.append,
+    )
+    own = question_stage(
+        question_seed_scores={"a": [1.0] * 30}, answer_seed_scores={"a": [0.0] * 5}
+    )
+    await collect(curate.stream(feed([own]), None))
+    assert freed == [30 * 16, 5 * 16]  # its own windows as it ended, 16 bytes a score
+    freed.clear()
+    keyed = question_stage(selection_key="k", question_seed_scores={"b": [1.0] * 20})
+    await collect(curate.stream(feed([keyed]), None))
+    assert freed == []  # the key's windows live on for its idle TTL
+    await spin(3)
+    assert "k" not in curate.selection_keys and freed == [20 * 16]
+
+
+async def test_a_refused_stream_does_not_copy_its_seeds() -> None:
+    """Fails on: seeds copied into lists of float objects (32 bytes a score) before the
+    room check; a refused stream's copy then lived on in the reference cycles of its error
+    until the cyclic GC ran (18 M float objects with 180 of 500 seeded streams refused)."""
+    curate = curator(scores(1.0), max_stored_scores=10)
+    # As the request holds them (proto floats): reading one makes a float object.
+    seeds = {f"t{i}": array.array("f", [0.5]) * 10_000 for i in range(5)}
+    refused = question_stage(question_seed_scores=seeds)
+    tracemalloc.start()
+    try:
+        with pytest.raises(StoredScoresFull):
+            await collect(curate.stream(feed([refused]), None))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 200_000  # a copy: 50,000 x (8 + 24) bytes = 1.6 MB

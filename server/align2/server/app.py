@@ -110,6 +110,7 @@ class App:
                 self.lifecycle,
                 budget=self.request_bytes,  # a stream's samples share Score's and Align's
                 align_off=config.align_off_reason,
+                scores_freed=self._trimmer.drained,  # no request bytes count seeded windows
             )
             if self._scorer is not None and config.curate_enabled
             else None

@@ -33,6 +33,10 @@ class Selection:
     warm_up: bool = False
 
 
+SCORE_BYTES = 16
+"""What a window holds per score (see :class:`Window`)."""
+
+
 class Window:
     """The last ``size`` scores of one task type and stage, kept sorted.
 

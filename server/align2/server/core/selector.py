@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from align2.server import metrics
-from align2.server.core.selection import Selection, Window
+from align2.server.core.selection import SCORE_BYTES, Selection, Window
 from align2.server.errors import InvalidArgument, StoredScoresFull
 from align2.server.formats import as_float32
 
@@ -63,11 +63,14 @@ class StoredScores:
     its windows' scores back when it is dropped (:meth:`SelectorState.close`). Room is
     checked before the work that would add scores: a stream's seeds as it opens, a sample
     as it arrives. A sample admitted while there was room still adds its score, so the
-    total may pass the limit by at most the samples in flight (one score each per stage)."""
+    total may pass the limit by at most the samples in flight (one score each per stage).
+    ``on_given_back(nbytes)``: called with the bytes of the scores given back (the app's
+    heap trimmer: seeded windows free hundreds of MB that no request bytes account for)."""
 
-    def __init__(self, limit: int = 0) -> None:
+    def __init__(self, limit: int = 0, on_given_back: Callable[[int], None] | None = None) -> None:
         self.limit = limit
         self.held = 0
+        self._on_given_back = on_given_back
 
     def check(self, adding: int, field: str) -> None:
         """StoredScoresFull naming ``field`` unless ``adding`` more scores fit."""
@@ -86,6 +89,8 @@ class StoredScores:
     def give_back(self, count: int) -> None:
         self.held -= count
         metrics.CURATE_STORED_SCORES.dec(count)
+        if count and self._on_given_back is not None:
+            self._on_given_back(count * SCORE_BYTES)
 
 
 class TaskWindow:
