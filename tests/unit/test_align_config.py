@@ -78,6 +78,15 @@ def test_align_is_on_only_when_its_model_is_configured(tmp_path: pathlib.Path) -
             {"server.max_connection_age_seconds": float("inf")},
             r"server\.max_connection_age_seconds: at most 2147483 \(gRPC's limit",
         ),
+        ({"server.keepalive_seconds": -1.0}, r"server\.keepalive_seconds: must be >= 0"),
+        (
+            {"server.keepalive_seconds": float("inf")},
+            r"server\.keepalive_seconds: at most 2147483",
+        ),
+        (
+            {"server.keepalive_timeout_seconds": 0.0},
+            r"server\.keepalive_timeout_seconds: must be > 0 when keepalive_seconds is set",
+        ),
     ],
 )
 def test_bad_align_settings_name_the_key(overrides: dict[str, object], message: str) -> None:

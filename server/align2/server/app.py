@@ -173,6 +173,10 @@ class App:
                 # (gRPC sets SO_REUSEPORT by default: a stale process would take calls).
                 ("grpc.so_reuseport", 0),
                 *_connection_age(self.config.server.max_connection_age_seconds),
+                *_keepalive(
+                    self.config.server.keepalive_seconds,
+                    self.config.server.keepalive_timeout_seconds,
+                ),
             ],
         )
         servicer = CurationServicer(
@@ -422,4 +426,20 @@ def _connection_age(seconds: float) -> list[tuple[str, int]]:
     return [
         ("grpc.max_connection_age_ms", max(1, round(seconds * 1000))),
         ("grpc.max_connection_age_grace_ms", GRPC_MAX_MS),
+    ]
+
+
+def _keepalive(seconds: float, timeout: float) -> list[tuple[str, int]]:
+    """gRPC server options pinging each connection after ``seconds`` without traffic and
+    closing it when a ping goes unanswered for ``timeout`` (server.keepalive_seconds): the
+    calls of a client gone without a FIN or RST end, instead of after gRPC's default of 2
+    hours. Pings go out on a connection whose calls send nothing (a Curate stream between
+    bursts): gRPC otherwise allows 2 pings without data, then none."""
+    if seconds <= 0:
+        return []
+    return [
+        ("grpc.keepalive_time_ms", max(1, round(seconds * 1000))),
+        ("grpc.keepalive_timeout_ms", max(1, round(timeout * 1000))),
+        ("grpc.http2.ping_timeout_ms", max(1, round(timeout * 1000))),
+        ("grpc.http2.max_pings_without_data", 0),
     ]

@@ -339,6 +339,16 @@ class ServerSection:
     Curate streams in flight on it are never cut (their grace is unlimited); new calls go
     to the new connection. 0: connections live as long as the client keeps them. At most
     2147483 (gRPC takes milliseconds as a 32-bit int)."""
+    keepalive_seconds: float = 60.0
+    """The server pings each client connection after this long without traffic from it
+    (HTTP/2 PING, gRPC keepalive), also while a call on it is idle (a Curate stream between
+    bursts), and closes a connection whose ping is not answered within
+    ``keepalive_timeout_seconds``: the calls of a client that vanished without closing its
+    connection (a host or pod gone, a partition, a NAT dropping the flow) then end, and
+    what they hold is freed (a Curate stream's selection key and window scores, its HTTP/2
+    stream). gRPC's own default is 2 hours. 0: no pings. At most 2147483."""
+    keepalive_timeout_seconds: float = 20.0
+    """How long a keepalive ping may go unanswered before the connection is closed."""
     cache_dir: str = "~/.cache/align2"
     """Where embedded models are built and cached."""
     log_level: str = "INFO"
@@ -470,6 +480,8 @@ class Config:
         seconds = {
             "server.grace_seconds": self.server.grace_seconds,
             "server.max_connection_age_seconds": self.server.max_connection_age_seconds,
+            "server.keepalive_seconds": self.server.keepalive_seconds,
+            "server.keepalive_timeout_seconds": self.server.keepalive_timeout_seconds,
         }
         for key, time in seconds.items():
             if not time >= 0:  # NaN too
@@ -479,6 +491,17 @@ class Config:
                 "server.max_connection_age_seconds: at most "
                 f"{MAX_CONNECTION_AGE_SECONDS} (gRPC's limit, about 24.8 days; 0: never), "
                 f"got {self.server.max_connection_age_seconds}"
+            )
+        for key in ("keepalive_seconds", "keepalive_timeout_seconds"):
+            if not getattr(self.server, key) <= MAX_CONNECTION_AGE_SECONDS:
+                raise ConfigError(
+                    f"server.{key}: at most {MAX_CONNECTION_AGE_SECONDS} (gRPC takes "
+                    f"milliseconds as a 32-bit int), got {getattr(self.server, key)}"
+                )
+        if self.server.keepalive_seconds > 0 and not self.server.keepalive_timeout_seconds > 0:
+            raise ConfigError(
+                "server.keepalive_timeout_seconds: must be > 0 when keepalive_seconds is set, "
+                f"got {self.server.keepalive_timeout_seconds}"
             )
         server = self.server
         if not -1 <= server.health_port <= 65535:
