@@ -12,6 +12,7 @@ after, with how many streams were accepted and refused (RESOURCE_EXHAUSTED).
 
     python bench/selection_memory.py                                   # the default bound
     python bench/selection_memory.py --set curate.max_stored_scores=0  # unbounded
+    python bench/selection_memory.py --keys 64 --streams 700 --expire 10  # RSS once expired
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ def main() -> None:
     )
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server")
     parser.add_argument("--folder", help="model and logs (default: a temporary folder)")
+    parser.add_argument(
+        "--expire",
+        type=float,
+        help="selection keys' idle TTL (s); also measure the RSS once they have expired",
+    )
     args = parser.parse_args()
     if args.streams is None:
         args.streams = args.keys * (args.max_task_types // args.tasks)
@@ -95,6 +101,7 @@ def main() -> None:
         f"curate.max_task_types={args.max_task_types}",
         f"curate.max_seed_scores={2 * args.tasks * args.window}",
         f"curate.max_selection_keys={args.keys}",
+        *([f"curate.selection_key_idle_seconds={args.expire}"] if args.expire else []),
         *args.set,
     ]
     folder = pathlib.Path(args.folder or tempfile.mkdtemp(prefix="align2-selection-"))
@@ -128,6 +135,9 @@ def main() -> None:
             "after_mb": round(after / MB),
             "growth_mb": round((after - baseline) / MB),
         }
+        if args.expire:
+            time.sleep(args.expire + 5.0)  # the keys expire, then the heap trim's idle second
+            summary["expired_mb"] = round(sampler.rss() / MB)
         print(json.dumps(summary))
     finally:
         sampler.close()
