@@ -81,10 +81,14 @@ def test_k8s_ports_probes_grace_and_hpa_metric_agree_with_the_server() -> None:
 
 def test_every_limit_in_server_info_has_a_config_key_operators_can_find() -> None:
     """Error messages name limits by their GetServerInfo field; docs/operating.md maps the
-    ones that are not ``[limits] NAME`` to their config key, and every key it names exists."""
+    ones that are not ``[limits] NAME`` to their config key, and every key it names exists;
+    a fixed limit is listed with its value, which is the server's."""
+    from align2.server.core.selection_keys import MAX_NAME_LENGTH
     from align2.v1 import curation_pb2 as pb
 
     text = (ROOT / "docs" / "operating.md").read_text()
+    fixed = dict(re.findall(r"^\| `limits\.(\w+)` \| none: fixed at (\d+) \|$", text, re.M))
+    assert fixed == {"max_name_length": str(MAX_NAME_LENGTH)}
     mapped: dict[str, str] = {}
     for line in text.splitlines():
         match = re.match(r"^\| (`limits\.\w+`(?:, `limits\.\w+`)*) \| `(\w+)\.(\w*)`", line)
@@ -94,6 +98,8 @@ def test_every_limit_in_server_info_has_a_config_key_operators_can_find() -> Non
                 mapped[name] = f"{match.group(2)}.{match.group(3) or name}"
     config = config_module.Config()
     for field in pb.Limits.DESCRIPTOR.fields:
+        if field.name in fixed:
+            continue
         key = mapped.get(field.name, f"limits.{field.name}")
         section, attribute = key.split(".")
         assert hasattr(getattr(config, section), attribute), (field.name, key)
