@@ -14,9 +14,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
-from support import ServerThread, png
+from support import ServerThread, png, score_config
 
-from align2.server.config import Config, ModelConfig
 from align2.v1 import curation_pb2 as pb
 from align2.v1 import curation_pb2_grpc as pb_grpc
 
@@ -25,9 +24,7 @@ KEEPALIVE = 1.0
 
 @pytest.fixture(scope="module")
 def server(tiny_llava: pathlib.Path) -> Iterator[ServerThread]:
-    config = Config()
-    config.models = {n: ModelConfig(path=str(tiny_llava)) for n in ("question", "answer")}
-    config.align.enabled = False
+    config = score_config(tiny_llava)
     config.server.keepalive_seconds = KEEPALIVE
     config.server.keepalive_timeout_seconds = KEEPALIVE
     config.curate.max_selection_keys = 1
