@@ -201,6 +201,12 @@ class _Producer:
             return await asyncio.to_thread(self._stream.prepare, sample)
         except StopAsyncIteration:
             self._stream.exhausted = True
+        except asyncio.CancelledError as error:
+            if _task_cancelling():  # this draw is cancelled (close()): not the producer
+                raise
+            # The producer's own (it awaited something that was cancelled): the writer
+            # waited on it, ended cancelled without done_writing, and the call hung.
+            self._stream.producer_error, self._stream.exhausted = error, True
         except Exception as error:  # the producer's
             self._stream.producer_error, self._stream.exhausted = error, True
         return None

@@ -156,6 +156,10 @@ def encode_chunk(
     errors: list[ItemError | None] = []
     sent: list[pb.Sample] = []
     for sample in samples:
+        oversized = _oversized_image(sample, max_message_bytes - MESSAGE_OVERHEAD)
+        if oversized is not None:
+            errors.append(oversized)
+            continue
         try:
             message = sample_to_proto(sample)
         except OSError as error:
@@ -177,6 +181,25 @@ def encode_chunk(
         sent.append(message)
         errors.append(None)
     return EncodedChunk(ids=[s.id for s in samples], local_errors=errors, sent=sent)
+
+
+def _oversized_image(sample: Sample, room: int) -> ItemError | None:
+    """The error of an image file too large for a message, found from its size, before it
+    is read (a file of several GB would take that much memory, and protobuf refuses to
+    encode a message of 2 GiB or more); None when it fits or is not a file."""
+    if isinstance(sample.image, bytes | bytearray | memoryview):
+        return None
+    try:
+        size = os.stat(sample.image).st_size
+    except OSError:  # reported when it is read
+        return None
+    if size <= room:
+        return None
+    return ItemError(
+        code=grpc.StatusCode.INVALID_ARGUMENT,
+        message=f"image: {os.fspath(sample.image)} is {size} bytes, more than one message "
+        f"carries (the client's max_message_bytes {room + MESSAGE_OVERHEAD}); not read",
+    )
 
 
 def _text_error(sample: Sample) -> ItemError:

@@ -112,6 +112,42 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+@contextlib.contextmanager
+def _interrupts_wait() -> Iterator[Callable[[], contextlib.AbstractContextManager[None]]]:
+    """A context for steps that must not be cut in two: Ctrl-C or SIGTERM during one is
+    raised (KeyboardInterrupt) when it ends; a second one at once. Main thread only (where
+    Python runs signal handlers); the previous handlers are back afterwards."""
+    state = {"busy": False, "pending": False}
+
+    def handle(signum: int, frame: Any) -> None:
+        if state["busy"] and not state["pending"]:
+            state["pending"] = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def step() -> Iterator[None]:
+        state["busy"] = True
+        try:
+            yield
+        finally:
+            state["busy"] = False
+        if state["pending"]:
+            state["pending"] = False
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield contextlib.nullcontext
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, handle) for sig in signals}
+    try:
+        yield step
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
 def run_server_command(argv: list[str]) -> int:
     """Forward ``argv`` (subcommand first) to ``align2.server.cli.main``, imported only now."""
     try:
@@ -608,6 +644,7 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
         client_from_arguments(namespace) as client,
         report_to as report,
         _progress(None, enabled=not namespace.no_progress) as advance,
+        _interrupts_wait() as recording,
     ):
         results = client.curate(
             samples,
@@ -621,14 +658,17 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
         )
         try:
             for result in results:
-                counts[result.decision] += 1
-                advance(1)
-                path, record, _ = undecided.pop(result.index, (None, None, None))
-                if report is not None:
-                    line = {**result.to_dict(), "file": path, "record": record}
-                    report.write(json.dumps(line, ensure_ascii=False) + "\n")
-                if result.sample is not None:
-                    kept.append(result.sample)
+                # Taken off the records not decided and added to the kept as one step: a
+                # Ctrl-C or SIGTERM meanwhile waits until the decision is recorded.
+                with recording():
+                    counts[result.decision] += 1
+                    advance(1)
+                    path, record, _ = undecided.pop(result.index, (None, None, None))
+                    if report is not None:
+                        line = {**result.to_dict(), "file": path, "record": record}
+                        report.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    if result.sample is not None:
+                        kept.append(result.sample)
         # An RPC failure, an input record that cannot be read, Ctrl-C or SIGTERM: the
         # kept samples so far are still written below.
         except (grpc.RpcError, ProtocolError, OSError, ValueError, KeyboardInterrupt) as error:
@@ -766,3 +806,7 @@ def _describe_rpc_error(error: grpc.RpcError) -> str:
     if not (hasattr(error, "code") and hasattr(error, "details")):
         return str(error)
     return f"{error.code().name}: {error.details()}"
+
+
+if __name__ == "__main__":  # python -m align2.client.cli, as the align2 command
+    sys.exit(main())

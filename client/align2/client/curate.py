@@ -132,7 +132,7 @@ class CurateStream:
 
     options: pb.CurateOptions
     resume: ResumePolicy | None = None
-    producer_error: Exception | None = None  # what the caller's sample iterator raised
+    producer_error: BaseException | None = None  # what the caller's sample iterator raised
     exhausted: bool = False  # the caller's samples are all drawn (or their iterator raised)
     cancelled: bool = False  # the caller cancelled: no stream is opened again
     streams: int = 1  # gRPC streams opened so far (1 + resumes)
@@ -226,7 +226,9 @@ class CurateStream:
                 except StopIteration:
                     self.exhausted = True
                     return None
-                except Exception as error:
+                # BaseException too (a producer's KeyboardInterrupt or SystemExit): raised
+                # here, in gRPC's thread, it ended that thread and left the stream open.
+                except BaseException as error:
                     self.producer_error, self.exhausted = error, True
                     return None
                 if sent is not None:

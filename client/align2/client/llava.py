@@ -256,6 +256,31 @@ def _kind(value: Any) -> str:
 
 
 def _iter_records(path: pathlib.Path) -> Iterator[Any]:
+    try:
+        yield from _iter_decoded_records(path)
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from None
+
+
+def _not_utf8(path: pathlib.Path, error: UnicodeDecodeError) -> ValueError:
+    """ValueError naming the file, the line and the byte that UTF-8 cannot decode (the
+    error's own position counts in a buffer of the reader)."""
+    with path.open("rb") as f:
+        offset = 0
+        for line_number, data in enumerate(f, start=1):
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                byte = data[bad.start]
+                return ValueError(
+                    f"{path}: line {line_number}: not valid UTF-8: byte {byte:#04x} at "
+                    f"byte {offset + bad.start} of the file ({bad.reason})"
+                )
+            offset += len(data)
+    return ValueError(f"{path}: not valid UTF-8: {error}")
+
+
+def _iter_decoded_records(path: pathlib.Path) -> Iterator[Any]:
     # utf-8-sig: tolerate a byte-order mark, which some editors write.
     with path.open(encoding="utf-8-sig") as f:
         first = _first_non_space(f)

@@ -171,8 +171,13 @@ class ScoreStore:
     def _load(self) -> None:
         if not self.path.exists():
             return
-        with self.path.open(encoding="utf-8") as f:
-            for line in f:
+        with self.path.open("rb") as f:
+            for data in f:
+                try:
+                    line = data.decode("utf-8")
+                except UnicodeDecodeError:  # a damaged line: ignored like any unreadable one
+                    self.ignored_lines += 1
+                    continue
                 parsed = _parse(line)
                 if parsed is None:
                     self.ignored_lines += bool(line.strip())
