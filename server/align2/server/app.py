@@ -424,7 +424,7 @@ def _connection_age(seconds: float) -> list[tuple[str, int]]:
     if seconds <= 0:
         return []
     return [
-        ("grpc.max_connection_age_ms", max(1, round(seconds * 1000))),
+        ("grpc.max_connection_age_ms", _milliseconds(seconds)),
         ("grpc.max_connection_age_grace_ms", GRPC_MAX_MS),
     ]
 
@@ -438,8 +438,13 @@ def _keepalive(seconds: float, timeout: float) -> list[tuple[str, int]]:
     if seconds <= 0:
         return []
     return [
-        ("grpc.keepalive_time_ms", max(1, round(seconds * 1000))),
-        ("grpc.keepalive_timeout_ms", max(1, round(timeout * 1000))),
-        ("grpc.http2.ping_timeout_ms", max(1, round(timeout * 1000))),
+        ("grpc.keepalive_time_ms", _milliseconds(seconds)),
+        ("grpc.keepalive_timeout_ms", _milliseconds(timeout)),
+        ("grpc.http2.ping_timeout_ms", _milliseconds(timeout)),
         ("grpc.http2.max_pings_without_data", 0),
     ]
+
+
+def _milliseconds(seconds: float) -> int:
+    """A positive duration as gRPC's integer milliseconds (at least 1)."""
+    return max(1, round(seconds * 1000))

@@ -486,17 +486,12 @@ class Config:
         for key, time in seconds.items():
             if not time >= 0:  # NaN too
                 raise ConfigError(f"{key}: must be >= 0, got {time}")
-        if not self.server.max_connection_age_seconds <= MAX_CONNECTION_AGE_SECONDS:
-            raise ConfigError(
-                "server.max_connection_age_seconds: at most "
-                f"{MAX_CONNECTION_AGE_SECONDS} (gRPC's limit, about 24.8 days; 0: never), "
-                f"got {self.server.max_connection_age_seconds}"
-            )
-        for key in ("keepalive_seconds", "keepalive_timeout_seconds"):
-            if not getattr(self.server, key) <= MAX_CONNECTION_AGE_SECONDS:
+        for key in ("max_connection_age_seconds", "keepalive_seconds", "keepalive_timeout_seconds"):
+            if not getattr(self.server, key) <= MAX_CONNECTION_AGE_SECONDS:  # gRPC options
                 raise ConfigError(
-                    f"server.{key}: at most {MAX_CONNECTION_AGE_SECONDS} (gRPC takes "
-                    f"milliseconds as a 32-bit int), got {getattr(self.server, key)}"
+                    f"server.{key}: at most {MAX_CONNECTION_AGE_SECONDS} (gRPC's limit: "
+                    "milliseconds as a 32-bit int, about 24.8 days), "
+                    f"got {getattr(self.server, key)}"
                 )
         if self.server.keepalive_seconds > 0 and not self.server.keepalive_timeout_seconds > 0:
             raise ConfigError(
