@@ -41,6 +41,7 @@ from transformers import (
 )
 
 from align2.server.models.builders import empty_dir, llama_config, seeded
+from align2.server.models.sentencepiece_merges import model_proto
 from align2.server.models.tokenizers import CORPUS, build_tokenizer
 
 LLM_LINEAR: tuple[str, ...] = (
@@ -238,12 +239,8 @@ def sentencepiece_tokenizer(
 
 
 def _with_whitespace_pieces(model: bytes) -> bytes:
-    from transformers.convert_slow_tokenizer import import_protobuf
-
-    model_pb2 = import_protobuf()
-    proto = model_pb2.ModelProto()
-    proto.ParseFromString(model)
-    piece = model_pb2.ModelProto.SentencePiece
+    proto = model_proto(model)
+    piece = type(proto).SentencePiece
     after_bytes = 1 + max(i for i, p in enumerate(proto.pieces) if p.type == piece.BYTE)
     for offset, text in enumerate(("▁▁", "▁▁▁▁", "▁▁▁")):
         proto.pieces.insert(after_bytes + offset, piece(piece=text, score=-1e9, type=piece.NORMAL))

@@ -58,17 +58,30 @@ def with_score_ordered_merges(tokenizer: T, folder: pathlib.Path) -> T:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not isinstance(backend.model, models.BPE):
         return tokenizer
-    proto = import_protobuf().ModelProto()
-    proto.ParseFromString(model_file.read_bytes())
+    proto = model_proto(model_file.read_bytes())
     if proto.trainer_spec.model_type != _BPE:
         return tokenizer
-    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    vocab, merges = score_ordered_bpe(proto)
     if backend.get_vocab(with_added_tokens=False) != vocab:
         return tokenizer  # not the plain conversion of this file: leave it as loaded
-    scores = {piece.piece: piece.score for piece in proto.pieces}
     old = backend.model
     kept = {
         name: getattr(old, name) for name in _BPE_OPTIONS if getattr(old, name, None) is not None
     }
-    backend.model = models.BPE(vocab=vocab, merges=generate_merges(vocab, scores), **kept)
+    backend.model = models.BPE(vocab=vocab, merges=merges, **kept)
     return tokenizer
+
+
+def model_proto(data: bytes) -> Any:
+    """A SentencePiece model file's bytes, parsed (sentencepiece_model.proto ModelProto)."""
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(data)
+    return proto
+
+
+def score_ordered_bpe(proto: Any) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The vocabulary (piece -> id) of a SentencePiece BPE model and its merges in
+    SentencePiece's order, by the pieces' scores."""
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    scores = {piece.piece: piece.score for piece in proto.pieces}
+    return vocab, generate_merges(vocab, scores)

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
-from transformers.tokenization_utils_base import generate_merges
+
+from align2.server.models.sentencepiece_merges import model_proto, score_ordered_bpe
 
 BOS = "<s>"
 EOS = "<|im_end|>"
@@ -150,18 +151,16 @@ def llama_tokenizer(
     vocabulary, as llava-hf does. ``legacy`` is transformers' switch for the "▁" piece after
     a special token: False (its default) drops it in ``"<image>\\n..."``, True keeps it.
     """
-    import sentencepiece  # only this test-model helper needs it, not the server
-
-    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
-    vocab = {piece: i for i, piece in enumerate(pieces)}
-    scores = {piece: processor.get_score(i) for i, piece in enumerate(pieces)}
+    proto = model_proto(pathlib.Path(model_file).read_bytes())
+    vocab, merges = score_ordered_bpe(proto)
+    pieces = [piece.piece for piece in proto.pieces]
+    spec = proto.trainer_spec
     tokenizer = LlamaTokenizer(
         vocab=vocab,
-        merges=generate_merges(vocab, scores),
-        unk_token=pieces[processor.unk_id()],
-        bos_token=pieces[processor.bos_id()],
-        eos_token=pieces[processor.eos_id()],
+        merges=merges,
+        unk_token=pieces[spec.unk_id],
+        bos_token=pieces[spec.bos_id],
+        eos_token=pieces[spec.eos_id],
         legacy=legacy,
         add_bos_token=True,
         add_eos_token=False,
