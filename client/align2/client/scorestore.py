@@ -30,12 +30,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pathlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
+from align2.client.jsonl_log import JsonlLog
 from align2.client.types import Sample
 
 HEAD_QUESTION = "question"
@@ -105,13 +105,18 @@ class ScoreStore:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = pathlib.Path(path)
+        self._log = JsonlLog(path)
+        self.path = self._log.path
         self.loaded = 0  # entries read when opened
         self.ignored_lines = 0  # unreadable lines other than a truncated last one
         self._scores: dict[ScoreKey, Stored] = {}
-        self._drop_truncated_tail()
-        self._load()
-        self._out: IO[str] = self.path.open("a", encoding="utf-8")
+        for entry in self._log.read():
+            parsed = _parse(entry)
+            if parsed is None:
+                self.ignored_lines += 1
+                continue
+            self._scores[parsed[0]] = parsed[1]
+            self.loaded += 1
 
     def get(self, key: ScoreKey) -> Stored | None:
         """A question score, or an answer entry's per-turn scores (see the module doc)."""
@@ -127,13 +132,11 @@ class ScoreStore:
                 float(value) if isinstance(value, int | float) else tuple(map(_turn, value))
             )
             self._scores[key] = stored
-            lines.append(json.dumps(_entry(key, stored), ensure_ascii=False) + "\n")
-        self._out.write("".join(lines))
-        self._out.flush()
-        os.fsync(self._out.fileno())
+            lines.append(_entry(key, stored))
+        self._log.append(lines)
 
     def close(self) -> None:
-        self._out.close()
+        self._log.close()
 
     def __enter__(self) -> ScoreStore:
         return self
@@ -145,45 +148,6 @@ class ScoreStore:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    def _drop_truncated_tail(self) -> None:
-        """Cut a last line without its newline (an interrupted write), so that appending
-        does not glue the next entry to it."""
-        if not self.path.exists():
-            return
-        with self.path.open("rb+") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size == 0:
-                return
-            f.seek(size - 1)
-            if f.read(1) == b"\n":
-                return
-            block = min(size, 1 << 20)
-            while True:  # find the last newline, reading backwards
-                f.seek(size - block)
-                data = f.read(block)
-                newline = data.rfind(b"\n")
-                if newline >= 0 or block == size:
-                    f.truncate(size - block + newline + 1)
-                    return
-                block = min(size, block * 2)
-
-    def _load(self) -> None:
-        if not self.path.exists():
-            return
-        with self.path.open("rb") as f:
-            for data in f:
-                try:
-                    line = data.decode("utf-8")
-                except UnicodeDecodeError:  # a damaged line: ignored like any unreadable one
-                    self.ignored_lines += 1
-                    continue
-                parsed = _parse(line)
-                if parsed is None:
-                    self.ignored_lines += bool(line.strip())
-                    continue
-                self._scores[parsed[0]] = parsed[1]
-                self.loaded += 1
 
 
 def _turn(value: float | Sequence[float]) -> float | tuple[float, ...]:
@@ -206,9 +170,8 @@ def _entry(key: ScoreKey, value: Stored) -> dict[str, Any]:
     return entry
 
 
-def _parse(line: str) -> tuple[ScoreKey, Stored] | None:
+def _parse(entry: Any) -> tuple[ScoreKey, Stored] | None:
     try:
-        entry = json.loads(line)
         key = ScoreKey(
             id=_text(entry["id"]),
             digest=_text(entry["digest"]),
