@@ -10,12 +10,15 @@ Exit status: 0 done (per-item errors are data, written to the output), 1 an RPC 
 2 bad usage or input, 130 interrupted (Ctrl-C or SIGTERM). A command that stops early says
 what it kept: ``score`` leaves its lines so far in ``OUT.partial`` (``OUT`` itself is
 replaced only by a finished run); ``align`` and ``curate --stream`` write the samples kept
-so far to ``--out`` and name what was not done.
+so far to ``--out`` and name what was not done; ``curate --stream`` journals each decision
+as it comes, so that the same command goes on after any stop, ``kill -9`` included
+(:mod:`align2.client.stream_journal`).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import importlib
@@ -47,6 +50,7 @@ from align2.client.calls import (
 from align2.client.llava import iter_llava, read_llava, write_llava
 from align2.client.offline_cli import EXIT_INTERRUPTED, run_offline
 from align2.client.results import DECISIONS, ProtocolError
+from align2.client.stream_journal import Decided, DecisionJournal, journal_path
 from align2.client.sync import CurationClient
 from align2.client.types import Sample
 
@@ -396,7 +400,8 @@ def _curate_arguments(parser: argparse.ArgumentParser) -> None:
         "--stream",
         action="store_true",
         help="stream through the server's Curate RPC (online thresholds from the scores "
-        "seen so far) instead of the exact selection on the whole files",
+        "seen so far) instead of the exact selection on the whole files; each decision is "
+        "journaled to OUT_STEM.journal.jsonl, so the same command goes on after any stop",
     )
     parser.add_argument("--align", action="store_true", help="restyle the kept samples")
     _rewrite_arguments(parser)
@@ -618,20 +623,56 @@ def run_curate(namespace: argparse.Namespace) -> int:
 
 def run_curate_stream(namespace: argparse.Namespace) -> int:
     """Stream the files' samples to Curate as they are read; write the kept ones to
-    ``--out`` (LLaVA) and every decision to ``--report``. When the stream fails, the samples
-    kept so far are still written (none: ``--out`` is left as it was), and the records not
-    decided (sent and unanswered, then those not sent) go to ``OUT_STEM.rest.jsonl``, for the
-    same command to go on with (exit 1; 2 for an input record that cannot be read, 130
-    interrupted). Each report line names the record decided (``file``, ``record`` from 0):
-    ids may repeat."""
+    ``--out`` (LLaVA) and every decision to ``--report``. Each decision is journaled as it
+    comes (``OUT_STEM.journal.jsonl``, :mod:`align2.client.stream_journal`): the same command
+    run again after a kill or a failure does not send the records decided, and keeps what
+    they kept. When the stream fails, the samples kept so far are still written (none:
+    ``--out`` is left as it was), and the records not decided (sent and unanswered, then
+    those not sent) go to ``OUT_STEM.rest.jsonl``, for the same command to go on with
+    another ``--out`` (exit 1; 2 for an input record that cannot be read, 130 interrupted).
+    Each report line names the record decided (``file``, ``record`` from 0): ids may
+    repeat."""
+    path = journal_path(namespace.out)
+    if path is None:
+        return _curate_stream(namespace, None)
+    journal = DecisionJournal(path, _decision_options(namespace))
+    if journal.loaded:
+        print(
+            f"align2 curate: {path} holds {journal.loaded} decisions of an earlier run: "
+            "their records are not sent again",
+            file=sys.stderr,
+        )
+    status = None
+    try:
+        status = _curate_stream(namespace, journal)
+    finally:
+        if journal.close(finished=status == 0) and status == 0:
+            print(
+                f"align2 curate: {path} kept: {journal.left()} of its decisions are on records "
+                "this run did not read",
+                file=sys.stderr,
+            )
+    return status
+
+
+def _curate_stream(namespace: argparse.Namespace, journal: DecisionJournal | None) -> int:
     # The records drawn and not yet decided, by the result's index.
     undecided: dict[int, tuple[str, int, Sample]] = {}
+    # Records an earlier run decided, taken from the journal as they are read (on gRPC's
+    # thread), to be recorded by this one.
+    earlier: collections.deque[Decided] = collections.deque()
+    resuming = [journal is not None]
 
     def read() -> Iterator[Sample]:
         drawn = itertools.count()
         for path in namespace.file:
             records = iter_llava(path, image_folder=namespace.image_folder, task=namespace.task)
             for record, sample in enumerate(records):
+                if journal is not None and resuming[0]:
+                    decided = journal.take(path, record, sample)
+                    if decided is not None:
+                        earlier.append(decided)
+                        continue
                 undecided[next(drawn)] = (path, record, sample)
                 yield sample
 
@@ -646,6 +687,20 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
         _progress(None, enabled=not namespace.no_progress) as advance,
         _interrupts_wait() as recording,
     ):
+
+        def record(line: dict[str, Any], sample: Sample | None) -> None:
+            counts[line["decision"]] += 1
+            advance(1)
+            if report is not None:
+                report.write(json.dumps(line, ensure_ascii=False) + "\n")
+            if sample is not None:
+                kept.append(sample)
+
+        def record_earlier() -> None:
+            while earlier:
+                decided = earlier.popleft()
+                record({**decided.report, "from_journal": True}, decided.kept)
+
         results = client.curate(
             samples,
             question_keep_fraction=namespace.question_keep,
@@ -658,21 +713,27 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
         )
         try:
             for result in results:
-                # Taken off the records not decided and added to the kept as one step: a
-                # Ctrl-C or SIGTERM meanwhile waits until the decision is recorded.
+                # Taken off the records not decided, journaled and added to the kept as one
+                # step: a Ctrl-C or SIGTERM meanwhile waits until the decision is recorded.
                 with recording():
-                    counts[result.decision] += 1
-                    advance(1)
-                    path, record, _ = undecided.pop(result.index, (None, None, None))
-                    if report is not None:
-                        line = {**result.to_dict(), "file": path, "record": record}
-                        report.write(json.dumps(line, ensure_ascii=False) + "\n")
-                    if result.sample is not None:
-                        kept.append(result.sample)
+                    record_earlier()
+                    drawn = undecided.pop(result.index, None)
+                    line = {**result.to_dict(), "file": None, "record": None}
+                    if drawn is not None:
+                        path, index, sent = drawn
+                        line.update(file=path, record=index)
+                        if journal is not None and result.decision != "error":
+                            journal.add(path, index, sent, line, result.sample)
+                    record(line, result.sample)
+            with recording():
+                record_earlier()
         # An RPC failure, an input record that cannot be read, Ctrl-C or SIGTERM: the
         # kept samples so far are still written below.
         except (grpc.RpcError, ProtocolError, OSError, ValueError, KeyboardInterrupt) as error:
             failure = error
+            results.stop_drawing()  # gRPC's thread may be reading the input: it is ours now
+            resuming[0] = False  # the rest file gets every record this run did not decide
+            record_earlier()
     if failure is None or kept:
         write_llava(kept, namespace.out)
     summary = ", ".join(f"{counts[d]} {d}" for d in DECISIONS)
@@ -687,10 +748,31 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         if status != 2:  # an unreadable record ended the input: nothing after it is read
-            results.stop_drawing()  # gRPC's thread may be reading the input: it is ours now
             _write_rest(namespace.out, [undecided[i][2] for i in sorted(undecided)], samples)
+        if journal is not None:
+            print(
+                f"align2 curate: or run the same command again: the decisions so far are in "
+                f"{journal.path}, and their records are not sent again",
+                file=sys.stderr,
+            )
         return status
     return 0
+
+
+def _decision_options(namespace: argparse.Namespace) -> dict[str, Any]:
+    """The flags of ``curate --stream`` that change its decisions (the journal's options)."""
+    folder = namespace.image_folder
+    options = {
+        "question_keep": namespace.question_keep,
+        "answer_keep": namespace.answer_keep,
+        "task": namespace.task,
+        "image_folder": None if folder is None else os.path.abspath(folder),
+        "align": namespace.align,
+        **_selection_options(namespace),
+    }
+    if namespace.align:
+        options.update(_rewrite_options(namespace))
+    return options
 
 
 def _write_rest(out: str, undecided: list[Sample], unsent: Iterator[Sample]) -> None:

@@ -1,0 +1,181 @@
+"""The decisions of an ``align2 curate --stream`` run, journaled as they come, so that the
+same command run again after the run was killed (SIGKILL, the OOM killer, a lost node) or
+stopped goes on where it stopped, keeping what was kept, aligned samples included.
+
+The journal is a JSONL file beside ``--out`` (``kept.json``: ``kept.journal.jsonl``), one
+line per decision::
+
+    {"options": "9c1e...", "file": "/data/detail_23k.jsonl", "record": 41,
+     "digest": "3f2a...", "task": "detail", "report": {...the report line...},
+     "kept": {...the kept LLaVA record...} or null}
+
+A rerun does not send a record the journal decided when all of (``file``: the input's
+absolute path, ``record``: its place in the file from 0, ``digest``: what the record sends,
+see :func:`~align2.client.scorestore.sample_digest`, ``task``, ``options``: the flags that
+change decisions) match: it takes the journaled decision (its report line, its kept
+sample). An edited record, or a rerun with other selection or rewrite flags, is sent
+afresh. Connection flags (``--target``, ``--timeout``, ...) may change between runs.
+
+A line is flushed to the OS as its decision comes (it outlives the process) and synced to
+the disk at most a second later (it outlives the machine); a record whose line was lost is
+sent again, so nothing decided is lost, at worst decided twice. The file is locked while a
+run uses it: a second run of the same command meanwhile is refused. A run that finishes
+deletes its journal, unless it holds decisions of records that run did not read (another
+input: those are kept for the command that reads them).
+
+Pure Python (no grpc).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from align2.client.jsonl_log import JsonlLog
+from align2.client.llava import record_from_sample, sample_from_record
+from align2.client.scorestore import sample_digest
+from align2.client.types import Sample
+
+SYNC_SECONDS = 1.0
+
+
+def journal_path(out: str | os.PathLike[str]) -> pathlib.Path | None:
+    """Where the journal of a run writing ``out`` lives; None when ``out`` is not a regular
+    file's path (``/dev/null``, a FIFO): such a run keeps no journal."""
+    path = pathlib.Path(out)
+    if path.exists() and not path.is_file():
+        return None
+    return path.with_name(f"{path.stem}.journal.jsonl")
+
+
+@dataclass(frozen=True)
+class Decided:
+    """A decision an earlier run journaled: its report line and the sample it kept."""
+
+    report: dict[str, Any]
+    kept: Sample | None
+
+
+class DecisionJournal:
+    """One run's journal (see the module doc). ``options``: the flags that change decisions,
+    as JSON values. :class:`~align2.client.jsonl_log.LogInUse` when another run holds it.
+
+    After opening: ``loaded`` decisions that this run may take, ``stale`` ones made with
+    other options (superseded), ``ignored`` unreadable lines."""
+
+    def __init__(self, path: str | os.PathLike[str], options: Mapping[str, Any]) -> None:
+        self.path = pathlib.Path(path)
+        self._options = _fingerprint(options)
+        self.loaded = self.stale = self.ignored = 0
+        # (file, record) -> (digest, task, journal line) in journal order
+        self._decided: dict[tuple[str, int], list[tuple[str, str, bytes]]] = defaultdict(list)
+        self._read: dict[str, int] = {}  # records read per file, to know what a run left
+        self._log = JsonlLog(self.path, sync_seconds=SYNC_SECONDS, lock=True)
+        try:
+            self._load()
+        except BaseException:
+            self._log.close()
+            raise
+
+    def take(self, file: str, record: int, sample: Sample) -> Decided | None:
+        """The journaled decision on record ``record`` of ``file`` (read as ``sample``), if an
+        earlier run made one with these options on this content; None: send it."""
+        key = (os.path.abspath(file), record)
+        self._read[key[0]] = max(self._read.get(key[0], 0), record + 1)
+        entries = self._decided.get(key)
+        if not entries:
+            return None
+        digest, task, line = entries.pop(0)
+        if digest != sample_digest(sample) or task != sample.task:
+            return None
+        entry = json.loads(line)
+        report, kept = entry["report"], entry["kept"]
+        if kept is None:
+            return Decided(report, None)
+        try:
+            return Decided(report, sample_from_record(kept, record, default_task=sample.task))
+        except ValueError:  # a damaged line: the record is sent again
+            self.ignored += 1
+            return None
+
+    def add(
+        self,
+        file: str,
+        record: int,
+        sample: Sample,
+        report: Mapping[str, Any],
+        kept: Sample | None,
+    ) -> None:
+        """Journal the decision on record ``record`` of ``file`` (sent as ``sample``)."""
+        entry = {
+            "options": self._options,
+            "file": os.path.abspath(file),
+            "record": record,
+            "digest": sample_digest(sample),
+            "task": sample.task,
+            "report": dict(report),
+            "kept": None if kept is None else record_from_sample(kept),
+        }
+        self._log.append([entry])
+
+    def left(self) -> int:
+        """Journaled decisions with these options on records this run did not read."""
+        return sum(
+            len(entries)
+            for (file, record), entries in self._decided.items()
+            if record >= self._read.get(file, 0)
+        )
+
+    def close(self, *, finished: bool) -> bool:
+        """Close it; for a run that ``finished``, delete it unless :meth:`left` holds some.
+        Returns whether the file is still there."""
+        remove = finished and not self.left()
+        if remove:
+            self.path.unlink(missing_ok=True)  # before the lock goes: no run reads it meanwhile
+        self._log.close()
+        return not remove
+
+    def _load(self) -> None:
+        for line, entry in self._log.lines():
+            try:
+                if not isinstance(entry, dict):
+                    raise TypeError(entry)
+                options = entry["options"]
+                key = (_text(entry["file"]), _count(entry["record"]))
+                digest, task = _text(entry["digest"]), _text(entry["task"])
+                report, kept = entry["report"], entry["kept"]
+                if not isinstance(report, dict) or not (kept is None or isinstance(kept, dict)):
+                    raise TypeError(entry)
+            except (KeyError, TypeError):
+                self.ignored += 1
+                continue
+            if options != self._options:
+                self.stale += 1
+                continue
+            # the line as read (its bytes are a fifth of its parsed dicts' memory): parsed
+            # again when taken
+            self._decided[key].append((digest, task, line))
+            self.loaded += 1
+
+
+def _fingerprint(options: Mapping[str, Any]) -> str:
+    text = json.dumps(dict(options), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return value
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError(value)
+    return value

@@ -1,0 +1,173 @@
+"""The journal of ``curate --stream`` (decisions reused by a rerun only on the same record,
+content and options; damaged lines; the lock; when the file goes), and the command using
+it against the fake server."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import pytest
+from client_fakes import FakeCuration
+
+from align2.client import Sample, Turn
+from align2.client.cli import main as cli_main
+from align2.client.jsonl_log import JsonlLog, LogInUse
+from align2.client.llava import record_from_sample, sample_from_record
+from align2.client.stream_journal import DecisionJournal, journal_path
+
+OPTIONS = {"question_keep": None, "align": True, "parts": "both"}
+KEPT_RECORD = {
+    "id": "r0",
+    "image": "a.jpg",
+    "conversations": [
+        {"from": "human", "value": "Q?\n<image>"},  # the marker at the end, as read
+        {"from": "gpt", "value": "A rewritten answer."},
+    ],
+    "source": "gen-7",
+}
+
+
+def sample(i: int, answer: str = "A.") -> Sample:
+    return Sample(f"r{i}", b"", (Turn("Q?", answer),), task="detail", image_file="a.jpg")
+
+
+def report(i: int, decision: str = "kept") -> dict[str, Any]:
+    return {"id": f"r{i}", "decision": decision, "file": "d.jsonl", "record": i}
+
+
+def journal_with_two(path: pathlib.Path) -> None:
+    journal = DecisionJournal(path, OPTIONS)
+    kept = sample_from_record(KEPT_RECORD, 0)
+    journal.add("d.jsonl", 0, sample(0), report(0), kept)
+    journal.add("d.jsonl", 1, sample(1), report(1, "dropped_question"), None)
+    journal.close(finished=False)
+
+
+def test_a_decision_is_taken_back_for_the_same_record_with_its_kept_sample(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "kept.journal.jsonl"
+    journal_with_two(path)
+    journal = DecisionJournal(path, OPTIONS)
+    assert (journal.loaded, journal.stale, journal.ignored) == (2, 0, 0)
+    first = journal.take("d.jsonl", 0, sample(0))
+    assert first is not None and first.report == report(0)
+    assert first.kept is not None and record_from_sample(first.kept) == KEPT_RECORD
+    second = journal.take(str(pathlib.Path("d.jsonl").absolute()), 1, sample(1))
+    assert second is not None and second.kept is None  # the same file, named another way
+    assert journal.take("d.jsonl", 1, sample(1)) is None  # taken once
+    assert journal.take("d.jsonl", 2, sample(2)) is None  # never decided
+    journal.close(finished=True)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    ("file", "record", "changed", "options"),
+    [
+        ("other.jsonl", 0, sample(0), OPTIONS),  # another input file
+        ("d.jsonl", 0, sample(0, answer="Edited."), OPTIONS),  # the record was edited
+        (
+            "d.jsonl",
+            0,
+            Sample("r0", b"", sample(0).turns, "conversation", image_file="a.jpg"),
+            OPTIONS,
+        ),
+        ("d.jsonl", 0, sample(0), {**OPTIONS, "question_keep": 0.5}),  # other flags
+    ],
+)
+def test_a_decision_on_other_content_or_options_is_not_taken(
+    file: str, record: int, changed: Sample, options: dict[str, Any], tmp_path: pathlib.Path
+) -> None:
+    path = tmp_path / "kept.journal.jsonl"
+    journal_with_two(path)
+    journal = DecisionJournal(path, options)
+    assert journal.take(file, record, changed) is None
+    journal.close(finished=False)
+
+
+def test_damaged_lines_are_ignored_and_a_cut_last_line_is_dropped(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "kept.journal.jsonl"
+    journal_with_two(path)
+    first, second = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"\xff\xfe not utf-8\n" + first + b"[1, 2]\n{}\n" + second[:40])
+    journal = DecisionJournal(path, OPTIONS)
+    assert (journal.loaded, journal.ignored) == (1, 3)
+    assert journal.take("d.jsonl", 1, sample(1)) is None  # its line was cut by the crash
+    journal.add("d.jsonl", 1, sample(1), report(1), None)  # appended on a line of its own
+    journal.close(finished=False)
+    assert DecisionJournal(path, OPTIONS).loaded == 2
+
+
+def test_a_finished_run_keeps_the_journal_while_it_holds_records_that_run_did_not_read(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "kept.journal.jsonl"
+    journal_with_two(path)
+    journal = DecisionJournal(path, OPTIONS)
+    assert journal.take("d.jsonl", 0, sample(0)) is not None  # record 1 not read
+    assert journal.left() == 1
+    assert journal.close(finished=True) and path.exists()
+
+
+def test_the_log_is_locked_while_open(tmp_path: pathlib.Path) -> None:
+    first = JsonlLog(tmp_path / "j.jsonl", lock=True)
+    with pytest.raises(LogInUse, match="another process is writing it"):
+        JsonlLog(tmp_path / "j.jsonl", lock=True)
+    first.close()
+    JsonlLog(tmp_path / "j.jsonl", lock=True).close()
+
+
+def test_no_journal_beside_an_output_that_is_not_a_file(tmp_path: pathlib.Path) -> None:
+    assert journal_path("/dev/null") is None
+    assert journal_path(tmp_path / "kept.json") == tmp_path / "kept.journal.jsonl"
+
+
+RECORD = {
+    "image": "a.jpg",
+    "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}],
+}
+
+
+def test_the_same_command_after_a_failed_stream_sends_only_the_records_not_decided(
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The stream fails after 2 decisions by the server, and record 1 (its image missing)
+    failed as its own item; the same command again sends record 1 (an error is not
+    journaled: it may pass now) and the 9 others not decided, and writes the 11 kept (the
+    fake keeps every sample it gets) to --out, the report naming the 2 taken from the
+    journal; a finished run deletes it."""
+    (tmp_path / "a.jpg").write_bytes(b"jpeg")
+    data = tmp_path / "detail_23k.jsonl"
+    records = [{**RECORD, "id": f"r{i}"} for i in range(12)]
+    records[1]["image"] = "b.jpg"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out, report = tmp_path / "kept.json", tmp_path / "d.jsonl"
+    journal = tmp_path / "kept.journal.jsonl"
+    argv = ["curate", str(data), "--stream", "--image-folder", str(tmp_path), "--out", str(out)]
+    argv += ["--report", str(report), "--target", fake.target, "--no-progress", "--no-retry"]
+    fake.curate_abort_after = [2]
+    assert cli_main(argv) == 1
+    assert f"or run the same command again: the decisions so far are in {journal}" in (
+        capsys.readouterr().err
+    )
+    first = [json.loads(line)["id"] for line in report.read_text().splitlines()]
+    assert sorted(first) == ["r0", "r1", "r2"]
+    journaled = [json.loads(line)["report"]["id"] for line in journal.read_text().splitlines()]
+    assert sorted(journaled) == ["r0", "r2"]
+    fake.curate_streams.clear()
+    (tmp_path / "b.jpg").write_bytes(b"jpeg")  # record 1 can be sent now
+    assert cli_main(argv) == 0
+    assert "holds 2 decisions of an earlier run" in capsys.readouterr().err
+    assert sorted(fake.curate_streams[0], key=lambda i: int(i[1:])) == [
+        f"r{i}" for i in range(1, 12) if i != 2
+    ]
+    decisions = [json.loads(line) for line in report.read_text().splitlines()]
+    assert sorted(d["record"] for d in decisions) == list(range(12))
+    assert sorted(d["id"] for d in decisions if d.get("from_journal")) == ["r0", "r2"]
+    kept = json.loads(out.read_text())
+    assert sorted(r["id"] for r in kept) == sorted(f"r{i}" for i in range(12))
+    assert not journal.exists()
