@@ -699,6 +699,7 @@ def _curate_stream(namespace: argparse.Namespace, journal: DecisionJournal | Non
         def record_earlier() -> None:
             while earlier:
                 decided = earlier.popleft()
+                counts["from_journal"] += 1
                 record({**decided.report, "from_journal": True}, decided.kept)
 
         results = client.curate(
@@ -737,6 +738,8 @@ def _curate_stream(namespace: argparse.Namespace, journal: DecisionJournal | Non
     if failure is None or kept:
         write_llava(kept, namespace.out)
     summary = ", ".join(f"{counts[d]} {d}" for d in DECISIONS)
+    if counts["from_journal"]:
+        summary += f" ({counts.pop('from_journal')} decided by an earlier run)"
     print(f"align2 curate: {counts.total()} samples: {summary}", file=sys.stderr)
     if failure is not None:
         unanswered = results.unanswered
