@@ -173,3 +173,36 @@ def test_the_same_command_after_a_failed_stream_sends_only_the_records_not_decid
     kept = json.loads(out.read_text())
     assert sorted(r["id"] for r in kept) == sorted(f"r{i}" for i in range(12))
     assert not journal.exists()
+
+
+def test_skip_invalid_makes_a_malformed_record_its_own_error_decision_in_a_stream(
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Records 2 (no conversations) and 4 (conversations a string) are malformed: with
+    --skip-invalid each is an error decision naming its file, place and key, not sent, and
+    the stream goes on with the rest; without it the run stops at record 2 (exit 2)."""
+    (tmp_path / "a.jpg").write_bytes(b"jpeg")
+    data = tmp_path / "detail_23k.jsonl"
+    records: list[dict[str, Any]] = [{**RECORD, "id": f"r{i}"} for i in range(6)]
+    del records[2]["conversations"]
+    records[4]["conversations"] = "Q? A."
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out, report = tmp_path / "kept.json", tmp_path / "d.jsonl"
+    argv = ["curate", str(data), "--stream", "--image-folder", str(tmp_path), "--out", str(out)]
+    argv += ["--report", str(report), "--target", fake.target, "--no-progress"]
+    assert cli_main([*argv, "--skip-invalid"]) == 0
+    assert "6 samples: 4 kept, 0 dropped_question, 0 dropped_answer, 2 error" in (
+        capsys.readouterr().err
+    )
+    assert sorted(fake.curate_streams[0]) == ["r0", "r1", "r3", "r5"]
+    errors = {
+        d["record"]: d for d in map(json.loads, report.read_text().splitlines()) if d["error"]
+    }
+    assert sorted(errors) == [2, 4]
+    assert errors[2]["id"] == "r2" and errors[2]["file"] == str(data)
+    assert errors[2]["error"]["code"] == "INVALID_ARGUMENT"
+    assert "record 2 (id 'r2'): conversations:" in errors[2]["error"]["message"]
+    assert "record 4 (id 'r4'): conversations:" in errors[4]["error"]["message"]
+    assert sorted(r["id"] for r in json.loads(out.read_text())) == ["r0", "r1", "r3", "r5"]
+    assert cli_main(argv) == 2
+    assert "record 2 (id 'r2')" in capsys.readouterr().err

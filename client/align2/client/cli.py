@@ -47,10 +47,16 @@ from align2.client.calls import (
     parse_heads,
     split_chunks,
 )
-from align2.client.llava import iter_llava, read_llava, write_llava
+from align2.client.llava import MalformedRecord, iter_llava, read_llava, write_llava
 from align2.client.offline_cli import EXIT_INTERRUPTED, run_offline
-from align2.client.results import DECISIONS, ProtocolError
-from align2.client.stream_journal import Decided, DecisionJournal, journal_path
+from align2.client.results import (
+    DECISIONS,
+    CurateResult,
+    ItemError,
+    ProtocolError,
+    ScoreResult,
+)
+from align2.client.stream_journal import DecisionJournal, journal_path
 from align2.client.sync import CurationClient
 from align2.client.types import Sample
 
@@ -403,6 +409,12 @@ def _curate_arguments(parser: argparse.ArgumentParser) -> None:
         "seen so far) instead of the exact selection on the whole files; each decision is "
         "journaled to OUT_STEM.journal.jsonl, so the same command goes on after any stop",
     )
+    parser.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="leave out malformed records instead of stopping (listed in the report; with "
+        "--stream each an error decision); without --stream also records that can't be scored",
+    )
     parser.add_argument("--align", action="store_true", help="restyle the kept samples")
     _rewrite_arguments(parser)
     _priority_argument(parser)
@@ -445,11 +457,6 @@ def _curate_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="rank all records together, whatever their task types",
     )
-    offline.add_argument(
-        "--skip-invalid",
-        action="store_true",
-        help="leave out malformed or unscorable records (listed in the report) instead of stopping",
-    )
     offline.add_argument("--plot", default=None, help="PNG of the score histograms (Pillow)")
     _chunk_size_argument(offline)
     offline.add_argument(
@@ -460,7 +467,7 @@ def _curate_arguments(parser: argparse.ArgumentParser) -> None:
 
 # Flags of the exact selection whose defaults are empty (--chunk-size and --concurrency are
 # not refused with --stream: they have defaults).
-_OFFLINE_ONLY = ("scores", "one_task", "skip_invalid", "plot", "question_model", "answer_model")
+_OFFLINE_ONLY = ("scores", "one_task", "plot", "question_model", "answer_model")
 _STREAM_ONLY = ("selection_key", "thresholds", "seed_scores", "min_window")
 
 
@@ -629,7 +636,8 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
     they kept. When the stream fails, the samples kept so far are still written (none:
     ``--out`` is left as it was), and the records not decided (sent and unanswered, then
     those not sent) go to ``OUT_STEM.rest.jsonl``, for the same command to go on with
-    another ``--out`` (exit 1; 2 for an input record that cannot be read, 130 interrupted).
+    another ``--out`` (exit 1; 2 for an input record that cannot be read, 130 interrupted;
+    ``--skip-invalid``: a malformed record is an error decision instead, not sent).
     Each report line names the record decided (``file``, ``record`` from 0): ids may
     repeat."""
     path = journal_path(namespace.out)
@@ -658,20 +666,35 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
 def _curate_stream(namespace: argparse.Namespace, journal: DecisionJournal | None) -> int:
     # The records drawn and not yet decided, by the result's index.
     undecided: dict[int, tuple[str, int, Sample]] = {}
-    # Records an earlier run decided, taken from the journal as they are read (on gRPC's
-    # thread), to be recorded by this one.
-    earlier: collections.deque[Decided] = collections.deque()
+    # Decisions not the server's, found as the input is read (on gRPC's thread), to be
+    # recorded by this one: an earlier run's, from the journal; malformed records skipped.
+    settled: collections.deque[tuple[dict[str, Any], Sample | None]] = collections.deque()
     resuming = [journal is not None]
 
     def read() -> Iterator[Sample]:
         drawn = itertools.count()
         for path in namespace.file:
-            records = iter_llava(path, image_folder=namespace.image_folder, task=namespace.task)
-            for record, sample in enumerate(records):
+            place = itertools.count()  # the record's place in the file, skipped ones included
+
+            def skipped(
+                index: int, error: MalformedRecord, path: str = path, place: Any = place
+            ) -> None:
+                next(place)
+                settled.append((_malformed_decision(path, index, error), None))
+
+            records = iter_llava(
+                path,
+                image_folder=namespace.image_folder,
+                task=namespace.task,
+                invalid=skipped if namespace.skip_invalid else None,
+            )
+            for sample in records:
+                record = next(place)
                 if journal is not None and resuming[0]:
                     decided = journal.take(path, record, sample)
                     if decided is not None:
-                        earlier.append(decided)
+                        report = {**decided.report, "from_journal": True}
+                        settled.append((report, decided.kept))
                         continue
                 undecided[next(drawn)] = (path, record, sample)
                 yield sample
@@ -696,11 +719,11 @@ def _curate_stream(namespace: argparse.Namespace, journal: DecisionJournal | Non
             if sample is not None:
                 kept.append(sample)
 
-        def record_earlier() -> None:
-            while earlier:
-                decided = earlier.popleft()
-                counts["from_journal"] += 1
-                record({**decided.report, "from_journal": True}, decided.kept)
+        def record_settled() -> None:
+            while settled:
+                line, sample = settled.popleft()
+                counts["from_journal"] += bool(line.get("from_journal"))
+                record(line, sample)
 
         results = client.curate(
             samples,
@@ -717,7 +740,7 @@ def _curate_stream(namespace: argparse.Namespace, journal: DecisionJournal | Non
                 # Taken off the records not decided, journaled and added to the kept as one
                 # step: a Ctrl-C or SIGTERM meanwhile waits until the decision is recorded.
                 with recording():
-                    record_earlier()
+                    record_settled()
                     drawn = undecided.pop(result.index, None)
                     line = {**result.to_dict(), "file": None, "record": None}
                     if drawn is not None:
@@ -727,14 +750,14 @@ def _curate_stream(namespace: argparse.Namespace, journal: DecisionJournal | Non
                             journal.add(path, index, sent, line, result.sample)
                     record(line, result.sample)
             with recording():
-                record_earlier()
+                record_settled()
         # An RPC failure, an input record that cannot be read, Ctrl-C or SIGTERM: the
         # kept samples so far are still written below.
         except (grpc.RpcError, ProtocolError, OSError, ValueError, KeyboardInterrupt) as error:
             failure = error
             results.stop_drawing()  # gRPC's thread may be reading the input: it is ours now
             resuming[0] = False  # the rest file gets every record this run did not decide
-            record_earlier()
+            record_settled()
     if failure is None or kept:
         write_llava(kept, namespace.out)
     summary = ", ".join(f"{counts[d]} {d}" for d in DECISIONS)
@@ -760,6 +783,14 @@ def _curate_stream(namespace: argparse.Namespace, journal: DecisionJournal | Non
             )
         return status
     return 0
+
+
+def _malformed_decision(path: str, index: int, error: MalformedRecord) -> dict[str, Any]:
+    """The report line of a malformed record left out (``--skip-invalid``): an error."""
+    record_id = error.record_id or ""
+    problem = ItemError(grpc.StatusCode.INVALID_ARGUMENT, f"{path}: {error}")
+    result = CurateResult(record_id, "error", ScoreResult(record_id), error=problem)
+    return {**result.to_dict(), "file": path, "record": index}
 
 
 def _decision_options(namespace: argparse.Namespace) -> dict[str, Any]:

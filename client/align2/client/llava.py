@@ -18,7 +18,7 @@ import contextlib
 import json
 import os
 import pathlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, cast
 
 from align2.client.types import ImageMarker, Sample, Turn
@@ -56,9 +56,16 @@ def read_llava(
 
 
 def iter_llava(
-    path: StrPath, image_folder: StrPath | None = None, task: str | None = None
+    path: StrPath,
+    image_folder: StrPath | None = None,
+    task: str | None = None,
+    invalid: Callable[[int, MalformedRecord], object] | None = None,
 ) -> Iterator[Sample]:
-    """Like :func:`read_llava`, one sample at a time (JSONL is streamed, not loaded whole)."""
+    """Like :func:`read_llava`, one sample at a time (JSONL is streamed, not loaded whole).
+
+    ``invalid``: called with the index and the error of each malformed record, which is
+    then skipped (the default raises, as :func:`read_llava`); a file that is not JSON still
+    raises."""
     path = pathlib.Path(path)
     folder = pathlib.Path(image_folder) if image_folder is not None else None
     default_task = task if task is not None else task_from_filename(path)
@@ -67,8 +74,11 @@ def iter_llava(
             sample = sample_from_record(
                 record, index, image_folder=folder, default_task=default_task
             )
-        except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
+        except MalformedRecord as error:
+            if invalid is None:
+                raise ValueError(f"{path}: {error}") from None
+            invalid(index, error)
+            continue
         yield sample
 
 
