@@ -48,7 +48,7 @@ def _fraction(key: str, value: float | None) -> float | None:
     return value
 
 
-MAX_SELECTION_KEY_LENGTH = 256  # as the server checks it
+MAX_SELECTION_KEY_LENGTH = 256  # the server's Limits.max_name_length, fixed
 
 
 def selection_options(
@@ -64,7 +64,10 @@ def selection_options(
     here: ValueError naming the argument."""
     key = selection_key or ""
     if len(key) > MAX_SELECTION_KEY_LENGTH:
-        raise ValueError(f"selection_key: {len(key)} characters exceeds {MAX_SELECTION_KEY_LENGTH}")
+        raise ValueError(
+            f"selection_key: {len(key)} characters exceeds {MAX_SELECTION_KEY_LENGTH} "
+            "(the server's limits.max_name_length)"
+        )
     if min_window is not None and min_window < 1:
         raise ValueError(f"min_window: {min_window} is not at least 1")
     options = pb.CurateOptions(selection_key=key, min_window=min_window)
