@@ -37,19 +37,22 @@ def report(i: int, decision: str = "kept") -> dict[str, Any]:
     return {"id": f"r{i}", "decision": decision, "file": "d.jsonl", "record": i}
 
 
-def journal_with_two(path: pathlib.Path) -> None:
+@pytest.fixture
+def two(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A journal holding two decisions on d.jsonl: record 0 kept, record 1 dropped."""
+    path = tmp_path / "kept.journal.jsonl"
     journal = DecisionJournal(path, OPTIONS)
     kept = sample_from_record(KEPT_RECORD, 0)
     journal.add("d.jsonl", 0, sample(0), report(0), kept)
     journal.add("d.jsonl", 1, sample(1), report(1, "dropped_question"), None)
     journal.close(finished=False)
+    return path
 
 
 def test_a_decision_is_taken_back_for_the_same_record_with_its_kept_sample(
-    tmp_path: pathlib.Path,
+    two: pathlib.Path,
 ) -> None:
-    path = tmp_path / "kept.journal.jsonl"
-    journal_with_two(path)
+    path = two
     journal = DecisionJournal(path, OPTIONS)
     assert (journal.loaded, journal.stale, journal.ignored) == (2, 0, 0)
     first = journal.take("d.jsonl", 0, sample(0))
@@ -78,20 +81,18 @@ def test_a_decision_is_taken_back_for_the_same_record_with_its_kept_sample(
     ],
 )
 def test_a_decision_on_other_content_or_options_is_not_taken(
-    file: str, record: int, changed: Sample, options: dict[str, Any], tmp_path: pathlib.Path
+    file: str, record: int, changed: Sample, options: dict[str, Any], two: pathlib.Path
 ) -> None:
-    path = tmp_path / "kept.journal.jsonl"
-    journal_with_two(path)
+    path = two
     journal = DecisionJournal(path, options)
     assert journal.take(file, record, changed) is None
     journal.close(finished=False)
 
 
 def test_damaged_lines_are_ignored_and_a_cut_last_line_is_dropped(
-    tmp_path: pathlib.Path,
+    two: pathlib.Path,
 ) -> None:
-    path = tmp_path / "kept.journal.jsonl"
-    journal_with_two(path)
+    path = two
     first, second = path.read_bytes().splitlines(keepends=True)
     path.write_bytes(b"\xff\xfe not utf-8\n" + first + b"[1, 2]\n{}\n" + second[:40])
     journal = DecisionJournal(path, OPTIONS)
@@ -103,10 +104,9 @@ def test_damaged_lines_are_ignored_and_a_cut_last_line_is_dropped(
 
 
 def test_a_finished_run_keeps_the_journal_while_it_holds_records_that_run_did_not_read(
-    tmp_path: pathlib.Path,
+    two: pathlib.Path,
 ) -> None:
-    path = tmp_path / "kept.journal.jsonl"
-    journal_with_two(path)
+    path = two
     journal = DecisionJournal(path, OPTIONS)
     assert journal.take("d.jsonl", 0, sample(0)) is not None  # record 1 not read
     assert journal.left() == 1
