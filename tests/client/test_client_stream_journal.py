@@ -4,6 +4,7 @@ it against the fake server."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from typing import Any
@@ -78,6 +79,9 @@ def test_a_decision_is_taken_back_for_the_same_record_with_its_kept_sample(
             OPTIONS,
         ),
         ("d.jsonl", 0, sample(0), {**OPTIONS, "question_keep": 0.5}),  # other flags
+        # what a kept copy writes to --out, not what is sent: the id, an extra key
+        ("d.jsonl", 0, dataclasses.replace(sample(0), id="r0-renamed"), OPTIONS),
+        ("d.jsonl", 0, dataclasses.replace(sample(0), extra={"source": "gen-8"}), OPTIONS),
     ],
 )
 def test_a_decision_on_other_content_or_options_is_not_taken(

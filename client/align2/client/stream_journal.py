@@ -10,11 +10,12 @@ line per decision::
      "kept": {...the kept LLaVA record...} or null}
 
 A rerun does not send a record the journal decided when all of (``file``: the input's
-absolute path, ``record``: its place in the file from 0, ``digest``: what the record sends,
-see :func:`~align2.client.scorestore.sample_digest`, ``task``, ``options``: the flags that
-change decisions) match: it takes the journaled decision (its report line, its kept
-sample). An edited record, or a rerun with other selection or rewrite flags, is sent
-afresh. Connection flags (``--target``, ``--timeout``, ...) may change between runs.
+absolute path, ``record``: its place in the file from 0, ``digest``: the whole record as
+read, see :func:`record_digest`, ``task``, ``options``: the flags that change decisions)
+match: it takes the journaled decision (its report line, its kept sample). An edited
+record (its id and extra keys too, which a kept sample carries to ``--out``), or a rerun
+with other selection or rewrite flags, is sent afresh. Connection flags (``--target``,
+``--timeout``, ...) may change between runs.
 
 A line is flushed to the OS as its decision comes (it outlives the process) and synced to
 the disk at most a second later (it outlives the machine); a record whose line was lost is
@@ -39,7 +40,6 @@ from typing import Any
 
 from align2.client.jsonl_log import JsonlLog
 from align2.client.llava import record_from_sample, sample_from_record
-from align2.client.scorestore import sample_digest
 from align2.client.types import Sample
 
 SYNC_SECONDS = 1.0
@@ -92,7 +92,7 @@ class DecisionJournal:
         if not entries:
             return None
         digest, task, line = entries.pop(0)
-        if digest != sample_digest(sample) or task != sample.task:
+        if digest != record_digest(sample) or task != sample.task:
             return None
         entry = json.loads(line)
         report, kept = entry["report"], entry["kept"]
@@ -117,7 +117,7 @@ class DecisionJournal:
             "options": self._options,
             "file": os.path.abspath(file),
             "record": record,
-            "digest": sample_digest(sample),
+            "digest": record_digest(sample),
             "task": sample.task,
             "report": dict(report),
             "kept": None if kept is None else record_from_sample(kept),
@@ -162,6 +162,13 @@ class DecisionJournal:
             # again when taken
             self._decided[key].append((digest, task, line))
             self.loaded += 1
+
+
+def record_digest(sample: Sample) -> str:
+    """A hash of a record as read: what it sends (image file name, turns) and what else a
+    kept copy of it writes to ``--out`` (id, where ``<image>`` stood, extra keys)."""
+    text = json.dumps(record_from_sample(sample), ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def _fingerprint(options: Mapping[str, Any]) -> str:
