@@ -93,6 +93,24 @@ def test_a_decision_on_other_content_or_options_is_not_taken(
     journal.close(finished=False)
 
 
+def test_the_decision_on_a_record_as_it_is_now_is_taken_after_an_edit(
+    two: pathlib.Path,
+) -> None:
+    """Record 0 was decided, then edited and decided again (a run killed after each): the
+    journal holds both decisions, and a rerun takes the one on the record as it is now
+    instead of sending it again on every rerun."""
+    path = two
+    edited = sample(0, answer="Edited.")
+    journal = DecisionJournal(path, OPTIONS)
+    assert journal.take("d.jsonl", 0, edited) is None  # only the first decision so far
+    journal.add("d.jsonl", 0, edited, report(0, "dropped_answer"), None)
+    journal.close(finished=False)
+    journal = DecisionJournal(path, OPTIONS)
+    taken = journal.take("d.jsonl", 0, edited)
+    assert taken is not None and taken.report == report(0, "dropped_answer")
+    journal.close(finished=False)
+
+
 def test_damaged_lines_are_ignored_and_a_cut_last_line_is_dropped(
     two: pathlib.Path,
 ) -> None:

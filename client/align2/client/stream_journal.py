@@ -91,9 +91,13 @@ class DecisionJournal:
         entries = self._decided.get(key)
         if not entries:
             return None
-        digest, task, line = entries.pop(0)
-        if digest != record_digest(sample) or task != sample.task:
+        # The first decision on this content: one on what the record held before an edit
+        # does not hide the one made since (the record was sent again on every rerun).
+        wanted = (record_digest(sample), sample.task)
+        found = next((i for i, (d, t, _) in enumerate(entries) if (d, t) == wanted), None)
+        if found is None:
             return None
+        _, _, line = entries.pop(found)
         entry = json.loads(line)
         report, kept = entry["report"], entry["kept"]
         if kept is None:
