@@ -111,6 +111,20 @@ def test_the_decision_on_a_record_as_it_is_now_is_taken_after_an_edit(
     journal.close(finished=False)
 
 
+def test_a_line_whose_report_has_no_decision_is_ignored(two: pathlib.Path) -> None:
+    """A damaged line that is still JSON with every key: a rerun that took it stopped with
+    a KeyError traceback, and so did every rerun after it."""
+    path = two
+    first, second = path.read_text().splitlines()
+    entry = json.loads(first)
+    del entry["report"]["decision"]
+    path.write_text(json.dumps(entry) + "\n" + second + "\n")
+    journal = DecisionJournal(path, OPTIONS)
+    assert (journal.loaded, journal.ignored) == (1, 1)
+    assert journal.take("d.jsonl", 0, sample(0)) is None  # sent again
+    journal.close(finished=False)
+
+
 def test_damaged_lines_are_ignored_and_a_cut_last_line_is_dropped(
     two: pathlib.Path,
 ) -> None:

@@ -43,6 +43,8 @@ from align2.client.llava import record_from_sample, sample_from_record
 from align2.client.types import Sample
 
 SYNC_SECONDS = 1.0
+# The decisions a journal holds (an error is not journaled: it is sent again).
+_DECISIONS = frozenset({"kept", "dropped_question", "dropped_answer"})
 
 
 def journal_path(out: str | os.PathLike[str]) -> pathlib.Path | None:
@@ -155,6 +157,8 @@ class DecisionJournal:
                 digest, task = _text(entry["digest"]), _text(entry["task"])
                 report, kept = entry["report"], entry["kept"]
                 if not isinstance(report, dict) or not (kept is None or isinstance(kept, dict)):
+                    raise TypeError(entry)
+                if report.get("decision") not in _DECISIONS:  # recorded as it is when taken
                     raise TypeError(entry)
             except (KeyError, TypeError):
                 self.ignored += 1
