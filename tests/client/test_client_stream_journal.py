@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -125,6 +126,21 @@ def test_a_line_whose_report_has_no_decision_is_ignored(two: pathlib.Path) -> No
     journal.close(finished=False)
 
 
+def test_a_file_name_that_is_not_utf8_is_journaled(tmp_path: pathlib.Path) -> None:
+    """A file name with a byte that is not UTF-8 (read by Python as a lone surrogate):
+    before, journaling its first decision raised UnicodeEncodeError, and every run of
+    ``curate --stream`` on that file stopped at its first decision."""
+    name = str(tmp_path / "d\udce9.jsonl")  # os.fsdecode(b"d\xe9.jsonl")
+    path = tmp_path / "kept.journal.jsonl"
+    journal = DecisionJournal(path, OPTIONS)
+    journal.add(name, 0, sample(0), {**report(0, "dropped_question"), "file": name}, None)
+    journal.close(finished=False)
+    journal = DecisionJournal(path, OPTIONS)
+    taken = journal.take(name, 0, sample(0))
+    assert taken is not None and taken.report["file"] == name
+    journal.close(finished=False)
+
+
 def test_damaged_lines_are_ignored_and_a_cut_last_line_is_dropped(
     two: pathlib.Path,
 ) -> None:
@@ -209,6 +225,27 @@ def test_the_same_command_after_a_failed_stream_sends_only_the_records_not_decid
     kept = json.loads(out.read_text())
     assert sorted(r["id"] for r in kept) == sorted(f"r{i}" for i in range(12))
     assert not journal.exists()
+
+
+def test_a_stream_of_a_file_whose_name_is_not_utf8_goes_on_with_its_journal(
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An input named in Latin-1 (the byte 0xe9): a stream of it ran before the journal
+    came; with it, journaling the first decision failed, and so did every rerun (exit 2,
+    nothing kept). Now it runs, and a rerun after a failure takes the journal's decisions."""
+    (tmp_path / "a.jpg").write_bytes(b"jpeg")
+    data = tmp_path / os.fsdecode(b"detail_\xe9.jsonl")
+    data.write_text("".join(json.dumps({**RECORD, "id": f"r{i}"}) + "\n" for i in range(6)))
+    out = tmp_path / "kept.json"
+    argv = ["curate", str(data), "--stream", "--image-folder", str(tmp_path), "--out", str(out)]
+    argv += ["--target", fake.target, "--no-progress", "--no-retry"]
+    fake.curate_abort_after = [2]
+    assert cli_main(argv) == 1
+    fake.curate_streams.clear()
+    assert cli_main(argv) == 0
+    assert "(2 decided by an earlier run)" in capsys.readouterr().err
+    assert sorted(fake.curate_streams[0]) == ["r2", "r3", "r4", "r5"]
+    assert sorted(r["id"] for r in json.loads(out.read_text())) == [f"r{i}" for i in range(6)]
 
 
 def test_skip_invalid_makes_a_malformed_record_its_own_error_decision_in_a_stream(

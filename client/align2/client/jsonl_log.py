@@ -72,7 +72,7 @@ class JsonlLog:
 
     def append(self, entries: Sequence[Any]) -> None:
         """Write ``entries`` as lines, flushed to the OS; to the disk as ``sync_seconds`` says."""
-        self._out.write("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+        self._out.write("".join(map(_line, entries)))
         self._out.flush()
         if time.monotonic() - self._synced >= self._sync_seconds:
             self._sync()
@@ -95,6 +95,17 @@ class JsonlLog:
             fcntl.flock(self._out.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise LogInUse(f"{self.path}: another process is writing it") from None
+
+
+def _line(entry: Any) -> str:
+    """``entry`` as a line of JSON, non-ASCII text as it is; a lone surrogate (a file name's
+    byte that is not UTF-8, as Python reads it) escaped, since UTF-8 cannot hold it."""
+    line = json.dumps(entry, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(entry)
+    return line + "\n"
 
 
 def _drop_truncated_tail(path: pathlib.Path) -> None:
