@@ -8,12 +8,14 @@ import dataclasses
 import json
 import os
 import pathlib
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from client_fakes import FakeCuration
 
-from align2.client import Sample, Turn
+from align2.client import Sample, Turn, cli
 from align2.client.cli import main as cli_main
 from align2.client.jsonl_log import JsonlLog, LogInUse
 from align2.client.llava import record_from_sample, sample_from_record
@@ -279,3 +281,51 @@ def test_skip_invalid_makes_a_malformed_record_its_own_error_decision_in_a_strea
     assert sorted(r["id"] for r in json.loads(out.read_text())) == ["r0", "r1", "r3", "r5"]
     assert cli_main(argv) == 2
     assert "record 2 (id 'r2')" in capsys.readouterr().err
+
+
+def test_skip_invalid_reports_the_malformed_records_met_while_the_rest_file_is_written(
+    fake: FakeCuration,
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stream fails while gRPC's thread waits on a slow read of record 4; records 8
+    and 11 are malformed, read only as the rest file is written: each is still an error
+    decision in --report. Before, they were in neither the report nor the rest file, so
+    going on with the rest file never named them."""
+    (tmp_path / "a.jpg").write_bytes(b"jpeg")
+    data = tmp_path / "detail_1.jsonl"
+    records: list[dict[str, Any]] = [{**RECORD, "id": f"r{i}"} for i in range(12)]
+    del records[8]["conversations"]
+    del records[11]["conversations"]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    real = cli.iter_llava
+
+    def slow(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        for i, sample in enumerate(real(*args, **kwargs)):
+            if i == 4:
+                time.sleep(1.0)
+            yield sample
+
+    monkeypatch.setattr(cli, "iter_llava", slow)
+    fake.curate_abort_after = [2]
+    out, report = tmp_path / "kept.json", tmp_path / "d.jsonl"
+    argv = ["curate", str(data), "--stream", "--image-folder", str(tmp_path), "--out", str(out)]
+    argv += ["--report", str(report), "--target", fake.target, "--no-progress", "--no-retry"]
+    assert cli_main([*argv, "--skip-invalid"]) == 1
+    assert "4 samples: 2 kept, 0 dropped_question, 0 dropped_answer, 2 error" in (
+        capsys.readouterr().err
+    )
+    decisions = [json.loads(line) for line in report.read_text().splitlines()]
+    assert sorted(d["record"] for d in decisions if d["error"]) == [8, 11]
+    rest = (tmp_path / "kept.rest.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in rest] == [
+        "r2",
+        "r3",
+        "r4",
+        "r5",
+        "r6",
+        "r7",
+        "r9",
+        "r10",
+    ]

@@ -758,8 +758,13 @@ def _curate_stream(namespace: argparse.Namespace, journal: DecisionJournal | Non
             results.stop_drawing()  # gRPC's thread may be reading the input: it is ours now
             resuming[0] = False  # the rest file gets every record this run did not decide
             record_settled()
-    if failure is None or kept:
-        write_llava(kept, namespace.out)
+        if failure is None or kept:
+            write_llava(kept, namespace.out)
+        rest = None
+        # An unreadable record ended the input (exit 2): nothing after it is read.
+        if failure is not None and _why_stopped(failure)[1] != 2:
+            rest = _write_rest(namespace.out, [undecided[i][2] for i in sorted(undecided)], samples)
+            record_settled()  # --skip-invalid: the malformed records read on the way
     summary = ", ".join(f"{counts[d]} {d}" for d in DECISIONS)
     if counts["from_journal"]:
         summary += f" ({counts.pop('from_journal')} decided by an earlier run)"
@@ -773,8 +778,8 @@ def _curate_stream(namespace: argparse.Namespace, journal: DecisionJournal | Non
             f"align2 curate: {why}; {written}; {len(unanswered)} sent and unanswered{listed}",
             file=sys.stderr,
         )
-        if status != 2:  # an unreadable record ended the input: nothing after it is read
-            _write_rest(namespace.out, [undecided[i][2] for i in sorted(undecided)], samples)
+        if rest is not None:
+            print(rest, file=sys.stderr)
         if journal is not None:
             print(
                 f"align2 curate: or run the same command again: the decisions so far are in "
@@ -809,9 +814,9 @@ def _decision_options(namespace: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _write_rest(out: str, undecided: list[Sample], unsent: Iterator[Sample]) -> None:
+def _write_rest(out: str, undecided: list[Sample], unsent: Iterator[Sample]) -> str:
     """After a failed stream: the records not decided, then those not sent, as one LLaVA
-    file beside ``out`` that the same command takes to go on."""
+    file beside ``out`` that the same command takes to go on. Returns what to say of it."""
     rest = pathlib.Path(out)
     rest = rest.with_name(f"{rest.stem}.rest.jsonl")  # kept.json: kept.rest.jsonl
     problem: list[BaseException] = []
@@ -829,10 +834,9 @@ def _write_rest(out: str, undecided: list[Sample], unsent: Iterator[Sample]) -> 
 
     count = write_llava(map(with_task, itertools.chain(undecided, readable())), rest)
     note = f" (reading stopped at: {problem[0]})" if problem else ""
-    print(
+    return (
         f"align2 curate: the {count} records not decided ({len(undecided)} drawn, then those "
-        f"not sent) are in {rest}: to go on, run the command on it with another --out{note}",
-        file=sys.stderr,
+        f"not sent) are in {rest}: to go on, run the command on it with another --out{note}"
     )
 
 
