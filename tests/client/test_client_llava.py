@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import stat
 import tempfile
+import threading
 from typing import Any
 
 import pytest
@@ -251,6 +254,23 @@ def test_write_is_atomic(tmp_path: pathlib.Path) -> None:
         write_llava([good, unnamed], out)
     assert out.read_text(encoding="utf-8") == "[]"
     assert list(tmp_path.iterdir()) == [out]
+
+
+def test_write_to_a_path_that_is_not_a_regular_file_writes_to_it(tmp_path: pathlib.Path) -> None:
+    """``--out /dev/null`` or a FIFO is written as it is, as the CLI's other outputs are:
+    before, the atomic replace put a regular file in its place (run as root, ``--out
+    /dev/null`` replaced the machine's /dev/null with the kept samples)."""
+    fifo = tmp_path / "out.json"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    [sample] = read_llava(write_json(tmp_path / "in.json", [RECORD]))
+    assert write_llava([sample], fifo) == 1
+    reader.join(timeout=10)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert json.loads(got[0]) == [RECORD]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.json", "out.json"]
 
 
 def test_write_rejects_extra_keys_that_clash(tmp_path: pathlib.Path) -> None:

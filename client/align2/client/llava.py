@@ -88,9 +88,13 @@ def write_llava(samples: Iterable[Sample], path: StrPath) -> int:
     Restores each record as read (marker, image name, extra keys). ``Sample.task`` is not
     written (LLaVA has no such field); a record's own ``task``/``type`` key lives in
     ``extra`` and is written from there. The file is replaced atomically: a failure leaves
-    any previous file untouched. Returns the number of records written.
+    any previous file untouched; a path that is not a regular file (``/dev/null``, a FIFO)
+    is written as it is, not replaced. Returns the number of records written.
     """
     path = pathlib.Path(path)
+    if path.exists() and not path.is_file():
+        with path.open("w", encoding="utf-8") as out:
+            return _write_records(out, (record_from_sample(s) for s in samples), path)
     partial = path.with_name(path.name + ".partial")
     try:
         with partial.open("w", encoding="utf-8") as out:
