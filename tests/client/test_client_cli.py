@@ -7,6 +7,7 @@ import os
 import pathlib
 import signal
 import sys
+import threading
 import time
 import types
 from collections.abc import Iterator
@@ -208,6 +209,34 @@ def test_an_output_in_a_missing_folder_is_refused_before_any_call(
         assert status == 2, command
         assert "no such folder" in capsys.readouterr().err
     assert fake.requests == [] and fake.curated == []
+
+
+def test_an_output_that_is_not_a_regular_file_is_checked_itself_not_its_folder(
+    fake: FakeCuration,
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--out /dev/null`` as a user other than root: /dev is not writable, /dev/null is
+    (as here, a FIFO in a folder the check is told is read-only). Before, the command was
+    refused (exit 2), though its outputs write such a path as it is."""
+    data = write_dataset(tmp_path)
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    fifo = folder / "kept.json"
+    os.mkfifo(fifo)
+    real = os.access
+    monkeypatch.setattr(cli.os, "access", lambda p, m: real(p, m) and pathlib.Path(p) != folder)
+    drained = []
+    reader = threading.Thread(target=lambda: drained.append(fifo.read_text()), daemon=True)
+    reader.start()
+    argv = ["curate", str(data), "--stream", "--out", str(fifo), "--target", fake.target]
+    assert cli.main([*argv, "--no-progress", "--min-window", "1"]) == 0, capsys.readouterr().err
+    reader.join(timeout=10)
+    assert len(json.loads(drained[0])) == len(fake.curated)
+    monkeypatch.setattr(cli.os, "access", lambda p, m: False)
+    assert cli.main([*argv, "--no-progress"]) == 2
+    assert "kept.json' is not writable" in capsys.readouterr().err
 
 
 def test_a_stopped_score_leaves_the_previous_output_and_its_lines_so_far(

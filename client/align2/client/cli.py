@@ -859,6 +859,10 @@ def _check_writable(*paths: str | None) -> None:
     for path in paths:
         if path is None or path == "-":
             continue
+        if os.path.exists(path) and not os.path.isfile(path):  # /dev/null, a FIFO: as it is
+            if not os.access(path, os.W_OK):
+                raise ValueError(f"{path!r} is not writable")
+            continue
         folder = pathlib.Path(path).parent
         if not folder.is_dir():
             raise ValueError(f"{path}: no such folder {str(folder)!r}")
