@@ -250,6 +250,34 @@ def test_a_stream_of_a_file_whose_name_is_not_utf8_goes_on_with_its_journal(
     assert sorted(r["id"] for r in json.loads(out.read_text())) == [f"r{i}" for i in range(6)]
 
 
+def test_a_finished_run_puts_its_outputs_on_disk_before_it_deletes_its_journal(
+    fake: FakeCuration, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--out and --report are written by rename: a node lost right after the journal went
+    may lose them (a renamed file's data may not be on disk yet) and with the journal gone
+    nothing tells the same command what was decided. Both, and their folder, are synced
+    to the disk while the journal still exists."""
+    (tmp_path / "a.jpg").write_bytes(b"jpeg")
+    data = tmp_path / "detail_23k.jsonl"
+    data.write_text("".join(json.dumps({**RECORD, "id": f"r{i}"}) + "\n" for i in range(3)))
+    out, report = tmp_path / "kept.json", tmp_path / "d.jsonl"
+    journal = tmp_path / "kept.journal.jsonl"
+    synced: list[tuple[str, bool]] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), journal.exists()))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    argv = ["curate", str(data), "--stream", "--image-folder", str(tmp_path), "--out", str(out)]
+    argv += ["--report", str(report), "--target", fake.target, "--no-progress"]
+    assert cli_main(argv) == 0
+    assert not journal.exists()
+    for path in (out, report, tmp_path):
+        assert (str(path), True) in synced, synced
+
+
 def test_skip_invalid_makes_a_malformed_record_its_own_error_decision_in_a_stream(
     fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

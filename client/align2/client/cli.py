@@ -652,7 +652,10 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
         )
     status = None
     try:
-        status = _curate_stream(namespace, journal)
+        finished = _curate_stream(namespace, journal)
+        if finished == 0:  # renamed into place: on disk before the journal of them goes
+            _sync_to_disk(namespace.out, namespace.report)
+        status = finished
     finally:
         if journal.close(finished=status == 0) and status == 0:
             print(
@@ -661,6 +664,25 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     return status
+
+
+def _sync_to_disk(*paths: str | None) -> None:
+    """fsync the regular files among ``paths``, then their folders (where they were renamed
+    into place), so that they outlive the machine."""
+    folders = set()
+    for path in paths:
+        if path is None or path == "-" or not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        folders.add(os.path.dirname(os.path.abspath(path)))
+    for folder in folders:
+        with contextlib.suppress(OSError):  # a folder that cannot be opened (Windows)
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def _curate_stream(namespace: argparse.Namespace, journal: DecisionJournal | None) -> int:
