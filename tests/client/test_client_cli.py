@@ -17,7 +17,7 @@ import grpc
 import pytest
 from client_fakes import FakeCuration
 
-from align2.client import cli
+from align2.client import cli, stream_cli
 from align2.client.results import AlignResult
 
 
@@ -394,7 +394,7 @@ def test_the_rest_file_holds_what_grpc_was_still_reading_when_the_stream_failed(
     (tmp_path / "a.jpg").write_bytes(b"jpeg")
     data = tmp_path / "detail_1.jsonl"
     data.write_text("".join(json.dumps({**record, "id": f"r{i}"}) + "\n" for i in range(12)))
-    real = cli.iter_llava
+    real = stream_cli.iter_llava
 
     def slow(*args: Any, **kwargs: Any) -> Iterator[Any]:
         for i, sample in enumerate(real(*args, **kwargs)):
@@ -402,7 +402,7 @@ def test_the_rest_file_holds_what_grpc_was_still_reading_when_the_stream_failed(
                 time.sleep(1.0)
             yield sample
 
-    monkeypatch.setattr(cli, "iter_llava", slow)
+    monkeypatch.setattr(stream_cli, "iter_llava", slow)
     fake.curate_abort_after = [2]
     argv = ["curate", str(data), "--stream", "--image-folder", str(tmp_path)]
     argv += ["--out", str(tmp_path / "kept.json"), "--target", fake.target, "--no-progress"]

@@ -16,7 +16,7 @@ from typing import IO, Any
 import pytest
 from client_fakes import FakeCuration
 
-from align2.client import cli
+from align2.client import cli, stream_cli
 
 RECORD = {
     "image": "a.jpg",
@@ -56,14 +56,14 @@ def test_sigterm_while_a_decision_is_recorded_loses_no_record(
     (tmp_path / "a.jpg").write_bytes(b"jpeg")
     data = tmp_path / "detail_1.jsonl"
     data.write_text("".join(json.dumps({**RECORD, "id": f"r{i}"}) + "\n" for i in range(12)))
-    real_output = cli._output
+    real_output = stream_cli.output
 
     @contextlib.contextmanager
     def signalling(path: str) -> Iterator[Any]:
         with real_output(path) as out:
             yield _SignalOnWrite(out, at)
 
-    monkeypatch.setattr(cli, "_output", signalling)
+    monkeypatch.setattr(stream_cli, "output", signalling)
     out, report = tmp_path / "kept.json", tmp_path / "d.jsonl"
     argv = ["curate", str(data), "--stream", "--image-folder", str(tmp_path), "--out", str(out)]
     argv += ["--report", str(report), "--target", fake.target, "--no-progress"]

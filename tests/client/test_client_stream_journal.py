@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from client_fakes import FakeCuration
 
-from align2.client import Sample, Turn, cli
+from align2.client import Sample, Turn, stream_cli
 from align2.client.cli import main as cli_main
 from align2.client.jsonl_log import JsonlLog, LogInUse
 from align2.client.llava import record_from_sample, sample_from_record
@@ -327,7 +327,7 @@ def test_skip_invalid_reports_the_malformed_records_met_while_the_rest_file_is_w
     del records[8]["conversations"]
     del records[11]["conversations"]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    real = cli.iter_llava
+    real = stream_cli.iter_llava
 
     def slow(*args: Any, **kwargs: Any) -> Iterator[Any]:
         for i, sample in enumerate(real(*args, **kwargs)):
@@ -335,7 +335,7 @@ def test_skip_invalid_reports_the_malformed_records_met_while_the_rest_file_is_w
                 time.sleep(1.0)
             yield sample
 
-    monkeypatch.setattr(cli, "iter_llava", slow)
+    monkeypatch.setattr(stream_cli, "iter_llava", slow)
     fake.curate_abort_after = [2]
     out, report = tmp_path / "kept.json", tmp_path / "d.jsonl"
     argv = ["curate", str(data), "--stream", "--image-folder", str(tmp_path), "--out", str(out)]

@@ -18,27 +18,21 @@ as it comes, so that the same command goes on after any stop, ``kill -9`` includ
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
-import dataclasses
 import importlib
-import itertools
 import json
 import os
-import pathlib
 import signal
 import sys
 import threading
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
 from align2.client.aio import DEFAULT_MAX_CONCURRENCY
 from align2.client.balancing import POLICIES
-from align2.client.calibration import Calibration
 from align2.client.calls import (
     DEFAULT_CHUNK_SIZE,
     HEADS,
@@ -47,16 +41,19 @@ from align2.client.calls import (
     parse_heads,
     split_chunks,
 )
-from align2.client.llava import MalformedRecord, iter_llava, read_llava, write_llava
-from align2.client.offline_cli import EXIT_INTERRUPTED, run_offline
-from align2.client.results import (
-    DECISIONS,
-    CurateResult,
-    ItemError,
-    ProtocolError,
-    ScoreResult,
+from align2.client.cli_common import (
+    check_writable,
+    client_from_arguments,
+    client_options,
+    describe_rpc_error,
+    output,
+    progress,
+    rewrite_options,
+    why_stopped,
 )
-from align2.client.stream_journal import DecisionJournal, journal_path
+from align2.client.llava import read_llava, write_llava
+from align2.client.offline_cli import run_offline
+from align2.client.stream_cli import run_curate_stream
 from align2.client.sync import CurationClient
 from align2.client.types import Sample
 
@@ -90,21 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     client.wait_until_serving(namespace.wait_ready)
             status: int = namespace.run(namespace)
     except (grpc.RpcError, OSError, ValueError, KeyboardInterrupt) as error:
-        why, status = _why_stopped(error)
+        why, status = why_stopped(error)
         print(f"align2 {namespace.command}: {why}", file=sys.stderr)
     return status
-
-
-def _why_stopped(error: BaseException) -> tuple[str, int]:
-    """What stopped a command, in words, and its exit status: 130 interrupted, 1 an RPC
-    (or the server's answer) failed, 2 bad usage or input."""
-    if isinstance(error, KeyboardInterrupt):
-        return "interrupted", EXIT_INTERRUPTED
-    if isinstance(error, grpc.RpcError):
-        return _describe_rpc_error(error), 1
-    if isinstance(error, TimeoutError):  # the server, not the input
-        return str(error), 1
-    return str(error), 1 if isinstance(error, ProtocolError) else 2
 
 
 @contextlib.contextmanager
@@ -120,42 +105,6 @@ def _sigterm_interrupts() -> Iterator[None]:
         yield
     finally:  # None: a handler not installed from Python; the default is the nearest
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
-@contextlib.contextmanager
-def _interrupts_wait() -> Iterator[Callable[[], contextlib.AbstractContextManager[None]]]:
-    """A context for steps that must not be cut in two: Ctrl-C or SIGTERM during one is
-    raised (KeyboardInterrupt) when it ends; a second one at once. Main thread only (where
-    Python runs signal handlers); the previous handlers are back afterwards."""
-    state = {"busy": False, "pending": False}
-
-    def handle(signum: int, frame: Any) -> None:
-        if state["busy"] and not state["pending"]:
-            state["pending"] = True
-            return
-        raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def step() -> Iterator[None]:
-        state["busy"] = True
-        try:
-            yield
-        finally:
-            state["busy"] = False
-        if state["pending"]:
-            state["pending"] = False
-            raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():
-        yield contextlib.nullcontext
-        return
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, handle) for sig in signals}
-    try:
-        yield step
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def run_server_command(argv: list[str]) -> int:
@@ -363,18 +312,6 @@ def _rewrite_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", default=None, help="template set (server default)")
 
 
-def _rewrite_options(namespace: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "parts": namespace.parts,
-        "review": not namespace.no_review,
-        "max_new_tokens": namespace.max_new_tokens,
-        "temperature": namespace.temperature,
-        "top_p": namespace.top_p,
-        "seed": namespace.seed,
-        "template": namespace.template,
-    }
-
-
 def _curate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", nargs="+", help="LLaVA JSON lists or JSONL files")
     parser.add_argument("--image-folder", default=None, help="folder of the records' images")
@@ -481,24 +418,6 @@ def heads_argument(text: str) -> list[str]:
     return names
 
 
-def client_from_arguments(namespace: argparse.Namespace) -> CurationClient:
-    return CurationClient(namespace.target, **_client_options(namespace))
-
-
-def _client_options(namespace: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "timeout": namespace.timeout,
-        "chunk_size": getattr(namespace, "chunk_size", DEFAULT_CHUNK_SIZE),
-        "token": namespace.token,
-        "root_certificates": namespace.root_cert,
-        "private_key": namespace.client_key,
-        "certificate_chain": namespace.client_cert,
-        "tls": True if namespace.tls else None,
-        "retry": not namespace.no_retry,
-        "load_balancing": namespace.load_balancing,
-    }
-
-
 def run_info(namespace: argparse.Namespace) -> int:
     with client_from_arguments(namespace) as client:
         info = client.server_info()
@@ -513,7 +432,7 @@ def run_info(namespace: argparse.Namespace) -> int:
 def run_health(namespace: argparse.Namespace) -> int:
     """Print the status; exit 0 when SERVING, 1 otherwise (a Docker HEALTHCHECK). Without
     client-side health checking, which would hide a replica that is not SERVING."""
-    options = {**_client_options(namespace), "health_check": False}
+    options = {**client_options(namespace), "health_check": False}
     with CurationClient(namespace.target, **options) as client:
         status = client.health(namespace.service)
     print(status)
@@ -522,13 +441,13 @@ def run_health(namespace: argparse.Namespace) -> int:
 
 def run_score(namespace: argparse.Namespace) -> int:
     """Stream results as JSONL, one RPC (chunk) at a time, flushed after each."""
-    _check_writable(namespace.out)
+    check_writable(namespace.out)
     samples = read_llava(namespace.file, image_folder=namespace.image_folder, task=namespace.task)
     failed = 0
     with (
         client_from_arguments(namespace) as client,
-        _output(namespace.out) as out,
-        _progress(len(samples), enabled=not namespace.no_progress) as advance,
+        output(namespace.out) as out,
+        progress(len(samples), enabled=not namespace.no_progress) as advance,
     ):
         for chunk in split_chunks(samples, namespace.chunk_size):
             results = client.score(
@@ -553,17 +472,17 @@ def run_align(namespace: argparse.Namespace) -> int:
     fails or the run is interrupted, the samples aligned so far are written all the same
     (none: ``--out`` is left as it was), the report holds every result so far, and the
     first record not done is named (exit 1, or 130)."""
-    _check_writable(namespace.out, namespace.report)
+    check_writable(namespace.out, namespace.report)
     samples = read_llava(namespace.file, image_folder=namespace.image_folder, task=namespace.task)
-    options = {**_rewrite_options(namespace), "priority": namespace.priority}
+    options = {**rewrite_options(namespace), "priority": namespace.priority}
     kept: list[Sample] = []
     done = 0
     stop: grpc.RpcError | KeyboardInterrupt | None = None
-    report_to = _output(namespace.report) if namespace.report else contextlib.nullcontext(None)
+    report_to = output(namespace.report) if namespace.report else contextlib.nullcontext(None)
     with (
         client_from_arguments(namespace) as client,
         report_to as report,
-        _progress(len(samples), enabled=not namespace.no_progress) as advance,
+        progress(len(samples), enabled=not namespace.no_progress) as advance,
     ):
         try:
             for chunk in split_chunks(samples, namespace.chunk_size):
@@ -583,7 +502,7 @@ def run_align(namespace: argparse.Namespace) -> int:
         return 0
     if kept:
         write_llava(kept, namespace.out)
-    why, status = _why_stopped(stop)
+    why, status = why_stopped(stop)
     written = f"{len(kept)} aligned samples written to {namespace.out}" if kept else (
         f"nothing aligned, {namespace.out} left as it was"
     )  # fmt: skip
@@ -599,7 +518,7 @@ def run_align(namespace: argparse.Namespace) -> int:
 def run_curate(namespace: argparse.Namespace) -> int:
     """The exact selection on the files (:mod:`align2.client.offline_cli`), or with
     ``--stream`` the Curate RPC."""
-    _check_writable(namespace.out, namespace.report)
+    check_writable(namespace.out, namespace.report)
     if namespace.stream:
         given = [
             f"--{name.replace('_', '-')}" for name in _OFFLINE_ONLY if getattr(namespace, name)
@@ -614,304 +533,18 @@ def run_curate(namespace: argparse.Namespace) -> int:
     ]
     if given:
         raise ValueError(f"{', '.join(given)}: only with --stream (online selection)")
-    options = {**_client_options(namespace), "max_concurrency": namespace.concurrency}
+    options = {**client_options(namespace), "max_concurrency": namespace.concurrency}
     align_options = None
     if namespace.align:
-        align_options = {**_rewrite_options(namespace), "priority": namespace.priority}
+        align_options = {**rewrite_options(namespace), "priority": namespace.priority}
     enabled = not namespace.no_progress
     return run_offline(
         namespace,
         client_options=options,
         align_options=align_options,
-        progress=lambda what, total: _progress(total, enabled=enabled, what=what),
-        describe_error=_describe_rpc_error,
+        progress=lambda what, total: progress(total, enabled=enabled, what=what),
+        describe_error=describe_rpc_error,
     )
-
-
-def run_curate_stream(namespace: argparse.Namespace) -> int:
-    """Stream the files' samples to Curate as they are read; write the kept ones to
-    ``--out`` (LLaVA) and every decision to ``--report``. Each decision is journaled as it
-    comes (``OUT_STEM.journal.jsonl``, :mod:`align2.client.stream_journal`): the same command
-    run again after a kill or a failure does not send the records decided, and keeps what
-    they kept. When the stream fails, the samples kept so far are still written (none:
-    ``--out`` is left as it was), and the records not decided (sent and unanswered, then
-    those not sent) go to ``OUT_STEM.rest.jsonl``, for the same command to go on with
-    another ``--out`` (exit 1; 2 for an input record that cannot be read, 130 interrupted;
-    ``--skip-invalid``: a malformed record is an error decision instead, not sent).
-    Each report line names the record decided (``file``, ``record`` from 0): ids may
-    repeat."""
-    path = journal_path(namespace.out)
-    if path is None:
-        return _curate_stream(namespace, None)
-    journal = DecisionJournal(path, _decision_options(namespace))
-    if journal.loaded:
-        print(
-            f"align2 curate: {path} holds {journal.loaded} decisions of an earlier run: "
-            "their records are not sent again",
-            file=sys.stderr,
-        )
-    status = None
-    try:
-        finished = _curate_stream(namespace, journal)
-        if finished == 0:  # renamed into place: on disk before the journal of them goes
-            _sync_to_disk(namespace.out, namespace.report)
-        status = finished
-    finally:
-        if journal.close(finished=status == 0) and status == 0:
-            print(
-                f"align2 curate: {path} kept: {journal.left()} of its decisions are on records "
-                "this run did not read",
-                file=sys.stderr,
-            )
-    return status
-
-
-def _sync_to_disk(*paths: str | None) -> None:
-    """fsync the regular files among ``paths``, then their folders (where they were renamed
-    into place), so that they outlive the machine."""
-    folders = set()
-    for path in paths:
-        if path is None or path == "-" or not os.path.isfile(path):
-            continue
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-        folders.add(os.path.dirname(os.path.abspath(path)))
-    for folder in folders:
-        with contextlib.suppress(OSError):  # a folder that cannot be opened (Windows)
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _curate_stream(namespace: argparse.Namespace, journal: DecisionJournal | None) -> int:
-    # The records drawn and not yet decided, by the result's index.
-    undecided: dict[int, tuple[str, int, Sample]] = {}
-    # Decisions not the server's, found as the input is read (on gRPC's thread), to be
-    # recorded by this one: an earlier run's, from the journal; malformed records skipped.
-    settled: collections.deque[tuple[dict[str, Any], Sample | None]] = collections.deque()
-    resuming = [journal is not None]
-
-    def read() -> Iterator[Sample]:
-        drawn = itertools.count()
-        for path in namespace.file:
-            place = itertools.count()  # the record's place in the file, skipped ones included
-
-            def skipped(
-                index: int, error: MalformedRecord, path: str = path, place: Any = place
-            ) -> None:
-                next(place)
-                settled.append((_malformed_decision(path, index, error), None))
-
-            records = iter_llava(
-                path,
-                image_folder=namespace.image_folder,
-                task=namespace.task,
-                invalid=skipped if namespace.skip_invalid else None,
-            )
-            for sample in records:
-                record = next(place)
-                if journal is not None and resuming[0]:
-                    decided = journal.take(path, record, sample)
-                    if decided is not None:
-                        report = {**decided.report, "from_journal": True}
-                        settled.append((report, decided.kept))
-                        continue
-                undecided[next(drawn)] = (path, record, sample)
-                yield sample
-
-    samples = read()
-    counts: Counter[str] = Counter()
-    kept: list[Sample] = []
-    failure: BaseException | None = None
-    report_to = _output(namespace.report) if namespace.report else contextlib.nullcontext(None)
-    with (
-        client_from_arguments(namespace) as client,
-        report_to as report,
-        _progress(None, enabled=not namespace.no_progress) as advance,
-        _interrupts_wait() as recording,
-    ):
-
-        def record(line: dict[str, Any], sample: Sample | None) -> None:
-            counts[line["decision"]] += 1
-            advance(1)
-            if report is not None:
-                report.write(json.dumps(line, ensure_ascii=False) + "\n")
-            if sample is not None:
-                kept.append(sample)
-
-        def record_settled() -> None:
-            while settled:
-                line, sample = settled.popleft()
-                counts["from_journal"] += bool(line.get("from_journal"))
-                record(line, sample)
-
-        results = client.curate(
-            samples,
-            question_keep_fraction=namespace.question_keep,
-            answer_keep_fraction=namespace.answer_keep,
-            align=namespace.align,
-            priority=namespace.priority,
-            **_selection_options(namespace),
-            resume=not namespace.no_retry,
-            **_rewrite_options(namespace),
-        )
-        try:
-            for result in results:
-                # Taken off the records not decided, journaled and added to the kept as one
-                # step: a Ctrl-C or SIGTERM meanwhile waits until the decision is recorded.
-                with recording():
-                    record_settled()
-                    drawn = undecided.pop(result.index, None)
-                    line = {**result.to_dict(), "file": None, "record": None}
-                    if drawn is not None:
-                        path, index, sent = drawn
-                        line.update(file=path, record=index)
-                        if journal is not None and result.decision != "error":
-                            journal.add(path, index, sent, line, result.sample)
-                    record(line, result.sample)
-            with recording():
-                record_settled()
-        # An RPC failure, an input record that cannot be read, Ctrl-C or SIGTERM: the
-        # kept samples so far are still written below.
-        except (grpc.RpcError, ProtocolError, OSError, ValueError, KeyboardInterrupt) as error:
-            failure = error
-            results.stop_drawing()  # gRPC's thread may be reading the input: it is ours now
-            resuming[0] = False  # the rest file gets every record this run did not decide
-            record_settled()
-        if failure is None or kept:
-            write_llava(kept, namespace.out)
-        rest = None
-        # An unreadable record ended the input (exit 2): nothing after it is read.
-        if failure is not None and _why_stopped(failure)[1] != 2:
-            rest = _write_rest(namespace.out, [undecided[i][2] for i in sorted(undecided)], samples)
-            record_settled()  # --skip-invalid: the malformed records read on the way
-    summary = ", ".join(f"{counts[d]} {d}" for d in DECISIONS)
-    if counts["from_journal"]:
-        summary += f" ({counts.pop('from_journal')} decided by an earlier run)"
-    print(f"align2 curate: {counts.total()} samples: {summary}", file=sys.stderr)
-    if failure is not None:
-        unanswered = results.unanswered
-        why, status = _why_stopped(failure)
-        written = f"{len(kept)} kept samples written" if kept else "no sample kept"
-        listed = f": {', '.join(unanswered)}" if len(unanswered) <= 10 else ""
-        print(
-            f"align2 curate: {why}; {written}; {len(unanswered)} sent and unanswered{listed}",
-            file=sys.stderr,
-        )
-        if rest is not None:
-            print(rest, file=sys.stderr)
-        if journal is not None:
-            print(
-                f"align2 curate: or run the same command again: the decisions so far are in "
-                f"{journal.path}, and their records are not sent again",
-                file=sys.stderr,
-            )
-        return status
-    return 0
-
-
-def _malformed_decision(path: str, index: int, error: MalformedRecord) -> dict[str, Any]:
-    """The report line of a malformed record left out (``--skip-invalid``): an error."""
-    record_id = error.record_id or ""
-    problem = ItemError(grpc.StatusCode.INVALID_ARGUMENT, f"{path}: {error}")
-    result = CurateResult(record_id, "error", ScoreResult(record_id), error=problem)
-    return {**result.to_dict(), "file": path, "record": index}
-
-
-def _decision_options(namespace: argparse.Namespace) -> dict[str, Any]:
-    """The flags of ``curate --stream`` that change its decisions (the journal's options)."""
-    folder = namespace.image_folder
-    options = {
-        "question_keep": namespace.question_keep,
-        "answer_keep": namespace.answer_keep,
-        "task": namespace.task,
-        "image_folder": None if folder is None else os.path.abspath(folder),
-        "align": namespace.align,
-        **_selection_options(namespace),
-    }
-    if namespace.align:
-        options.update(_rewrite_options(namespace))
-    return options
-
-
-def _write_rest(out: str, undecided: list[Sample], unsent: Iterator[Sample]) -> str:
-    """After a failed stream: the records not decided, then those not sent, as one LLaVA
-    file beside ``out`` that the same command takes to go on. Returns what to say of it."""
-    rest = pathlib.Path(out)
-    rest = rest.with_name(f"{rest.stem}.rest.jsonl")  # kept.json: kept.rest.jsonl
-    problem: list[BaseException] = []
-
-    def readable() -> Iterator[Sample]:
-        try:
-            yield from unsent
-        except (OSError, ValueError) as error:  # a bad record further on: stop before it
-            problem.append(error)
-
-    def with_task(sample: Sample) -> Sample:  # a task the file name gave stays with it
-        if not sample.task or {"task", "type"} & sample.extra.keys():
-            return sample
-        return dataclasses.replace(sample, extra={**sample.extra, "task": sample.task})
-
-    count = write_llava(map(with_task, itertools.chain(undecided, readable())), rest)
-    note = f" (reading stopped at: {problem[0]})" if problem else ""
-    return (
-        f"align2 curate: the {count} records not decided ({len(undecided)} drawn, then those "
-        f"not sent) are in {rest}: to go on, run the command on it with another --out{note}"
-    )
-
-
-def _selection_options(namespace: argparse.Namespace) -> dict[str, Any]:
-    """The online selection flags as ``curate()`` arguments (calibration files read now)."""
-    options: dict[str, Any] = {
-        "selection_key": namespace.selection_key,
-        "min_window": namespace.min_window,
-    }
-    if namespace.thresholds is not None:
-        options.update(Calibration.load(namespace.thresholds).thresholds())
-    if namespace.seed_scores is not None:
-        options.update(Calibration.load(namespace.seed_scores).seeds())
-    return options
-
-
-def _check_writable(*paths: str | None) -> None:
-    """ValueError now, before any work, for an output whose folder is missing or not
-    writable (a run must not end in an error after hours of work)."""
-    for path in paths:
-        if path is None or path == "-":
-            continue
-        if os.path.exists(path) and not os.path.isfile(path):  # /dev/null, a FIFO: as it is
-            if not os.access(path, os.W_OK):
-                raise ValueError(f"{path!r} is not writable")
-            continue
-        folder = pathlib.Path(path).parent
-        if not folder.is_dir():
-            raise ValueError(f"{path}: no such folder {str(folder)!r}")
-        if not os.access(folder, os.W_OK):
-            raise ValueError(f"{path}: folder {str(folder)!r} is not writable")
-
-
-@contextlib.contextmanager
-def _output(path: str) -> Iterator[IO[str]]:
-    """A text output: stdout for ``-``; else ``PATH.partial``, which replaces ``PATH`` when
-    the run finishes. A run that stops leaves ``PATH`` as it was and says where its lines
-    so far are."""
-    if path == "-":
-        yield sys.stdout
-        return
-    if os.path.exists(path) and not os.path.isfile(path):  # /dev/null, a FIFO: as it is
-        with open(path, "w", encoding="utf-8") as out:
-            yield out
-        return
-    partial = pathlib.Path(path + ".partial")
-    try:
-        with partial.open("w", encoding="utf-8") as out:
-            yield out
-    except BaseException:
-        print(f"align2: the lines written so far are in {partial}", file=sys.stderr)
-        raise
-    os.replace(partial, path)
 
 
 def _keep_fraction(text: str) -> float:
@@ -923,35 +556,6 @@ def _keep_fraction(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
     return value
-
-
-@contextlib.contextmanager
-def _progress(
-    total: int | None, *, enabled: bool, what: str | None = None
-) -> Iterator[Callable[[int], Any]]:
-    """A progress bar's ``update`` when tqdm is installed (optional) and stderr is a
-    terminal, else a no-op (a pipeline's log gets no bar frames)."""
-    bar_class = _tqdm() if enabled and sys.stderr.isatty() else None
-    if bar_class is None:
-        yield lambda _: None
-        return
-    with bar_class(total=total, unit="sample", file=sys.stderr, desc=what) as bar:
-        yield bar.update
-
-
-def _tqdm() -> Any:
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm
-
-
-def _describe_rpc_error(error: grpc.RpcError) -> str:
-    # Both the sync and the aio errors carry code() and details() (grpc.Call's interface).
-    if not (hasattr(error, "code") and hasattr(error, "details")):
-        return str(error)
-    return f"{error.code().name}: {error.details()}"
 
 
 if __name__ == "__main__":  # python -m align2.client.cli, as the align2 command
