@@ -5,6 +5,7 @@ it against the fake server."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import pathlib
@@ -227,6 +228,64 @@ def test_the_same_command_after_a_failed_stream_sends_only_the_records_not_decid
     kept = json.loads(out.read_text())
     assert sorted(r["id"] for r in kept) == sorted(f"r{i}" for i in range(12))
     assert not journal.exists()
+    # The first run's rest file: all of it decided now, so a run on it would decide twice.
+    assert not (tmp_path / "kept.rest.jsonl").exists()
+    assert "kept.rest.jsonl removed: its records are decided now" in err
+
+
+def stream_of_twelve(fake: FakeCuration, tmp_path: pathlib.Path) -> list[str]:
+    """The argv of curate --stream on 12 records (the fake keeps each), out kept.json."""
+    (tmp_path / "a.jpg").write_bytes(b"jpeg")
+    data = tmp_path / "detail_23k.jsonl"
+    data.write_text("".join(json.dumps({**RECORD, "id": f"r{i}"}) + "\n" for i in range(12)))
+    argv = ["curate", str(data), "--stream", "--image-folder", str(tmp_path), "--no-retry"]
+    return [*argv, "--out", str(tmp_path / "kept.json"), "--target", fake.target, "--no-progress"]
+
+
+def test_a_server_with_another_model_revision_decides_every_record_again(
+    fake: FakeCuration, tmp_path: pathlib.Path
+) -> None:
+    """The journal's decisions were made by the question model at revision r1; the server
+    now runs r9: none is taken, all 12 are sent."""
+    argv = stream_of_twelve(fake, tmp_path)
+    fake.curate_abort_after = [5]
+    assert cli_main(argv) == 1
+    fake.curate_streams.clear()
+    fake.revisions["q"] = "r9"
+    assert cli_main(argv) == 0
+    assert len(fake.curate_streams[0]) == 12
+
+
+def test_a_journal_that_cannot_be_written_stops_the_run_naming_it_with_the_rest_listed(
+    fake: FakeCuration,
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The disk fills after 3 decisions: exit 1 (not 2, bad input), the message names the
+    journal, the 3 kept are written and the other 9 are in the rest file; with room again,
+    the same command goes on from the 3 journaled."""
+    argv = stream_of_twelve(fake, tmp_path)
+    real_append = JsonlLog.append
+    appended = []
+
+    def fills_up(log: JsonlLog, entries: Any) -> None:
+        if len(appended) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        appended.append(entries)
+        real_append(log, entries)
+
+    monkeypatch.setattr(JsonlLog, "append", fills_up)
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err
+    assert "kept.journal.jsonl: cannot journal a decision: No space left on device" in err
+    assert len(json.loads((tmp_path / "kept.json").read_text())) == 3
+    assert len((tmp_path / "kept.rest.jsonl").read_text().splitlines()) == 9
+    monkeypatch.setattr(JsonlLog, "append", real_append)
+    fake.curate_streams.clear()
+    assert cli_main(argv) == 0
+    assert len(fake.curate_streams[0]) == 9
+    assert len(json.loads((tmp_path / "kept.json").read_text())) == 12
 
 
 def test_a_stream_of_a_file_whose_name_is_not_utf8_goes_on_with_its_journal(

@@ -18,6 +18,7 @@ import grpc
 from align2.client.calls import DEFAULT_CHUNK_SIZE
 from align2.client.offline_cli import EXIT_INTERRUPTED
 from align2.client.results import ProtocolError
+from align2.client.stream_journal import JournalWriteError
 from align2.client.sync import CurationClient
 
 
@@ -28,7 +29,7 @@ def why_stopped(error: BaseException) -> tuple[str, int]:
         return "interrupted", EXIT_INTERRUPTED
     if isinstance(error, grpc.RpcError):
         return describe_rpc_error(error), 1
-    if isinstance(error, TimeoutError):  # the server, not the input
+    if isinstance(error, TimeoutError | JournalWriteError):  # not the input's fault
         return str(error), 1
     return str(error), 1 if isinstance(error, ProtocolError) else 2
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
 from align2.client.calibration import Calibration
 from align2.client.cli_common import (
@@ -39,7 +40,9 @@ from align2.client.results import (
     ProtocolError,
     ScoreResult,
 )
+from align2.client.resume import ResumePolicy
 from align2.client.stream_journal import DecisionJournal, journal_path
+from align2.client.sync import CurationClient
 from align2.client.types import Sample
 
 
@@ -91,10 +94,18 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
     ``--skip-invalid``: a malformed record is an error decision instead, not sent).
     Each report line names the record decided (``file``, ``record`` from 0): ids may
     repeat."""
-    path = journal_path(namespace.out)
-    if path is None:
-        return _curate_stream(namespace, None)
-    journal = DecisionJournal(path, _decision_options(namespace))
+    with client_from_arguments(namespace) as client:
+        path = journal_path(namespace.out)
+        if path is None:
+            return _curate_stream(namespace, client, None)
+        return _curate_journaled(namespace, client, path)
+
+
+def _curate_journaled(
+    namespace: argparse.Namespace, client: CurationClient, path: pathlib.Path
+) -> int:
+    options = {**_decision_options(namespace), "server": _server_identity(namespace, client)}
+    journal = DecisionJournal(path, options)
     if journal.loaded:
         print(
             f"align2 curate: {path} holds {journal.loaded} decisions of an earlier run: "
@@ -103,7 +114,7 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
         )
     status = None
     try:
-        finished = _curate_stream(namespace, journal)
+        finished = _curate_stream(namespace, client, journal)
         if finished == 0:  # renamed into place: on disk before the journal of them goes
             _sync_to_disk(namespace.out, namespace.report)
         status = finished
@@ -114,7 +125,20 @@ def run_curate_stream(namespace: argparse.Namespace) -> int:
                 "this run did not read",
                 file=sys.stderr,
             )
+    if status == 0:
+        _remove_stale_rest(namespace)
     return status
+
+
+def _remove_stale_rest(namespace: argparse.Namespace) -> None:
+    """After a finished run, the rest file an earlier stopped run of this ``--out`` left:
+    every record in it is decided now (gone on with from the journal), and a run on it
+    would decide them again. Not when it was this run's input."""
+    rest = _rest_path(namespace.out)
+    inputs = {os.path.abspath(f) for f in namespace.file}
+    if rest.is_file() and os.path.abspath(rest) not in inputs:
+        rest.unlink()
+        print(f"align2 curate: {rest} removed: its records are decided now", file=sys.stderr)
 
 
 def _sync_to_disk(*paths: str | None) -> None:
@@ -136,7 +160,31 @@ def _sync_to_disk(*paths: str | None) -> None:
                 os.close(fd)
 
 
-def _curate_stream(namespace: argparse.Namespace, journal: DecisionJournal | None) -> int:
+def _server_identity(namespace: argparse.Namespace, client: CurationClient) -> dict[str, Any]:
+    """What on the server shapes the decisions: its reward models (and inner LLM with
+    ``--align``), template version and option defaults, so that a journal's decisions are
+    taken again only from the same set-up. A server not up yet is waited for, as a stream
+    would be (not with ``--no-retry``)."""
+    try:
+        info = client.server_info()
+    except grpc.RpcError as error:
+        if namespace.no_retry or error.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        client.wait_until_serving(ResumePolicy().max_wait_seconds)
+        info = client.server_info()
+    roles = ("reward", "inner_llm") if namespace.align else ("reward",)
+    models = sorted(
+        [m.role, m.ref.name, m.ref.model_id, m.ref.revision, m.ref.settings]
+        for m in info.models
+        if any(role in m.role for role in roles)
+    )
+    defaults = json_format.MessageToDict(info.defaults, preserving_proto_field_name=True)
+    return {"models": models, "template_version": info.template_version, "defaults": defaults}
+
+
+def _curate_stream(
+    namespace: argparse.Namespace, client: CurationClient, journal: DecisionJournal | None
+) -> int:
     # The records drawn and not yet decided, by the result's index.
     undecided: dict[int, tuple[str, int, Sample]] = {}
     # Decisions not the server's, found as the input is read (on gRPC's thread), to be
@@ -178,7 +226,6 @@ def _curate_stream(namespace: argparse.Namespace, journal: DecisionJournal | Non
     failure: BaseException | None = None
     report_to = output(namespace.report) if namespace.report else contextlib.nullcontext(None)
     with (
-        client_from_arguments(namespace) as client,
         report_to as report,
         progress(None, enabled=not namespace.no_progress) as advance,
         _interrupts_wait() as recording,
@@ -214,13 +261,16 @@ def _curate_stream(namespace: argparse.Namespace, journal: DecisionJournal | Non
                 # step: a Ctrl-C or SIGTERM meanwhile waits until the decision is recorded.
                 with recording():
                     record_settled()
-                    drawn = undecided.pop(result.index, None)
+                    drawn = undecided.get(result.index)
                     line = {**result.to_dict(), "file": None, "record": None}
                     if drawn is not None:
                         path, index, sent = drawn
                         line.update(file=path, record=index)
                         if journal is not None and result.decision != "error":
+                            # a journal that can't be written stops the run with the
+                            # record still undecided: in the rest file, not lost
                             journal.add(path, index, sent, line, result.sample)
+                        del undecided[result.index]
                     record(line, result.sample)
             with recording():
                 record_settled()
@@ -287,11 +337,16 @@ def _decision_options(namespace: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _rest_path(out: str) -> pathlib.Path:
+    """kept.json: kept.rest.jsonl"""
+    path = pathlib.Path(out)
+    return path.with_name(f"{path.stem}.rest.jsonl")
+
+
 def _write_rest(out: str, undecided: list[Sample], unsent: Iterator[Sample]) -> str:
     """After a failed stream: the records not decided, then those not sent, as one LLaVA
     file beside ``out`` that the same command takes to go on. Returns what to say of it."""
-    rest = pathlib.Path(out)
-    rest = rest.with_name(f"{rest.stem}.rest.jsonl")  # kept.json: kept.rest.jsonl
+    rest = _rest_path(out)
     problem: list[BaseException] = []
 
     def readable() -> Iterator[Sample]:

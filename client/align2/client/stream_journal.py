@@ -14,15 +14,17 @@ absolute path, ``record``: its place in the file from 0, ``digest``: the whole r
 read, see :func:`record_digest`, ``task``, ``options``: the flags that change decisions)
 match: it takes the journaled decision (its report line, its kept sample). An edited
 record (its id and extra keys too, which a kept sample carries to ``--out``), or a rerun
-with other selection or rewrite flags, is sent afresh. Connection flags (``--target``,
-``--timeout``, ...) may change between runs.
+with other selection or rewrite flags, is sent afresh; the CLI puts the server's models,
+template version and defaults into ``options`` too. Images count by file name, not
+content. Connection flags (``--target``, ``--timeout``, ...) may change between runs.
 
 A line is flushed to the OS as its decision comes (it outlives the process) and synced to
-the disk at most a second later (it outlives the machine); a record whose line was lost is
-sent again, so nothing decided is lost, at worst decided twice. The file is locked while a
-run uses it: a second run of the same command meanwhile is refused. A run that finishes
-deletes its journal, unless it holds decisions of records that run did not read (another
-input: those are kept for the command that reads them).
+the disk with the next decision a second or more later, and on close (it outlives the
+machine); a record whose line was lost is sent again, so nothing decided is lost, at worst
+decided twice. A line that cannot be written raises :class:`JournalWriteError`. The file
+is locked while a run uses it: a second run of the same command meanwhile is refused. A
+run that finishes deletes its journal, unless it holds decisions of records that run did
+not read (another input: those are kept for the command that reads them).
 
 Pure Python (no grpc).
 """
@@ -54,6 +56,11 @@ def journal_path(out: str | os.PathLike[str]) -> pathlib.Path | None:
     if path.exists() and not path.is_file():
         return None
     return path.with_name(f"{path.stem}.journal.jsonl")
+
+
+class JournalWriteError(OSError):
+    """The journal could not be written: the run stops as when the server fails (the
+    decisions so far are kept, the rest listed), naming the journal."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +135,12 @@ class DecisionJournal:
             "report": dict(report),
             "kept": None if kept is None else record_from_sample(kept),
         }
-        self._log.append([entry])
+        try:
+            self._log.append([entry])
+        except OSError as error:  # a full disk, a quota: not the input's fault
+            raise JournalWriteError(
+                error.errno, f"{self.path}: cannot journal a decision: {error.strerror or error}"
+            ) from error
 
     def left(self) -> int:
         """Journaled decisions with these options on records this run did not read."""
