@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import json
 import pathlib
 import threading
@@ -20,8 +21,8 @@ from support import ServerThread, error_details, full_config, metric, png, score
 from align2.client import AsyncCurationClient, CurateResult, CurationClient, Sample, Turn
 from align2.client.cli import main as cli_main
 from align2.client.convert import sample_to_proto
-from align2.server import memory, metrics
-from align2.server.core import scoring
+from align2.server import errors, memory, metrics
+from align2.server.core import curation, scoring
 from align2.server.core.selection import TaskSelectors
 from align2.v1 import curation_pb2 as pb
 from align2.v1 import curation_pb2_grpc as pb_grpc
@@ -743,6 +744,73 @@ def test_seeded_windows_given_back_trim_the_heap(
                 time.sleep(0.05)
             assert trims == [0]  # one malloc_trim(0), once the windows were given back
     finally:
+        server.stop()
+
+
+def _alive_after_failures() -> dict[str, int]:
+    """Objects of failed Curate streams still alive: request messages (the server's and
+    the client's), core errors, decisions and samples in scoring."""
+    kinds = (
+        pb.CurateRequest,
+        pb.CurateOptions,
+        errors.Align2Error,
+        curation.Curated,
+        scoring.ScoringSample,
+    )
+    # issubclass of the type: isinstance reads __class__, which some objects warn about
+    alive = collections.Counter(
+        type(o).__name__ for o in gc.get_objects() if issubclass(type(o), kinds)
+    )
+    return dict(alive)
+
+
+def test_failed_streams_are_freed_when_they_end_not_by_the_cyclic_gc(
+    tiny_llava: pathlib.Path,
+) -> None:
+    """With the cyclic GC off, nothing of a refused stream or of an error decision is left
+    once the stream has ended: each was a reference cycle that kept the stream's request
+    (a refused stream: its options and seeds, ~400 KB of seeds per stream) until the next
+    full collection. Fails on: grpc.aio's AbortError raised through the interceptor's
+    frames (the call's state keeps it, its traceback holds frames that hold the context,
+    which holds that state; through its __context__ the core error and its frames), the
+    stream's reader task kept in the frame its error was raised through, and an error
+    decision keeping its error's traceback, whose frames hold the decision. (The asyncio
+    client: grpc's sync one keeps its own call, and so the client's request, in a cycle.)"""
+    config = score_config(tiny_llava)
+    config.curate.max_stored_scores = 1000
+    config.curate.max_selection_keys = 0
+    server = ServerThread(config).start()
+    seeds = {TASKS[0]: [0.5] * 2000}  # over the bound: RESOURCE_EXHAUSTED
+    bad = Sample(id="bad", image=b"not an image", task=TASKS[0], turns=sample(0).turns)
+
+    async def run() -> tuple[list[grpc.StatusCode], CurateResult]:
+        codes = []
+        async with AsyncCurationClient(server.target, timeout=60, retry=False) as client:
+            for key in ("", "k") * 3:  # a key, and none allowed: INVALID_ARGUMENT
+                call = client.curate(
+                    [sample(0)], question_seed_scores=seeds, selection_key=key, resume=False
+                )
+                try:
+                    _ = [r async for r in call]
+                except grpc.RpcError as error:
+                    codes.append(error.code())
+            [decision] = [r async for r in client.curate([bad], resume=False)]
+        return codes, decision
+
+    gc.collect()
+    gc.disable()  # a cycle now lives on, and fails the test, whatever the timing
+    try:
+        codes, decision = asyncio.run(run())
+        refusals = [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT]
+        assert codes == refusals * 3
+        assert decision.error is not None
+        assert decision.error.code == grpc.StatusCode.INVALID_ARGUMENT
+        deadline = time.monotonic() + 10  # the server ends its side of a call after ours
+        while (alive := _alive_after_failures()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alive == {}
+    finally:
+        gc.enable()
         server.stop()
 
 

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import enum
 import re
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
 
 
 class Code(enum.IntEnum):
@@ -51,6 +54,16 @@ def field_of(message: str) -> str | None:
     or None when the text before its first ": " is not a field path."""
     prefix, colon, _ = message.partition(": ")
     return prefix if colon and _FIELD_PATH.fullmatch(prefix) else None
+
+
+def detached(error: E) -> E:
+    """``error``, to be kept as a value (a sample's or a decision's error), without its
+    traceback and the error it was raised while handling. Those held every frame it was
+    raised through, with their locals (a sample, its image), among them often the object
+    that keeps the error: a reference cycle that only the cyclic GC frees."""
+    error.__traceback__ = None
+    error.__context__ = None
+    return error
 
 
 class Align2Error(Exception):

@@ -64,6 +64,7 @@ from align2.server.errors import (
     Overloaded,
     StoredScoresFull,
     Unimplemented,
+    detached,
 )
 
 log = logging.getLogger(__name__)
@@ -404,6 +405,11 @@ class Curator:
                 task.cancel()
             for session in opened:
                 session.close()
+            # The reader holds the stream's error (raised above by reader.result()), whose
+            # traceback holds this frame: held here, the two were a reference cycle that
+            # kept the error's frames, the stream's options and seeds among them, until the
+            # cyclic GC ran.
+            del reader, unregister
 
 
 class Session:
@@ -439,7 +445,7 @@ class Session:
         try:
             await self._decide(sample, deadline, result)
         except Align2Error as exc:
-            result.error = exc
+            result.error = detached(exc)  # its frames hold ``result``
         except Exception as exc:  # a bug on one sample must not end the stream
             log.error("unexpected error in Curate on sample %r", sample.id, exc_info=exc)
             result.error = BackendError(f"sample: internal error: {exc}")
@@ -502,7 +508,7 @@ class Session:
                 outcome = await _when_admitted(lambda: aligner.align(call), deadline)
                 result.aligned = outcome.results[0]
             except Align2Error as exc:
-                result.aligned = SampleAlignment(id=sample.id, error=exc)
+                result.aligned = SampleAlignment(id=sample.id, error=detached(exc))
             if result.aligned.error is not None:
                 result.decision = Decision.KEPT_ALIGN_FAILED
                 return

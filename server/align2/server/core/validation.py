@@ -12,7 +12,7 @@ import logging
 from align2.client.types import Sample, Turn
 from align2.server import metrics
 from align2.server.core.templates import IMAGE_TOKEN, clean
-from align2.server.errors import Align2Error, BackendError, InvalidArgument
+from align2.server.errors import Align2Error, BackendError, InvalidArgument, detached
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +141,11 @@ def prefixed(where: str, exc: Align2Error) -> Align2Error:
 def sample_error(where: str, exc: Exception) -> Align2Error:
     """What a sample that failed with ``exc`` reports: core errors with their field made
     absolute (invalid ones counted), anything else as an internal error (logged: a bug
-    on one sample must not fail its batch-mates)."""
+    on one sample must not fail its batch-mates). Kept on the sample's result, it holds
+    no traceback (errors.detached)."""
     if isinstance(exc, Align2Error):
         if isinstance(exc, InvalidArgument):
             metrics.REJECTED.labels(reason="invalid").inc()
-        return prefixed(where, exc)
+        return detached(prefixed(where, exc))
     log.error("unexpected error on %s", where, exc_info=exc)
     return BackendError(f"{where}: internal error: {exc}")

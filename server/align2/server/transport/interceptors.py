@@ -27,7 +27,13 @@ from typing import Any
 import grpc
 
 from align2.server import logs, metrics
-from align2.server.errors import Align2Error, DeadlineExpired, MalformedRequest, Unavailable
+from align2.server.errors import (
+    Align2Error,
+    DeadlineExpired,
+    MalformedRequest,
+    Unavailable,
+    detached,
+)
 from align2.server.transport.bad_utf8 import bad_utf8_path
 from align2.server.transport.errors import abort, status_code
 from align2.server.transport.inflight import InFlightCalls
@@ -57,13 +63,18 @@ class _Call:
         context.set_trailing_metadata(self.trailers)
 
     async def fail(self, exc: BaseException) -> None:
-        """Abort the RPC with the status that ``exc`` maps to (raises AbortError)."""
+        """Abort the RPC with the status that ``exc`` maps to, and return: the behavior then
+        ends without an error, and grpc.aio raises the call's AbortError itself once it has
+        (see :func:`_aborted`)."""
         if isinstance(exc, Align2Error):
             self.code = status_code(exc)
-            await abort(self.context, exc, self.trailers)
-        log.error("internal error in %s", self.rpc, exc_info=exc)
-        self.code = grpc.StatusCode.INTERNAL
-        await self.context.abort(self.code, f"internal error: {type(exc).__name__}: {exc}")
+            aborting = abort(self.context, exc, self.trailers)
+        else:
+            log.error("internal error in %s", self.rpc, exc_info=exc)
+            self.code = grpc.StatusCode.INTERNAL
+            aborting = self.context.abort(self.code, f"internal error: {type(exc).__name__}: {exc}")
+        del exc  # not held by this frame while the status is sent
+        await _aborted(aborting)
 
     def expired(self, slack: float = DEADLINE_SLACK_SECONDS) -> bool:
         """The call has a deadline, and at most ``slack`` seconds of it are left."""
@@ -97,6 +108,24 @@ class _Call:
         )
 
 
+async def _aborted(aborting: Awaitable[None]) -> None:
+    """Await ``aborting`` (ServicerContext.abort: it sends the status, then raises an
+    AbortError it keeps on the call's state) and let that error go, detached.
+
+    grpc.aio (1.85) raises the kept AbortError again itself once the behavior returns, so
+    the call ends as aborted with or without it propagating here. Raised up through our
+    frames, its traceback held them, and they hold the ServicerContext, which holds the
+    call's state, which holds the error: every failed call was a reference cycle, and
+    through the error's ``__context__`` (the core error, whose traceback held the core's
+    frames) it kept the call's request messages (a refused Curate stream: its options and
+    seeds) until the cyclic GC ran. Detached (no traceback, no context), the error holds
+    nothing of ours, and a failed call is freed when it ends."""
+    try:
+        await aborting
+    except grpc.aio.AbortError as aborted:
+        detached(aborted)
+
+
 @contextlib.asynccontextmanager
 async def _mapped(
     rpc: str, context: grpc.aio.ServicerContext, calls: InFlightCalls, request_stream: bool
@@ -116,9 +145,9 @@ async def _mapped(
         if not request_stream and call.expired(slack=0):
             await call.fail(DeadlineExpired("deadline exceeded before the answer was ready"))
         call.returned(request_stream)
-    except grpc.aio.AbortError:
+    except grpc.aio.AbortError as aborted:  # the behavior aborted the call itself
         call.aborted()
-        raise
+        detached(aborted)  # and not raised on: grpc.aio raises it (see _aborted)
     except GeneratorExit:  # gRPC closed the response stream: its client went away, or
         if calls.ended_by_shutdown(task) is not None:  # shutdown ended it (end_all)
             call.code = grpc.StatusCode.UNAVAILABLE
@@ -165,7 +194,10 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
         try:
             return deserializer(raw)
         except Exception as exc:  # protobuf's DecodeError, whatever the implementation
-            return _Unparsed(exc, None if descriptor is None else bad_utf8_path(raw, descriptor))
+            # detached: its traceback holds this frame, whose caller (_checked_stream) holds
+            # what is returned here
+            bad_utf8 = None if descriptor is None else bad_utf8_path(raw, descriptor)
+            return _Unparsed(detached(exc), bad_utf8)
 
     return parse
 
