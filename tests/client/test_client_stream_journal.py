@@ -9,6 +9,8 @@ import errno
 import json
 import os
 import pathlib
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -416,3 +418,129 @@ def test_skip_invalid_reports_the_malformed_records_met_while_the_rest_file_is_w
         "r9",
         "r10",
     ]
+
+
+# A log whose file can grow to 1,500 bytes only (RLIMIT_FSIZE: the disk "fills"); run in a
+# child process, where the limit holds for nothing else.
+_FILLS_UP = """
+import json, os, resource, signal, sys
+from align2.client.jsonl_log import JsonlLog
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+path = sys.argv[1]
+log = JsonlLog(path, sync_seconds=1.0)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1500, resource.RLIM_INFINITY))
+written = 0
+for i in range(10):
+    try:
+        log.append([{"i": i, "pad": "x" * 400}])
+    except OSError:
+        break
+    written += 1
+log.close()  # the disk still full
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+log = JsonlLog(path)
+log.append([{"i": "after"}])
+log.close()
+print(json.dumps({"written": written, "lines": [e["i"] for e in log.read()]}))
+"""
+
+
+def test_an_append_that_fails_leaves_the_log_as_it_was(tmp_path: pathlib.Path) -> None:
+    """The disk fills at the 4th line: the append raises, closing the log does not (its
+    line is not written then either: a line the caller was told failed must not appear),
+    and the next line, with room again, is a line of its own. Fails on: the failed line
+    kept in a write buffer, flushed again on close (OSError from close: exit 2 after a
+    JournalWriteError, as bad input)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run(
+        [sys.executable, "-c", _FILLS_UP, str(tmp_path / "j.jsonl")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    outcome = json.loads(run.stdout)
+    assert outcome == {"written": 3, "lines": [0, 1, 2, "after"]}
+
+
+def test_a_full_disk_stops_the_run_as_a_journal_failure_naming_the_journal(
+    fake: FakeCuration,
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The disk that fills under the journal is --out's too (the journal is beside it): the
+    kept samples and the rest file cannot be written either. Still exit 1 with the journal
+    named (the decisions are there), not exit 2 with a bare "No space left on device"; with
+    room again, the same command goes on from the journal. Fails on: the --out write's
+    OSError raised in place of the journal's failure."""
+    argv = stream_of_twelve(fake, tmp_path)
+    real_append, real_write = JsonlLog.append, stream_cli.write_llava
+    appended = []
+
+    def fills_up(log: JsonlLog, entries: Any) -> None:
+        if len(appended) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        appended.append(entries)
+        real_append(log, entries)
+
+    def full(*args: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(JsonlLog, "append", fills_up)
+    monkeypatch.setattr(stream_cli, "write_llava", full)
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err
+    assert "kept.journal.jsonl: cannot journal a decision: No space left on device" in err
+    assert "kept.json not written either: [Errno 28] No space left on device" in err
+    assert "or run the same command again: the decisions so far are in" in err
+    monkeypatch.setattr(JsonlLog, "append", real_append)
+    monkeypatch.setattr(stream_cli, "write_llava", real_write)
+    fake.curate_streams.clear()
+    assert cli_main(argv) == 0
+    assert len(fake.curate_streams[0]) == 9
+    assert len(json.loads((tmp_path / "kept.json").read_text())) == 12
+
+
+def test_a_report_names_a_file_whose_name_is_not_utf8(
+    fake: FakeCuration, tmp_path: pathlib.Path
+) -> None:
+    """With --report too, a stream of a Latin-1-named input runs (its name escaped in the
+    report's lines, as in the journal's). Fails on: the report line's lone surrogate
+    (UnicodeEncodeError: exit 2 after the first decision was journaled, and on every
+    rerun, which takes that decision first)."""
+    (tmp_path / "a.jpg").write_bytes(b"jpeg")
+    data = tmp_path / os.fsdecode(b"detail_\xe9.jsonl")
+    data.write_text("".join(json.dumps({**RECORD, "id": f"r{i}"}) + "\n" for i in range(3)))
+    out, report = tmp_path / "kept.json", tmp_path / "d.jsonl"
+    argv = ["curate", str(data), "--stream", "--image-folder", str(tmp_path), "--out", str(out)]
+    argv += ["--report", str(report), "--target", fake.target, "--no-progress", "--no-retry"]
+    assert cli_main(argv) == 0
+    decisions = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [d["file"] for d in decisions] == [str(data)] * 3
+    assert len(json.loads(out.read_text())) == 3
+
+
+def test_a_finished_run_of_other_inputs_leaves_the_rest_file_of_a_stopped_one(
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """detail_A's stream fails after 2 decisions (4 records in the rest file); a run of
+    detail_B with the same --out finishes: A's rest file is not B's to remove (its records
+    are not decided), and the journal keeps A's 2 decisions. Fails on: the rest file
+    removed as "decided now"."""
+    (tmp_path / "a.jpg").write_bytes(b"jpeg")
+    for name in ("detail_A.jsonl", "detail_B.jsonl"):
+        rows = [json.dumps({**RECORD, "id": f"{name[7]}{i}"}) + "\n" for i in range(6)]
+        (tmp_path / name).write_text("".join(rows))
+    common = ["--stream", "--image-folder", str(tmp_path), "--out", str(tmp_path / "kept.json")]
+    common += ["--target", fake.target, "--no-progress", "--no-retry"]
+    fake.curate_abort_after = [2]
+    assert cli_main(["curate", str(tmp_path / "detail_A.jsonl"), *common]) == 1
+    rest = tmp_path / "kept.rest.jsonl"
+    assert len(rest.read_text().splitlines()) == 4
+    assert cli_main(["curate", str(tmp_path / "detail_B.jsonl"), *common]) == 0
+    assert "kept: 2 of its decisions are on records this run did not read" in (
+        capsys.readouterr().err
+    )
+    assert len(rest.read_text().splitlines()) == 4

@@ -5,10 +5,12 @@
 Opening it cuts a last line without its newline (a write cut short by a crash), so that
 the next entry is not glued to it. :meth:`JsonlLog.read` gives each line's JSON value, or
 None for a line that cannot be read (bytes that are not UTF-8, not JSON), for the caller to
-count; blank lines are skipped. :meth:`JsonlLog.append` writes whole lines and flushes them
-to the OS at once, where they outlive the process (SIGKILL, the OOM killer); ``fsync``, so
-that they outlive the machine too, comes with every append, or at most every
-``sync_seconds`` and on close.
+count; blank lines are skipped. :meth:`JsonlLog.append` writes whole lines straight to the
+OS (no buffer of ours), where they outlive the process (SIGKILL, the OOM killer); ``fsync``,
+so that they outlive the machine too, comes with every append, or at most every
+``sync_seconds`` and on close. An append that fails (a full disk) leaves the file as it
+was: no part of its lines is written later (on close), and none is left for the next
+line to be glued to.
 
 Pure Python (no grpc).
 """
@@ -45,7 +47,7 @@ class JsonlLog:
         self.path = pathlib.Path(path)
         self._sync_seconds = sync_seconds
         self._synced = time.monotonic()
-        self._out: IO[str] = self.path.open("a", encoding="utf-8")
+        self._out: IO[bytes] = self.path.open("ab", buffering=0)
         try:
             if lock:
                 self._lock()
@@ -71,9 +73,18 @@ class JsonlLog:
                     yield data, None
 
     def append(self, entries: Sequence[Any]) -> None:
-        """Write ``entries`` as lines, flushed to the OS; to the disk as ``sync_seconds`` says."""
-        self._out.write("".join(map(_line, entries)))
-        self._out.flush()
+        """Write ``entries`` as lines, to the OS at once; to the disk as ``sync_seconds``
+        says. OSError (the file then as it was before) when they cannot be written."""
+        data = memoryview("".join(map(json_line, entries)).encode("utf-8"))
+        fd = self._out.fileno()
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+        except BaseException:
+            with contextlib.suppress(OSError):  # a torn line: the next would be glued to it
+                os.ftruncate(fd, end)
+            raise
         if time.monotonic() - self._synced >= self._sync_seconds:
             self._sync()
 
@@ -97,7 +108,7 @@ class JsonlLog:
             raise LogInUse(f"{self.path}: another process is writing it") from None
 
 
-def _line(entry: Any) -> str:
+def json_line(entry: Any) -> str:
     """``entry`` as a line of JSON, non-ASCII text as it is; a lone surrogate (a file name's
     byte that is not UTF-8, as Python reads it) escaped, since UTF-8 cannot hold it."""
     line = json.dumps(entry, ensure_ascii=False)

@@ -11,7 +11,6 @@ import collections
 import contextlib
 import dataclasses
 import itertools
-import json
 import os
 import pathlib
 import signal
@@ -32,6 +31,7 @@ from align2.client.cli_common import (
     rewrite_options,
     why_stopped,
 )
+from align2.client.jsonl_log import json_line
 from align2.client.llava import MalformedRecord, iter_llava, write_llava
 from align2.client.results import (
     DECISIONS,
@@ -113,6 +113,7 @@ def _curate_journaled(
             file=sys.stderr,
         )
     status = None
+    other_inputs = False  # the journal holds decisions on records this run did not read
     try:
         finished = _curate_stream(namespace, client, journal)
         if finished == 0:  # renamed into place: on disk before the journal of them goes
@@ -120,12 +121,14 @@ def _curate_journaled(
         status = finished
     finally:
         if journal.close(finished=status == 0) and status == 0:
+            other_inputs = True
             print(
                 f"align2 curate: {path} kept: {journal.left()} of its decisions are on records "
                 "this run did not read",
                 file=sys.stderr,
             )
-    if status == 0:
+    # A run of other inputs with this --out: the rest file is theirs, not decided by this run.
+    if status == 0 and not other_inputs:
         _remove_stale_rest(namespace)
     return status
 
@@ -235,7 +238,7 @@ def _curate_stream(
             counts[line["decision"]] += 1
             advance(1)
             if report is not None:
-                report.write(json.dumps(line, ensure_ascii=False) + "\n")
+                report.write(json_line(line))  # a file name's lone surrogate escaped
             if sample is not None:
                 kept.append(sample)
 
@@ -281,12 +284,20 @@ def _curate_stream(
             results.stop_drawing()  # gRPC's thread may be reading the input: it is ours now
             resuming[0] = False  # the rest file gets every record this run did not decide
             record_settled()
-        if failure is None or kept:
+        unwritten: dict[str, OSError] = {}  # after a failure: outputs not written too
+        if failure is None:
             write_llava(kept, namespace.out)
+        elif kept:
+            _after_failure(unwritten, namespace.out, lambda: write_llava(kept, namespace.out))
         rest = None
         # An unreadable record ended the input (exit 2): nothing after it is read.
         if failure is not None and why_stopped(failure)[1] != 2:
-            rest = _write_rest(namespace.out, [undecided[i][2] for i in sorted(undecided)], samples)
+            undone = [undecided[i][2] for i in sorted(undecided)]
+            rest = _after_failure(
+                unwritten,
+                str(_rest_path(namespace.out)),
+                lambda: _write_rest(namespace.out, undone, samples),
+            )
             record_settled()  # --skip-invalid: the malformed records read on the way
     summary = ", ".join(f"{counts[d]} {d}" for d in DECISIONS)
     if counts["from_journal"]:
@@ -296,6 +307,8 @@ def _curate_stream(
         unanswered = results.unanswered
         why, status = why_stopped(failure)
         written = f"{len(kept)} kept samples written" if kept else "no sample kept"
+        if kept and namespace.out in unwritten:
+            written = f"{len(kept)} kept samples not written"
         listed = f": {', '.join(unanswered)}" if len(unanswered) <= 10 else ""
         print(
             f"align2 curate: {why}; {written}; {len(unanswered)} sent and unanswered{listed}",
@@ -303,6 +316,8 @@ def _curate_stream(
         )
         if rest is not None:
             print(rest, file=sys.stderr)
+        for path, problem in unwritten.items():
+            print(f"align2 curate: {path} not written either: {problem}", file=sys.stderr)
         if journal is not None:
             print(
                 f"align2 curate: or run the same command again: the decisions so far are in "
@@ -311,6 +326,17 @@ def _curate_stream(
             )
         return status
     return 0
+
+
+def _after_failure(unwritten: dict[str, OSError], path: str, write: Callable[[], Any]) -> Any:
+    """``write()``, after the run failed: an output that cannot be written either (the
+    same full disk) goes into ``unwritten``, to be said with the failure, not raised in
+    its place (exit 2, as bad input, without naming the journal that holds the decisions)."""
+    try:
+        return write()
+    except OSError as error:
+        unwritten[path] = error
+        return None
 
 
 def _malformed_decision(path: str, index: int, error: MalformedRecord) -> dict[str, Any]:
