@@ -4,19 +4,20 @@ it against the fake server."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import io
 import json
 import os
 import pathlib
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from client_fakes import FakeCuration
+from client_fakes import FakeCuration, slow_reading
 
 from align2.client import Sample, Turn, stream_cli
 from align2.client.cli import main as cli_main
@@ -388,15 +389,7 @@ def test_skip_invalid_reports_the_malformed_records_met_while_the_rest_file_is_w
     del records[8]["conversations"]
     del records[11]["conversations"]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    real = stream_cli.iter_llava
-
-    def slow(*args: Any, **kwargs: Any) -> Iterator[Any]:
-        for i, sample in enumerate(real(*args, **kwargs)):
-            if i == 4:
-                time.sleep(1.0)
-            yield sample
-
-    monkeypatch.setattr(stream_cli, "iter_llava", slow)
+    monkeypatch.setattr(stream_cli, "iter_llava", slow_reading(stream_cli.iter_llava, at=4))
     fake.curate_abort_after = [2]
     out, report = tmp_path / "kept.json", tmp_path / "d.jsonl"
     argv = ["curate", str(data), "--stream", "--image-folder", str(tmp_path), "--out", str(out)]
@@ -522,25 +515,93 @@ def test_a_report_names_a_file_whose_name_is_not_utf8(
     assert len(json.loads(out.read_text())) == 3
 
 
+@pytest.mark.parametrize("decided", [2, 0])
 def test_a_finished_run_of_other_inputs_leaves_the_rest_file_of_a_stopped_one(
-    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+    decided: int, fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """detail_A's stream fails after 2 decisions (4 records in the rest file); a run of
-    detail_B with the same --out finishes: A's rest file is not B's to remove (its records
-    are not decided), and the journal keeps A's 2 decisions. Fails on: the rest file
-    removed as "decided now"."""
+    """detail_A's stream fails after 2 decisions, or before any (the rest file holds the
+    others); a run of detail_B with the same --out finishes: A's rest file is not B's to
+    remove (its records are not decided), and the journal keeps A's decisions. Fails on:
+    the rest file removed as "decided now" (with 0 decided, also after the first fix,
+    which looked only at decisions left in the journal)."""
     (tmp_path / "a.jpg").write_bytes(b"jpeg")
     for name in ("detail_A.jsonl", "detail_B.jsonl"):
         rows = [json.dumps({**RECORD, "id": f"{name[7]}{i}"}) + "\n" for i in range(6)]
         (tmp_path / name).write_text("".join(rows))
     common = ["--stream", "--image-folder", str(tmp_path), "--out", str(tmp_path / "kept.json")]
     common += ["--target", fake.target, "--no-progress", "--no-retry"]
-    fake.curate_abort_after = [2]
+    fake.curate_abort_after = [decided]
     assert cli_main(["curate", str(tmp_path / "detail_A.jsonl"), *common]) == 1
     rest = tmp_path / "kept.rest.jsonl"
-    assert len(rest.read_text().splitlines()) == 4
+    assert len(rest.read_text().splitlines()) == 6 - decided
     assert cli_main(["curate", str(tmp_path / "detail_B.jsonl"), *common]) == 0
-    assert "kept: 2 of its decisions are on records this run did not read" in (
-        capsys.readouterr().err
+    if decided:
+        assert f"kept: {decided} of its decisions are on records this run did not read" in (
+            capsys.readouterr().err
+        )
+    assert len(rest.read_text().splitlines()) == 6 - decided
+
+
+def test_a_file_size_limit_stops_the_run_as_a_server_failure_and_the_same_command_goes_on(
+    fake: FakeCuration, tmp_path: pathlib.Path
+) -> None:
+    """The command in its own process under RLIMIT_FSIZE (writes past 3000 bytes fail with
+    EFBIG, as the OS fails them on a full disk): the journal fails first, after a few
+    decisions. Exit 1 naming it, not 2 as bad input; without the limit, the same command
+    goes on, and every record is decided once."""
+    report = tmp_path / "d.jsonl"
+    argv = [*stream_of_twelve(fake, tmp_path), "--report", str(report)]
+    limited = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000)); "
+        "from align2.client.cli import main; sys.exit(main(sys.argv[1:]))"
     )
-    assert len(rest.read_text().splitlines()) == 4
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run(
+        [sys.executable, "-c", limited, *argv], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 1, run.stderr
+    assert "kept.journal.jsonl: cannot journal a decision: File too large" in run.stderr
+    assert "or run the same command again" in run.stderr
+    journaled = len((tmp_path / "kept.journal.jsonl").read_text().splitlines())
+    assert 0 < journaled < 12
+    fake.curate_streams.clear()
+    assert cli_main(argv) == 0
+    assert len(fake.curate_streams[0]) == 12 - journaled
+    decisions = [json.loads(line) for line in report.read_text().splitlines()]
+    assert sorted(d["record"] for d in decisions) == list(range(12))
+    assert len(json.loads((tmp_path / "kept.json").read_text())) == 12
+
+
+def test_a_report_that_cannot_be_written_stops_the_run_as_a_server_failure(
+    fake: FakeCuration,
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The report's 4th line meets a full disk, and so does its close: exit 1 naming the
+    report (not 2, as bad input); the 4th decision, journaled, is kept in --out too; the 8
+    others are in the rest file. Fails on: the report's OSError read as bad input (exit 2,
+    no rest file), and its close's raised in place of the run's failure."""
+    report = tmp_path / "d.jsonl"
+    argv = [*stream_of_twelve(fake, tmp_path), "--report", str(report)]
+
+    class Full(io.StringIO):
+        def write(self, text: str) -> int:
+            if len(self.getvalue().splitlines()) == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(text)
+
+    @contextlib.contextmanager
+    def full_disk(path: str) -> Iterator[Full]:
+        yield Full()
+        raise OSError(errno.ENOSPC, "No space left on device")  # its close: the rest too
+
+    monkeypatch.setattr(stream_cli, "output", full_disk)
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{report}: a report line: No space left on device" in err
+    assert f"{report} not written either" in err
+    assert len(json.loads((tmp_path / "kept.json").read_text())) == 4
+    assert len((tmp_path / "kept.rest.jsonl").read_text().splitlines()) == 8
+    assert len((tmp_path / "kept.journal.jsonl").read_text().splitlines()) == 4

@@ -16,10 +16,16 @@ from typing import IO, Any
 import grpc
 
 from align2.client.calls import DEFAULT_CHUNK_SIZE
-from align2.client.offline_cli import EXIT_INTERRUPTED
 from align2.client.results import ProtocolError
 from align2.client.stream_journal import JournalWriteError
 from align2.client.sync import CurationClient
+
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
+
+
+class OutputNotWritten(OSError):
+    """An output that can't be written as the run goes (a full disk): the run stops as when
+    the server fails (exit 1, what was done kept), not as for bad input."""
 
 
 def why_stopped(error: BaseException) -> tuple[str, int]:
@@ -29,7 +35,7 @@ def why_stopped(error: BaseException) -> tuple[str, int]:
         return "interrupted", EXIT_INTERRUPTED
     if isinstance(error, grpc.RpcError):
         return describe_rpc_error(error), 1
-    if isinstance(error, TimeoutError | JournalWriteError):  # not the input's fault
+    if isinstance(error, TimeoutError | JournalWriteError | OutputNotWritten):  # not the input
         return str(error), 1
     return str(error), 1 if isinstance(error, ProtocolError) else 2
 

@@ -19,6 +19,7 @@ import grpc
 
 from align2.client.aio import AsyncCurationClient
 from align2.client.calls import without_place
+from align2.client.cli_common import EXIT_INTERRUPTED
 from align2.client.llava import write_llava
 from align2.client.offline import (
     OfflineCuration,
@@ -41,7 +42,6 @@ from align2.client.selection import DEFAULT_KEEP
 from align2.client.types import Sample
 
 SCORES_SUFFIX = ".scores.jsonl"
-EXIT_INTERRUPTED = 130
 
 
 def run_offline(

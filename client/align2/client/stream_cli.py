@@ -25,6 +25,7 @@ from google.protobuf import json_format
 
 from align2.client.calibration import Calibration
 from align2.client.cli_common import (
+    OutputNotWritten,
     client_from_arguments,
     output,
     progress,
@@ -108,8 +109,8 @@ def _curate_journaled(
     journal = DecisionJournal(path, options)
     if journal.loaded:
         print(
-            f"align2 curate: {path} holds {journal.loaded} decisions of an earlier run: "
-            "their records are not sent again",
+            f"align2 curate: {path} holds {journal.loaded} decisions of an earlier run with "
+            "these flags: the records among them that are read again are not sent again",
             file=sys.stderr,
         )
     status = None
@@ -128,14 +129,16 @@ def _curate_journaled(
                 file=sys.stderr,
             )
     # A run of other inputs with this --out: the rest file is theirs, not decided by this run.
-    if status == 0 and not other_inputs:
+    # Only a run that went on from the journal, and read all it holds, ends what a stopped
+    # run of the same input left: a run of other inputs with this --out does not.
+    if status == 0 and journal.taken and not other_inputs:
         _remove_stale_rest(namespace)
     return status
 
 
 def _remove_stale_rest(namespace: argparse.Namespace) -> None:
-    """After a finished run, the rest file an earlier stopped run of this ``--out`` left:
-    every record in it is decided now (gone on with from the journal), and a run on it
+    """After a finished run that went on from the journal (see the caller), the rest file
+    the stopped run of this ``--out`` left: its records are decided now, and a run on it
     would decide them again. Not when it was this run's input."""
     rest = _rest_path(namespace.out)
     inputs = {os.path.abspath(f) for f in namespace.file}
@@ -228,77 +231,89 @@ def _curate_stream(
     kept: list[Sample] = []
     failure: BaseException | None = None
     report_to = output(namespace.report) if namespace.report else contextlib.nullcontext(None)
-    with (
-        report_to as report,
-        progress(None, enabled=not namespace.no_progress) as advance,
-        _interrupts_wait() as recording,
-    ):
+    unwritten: dict[str, OSError] = {}  # after a failure: outputs not written either
+    rest = None
+    try:
+        with (
+            report_to as report,
+            progress(None, enabled=not namespace.no_progress) as advance,
+            _interrupts_wait() as recording,
+        ):
 
-        def record(line: dict[str, Any], sample: Sample | None) -> None:
-            counts[line["decision"]] += 1
-            advance(1)
-            if report is not None:
-                report.write(json_line(line))  # a file name's lone surrogate escaped
-            if sample is not None:
-                kept.append(sample)
+            def record(line: dict[str, Any], sample: Sample | None) -> None:
+                # kept first: a report that can't be written (a full disk) stops the run with
+                # this decision's sample still written to --out
+                if sample is not None:
+                    kept.append(sample)
+                counts[line["decision"]] += 1
+                advance(1)
+                if report is not None:
+                    try:
+                        report.write(json_line(line))  # a file name's lone surrogate escaped
+                    except OSError as error:
+                        raise OutputNotWritten(
+                            error.errno, f"{namespace.report}: a report line: {error.strerror}"
+                        ) from error
 
-        def record_settled() -> None:
-            while settled:
-                line, sample = settled.popleft()
-                counts["from_journal"] += bool(line.get("from_journal"))
-                record(line, sample)
+            def record_settled() -> None:
+                while settled:
+                    line, sample = settled.popleft()
+                    counts["from_journal"] += bool(line.get("from_journal"))
+                    record(line, sample)
 
-        results = client.curate(
-            samples,
-            question_keep_fraction=namespace.question_keep,
-            answer_keep_fraction=namespace.answer_keep,
-            align=namespace.align,
-            priority=namespace.priority,
-            **_selection_options(namespace),
-            resume=not namespace.no_retry,
-            **rewrite_options(namespace),
-        )
-        try:
-            for result in results:
-                # Taken off the records not decided, journaled and added to the kept as one
-                # step: a Ctrl-C or SIGTERM meanwhile waits until the decision is recorded.
+            results = client.curate(
+                samples,
+                question_keep_fraction=namespace.question_keep,
+                answer_keep_fraction=namespace.answer_keep,
+                align=namespace.align,
+                priority=namespace.priority,
+                **_selection_options(namespace),
+                resume=not namespace.no_retry,
+                **rewrite_options(namespace),
+            )
+            try:
+                for result in results:
+                    # Taken off the records not decided, journaled and added to the kept as one
+                    # step: a Ctrl-C or SIGTERM meanwhile waits until the decision is recorded.
+                    with recording():
+                        record_settled()
+                        drawn = undecided.get(result.index)
+                        line = {**result.to_dict(), "file": None, "record": None}
+                        if drawn is not None:
+                            path, index, sent = drawn
+                            line.update(file=path, record=index)
+                            if journal is not None and result.decision != "error":
+                                # a journal that can't be written stops the run with the
+                                # record still undecided: in the rest file, not lost
+                                journal.add(path, index, sent, line, result.sample)
+                            del undecided[result.index]
+                        record(line, result.sample)
                 with recording():
                     record_settled()
-                    drawn = undecided.get(result.index)
-                    line = {**result.to_dict(), "file": None, "record": None}
-                    if drawn is not None:
-                        path, index, sent = drawn
-                        line.update(file=path, record=index)
-                        if journal is not None and result.decision != "error":
-                            # a journal that can't be written stops the run with the
-                            # record still undecided: in the rest file, not lost
-                            journal.add(path, index, sent, line, result.sample)
-                        del undecided[result.index]
-                    record(line, result.sample)
-            with recording():
+            # An RPC failure, an input record that cannot be read, Ctrl-C or SIGTERM: the
+            # kept samples so far are still written below.
+            except (grpc.RpcError, ProtocolError, OSError, ValueError, KeyboardInterrupt) as error:
+                failure = error
+                results.stop_drawing()  # gRPC's thread may be reading the input: it is ours now
+                resuming[0] = False  # the rest file gets every record this run did not decide
                 record_settled()
-        # An RPC failure, an input record that cannot be read, Ctrl-C or SIGTERM: the
-        # kept samples so far are still written below.
-        except (grpc.RpcError, ProtocolError, OSError, ValueError, KeyboardInterrupt) as error:
-            failure = error
-            results.stop_drawing()  # gRPC's thread may be reading the input: it is ours now
-            resuming[0] = False  # the rest file gets every record this run did not decide
-            record_settled()
-        unwritten: dict[str, OSError] = {}  # after a failure: outputs not written too
+            if failure is None:
+                write_llava(kept, namespace.out)
+            elif kept:
+                _after_failure(unwritten, namespace.out, lambda: write_llava(kept, namespace.out))
+            # An unreadable record ended the input (exit 2): nothing after it is read.
+            if failure is not None and why_stopped(failure)[1] != 2:
+                undone = [undecided[i][2] for i in sorted(undecided)]
+                rest = _after_failure(
+                    unwritten,
+                    str(_rest_path(namespace.out)),
+                    lambda: _write_rest(namespace.out, undone, samples),
+                )
+                record_settled()  # --skip-invalid: the malformed records read on the way
+    except OSError as error:  # the report's last lines, as it is closed (a full disk)
         if failure is None:
-            write_llava(kept, namespace.out)
-        elif kept:
-            _after_failure(unwritten, namespace.out, lambda: write_llava(kept, namespace.out))
-        rest = None
-        # An unreadable record ended the input (exit 2): nothing after it is read.
-        if failure is not None and why_stopped(failure)[1] != 2:
-            undone = [undecided[i][2] for i in sorted(undecided)]
-            rest = _after_failure(
-                unwritten,
-                str(_rest_path(namespace.out)),
-                lambda: _write_rest(namespace.out, undone, samples),
-            )
-            record_settled()  # --skip-invalid: the malformed records read on the way
+            raise
+        unwritten[namespace.report] = error
     summary = ", ".join(f"{counts[d]} {d}" for d in DECISIONS)
     if counts["from_journal"]:
         summary += f" ({counts.pop('from_journal')} decided by an earlier run)"

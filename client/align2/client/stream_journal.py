@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from align2.client.jsonl_log import JsonlLog
+from align2.client.jsonl_log import JsonlLog, text
 from align2.client.llava import record_from_sample, sample_from_record
 from align2.client.types import Sample
 
@@ -76,12 +76,13 @@ class DecisionJournal:
     as JSON values. :class:`~align2.client.jsonl_log.LogInUse` when another run holds it.
 
     After opening: ``loaded`` decisions that this run may take, ``stale`` ones made with
-    other options (superseded), ``ignored`` unreadable lines."""
+    other options (superseded), ``ignored`` unreadable lines; ``taken``: those taken back."""
 
     def __init__(self, path: str | os.PathLike[str], options: Mapping[str, Any]) -> None:
         self.path = pathlib.Path(path)
         self._options = _fingerprint(options)
         self.loaded = self.stale = self.ignored = 0
+        self.taken = 0  # decisions taken back by this run
         # (file, record) -> (digest, task, journal line) in journal order
         self._decided: dict[tuple[str, int], list[tuple[str, str, bytes]]] = defaultdict(list)
         self._read: dict[str, int] = {}  # records read per file, to know what a run left
@@ -110,12 +111,15 @@ class DecisionJournal:
         entry = json.loads(line)
         report, kept = entry["report"], entry["kept"]
         if kept is None:
+            self.taken += 1
             return Decided(report, None)
         try:
-            return Decided(report, sample_from_record(kept, record, default_task=sample.task))
+            decided = Decided(report, sample_from_record(kept, record, default_task=sample.task))
         except ValueError:  # a damaged line: the record is sent again
             self.ignored += 1
             return None
+        self.taken += 1
+        return decided
 
     def add(
         self,
@@ -165,8 +169,8 @@ class DecisionJournal:
                 if not isinstance(entry, dict):
                     raise TypeError(entry)
                 options = entry["options"]
-                key = (_text(entry["file"]), _count(entry["record"]))
-                digest, task = _text(entry["digest"]), _text(entry["task"])
+                key = (text(entry["file"]), _count(entry["record"]))
+                digest, task = text(entry["digest"]), text(entry["task"])
                 report, kept = entry["report"], entry["kept"]
                 if not isinstance(report, dict) or not (kept is None or isinstance(kept, dict)):
                     raise TypeError(entry)
@@ -194,12 +198,6 @@ def record_digest(sample: Sample) -> str:
 def _fingerprint(options: Mapping[str, Any]) -> str:
     text = json.dumps(dict(options), sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(value)
-    return value
 
 
 def _count(value: Any) -> int:
