@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from typing import Any
 
 import grpc
 
@@ -239,3 +241,16 @@ def serving(servicer: FakeCuration | None = None) -> Iterator[FakeCuration]:
     finally:
         servicer.release()  # unblock handlers a test left waiting
         server.stop(grace=None).wait()
+
+
+def slow_reading(read: Callable[..., Iterator[Sample]], at: int) -> Callable[..., Iterator[Sample]]:
+    """``read`` (iter_llava) with a 1 s wait before its record ``at`` (a slow disk): a
+    stream that fails meanwhile does so while gRPC's thread is inside the input."""
+
+    def slow(*args: Any, **kwargs: Any) -> Iterator[Sample]:
+        for i, sample in enumerate(read(*args, **kwargs)):
+            if i == at:
+                time.sleep(1.0)
+            yield sample
+
+    return slow

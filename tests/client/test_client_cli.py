@@ -10,12 +10,11 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
-from client_fakes import FakeCuration
+from client_fakes import FakeCuration, slow_reading
 
 from align2.client import cli, stream_cli
 from align2.client.results import AlignResult
@@ -394,15 +393,7 @@ def test_the_rest_file_holds_what_grpc_was_still_reading_when_the_stream_failed(
     (tmp_path / "a.jpg").write_bytes(b"jpeg")
     data = tmp_path / "detail_1.jsonl"
     data.write_text("".join(json.dumps({**record, "id": f"r{i}"}) + "\n" for i in range(12)))
-    real = stream_cli.iter_llava
-
-    def slow(*args: Any, **kwargs: Any) -> Iterator[Any]:
-        for i, sample in enumerate(real(*args, **kwargs)):
-            if i == 4:
-                time.sleep(1.0)
-            yield sample
-
-    monkeypatch.setattr(stream_cli, "iter_llava", slow)
+    monkeypatch.setattr(stream_cli, "iter_llava", slow_reading(stream_cli.iter_llava, at=4))
     fake.curate_abort_after = [2]
     argv = ["curate", str(data), "--stream", "--image-folder", str(tmp_path)]
     argv += ["--out", str(tmp_path / "kept.json"), "--target", fake.target, "--no-progress"]

@@ -137,3 +137,10 @@ def _drop_truncated_tail(path: pathlib.Path) -> None:
                 f.truncate(size - block + newline + 1)
                 return
             block = min(size, block * 2)
+
+
+def text(value: Any) -> str:
+    """A string read back from a line: TypeError (a damaged line) for anything else."""
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return value

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from align2.client.jsonl_log import JsonlLog
+from align2.client.jsonl_log import JsonlLog, text
 from align2.client.types import Sample
 
 HEAD_QUESTION = "question"
@@ -173,12 +173,12 @@ def _entry(key: ScoreKey, value: Stored) -> dict[str, Any]:
 def _parse(entry: Any) -> tuple[ScoreKey, Stored] | None:
     try:
         key = ScoreKey(
-            id=_text(entry["id"]),
-            digest=_text(entry["digest"]),
-            head=_text(entry["head"]),
-            revision=_text(entry["revision"]),
-            template_version=_text(entry["template_version"]),
-            settings=_text(entry.get("settings", "")),  # older files: none
+            id=text(entry["id"]),
+            digest=text(entry["digest"]),
+            head=text(entry["head"]),
+            revision=text(entry["revision"]),
+            template_version=text(entry["template_version"]),
+            settings=text(entry.get("settings", "")),  # older files: none
         )
         if key.head == HEAD_QUESTION:
             return key, _number(entry["score"])
@@ -199,12 +199,6 @@ def _turn_scores(value: Any) -> float | tuple[float, ...]:
             raise ValueError("a turn without candidate scores")
         return tuple(_number(s) for s in value)
     return _number(value)
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(value)
-    return value
 
 
 def _number(value: Any) -> float:

@@ -58,11 +58,13 @@ def field_of(message: str) -> str | None:
 
 def detached(error: E) -> E:
     """``error``, to be kept as a value (a sample's or a decision's error), without its
-    traceback and the error it was raised while handling. Those held every frame it was
-    raised through, with their locals (a sample, its image), among them often the object
-    that keeps the error: a reference cycle that only the cyclic GC frees."""
+    traceback and the errors it was raised while handling or from (``__context__``,
+    ``__cause__``). Those held every frame it was raised through, with their locals (a
+    sample, its image), among them often the object that keeps the error: a reference
+    cycle that only the cyclic GC frees."""
     error.__traceback__ = None
     error.__context__ = None
+    error.__cause__ = None
     return error
 
 
