@@ -259,17 +259,21 @@ def test_a_server_with_another_model_revision_decides_every_record_again(
     assert len(fake.curate_streams[0]) == 12
 
 
-def test_a_journal_that_cannot_be_written_stops_the_run_naming_it_with_the_rest_listed(
+@pytest.mark.parametrize("outputs_full", [False, True])
+def test_a_journal_that_cannot_be_written_stops_the_run_naming_it(
+    outputs_full: bool,
     fake: FakeCuration,
     tmp_path: pathlib.Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The disk fills after 3 decisions: exit 1 (not 2, bad input), the message names the
-    journal, the 3 kept are written and the other 9 are in the rest file; with room again,
-    the same command goes on from the 3 journaled."""
+    """The journal's disk fills after 3 decisions: exit 1 (not 2, bad input), the message
+    names the journal; the 3 kept are written and the other 9 are in the rest file, or,
+    when that disk is --out's too (``outputs_full``), those are named as not written
+    either (not raised in the journal failure's place). With room again, the same command
+    goes on from the 3 journaled."""
     argv = stream_of_twelve(fake, tmp_path)
-    real_append = JsonlLog.append
+    real_append, real_write = JsonlLog.append, stream_cli.write_llava
     appended = []
 
     def fills_up(log: JsonlLog, entries: Any) -> None:
@@ -278,13 +282,23 @@ def test_a_journal_that_cannot_be_written_stops_the_run_naming_it_with_the_rest_
         appended.append(entries)
         real_append(log, entries)
 
+    def full(*args: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(JsonlLog, "append", fills_up)
+    if outputs_full:
+        monkeypatch.setattr(stream_cli, "write_llava", full)
     assert cli_main(argv) == 1
     err = capsys.readouterr().err
     assert "kept.journal.jsonl: cannot journal a decision: No space left on device" in err
-    assert len(json.loads((tmp_path / "kept.json").read_text())) == 3
-    assert len((tmp_path / "kept.rest.jsonl").read_text().splitlines()) == 9
+    assert "or run the same command again: the decisions so far are in" in err
+    if outputs_full:
+        assert "kept.json not written either: [Errno 28] No space left on device" in err
+    else:
+        assert len(json.loads((tmp_path / "kept.json").read_text())) == 3
+        assert len((tmp_path / "kept.rest.jsonl").read_text().splitlines()) == 9
     monkeypatch.setattr(JsonlLog, "append", real_append)
+    monkeypatch.setattr(stream_cli, "write_llava", real_write)
     fake.curate_streams.clear()
     assert cli_main(argv) == 0
     assert len(fake.curate_streams[0]) == 9
@@ -455,45 +469,6 @@ def test_an_append_that_fails_leaves_the_log_as_it_was(tmp_path: pathlib.Path) -
     assert run.returncode == 0, run.stderr
     outcome = json.loads(run.stdout)
     assert outcome == {"written": 3, "lines": [0, 1, 2, "after"]}
-
-
-def test_a_full_disk_stops_the_run_as_a_journal_failure_naming_the_journal(
-    fake: FakeCuration,
-    tmp_path: pathlib.Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The disk that fills under the journal is --out's too (the journal is beside it): the
-    kept samples and the rest file cannot be written either. Still exit 1 with the journal
-    named (the decisions are there), not exit 2 with a bare "No space left on device"; with
-    room again, the same command goes on from the journal. Fails on: the --out write's
-    OSError raised in place of the journal's failure."""
-    argv = stream_of_twelve(fake, tmp_path)
-    real_append, real_write = JsonlLog.append, stream_cli.write_llava
-    appended = []
-
-    def fills_up(log: JsonlLog, entries: Any) -> None:
-        if len(appended) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        appended.append(entries)
-        real_append(log, entries)
-
-    def full(*args: Any) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(JsonlLog, "append", fills_up)
-    monkeypatch.setattr(stream_cli, "write_llava", full)
-    assert cli_main(argv) == 1
-    err = capsys.readouterr().err
-    assert "kept.journal.jsonl: cannot journal a decision: No space left on device" in err
-    assert "kept.json not written either: [Errno 28] No space left on device" in err
-    assert "or run the same command again: the decisions so far are in" in err
-    monkeypatch.setattr(JsonlLog, "append", real_append)
-    monkeypatch.setattr(stream_cli, "write_llava", real_write)
-    fake.curate_streams.clear()
-    assert cli_main(argv) == 0
-    assert len(fake.curate_streams[0]) == 9
-    assert len(json.loads((tmp_path / "kept.json").read_text())) == 12
 
 
 def test_a_report_names_a_file_whose_name_is_not_utf8(
