@@ -16,6 +16,7 @@ from typing import IO, Any
 import grpc
 
 from align2.client.calls import DEFAULT_CHUNK_SIZE
+from align2.client.llava import written_in_place
 from align2.client.results import ProtocolError
 from align2.client.stream_journal import JournalWriteError
 from align2.client.sync import CurationClient
@@ -76,7 +77,7 @@ def check_writable(*paths: str | None) -> None:
     for path in paths:
         if path is None or path == "-":
             continue
-        if os.path.exists(path) and not os.path.isfile(path):  # /dev/null, a FIFO: as it is
+        if written_in_place(path):  # /dev/null, a FIFO: as it is
             if not os.access(path, os.W_OK):
                 raise ValueError(f"{path!r} is not writable")
             continue
@@ -95,7 +96,7 @@ def output(path: str) -> Iterator[IO[str]]:
     if path == "-":
         yield sys.stdout
         return
-    if os.path.exists(path) and not os.path.isfile(path):  # /dev/null, a FIFO: as it is
+    if written_in_place(path):  # /dev/null, a FIFO: as it is
         with open(path, "w", encoding="utf-8") as out:
             yield out
         return

@@ -82,6 +82,12 @@ def iter_llava(
         yield sample
 
 
+def written_in_place(path: StrPath) -> bool:
+    """Whether ``path`` exists and is not a regular file (``/dev/null``, a FIFO): an output
+    writes such a path as it is, not through a file renamed over it (nor beside it)."""
+    return os.path.exists(path) and not os.path.isfile(path)
+
+
 def write_llava(samples: Iterable[Sample], path: StrPath) -> int:
     """Write samples as LLaVA records: JSONL when ``path`` ends in ``.jsonl``, else a JSON list.
 
@@ -92,7 +98,7 @@ def write_llava(samples: Iterable[Sample], path: StrPath) -> int:
     is written as it is, not replaced. Returns the number of records written.
     """
     path = pathlib.Path(path)
-    if path.exists() and not path.is_file():
+    if written_in_place(path):
         with path.open("w", encoding="utf-8") as out:
             return _write_records(out, (record_from_sample(s) for s in samples), path)
     partial = path.with_name(path.name + ".partial")

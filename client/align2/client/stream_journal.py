@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from align2.client.jsonl_log import JsonlLog, text
-from align2.client.llava import record_from_sample, sample_from_record
+from align2.client.llava import record_from_sample, sample_from_record, written_in_place
 from align2.client.types import Sample
 
 SYNC_SECONDS = 1.0
@@ -53,7 +53,7 @@ def journal_path(out: str | os.PathLike[str]) -> pathlib.Path | None:
     """Where the journal of a run writing ``out`` lives; None when ``out`` is not a regular
     file's path (``/dev/null``, a FIFO): such a run keeps no journal."""
     path = pathlib.Path(out)
-    if path.exists() and not path.is_file():
+    if written_in_place(path):
         return None
     return path.with_name(f"{path.stem}.journal.jsonl")
 
