@@ -17,7 +17,7 @@ import pytest
 from client_fakes import FakeCuration, slow_reading
 
 from align2.client import cli, stream_cli
-from align2.client.results import AlignResult
+from align2.client.results import AlignResult, ItemError
 
 
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
@@ -168,6 +168,66 @@ def test_score_streams_jsonl_results(
     assert "3 samples, 1 item errors" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("extra", "expected"), [((), 0), (("--max-errors", "1"), 0),
+                                                  (("--max-errors", "0"), 3)])  # fmt: skip
+def test_score_exits_3_when_more_items_fail_than_max_errors_allows(
+    extra: tuple[str, ...],
+    expected: int,
+    fake: FakeCuration,
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Per-item errors are data (every line written), but a pipeline can say how many it
+    takes: 1 of 3 here (record 1's image is missing)."""
+    status, results = run_score(fake, tmp_path, *extra)
+    assert status == expected and len(results) == 3
+    assert (
+        "1 of 3 items failed: more than --max-errors 0 (exit 3)" in capsys.readouterr().err
+    ) is (expected == 3)
+
+
+@pytest.mark.parametrize("command", ["score", "curate --stream", "align"])
+def test_a_run_where_every_item_failed_exits_3_with_its_outputs_written(
+    command: str,
+    fake: FakeCuration,
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A wrong image folder (or server) fails every item: exit 3 by default, not 0, with
+    the outputs written as for any finished run."""
+
+    def align(self: object, samples: list[Any], **options: Any) -> list[Any]:
+        failed = ItemError(grpc.StatusCode.NOT_FOUND, "image: no such file")
+        return [AlignResult(id=s.id, error=failed) for s in samples]
+
+    monkeypatch.setattr(cli.CurationClient, "align", align)
+    data = write_dataset(tmp_path)
+    out = tmp_path / "out.json"
+    argv = [*command.split(), str(data), "--image-folder", str(tmp_path / "no such folder")]
+    argv += ["--target", fake.target, "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 3
+    assert "3 of 3 items failed: every item failed (exit 3)" in capsys.readouterr().err
+    assert out.exists()  # written all the same
+    if command == "score":
+        assert [json.loads(line)["error"]["code"] for line in out.read_text().splitlines()] == [
+            "NOT_FOUND"
+        ] * 3
+    # Told to take them all: 0.
+    assert cli.main([*argv, "--max-errors", "3"]) == 0
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "many"])
+def test_max_errors_below_0_or_not_whole_is_refused_naming_the_flag(
+    value: str, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_dataset(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["score", str(data), "--max-errors", value])
+    assert exited.value.code == 2
+    assert "argument --max-errors:" in capsys.readouterr().err
+
+
 def test_score_sends_the_token_from_the_environment(
     fake: FakeCuration, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -230,6 +290,7 @@ def test_an_output_that_is_not_a_regular_file_is_checked_itself_not_its_folder(
     reader = threading.Thread(target=lambda: drained.append(fifo.read_text()), daemon=True)
     reader.start()
     argv = ["curate", str(data), "--stream", "--out", str(fifo), "--target", fake.target]
+    argv += ["--image-folder", str(tmp_path / "images")]
     assert cli.main([*argv, "--no-progress", "--min-window", "1"]) == 0, capsys.readouterr().err
     reader.join(timeout=10)
     assert len(json.loads(drained[0])) == len(fake.curated)

@@ -485,6 +485,27 @@ def test_skip_invalid_leaves_them_out_and_lists_them(
     ]
 
 
+def test_records_left_out_beyond_max_errors_exit_3_with_the_outputs_written(
+    fake: FakeCuration, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The 3 invalid records of 10 are per-item errors: exit 3 past --max-errors, and by
+    default only when every record failed (here: an image folder without the images)."""
+    source = invalid_data(tmp_path)
+    out = tmp_path / "k.json"
+    args = [source, "--image-folder", tmp_path, "--out", out, "--skip-invalid"]
+    args += ["--question-keep", "0.5", "--answer-keep", "1"]
+    assert curate(fake, *args, "--max-errors", "2") == 3
+    assert "3 of 10 items failed: more than --max-errors 2" in capsys.readouterr().err
+    assert len(json.loads(out.read_text())) == 3  # written all the same
+    assert curate(fake, *args, "--max-errors", "3") == 0
+    assert curate(fake, *args) == 0
+    (tmp_path / "empty").mkdir()
+    args[2] = tmp_path / "empty"
+    assert curate(fake, *args) == 3
+    assert "10 of 10 items failed: every item failed" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == []
+
+
 def test_plot_draws_one_histogram_per_task_and_stage(
     fake: FakeCuration, tmp_path: pathlib.Path
 ) -> None:

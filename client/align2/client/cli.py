@@ -7,7 +7,8 @@ Server subcommands (``serve``, ``build-models``, ``train-heads``, ``train-lora``
 command never imports server code.
 
 Exit status: 0 done (per-item errors are data, written to the output), 1 an RPC failed,
-2 bad usage or input, 130 interrupted (Ctrl-C or SIGTERM). A command that stops early says
+2 bad usage or input, 3 done but more items failed than ``--max-errors`` allows (by
+default: every item failed), 130 interrupted (Ctrl-C or SIGTERM). A command that stops early says
 what it kept: ``score`` leaves its lines so far in ``OUT.partial`` (``OUT`` itself is
 replaced only by a finished run); ``align`` and ``curate --stream`` write the samples kept
 so far to ``--out`` and name what was not done; ``curate --stream`` journals each decision
@@ -46,6 +47,8 @@ from align2.client.cli_common import (
     client_from_arguments,
     client_options,
     describe_rpc_error,
+    item_errors_status,
+    max_errors_argument,
     output,
     progress,
     rewrite_options,
@@ -237,6 +240,7 @@ def _score_arguments(parser: argparse.ArgumentParser) -> None:
     _chunk_size_argument(parser)
     _priority_argument(parser)
     _model_arguments(parser)
+    max_errors_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -291,6 +295,7 @@ def _align_arguments(parser: argparse.ArgumentParser) -> None:
     _rewrite_arguments(parser)
     _chunk_size_argument(parser)
     _priority_argument(parser)
+    max_errors_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -355,6 +360,7 @@ def _curate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--align", action="store_true", help="restyle the kept samples")
     _rewrite_arguments(parser)
     _priority_argument(parser)
+    max_errors_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     online = parser.add_argument_group("online selection (with --stream)")
     online.add_argument(
@@ -463,7 +469,7 @@ def run_score(namespace: argparse.Namespace) -> int:
             out.flush()
             advance(len(chunk))
     print(f"align2 score: {len(samples)} samples, {failed} item errors", file=sys.stderr)
-    return 0
+    return item_errors_status("score", len(samples), failed, namespace.max_errors)
 
 
 def run_align(namespace: argparse.Namespace) -> int:
@@ -499,7 +505,7 @@ def run_align(namespace: argparse.Namespace) -> int:
         write_llava(kept, namespace.out)
         failed = len(samples) - len(kept)
         print(f"align2 align: {len(samples)} samples, {failed} item errors", file=sys.stderr)
-        return 0
+        return item_errors_status("align", len(samples), failed, namespace.max_errors)
     if kept:
         write_llava(kept, namespace.out)
     why, status = why_stopped(stop)

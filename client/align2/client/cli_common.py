@@ -1,7 +1,7 @@
 """What the ``align2`` client subcommands share: the client their connection flags make,
 outputs that replace their file only when the run finishes, the progress bar, and why a
-command stopped, with its exit status (0 done, 1 an RPC failed, 2 bad usage or input, 130
-interrupted)."""
+command stopped, with its exit status (0 done, 1 an RPC failed, 2 bad usage or input, 3 done
+but more items failed than ``--max-errors`` allows, 130 interrupted)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from align2.client.stream_journal import JournalWriteError
 from align2.client.sync import CurationClient
 
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
+EXIT_ITEM_ERRORS = 3  # done, but more items failed than --max-errors allows
 
 
 class OutputNotWritten(OSError):
@@ -39,6 +40,45 @@ def why_stopped(error: BaseException) -> tuple[str, int]:
     if isinstance(error, TimeoutError | JournalWriteError | OutputNotWritten):  # not the input
         return str(error), 1
     return str(error), 1 if isinstance(error, ProtocolError) else 2
+
+
+def item_errors_status(command: str, items: int, failed: int, max_errors: int | None) -> int:
+    """A finished run's exit status: 0, or 3 (said on stderr) when more of its ``items``
+    failed than ``max_errors`` allows; without ``--max-errors``, when every one of them
+    failed (a wrong image folder, the wrong server: nothing was done). Per-item errors
+    stay data either way: every output is written first."""
+    if max_errors is None:
+        over = items > 0 and failed == items
+        limit = "every item failed"
+    else:
+        over = failed > max_errors
+        limit = f"more than --max-errors {max_errors}"
+    if not over:
+        return 0
+    print(f"align2 {command}: {failed} of {items} items failed: {limit} (exit 3)", file=sys.stderr)
+    return EXIT_ITEM_ERRORS
+
+
+def max_errors_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--max-errors",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="exit 3 (outputs written all the same) when more than N items fail "
+        "(default: when every item fails)",
+    )
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0, refused by argparse naming the flag (exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is below 0")
+    return value
 
 
 def rewrite_options(namespace: argparse.Namespace) -> dict[str, Any]:

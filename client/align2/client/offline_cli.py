@@ -4,7 +4,9 @@ report and the plot. Called by :mod:`align2.client.cli`, which parses the argume
 
 Exit status: 0 done; 1 the run stopped (an RPC failed, the server was busy or stopping, a
 model changed, Ctrl-C: 130), with every score so far saved so that the same command
-resumes; 2 bad usage or input (unknown task types, invalid records).
+resumes; 2 bad usage or input (unknown task types, invalid records); 3 done, but more
+records failed (left out with ``--skip-invalid``, or their Align failed) than
+``--max-errors`` allows, by default all of them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import grpc
 
 from align2.client.aio import AsyncCurationClient
 from align2.client.calls import without_place
-from align2.client.cli_common import EXIT_INTERRUPTED
+from align2.client.cli_common import EXIT_INTERRUPTED, item_errors_status
 from align2.client.llava import write_llava
 from align2.client.offline import (
     OfflineCuration,
@@ -117,7 +119,9 @@ def run_offline(
             out.write("\n")
     if namespace.plot:
         plot_histograms(outcome, namespace.plot)
-    return 0
+    # per-item errors: the records left out as invalid, and the kept whose Align failed
+    failed = report["total"]["invalid"] + len(report.get("align", {}).get("failed", ()))
+    return item_errors_status("curate", report["total"]["records"], failed, namespace.max_errors)
 
 
 async def _run(

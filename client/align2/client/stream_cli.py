@@ -27,6 +27,7 @@ from align2.client.calibration import Calibration
 from align2.client.cli_common import (
     OutputNotWritten,
     client_from_arguments,
+    item_errors_status,
     output,
     progress,
     rewrite_options,
@@ -317,7 +318,8 @@ def _curate_stream(
     summary = ", ".join(f"{counts[d]} {d}" for d in DECISIONS)
     if counts["from_journal"]:
         summary += f" ({counts.pop('from_journal')} decided by an earlier run)"
-    print(f"align2 curate: {counts.total()} samples: {summary}", file=sys.stderr)
+    decided = counts.total()
+    print(f"align2 curate: {decided} samples: {summary}", file=sys.stderr)
     if failure is not None:
         unanswered = results.unanswered
         why, status = why_stopped(failure)
@@ -340,7 +342,7 @@ def _curate_stream(
                 file=sys.stderr,
             )
         return status
-    return 0
+    return item_errors_status("curate", decided, counts["error"], namespace.max_errors)
 
 
 def _after_failure(unwritten: dict[str, OSError], path: str, write: Callable[[], Any]) -> Any:
