@@ -281,6 +281,35 @@ def test_a_rerun_after_a_server_failure_rescores_nothing_and_gives_the_same_outp
     assert out.read_text() == (tmp_path / "whole.json").read_text()
 
 
+def test_a_rerun_with_another_image_under_a_records_name_scores_that_record_again(
+    fake: FakeCuration, tmp_path: pathlib.Path
+) -> None:
+    """Stored scores are kept for an image file of the same name and size: a rerun on
+    another --image-folder whose images differ scores them all again; on a copy of the
+    same images, none; after one image is written again, that record only."""
+    data = [record(tmp_path, str(i), ["a" * i]) for i in range(1, 6)]
+    source = write(tmp_path / "detail_x.json", data)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for r in data:
+        (copy / r["image"]).write_bytes((tmp_path / r["image"]).read_bytes())
+    args = [source, "--out", tmp_path / "k.json", "--scores", tmp_path / "s.jsonl"]
+    assert curate(fake, *args, "--image-folder", tmp_path) == 0
+    assert sent(fake, pb.HEAD_QUESTION) == 5
+    fake.requests.clear()
+    assert curate(fake, *args, "--image-folder", copy) == 0
+    assert fake.requests == []  # the same images, elsewhere
+    (copy / data[2]["image"]).write_bytes(b"another image")
+    assert curate(fake, *args, "--image-folder", copy) == 0
+    assert [s.id for r in fake.requests for s in r.samples if list(r.heads) == [
+        pb.HEAD_QUESTION]] == ["3"]  # fmt: skip
+    for r in data:
+        (copy / r["image"]).write_bytes(b"other images")
+    fake.requests.clear()
+    assert curate(fake, *args, "--image-folder", copy) == 0
+    assert sent(fake, pb.HEAD_QUESTION) == 5
+
+
 def test_ctrl_c_keeps_the_scores_of_finished_chunks(
     fake: FakeCuration, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

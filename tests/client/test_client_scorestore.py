@@ -41,6 +41,34 @@ def test_a_line_from_before_settings_were_keyed_matches_no_server_settings(
         assert store.get(Scorer("question", "r1", "t1").key("1", "d" * 32)) == 0.5
 
 
+def test_a_score_is_not_reused_for_an_image_file_of_another_size(tmp_path: pathlib.Path) -> None:
+    """The image file's size is stored beside the digest (of its name): another image
+    under the same name is scored again; a line of an older file, without a size, is
+    reused whatever the size."""
+    path = tmp_path / "s.jsonl"
+    scorer = Scorer("question", "r1", "t1")
+    with ScoreStore(path) as store:
+        store.add([(scorer.key("1", "d" * 32, 1000), 0.5)])
+    assert json.loads(path.read_text())["image_size"] == 1000
+    with path.open("a") as f:  # an older line, and lines whose size is not a size
+        old = {"id": "2", "digest": "d" * 32, "head": "question", "revision": "r1",
+               "template_version": "t1", "score": 0.25}  # fmt: skip
+        f.write(json.dumps(old) + "\n")
+        for size in (-1, "1000", True, 1.5):
+            f.write(json.dumps({**old, "id": "3", "image_size": size}) + "\n")
+    with ScoreStore(path) as store:
+        assert store.loaded == 2 and store.ignored_lines == 4
+        assert store.get(scorer.key("1", "d" * 32, 1000)) == 0.5
+        assert store.get(scorer.key("1", "d" * 32, 1001)) is None
+        assert store.get(scorer.key("1", "d" * 32)) == 0.5  # the size unknown (in memory)
+        assert store.get(scorer.key("2", "d" * 32, 77)) == 0.25
+        store.add([(scorer.key("1", "d" * 32, 1001), 0.75)])  # scored again: the new one
+        assert store.get(scorer.key("1", "d" * 32, 1001)) == 0.75
+    with ScoreStore(path) as store:
+        assert store.get(scorer.key("1", "d" * 32, 1001)) == 0.75
+        assert store.get(scorer.key("1", "d" * 32, 1000)) is None
+
+
 def test_candidate_scores_are_stored_per_turn_and_read_back(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "s.jsonl"
     answer = key("3", head="answer")

@@ -118,6 +118,30 @@ def test_the_decision_on_a_record_as_it_is_now_is_taken_after_an_edit(
     journal.close(finished=False)
 
 
+def test_a_decision_on_another_image_of_the_same_name_is_not_taken(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Images count by file name and size: another image under the record's name (another
+    --image-folder, a file written again) is sent afresh; the same bytes moved are not."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    (first / "a.jpg").write_bytes(b"jpeg" * 10)
+    (second / "a.jpg").write_bytes(b"other jpeg" * 10)
+
+    def in_folder(folder: pathlib.Path) -> Sample:
+        return dataclasses.replace(sample(0), image=folder / "a.jpg")
+
+    path = tmp_path / "kept.journal.jsonl"
+    journal = DecisionJournal(path, OPTIONS)
+    journal.add("d.jsonl", 0, in_folder(first), report(0), None)
+    journal.close(finished=False)
+    journal = DecisionJournal(path, OPTIONS)
+    assert journal.take("d.jsonl", 0, in_folder(second)) is None
+    (second / "a.jpg").write_bytes(b"jpeg" * 10)  # the same image, copied: taken
+    assert journal.take("d.jsonl", 0, in_folder(second)) is not None
+    journal.close(finished=False)
+
+
 def test_a_line_whose_report_has_no_decision_is_ignored(two: pathlib.Path) -> None:
     """A damaged line that is still JSON with every key: a rerun that took it stopped with
     a KeyError traceback, and so did every rerun after it."""

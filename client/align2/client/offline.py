@@ -211,7 +211,7 @@ class OfflineCuration:
         todo = []
         for item in items:
             record = inputs.tasks[item[0]][item[1]]
-            stored = self._store.get(scorer.key(record.sample.id, record.digest))
+            stored = self._store.get(scorer.key(record.sample.id, record.digest, record.image_size))
             if stored is None:
                 todo.append(item)
             else:
@@ -256,7 +256,8 @@ class OfflineCuration:
         for (item, record), result in zip(chunk, reply.results, strict=True):
             value, problem = _value(head, record.sample, result)
             if value is not None:
-                entries.append((answered.key(record.sample.id, record.digest), value))
+                key = answered.key(record.sample.id, record.digest, record.image_size)
+                entries.append((key, value))
                 found[item] = value
             elif result.error is not None and result.error.code not in INVALID_CODES:
                 failed.append(f"{_where(record)}: {head} head: {problem}")

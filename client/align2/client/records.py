@@ -32,6 +32,7 @@ class Record:
     index: int
     sample: Sample
     digest: str  # what the scores of this record are stored under, with its id
+    image_size: int | None = None  # its image file's size (Sample.image_file_size)
 
 
 @dataclass(frozen=True)
@@ -136,11 +137,12 @@ def _read_record(
     except MalformedRecord as error:  # Invalid says where itself
         invalid.append(Invalid(file, index, error.record_id, "read", error.problem))
         return None
-    if isinstance(sample.image, os.PathLike) and not os.path.isfile(sample.image):
+    size = sample.image_file_size()
+    if isinstance(sample.image, os.PathLike) and size is None:
         problem = f"image: no such file: {os.fspath(sample.image)}"
         invalid.append(Invalid(file, index, sample.id, "read", problem))
         return None
-    return Record(file, index, sample, sample_digest(sample))
+    return Record(file, index, sample, sample_digest(sample), size)
 
 
 def _unknown_task_message(untyped: dict[str, list[Record]], files: dict[str, int]) -> str:

@@ -3,7 +3,8 @@
 One line per scored sample and head::
 
     {"id": "000000215677", "digest": "3f2a...", "head": "question", "revision": "a1b2c3d4e5f6",
-     "settings": "0c1d2e3f4a5b", "template_version": "align2llava-reward-v1", "score": 1.25}
+     "settings": "0c1d2e3f4a5b", "template_version": "align2llava-reward-v1",
+     "image_size": 160533, "score": 1.25}
     {"id": "000000215677", "digest": "3f2a...", "head": "answer", "revision": "...",
      "settings": "...", "template_version": "...", "scores": [0.5, -0.25]}
 
@@ -16,8 +17,11 @@ texts), so an edited record, or another record under the same id, is scored afre
 ``revision`` and ``settings`` are the server's ModelRef.revision and ModelRef.settings of
 the head's model and ``template_version`` the ScoreResponse's, so a changed model, a
 changed setting that changes scores (dtype, image_mode, truncation, ...), or a changed
-input template is too. A line written before ``settings`` existed has none, and its score
-is computed again. Lines are appended and
+input template is too. ``image_size`` is the image file's size when the score was stored
+(:meth:`~align2.client.types.Sample.image_file_size`): a score is not reused for a file of
+another size under the same name (another ``--image-folder``, an image written again). A
+line written before ``settings`` existed has none, and its score is computed again; one
+written before ``image_size`` existed is reused whatever the size. Lines are appended and
 flushed per chunk of samples; a crash loses at most the chunks in flight. A truncated last
 line (a crash mid-write) is dropped when the file is opened again; any other unreadable
 line is ignored (its sample is scored again) and counted.
@@ -31,7 +35,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -50,8 +54,9 @@ Stored = float | TurnScores
 
 def sample_digest(sample: Sample) -> str:
     """A hash of what a Score request carries for ``sample``: its image file name (its
-    bytes are not read) and its turns (with their candidate answers, when they have some:
-    a sample without them hashes as it always did). Task and extra keys do not change a
+    bytes are not read; its size is kept beside the digest, ``ScoreKey.image_size``) and
+    its turns (with their candidate answers, when they have some: a sample without them
+    hashes as it always did). Task and extra keys do not change a
     score."""
     if sample.image_file is not None:
         image = sample.image_file
@@ -80,6 +85,9 @@ class ScoreKey:
     revision: str
     template_version: str
     settings: str = ""
+    # The image file's size (None: unknown): compared by ScoreStore.get, not part of the
+    # lookup, so that a line of an older file (without it) is still found.
+    image_size: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -91,9 +99,15 @@ class Scorer:
     template_version: str
     settings: str = ""
 
-    def key(self, sample_id: str, digest: str) -> ScoreKey:
+    def key(self, sample_id: str, digest: str, image_size: int | None = None) -> ScoreKey:
         return ScoreKey(
-            sample_id, digest, self.head, self.revision, self.template_version, self.settings
+            sample_id,
+            digest,
+            self.head,
+            self.revision,
+            self.template_version,
+            self.settings,
+            image_size,
         )
 
 
@@ -109,18 +123,25 @@ class ScoreStore:
         self.path = self._log.path
         self.loaded = 0  # entries read when opened
         self.ignored_lines = 0  # unreadable lines other than a truncated last one
-        self._scores: dict[ScoreKey, Stored] = {}
+        self._scores: dict[ScoreKey, tuple[int | None, Stored]] = {}
         for entry in self._log.read():
             parsed = _parse(entry)
             if parsed is None:
                 self.ignored_lines += 1
                 continue
-            self._scores[parsed[0]] = parsed[1]
+            self._scores[parsed[0]] = (parsed[0].image_size, parsed[1])
             self.loaded += 1
 
     def get(self, key: ScoreKey) -> Stored | None:
-        """A question score, or an answer entry's per-turn scores (see the module doc)."""
-        return self._scores.get(key)
+        """A question score, or an answer entry's per-turn scores (see the module doc);
+        None for a score stored for an image file of another size."""
+        found = self._scores.get(key)
+        if found is None:
+            return None
+        size, stored = found
+        if size is not None and key.image_size is not None and size != key.image_size:
+            return None
+        return stored
 
     def add(
         self, entries: Sequence[tuple[ScoreKey, float | Sequence[float | Sequence[float]]]]
@@ -131,7 +152,7 @@ class ScoreStore:
             stored: Stored = (
                 float(value) if isinstance(value, int | float) else tuple(map(_turn, value))
             )
-            self._scores[key] = stored
+            self._scores[key] = (key.image_size, stored)
             lines.append(_entry(key, stored))
         self._log.append(lines)
 
@@ -163,6 +184,8 @@ def _entry(key: ScoreKey, value: Stored) -> dict[str, Any]:
         "settings": key.settings,
         "template_version": key.template_version,
     }
+    if key.image_size is not None:
+        entry["image_size"] = key.image_size
     if isinstance(value, tuple):
         entry["scores"] = [list(s) if isinstance(s, tuple) else s for s in value]
     else:
@@ -179,6 +202,7 @@ def _parse(entry: Any) -> tuple[ScoreKey, Stored] | None:
             revision=text(entry["revision"]),
             template_version=text(entry["template_version"]),
             settings=text(entry.get("settings", "")),  # older files: none
+            image_size=_size(entry.get("image_size")),  # older files: none
         )
         if key.head == HEAD_QUESTION:
             return key, _number(entry["score"])
@@ -199,6 +223,14 @@ def _turn_scores(value: Any) -> float | tuple[float, ...]:
             raise ValueError("a turn without candidate scores")
         return tuple(_number(s) for s in value)
     return _number(value)
+
+
+def _size(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError(value)
+    return value
 
 
 def _number(value: Any) -> float:

@@ -15,8 +15,9 @@ read, see :func:`record_digest`, ``task``, ``options``: the flags that change de
 match: it takes the journaled decision (its report line, its kept sample). An edited
 record (its id and extra keys too, which a kept sample carries to ``--out``), or a rerun
 with other selection or rewrite flags, is sent afresh; the CLI puts the server's models,
-template version and defaults into ``options`` too. Images count by file name, not
-content. Connection flags (``--target``, ``--timeout``, ...) may change between runs.
+template version and defaults into ``options`` too. Images count by file name and size
+(:meth:`~align2.client.types.Sample.image_file_size`), not content. Connection flags
+(``--target``, ``--timeout``, ...) may change between runs.
 
 A line is flushed to the OS as its decision comes (it outlives the process) and synced to
 the disk with the next decision a second or more later, and on close (it outlives the
@@ -189,9 +190,10 @@ class DecisionJournal:
 
 
 def record_digest(sample: Sample) -> str:
-    """A hash of a record as read: what it sends (image file name, turns) and what else a
-    kept copy of it writes to ``--out`` (id, where ``<image>`` stood, extra keys)."""
-    text = json.dumps(record_from_sample(sample), ensure_ascii=False, sort_keys=True)
+    """A hash of a record as read: what it sends (image file name and size, turns) and what
+    else a kept copy of it writes to ``--out`` (id, where ``<image>`` stood, extra keys)."""
+    content = {"record": record_from_sample(sample), "image_size": sample.image_file_size()}
+    text = json.dumps(content, ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 

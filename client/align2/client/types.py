@@ -9,6 +9,7 @@ import dataclasses
 import enum
 import os
 import pathlib
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,21 @@ class Sample:
         if isinstance(self.image, bytes | bytearray | memoryview):
             return bytes(self.image)
         return pathlib.Path(self.image).read_bytes()
+
+    def image_file_size(self) -> int | None:
+        """The size of the image file ``image`` names (one stat: its bytes are not read);
+        None for an image in memory, or a path that is not a regular file. Stored scores
+        and journaled decisions are kept for a file of the same name and size: another
+        image under the same name (another folder, a file written again) as good as
+        always has another size, and a copy of the same one, moved or timed anew, has
+        the same."""
+        if isinstance(self.image, bytes | bytearray | memoryview):
+            return None
+        try:
+            found = os.stat(self.image)
+        except (OSError, ValueError):  # missing, or a name the OS refuses
+            return None
+        return found.st_size if stat.S_ISREG(found.st_mode) else None
 
     @property
     def has_candidates(self) -> bool:
